@@ -1,0 +1,1 @@
+"""Shared core of the trainers: recipes, base loading, data, caching, diffusion loss, checkpoints, sampling."""

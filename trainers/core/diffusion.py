@@ -1,0 +1,95 @@
+"""The diffusion training objective shared by every trainer: noise the latents, predict, weight the loss.
+
+For a clean latent x0, noise eps ~ N(0, I) and a timestep t, the forward process gives
+    x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps.
+The UNet sees x_t and predicts either eps ("epsilon") or v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x0
+("v_prediction"), whichever the base scheduler was trained for; the loss is the MSE to that target.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+
+def noise_like(latents: torch.Tensor, noise_offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise for `latents`, plus an optional per-channel constant ("noise offset").
+
+    SD's schedule never fully destroys the mean of a latent, so a model trained on plain noise struggles to make
+    images much darker or brighter than average. Adding `noise_offset * N(0, 1)` per sample and channel teaches it
+    to move that mean (https://www.crosslabs.org/blog/diffusion-with-offset-noise).
+    """
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        b, c = latents.shape[:2]
+        offset = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * offset
+    return noise
+
+
+def sample_timesteps(
+    batch_size: int, scheduler: DDPMScheduler, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Uniform integer timesteps in [0, num_train_timesteps)."""
+    high = scheduler.config.num_train_timesteps
+    return torch.randint(0, high, (batch_size,), generator=generator, device="cpu").to(device)
+
+
+def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the UNet must predict, by the base scheduler's `prediction_type`."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"base scheduler has prediction_type={prediction_type!r}; sdtune trains epsilon or v_prediction")
+
+
+def diffusion_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """MSE between prediction and target, optionally re-weighted per sample by min-SNR-gamma.
+
+    Min-SNR (Hang et al. 2023, https://arxiv.org/abs/2303.09556) caps the weight of low-noise timesteps, whose
+    easy, high-SNR losses otherwise dominate the gradient: weight = min(SNR, gamma) / SNR for epsilon targets, and
+    min(SNR, gamma) / (SNR + 1) for v targets (whose loss already carries an extra SNR + 1 factor).
+    """
+    model_pred, target = model_pred.float(), target.float()
+    if snr_gamma is None:
+        return F.mse_loss(model_pred, target, reduction="mean")
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        weights = clipped / (snr + 1)
+    else:
+        weights = clipped / snr
+    per_sample = F.mse_loss(model_pred, target, reduction="none").mean(dim=list(range(1, model_pred.ndim)))
+    return (per_sample * weights).mean()
+
+
+def denoising_step_loss(
+    unet,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+    generator: torch.Generator | None = None,
+    **unet_kwargs,
+) -> torch.Tensor:
+    """One training step's loss: draw noise and timesteps, noise the latents, predict, compare.
+
+    `unet_kwargs` reach the UNet call as they are (e.g. ControlNet residuals).
+    """
+    noise = noise_like(latents, noise_offset, generator)
+    timesteps = sample_timesteps(latents.shape[0], scheduler, latents.device, generator)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
+    target = training_target(scheduler, latents, noise, timesteps)
+    return diffusion_loss(model_pred, target, timesteps, scheduler, snr_gamma)

@@ -1,0 +1,415 @@
+"""Recipes: one YAML file says everything about a run; it becomes one typed, validated `Recipe`.
+
+A recipe has six sections: `base`, `data`, `method`, `train`, `validation` and `output`. Keys take the upstream
+names (diffusers examples, peft, kohya) where one exists. Anything unknown or mistyped is refused with one line
+that names the key path, the bad value, and for a typo the closest valid key:
+
+    recipe.yaml: train.lerning_rate: unknown key (did you mean 'learning_rate'?)
+
+Command-line overrides use the same paths: `trainers/lora.py recipe.yaml train.lr=1e-4 output.dir=/tmp/x`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message is one line naming the file, key path and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+# -- base -----------------------------------------------------------------------------------------------------------
+
+
+class BaseModelConfig(_Section):
+    """Which Stable Diffusion v1-5 base to fine-tune. A plain string is shorthand for `pretrained_model_name_or_path`."""
+
+    pretrained_model_name_or_path: str = Field(
+        "toy", description="Hub repo id, local diffusers folder, single-file .safetensors checkpoint, or 'toy'."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. 'fp16' (files *.fp16.safetensors).")
+    config: str | None = Field(
+        None,
+        description="For a single-file checkpoint: diffusers folder or hub id whose configs describe it. "
+        "Default: the bundled SD v1-5 configs, or the toy base's for a toy-sized file.",
+    )
+    allow_pickle: bool = Field(
+        False, description="Allow .ckpt/.bin/.pt pickle files. Unpickling runs code: only for files you trust."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"pretrained_model_name_or_path": value} if isinstance(value, str) else value
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+
+
+class DataConfig(_Section):
+    """Where the training images and captions come from, and how they are prepared."""
+
+    train_data_dir: str | None = Field(
+        None,
+        description="A folder of images with same-name caption files, kohya `N_concept` folders, or an HF "
+        "imagefolder with metadata.jsonl.",
+    )
+    dataset_name: str | None = Field(None, description="A saved HF dataset folder (save_to_disk) or a hub dataset id.")
+    image_column: str = Field("image", description="Image column of an HF dataset.")
+    caption_column: str = Field("text", description="Caption column of an HF dataset / metadata.jsonl.")
+    caption_extension: str = Field(".txt", description="Extension of the caption file beside each image.")
+    trigger_word: str | None = Field(None, description="Word that calls up the trained concept, e.g. 'sks'.")
+    caption_template: str = Field(
+        "{caption}", description="How a training caption is built; placeholders {caption} and {trigger}."
+    )
+    shuffle_caption: bool = Field(False, description="Shuffle comma-separated tags each time a caption is used.")
+    keep_tokens: int = Field(0, ge=0, description="With shuffle_caption: leading tags that stay in place.")
+    caption_dropout_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability of training on an empty caption (helps guidance)."
+    )
+    resolution: int = Field(512, ge=8, description="Training resolution: buckets hold about resolution^2 pixels.")
+    enable_bucket: bool = Field(True, description="Aspect-ratio bucketing by pixel area instead of a square crop.")
+    min_bucket_reso: int = Field(256, ge=8, description="Smallest bucket side in pixels.")
+    max_bucket_reso: int = Field(1024, ge=8, description="Largest bucket side in pixels.")
+    bucket_reso_steps: int = Field(64, ge=8, description="Bucket sides are multiples of this (64 for SD v1-5).")
+    min_image_size: int | None = Field(
+        None, ge=1, description="Images whose shorter side is smaller are skipped. Default: resolution / 2."
+    )
+    random_flip: bool = Field(False, description="Randomly mirror images left-right.")
+    repeats: int = Field(1, ge=1, description="Times each image is seen per epoch (kohya folders set their own).")
+    cache_latents: bool = Field(True, description="Encode each image with the VAE once and cache the latents.")
+    cache_dir: str | None = Field(None, description="Latent and text-embedding cache. Default: ~/.cache/sdtune.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for loading batches.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
+        if self.keep_tokens and not self.shuffle_caption:
+            raise ValueError("keep_tokens only applies with shuffle_caption: true")
+        return self
+
+
+# -- method ---------------------------------------------------------------------------------------------------------
+
+LORA_PRESETS = ("attn", "attn+ff", "locon")
+
+
+class LoraParams(_Section):
+    """LoRA settings shared by the LoRA trainer and LoRA DreamBooth (peft `LoraConfig` names)."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank r: the width of the low-rank update.")
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA scale numerator: the update is scaled by lora_alpha / rank. Default: rank."
+    )
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    preset: Literal["attn", "attn+ff", "locon"] = Field(
+        "attn", description="UNet layers to adapt: attn = to_q/k/v/out.0; attn+ff adds the feed-forward; locon adds convs."
+    )
+    target_modules: list[str] | None = Field(None, description="Explicit peft target_modules; overrides preset.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA) through peft's use_dora.")
+    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder's attention.")
+    text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text-encoder LoRA.")
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else float(self.rank)
+
+
+class LoraMethod(LoraParams):
+    """LoRA over a frozen base (trainers/lora.py)."""
+
+    type: Literal["lora"] = "lora"
+
+
+class DreamBoothMethod(LoraParams):
+    """DreamBooth: teach one subject from a few images, full fine-tune or LoRA (trainers/dreambooth.py)."""
+
+    type: Literal["dreambooth"] = "dreambooth"
+    instance_prompt: str = Field(..., description="Prompt with the identifier, e.g. 'a photo of sks dog'.")
+    class_prompt: str | None = Field(None, description="Prompt of the subject's class, e.g. 'a photo of dog'.")
+    class_data_dir: str | None = Field(None, description="Folder of class images; generated from the base if short.")
+    with_prior_preservation: bool = Field(False, description="Add the class-image loss that keeps the class intact.")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="Weight of the prior-preservation loss.")
+    num_class_images: int = Field(100, ge=1, description="Class images to use (generated if fewer exist).")
+    use_lora: bool = Field(True, description="Train a LoRA (true) or fine-tune the whole UNet (false).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.with_prior_preservation and not self.class_prompt:
+            raise ValueError("with_prior_preservation needs class_prompt")
+        return self
+
+
+class ControlNetMethod(_Section):
+    """ControlNet: a trainable copy of the UNet encoder that follows a conditioning image (trainers/controlnet.py)."""
+
+    type: Literal["controlnet"] = "controlnet"
+    controlnet_model_name_or_path: str | None = Field(
+        None, description="ControlNet to start from; default: initialise from the base UNet's encoder."
+    )
+    conditioning: Literal["canny", "image"] = Field(
+        "canny", description="canny: edges computed from each image (OpenCV); image: a column of given images."
+    )
+    conditioning_image_column: str = Field("conditioning_image", description="Column of given conditioning images.")
+    canny_low_threshold: int = Field(100, ge=0, le=255, description="Canny hysteresis low threshold.")
+    canny_high_threshold: int = Field(200, ge=0, le=255, description="Canny hysteresis high threshold.")
+    proportion_empty_prompts: float = Field(0.0, ge=0.0, le=1.0, description="Share of captions replaced by ''.")
+    conditioning_scale: float = Field(1.0, ge=0.0, description="ControlNet strength at validation.")
+
+
+Method = Annotated[Union[LoraMethod, DreamBoothMethod, ControlNetMethod], Field(discriminator="type")]
+
+# -- train ----------------------------------------------------------------------------------------------------------
+
+
+class TrainConfig(_Section):
+    """The optimisation: steps, batch, learning rate and schedule, optimizer, precision, checkpoints."""
+
+    max_train_steps: int = Field(1000, ge=1, description="Optimizer steps to train for.")
+    train_batch_size: int = Field(1, ge=1, description="Images per device per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(
+        1e-4, gt=0, validation_alias=AliasChoices("learning_rate", "lr"), description="Peak learning rate (alias lr)."
+    )
+    scale_lr: bool = Field(False, description="Multiply the lr by batch size x accumulation x processes.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="A diffusers learning-rate schedule.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from 0 to the lr.")
+    lr_num_cycles: int = Field(1, ge=1, description="Hard restarts for cosine_with_restarts.")
+    lr_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field(
+        "adamw", description="adamw (torch), adamw8bit (bitsandbytes: 4x smaller states), adafactor (transformers)."
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="no = fp32; fp16 (with grad scaling) or bf16 hold the frozen base in half precision."
+    )
+    seed: int = Field(42, description="Seed of everything random: the same seed gives the same adapter.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, slower.")
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (5.0 is usual); off if unset.")
+    noise_offset: float = Field(0.0, ge=0, description="Offset-noise strength (0.05-0.1 helps very dark/bright images).")
+    torch_compile: bool = Field(False, description="torch.compile the UNet (slow first step, faster after).")
+    allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
+    checkpointing_steps: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps.")
+    checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep only the last K checkpoints.")
+    resume: str | None = Field(None, description="'latest' or a checkpoint folder to resume from.")
+
+
+# -- validation -----------------------------------------------------------------------------------------------------
+
+
+class ToyTarget(_Section):
+    """What the toy-world scorer should find for a prompt (toy base only): used to measure that a fine-tune learned."""
+
+    prompt: str
+    color: str | None = None
+    shape: str | None = None
+
+
+SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++2m", "pndm")
+
+
+class ValidationConfig(_Section):
+    """Fixed prompts x fixed seeds, base vs adapter, rendered with the same code as `sdtune sample`."""
+
+    prompts: list[str] = Field(default_factory=list, description="Validation prompts.")
+    negative_prompt: str = Field("", description="Negative prompt for validation images.")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="One image per prompt and seed.")
+    num_inference_steps: int = Field(25, ge=1, description="Sampling steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    scheduler: Literal["default", "ddim", "euler", "euler_a", "dpm++2m", "pndm"] = Field(
+        "default", description="Sampler; default = the base's own scheduler."
+    )
+    validation_steps: int = Field(0, ge=0, description="Render a grid every N steps (0 = only at the end).")
+    toy_score: list[ToyTarget] = Field(
+        default_factory=list, description="Toy base only: prompts whose samples the toy-world scorer checks."
+    )
+
+
+# -- output ---------------------------------------------------------------------------------------------------------
+
+
+class OutputConfig(_Section):
+    """Where the run writes, and what."""
+
+    dir: str = Field(
+        "output", validation_alias=AliasChoices("dir", "output_dir"), description="Run folder (alias output_dir)."
+    )
+    name: str = Field("sdtune-lora", pattern=r"^[A-Za-z0-9._-]+$", description="Adapter name, used for file names.")
+    report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="Where to log loss, lr and images.")
+    save_precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="dtype of the saved adapter files.")
+    export_kohya: bool = Field(True, description="Also write <name>.safetensors in kohya/A1111 format.")
+    export_check: bool = Field(True, description="After each save, reload every format and compare images.")
+
+
+# -- recipe ---------------------------------------------------------------------------------------------------------
+
+
+class Recipe(_Section):
+    """A whole run. Sections default to sensible values; `method` defaults to LoRA."""
+
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: Method = Field(default_factory=LoraMethod)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _default_type(cls, value):
+        if isinstance(value, dict) and "type" not in value:
+            return {"type": "lora", **value}
+        return value
+
+    def to_dict(self) -> dict:
+        """The fully resolved recipe (every default filled in), as plain YAML-able data."""
+        return self.model_dump(mode="json")
+
+
+# -- loading, overrides and one-line errors -------------------------------------------------------------------------
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected section.key=value, e.g. train.lr=1e-4")
+    path, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads "1e-4" as a string; a number the user meant is a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return path.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Sets `section.key=value` strings into the raw recipe dict (values parsed as YAML)."""
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if isinstance(child, str) and key == "base":  # `base: toy` shorthand, now addressed by key
+                child = {"pretrained_model_name_or_path": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: {'.'.join(keys[:-1])} is not a section")
+            node[key] = child
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _unwrap(annotation):
+    """The model classes an annotation may hold (through Optional, Union, Annotated, list)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list):
+        return [cls for arg in typing.get_args(annotation) for cls in _unwrap(arg)]
+    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """Valid key names of the section at `loc` (for suggestions)."""
+    models = [Recipe]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        nxt = []
+        for model in models:
+            if part in model.model_fields:
+                nxt.extend(_unwrap(model.model_fields[part].annotation))
+            else:  # a discriminated-union tag such as 'lora' in ('method', 'lora', 'rank')
+                nxt.extend(m for m in [model] if getattr(model.model_fields.get("type"), "default", None) == part)
+        models = nxt or models
+    keys = set()
+    for model in models:
+        for name, field in model.model_fields.items():
+            keys.add(name)
+            if isinstance(field.validation_alias, AliasChoices):
+                keys.update(c for c in field.validation_alias.choices if isinstance(c, str))
+    return sorted(keys)
+
+
+_METHOD_TAGS = {"lora", "dreambooth", "controlnet"}
+
+
+def _format_error(error: dict, source: str) -> str:
+    loc = tuple(error["loc"])
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in _METHOD_TAGS:
+        loc = (loc[0],) + loc[2:]
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _keys_at(loc[:-1]), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(_keys_at(loc[:-1]))})"
+        return f"{source}: {path}: unknown key{hint}"
+    if kind == "missing":
+        return f"{source}: {path}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f", got {value!r}"
+    return f"{source}: {path}: {message}{shown}"
+
+
+def recipe_from_dict(data: dict | None, source: str = "recipe") -> Recipe:
+    """Validates raw recipe data; raises `RecipeError` with one line for the first problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of sections (base, data, method, train, ...)")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_error(exc.errors()[0], source)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Reads a YAML recipe, applies `section.key=value` overrides, and validates it.
+
+    Args:
+        path: the YAML file; None starts from all defaults.
+        overrides: strings such as `train.lr=1e-4` or `output.dir=/tmp/run`.
+    """
+    source = "recipe" if path is None else str(path)
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise RecipeError(f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of sections (base, data, method, train, ...)")
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, source)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

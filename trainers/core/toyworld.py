@@ -1,0 +1,278 @@
+"""The toy world: procedurally generated, captioned 64x64 images of one flat shape on a light background.
+
+It is what the bundled toy base was pretrained on, and it is how sdtune proves that a fine-tune learned something
+without a learned judge: the scorer below reads colour by hue and shape by geometry, with numpy alone.
+
+The world knows more than the toy base was taught. `BASE_COLORS` x `BASE_SHAPES` is the pretraining vocabulary;
+the held-out colours and shapes (`purple`, `orange`, `star`, ...) exist so that fine-tuning has something new to
+learn and the scorer can tell when it did.
+
+Example:
+
+```py
+>>> from sdtune.trainers.core import toyworld
+>>> scene = toyworld.Scene(color="red", shape="circle", radius=14, cx=32, cy=30)
+>>> image = toyworld.render(scene)           # PIL.Image, 64x64 RGB
+>>> toyworld.score_image(image).color, toyworld.score_image(image).shape
+('red', 'circle')
+```
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+
+# Reference RGB of each colour. Hues are spread so that the nearest-hue rule below separates them:
+# red 0, orange ~28, yellow ~50, green ~130, cyan ~186, blue ~226, purple ~280 degrees.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (214, 40, 40),
+    "orange": (240, 128, 24),
+    "yellow": (236, 200, 32),
+    "green": (40, 168, 64),
+    "cyan": (32, 178, 198),
+    "blue": (40, 80, 216),
+    "purple": (146, 56, 204),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+
+# What the toy base was pretrained on; everything else is held out for fine-tuning.
+BASE_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+BASE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+MIN_RADIUS, MAX_RADIUS = 10, 18
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One toy-world image: a flat `shape` of `color`, of circumradius `radius` px centred at (`cx`, `cy`)."""
+
+    color: str
+    shape: str
+    radius: float = 14.0
+    cx: float = 32.0
+    cy: float = 32.0
+    background: tuple[int, int, int] = (236, 236, 232)
+    fill: tuple[int, int, int] | None = None  # exact RGB; None = the reference colour of `color`
+
+    def caption(self, template: str = "a {color} {shape}") -> str:
+        return template.format(color=self.color, shape=self.shape)
+
+
+def sample_scene(
+    rng: random.Random, colors: Sequence[str] = BASE_COLORS, shapes: Sequence[str] = BASE_SHAPES
+) -> Scene:
+    """Draws a random scene: colour and shape uniformly, size and position anywhere the shape fits, light background.
+
+    The fill and background get a small jitter so that a model learns "red" as a hue range, not one RGB triple.
+    """
+    color, shape = rng.choice(list(colors)), rng.choice(list(shapes))
+    radius = rng.uniform(MIN_RADIUS, MAX_RADIUS)
+    margin = radius + 2
+    cx, cy = rng.uniform(margin, IMAGE_SIZE - margin), rng.uniform(margin, IMAGE_SIZE - margin)
+    grey = rng.randint(218, 246)
+    background = tuple(min(255, max(0, grey + rng.randint(-6, 6))) for _ in range(3))
+    fill = tuple(min(255, max(0, c + rng.randint(-14, 14))) for c in COLORS[color])
+    return Scene(color, shape, radius, cx, cy, background, fill)
+
+
+def _polygon(shape: str, radius: float, cx: float, cy: float) -> list[tuple[float, float]]:
+    if shape == "square":  # axis-aligned, same area as the circle of this radius
+        half = radius * math.sqrt(math.pi) / 2
+        return [(cx - half, cy - half), (cx + half, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
+    if shape == "triangle":  # upright equilateral, circumradius scaled up so its area is not tiny
+        r = radius * 1.2
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "star":  # five points, inner radius 0.45 of the outer
+        r = radius * 1.15
+        return [
+            (cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
+             cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5))
+            for k in range(10)
+        ]
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Renders `scene` anti-aliased (4x supersampling) at `size` px. Coordinates are in 64 px units."""
+    if scene.color not in COLORS:
+        raise ValueError(f"unknown color {scene.color!r}; known: {', '.join(COLORS)}")
+    ss = 4 * size / IMAGE_SIZE
+    canvas = Image.new("RGB", (4 * size, 4 * size), tuple(scene.background))
+    draw = ImageDraw.Draw(canvas)
+    fill = tuple(scene.fill) if scene.fill is not None else COLORS[scene.color]
+    if scene.shape == "circle":
+        r, cx, cy = scene.radius * ss, scene.cx * ss, scene.cy * ss
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(x * ss, y * ss) for x, y in _polygon(scene.shape, scene.radius, scene.cx, scene.cy)], fill=fill)
+    return canvas.resize((size, size), Image.Resampling.BOX)
+
+
+def generate(
+    n: int, seed: int, colors: Sequence[str] = BASE_COLORS, shapes: Sequence[str] = BASE_SHAPES
+) -> list[tuple[Image.Image, str, Scene]]:
+    """`n` seeded (image, caption, scene) triples; the same seed always gives the same images."""
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, colors, shapes) for _ in range(n)]
+    return [(render(s), s.caption(), s) for s in scenes]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scorer: classical vision only. Segment the shape from the background, then colour by hue, shape by geometry.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Detection:
+    """What the scorer saw in one image. `color`/`shape` are None when no shape stands out of the background."""
+
+    color: str | None
+    shape: str | None
+    area: int  # pixels in the largest foreground component
+    fill_ratio: float  # area / bounding-box area: square ~1, circle ~0.79, triangle ~0.5
+    solidity: float  # area / convex-hull area: ~1 for convex shapes, ~0.6 for a star
+    hue: float | None  # degrees
+    saturation: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected component of a boolean mask (iterative flood fill; images are 64x64)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best_label, best_size, current = 0, 0, 0
+    height, width = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        stack, size = [(y0, x0)], 0
+        labels[y0, x0] = current
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+        if size > best_size:
+            best_label, best_size = current, size
+    return labels == best_label if best_size else np.zeros_like(mask)
+
+
+def _convex_hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of pixel squares (Andrew's monotone chain over pixel corners)."""
+    corners = np.concatenate([points + d for d in ((0, 0), (0, 1), (1, 0), (1, 1))]).astype(float)
+    pts = sorted(set(map(tuple, corners)))
+    if len(pts) < 3:
+        return 0.0
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    lower, upper = [], []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    hull = lower[:-1] + upper[:-1]
+    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1])))
+
+
+def _hue_of(pixels: np.ndarray) -> tuple[float | None, float]:
+    """Saturation-weighted circular mean hue (degrees) and mean saturation of RGB pixels in [0, 1]."""
+    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in pixels])
+    hue, sat = hsv[:, 0] * 2 * math.pi, hsv[:, 1]
+    if sat.sum() < 1e-6:
+        return None, 0.0
+    mean = math.atan2((np.sin(hue) * sat).sum(), (np.cos(hue) * sat).sum())
+    return math.degrees(mean) % 360, float(sat.mean())
+
+
+def _nearest_color(hue: float, colors: Iterable[str]) -> str:
+    def reference_hue(name):
+        return colorsys.rgb_to_hsv(*(c / 255 for c in COLORS[name]))[0] * 360
+
+    return min(colors, key=lambda name: min(abs(hue - reference_hue(name)), 360 - abs(hue - reference_hue(name))))
+
+
+def classify_shape(fill_ratio: float, solidity: float) -> str:
+    """Geometry -> shape name. Thresholds sit halfway between the shapes' ideal ratios (see `Detection`)."""
+    if solidity < 0.8:
+        return "star"
+    if fill_ratio > 0.89:
+        return "square"
+    if fill_ratio > 0.64:
+        return "circle"
+    return "triangle"
+
+
+def score_image(image: Image.Image, colors: Iterable[str] = tuple(COLORS)) -> Detection:
+    """Finds the one shape in a toy-world image and names its colour (nearest hue) and shape (geometry).
+
+    Args:
+        image: an RGB image of any size; it is resized to 64x64 first.
+        colors: the colour names the hue may be matched to (default: every colour of the world).
+    """
+    rgb = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
+    rgb = rgb / 255.0
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    background = np.median(border, axis=0)
+    # Foreground = clearly away from the background colour; 0.18 ignores JPEG-ish noise and soft sampling haze.
+    mask = _largest_component(np.abs(rgb - background).max(axis=-1) > 0.18)
+    area = int(mask.sum())
+    if area < 12:
+        return Detection(None, None, area, 0.0, 0.0, None, 0.0)
+    ys, xs = np.nonzero(mask)
+    fill_ratio = area / float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    solidity = area / max(_convex_hull_area(np.stack([ys, xs], axis=1)), 1.0)
+    # Colour from the shape's inner pixels: the anti-aliased rim is a blend with the background.
+    inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+    hue, saturation = _hue_of(rgb[inner if inner.sum() >= 4 else mask])
+    color = _nearest_color(hue, colors) if hue is not None and saturation > 0.25 else None
+    return Detection(color, classify_shape(fill_ratio, solidity), area, fill_ratio, solidity, hue, saturation)
+
+
+@dataclass
+class Score:
+    """Fractions of images in which the scorer found the asked colour / shape / both."""
+
+    color: float
+    shape: float
+    both: float
+    n: int
+
+
+def score_images(images: Sequence[Image.Image], expected: Sequence[tuple[str | None, str | None]]) -> Score:
+    """Scores images against the (colour, shape) each was asked for; a None in `expected` is not checked."""
+    if len(images) != len(expected):
+        raise ValueError(f"{len(images)} images but {len(expected)} expectations")
+    color_hits = shape_hits = both_hits = 0
+    for image, (want_color, want_shape) in zip(images, expected):
+        found = score_image(image)
+        color_ok = want_color is None or found.color == want_color
+        shape_ok = want_shape is None or found.shape == want_shape
+        color_hits += color_ok
+        shape_hits += shape_ok
+        both_hits += color_ok and shape_ok
+    n = max(len(images), 1)
+    return Score(color_hits / n, shape_hits / n, both_hits / n, len(images))
+
+
+def bar_prompts() -> list[tuple[str, str, str]]:
+    """The 12 prompts the toy base is held to: (prompt, colour, shape) for every base colour x base shape."""
+    return [(f"a {c} {s}", c, s) for c in BASE_COLORS for s in BASE_SHAPES]
