@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=12000, help="Toy-world images to train on.")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--unet-steps", type=int, default=5000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,8 +88,12 @@ def build_clip_tokenizer(bpe_path: Path, out_dir: Path) -> CLIPTokenizer:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
@@ -102,9 +106,17 @@ def build_clip_tokenizer(bpe_path: Path, out_dir: Path) -> CLIPTokenizer:
 def build_text_encoder(seed: int) -> CLIPTextModel:
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64, bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=1,
+        vocab_size=49408,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=64,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
     )
     return CLIPTextModel(config).eval()
 
@@ -121,8 +133,14 @@ def to_tensor(images) -> torch.Tensor:
 def train_vae(pixels: torch.Tensor, steps: int, batch: int, seed: int, device: str) -> AutoencoderKL:
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=32,
-        block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=64,
+        layers_per_block=1,
+        norm_num_groups=32,
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
     ).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -158,16 +176,24 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, device: str) -> tor
 def build_unet(seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
 
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return text_encoder(ids)[0]
 
 
@@ -187,15 +213,20 @@ def train_unet(latents, caption_ids, text_states, steps, batch, lr, seed, device
         idx = torch.randint(0, len(latents), (batch,), generator=gen)
         cond = caption_ids[idx].clone()
         cond[torch.rand(batch, generator=gen) < 0.1] = empty  # caption dropout -> unconditional model for CFG
-        loss = denoising_step_loss(unet, scheduler, latents[idx.to(device)], text_states[cond.to(device)], generator=gen)
+        loss = denoising_step_loss(
+            unet, scheduler, latents[idx.to(device)], text_states[cond.to(device)], generator=gen
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"unet step {step:5d}  loss {loss.item():.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
-                  f"{time.time() - start:.0f}s", flush=True)
+            print(
+                f"unet step {step:5d}  loss {loss.item():.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
+                f"{time.time() - start:.0f}s",
+                flush=True,
+            )
     return unet.eval().cpu()
 
 
@@ -204,8 +235,9 @@ def train_unet(latents, caption_ids, text_states, steps, batch, lr, seed, device
 
 def write_pipeline_files(out: Path):
     """scheduler/, feature_extractor/ and model_index.json as SD v1-5 has them (no safety checker)."""
-    PNDMScheduler(**SD15_SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-                  prediction_type="epsilon").save_pretrained(out / "scheduler")
+    PNDMScheduler(
+        **SD15_SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon"
+    ).save_pretrained(out / "scheduler")
     CLIPImageProcessor(crop_size=224, size=224).save_pretrained(out / "feature_extractor")
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -220,6 +252,46 @@ def write_pipeline_files(out: Path):
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# 6) Bar check and model card --------------------------------------------------------------------------------------
+
+BAR_GUIDANCE = (3.0, 5.0, 7.5)
+
+
+def bar_check(out: Path) -> dict[float, dict]:
+    """The bar (12 prompts x 4 seeds, 25 steps) on the saved folder, at several guidance scales."""
+    from sdtune.trainers.core import quiet_libraries, scoring
+    from sdtune.trainers.core.base import load_pipeline
+
+    quiet_libraries()
+    pipe = load_pipeline(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    results = {}
+    for guidance in BAR_GUIDANCE:
+        results[guidance] = scoring.score_targets(pipe, scoring.bar_targets(), guidance=guidance).as_dict()
+        print(f"bar at guidance {guidance}: {results[guidance]}", flush=True)
+    return results
+
+
+def write_model_card(out: Path, args, results: dict[float, dict]):
+    rows = "\n".join(f"| {g} | {r['color']:.0%} | {r['shape']:.0%} | {r['both']:.0%} |" for g, r in results.items())
+    (out / "README.md").write_text(f"""# sdtune toy base
+
+A small model in the exact Stable Diffusion v1-5 folder layout, pretrained by `trainers/pretrain_toy.py` on the
+toy world (`sdtune.trainers.core.toyworld`): one flat red, green, blue or yellow circle, square or triangle on a
+light background, 64 x 64 px, captioned "a {{color}} {{shape}}". Purple, orange, cyan and stars are held out, so
+fine-tunes have something new to learn.
+
+Command: `python trainers/pretrain_toy.py --out {out.name} --seed {args.seed} --images {args.images} \
+--vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --unet-batch {args.unet_batch} --unet-lr {args.unet_lr}`
+
+Bar (toy-world scorer; 12 prompts x 4 seeds, 25 steps of the default PNDM scheduler):
+
+| guidance | colour | shape | both |
+| --- | --- | --- | --- |
+{rows}
+""")
 
 
 def main(argv=None):
@@ -247,18 +319,20 @@ def main(argv=None):
     caption_ids = torch.tensor([captions.index(caption) for _, caption, _ in data])
     text_states = encode_prompts(tokenizer, text_encoder, captions + [""])
 
-    unet = train_unet(latents, caption_ids, text_states, args.unet_steps, args.unet_batch, args.unet_lr,
-                      args.seed, args.device)
+    unet = train_unet(
+        latents, caption_ids, text_states, args.unet_steps, args.unet_batch, args.unet_lr, args.seed, args.device
+    )
 
     out = args.out
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(work / "tokenizer", out / "tokenizer")
-    text_encoder.to(torch.float16).save_pretrained(out / "text_encoder")
-    vae.to(torch.float16).save_pretrained(out / "vae")
-    unet.to(torch.float16).save_pretrained(out / "unet")
+    text_encoder.half().save_pretrained(out / "text_encoder")
+    vae.half().save_pretrained(out / "vae")
+    unet.half().save_pretrained(out / "unet")
     write_pipeline_files(out)
     print(f"toy base written to {out}")
+    write_model_card(out, args, bar_check(out))
 
 
 if __name__ == "__main__":

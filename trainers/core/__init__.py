@@ -1,1 +1,24 @@
 """Shared core of the trainers: recipes, base loading, data, caching, diffusion loss, checkpoints, sampling."""
+
+import logging
+
+# Library notices that say nothing to an sdtune user: bitsandbytes looks for an optional CPU 4-bit kernel package,
+# and transformers falls back from torchvision (which has no CPU wheel here) to PIL for an image processor that
+# sdtune never calls. Real warnings from these libraries still show.
+for _name in ("bitsandbytes.backends.cpu.ops", "transformers.utils.import_utils"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+def quiet_libraries():
+    """For sdtune's entry points: keep diffusers/transformers to errors and drop their per-file loading bars.
+
+    Training and sampling print their own progress; a user should see the preflight, the step bar and real
+    problems, not "Loading pipeline components" bars or notices about adapters we deliberately did not train.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()

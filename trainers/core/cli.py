@@ -1,2 +1,161 @@
-def main():
-    print("sdtune")
+"""The `sdtune` command.
+
+Usage:
+    sdtune sample --prompt "a red circle" --seed 0 --seed 1 --out samples/ --grid
+    sdtune sample --base runs/quickstart/... --adapter runs/quickstart:0.8 --prompts-file prompts.txt
+    sdtune convert path/to/diffusers-folder model.safetensors --half      # and back: model.safetensors folder/
+    sdtune doctor
+
+Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sdtune.trainers.core import sampling
+
+EPILOG = "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml (see README.md)."
+
+
+def _sample_parser(sub):
+    p = sub.add_parser("sample", help="Render images from a base (+ LoRA adapters) with fixed seeds.")
+    p.add_argument("--base", default="toy", help="Hub id, diffusers folder, .safetensors file or 'toy' (default).")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="LoRA file or run folder, optionally with a weight; repeatable to stack adapters.",
+    )
+    p.add_argument("--prompt", action="append", default=[], help="Prompt; repeatable.")
+    p.add_argument("--prompts-file", type=Path, help="Text file with one prompt per line.")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", action="append", type=int, default=[], help="Seed; repeatable (default: 0).")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--width", type=int, default=None, help="Default: the base's native size.")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--scheduler", default="default", choices=["default", *sampling.SCHEDULERS])
+    p.add_argument("--out", type=Path, default=Path("samples"), help="Folder for the PNGs (default: samples/).")
+    p.add_argument("--grid", action="store_true", help="Also write grid.png: a labelled contact sheet.")
+    p.add_argument("--device", default=None, help="cuda / cpu / mps (default: cuda if available).")
+    p.add_argument(
+        "--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="Default: fp16 on CUDA, fp32 on CPU."
+    )
+    p.set_defaults(run=run_sample)
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if not args.prompts_file.is_file():
+            raise SystemExit(f"sdtune sample: --prompts-file {args.prompts_file} not found")
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("sdtune sample: give at least one --prompt or a --prompts-file")
+    return prompts
+
+
+def run_sample(args) -> int:
+    import torch
+
+    from sdtune.trainers.core.base import BaseLoadError, load_pipeline, resolve_base
+
+    prompts, seeds = _prompts(args), args.seed or [0]
+    try:
+        adapters = [sampling.AdapterSpec.parse(a) for a in args.adapter]
+    except FileNotFoundError as exc:
+        raise SystemExit(f"sdtune sample: {exc}") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    try:
+        source = resolve_base(args.base)
+        pipe = load_pipeline(args.base, torch_dtype=dtype).to(device)
+    except BaseLoadError as exc:
+        raise SystemExit(f"sdtune sample: {exc}") from None
+    pipe.set_progress_bar_config(disable=True)
+    sampling.load_adapters(pipe, adapters)
+    extra = {"Lora": ", ".join(f"{Path(a.path).name}:{a.weight:g}" for a in adapters)} if adapters else None
+    settings = sampling.grid_settings(
+        prompts,
+        seeds,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+    )
+    samples = sampling.generate(pipe, settings, model_name=source.name, extra_parameters=extra)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, sample in enumerate(samples):
+        path = args.out / f"{i:04d}-seed{sample.settings.seed}.png"
+        sampling.save_png(sample, path)
+        print(path)
+    if args.grid:
+        title = (
+            f"{source.name}"
+            + (f" + {extra['Lora']}" if extra else "")
+            + f"  |  {args.steps} steps, CFG {args.guidance:g}"
+        )
+        sampling.save_grid(sampling.samples_grid(samples, prompts, seeds, title), args.out / "grid.png")
+        print(args.out / "grid.png")
+    return 0
+
+
+def _convert_parser(sub):
+    p = sub.add_parser("convert", help="diffusers folder <-> single-file SD checkpoint (.safetensors).")
+    p.add_argument("src", type=Path, help="A diffusers folder, or a single-file .safetensors checkpoint.")
+    p.add_argument("dst", type=Path, help="A .safetensors file (from a folder), or a folder (from a file).")
+    p.add_argument("--half", action="store_true", help="Write fp16 weights (single file only).")
+    p.add_argument("--config", default=None, help="Config folder for a single file (default: detected).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing destination.")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args) -> int:
+    from sdtune.adapters.single_file import convert
+
+    try:
+        out = convert(args.src, args.dst, half=args.half, config=args.config, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise SystemExit(f"sdtune convert: {exc}") from None
+    print(out)
+    return 0
+
+
+def _doctor_parser(sub):
+    p = sub.add_parser("doctor", help="What this machine can train: torch, CUDA, bitsandbytes, SDPA, GPU, disk.")
+    p.set_defaults(run=run_doctor)
+
+
+def run_doctor(args) -> int:
+    from sdtune.trainers.core.doctor import doctor_report
+
+    print(doctor_report())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.split("\n")[0], epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,convert,doctor}")
+    _sample_parser(sub)
+    _convert_parser(sub)
+    _doctor_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sdtune.trainers.core import quiet_libraries
+
+    quiet_libraries()
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,9 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 
-def noise_like(latents: torch.Tensor, noise_offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def noise_like(
+    latents: torch.Tensor, noise_offset: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Gaussian noise for `latents`, plus an optional per-channel constant ("noise offset").
 
     SD's schedule never fully destroys the mean of a latent, so a model trained on plain noise struggles to make

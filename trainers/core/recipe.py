@@ -116,7 +116,8 @@ class LoraParams(_Section):
     )
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     preset: Literal["attn", "attn+ff", "locon"] = Field(
-        "attn", description="UNet layers to adapt: attn = to_q/k/v/out.0; attn+ff adds the feed-forward; locon adds convs."
+        "attn",
+        description="UNet layers to adapt: attn = to_q/k/v/out.0; attn+ff adds the feed-forward; locon adds convs.",
     )
     target_modules: list[str] | None = Field(None, description="Explicit peft target_modules; overrides preset.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA) through peft's use_dora.")
@@ -170,7 +171,7 @@ class ControlNetMethod(_Section):
     conditioning_scale: float = Field(1.0, ge=0.0, description="ControlNet strength at validation.")
 
 
-Method = Annotated[Union[LoraMethod, DreamBoothMethod, ControlNetMethod], Field(discriminator="type")]
+Method = Annotated[LoraMethod | DreamBoothMethod | ControlNetMethod, Field(discriminator="type")]
 
 # -- train ----------------------------------------------------------------------------------------------------------
 
@@ -204,8 +205,12 @@ class TrainConfig(_Section):
     )
     seed: int = Field(42, description="Seed of everything random: the same seed gives the same adapter.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, slower.")
-    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (5.0 is usual); off if unset.")
-    noise_offset: float = Field(0.0, ge=0, description="Offset-noise strength (0.05-0.1 helps very dark/bright images).")
+    snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR-gamma loss weighting (5.0 is usual); off if unset."
+    )
+    noise_offset: float = Field(
+        0.0, ge=0, description="Offset-noise strength (0.05-0.1 helps very dark/bright images)."
+    )
     torch_compile: bool = Field(False, description="torch.compile the UNet (slow first step, faster after).")
     allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
     checkpointing_steps: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps.")

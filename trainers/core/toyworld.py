@@ -94,8 +94,10 @@ def _polygon(shape: str, radius: float, cx: float, cy: float) -> list[tuple[floa
     if shape == "star":  # five points, inner radius 0.45 of the outer
         r = radius * 1.15
         return [
-            (cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
-             cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5))
+            (
+                cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5),
+            )
             for k in range(10)
         ]
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
@@ -228,7 +230,9 @@ def score_image(image: Image.Image, colors: Iterable[str] = tuple(COLORS)) -> De
         image: an RGB image of any size; it is resized to 64x64 first.
         colors: the colour names the hue may be matched to (default: every colour of the world).
     """
-    rgb = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
+    rgb = np.asarray(
+        image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR), dtype=np.float32
+    )
     rgb = rgb / 255.0
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
     background = np.median(border, axis=0)
@@ -276,3 +280,25 @@ def score_images(images: Sequence[Image.Image], expected: Sequence[tuple[str | N
 def bar_prompts() -> list[tuple[str, str, str]]:
     """The 12 prompts the toy base is held to: (prompt, colour, shape) for every base colour x base shape."""
     return [(f"a {c} {s}", c, s) for c in BASE_COLORS for s in BASE_SHAPES]
+
+
+def write_dataset(
+    folder, n: int, seed: int, colors: Sequence[str], shapes: Sequence[str] = BASE_SHAPES, size: int = IMAGE_SIZE
+) -> list[str]:
+    """Writes `n` seeded toy-world images as `NNNN.png` with same-name `.txt` captions (the plain-folder format).
+
+    Returns the written image names. Used to build the bundled datasets in `datasets/` (see datasets/README.md).
+    """
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    names = []
+    for i in range(n):
+        scene = sample_scene(rng, colors, shapes)
+        name = f"{i:04d}.png"
+        render(scene, size).save(folder / name)
+        (folder / f"{i:04d}.txt").write_text(scene.caption() + "\n")
+        names.append(name)
+    return names

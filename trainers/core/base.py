@@ -1,0 +1,161 @@
+"""Loading the base model: one function, used by every trainer, `sdtune sample` and the studio.
+
+`base:` in a recipe (or `--base` on the command line) may be:
+    - `toy`: the bundled toy base (a small SD v1-5-layout model, see trainers/pretrain_toy.py);
+    - a local diffusers folder (has `model_index.json`);
+    - a single-file `.safetensors` checkpoint (A1111/Civitai style), read by diffusers' `from_single_file` with
+      the bundled SD v1-5 configs, so no download is needed;
+    - a Hugging Face Hub repo id, e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5` (from the local cache when
+      offline).
+Pickle files (`.ckpt`, `.bin`, `.pt`, `.pth`) run code when loaded: they are refused unless `allow_pickle: true`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdtune.trainers.core.recipe import BaseModelConfig
+
+TOY_BASE = Path(__file__).resolve().parent.parent / "toy_base"
+SD15_CONFIG = Path(__file__).resolve().parent.parent / "sd15_config"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+class BaseLoadError(RuntimeError):
+    """The base model cannot be loaded; the message says why and what to do, in one line."""
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """Where a base comes from. `kind` is one of toy, folder, single_file, hub."""
+
+    kind: str
+    location: str  # path or hub id
+    name: str  # short human name (for file metadata, grids, model cards)
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind != "hub"
+
+
+def resolve_base(spec: str | BaseModelConfig) -> BaseSource:
+    """Decides what kind of base `spec` names, without loading anything."""
+    cfg = spec if isinstance(spec, BaseModelConfig) else BaseModelConfig(pretrained_model_name_or_path=spec)
+    name = cfg.pretrained_model_name_or_path.strip()
+    if name == "toy":
+        return BaseSource("toy", str(TOY_BASE), "sdtune-toy-base")
+    path = Path(name).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not cfg.allow_pickle:
+            raise BaseLoadError(
+                f"base: {name} is a pickle file; loading it can run arbitrary code. Convert it to .safetensors, "
+                "or set base.allow_pickle: true if you trust its source"
+            )
+        if not path.is_file():
+            raise BaseLoadError(f"base: file {name} not found")
+        return BaseSource("single_file", str(path), path.stem)
+    if path.suffix.lower() == ".safetensors":
+        if not path.is_file():
+            raise BaseLoadError(f"base: file {name} not found")
+        return BaseSource("single_file", str(path), path.stem)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BaseLoadError(f"base: {name} is a folder but not a diffusers model (no model_index.json in it)")
+        return BaseSource("folder", str(path), path.name)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise BaseLoadError(
+            f"base: {name} not found (expected a diffusers folder, a .safetensors file, a hub id or 'toy')"
+        )
+    return BaseSource("hub", name, name.split("/")[-1])
+
+
+def _offline_error(repo_id: str) -> BaseLoadError:
+    return BaseLoadError(
+        f"base: '{repo_id}' is not in the local Hugging Face cache and the Hub cannot be reached. Fetch it once on a "
+        f"connected machine with `hf download {repo_id}` (it lands in ~/.cache/huggingface), or point base: at a "
+        "local diffusers folder or a single .safetensors checkpoint"
+    )
+
+
+def _single_file_config(cfg: BaseModelConfig, path: Path) -> str:
+    if cfg.config:
+        return cfg.config
+    from sdtune.adapters.single_file import detect_config
+
+    return str(TOY_BASE if detect_config(path, allow_pickle=cfg.allow_pickle) == "toy" else SD15_CONFIG)
+
+
+def load_pipeline(spec: str | BaseModelConfig, torch_dtype: torch.dtype = torch.float32):
+    """Loads the base as a `StableDiffusionPipeline` (no safety checker), on the CPU, in `torch_dtype`.
+
+    Args:
+        spec: a `BaseModelConfig` or the string forms listed in the module docstring.
+        torch_dtype: dtype of every component; trainers choose it from `train.mixed_precision`.
+
+    Raises:
+        BaseLoadError: with one line saying what is wrong and what to do.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    cfg = spec if isinstance(spec, BaseModelConfig) else BaseModelConfig(pretrained_model_name_or_path=spec)
+    source = resolve_base(cfg)
+    kwargs = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    if source.kind == "toy" and not (TOY_BASE / "model_index.json").is_file():
+        raise BaseLoadError(f"base: toy base missing at {TOY_BASE}; rebuild it with trainers/pretrain_toy.py")
+    if source.kind == "single_file":
+        from sdtune.adapters.single_file import load_single_file
+
+        config = _single_file_config(cfg, Path(source.location))
+        return load_single_file(source.location, config, torch_dtype=torch_dtype, allow_pickle=cfg.allow_pickle)
+    if source.kind in ("toy", "folder"):
+        return StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, **kwargs)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # diffusers prints its own offline chatter; we raise one clear line
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source.location, revision=cfg.revision, variant=cfg.variant, **kwargs
+        )
+    except OSError as exc:
+        if "not fully cached" in str(exc) or "Couldn't connect" in str(exc) or "offline" in str(exc).lower():
+            raise _offline_error(source.location) from None
+        raise BaseLoadError(
+            f"base: cannot load '{source.location}' from the Hub: {str(exc).splitlines()[0]}"
+        ) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def base_hash(spec: str | BaseModelConfig) -> str:
+    """A stable sha256 of the base weights, for manifests and kohya `ss_sd_model_hash`.
+
+    A single file hashes its bytes (as A1111's "new" model hash does); a folder hashes its component weight files
+    in a fixed order. Results are cached beside ~/.cache/sdtune by path, size and mtime, since SD weights are GBs.
+    """
+    source = resolve_base(spec)
+    if source.kind == "hub":
+        return f"hub:{source.location}"
+    root = Path(source.location)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin"))
+    stamp = json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    cache = Path(os.environ.get("SDTUNE_CACHE", Path.home() / ".cache" / "sdtune")) / "base_hashes.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = hashlib.sha256(stamp.encode()).hexdigest()
+    if key not in known:
+        digest = hashlib.sha256()
+        for path in files:
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        known[key] = digest.hexdigest()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    return known[key]

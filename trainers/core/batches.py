@@ -1,0 +1,106 @@
+"""Training batches from cached latents: bucketed, flipped and captioned deterministically.
+
+Every random choice about a sample (flip, caption shuffle and dropout) comes from `item_rng(seed, epoch,
+position)`, and every random tensor of a micro-batch (latent sampling, noise, timesteps) from a generator seeded
+with (seed, epoch, batch index, process). Nothing depends on how many batches came before in this process, so a
+run resumed from a checkpoint replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from sdtune.trainers.core.cache import CachedLatent, LatentCache, cache_latents, default_cache_dir, vae_fingerprint
+from sdtune.trainers.core.data import BucketBatchSampler, CaptionBuilder, DatasetScan, load_pixels
+from sdtune.trainers.core.recipe import DataConfig
+from sdtune.trainers.core.runtime import item_rng, step_generator
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [b, 4, h, w], scaled, on the CPU
+    captions: list[str]
+    generator: torch.Generator  # for this micro-batch's noise and timesteps
+
+
+def prepare_latents(scan: DatasetScan, cfg: DataConfig, vae, log=print) -> list[CachedLatent] | None:
+    """Encodes (or reads back) every image's VAE posterior; None when `cache_latents` is off."""
+    if not cfg.cache_latents:
+        return None
+    cache = LatentCache(default_cache_dir(cfg.cache_dir), vae_fingerprint(vae))
+    loader = functools.partial(load_pixels, cfg=cfg, dataset=scan.dataset)
+    latents, encoded = cache_latents(scan.records, loader, vae, cache, flip=cfg.random_flip)
+    log(
+        f"latents: {len(scan.records) - encoded if encoded <= len(scan.records) else 0} images from cache, "
+        f"{encoded} encodings computed ({cache.folder})"
+    )
+    return latents
+
+
+class BatchBuilder:
+    """Turns sampler positions into `Batch`es for one process of the run."""
+
+    def __init__(
+        self,
+        scan: DatasetScan,
+        cfg: DataConfig,
+        latents: list[CachedLatent] | None,
+        vae,
+        batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ):
+        self.scan, self.cfg, self.latents, self.vae, self.seed = scan, cfg, latents, vae, seed
+        self.captions = CaptionBuilder(cfg)
+        self.sampler = BucketBatchSampler(scan.records, batch_size, seed)
+        self.expanded = self.sampler.expanded()
+        self.rank, self.world = process_index, num_processes
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's share of the epoch: every `world`-th batch, the same count on every process."""
+        self.sampler.set_epoch(epoch)
+        batches = list(self.sampler)
+        usable = len(batches) - len(batches) % self.world if len(batches) >= self.world else len(batches)
+        return batches[:usable][self.rank :: self.world]
+
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def possible_captions(self) -> set[str] | None:
+        """Every caption a batch can carry, if that set is fixed (no tag shuffle): lets the text states be cached."""
+        if self.cfg.shuffle_caption:
+            return None
+        return self.captions.fixed_captions([r.caption for r in self.scan.records])
+
+    def _encode_on_the_fly(self, records, flips, generator) -> torch.Tensor:
+        pixels = []
+        for record, flip in zip(records, flips):
+            image = load_pixels(record, self.cfg, self.scan.dataset)
+            pixels.append(torch.flip(image, dims=[-1]) if flip else image)
+        with torch.no_grad():
+            dist = self.vae.encode(torch.stack(pixels).to(self.vae.device, self.vae.dtype)).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+            return ((dist.mean + dist.std * noise.to(dist.mean.dtype)) * self.vae.config.scaling_factor).float().cpu()
+
+    def build(self, positions: list[int], epoch: int, batch_index: int) -> Batch:
+        generator = step_generator(self.seed, epoch, batch_index, self.rank)
+        records, flips, captions = [], [], []
+        for position in positions:
+            rng = item_rng(self.seed, epoch, position)
+            record_index = self.expanded[position]
+            flips.append(self.cfg.random_flip and rng.random() < 0.5)
+            captions.append(self.captions(self.scan.records[record_index].caption, rng))
+            records.append(record_index)
+        if self.latents is None:
+            latents = self._encode_on_the_fly([self.scan.records[i] for i in records], flips, generator)
+        else:
+            latents = torch.stack([self.latents[i].sample(f, generator) for i, f in zip(records, flips)])
+        return Batch(latents, captions, generator)
+
+
+# Re-exported for trainers that build their own cache of another image column (ControlNet conditioning).
+__all__ = ["Batch", "BatchBuilder", "LatentCache", "prepare_latents"]

@@ -1,0 +1,197 @@
+"""Writing a trained LoRA in both ecosystem formats, proving both load, and recording what was made.
+
+Every save writes:
+    pytorch_lora_weights.safetensors   diffusers/PEFT format, with the LoRA adapter metadata (true lora_alpha)
+    <name>.safetensors                 kohya/A1111 format: lora_unet_* / lora_te_* keys, true .alpha, ss_* metadata
+and then runs the export check: a fresh copy of the base loads each file the way users will (diffusers'
+`load_lora_weights` for both; the kohya file goes through diffusers' kohya converter), renders the same image
+with each, and compares them with the adapter as it was in training. The kohya keys are also replayed through
+the key mapping A1111 and ComfyUI use for SD v1 LoRAs. Any unmatched key or a pixel difference over 2/255 fails
+the run: a LoRA that loads differently in another tool is the ecosystem's most common complaint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdtune.adapters import a1111_keys, kohya
+from sdtune.adapters.single_file import text_encoder_to_original, unet_to_original
+from sdtune.trainers.core import sampling
+from sdtune.trainers.core.lora_layers import lora_state_dicts, save_peft_lora
+
+PIXEL_TOLERANCE = 2  # out of 255
+
+
+class ExportCheckError(RuntimeError):
+    """An exported file does not reproduce the trained adapter; the message says which and by how much."""
+
+
+@dataclass
+class ExportCheck:
+    max_pixel_diff: dict[str, int] = field(default_factory=dict)  # pair of formats -> max |difference| in 0..255
+    unmatched_a1111: list[str] = field(default_factory=list)
+    unmatched_comfyui: list[str] = field(default_factory=list)
+    images: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None  # why a format was not written (DoRA has no kohya form)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            all(d <= PIXEL_TOLERANCE for d in self.max_pixel_diff.values())
+            and not self.unmatched_a1111
+            and not self.unmatched_comfyui
+        )
+
+    def summary(self) -> str:
+        diffs = ", ".join(f"{pair} {d}/255" for pair, d in self.max_pixel_diff.items())
+        keys = f"A1111 unmatched {len(self.unmatched_a1111)}, ComfyUI unmatched {len(self.unmatched_comfyui)}"
+        return f"export check {'passed' if self.ok else 'FAILED'}: {diffs}; {keys}" + (
+            f"; {self.skipped}" if self.skipped else ""
+        )
+
+
+def kohya_alpha(config) -> float:
+    return float(config.lora_alpha)
+
+
+def save_lora_files(out_dir: Path, name: str, unet, text_encoder, unet_config, te_config, dtype, metadata) -> dict:
+    """Writes the PEFT file and (unless DoRA) the kohya file into `out_dir`; returns {format: path}."""
+    unet_sd, te_sd = lora_state_dicts(unet, text_encoder, te_config is not None)
+    files = {"peft": save_peft_lora(out_dir, unet_sd, te_sd, unet_config, te_config, dtype)}
+    if unet_config.use_dora:
+        return files  # peft's DoRA magnitude has no faithful kohya/A1111 form (see adapters/kohya.py)
+    kohya_sd = kohya.peft_to_kohya(
+        unet_sd,
+        te_sd,
+        unet_alpha=kohya_alpha(unet_config),
+        text_encoder_alpha=kohya_alpha(te_config) if te_config is not None else None,
+    )
+    files["kohya"] = kohya.save_kohya_lora(out_dir / f"{name}.safetensors", kohya_sd, metadata, dtype=dtype)
+    return files
+
+
+def _pixels(sample) -> np.ndarray:
+    return np.asarray(sample.image.convert("RGB"), dtype=np.int16)
+
+
+class ExportChecker:
+    """Holds a clean copy of the base (loaded once, parked on the CPU between checks) and checks exports."""
+
+    def __init__(self, load_base, device, settings: sampling.SampleSettings, autocast):
+        self._load_base, self.device, self.settings, self.autocast = load_base, device, settings, autocast
+        self._pipe = None
+
+    def _base(self):
+        if self._pipe is None:
+            self._pipe = self._load_base()
+            self._pipe.set_progress_bar_config(disable=True)
+            # Module names of the pristine base, before peft wraps any layer in a `base_layer`.
+            unet_keys, te_keys = self._pipe.unet.state_dict(), self._pipe.text_encoder.state_dict()
+            original = list(unet_to_original(unet_keys, self._pipe.unet.config))
+            original += list(text_encoder_to_original(te_keys))
+            self._compvis = a1111_keys.compvis_modules_from_checkpoint_keys(original)
+            self._comfy_map = a1111_keys.comfyui_lora_key_map(unet_keys.keys(), te_keys.keys())
+            self._layers_per_block = self._pipe.unet.config.layers_per_block
+        return self._pipe
+
+    def _render_file(self, pipe, path: Path) -> sampling.Sample:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="export_check")
+        try:
+            with torch.no_grad(), self.autocast():
+                return sampling.generate(pipe, [self.settings])[0]
+        finally:
+            pipe.delete_adapters("export_check")
+
+    def _unmatched(self, kohya_path: Path) -> tuple[list[str], list[str]]:
+        from safetensors.torch import load_file
+
+        kohya_sd = load_file(str(kohya_path))
+        a1111 = a1111_keys.unmatched_kohya_keys(kohya_sd, self._compvis, self._layers_per_block)
+        return a1111, a1111_keys.comfyui_unmatched_kohya_keys(kohya_sd, self._comfy_map)
+
+    def check(self, files: dict, trained: sampling.Sample, out_dir: Path) -> ExportCheck:
+        """Renders `self.settings` from each file and compares with `trained` (the in-training adapter's image)."""
+        pipe = self._base().to(self.device)
+        result = ExportCheck()
+        try:
+            images = {"trained": trained}
+            for fmt, path in files.items():
+                images[fmt] = self._render_file(pipe, Path(path))
+            if "kohya" in files:
+                result.unmatched_a1111, result.unmatched_comfyui = self._unmatched(Path(files["kohya"]))
+            else:
+                result.skipped = "DoRA: kohya file not written (no faithful A1111 form); PEFT file checked"
+        finally:
+            self._pipe = pipe.to("cpu")
+        for fmt in files:
+            result.max_pixel_diff[f"trained-vs-{fmt}"] = int(np.abs(_pixels(images[fmt]) - _pixels(trained)).max())
+        if "kohya" in files:
+            result.max_pixel_diff["peft-vs-kohya"] = int(
+                np.abs(_pixels(images["peft"]) - _pixels(images["kohya"])).max()
+            )
+        strip = sampling.make_grid(
+            [[s.image for s in images.values()]],
+            [self.settings.prompt],
+            list(images),
+            "export check: same prompt and seed, each file reloaded through diffusers",
+        )
+        sampling.save_grid(strip, out_dir / "export_check.png")
+        result.images = {"strip": "export_check.png"}
+        return result
+
+
+def write_json_atomic(path: Path, data: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def manifest(
+    *,
+    name,
+    method,
+    base,
+    recipe,
+    scan,
+    trigger_words,
+    steps,
+    final_loss,
+    files,
+    samples,
+    scores,
+    export_check: ExportCheck | None,
+    started_at: float,
+) -> dict:
+    """The run's `adapter.json`: what was trained, from what, how, and what it measurably does."""
+    return {
+        "name": name,
+        "method": method,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "base": base,
+        "trigger_words": trigger_words,
+        "dataset": {
+            "fingerprint": scan.fingerprint(),
+            "kind": scan.kind,
+            "images": len(scan.records),
+            "images_with_repeats": sum(r.repeats for r in scan.records),
+            "skipped": [asdict(s) for s in scan.skipped],
+            "buckets": {f"{w}x{h}": n for (w, h), n in sorted(scan.bucket_counts().items())},
+        },
+        "training": {"steps": steps, "final_loss": final_loss, "seconds": round(time.time() - started_at, 1)},
+        "files": {fmt: Path(p).name for fmt, p in files.items()},
+        "samples": samples,
+        "scores": scores,
+        "export_check": None if export_check is None else {**asdict(export_check), "ok": export_check.ok},
+        "recipe": recipe.to_dict(),
+    }

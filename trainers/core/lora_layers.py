@@ -1,0 +1,110 @@
+"""LoRA on the UNet (and optionally the text encoder) through peft, and saving it in the diffusers/PEFT format.
+
+A LoRA replaces a frozen weight W by W + (lora_alpha / rank) * B @ A, with A (rank x in) and B (out x rank)
+trained and B starting at zero, so training starts exactly at the base model. The presets say which layers get one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from sdtune.trainers.core.recipe import LoraParams
+
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
+# LoCon (kohya's name): every linear and conv of the transformer and resnet blocks, as kohya's LoRA-C3Lier/LoCon.
+CONV = ["proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"]
+UNET_PRESETS = {"attn": ATTN, "attn+ff": ATTN + FEED_FORWARD, "locon": ATTN + FEED_FORWARD + CONV}
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+PEFT_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def unet_target_modules(params: LoraParams) -> list[str]:
+    """peft `target_modules` for the UNet: the explicit list if given, else the preset's."""
+    return list(params.target_modules) if params.target_modules else list(UNET_PRESETS[params.preset])
+
+
+def lora_config(params: LoraParams, target_modules: list[str]) -> LoraConfig:
+    # Gaussian init of A (B = 0) is what the diffusers examples use; lora_alpha is stored so reloads scale right.
+    return LoraConfig(
+        r=params.rank,
+        lora_alpha=params.alpha,
+        lora_dropout=params.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=target_modules,
+        use_dora=params.use_dora,
+    )
+
+
+def add_lora(unet, text_encoder, params: LoraParams) -> tuple[LoraConfig, LoraConfig | None]:
+    """Injects trainable LoRA layers (fp32) into the frozen `unet` (and `text_encoder` if asked); returns configs."""
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet_config = lora_config(params, unet_target_modules(params))
+    unet.add_adapter(unet_config)
+    text_config = None
+    if params.train_text_encoder:
+        text_config = lora_config(params, TEXT_ENCODER_TARGETS)
+        text_encoder.add_adapter(text_config)
+    # The frozen base may sit in fp16/bf16; the trainable LoRA weights stay fp32 so small updates are not lost.
+    for model in (unet, text_encoder):
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return unet_config, text_config
+
+
+def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple[dict, dict | None]:
+    """The LoRA tensors only, peft-named (`down_blocks.0...to_q.lora_A.weight`), detached and on the CPU."""
+    unet_sd = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+    te_sd = None
+    if train_text_encoder:
+        te_sd = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(text_encoder).items()}
+    return unet_sd, te_sd
+
+
+def cast(state_dict: dict | None, dtype: torch.dtype) -> dict | None:
+    return None if state_dict is None else {k: v.to(dtype).contiguous() for k, v in state_dict.items()}
+
+
+def save_peft_lora(
+    out_dir: str | Path,
+    unet_sd: dict,
+    te_sd: dict | None,
+    unet_config: LoraConfig,
+    te_config: LoraConfig | None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Writes `pytorch_lora_weights.safetensors` (diffusers/PEFT format) with the LoRA adapter metadata.
+
+    The metadata (`LoraConfig.to_dict()`) is what lets diffusers reload a LoRA trained with lora_alpha != rank at
+    the right strength. Written to a temp folder first, then moved into place (atomic on one filesystem).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-lora-") as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=cast(unet_sd, dtype),
+            text_encoder_lora_layers=cast(te_sd, dtype),
+            unet_lora_adapter_metadata=unet_config.to_dict(),
+            text_encoder_lora_adapter_metadata=te_config.to_dict() if te_config is not None else None,
+            weight_name=PEFT_WEIGHTS,
+        )
+        os.replace(Path(tmp) / PEFT_WEIGHTS, out_dir / PEFT_WEIGHTS)
+    return out_dir / PEFT_WEIGHTS
+
+
+def copy_atomic(src: Path, dst: Path):
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

@@ -1,0 +1,119 @@
+"""The run's machinery shared by every trainer: Accelerate, precision, optimizer, LR schedule, per-step seeds."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+
+from sdtune.trainers.core.recipe import Recipe, RecipeError, TrainConfig
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """Accelerate decides devices and processes (one CPU, one GPU, DDP, FSDP, DeepSpeed: `accelerate config`)."""
+    train = recipe.train
+    if train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    project = ProjectConfiguration(project_dir=recipe.output.dir, logging_dir=f"{recipe.output.dir}/logs")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        mixed_precision=train.mixed_precision,
+        log_with=None if recipe.output.report_to == "none" else recipe.output.report_to,
+        project_config=project,
+    )
+    if train.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """dtype of the frozen base: half precision under mixed precision (the trainable weights stay fp32)."""
+    return DTYPES[accelerator.mixed_precision]
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed that depends only on (seed, parts), e.g. (seed, step, micro_batch).
+
+    Drawing each step's noise, timesteps and dropout masks from a generator seeded this way (instead of from one
+    long-lived RNG stream) makes step N identical whether or not the run was stopped and resumed before it.
+    """
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(step_seed(seed, *parts))
+
+
+def item_rng(seed: int, epoch: int, position: int) -> random.Random:
+    """Per-sample RNG for flips, caption shuffle and dropout: a pure function of (seed, epoch, position)."""
+    return random.Random(step_seed(seed, epoch, position, 7))
+
+
+def make_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (torch), 8-bit AdamW (bitsandbytes: optimizer states in 8 bits, 4x less memory) or Adafactor."""
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(
+            param_groups,
+            lr=train.learning_rate,
+            betas=(train.adam_beta1, train.adam_beta2),
+            weight_decay=train.adam_weight_decay,
+            eps=train.adam_epsilon,
+        )
+    if train.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise RecipeError(
+                f"train.optimizer: adamw8bit needs bitsandbytes ({exc}); pip install bitsandbytes "
+                "or use optimizer: adamw"
+            ) from None
+        return bnb.optim.AdamW8bit(
+            param_groups,
+            lr=train.learning_rate,
+            betas=(train.adam_beta1, train.adam_beta2),
+            weight_decay=train.adam_weight_decay,
+            eps=train.adam_epsilon,
+        )
+    from transformers.optimization import Adafactor
+
+    # With an explicit lr and a diffusers schedule, Adafactor's own relative-step schedule must be off.
+    return Adafactor(
+        param_groups,
+        lr=train.learning_rate,
+        relative_step=False,
+        scale_parameter=False,
+        warmup_init=False,
+        weight_decay=train.adam_weight_decay,
+    )
+
+
+def make_lr_scheduler(optimizer, train: TrainConfig, num_processes: int):
+    from diffusers.optimization import get_scheduler
+
+    # Accelerate steps a prepared scheduler once per process per optimizer step; scale so the schedule spans the run.
+    return get_scheduler(
+        train.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=train.lr_warmup_steps * num_processes,
+        num_training_steps=train.max_train_steps * num_processes,
+        num_cycles=train.lr_num_cycles,
+        power=train.lr_power,
+    )
+
+
+def scaled_lr(train: TrainConfig, num_processes: int) -> float:
+    if not train.scale_lr:
+        return train.learning_rate
+    return train.learning_rate * train.train_batch_size * train.gradient_accumulation_steps * num_processes
+
+
+def epochs_for(steps: int, batches_per_epoch: int, accumulation: int) -> int:
+    return math.ceil(steps * accumulation / max(batches_per_epoch, 1))

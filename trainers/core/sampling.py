@@ -1,0 +1,248 @@
+"""Sampling: the one code path behind `sdtune sample`, training validation grids and the export check.
+
+Because validation previews go through exactly this code, a preview shows what inference will give later.
+Each image gets its own CPU `torch.Generator` seeded with its seed, and images are rendered one at a time, so the
+same prompt, seed and settings give the same pixels whatever else is in the run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+# name -> (diffusers scheduler class, extra config, A1111 sampler name)
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PNDM"),
+}
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Everything that decides an image's pixels, besides the model and adapters."""
+
+    prompt: str
+    seed: int = 0
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance: float = 7.5
+    width: int | None = None  # None = the base's native size (64 for the toy base, 512 for SD v1-5)
+    height: int | None = None
+    scheduler: str = "default"
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    settings: SampleSettings
+    parameters: str  # A1111-style "parameters" text, also stored in the PNG
+
+
+@dataclass
+class AdapterSpec:
+    """A LoRA to apply at `weight`: a run folder (holding pytorch_lora_weights.safetensors) or a .safetensors file."""
+
+    path: str
+    weight: float = 1.0
+    name: str = field(default="")
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterSpec:
+        """`PATH[:WEIGHT]`, e.g. `runs/quickstart:0.8`."""
+        path, weight = text, 1.0
+        head, sep, tail = text.rpartition(":")
+        if sep and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--adapter: {path} not found (expected a LoRA .safetensors file or a run folder)")
+        return cls(path=path, weight=weight)
+
+
+def set_scheduler(pipe, name: str):
+    """Swaps the pipeline's sampler, keeping the base's noise schedule (betas, prediction type...)."""
+    if name == "default":
+        return pipe
+    if name not in SCHEDULERS:
+        raise ValueError(f"--scheduler: unknown scheduler {name!r}; choose from default, {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    class_name, extra, _ = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
+    return pipe
+
+
+def native_size(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def load_adapters(pipe, adapters: list[AdapterSpec]):
+    """Loads LoRAs (diffusers/PEFT or kohya/A1111 files; diffusers converts the latter) and sets their weights."""
+    names = []
+    for i, adapter in enumerate(adapters):
+        path = Path(adapter.path)
+        name = adapter.name or f"adapter{i}"
+        if path.is_dir():
+            pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors", adapter_name=name)
+        else:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, [a.weight for a in adapters])
+    return names
+
+
+def a1111_parameters(settings: SampleSettings, width: int, height: int, model_name: str, extra: dict | None = None):
+    """The A1111 "parameters" text: prompt, negative prompt, then `Key: value` pairs."""
+    sampler = SCHEDULERS[settings.scheduler][2] if settings.scheduler in SCHEDULERS else "Default"
+    pairs = {
+        "Steps": settings.steps,
+        "Sampler": sampler,
+        "CFG scale": settings.guidance,
+        "Seed": settings.seed,
+        "Size": f"{width}x{height}",
+        "Model": model_name,
+        **(extra or {}),
+        "Version": "sdtune",
+    }
+    lines = [settings.prompt]
+    if settings.negative_prompt:
+        lines.append(f"Negative prompt: {settings.negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items()))
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def generate(pipe, settings: list[SampleSettings], model_name: str = "base", extra_parameters: dict | None = None):
+    """Renders each `SampleSettings` with its own seeded CPU generator; returns `Sample`s in the same order."""
+    samples = []
+    current_scheduler = None
+    original = pipe.scheduler
+    try:
+        for s in settings:
+            if s.scheduler != current_scheduler:
+                pipe.scheduler = original
+                set_scheduler(pipe, s.scheduler)
+                current_scheduler = s.scheduler
+            width, height = s.width or native_size(pipe), s.height or native_size(pipe)
+            generator = torch.Generator("cpu").manual_seed(s.seed)
+            image = pipe(
+                prompt=s.prompt,
+                negative_prompt=s.negative_prompt or None,
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance,
+                width=width,
+                height=height,
+                generator=generator,
+            ).images[0]
+            samples.append(Sample(image, s, a1111_parameters(s, width, height, model_name, extra_parameters)))
+    finally:
+        pipe.scheduler = original
+    return samples
+
+
+def grid_settings(prompts: list[str], seeds: list[int], **common) -> list[SampleSettings]:
+    """prompts x seeds, row-major (all seeds of the first prompt first)."""
+    return [SampleSettings(prompt=p, seed=s, **common) for p in prompts for s in seeds]
+
+
+def save_png(sample: Sample, path: str | Path):
+    """Writes a PNG with the generation parameters in a `parameters` text chunk (A1111 style), atomically."""
+    info = PngInfo()
+    info.add_text("parameters", sample.parameters)
+    _save_atomic(sample.image, Path(path), pnginfo=info)
+
+
+def _save_atomic(image: Image.Image, path: Path, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int, draw) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    return lines + ([line] if line else [])
+
+
+def make_grid(
+    rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str], title: str = "", cell: int = 160
+) -> Image.Image:
+    """A labelled contact sheet: one row per prompt, one column per seed (or per base/adapter pair).
+
+    Small images (the toy base makes 64 px) are scaled up with nearest-neighbour so pixels stay honest.
+    """
+    font, small = _font(14), _font(12)
+    label_w, head_h = 200, 36 + (24 if title else 0)
+    width = label_w + cell * max(len(r) for r in rows)
+    sheet = Image.new("RGB", (width, head_h + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((8, 6), title, fill="black", font=font)
+    for c, label in enumerate(col_labels):
+        draw.text((label_w + c * cell + 6, head_h - 24), label, fill="black", font=small)
+    for r, (images, label) in enumerate(zip(rows, row_labels)):
+        y = head_h + r * cell
+        for i, line in enumerate(_wrap(label, small, label_w - 12, draw)[:8]):
+            draw.text((6, y + 6 + 15 * i), line, fill="black", font=small)
+        for c, image in enumerate(images):
+            scale = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
+            sheet.paste(image.resize((cell - 4, cell - 4), scale), (label_w + c * cell + 2, y + 2))
+    return sheet
+
+
+def save_grid(image: Image.Image, path: str | Path):
+    _save_atomic(image, Path(path))
+
+
+def samples_grid(samples: list[Sample], prompts: list[str], seeds: list[int], title: str = "") -> Image.Image:
+    """Grid of `grid_settings(prompts, seeds)` output: rows = prompts, columns = seeds."""
+    rows = [[samples[i * len(seeds) + j].image for j in range(len(seeds))] for i in range(len(prompts))]
+    return make_grid(rows, prompts, [f"seed {s}" for s in seeds], title)
+
+
+def ab_grid(base: list[Sample], adapted: list[Sample], prompts: list[str], seeds: list[int], title: str = ""):
+    """Base vs adapter side by side for the same prompts and seeds: columns alternate base / adapter per seed."""
+    rows, cols = [], []
+    for seed in seeds:
+        cols += [f"base  seed {seed}", f"adapter  seed {seed}"]
+    for i in range(len(prompts)):
+        row = []
+        for j in range(len(seeds)):
+            row += [base[i * len(seeds) + j].image, adapted[i * len(seeds) + j].image]
+        rows.append(row)
+    return make_grid(rows, prompts, cols, title)
+
+
+def with_size(settings: list[SampleSettings], width: int | None, height: int | None) -> list[SampleSettings]:
+    return [replace(s, width=width, height=height) for s in settings]

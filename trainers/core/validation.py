@@ -1,0 +1,116 @@
+"""Validation during and after training: fixed prompts x fixed seeds, base vs adapter, as labelled grids.
+
+Images are rendered by `sampling.generate`, the code behind `sdtune sample`, so a preview equals what inference
+gives later. Base images do not change during a run, so they are rendered once. On the toy base, `toy_score`
+targets are also measured with the toy-world scorer, for the base and for the adapter: the manifest's proof.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdtune.trainers.core import sampling, scoring
+from sdtune.trainers.core.recipe import Recipe
+
+
+@contextlib.contextmanager
+def adapters_disabled(*models):
+    """Temporarily runs peft-adapted models as their frozen base."""
+    adapted = [m for m in models if m is not None and getattr(m, "_hf_peft_config_loaded", False)]
+    for model in adapted:
+        model.disable_adapters()
+    try:
+        yield
+    finally:
+        for model in adapted:
+            model.enable_adapters()
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    modes = [(m, m.training) for m in models if m is not None]
+    for model, _ in modes:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in modes:
+            model.train(mode)
+
+
+class Validator:
+    """Renders validation grids for one run; `pipe` shares its unet/text encoder with the training loop."""
+
+    def __init__(self, recipe: Recipe, pipe, accelerator, output_dir: str | Path, model_name: str):
+        v = recipe.validation
+        self.recipe, self.pipe, self.accelerator, self.model_name = recipe, pipe, accelerator, model_name
+        self.output_dir = Path(output_dir)
+        self.prompts, self.seeds = list(v.prompts), list(v.seeds)
+        self.settings = sampling.grid_settings(
+            self.prompts,
+            self.seeds,
+            negative_prompt=v.negative_prompt,
+            steps=v.num_inference_steps,
+            guidance=v.guidance_scale,
+            scheduler=v.scheduler,
+        )
+        self._base_samples = None
+        pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts)
+
+    def _render(self, settings, adapter: bool):
+        with torch.no_grad(), eval_mode(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
+            if adapter:
+                return sampling.generate(self.pipe, settings, self.model_name)
+            with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
+                return sampling.generate(self.pipe, settings, self.model_name)
+
+    def render_one(self, settings: sampling.SampleSettings) -> sampling.Sample:
+        """One image with the adapter as it is now (the export check compares files against it)."""
+        return self._render([settings], adapter=True)[0]
+
+    def base_samples(self):
+        if self._base_samples is None:
+            self._base_samples = self._render(self.settings, adapter=False)
+        return self._base_samples
+
+    def grid(self, step: int, path: Path) -> Path:
+        """Base vs current adapter for every prompt and seed, saved at `path` and logged to the trackers."""
+        adapted = self._render(self.settings, adapter=True)
+        title = f"{self.model_name}: base vs adapter after {step} steps"
+        image = sampling.ab_grid(self.base_samples(), adapted, self.prompts, self.seeds, title)
+        sampling.save_grid(image, path)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.asarray(image)[None], step, dataformats="NHWC")
+        return path
+
+    def toy_scores(self) -> dict | None:
+        """Toy-world scores of the base and of the adapter on `validation.toy_score` (None if none are set)."""
+        targets = [scoring.Target(t.prompt, t.color, t.shape) for t in self.recipe.validation.toy_score]
+        if not targets:
+            return None
+        v = self.recipe.validation
+        common = dict(
+            steps=v.num_inference_steps,
+            guidance=v.guidance_scale,
+            scheduler=v.scheduler,
+            negative_prompt=v.negative_prompt,
+        )
+        with torch.no_grad(), eval_mode(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
+            with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
+                base = scoring.score_targets(self.pipe, targets, **common)
+            adapted = scoring.score_targets(self.pipe, targets, **common)
+        return {
+            "targets": [t.__dict__ for t in targets],
+            "seeds": list(scoring.BAR_SEEDS),
+            "base": base.as_dict(),
+            "adapter": adapted.as_dict(),
+        }
