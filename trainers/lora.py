@@ -1,0 +1,394 @@
+"""Train a LoRA on a frozen Stable Diffusion v1-5 base, from one YAML recipe.
+
+Usage:
+    accelerate launch trainers/lora.py recipes/quickstart.yaml                  # toy base, CPU, ~3 minutes
+    python trainers/lora.py recipes/sd15-lora-default.yaml train.lr=1e-4 output.dir=runs/mine
+    accelerate launch --multi_gpu --num_processes 4 trainers/lora.py recipe.yaml  # DDP (or any `accelerate config`)
+    python trainers/lora.py recipe.yaml train.resume=latest                     # continue a stopped run
+
+What happens, in order:
+    1. the recipe is validated; the data is scanned and a preflight is printed before any model loads;
+    2. the base loads frozen (fp16/bf16 under mixed precision); VAE latents and, when captions are fixed and the
+       text encoder frozen, text embeddings are computed once and cached, so a step runs the UNet alone;
+    3. peft LoRA layers (fp32) go into the UNet (and the text encoder if asked);
+    4. the loop: noise the latents, predict, MSE (min-SNR optional), step; log, checkpoint, validate;
+    5. the adapter is written as diffusers/PEFT and kohya/A1111 files, both reloaded and compared (export check),
+       and `adapter.json` records recipe, data fingerprint, loss, grids and measured scores.
+Ctrl-C saves a checkpoint and stops; `train.resume=latest` continues it, bit-identical to an unbroken run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from sdtune.trainers.core import export, quiet_libraries, sampling
+from sdtune.trainers.core.base import BaseLoadError, base_hash, load_pipeline, resolve_base
+from sdtune.trainers.core.batches import BatchBuilder, prepare_latents
+from sdtune.trainers.core.cache import TextEmbeddingCache, encode_text
+from sdtune.trainers.core.checkpointing import (
+    StopRequest,
+    TrainState,
+    register_trainable_state_hooks,
+    resolve_resume,
+    save_checkpoint,
+)
+from sdtune.trainers.core.data import DataError, scan_dataset
+from sdtune.trainers.core.diffusion import denoising_step_loss
+from sdtune.trainers.core.estimate import preflight
+from sdtune.trainers.core.lora_layers import add_lora
+from sdtune.trainers.core.recipe import Recipe, RecipeError, load_recipe
+from sdtune.trainers.core.runtime import (
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    scaled_lr,
+    step_seed,
+    weight_dtype,
+)
+from sdtune.trainers.core.validation import Validator
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="YAML recipe (see recipes/).")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 output.dir=runs/x")
+    return parser.parse_args(argv)
+
+
+def param_groups(unet, text_encoder, recipe: Recipe, lr: float) -> list[dict]:
+    """UNet LoRA at the run's lr; text-encoder LoRA at `method.text_encoder_lr` (kohya's split) if set."""
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
+    if recipe.method.train_text_encoder:
+        te_lr = recipe.method.text_encoder_lr or lr
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
+    return groups
+
+
+def export_adapter(out_dir: Path, ctx: dict, step: int) -> tuple[dict, export.ExportCheck | None]:
+    """Writes both LoRA formats into `out_dir` and, if asked, runs the export check on them."""
+    recipe, accelerator = ctx["recipe"], ctx["accelerator"]
+    metadata = ctx["kohya_metadata"](step)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.output.save_precision]
+    files = export.save_lora_files(
+        out_dir,
+        recipe.output.name,
+        ctx["unet"],
+        ctx["text_encoder"],
+        ctx["unet_config"],
+        ctx["te_config"],
+        dtype,
+        metadata,
+    )
+    if not recipe.output.export_check:
+        return files, None
+    trained = ctx["validator"].render_one(ctx["checker"].settings)
+    report = ctx["checker"].check(files, trained, out_dir)
+    accelerator.print(report.summary())
+    if not report.ok:
+        raise export.ExportCheckError(f"{out_dir}: {report.summary()} (see {out_dir / 'export_check.png'})")
+    return files, report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started_at = time.time()
+    quiet_libraries()
+
+    # 1) Recipe and preflight: everything that can be wrong with the inputs fails here, before a model loads.
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.method.type != "lora":
+        raise RecipeError(
+            f"{args.recipe}: method.type is {recipe.method.type!r}; run trainers/{recipe.method.type}.py"
+        )
+    method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
+    scan = scan_dataset(recipe.data)
+    accelerator = make_accelerator(recipe)
+    device = accelerator.device
+    accelerator.print(preflight(recipe, scan, device.type, accelerator.num_processes))
+
+    # 2) The frozen base. Under mixed precision its weights sit in fp16/bf16; only the LoRA will be fp32.
+    dtype = weight_dtype(accelerator)
+    base = resolve_base(recipe.base)
+    pipe = load_pipeline(recipe.base, torch_dtype=dtype).to(device)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # keeps the base's prediction_type
+
+    # 3) Caches: the VAE runs once per image (ever, thanks to the disk cache), the text encoder once per caption.
+    latents = prepare_latents(scan, recipe.data, vae, log=accelerator.print)
+    batches = BatchBuilder(
+        scan,
+        recipe.data,
+        latents,
+        vae,
+        train.train_batch_size,
+        train.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    captions = batches.possible_captions()
+    text_cache = None
+    if captions is not None and not method.train_text_encoder:
+        with torch.no_grad():
+            text_cache = TextEmbeddingCache(tokenizer, text_encoder, captions, device)
+
+    # 4) LoRA layers (their random init is seeded: same seed, same starting LoRA), optimizer, schedule.
+    set_seed(train.seed)
+    unet_config, te_config = add_lora(unet, text_encoder, method)
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if method.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    lr = scaled_lr(train, accelerator.num_processes)
+    optimizer = make_optimizer(param_groups(unet, text_encoder, recipe, lr), train)
+    lr_scheduler = make_lr_scheduler(optimizer, train, accelerator.num_processes)
+    trained_unet = torch.compile(unet) if train.torch_compile else unet
+    if method.train_text_encoder:
+        trained_unet, text_encoder_t, optimizer, lr_scheduler = accelerator.prepare(
+            trained_unet, text_encoder, optimizer, lr_scheduler
+        )
+    else:
+        trained_unet, optimizer, lr_scheduler = accelerator.prepare(trained_unet, optimizer, lr_scheduler)
+        text_encoder_t = text_encoder
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+
+    # 5) Checkpoints hold the LoRA tensors, optimizer, scheduler and where the loop stands; resume restores them.
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    register_trainable_state_hooks(accelerator, [unet, text_encoder] if method.train_text_encoder else [unet])
+    resume_from = resolve_resume(out_dir, train.resume)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
+    elif train.resume:
+        accelerator.print(
+            f"train.resume={train.resume}: no checkpoint in {out_dir / 'checkpoints'} yet, starting fresh"
+        )
+
+    validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
+    ctx = {
+        "recipe": recipe,
+        "accelerator": accelerator,
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "unet_config": unet_config,
+        "te_config": te_config,
+        "validator": validator,
+        "kohya_metadata": lambda step: kohya_metadata(recipe, scan, base, step, started_at),
+        "checker": export.ExportChecker(
+            lambda: load_pipeline(recipe.base, torch_dtype=dtype), device, check_settings(recipe), accelerator.autocast
+        ),
+    }
+    if accelerator.is_main_process:
+        accelerator.init_trackers("sdtune-lora", config=tracker_config(recipe))
+
+    # 6) The loop. A step = gradient_accumulation_steps micro-batches; each draws noise from its own seed.
+    progress = tqdm(
+        total=train.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_main_process
+    )
+    stopped_early = False
+    with StopRequest() as stop:
+        while state.step < train.max_train_steps and not stopped_early:
+            epoch_batches = batches.epoch_batches(state.epoch)
+            for batch_index in range(state.batches_done_in_epoch, len(epoch_batches)):
+                batch = batches.build(epoch_batches[batch_index], state.epoch, batch_index)
+                # LoRA dropout draws from the global RNG: seed it per micro-batch too.
+                torch.manual_seed(step_seed(train.seed, state.epoch, batch_index, accelerator.process_index, 2))
+                with accelerator.accumulate(trained_unet), accelerator.autocast():
+                    if text_cache is not None:
+                        states = text_cache(batch.captions)
+                    else:
+                        states = encode_text(tokenizer, text_encoder_t, batch.captions, device)
+                    loss = denoising_step_loss(
+                        trained_unet,
+                        noise_scheduler,
+                        batch.latents.to(device, dtype),
+                        states.to(dtype),
+                        noise_offset=train.noise_offset,
+                        snr_gamma=train.snr_gamma,
+                        generator=batch.generator,
+                    )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_done_in_epoch = batch_index + 1
+                if not accelerator.sync_gradients:
+                    continue
+
+                # One optimizer step done: log, checkpoint, validate, honour Ctrl-C.
+                state.step += 1
+                step_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                state.last_loss = step_loss if math.isnan(state.last_loss) else 0.9 * state.last_loss + 0.1 * step_loss
+                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+                accelerator.log(logs, step=state.step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                done = state.step >= train.max_train_steps
+                if not done and (state.step % train.checkpointing_steps == 0 or stop.requested):
+                    path = save_checkpoint(accelerator, out_dir, state.step, train.checkpoints_total_limit)
+                    if accelerator.is_main_process:
+                        export_adapter(path, ctx, state.step)
+                if (
+                    validator.enabled
+                    and recipe.validation.validation_steps
+                    and not done
+                    and state.step % recipe.validation.validation_steps == 0
+                    and accelerator.is_main_process
+                ):
+                    validator.grid(state.step, out_dir / "samples" / f"step-{state.step:06d}.png")
+                if stop.requested and not done:
+                    accelerator.print(f"stopped at step {state.step}; resume with: train.resume=latest")
+                    stopped_early = True
+                if done or stopped_early:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_done_in_epoch = 0
+    progress.close()
+    if stopped_early:
+        accelerator.end_training()
+        return 130
+
+    # 7) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files, report = export_adapter(out_dir, ctx, state.step)
+        samples = {}
+        if validator.enabled:
+            validator.grid(state.step, out_dir / "ab_grid.png")
+            samples["ab_grid"] = "ab_grid.png"
+        scores = validator.toy_scores()
+        if scores:
+            accelerator.print(f"toy scores: base {scores['base']}  adapter {scores['adapter']}")
+        info = export.manifest(
+            name=recipe.output.name,
+            method="lora",
+            base={
+                "name_or_path": recipe.base.pretrained_model_name_or_path,
+                "kind": base.kind,
+                "hash": base_hash(recipe.base),
+            },
+            recipe=recipe,
+            scan=scan,
+            trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
+            steps=state.step,
+            final_loss=state.last_loss,
+            files=files,
+            samples=samples,
+            scores=scores,
+            export_check=report,
+            started_at=started_at,
+        )
+        export.write_json_atomic(out_dir / "adapter.json", info)
+        accelerator.print(
+            f"done: {out_dir / 'pytorch_lora_weights.safetensors'}, "
+            f"{out_dir / (recipe.output.name + '.safetensors')}, {out_dir / 'adapter.json'}"
+        )
+    accelerator.end_training()
+    return 0
+
+
+def check_settings(recipe: Recipe) -> sampling.SampleSettings:
+    """The one image the export check renders per format: the first validation prompt, seed 0."""
+    v = recipe.validation
+    prompt = v.prompts[0] if v.prompts else (recipe.data.trigger_word or "a photo")
+    return sampling.SampleSettings(
+        prompt=prompt,
+        seed=0,
+        negative_prompt=v.negative_prompt,
+        steps=v.num_inference_steps,
+        guidance=v.guidance_scale,
+        scheduler=v.scheduler,
+    )
+
+
+def tracker_config(recipe: Recipe) -> dict:
+    """TensorBoard hparams want flat scalars."""
+    flat = {}
+    for section, values in recipe.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, (int, float, str, bool)):
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+def kohya_metadata(recipe: Recipe, scan, base, step: int, started_at: float) -> dict[str, str]:
+    from sdtune.adapters.kohya import kohya_metadata as build
+
+    method, train = recipe.method, recipe.train
+    res = recipe.data.resolution
+    return build(
+        base_model_name=Path(base.location).name if base.kind == "single_file" else base.location,
+        base_model_hash=base_hash(recipe.base) if base.kind == "single_file" else None,
+        trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
+        resolution=(res, res),
+        steps=step,
+        max_train_steps=train.max_train_steps,
+        epochs=max(
+            1,
+            math.ceil(
+                step
+                * train.train_batch_size
+                * train.gradient_accumulation_steps
+                / max(sum(r.repeats for r in scan.records), 1)
+            ),
+        ),
+        rank=method.rank,
+        alpha=method.alpha,
+        learning_rate=train.learning_rate,
+        text_encoder_lr=(method.text_encoder_lr or train.learning_rate) if method.train_text_encoder else None,
+        unet_lr=train.learning_rate,
+        seed=train.seed,
+        mixed_precision=train.mixed_precision,
+        optimizer=train.optimizer,
+        lr_scheduler=train.lr_scheduler,
+        batch_size=train.train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        num_train_images=len(scan.records),
+        dataset_dirs=scan.dataset_dirs(),
+        tag_frequency=scan.tag_frequency(),
+        title=recipe.output.name,
+        output_name=recipe.output.name,
+        network_dropout=method.lora_dropout,
+        prediction_type=recipe_prediction_type(recipe),
+        training_started_at=started_at,
+        training_finished_at=time.time(),
+    )
+
+
+def recipe_prediction_type(recipe: Recipe) -> str:
+    import json
+
+    from sdtune.trainers.core.estimate import base_config_folder
+
+    try:
+        config = json.loads((base_config_folder(recipe) / "scheduler" / "scheduler_config.json").read_text())
+        return config.get("prediction_type", "epsilon")
+    except OSError:
+        return "epsilon"
+
+
+def cli(argv=None) -> int:
+    """Entry point with one-line errors for bad input (no traceback for what the user can fix)."""
+    try:
+        return main(argv)
+    except (RecipeError, DataError, BaseLoadError, FileNotFoundError, export.ExportCheckError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
