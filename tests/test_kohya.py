@@ -43,19 +43,8 @@ from sdtune.adapters.kohya import (
     sshs_hashes,
 )
 from sdtune.trainers.core.lora_layers import TEXT_ENCODER_TARGETS, UNET_PRESETS
+from sdtune.trainers.pretrain_toy import TOY_UNET
 
-TOY_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(64, 128),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
 SD15_UNET = dict(
     sample_size=64,
     in_channels=4,

@@ -28,6 +28,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.adapters import single_file as sf
+from sdtune.trainers.pretrain_toy import TOY_UNET, TOY_VAE
 
 SD15_CONFIG = Path(sf.__file__).resolve().parent.parent / "trainers" / "sd15_config"
 U, V, T = sf.UNET_PREFIX, sf.VAE_PREFIX, sf.TEXT_PREFIX
@@ -85,30 +86,8 @@ def toy_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy")
     tokenizer = tiny_tokenizer(root / "tokenizer-src")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        sample_size=64,
-        layers_per_block=1,
-        norm_num_groups=32,
-        block_out_channels=(32, 64, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.83,
-    )
+    unet = UNet2DConditionModel(**TOY_UNET)
+    vae = AutoencoderKL(**TOY_VAE, scaling_factor=0.83)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),

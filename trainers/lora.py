@@ -28,30 +28,24 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from sdtune.trainers.core import export, quiet_libraries, sampling
-from sdtune.trainers.core.base import BaseLoadError, base_hash, load_pipeline, resolve_base
+from sdtune.trainers.core.base import BaseLoadError, base_hash, load_pipeline, recommended_guidance, resolve_base
 from sdtune.trainers.core.batches import BatchBuilder, prepare_latents
 from sdtune.trainers.core.cache import TextEmbeddingCache, encode_text
-from sdtune.trainers.core.checkpointing import (
-    StopRequest,
-    TrainState,
-    register_trainable_state_hooks,
-    resolve_resume,
-    save_checkpoint,
-)
+from sdtune.trainers.core.checkpointing import TrainState, register_trainable_state_hooks, resolve_resume
 from sdtune.trainers.core.data import DataError, scan_dataset
 from sdtune.trainers.core.diffusion import denoising_step_loss
 from sdtune.trainers.core.estimate import preflight
+from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.lora_layers import add_lora
 from sdtune.trainers.core.recipe import Recipe, RecipeError, load_recipe
 from sdtune.trainers.core.runtime import (
+    SAVE_DTYPES,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
     scaled_lr,
-    step_seed,
     weight_dtype,
 )
 from sdtune.trainers.core.validation import Validator
@@ -76,8 +70,8 @@ def param_groups(unet, text_encoder, recipe: Recipe, lr: float) -> list[dict]:
 def export_adapter(out_dir: Path, ctx: dict, step: int) -> tuple[dict, export.ExportCheck | None]:
     """Writes both LoRA formats into `out_dir` and, if asked, runs the export check on them."""
     recipe, accelerator = ctx["recipe"], ctx["accelerator"]
-    metadata = ctx["kohya_metadata"](step)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.output.save_precision]
+    metadata = kohya_metadata(recipe, ctx["scan"], ctx["base"], step, ctx["started_at"])
+    dtype = SAVE_DTYPES[recipe.output.save_precision]
     files = export.save_lora_files(
         out_dir,
         recipe.output.name,
@@ -87,6 +81,7 @@ def export_adapter(out_dir: Path, ctx: dict, step: int) -> tuple[dict, export.Ex
         ctx["te_config"],
         dtype,
         metadata,
+        write_kohya=recipe.output.export_kohya,
     )
     if not recipe.output.export_check:
         return files, None
@@ -110,6 +105,8 @@ def main(argv=None) -> int:
             f"{args.recipe}: method.type is {recipe.method.type!r}; run trainers/{recipe.method.type}.py"
         )
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
+    base = resolve_base(recipe.base)
+    resume_from = resolve_resume(out_dir, train.resume)
     scan = scan_dataset(recipe.data)
     accelerator = make_accelerator(recipe)
     device = accelerator.device
@@ -117,7 +114,6 @@ def main(argv=None) -> int:
 
     # 2) The frozen base. Under mixed precision its weights sit in fp16/bf16; only the LoRA will be fp32.
     dtype = weight_dtype(accelerator)
-    base = resolve_base(recipe.base)
     pipe = load_pipeline(recipe.base, torch_dtype=dtype).to(device)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for model in (unet, vae, text_encoder):
@@ -160,13 +156,13 @@ def main(argv=None) -> int:
     else:
         trained_unet, optimizer, lr_scheduler = accelerator.prepare(trained_unet, optimizer, lr_scheduler)
         text_encoder_t = text_encoder
+    trained_models = [trained_unet, text_encoder_t] if method.train_text_encoder else [trained_unet]
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
     # 5) Checkpoints hold the LoRA tensors, optimizer, scheduler and where the loop stands; resume restores them.
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     register_trainable_state_hooks(accelerator, [unet, text_encoder] if method.train_text_encoder else [unet])
-    resume_from = resolve_resume(out_dir, train.resume)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
@@ -184,7 +180,9 @@ def main(argv=None) -> int:
         "unet_config": unet_config,
         "te_config": te_config,
         "validator": validator,
-        "kohya_metadata": lambda step: kohya_metadata(recipe, scan, base, step, started_at),
+        "scan": scan,
+        "base": base,
+        "started_at": started_at,
         "checker": export.ExportChecker(
             lambda: load_pipeline(recipe.base, torch_dtype=dtype), device, check_settings(recipe), accelerator.autocast
         ),
@@ -192,113 +190,85 @@ def main(argv=None) -> int:
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune-lora", config=tracker_config(recipe))
 
-    # 6) The loop. A step = gradient_accumulation_steps micro-batches; each draws noise from its own seed.
-    progress = tqdm(
-        total=train.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_main_process
+    # 6) The loop. A step = gradient_accumulation_steps micro-batches; each draws its noise from its own seed.
+    loop = RunLoop(
+        accelerator,
+        train,
+        state,
+        batches,
+        out_dir,
+        on_checkpoint=lambda path, step: export_adapter(path, ctx, step),
+        on_validation=lambda step: validator.grid(step, out_dir / "samples" / f"step-{step:06d}.png"),
+        validation_steps=recipe.validation.validation_steps,
     )
-    stopped_early = False
-    with StopRequest() as stop:
-        while state.step < train.max_train_steps and not stopped_early:
-            epoch_batches = batches.epoch_batches(state.epoch)
-            for batch_index in range(state.batches_done_in_epoch, len(epoch_batches)):
-                batch = batches.build(epoch_batches[batch_index], state.epoch, batch_index)
-                # LoRA dropout draws from the global RNG: seed it per micro-batch too.
-                torch.manual_seed(step_seed(train.seed, state.epoch, batch_index, accelerator.process_index, 2))
-                with accelerator.accumulate(trained_unet), accelerator.autocast():
-                    if text_cache is not None:
-                        states = text_cache(batch.captions)
-                    else:
-                        states = encode_text(tokenizer, text_encoder_t, batch.captions, device)
-                    loss = denoising_step_loss(
-                        trained_unet,
-                        noise_scheduler,
-                        batch.latents.to(device, dtype),
-                        states.to(dtype),
-                        noise_offset=train.noise_offset,
-                        snr_gamma=train.snr_gamma,
-                        generator=batch.generator,
-                    )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.batches_done_in_epoch = batch_index + 1
-                if not accelerator.sync_gradients:
-                    continue
-
-                # One optimizer step done: log, checkpoint, validate, honour Ctrl-C.
-                state.step += 1
-                step_loss = accelerator.gather(loss.detach()[None]).mean().item()
-                state.last_loss = step_loss if math.isnan(state.last_loss) else 0.9 * state.last_loss + 0.1 * step_loss
-                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-                accelerator.log(logs, step=state.step)
-                progress.update(1)
-                progress.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
-                done = state.step >= train.max_train_steps
-                if not done and (state.step % train.checkpointing_steps == 0 or stop.requested):
-                    path = save_checkpoint(accelerator, out_dir, state.step, train.checkpoints_total_limit)
-                    if accelerator.is_main_process:
-                        export_adapter(path, ctx, state.step)
-                if (
-                    validator.enabled
-                    and recipe.validation.validation_steps
-                    and not done
-                    and state.step % recipe.validation.validation_steps == 0
-                    and accelerator.is_main_process
-                ):
-                    validator.grid(state.step, out_dir / "samples" / f"step-{state.step:06d}.png")
-                if stop.requested and not done:
-                    accelerator.print(f"stopped at step {state.step}; resume with: train.resume=latest")
-                    stopped_early = True
-                if done or stopped_early:
-                    break
+    for batch in loop.micro_batches():
+        with accelerator.accumulate(*trained_models), accelerator.autocast():
+            if text_cache is not None:
+                states = text_cache(batch.captions)
             else:
-                state.epoch += 1
-                state.batches_done_in_epoch = 0
-    progress.close()
-    if stopped_early:
+                states = encode_text(tokenizer, text_encoder_t, batch.captions, device)
+            # noise the latents at random timesteps, predict the noise (or v), MSE with optional min-SNR weights
+            loss = denoising_step_loss(
+                trained_unet,
+                noise_scheduler,
+                batch.latents.to(device, dtype),
+                states.to(dtype),
+                noise_offset=train.noise_offset,
+                snr_gamma=train.snr_gamma,
+                generator=batch.generator,
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        loop.after_micro_batch(loss, lr_scheduler.get_last_lr()[0])
+    if loop.stopped_early:
         accelerator.end_training()
         return 130
 
     # 7) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files, report = export_adapter(out_dir, ctx, state.step)
-        samples = {}
-        if validator.enabled:
-            validator.grid(state.step, out_dir / "ab_grid.png")
-            samples["ab_grid"] = "ab_grid.png"
-        scores = validator.toy_scores()
-        if scores:
-            accelerator.print(f"toy scores: base {scores['base']}  adapter {scores['adapter']}")
-        info = export.manifest(
-            name=recipe.output.name,
-            method="lora",
-            base={
-                "name_or_path": recipe.base.pretrained_model_name_or_path,
-                "kind": base.kind,
-                "hash": base_hash(recipe.base),
-            },
-            recipe=recipe,
-            scan=scan,
-            trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
-            steps=state.step,
-            final_loss=state.last_loss,
-            files=files,
-            samples=samples,
-            scores=scores,
-            export_check=report,
-            started_at=started_at,
-        )
-        export.write_json_atomic(out_dir / "adapter.json", info)
-        accelerator.print(
-            f"done: {out_dir / 'pytorch_lora_weights.safetensors'}, "
-            f"{out_dir / (recipe.output.name + '.safetensors')}, {out_dir / 'adapter.json'}"
-        )
+        write_final_outputs(ctx, state, loop.speed_and_memory())
     accelerator.end_training()
     return 0
+
+
+def write_final_outputs(ctx: dict, state, speed: dict):
+    recipe, accelerator, validator = ctx["recipe"], ctx["accelerator"], ctx["validator"]
+    out_dir = Path(recipe.output.dir)
+    files, report = export_adapter(out_dir, ctx, state.step)
+    samples = {}
+    if validator.enabled:
+        validator.grid(state.step, out_dir / "ab_grid.png")
+        samples["ab_grid"] = "ab_grid.png"
+    scores = validator.toy_scores()
+    if scores:
+        accelerator.print(f"toy scores: base {scores['base']}  adapter {scores['adapter']}")
+    info = export.manifest(
+        name=recipe.output.name,
+        method="lora",
+        base={
+            "name_or_path": recipe.base.pretrained_model_name_or_path,
+            "kind": ctx["base"].kind,
+            "hash": base_hash(recipe.base),
+        },
+        recipe=recipe,
+        scan=ctx["scan"],
+        trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
+        steps=state.step,
+        final_loss=state.last_loss,
+        files=files,
+        samples=samples,
+        scores=scores,
+        export_check=report,
+        started_at=ctx["started_at"],
+    )
+    info["training"].update(speed)
+    export.write_json_atomic(out_dir / "adapter.json", info)
+    accelerator.print(f"done: {', '.join(str(out_dir / p) for p in [*info['files'].values(), 'adapter.json'])}")
 
 
 def check_settings(recipe: Recipe) -> sampling.SampleSettings:
@@ -310,7 +280,7 @@ def check_settings(recipe: Recipe) -> sampling.SampleSettings:
         seed=0,
         negative_prompt=v.negative_prompt,
         steps=v.num_inference_steps,
-        guidance=v.guidance_scale,
+        guidance=v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base),
         scheduler=v.scheduler,
     )
 

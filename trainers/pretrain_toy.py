@@ -9,10 +9,13 @@ What it builds, in order (each stage is cached under --work, so a rerun resumes 
                      "a photo of sks dog" -> [49406, 320, 1125, 539, 48136, 1929, 49407] as in SD v1-5.
     2. text_encoder/ a 2-layer CLIPTextModel, hidden size 64. It stays at its seeded random init: the toy world
                      needs no language model, only distinct features per word, and random CLIP layers give that.
-    3. vae/          AutoencoderKL, 8x downsampling to 4 latent channels, trained for reconstruction; its
-                     `scaling_factor` is 1 / std of the training latents, as SD's 0.18215 was.
+    3. vae/          AutoencoderKL, 8x downsampling to 4 latent channels, trained for reconstruction on the
+                     WHOLE toy world (every colour and shape, plus random-hue fills), like SD's general-purpose
+                     VAE: a fine-tune can then draw held-out concepts (purple, stars) that the UNet never saw. Its
+                     `scaling_factor` is 1 / std of the UNet's training latents, as SD's 0.18215 was.
     4. unet/         UNet2DConditionModel with cross-attention, trained with the same diffusion loss as the
-                     sdtune trainers on cached latents and text states, 10% caption dropout for guidance.
+                     sdtune trainers on cached latents and text states, 10% caption dropout for guidance, on the
+                     base vocabulary only (red/green/blue/yellow circles, squares, triangles).
     5. scheduler/, model_index.json, feature_extractor/ as in SD v1-5; then the bar check (12 prompts x 4 seeds).
 
 The weights are saved in fp16 (the folder must stay small enough to commit); sdtune loads them in fp32 on CPU.
@@ -21,6 +24,8 @@ The weights are saved in fp16 (the folder must stay small enough to commit); sdt
 from __future__ import annotations
 
 import argparse
+import colorsys
+import dataclasses
 import gzip
 import json
 import math
@@ -33,12 +38,51 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.trainers.core import toyworld
 from sdtune.trainers.core.diffusion import denoising_step_loss
 
 DEFAULT_BPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
+
+# The toy architectures: the SD v1-5 model families, scaled down for 64 px images and a CPU.
+TOY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(64, 128),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TOY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    sample_size=64,
+    layers_per_block=1,
+    norm_num_groups=32,
+    block_out_channels=(32, 64, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
+TOY_TEXT_ENCODER = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=64,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
 
 # The SD v1-5 noise schedule, scheduler and pipeline settings, so that the toy base behaves like the real one.
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -53,7 +97,7 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=12000, help="Toy-world images to train on.")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--unet-steps", type=int, default=5000)
+    parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,23 +149,24 @@ def build_clip_tokenizer(bpe_path: Path, out_dir: Path) -> CLIPTokenizer:
 
 def build_text_encoder(seed: int) -> CLIPTextModel:
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        projection_dim=64,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-    )
+    config = CLIPTextConfig(**TOY_TEXT_ENCODER)
     return CLIPTextModel(config).eval()
 
 
 # 3) VAE ---------------------------------------------------------------------------------------------------------
+
+
+def vae_images(n: int, seed: int) -> list:
+    """The VAE's data: every colour and shape of the world, half of them with a random saturated fill."""
+    rng = random.Random(seed + 17)
+    images = []
+    for _ in range(n):
+        scene = toyworld.sample_scene(rng, tuple(toyworld.COLORS), toyworld.SHAPES)
+        if rng.random() < 0.5:
+            r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.55, 0.95))
+            scene = dataclasses.replace(scene, fill=(int(r * 255), int(g * 255), int(b * 255)))
+        images.append(toyworld.render(scene))
+    return images
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -132,17 +177,7 @@ def to_tensor(images) -> torch.Tensor:
 
 def train_vae(pixels: torch.Tensor, steps: int, batch: int, seed: int, device: str) -> AutoencoderKL:
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        sample_size=64,
-        layers_per_block=1,
-        norm_num_groups=32,
-        block_out_channels=(32, 64, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    ).to(device)
+    vae = AutoencoderKL(**TOY_VAE).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
@@ -163,6 +198,20 @@ def train_vae(pixels: torch.Tensor, steps: int, batch: int, seed: int, device: s
 
 
 @torch.no_grad()
+def vae_check(vae: AutoencoderKL, seed: int = 99) -> dict[str, float]:
+    """Share of VAE round trips in which the scorer still reads the right colour and shape, per colour."""
+    results = {}
+    for color in toyworld.COLORS:
+        data = toyworld.generate(24, seed=seed, colors=[color], shapes=toyworld.SHAPES)
+        x = to_tensor([image for image, _, _ in data])
+        out = vae.decode(vae.encode(x).latent_dist.mean).sample
+        arr = ((out.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        images = [Image.fromarray(a) for a in arr]
+        results[color] = toyworld.score_images(images, [(s.color, s.shape) for _, _, s in data]).both
+    return results
+
+
+@torch.no_grad()
 def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, device: str) -> torch.Tensor:
     vae.to(device)
     chunks = [vae.encode(pixels[i : i + 256].to(device)).latent_dist.mean.cpu() for i in range(0, len(pixels), 256)]
@@ -175,18 +224,7 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, device: str) -> tor
 
 def build_unet(seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    return UNet2DConditionModel(**TOY_UNET)
 
 
 @torch.no_grad()
@@ -274,7 +312,7 @@ def bar_check(out: Path) -> dict[float, dict]:
     return results
 
 
-def write_model_card(out: Path, args, results: dict[float, dict]):
+def write_model_card(out: Path, args, results: dict[float, dict], best: float, reconstruction: dict[str, float]):
     rows = "\n".join(f"| {g} | {r['color']:.0%} | {r['shape']:.0%} | {r['both']:.0%} |" for g, r in results.items())
     (out / "README.md").write_text(f"""# sdtune toy base
 
@@ -285,6 +323,12 @@ fine-tunes have something new to learn.
 
 Command: `python trainers/pretrain_toy.py --out {out.name} --seed {args.seed} --images {args.images} \
 --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --unet-batch {args.unet_batch} --unet-lr {args.unet_lr}`
+
+Recommended guidance: {best} (in `sdtune.json`; `sdtune sample` and validation use it unless told otherwise).
+At higher guidance this tiny UNet overshoots: colours drift and shapes melt.
+
+VAE round trips the scorer reads correctly (24 images of every shape per colour):
+{", ".join(f"{c} {v:.0%}" for c, v in reconstruction.items())}.
 
 Bar (toy-world scorer; 12 prompts x 4 seeds, 25 steps of the default PNDM scheduler):
 
@@ -309,11 +353,15 @@ def main(argv=None):
     if (work / "vae" / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(work / "vae")
     else:
-        vae = train_vae(pixels, args.vae_steps, args.vae_batch, args.seed, args.device)
+        vae = train_vae(
+            to_tensor(vae_images(args.images, args.seed)), args.vae_steps, args.vae_batch, args.seed, args.device
+        )
         latents = encode_latents(vae, pixels, args.device)
         vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
         vae.save_pretrained(work / "vae")
     latents = encode_latents(vae, pixels, args.device) * vae.config.scaling_factor
+    reconstruction = vae_check(vae)
+    print(f"VAE round trips read correctly (colour and shape): {reconstruction}", flush=True)
 
     captions = sorted({caption for _, caption, _ in data})
     caption_ids = torch.tensor([captions.index(caption) for _, caption, _ in data])
@@ -332,7 +380,11 @@ def main(argv=None):
     unet.half().save_pretrained(out / "unet")
     write_pipeline_files(out)
     print(f"toy base written to {out}")
-    write_model_card(out, args, bar_check(out))
+    results = bar_check(out)
+    # The guidance this base is best sampled at becomes its recommended default (sdtune sample, validation).
+    best = max(results, key=lambda g: (results[g]["both"], -g))
+    (out / "sdtune.json").write_text(json.dumps({"guidance_scale": best}, indent=2) + "\n")
+    write_model_card(out, args, results, best, reconstruction)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,22 @@ def load_pipeline(spec: str | BaseModelConfig, torch_dtype: torch.dtype = torch.
         diffusers_logging.set_verbosity(verbosity)
 
 
+DEFAULT_GUIDANCE = 7.5  # SD v1-5's usual classifier-free guidance
+
+
+def recommended_guidance(spec: str | BaseModelConfig) -> float:
+    """The base's recommended guidance scale: `sdtune.json` in a local base folder says it, else SD's 7.5.
+
+    The toy base ships one (3.0): its tiny UNet overshoots at higher guidance (see trainers/toy_base/README.md),
+    the way many community checkpoints publish the CFG they were tuned for.
+    """
+    source = resolve_base(spec)
+    settings = Path(source.location) / "sdtune.json"
+    if source.kind in ("toy", "folder") and settings.is_file():
+        return float(json.loads(settings.read_text()).get("guidance_scale", DEFAULT_GUIDANCE))
+    return DEFAULT_GUIDANCE
+
+
 def base_hash(spec: str | BaseModelConfig) -> str:
     """A stable sha256 of the base weights, for manifests and kohya `ss_sd_model_hash`.
 

@@ -35,7 +35,12 @@ def _sample_parser(sub):
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", action="append", type=int, default=[], help="Seed; repeatable (default: 0).")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="Classifier-free guidance (default: the base's recommended: 7.5 for SD v1-5, 3 for the toy base).",
+    )
     p.add_argument("--width", type=int, default=None, help="Default: the base's native size.")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--scheduler", default="default", choices=["default", *sampling.SCHEDULERS])
@@ -62,7 +67,8 @@ def _prompts(args) -> list[str]:
 def run_sample(args) -> int:
     import torch
 
-    from sdtune.trainers.core.base import BaseLoadError, load_pipeline, resolve_base
+    from sdtune.trainers.core.base import BaseLoadError, load_pipeline, recommended_guidance, resolve_base
+    from sdtune.trainers.core.runtime import SAVE_DTYPES
 
     prompts, seeds = _prompts(args), args.seed or [0]
     try:
@@ -71,9 +77,10 @@ def run_sample(args) -> int:
         raise SystemExit(f"sdtune sample: {exc}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    dtype = SAVE_DTYPES[dtype_name]
     try:
         source = resolve_base(args.base)
+        guidance = args.guidance if args.guidance is not None else recommended_guidance(args.base)
         pipe = load_pipeline(args.base, torch_dtype=dtype).to(device)
     except BaseLoadError as exc:
         raise SystemExit(f"sdtune sample: {exc}") from None
@@ -85,7 +92,7 @@ def run_sample(args) -> int:
         seeds,
         negative_prompt=args.negative_prompt,
         steps=args.steps,
-        guidance=args.guidance,
+        guidance=guidance,
         width=args.width,
         height=args.height,
         scheduler=args.scheduler,
@@ -98,9 +105,7 @@ def run_sample(args) -> int:
         print(path)
     if args.grid:
         title = (
-            f"{source.name}"
-            + (f" + {extra['Lora']}" if extra else "")
-            + f"  |  {args.steps} steps, CFG {args.guidance:g}"
+            f"{source.name}" + (f" + {extra['Lora']}" if extra else "") + f"  |  {args.steps} steps, CFG {guidance:g}"
         )
         sampling.save_grid(sampling.samples_grid(samples, prompts, seeds, title), args.out / "grid.png")
         print(args.out / "grid.png")

@@ -62,11 +62,13 @@ def kohya_alpha(config) -> float:
     return float(config.lora_alpha)
 
 
-def save_lora_files(out_dir: Path, name: str, unet, text_encoder, unet_config, te_config, dtype, metadata) -> dict:
-    """Writes the PEFT file and (unless DoRA) the kohya file into `out_dir`; returns {format: path}."""
+def save_lora_files(
+    out_dir: Path, name: str, unet, text_encoder, unet_config, te_config, dtype, metadata, write_kohya: bool = True
+) -> dict:
+    """Writes the PEFT file and (if asked, and unless DoRA) the kohya file into `out_dir`; returns {format: path}."""
     unet_sd, te_sd = lora_state_dicts(unet, text_encoder, te_config is not None)
     files = {"peft": save_peft_lora(out_dir, unet_sd, te_sd, unet_config, te_config, dtype)}
-    if unet_config.use_dora:
+    if not write_kohya or unet_config.use_dora:
         return files  # peft's DoRA magnitude has no faithful kohya/A1111 form (see adapters/kohya.py)
     kohya_sd = kohya.peft_to_kohya(
         unet_sd,
@@ -128,7 +130,7 @@ class ExportChecker:
             if "kohya" in files:
                 result.unmatched_a1111, result.unmatched_comfyui = self._unmatched(Path(files["kohya"]))
             else:
-                result.skipped = "DoRA: kohya file not written (no faithful A1111 form); PEFT file checked"
+                result.skipped = "no kohya file (output.export_kohya off, or DoRA, which has no faithful A1111 form)"
         finally:
             self._pipe = pipe.to("cpu")
         for fmt in files:

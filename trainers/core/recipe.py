@@ -239,7 +239,9 @@ class ValidationConfig(_Section):
     negative_prompt: str = Field("", description="Negative prompt for validation images.")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], description="One image per prompt and seed.")
     num_inference_steps: int = Field(25, ge=1, description="Sampling steps.")
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="Classifier-free guidance; default: the base's recommended (7.5 SD v1-5, 3 toy)."
+    )
     scheduler: Literal["default", "ddim", "euler", "euler_a", "dpm++2m", "pndm"] = Field(
         "default", description="Sampler; default = the base's own scheduler."
     )

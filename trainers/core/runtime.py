@@ -12,7 +12,8 @@ from accelerate.utils import ProjectConfiguration
 
 from sdtune.trainers.core.recipe import Recipe, RecipeError, TrainConfig
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # train.mixed_precision -> dtype
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # output.save_precision, --dtype
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:

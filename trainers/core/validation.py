@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from sdtune.trainers.core import sampling, scoring
+from sdtune.trainers.core.base import recommended_guidance
 from sdtune.trainers.core.recipe import Recipe
 
 
@@ -48,6 +49,7 @@ class Validator:
     def __init__(self, recipe: Recipe, pipe, accelerator, output_dir: str | Path, model_name: str):
         v = recipe.validation
         self.recipe, self.pipe, self.accelerator, self.model_name = recipe, pipe, accelerator, model_name
+        self.guidance = v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base)
         self.output_dir = Path(output_dir)
         self.prompts, self.seeds = list(v.prompts), list(v.seeds)
         self.settings = sampling.grid_settings(
@@ -55,7 +57,7 @@ class Validator:
             self.seeds,
             negative_prompt=v.negative_prompt,
             steps=v.num_inference_steps,
-            guidance=v.guidance_scale,
+            guidance=self.guidance,
             scheduler=v.scheduler,
         )
         self._base_samples = None
@@ -100,7 +102,7 @@ class Validator:
         v = self.recipe.validation
         common = dict(
             steps=v.num_inference_steps,
-            guidance=v.guidance_scale,
+            guidance=self.guidance,
             scheduler=v.scheduler,
             negative_prompt=v.negative_prompt,
         )

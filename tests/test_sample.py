@@ -1,0 +1,134 @@
+"""`sdtune sample`: same seed and settings give the same pixels; PNGs carry A1111 `parameters`; every sampler runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtune.trainers.core import cli, sampling
+from sdtune.trainers.core.sampling import AdapterSpec, SampleSettings, generate
+
+
+def _run(tmp_path, name, *extra):
+    out = tmp_path / name
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--prompt",
+                "a red circle",
+                "--prompt",
+                "a green square",
+                "--seed",
+                "0",
+                "--seed",
+                "7",
+                "--steps",
+                "6",
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_same_seed_same_pixels_and_png_parameters(tmp_path):
+    a, b = _run(tmp_path, "a", "--grid"), _run(tmp_path, "b")
+    files = sorted(p.name for p in a.glob("0*.png"))
+    assert files == ["0000-seed0.png", "0001-seed7.png", "0002-seed0.png", "0003-seed7.png"]
+    for name in files:
+        assert np.array_equal(np.asarray(Image.open(a / name)), np.asarray(Image.open(b / name)))
+    assert not np.array_equal(np.asarray(Image.open(a / files[0])), np.asarray(Image.open(a / files[1])))
+    params = Image.open(a / "0001-seed7.png").text["parameters"]
+    lines = params.splitlines()
+    assert lines[0] == "a red circle"
+    assert "Steps: 6" in lines[-1] and "Seed: 7" in lines[-1] and "CFG scale: 3.0" in lines[-1]
+    assert "Size: 64x64" in lines[-1] and "Model: sdtune-toy-base" in lines[-1]
+    grid = Image.open(a / "grid.png")
+    assert grid.width > 2 * 64 and grid.height > 2 * 64
+
+
+def test_negative_prompt_and_prompts_file(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue triangle\n\n  a yellow circle  \n")
+    out = tmp_path / "o"
+    assert (
+        cli.main(
+            ["sample", "--prompts-file", str(prompts), "--negative-prompt", "red", "--steps", "4", "--out", str(out)]
+        )
+        == 0
+    )
+    texts = [Image.open(p).text["parameters"] for p in sorted(out.glob("*.png"))]
+    assert [t.splitlines()[0] for t in texts] == ["a blue triangle", "a yellow circle"]
+    assert all(t.splitlines()[1] == "Negative prompt: red" for t in texts)
+
+
+@pytest.mark.parametrize("scheduler", list(sampling.SCHEDULERS))
+def test_every_scheduler_runs_and_is_deterministic(toy_pipe, scheduler):
+    settings = [SampleSettings(prompt="a red circle", seed=3, steps=6, scheduler=scheduler)]
+    first, second = generate(toy_pipe, settings)[0], generate(toy_pipe, settings)[0]
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
+    assert f"Sampler: {sampling.SCHEDULERS[scheduler][2]}" in first.parameters
+    assert type(toy_pipe.scheduler).__name__ == "PNDMScheduler"  # restored after sampling
+
+
+def test_results_do_not_depend_on_batch_neighbours(toy_pipe):
+    alone = generate(toy_pipe, [SampleSettings("a blue square", seed=1, steps=5)])[0]
+    mixed = generate(
+        toy_pipe, [SampleSettings("a red circle", seed=0, steps=5), SampleSettings("a blue square", seed=1, steps=5)]
+    )[1]
+    assert np.array_equal(np.asarray(alone.image), np.asarray(mixed.image))
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sample", "--steps", "2"], "give at least one --prompt or a --prompts-file"),
+        (
+            ["sample", "--prompt", "x", "--adapter", "missing.safetensors:0.5"],
+            "--adapter: missing.safetensors not found",
+        ),
+        (["sample", "--prompt", "x", "--prompts-file", "nope.txt"], "--prompts-file nope.txt not found"),
+        (["sample", "--prompt", "x", "--base", "nope/x/y"], "base: nope/x/y not found"),
+    ],
+)
+def test_bad_sample_arguments(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        cli.main(argv)
+    assert message in str(err.value)
+
+
+def test_adapter_spec_parsing(tmp_path):
+    lora = tmp_path / "l.safetensors"
+    lora.write_bytes(b"")
+    assert AdapterSpec.parse(f"{lora}:0.6").weight == 0.6
+    assert AdapterSpec.parse(str(lora)).weight == 1.0
+
+
+def test_grid_labels_layout():
+    images = [[Image.new("RGB", (64, 64), c) for c in ("red", "blue")]]
+    grid = sampling.make_grid(images, ["a prompt"], ["seed 0", "seed 1"], title="t")
+    assert grid.size == (200 + 2 * 160, 60 + 160)
+    assert grid.getpixel((200 + 80, 60 + 80)) == (255, 0, 0)  # cell 0 holds the first image, scaled up
+
+
+def test_doctor_lists_machine_and_recipes(capsys):
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for word in ("torch", "CUDA", "bitsandbytes", "SDPA", "free disk", "sd15-lora-low-vram.yaml", "quickstart.yaml"):
+        assert word in out
+
+
+def test_convert_round_trip_through_cli(tmp_path, toy_base):
+    single = tmp_path / "toy.safetensors"
+    assert cli.main(["convert", str(toy_base), str(single), "--half"]) == 0
+    back = tmp_path / "back"
+    assert cli.main(["convert", str(single), str(back)]) == 0
+    assert (back / "model_index.json").is_file() and (back / "unet").is_dir()
+    with pytest.raises(SystemExit, match="exists"):
+        cli.main(["convert", str(toy_base), str(single)])

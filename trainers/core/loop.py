@@ -1,0 +1,122 @@
+"""The bookkeeping around every trainer's loop: where it stands, when to log, checkpoint, validate and stop.
+
+A trainer writes only what is specific to its method:
+
+    loop = RunLoop(accelerator, recipe.train, state, batches, on_checkpoint=..., on_validation=...)
+    for batch in loop.micro_batches():          # resumes mid-epoch, stops at max_train_steps or on Ctrl-C
+        with accelerator.accumulate(model), accelerator.autocast():
+            loss = ...                            # the method's loss
+            accelerator.backward(loss)
+            ...                                   # clip, step, zero_grad
+        loop.after_micro_batch(loss)              # counts the step, logs, checkpoints, validates, honours Ctrl-C
+    if loop.stopped_early:
+        return 130
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sdtune.trainers.core.batches import Batch, BatchBuilder
+from sdtune.trainers.core.checkpointing import StopRequest, TrainState, save_checkpoint
+from sdtune.trainers.core.recipe import TrainConfig
+from sdtune.trainers.core.runtime import step_seed
+
+
+class RunLoop:
+    """Walks epochs and micro-batches from `state` (fresh or resumed) and does the per-step chores."""
+
+    def __init__(
+        self,
+        accelerator,
+        train: TrainConfig,
+        state: TrainState,
+        batches: BatchBuilder,
+        out_dir: str | Path,
+        on_checkpoint: Callable[[Path, int], None] | None = None,
+        on_validation: Callable[[int], None] | None = None,
+        validation_steps: int = 0,
+    ):
+        self.accelerator, self.train, self.state, self.batches = accelerator, train, state, batches
+        self.out_dir, self.on_checkpoint, self.on_validation = Path(out_dir), on_checkpoint, on_validation
+        self.validation_steps = validation_steps
+        self.stopped_early, self.step_times, self._stop = False, [], None
+        self._index = 0
+        self.progress = tqdm(
+            total=train.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_main_process
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.train.max_train_steps or self.stopped_early
+
+    def micro_batches(self) -> Iterator[Batch]:
+        """Yields this process's micro-batches, each with its own seeded generator, until the run is done."""
+        with StopRequest() as self._stop:
+            while not self.done:
+                epoch_batches = self.batches.epoch_batches(self.state.epoch)
+                for index in range(self.state.batches_done_in_epoch, len(epoch_batches)):
+                    # Anything that draws from the global RNG (LoRA dropout) is seeded per micro-batch too.
+                    torch.manual_seed(
+                        step_seed(self.train.seed, self.state.epoch, index, self.accelerator.process_index, 2)
+                    )
+                    self._index = index
+                    yield self.batches.build(epoch_batches[index], self.state.epoch, index)
+                    if self.done:
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batches_done_in_epoch = 0
+        self.progress.close()
+
+    def after_micro_batch(self, loss: torch.Tensor, lr: float | None = None):
+        """Call after each micro-batch; acts once per optimizer step (when Accelerate synced the gradients)."""
+        self.state.batches_done_in_epoch = self._index + 1  # before any checkpoint: resume starts after it
+        if not self.accelerator.sync_gradients:
+            return
+        state = self.state
+        state.step += 1
+        self.step_times.append(time.perf_counter())
+        step_loss = self.accelerator.gather(loss.detach()[None]).mean().item()
+        state.last_loss = step_loss if math.isnan(state.last_loss) else 0.9 * state.last_loss + 0.1 * step_loss
+        logs = {"loss": step_loss, **({"lr": lr} if lr is not None else {})}
+        self.accelerator.log(logs, step=state.step)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{state.last_loss:.4f}", **({"lr": f"{lr:.2e}"} if lr else {}))
+        finished = state.step >= self.train.max_train_steps
+        stop = self._stop is not None and self._stop.requested
+        if not finished and (state.step % self.train.checkpointing_steps == 0 or stop):
+            path = save_checkpoint(self.accelerator, self.out_dir, state.step, self.train.checkpoints_total_limit)
+            if self.on_checkpoint is not None and self.accelerator.is_main_process:
+                self.on_checkpoint(path, state.step)
+        if (
+            self.on_validation is not None
+            and self.validation_steps
+            and not finished
+            and state.step % self.validation_steps == 0
+            and self.accelerator.is_main_process
+        ):
+            self.on_validation(state.step)
+        if stop and not finished:
+            self.accelerator.print(f"stopped at step {state.step}; resume with: train.resume=latest")
+            self.stopped_early = True
+
+    def speed_and_memory(self) -> dict:
+        """Median seconds per optimizer step (the first 3 are warm-up) and the run's peak memory."""
+        import resource
+
+        intervals = [b - a for a, b in zip(self.step_times, self.step_times[1:])][3:]
+        cuda = self.accelerator.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {
+            "seconds_per_step": round(statistics.median(intervals), 4) if intervals else None,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": "cuda_allocated" if cuda else "rss",
+        }
