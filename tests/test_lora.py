@@ -305,7 +305,7 @@ FEATURES = {
         ],
         [
             "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.lora_A.weight",
-            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+            "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight",  # transformers 5 names: no text_model.
         ],
         [
             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",

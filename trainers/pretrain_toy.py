@@ -12,7 +12,8 @@ What it builds, in order (each stage is cached under --work, so a rerun resumes 
     3. vae/          AutoencoderKL, 8x downsampling to 4 latent channels, trained for reconstruction on the
                      WHOLE toy world (every colour and shape, plus random-hue fills), like SD's general-purpose
                      VAE: a fine-tune can then draw held-out concepts (purple, stars) that the UNet never saw. Its
-                     `scaling_factor` is 1 / std of the UNet's training latents, as SD's 0.18215 was.
+                     `scaling_factor` is 1 / std of the UNet's training latents, as SD's 0.18215 was. Then its
+                     decoder alone is polished on the frozen encoder's latents (truer colours, crisper edges).
     4. unet/         UNet2DConditionModel with cross-attention, trained with the same diffusion loss as the
                      sdtune trainers on cached latents and text states, 10% caption dropout for guidance, on the
                      base vocabulary only (red/green/blue/yellow circles, squares, triangles).
@@ -97,6 +98,7 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=12000, help="Toy-world images to train on.")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--decoder-steps", type=int, default=500, help="Decoder polish with the encoder frozen.")
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -175,25 +177,52 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def train_vae(pixels: torch.Tensor, steps: int, batch: int, seed: int, device: str) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**TOY_VAE).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    gen = torch.Generator().manual_seed(seed)
+def fit(module: torch.nn.Module, steps: int, lr: float, label: str, batch_loss) -> None:
+    """AdamW with a one-cycle schedule over `module`'s parameters; `batch_loss()` draws a batch, returns its loss."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     start = time.time()
     for step in range(steps):
-        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)].to(device)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        # L1 keeps edges crisp (the scorer measures geometry); the tiny KL term keeps the latent well-scaled.
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"vae step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)
+            print(f"{label} step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)
+
+
+def train_vae(pixels: torch.Tensor, steps: int, batch: int, seed: int, device: str) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TOY_VAE).to(device)
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch_loss():
+        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)].to(device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # L1 keeps edges crisp (the scorer measures geometry); the tiny KL term keeps the latent well-scaled.
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    fit(vae, steps, 1e-3, "vae", batch_loss)
+    return vae.eval().cpu()
+
+
+def polish_decoder(vae: AutoencoderKL, latents: torch.Tensor, pixels: torch.Tensor, steps: int, seed: int, device):
+    """Fine-tunes the decoder alone on (latent, image) pairs of the frozen encoder: crisper, truer colours.
+
+    The UNet's training latents come from the encoder, which does not change here, so this stage is independent
+    of the UNet's. Latents get a little noise, as the UNet's samples are never exactly on the data."""
+    decoder = torch.nn.ModuleList([vae.post_quant_conv, vae.decoder]).to(device).train()
+    gen, noise_scale = torch.Generator().manual_seed(seed + 3), 0.1 * latents.std().item()
+
+    def batch_loss():
+        idx = torch.randint(0, len(latents), (32,), generator=gen)
+        z = latents[idx] + noise_scale * torch.randn(latents[idx].shape, generator=gen)
+        recon, x = vae.decode(z.to(device)).sample, pixels[idx].to(device)
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+
+    fit(decoder, steps, 5e-4, "decoder", batch_loss)
     return vae.eval().cpu()
 
 
@@ -321,8 +350,8 @@ toy world (`sdtune.trainers.core.toyworld`): one flat red, green, blue or yellow
 light background, 64 x 64 px, captioned "a {{color}} {{shape}}". Purple, orange, cyan and stars are held out, so
 fine-tunes have something new to learn.
 
-Command: `python trainers/pretrain_toy.py --out {out.name} --seed {args.seed} --images {args.images} \
---vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --unet-batch {args.unet_batch} --unet-lr {args.unet_lr}`
+Command: `python trainers/pretrain_toy.py --out {out} --seed {args.seed} --images {args.images} \
+--vae-steps {args.vae_steps} --decoder-steps {args.decoder_steps} --unet-steps {args.unet_steps} --unet-batch {args.unet_batch} --unet-lr {args.unet_lr}`
 
 Recommended guidance: {best} (in `sdtune.json`; `sdtune sample` and validation use it unless told otherwise).
 At higher guidance this tiny UNet overshoots: colours drift and shapes melt.
@@ -350,16 +379,24 @@ def main(argv=None):
     data = toyworld.generate(args.images, seed=args.seed)
     pixels = to_tensor([image for image, _, _ in data])
 
+    world_pixels = to_tensor(vae_images(args.images, args.seed))
     if (work / "vae" / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(work / "vae")
     else:
-        vae = train_vae(
-            to_tensor(vae_images(args.images, args.seed)), args.vae_steps, args.vae_batch, args.seed, args.device
-        )
+        vae = train_vae(world_pixels, args.vae_steps, args.vae_batch, args.seed, args.device)
         latents = encode_latents(vae, pixels, args.device)
         vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
         vae.save_pretrained(work / "vae")
     latents = encode_latents(vae, pixels, args.device) * vae.config.scaling_factor
+    if (work / "vae_polished" / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(work / "vae_polished")
+    else:
+        # half base-world images (what the UNet draws), half whole-world ones (what fine-tunes will ask for)
+        both = torch.cat([pixels, world_pixels])
+        vae = polish_decoder(
+            vae, encode_latents(vae, both, args.device), both, args.decoder_steps, args.seed, args.device
+        )
+        vae.save_pretrained(work / "vae_polished")
     reconstruction = vae_check(vae)
     print(f"VAE round trips read correctly (colour and shape): {reconstruction}", flush=True)
 
@@ -367,9 +404,13 @@ def main(argv=None):
     caption_ids = torch.tensor([captions.index(caption) for _, caption, _ in data])
     text_states = encode_prompts(tokenizer, text_encoder, captions + [""])
 
-    unet = train_unet(
-        latents, caption_ids, text_states, args.unet_steps, args.unet_batch, args.unet_lr, args.seed, args.device
-    )
+    if (work / "unet" / "config.json").is_file():
+        unet = UNet2DConditionModel.from_pretrained(work / "unet")
+    else:
+        unet = train_unet(
+            latents, caption_ids, text_states, args.unet_steps, args.unet_batch, args.unet_lr, args.seed, args.device
+        )
+        unet.save_pretrained(work / "unet")
 
     out = args.out
     if out.exists():
