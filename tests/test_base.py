@@ -69,10 +69,10 @@ def test_resolve_base_folder_and_file(tmp_path, toy_base):
         (lambda d: str(d / "nofolder" / "x"), "not found"),
         (lambda d: str(d), "not a diffusers model (no model_index.json"),
         (
-            lambda d: (d / "m.ckpt").write_bytes(b"x") or str(d / "m.ckpt"),
+            lambda d: (d / "m.ckpt").write_bytes(b"x") and str(d / "m.ckpt"),
             "pickle file; loading it can run arbitrary code",
         ),
-        (lambda d: (d / "m.bin").write_bytes(b"x") or str(d / "m.bin"), "base.allow_pickle: true"),
+        (lambda d: (d / "m.bin").write_bytes(b"x") and str(d / "m.bin"), "base.allow_pickle: true"),
     ],
 )
 def test_bad_base_is_one_clear_line(tmp_path, make, message):

@@ -85,7 +85,8 @@ def export_adapter(out_dir: Path, ctx: dict, step: int) -> tuple[dict, export.Ex
     )
     if not recipe.output.export_check:
         return files, None
-    trained = ctx["validator"].render_one(ctx["checker"].settings)
+    with export.rounded_to(ctx["trainable"], dtype):  # the reference: the adapter as just saved
+        trained = ctx["validator"].render_one(ctx["checker"].settings)
     report = ctx["checker"].check(files, trained, out_dir)
     accelerator.print(report.summary())
     if not report.ok:
@@ -177,6 +178,7 @@ def main(argv=None) -> int:
         "accelerator": accelerator,
         "unet": unet,
         "text_encoder": text_encoder,
+        "trainable": trainable,
         "unet_config": unet_config,
         "te_config": te_config,
         "validator": validator,

@@ -5,13 +5,15 @@ Every save writes:
     <name>.safetensors                 kohya/A1111 format: lora_unet_* / lora_te_* keys, true .alpha, ss_* metadata
 and then runs the export check: a fresh copy of the base loads each file the way users will (diffusers'
 `load_lora_weights` for both; the kohya file goes through diffusers' kohya converter), renders the same image
-with each, and compares them with the adapter as it was in training. The kohya keys are also replayed through
+with each, and compares them with the adapter as it was in training, its tensors rounded to the saved dtype
+(`output.save_precision` is the user's choice; the check is about keys, scales and formats). The kohya keys are also replayed through
 the key mapping A1111 and ComfyUI use for SD v1 LoRAs. Any unmatched key or a pixel difference over 2/255 fails
 the run: a LoRA that loads differently in another tool is the ecosystem's most common complaint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -78,6 +80,21 @@ def save_lora_files(
     )
     files["kohya"] = kohya.save_kohya_lora(out_dir / f"{name}.safetensors", kohya_sd, metadata, dtype=dtype)
     return files
+
+
+@contextlib.contextmanager
+def rounded_to(params, dtype: torch.dtype):
+    """Temporarily rounds trainable tensors to the dtype they are saved in: the export check's reference is the
+    adapter as saved (at low precision a double rounding, fp32 -> fp16 -> bf16 compute, can shift a few pixels)."""
+    kept = [p.data.clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.to(dtype).to(p.dtype)
+    try:
+        yield
+    finally:
+        for p, data in zip(params, kept):
+            p.data = data
 
 
 def _pixels(sample) -> np.ndarray:

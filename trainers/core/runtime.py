@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 
 import torch
@@ -22,7 +23,10 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     if train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     project = ProjectConfiguration(project_dir=recipe.output.dir, logging_dir=f"{recipe.output.dir}/logs")
+    # Several processes and no GPU (torchrun / `accelerate launch --cpu`): Accelerate runs DDP over gloo only if told.
+    several_cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=several_cpu_processes,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         mixed_precision=train.mixed_precision,
         log_with=None if recipe.output.report_to == "none" else recipe.output.report_to,

@@ -32,15 +32,21 @@ def adapters_disabled(*models):
 
 
 @contextlib.contextmanager
-def eval_mode(*models):
-    modes = [(m, m.training) for m in models if m is not None]
-    for model, _ in modes:
+def as_at_inference(*models):
+    """Eval mode and the models' own forward: under mixed precision Accelerate wraps a prepared model's forward to
+    return fp32, which a loaded pipeline does not do; previews must compute exactly as inference will."""
+    states = [(m, m.training, m.__dict__.get("forward")) for m in models if m is not None]
+    for model, _, _ in states:
         model.eval()
+        if "_original_forward" in model.__dict__:
+            model.forward = model._original_forward
     try:
         yield
     finally:
-        for model, mode in modes:
+        for model, mode, forward in states:
             model.train(mode)
+            if forward is not None:
+                model.forward = forward
 
 
 class Validator:
@@ -68,7 +74,7 @@ class Validator:
         return bool(self.prompts)
 
     def _render(self, settings, adapter: bool):
-        with torch.no_grad(), eval_mode(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
+        with torch.no_grad(), as_at_inference(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
             if adapter:
                 return sampling.generate(self.pipe, settings, self.model_name)
             with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
@@ -106,7 +112,7 @@ class Validator:
             scheduler=v.scheduler,
             negative_prompt=v.negative_prompt,
         )
-        with torch.no_grad(), eval_mode(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
+        with torch.no_grad(), as_at_inference(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
             with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
                 base = scoring.score_targets(self.pipe, targets, **common)
             adapted = scoring.score_targets(self.pipe, targets, **common)
