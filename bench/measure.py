@@ -37,6 +37,10 @@ def main():
 
         shim = False
     except Exception:
+        # the libraries record at import time that torchvision is absent; only the script's own import sees the shim
+        import diffusers  # noqa: F401
+        import transformers.utils.import_utils  # noqa: F401
+
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import torchvision_shim
 
@@ -50,7 +54,9 @@ def main():
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    torch.optim.optimizer.register_optimizer_step_post_hook(on_step)
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(on_step)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start, exit_code = time.perf_counter(), 0

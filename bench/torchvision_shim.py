@@ -8,6 +8,7 @@ bench/measure.py installs this module as `torchvision` before running the exampl
 from __future__ import annotations
 
 import enum
+import importlib.machinery
 import random
 import sys
 import types
@@ -116,5 +117,7 @@ def install():
     package = types.ModuleType("torchvision")
     package.transforms = transforms
     package.__version__ = "shim"
+    package.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+    transforms.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
     sys.modules["torchvision"] = package
     sys.modules["torchvision.transforms"] = transforms

@@ -67,6 +67,15 @@ def test_overrides_set_nested_keys_with_yaml_values(tmp_path):
     assert recipe.train.max_train_steps == 10
 
 
+def test_override_alias_replaces_the_files_key_and_no_stays_a_string(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  learning_rate: 3.0e-4\n  mixed_precision: no\noutput:\n  output_dir: runs/a\n")
+    assert load_recipe(path).train.mixed_precision == "no"  # YAML 1.1 would have read False
+    recipe = load_recipe(path, ["train.lr=1e-4", "output.dir=runs/b", "train.mixed_precision=no"])
+    assert recipe.train.learning_rate == 1e-4 and recipe.output.dir == "runs/b"
+    assert recipe.train.mixed_precision == "no"
+
+
 BAD = [
     ({"train": {"lerning_rate": 1e-4}}, "train.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
     ({"trian": {}}, "trian: unknown key (did you mean 'train'?)"),

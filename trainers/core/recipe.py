@@ -12,6 +12,7 @@ Command-line overrides use the same paths: `trainers/lora.py recipe.yaml train.l
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -295,11 +296,28 @@ class Recipe(_Section):
 # -- loading, overrides and one-line errors -------------------------------------------------------------------------
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false. Under YAML 1.1 `mixed_precision: no` would be False, not "no"."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"override {text!r}: expected section.key=value, e.g. train.lr=1e-4")
     path, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _yaml(raw) if raw.strip() else ""
     # YAML 1.1 reads "1e-4" as a string; a number the user meant is a number.
     if isinstance(value, str):
         try:
@@ -324,8 +342,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise RecipeError(f"override {text!r}: {'.'.join(keys[:-1])} is not a section")
             node[key] = child
             node = child
+        for other in _other_spellings(keys):  # `train.lr=` replaces the file's `learning_rate:`
+            node.pop(other, None)
         node[keys[-1]] = value
     return data
+
+
+def _other_spellings(keys: list[str]) -> set[str]:
+    """The other names of the field at `section.key` (its AliasChoices), e.g. {"learning_rate"} for train.lr."""
+    if len(keys) != 2 or keys[0] not in Recipe.model_fields:
+        return set()
+    names = set()
+    for model in _unwrap(Recipe.model_fields[keys[0]].annotation):
+        for name, field in model.model_fields.items():
+            choices = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else []
+            if keys[1] in (name, *choices):
+                names |= {name, *(c for c in choices if isinstance(c, str))}
+    return names - {keys[1]}
 
 
 def _unwrap(annotation):
@@ -407,7 +440,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
