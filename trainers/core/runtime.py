@@ -64,14 +64,14 @@ def item_rng(seed: int, epoch: int, position: int) -> random.Random:
 
 def make_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (torch), 8-bit AdamW (bitsandbytes: optimizer states in 8 bits, 4x less memory) or Adafactor."""
+    adam = dict(
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(
-            param_groups,
-            lr=train.learning_rate,
-            betas=(train.adam_beta1, train.adam_beta2),
-            weight_decay=train.adam_weight_decay,
-            eps=train.adam_epsilon,
-        )
+        return torch.optim.AdamW(param_groups, **adam)
     if train.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -80,13 +80,7 @@ def make_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim.
                 f"train.optimizer: adamw8bit needs bitsandbytes ({exc}); pip install bitsandbytes "
                 "or use optimizer: adamw"
             ) from None
-        return bnb.optim.AdamW8bit(
-            param_groups,
-            lr=train.learning_rate,
-            betas=(train.adam_beta1, train.adam_beta2),
-            weight_decay=train.adam_weight_decay,
-            eps=train.adam_epsilon,
-        )
+        return bnb.optim.AdamW8bit(param_groups, **adam)
     from transformers.optimization import Adafactor
 
     # With an explicit lr and a diffusers schedule, Adafactor's own relative-step schedule must be off.
