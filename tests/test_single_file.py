@@ -28,7 +28,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.adapters import single_file as sf
-from sdtune.trainers.pretrain_toy import TOY_UNET, TOY_VAE
+from sdtune.trainers.pretrain_toy import TOY_TEXT_ENCODER, TOY_UNET, TOY_VAE
 
 SD15_CONFIG = Path(sf.__file__).resolve().parent.parent / "trainers" / "sd15_config"
 U, V, T = sf.UNET_PREFIX, sf.VAE_PREFIX, sf.TEXT_PREFIX
@@ -88,20 +88,8 @@ def toy_folder(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TOY_UNET)
     vae = AutoencoderKL(**TOY_VAE, scaling_factor=0.83)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=len(tokenizer) - 2,
-            eos_token_id=len(tokenizer) - 1,
-            pad_token_id=len(tokenizer) - 1,
-        )
-    )
+    special = dict(bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**TOY_TEXT_ENCODER, "vocab_size": len(tokenizer), **special}))
     scheduler = PNDMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
