@@ -4,18 +4,25 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Without a CUDA driver, pin the CPU build of torch: an unpinned `torch` pulls several GB of CUDA wheels.
-TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# The exact tested versions of every package (made by .ci/lock; see README "Set-up"). Without a CUDA driver torch
+# comes from it too (the CPU build torch==2.13.0: an unpinned `torch` pulls several GB of CUDA wheels); with one,
+# every package but torch is held to the lock and pip picks the CUDA torch build for that driver.
+LOCK   := requirements-lock.txt
+CUDA   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH  := $(if $(CUDA),torch,torch==2.13.0)
+PIP    := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup quickstart test test-slow lint
+.PHONY: setup quickstart test test-slow lint lock check-latest
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(if $(CUDA),grep -v '^torch==' $(LOCK),cat $(LOCK)) > $(VENV)/constraints.txt
+	$(PIP) install -c $(VENV)/constraints.txt pip setuptools wheel
+	$(PIP) install -c $(VENV)/constraints.txt "$(TORCH)"
+	$(PIP) install -c $(VENV)/constraints.txt --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m sdtune.studio.versions --check $(LOCK) $(if $(CUDA),--ignore torch)
 	touch $@
 
 quickstart: setup
@@ -28,6 +35,14 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Re-resolve pyproject.toml's ranges into requirements-lock.txt. Commit it only after `rm -rf .venv && make test` passes.
+lock:
+	.ci/lock $(PYTHON)
+
+# Not in CI: a throwaway venv from the newest versions the registry serves, the fast tests, and which package broke what.
+check-latest:
+	$(PYTHON) .ci/check_latest.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -12,6 +12,7 @@ import torch
 from sdtune.trainers.core.base import resolve_base
 from sdtune.trainers.core.estimate import GB, estimate_run
 from sdtune.trainers.core.recipe import RecipeError, load_recipe
+from sdtune.studio.versions import versions_section
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -96,4 +97,4 @@ def doctor_report() -> str:
         f"  free disk     {disk.free / GB:.1f} GB in {Path.cwd()}",
         f"Shipped recipes vs this machine's {'GPU' if device == 'cuda' else 'RAM'} ({budget / GB:.1f} GB):",
     ]
-    return "\n".join(lines + recipe_fit_lines(device, budget))
+    return "\n".join(lines + recipe_fit_lines(device, budget) + versions_section())
