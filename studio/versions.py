@@ -94,9 +94,8 @@ def installed_versions(names) -> dict[str, str]:
 
 
 def same_release(installed: str, locked: str) -> bool:
-    """Equal versions; a local label (`+cpu`) on one side only is the same release built for another device."""
-    a, b = Version(installed), Version(locked)
-    return a == b or (a.public == b.public and (a.local is None or b.local is None))
+    """Equal public versions: a local label (`+cpu`, `+cu128`) is the same release built for another device."""
+    return Version(installed).public == Version(locked).public
 
 
 def package_report(installed: dict[str, str], locked: dict[str, str] | None, names=KEY_PACKAGES) -> list[PackageLine]:

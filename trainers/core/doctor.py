@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from sdtune.studio.versions import versions_section
 from sdtune.trainers.core.base import resolve_base
 from sdtune.trainers.core.estimate import GB, estimate_run
 from sdtune.trainers.core.recipe import RecipeError, load_recipe
-from sdtune.studio.versions import versions_section
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
