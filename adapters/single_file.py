@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sdtune.adapters.base import BUNDLED_CONFIGS, PICKLE_SUFFIXES
+
 __all__ = [
     "CONFIG_NAMES",
     "bundled_config",
@@ -51,12 +53,9 @@ __all__ = [
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 # The SD v1 family by UNet width and cross-attention width: (conv_in out channels, context dim) -> config name.
 CONFIG_NAMES = {(320, 768): "sd15", (64, 64): "toy"}
-_TRAINERS = Path(__file__).resolve().parent.parent / "trainers"
-_CONFIG_FOLDERS = {"sd15": _TRAINERS / "sd15_config", "toy": _TRAINERS / "toy_base"}
 
 # A prefix table row: (source prefix, target prefix, inner renames applied to what follows the prefix, or None to
 # copy the rest as is). Every table here is a bijection, so the same rows read backwards give the inverse.
@@ -491,10 +490,10 @@ def detect_config(state_dict_or_path, *, allow_pickle: bool = False) -> str:
 
 
 def bundled_config(name: str) -> Path:
-    """The config folder for a `detect_config` name: trainers/sd15_config or trainers/toy_base."""
-    if name not in _CONFIG_FOLDERS:
-        raise ValueError(f"config: unknown name {name!r}; expected one of {sorted(_CONFIG_FOLDERS)} or a folder")
-    folder = _CONFIG_FOLDERS[name]
+    """The config folder for a `detect_config` name: adapters/sd15_config or adapters/toy_base."""
+    if name not in BUNDLED_CONFIGS:
+        raise ValueError(f"config: unknown name {name!r}; expected one of {sorted(BUNDLED_CONFIGS)} or a folder")
+    folder = BUNDLED_CONFIGS[name]
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: bundled '{name}' config missing (no model_index.json)")
     return folder
@@ -502,7 +501,7 @@ def bundled_config(name: str) -> Path:
 
 def _resolve_config(config: str | os.PathLike) -> Path:
     """A config given as "sd15" / "toy", a local diffusers folder, or a hub id already in the local cache."""
-    if str(config) in _CONFIG_FOLDERS:
+    if str(config) in BUNDLED_CONFIGS:
         return bundled_config(str(config))
     folder = Path(config).expanduser()
     if not folder.is_dir() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(config)):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SD15_CONFIG = ROOT / "trainers" / "sd15_config"
+SD15_CONFIG = ROOT / "adapters" / "sd15_config"
 
 
 def parse_args(argv=None):
@@ -85,7 +85,7 @@ def build_data(folder: Path, n: int, size: int) -> Path:
     """n toy-world images at `size` px with an imagefolder metadata.jsonl (both trainers read this layout)."""
     if (folder / "metadata.jsonl").is_file():
         return folder
-    from sdtune.trainers.core import toyworld
+    from sdtune.adapters import toyworld
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -172,7 +172,7 @@ def main(argv=None):
     res = 64 if toy else 512
     precision = "fp16" if torch.cuda.is_available() else "no"
     work = args.work / args.model
-    model = ROOT / "trainers" / "toy_base" if toy else build_sd15_random(work / "model")
+    model = ROOT / "adapters" / "toy_base" if toy else build_sd15_random(work / "model")
     data = build_data(work / f"data-{res}", args.images, res)
     rows, stamp = [], time.strftime("%Y-%m-%d %H:%M")
     for batch in batches:

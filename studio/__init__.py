@@ -1,1 +1,1 @@
-"""The sdtune studio (Streamlit). Its pages arrive with the studio issue; this package holds its namespace."""
+"""Front ends: the `sdtune` command, the plain-data API it calls (`api.py`), and next the Streamlit studio."""

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sdtune.trainers.core.base import TOY_BASE
+from sdtune.adapters.base import TOY_BASE
 
 # The tests never touch the Hub: a hub id must fail fast with sdtune's own message, never start a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,8 +28,8 @@ def toy_base():
 @pytest.fixture(scope="session")
 def toy_pipe(toy_base):
     """The toy base pipeline, fp32 on the CPU, loaded once per session (tests must not modify it)."""
-    from sdtune.trainers.core import quiet_libraries
-    from sdtune.trainers.core.base import load_pipeline
+    from sdtune.adapters import quiet_libraries
+    from sdtune.adapters.base import load_pipeline
 
     quiet_libraries()
     pipe = load_pipeline("toy")

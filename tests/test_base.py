@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 
-from sdtune.adapters.single_file import save_single_file
-from sdtune.trainers.core import scoring
-from sdtune.trainers.core.base import (
+from sdtune.adapters import scoring
+from sdtune.adapters.base import (
     SD15_CONFIG,
     BaseLoadError,
+    BaseModelConfig,
     base_hash,
     load_pipeline,
     recommended_guidance,
     resolve_base,
 )
-from sdtune.trainers.core.recipe import BaseModelConfig
-from sdtune.trainers.core.sampling import SampleSettings, generate
+from sdtune.adapters.sampling import SampleSettings, generate
+from sdtune.adapters.single_file import save_single_file
 
 SKS_IDS = [49406, 320, 1125, 539, 48136, 1929, 49407]
 
@@ -114,7 +116,21 @@ def test_folder_and_single_file_give_the_same_images(tmp_path, toy_pipe, toy_bas
     assert from_file.unet.config.block_out_channels == toy_pipe.unet.config.block_out_channels
     for prompt in ("a red circle", "a blue triangle"):
         assert np.abs(_image(from_file, prompt) - _image(toy_pipe, prompt)).max() <= 1
-    assert len(base_hash(str(single))) == 64 and base_hash(str(single)) == base_hash(str(single))
+
+
+def test_base_hash_is_the_file_sha256_and_its_cache_is_keyed_by_file(tmp_path, toy_base, monkeypatch):
+    """A single file hashes to the sha256 of its bytes (A1111's new hash), computed afresh and read from the cache
+    alike; a changed file gets a new hash, not the cached one; a folder hashes its weights, not the file's."""
+    single = save_single_file(toy_base, tmp_path / "toy.safetensors", half=True)
+    expected = hashlib.sha256(single.read_bytes()).hexdigest()
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache-a"))
+    assert base_hash(str(single)) == expected  # computed
+    assert base_hash(str(single)) == expected  # read back from the cache
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache-b"))
+    assert base_hash(str(single)) == expected  # an empty cache recomputes the same
+    single.write_bytes(single.read_bytes()[:-1] + b" ")
+    assert base_hash(str(single)) == hashlib.sha256(single.read_bytes()).hexdigest() != expected
+    assert base_hash(str(toy_base)) not in (expected, base_hash(str(single)))
 
 
 def test_load_pipeline_dtype(toy_base):

@@ -23,9 +23,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdtune.trainers.core import scoring
-from sdtune.trainers.core.base import load_pipeline
-from sdtune.trainers.core.sampling import AdapterSpec, SampleSettings, generate, load_adapters
+from sdtune.adapters import scoring
+from sdtune.adapters.base import load_pipeline
+from sdtune.adapters.manifest import read_manifest
+from sdtune.adapters.sampling import AdapterSpec, SampleSettings, generate, load_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -123,6 +124,7 @@ def test_quickstart_outputs_manifest_and_logs(quickstart_run):
     assert len(m["dataset"]["fingerprint"]) == 64 and m["dataset"]["images"] == 16
     assert m["training"]["steps"] == 300 and 0 < m["training"]["final_loss"] < 1
     assert m["recipe"]["train"]["max_train_steps"] == 300 and m["recipe"]["method"]["rank"] == 8
+    assert read_manifest(out).to_dict() == m  # the registry's reader accepts what the trainer wrote
     assert m["files"] == {"peft": "pytorch_lora_weights.safetensors", "kohya": "toy-purple.safetensors"}
     assert m["samples"]["ab_grid"] == "ab_grid.png"
     assert m["export_check"]["ok"] is True and m["export_check"]["max_pixel_diff"]["peft-vs-kohya"] <= 2
@@ -380,7 +382,8 @@ def test_cached_batches_need_no_vae_and_second_run_encodes_nothing(tmp_path, mon
     pipe = fresh_toy_pipe()
     logs = []
     latents = prepare_latents(scan, recipe.data, pipe.vae, log=logs.append)
-    assert "16 encodings computed" in logs[0] or "32 encodings computed" in logs[0]  # with flips: two per image
+    assert recipe.data.random_flip and len(scan.records) == 16
+    assert "0 images from cache, 32 encodings computed" in logs[0]  # flips on: each image and its mirror, once
     again = prepare_latents(scan, recipe.data, pipe.vae, log=logs.append)
     assert "0 encodings computed" in logs[1]
     assert all(np.array_equal(a.mean.numpy(), b.mean.numpy()) for a, b in zip(latents, again))
@@ -413,7 +416,7 @@ BAD_INPUTS = [
     (["train.lerning_rate=1e-4"], "train.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
     (["data.train_data_dir={tmp}/missing"], "data.train_data_dir"),
     (["data.train_data_dir={bad}"], "no usable images"),
-    (["method.type=dreambooth", "method.instance_prompt=a sks dog"], "run trainers/dreambooth.py"),
+    (["method.type=dreambooth", "method.instance_prompt=a sks dog"], "'dreambooth': its trainer does not exist yet"),
     (["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
     (["train.resume={tmp}"], "is not a checkpoint folder"),
     (["base=missing.safetensors"], "base: file missing.safetensors not found"),
@@ -462,6 +465,9 @@ def test_two_process_ddp_trains_and_writes_once(resume_setup, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert log.count("plan: 4 steps x 12 images/step") == 1  # 3 per batch x 2 accumulation x 2 processes
+    # each process trained on its own shard with its own noise, yet both end with the same weights: the gradients
+    # were all-reduced every step (the trainer compares them across processes and fails the run otherwise)
+    assert "ddp: all 2 processes hold identical weights" in log
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert json.loads((out / "adapter.json").read_text())["training"]["steps"] == 4

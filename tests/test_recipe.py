@@ -80,6 +80,9 @@ BAD = [
     ({"train": {"lerning_rate": 1e-4}}, "train.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
     ({"trian": {}}, "trian: unknown key (did you mean 'train'?)"),
     ({"method": {"rnk": 4}}, "method.rnk: unknown key (did you mean 'rank'?)"),
+    # batches come from cached latents in this process: worker processes are refused, not silently ignored
+    ({"data": {"dataloader_num_workers": 4}}, "data.dataloader_num_workers: unknown key"),
+    ({"validation": {"scheduler": "lms"}}, "validation.scheduler: Input should be 'default', 'ddim'"),
     (
         {"method": {"type": "dreambooth", "instance_prompt": "x", "prior_los_weight": 1}},
         "method.prior_los_weight: unknown key (did you mean 'prior_loss_weight'?)",

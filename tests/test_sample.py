@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.trainers.core import cli, sampling
-from sdtune.trainers.core.sampling import AdapterSpec, SampleSettings, generate
+from sdtune.adapters import contact_sheet
+from sdtune.adapters.sampling import AdapterSpec, SampleSettings, generate
+from sdtune.adapters.schedulers import SCHEDULERS
+from sdtune.studio import cli
 
 
 def _run(tmp_path, name, *extra):
@@ -67,13 +69,24 @@ def test_negative_prompt_and_prompts_file(tmp_path):
     assert all(t.splitlines()[1] == "Negative prompt: red" for t in texts)
 
 
-@pytest.mark.parametrize("scheduler", list(sampling.SCHEDULERS))
-def test_every_scheduler_runs_and_is_deterministic(toy_pipe, scheduler):
-    settings = [SampleSettings(prompt="a red circle", seed=3, steps=6, scheduler=scheduler)]
-    first, second = generate(toy_pipe, settings)[0], generate(toy_pipe, settings)[0]
-    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
-    assert f"Sampler: {sampling.SCHEDULERS[scheduler][2]}" in first.parameters
-    assert type(toy_pipe.scheduler).__name__ == "PNDMScheduler"  # restored after sampling
+def test_every_scheduler_runs_is_deterministic_and_really_switches(toy_pipe):
+    """Each sampler gives the same pixels twice, and the samplers give different images from one another: a
+    `set_scheduler` that did nothing would render every one with the base's PNDM and fail here."""
+    images = {}
+    for name in SCHEDULERS:
+        settings = [SampleSettings(prompt="a red circle", seed=3, steps=6, scheduler=name)]
+        first, second = generate(toy_pipe, settings)[0], generate(toy_pipe, settings)[0]
+        assert np.array_equal(np.asarray(first.image), np.asarray(second.image)), name
+        assert f"Sampler: {SCHEDULERS[name][2]}" in first.parameters
+        assert type(toy_pipe.scheduler).__name__ == "PNDMScheduler"  # restored after sampling
+        images[name] = np.asarray(first.image, dtype=np.int16)
+    # pndm is the toy base's own sampler (PNDM, skip_prk_steps) and must match `default`; the others must not
+    default = np.asarray(generate(toy_pipe, [SampleSettings("a red circle", seed=3, steps=6)])[0].image, np.int16)
+    assert np.array_equal(images["pndm"], default)
+    names = list(images)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert np.abs(images[a] - images[b]).max() > 0, f"{a} and {b} gave identical images"
 
 
 def test_results_do_not_depend_on_batch_neighbours(toy_pipe):
@@ -112,7 +125,7 @@ def test_adapter_spec_parsing(tmp_path):
 
 def test_grid_labels_layout():
     images = [[Image.new("RGB", (64, 64), c) for c in ("red", "blue")]]
-    grid = sampling.make_grid(images, ["a prompt"], ["seed 0", "seed 1"], title="t")
+    grid = contact_sheet.make_grid(images, ["a prompt"], ["seed 0", "seed 1"], title="t")
     assert grid.size == (200 + 2 * 160, 60 + 160)
     assert grid.getpixel((200 + 80, 60 + 80)) == (255, 0, 0)  # cell 0 holds the first image, scaled up
 
@@ -122,6 +135,11 @@ def test_doctor_lists_machine_and_recipes(capsys):
     out = capsys.readouterr().out
     for word in ("torch", "CUDA", "bitsandbytes", "SDPA", "free disk", "sd15-lora-low-vram.yaml", "quickstart.yaml"):
         assert word in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip().endswith(")") or ".yaml" in line}
+    # DreamBooth/ControlNet recipes are estimated but say they cannot run yet; LoRA recipes never say so
+    assert "no dreambooth trainer yet" in lines["sd15-dreambooth-default.yaml"]
+    assert "no controlnet trainer yet" in lines["sd15-controlnet-low-vram.yaml"]
+    assert "trainer yet" not in lines["sd15-lora-default.yaml"] and "trainer yet" not in lines["quickstart.yaml"]
 
 
 def test_convert_round_trip_through_cli(tmp_path, toy_base):

@@ -4,7 +4,7 @@ The golden keys and counts are those of the real SD v1-5 single file (v1-5-prune
 197 text encoder tensors, the last including `embeddings.position_ids`. They equal diffusers' own key counts (the
 mapping is 1:1) plus that one buffer, and the published per-component key lists of SD v1 checkpoints (e.g. the A1111
 model-toolkit's UNET-v1-SD / VAE-v1-SD / CLIP-v1-SD) list exactly these keys and shapes. The full SD v1-5 models are
-built on the meta device from the bundled trainers/sd15_config, so no weights are needed.
+built on the meta device from the bundled adapters/sd15_config, so no weights are needed.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.adapters import single_file as sf
+from sdtune.adapters.base import SD15_CONFIG
 from sdtune.trainers.pretrain_toy import TOY_TEXT_ENCODER, TOY_UNET, TOY_VAE
 
-SD15_CONFIG = Path(sf.__file__).resolve().parent.parent / "trainers" / "sd15_config"
 U, V, T = sf.UNET_PREFIX, sf.VAE_PREFIX, sf.TEXT_PREFIX
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from sdtune.trainers.core import toyworld
+from sdtune.adapters import toyworld
 
 
 @pytest.mark.parametrize("color", list(toyworld.COLORS))

@@ -23,25 +23,37 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 
-from sdtune.trainers.core import export, quiet_libraries, sampling
-from sdtune.trainers.core.base import BaseLoadError, base_hash, load_pipeline, recommended_guidance, resolve_base
+from sdtune.adapters import quiet_libraries, sampling
+from sdtune.adapters.base import (
+    BaseLoadError,
+    BaseSource,
+    base_hash,
+    load_pipeline,
+    recommended_guidance,
+    resolve_base,
+)
+from sdtune.adapters.manifest import BaseRef, write_manifest
+from sdtune.trainers.core import export
 from sdtune.trainers.core.batches import BatchBuilder, prepare_latents
 from sdtune.trainers.core.cache import TextEmbeddingCache, encode_text
 from sdtune.trainers.core.checkpointing import TrainState, register_trainable_state_hooks, resolve_resume
-from sdtune.trainers.core.data import DataError, scan_dataset
+from sdtune.trainers.core.data import DataError, DatasetScan, scan_dataset
 from sdtune.trainers.core.diffusion import denoising_step_loss
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.lora_layers import add_lora
-from sdtune.trainers.core.recipe import Recipe, RecipeError, load_recipe
+from sdtune.trainers.core.recipe import Recipe, RecipeError, load_recipe, trainer_for
 from sdtune.trainers.core.runtime import (
     SAVE_DTYPES,
+    check_replicas_agree,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -67,31 +79,48 @@ def param_groups(unet, text_encoder, recipe: Recipe, lr: float) -> list[dict]:
     return groups
 
 
-def export_adapter(out_dir: Path, ctx: dict, step: int) -> tuple[dict, export.ExportCheck | None]:
-    """Writes both LoRA formats into `out_dir` and, if asked, runs the export check on them."""
-    recipe, accelerator = ctx["recipe"], ctx["accelerator"]
-    metadata = kohya_metadata(recipe, ctx["scan"], ctx["base"], step, ctx["started_at"])
-    dtype = SAVE_DTYPES[recipe.output.save_precision]
-    files = export.save_lora_files(
-        out_dir,
-        recipe.output.name,
-        ctx["unet"],
-        ctx["text_encoder"],
-        ctx["unet_config"],
-        ctx["te_config"],
-        dtype,
-        metadata,
-        write_kohya=recipe.output.export_kohya,
-    )
-    if not recipe.output.export_check:
-        return files, None
-    with export.rounded_to(ctx["trainable"], dtype):  # the reference: the adapter as just saved
-        trained = ctx["validator"].render_one(ctx["checker"].settings)
-    report = ctx["checker"].check(files, trained, out_dir)
-    accelerator.print(report.summary())
-    if not report.ok:
-        raise export.ExportCheckError(f"{out_dir}: {report.summary()} (see {out_dir / 'export_check.png'})")
-    return files, report
+@dataclass
+class AdapterWriter:
+    """What saving the adapter needs, gathered once: every checkpoint and the final save go through `save`."""
+
+    recipe: Recipe
+    scan: DatasetScan
+    base: BaseSource
+    started_at: float
+    accelerator: Accelerator
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    lora_configs: tuple  # peft LoraConfig of the UNet and of the text encoder (None when it is not trained)
+    trainable: list[torch.nn.Parameter]
+    validator: Validator
+    checker: export.ExportChecker
+
+    def save(self, out_dir: Path, step: int) -> tuple[dict, export.ExportCheck | None]:
+        """Writes both LoRA formats into `out_dir` and, if asked, runs the export check on them."""
+        recipe = self.recipe
+        metadata = kohya_metadata(recipe, self.scan, self.base, step, self.started_at)
+        dtype = SAVE_DTYPES[recipe.output.save_precision]
+        unet_config, te_config = self.lora_configs
+        files = export.save_lora_files(
+            out_dir,
+            recipe.output.name,
+            self.unet,
+            self.text_encoder,
+            unet_config,
+            te_config,
+            dtype,
+            metadata,
+            write_kohya=recipe.output.export_kohya,
+        )
+        if not recipe.output.export_check:
+            return files, None
+        with export.rounded_to(self.trainable, dtype):  # the reference: the adapter as just saved
+            trained = self.validator.render_one(self.checker.settings)
+        report = self.checker.check(files, trained, out_dir)
+        self.accelerator.print(report.summary())
+        if not report.ok:
+            raise export.ExportCheckError(f"{out_dir}: {report.summary()} (see {out_dir / 'export_check.png'})")
+        return files, report
 
 
 def main(argv=None) -> int:
@@ -102,9 +131,7 @@ def main(argv=None) -> int:
     # 1) Recipe and preflight: everything that can be wrong with the inputs fails here, before a model loads.
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.method.type != "lora":
-        raise RecipeError(
-            f"{args.recipe}: method.type is {recipe.method.type!r}; run trainers/{recipe.method.type}.py"
-        )
+        raise RecipeError(f"{args.recipe}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
     base = resolve_base(recipe.base)
     resume_from = resolve_resume(out_dir, train.resume)
@@ -173,22 +200,22 @@ def main(argv=None) -> int:
         )
 
     validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
-    ctx = {
-        "recipe": recipe,
-        "accelerator": accelerator,
-        "unet": unet,
-        "text_encoder": text_encoder,
-        "trainable": trainable,
-        "unet_config": unet_config,
-        "te_config": te_config,
-        "validator": validator,
-        "scan": scan,
-        "base": base,
-        "started_at": started_at,
-        "checker": export.ExportChecker(
-            lambda: load_pipeline(recipe.base, torch_dtype=dtype), device, check_settings(recipe), accelerator.autocast
-        ),
-    }
+    checker = export.ExportChecker(
+        lambda: load_pipeline(recipe.base, torch_dtype=dtype), device, check_settings(recipe), accelerator.autocast
+    )
+    writer = AdapterWriter(
+        recipe=recipe,
+        scan=scan,
+        base=base,
+        started_at=started_at,
+        accelerator=accelerator,
+        unet=unet,
+        text_encoder=text_encoder,
+        lora_configs=(unet_config, te_config),
+        trainable=trainable,
+        validator=validator,
+        checker=checker,
+    )
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune-lora", config=tracker_config(recipe))
 
@@ -199,7 +226,7 @@ def main(argv=None) -> int:
         state,
         batches,
         out_dir,
-        on_checkpoint=lambda path, step: export_adapter(path, ctx, step),
+        on_checkpoint=writer.save,
         on_validation=lambda step: validator.grid(step, out_dir / "samples" / f"step-{step:06d}.png"),
         validation_steps=recipe.validation.validation_steps,
     )
@@ -230,18 +257,20 @@ def main(argv=None) -> int:
         accelerator.end_training()
         return 130
 
-    # 7) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest.
+    # 7) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest. Under DDP every
+    # process must hold the same weights by now (gradients are all-reduced each step): checked, not assumed.
     accelerator.wait_for_everyone()
+    check_replicas_agree(accelerator, trainable)
     if accelerator.is_main_process:
-        write_final_outputs(ctx, state, loop.speed_and_memory())
+        write_final_outputs(writer, state, loop.speed_and_memory())
     accelerator.end_training()
     return 0
 
 
-def write_final_outputs(ctx: dict, state, speed: dict):
-    recipe, accelerator, validator = ctx["recipe"], ctx["accelerator"], ctx["validator"]
+def write_final_outputs(writer: AdapterWriter, state, speed: dict):
+    recipe, accelerator, validator = writer.recipe, writer.accelerator, writer.validator
     out_dir = Path(recipe.output.dir)
-    files, report = export_adapter(out_dir, ctx, state.step)
+    files, report = writer.save(out_dir, state.step)
     samples = {}
     if validator.enabled:
         validator.grid(state.step, out_dir / "ab_grid.png")
@@ -252,13 +281,9 @@ def write_final_outputs(ctx: dict, state, speed: dict):
     info = export.manifest(
         name=recipe.output.name,
         method="lora",
-        base={
-            "name_or_path": recipe.base.pretrained_model_name_or_path,
-            "kind": ctx["base"].kind,
-            "hash": base_hash(recipe.base),
-        },
+        base=BaseRef(recipe.base.pretrained_model_name_or_path, writer.base.kind, base_hash(recipe.base)),
         recipe=recipe,
-        scan=ctx["scan"],
+        scan=writer.scan,
         trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
         steps=state.step,
         final_loss=state.last_loss,
@@ -266,11 +291,13 @@ def write_final_outputs(ctx: dict, state, speed: dict):
         samples=samples,
         scores=scores,
         export_check=report,
-        started_at=ctx["started_at"],
+        started_at=writer.started_at,
     )
-    info["training"].update(speed)
-    export.write_json_atomic(out_dir / "adapter.json", info)
-    accelerator.print(f"done: {', '.join(str(out_dir / p) for p in [*info['files'].values(), 'adapter.json'])}")
+    info.training.update(speed)
+    manifest_file = write_manifest(out_dir, info)
+    accelerator.print(
+        f"done: {', '.join(str(p) for p in [*(out_dir / f for f in info.files.values()), manifest_file])}"
+    )
 
 
 def check_settings(recipe: Recipe) -> sampling.SampleSettings:

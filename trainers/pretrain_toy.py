@@ -1,7 +1,7 @@
 """Pretrains the bundled toy base: a small model in the exact SD v1-5 folder layout, on the toy world.
 
 Usage:
-    python trainers/pretrain_toy.py --out trainers/toy_base            # everything, seeded, ~1 h on 2 CPU cores
+    python trainers/pretrain_toy.py --out adapters/toy_base            # everything, seeded, ~1 h on 2 CPU cores
     python trainers/pretrain_toy.py --out /tmp/toy --unet-steps 500    # a quick, weaker one
 
 What it builds, in order (each stage is cached under --work, so a rerun resumes after the last finished one):
@@ -42,7 +42,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditi
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdtune.trainers.core import toyworld
+from sdtune.adapters import toyworld
 from sdtune.trainers.core.diffusion import denoising_step_loss
 
 DEFAULT_BPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
@@ -328,8 +328,8 @@ BAR_GUIDANCE = (3.0, 5.0, 7.5)
 
 def bar_check(out: Path) -> dict[float, dict]:
     """The bar (12 prompts x 4 seeds, 25 steps) on the saved folder, at several guidance scales."""
-    from sdtune.trainers.core import quiet_libraries, scoring
-    from sdtune.trainers.core.base import load_pipeline
+    from sdtune.adapters import quiet_libraries, scoring
+    from sdtune.adapters.base import load_pipeline
 
     quiet_libraries()
     pipe = load_pipeline(str(out))
@@ -346,7 +346,7 @@ def write_model_card(out: Path, args, results: dict[float, dict], best: float, r
     (out / "README.md").write_text(f"""# sdtune toy base
 
 A small model in the exact Stable Diffusion v1-5 folder layout, pretrained by `trainers/pretrain_toy.py` on the
-toy world (`sdtune.trainers.core.toyworld`): one flat red, green, blue or yellow circle, square or triangle on a
+toy world (`sdtune.adapters.toyworld`): one flat red, green, blue or yellow circle, square or triangle on a
 light background, 64 x 64 px, captioned "a {{color}} {{shape}}". Purple, orange, cyan and stars are held out, so
 fine-tunes have something new to learn.
 

@@ -67,9 +67,6 @@ class BatchBuilder:
         usable = len(batches) - len(batches) % self.world if len(batches) >= self.world else len(batches)
         return batches[:usable][self.rank :: self.world]
 
-    def batches_per_epoch(self) -> int:
-        return len(self.epoch_batches(0))
-
     def possible_captions(self) -> set[str] | None:
         """Every caption a batch can carry, if that set is fixed (no tag shuffle): lets the text states be cached."""
         if self.cfg.shuffle_caption:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sdtune.trainers.core.base import SD15_CONFIG, TOY_BASE, resolve_base
+from sdtune.adapters.base import SD15_CONFIG, TOY_BASE, resolve_base
 from sdtune.trainers.core.recipe import Recipe
 
 GB = 1024**3

@@ -14,9 +14,6 @@ the run: a LoRA that loads differently in another tool is the ecosystem's most c
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtune.adapters import a1111_keys, kohya
+from sdtune.adapters import a1111_keys, contact_sheet, kohya, sampling
+from sdtune.adapters.manifest import AdapterManifest, BaseRef
 from sdtune.adapters.single_file import text_encoder_to_original, unet_to_original
-from sdtune.trainers.core import sampling
 from sdtune.trainers.core.lora_layers import lora_state_dicts, save_peft_lora
 
 PIXEL_TOLERANCE = 2  # out of 255
@@ -156,50 +153,41 @@ class ExportChecker:
             result.max_pixel_diff["peft-vs-kohya"] = int(
                 np.abs(_pixels(images["peft"]) - _pixels(images["kohya"])).max()
             )
-        strip = sampling.make_grid(
+        strip = contact_sheet.make_grid(
             [[s.image for s in images.values()]],
             [self.settings.prompt],
             list(images),
             "export check: same prompt and seed, each file reloaded through diffusers",
         )
-        sampling.save_grid(strip, out_dir / "export_check.png")
+        contact_sheet.save_grid(strip, out_dir / "export_check.png")
         result.images = {"strip": "export_check.png"}
         return result
 
 
-def write_json_atomic(path: Path, data: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
 def manifest(
     *,
-    name,
-    method,
-    base,
+    name: str,
+    method: str,
+    base: BaseRef,
     recipe,
     scan,
-    trigger_words,
-    steps,
-    final_loss,
-    files,
-    samples,
-    scores,
+    trigger_words: list[str],
+    steps: int,
+    final_loss: float | None,
+    files: dict,
+    samples: dict[str, str],
+    scores: dict | None,
     export_check: ExportCheck | None,
     started_at: float,
-) -> dict:
-    """The run's `adapter.json`: what was trained, from what, how, and what it measurably does."""
-    return {
-        "name": name,
-        "method": method,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "base": base,
-        "trigger_words": trigger_words,
-        "dataset": {
+) -> AdapterManifest:
+    """The run's `adapter.json` (see sdtune.adapters.manifest): the trainer's side of the contract."""
+    return AdapterManifest(
+        name=name,
+        method=method,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        base=base,
+        trigger_words=trigger_words,
+        dataset={
             "fingerprint": scan.fingerprint(),
             "kind": scan.kind,
             "images": len(scan.records),
@@ -207,10 +195,10 @@ def manifest(
             "skipped": [asdict(s) for s in scan.skipped],
             "buckets": {f"{w}x{h}": n for (w, h), n in sorted(scan.bucket_counts().items())},
         },
-        "training": {"steps": steps, "final_loss": final_loss, "seconds": round(time.time() - started_at, 1)},
-        "files": {fmt: Path(p).name for fmt, p in files.items()},
-        "samples": samples,
-        "scores": scores,
-        "export_check": None if export_check is None else {**asdict(export_check), "ok": export_check.ok},
-        "recipe": recipe.to_dict(),
-    }
+        training={"steps": steps, "final_loss": final_loss, "seconds": round(time.time() - started_at, 1)},
+        files={fmt: Path(p).name for fmt, p in files.items()},
+        samples=samples,
+        scores=scores,
+        export_check=None if export_check is None else {**asdict(export_check), "ok": export_check.ok},
+        recipe=recipe.to_dict(),
+    )

@@ -7,7 +7,6 @@ trained and B starting at zero, so training starts exactly at the base model. Th
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -102,9 +101,3 @@ def save_peft_lora(
         )
         os.replace(Path(tmp) / PEFT_WEIGHTS, out_dir / PEFT_WEIGHTS)
     return out_dir / PEFT_WEIGHTS
-
-
-def copy_atomic(src: Path, dst: Path):
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)

@@ -21,6 +21,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sdtune.adapters.base import BaseModelConfig
+from sdtune.adapters.schedulers import SchedulerName
+
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message is one line naming the file, key path and what to do."""
@@ -30,30 +33,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
-# -- base -----------------------------------------------------------------------------------------------------------
-
-
-class BaseModelConfig(_Section):
-    """Which Stable Diffusion v1-5 base to fine-tune. A plain string is shorthand for `pretrained_model_name_or_path`."""
-
-    pretrained_model_name_or_path: str = Field(
-        "toy", description="Hub repo id, local diffusers folder, single-file .safetensors checkpoint, or 'toy'."
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
-    variant: str | None = Field(None, description="Weight variant to load, e.g. 'fp16' (files *.fp16.safetensors).")
-    config: str | None = Field(
-        None,
-        description="For a single-file checkpoint: diffusers folder or hub id whose configs describe it. "
-        "Default: the bundled SD v1-5 configs, or the toy base's for a toy-sized file.",
-    )
-    allow_pickle: bool = Field(
-        False, description="Allow .ckpt/.bin/.pt pickle files. Unpickling runs code: only for files you trust."
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value):
-        return {"pretrained_model_name_or_path": value} if isinstance(value, str) else value
+# -- base: `BaseModelConfig`, imported above, lives with base loading in sdtune.adapters.base --------------------
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -91,8 +71,11 @@ class DataConfig(_Section):
     random_flip: bool = Field(False, description="Randomly mirror images left-right.")
     repeats: int = Field(1, ge=1, description="Times each image is seen per epoch (kohya folders set their own).")
     cache_latents: bool = Field(True, description="Encode each image with the VAE once and cache the latents.")
-    cache_dir: str | None = Field(None, description="Latent and text-embedding cache. Default: ~/.cache/sdtune.")
-    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for loading batches.")
+    cache_dir: str | None = Field(
+        None,
+        description="On-disk cache of VAE latents (text embeddings are computed once per run and kept in memory). "
+        "Default: $SDTUNE_CACHE or ~/.cache/sdtune.",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -104,8 +87,6 @@ class DataConfig(_Section):
 
 
 # -- method ---------------------------------------------------------------------------------------------------------
-
-LORA_PRESETS = ("attn", "attn+ff", "locon")
 
 
 class LoraParams(_Section):
@@ -174,6 +155,19 @@ class ControlNetMethod(_Section):
 
 Method = Annotated[LoraMethod | DreamBoothMethod | ControlNetMethod, Field(discriminator="type")]
 
+# method.type -> the script that trains it. DreamBooth and ControlNet recipes already validate (and `sdtune doctor`
+# estimates them) so the presets can be reviewed; their trainers land in later issues.
+TRAINERS = {"lora": "trainers/lora.py"}
+
+
+def trainer_for(method_type: str) -> str:
+    """Where a method trains, as the end of a one-line message, or that it has no trainer yet."""
+    if method_type in TRAINERS:
+        return f"run {TRAINERS[method_type]}"
+    available = ", ".join(f"{name} ({script})" for name, script in TRAINERS.items())
+    return f"its trainer does not exist yet (trainers today: {available})"
+
+
 # -- train ----------------------------------------------------------------------------------------------------------
 
 
@@ -230,9 +224,6 @@ class ToyTarget(_Section):
     shape: str | None = None
 
 
-SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++2m", "pndm")
-
-
 class ValidationConfig(_Section):
     """Fixed prompts x fixed seeds, base vs adapter, rendered with the same code as `sdtune sample`."""
 
@@ -243,9 +234,7 @@ class ValidationConfig(_Section):
     guidance_scale: float | None = Field(
         None, ge=0, description="Classifier-free guidance; default: the base's recommended (7.5 SD v1-5, 3 toy)."
     )
-    scheduler: Literal["default", "ddim", "euler", "euler_a", "dpm++2m", "pndm"] = Field(
-        "default", description="Sampler; default = the base's own scheduler."
-    )
+    scheduler: SchedulerName = Field("default", description="Sampler; default = the base's own scheduler.")
     validation_steps: int = Field(0, ge=0, description="Render a grid every N steps (0 = only at the end).")
     toy_score: list[ToyTarget] = Field(
         default_factory=list, description="Toy base only: prompts whose samples the toy-world scorer checks."
@@ -449,7 +438,3 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise RecipeError(f"{source}: a recipe is a YAML mapping of sections (base, data, method, train, ...)")
     data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, source)
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import random
 
@@ -114,5 +113,13 @@ def scaled_lr(train: TrainConfig, num_processes: int) -> float:
     return train.learning_rate * train.train_batch_size * train.gradient_accumulation_steps * num_processes
 
 
-def epochs_for(steps: int, batches_per_epoch: int, accumulation: int) -> int:
-    return math.ceil(steps * accumulation / max(batches_per_epoch, 1))
+def check_replicas_agree(accelerator, params: list[torch.nn.Parameter]):
+    """Under DDP every process must end with the same weights: each trained on its own shard and noise, so equal
+    weights show that the gradients were all-reduced every step. A single process has nothing to compare."""
+    if accelerator.num_processes == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in params]).to(accelerator.device)
+    per_process = accelerator.gather(sums).reshape(accelerator.num_processes, -1)
+    if not torch.equal(per_process, per_process[:1].expand_as(per_process)):
+        raise RuntimeError("DDP: the processes ended with different weights; gradients were not all-reduced")
+    accelerator.print(f"ddp: all {accelerator.num_processes} processes hold identical weights ({len(params)} tensors)")

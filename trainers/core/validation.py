@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtune.trainers.core import sampling, scoring
-from sdtune.trainers.core.base import recommended_guidance
+from sdtune.adapters import contact_sheet, sampling, scoring
+from sdtune.adapters.base import recommended_guidance
 from sdtune.trainers.core.recipe import Recipe
 
 
@@ -93,8 +93,8 @@ class Validator:
         """Base vs current adapter for every prompt and seed, saved at `path` and logged to the trackers."""
         adapted = self._render(self.settings, adapter=True)
         title = f"{self.model_name}: base vs adapter after {step} steps"
-        image = sampling.ab_grid(self.base_samples(), adapted, self.prompts, self.seeds, title)
-        sampling.save_grid(image, path)
+        image = contact_sheet.ab_grid(self.base_samples(), adapted, self.prompts, self.seeds, title)
+        contact_sheet.save_grid(image, path)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images("validation", np.asarray(image)[None], step, dataformats="NHWC")

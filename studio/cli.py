@@ -6,7 +6,8 @@ Usage:
     sdtune convert path/to/diffusers-folder model.safetensors --half      # and back: model.safetensors folder/
     sdtune doctor
 
-Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README).
+Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README). Every command calls
+`sdtune.studio.api`, the same functions the Streamlit studio uses; this module only parses arguments and prints.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdtune.trainers.core import sampling
+from sdtune.adapters import quiet_libraries
+from sdtune.studio import api
 
 EPILOG = "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml (see README.md)."
 
@@ -43,7 +45,7 @@ def _sample_parser(sub):
     )
     p.add_argument("--width", type=int, default=None, help="Default: the base's native size.")
     p.add_argument("--height", type=int, default=None)
-    p.add_argument("--scheduler", default="default", choices=["default", *sampling.SCHEDULERS])
+    p.add_argument("--scheduler", default="default", choices=api.scheduler_names())
     p.add_argument("--out", type=Path, default=Path("samples"), help="Folder for the PNGs (default: samples/).")
     p.add_argument("--grid", action="store_true", help="Also write grid.png: a labelled contact sheet.")
     p.add_argument("--device", default=None, help="cuda / cpu / mps (default: cuda if available).")
@@ -65,50 +67,26 @@ def _prompts(args) -> list[str]:
 
 
 def run_sample(args) -> int:
-    import torch
-
-    from sdtune.trainers.core.base import BaseLoadError, load_pipeline, recommended_guidance, resolve_base
-    from sdtune.trainers.core.runtime import SAVE_DTYPES
-
-    prompts, seeds = _prompts(args), args.seed or [0]
     try:
-        adapters = [sampling.AdapterSpec.parse(a) for a in args.adapter]
-    except FileNotFoundError as exc:
-        raise SystemExit(f"sdtune sample: {exc}") from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
-    dtype = SAVE_DTYPES[dtype_name]
-    try:
-        source = resolve_base(args.base)
-        guidance = args.guidance if args.guidance is not None else recommended_guidance(args.base)
-        pipe = load_pipeline(args.base, torch_dtype=dtype).to(device)
-    except BaseLoadError as exc:
-        raise SystemExit(f"sdtune sample: {exc}") from None
-    pipe.set_progress_bar_config(disable=True)
-    sampling.load_adapters(pipe, adapters)
-    extra = {"Lora": ", ".join(f"{Path(a.path).name}:{a.weight:g}" for a in adapters)} if adapters else None
-    settings = sampling.grid_settings(
-        prompts,
-        seeds,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance=guidance,
-        width=args.width,
-        height=args.height,
-        scheduler=args.scheduler,
-    )
-    samples = sampling.generate(pipe, settings, model_name=source.name, extra_parameters=extra)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for i, sample in enumerate(samples):
-        path = args.out / f"{i:04d}-seed{sample.settings.seed}.png"
-        sampling.save_png(sample, path)
-        print(path)
-    if args.grid:
-        title = (
-            f"{source.name}" + (f" + {extra['Lora']}" if extra else "") + f"  |  {args.steps} steps, CFG {guidance:g}"
+        written = api.sample_images(
+            _prompts(args),
+            args.out,
+            seeds=args.seed,
+            base=args.base,
+            adapters=args.adapter,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance=args.guidance,
+            width=args.width,
+            height=args.height,
+            scheduler=args.scheduler,
+            grid=args.grid,
+            device=args.device,
+            dtype=args.dtype,
         )
-        sampling.save_grid(sampling.samples_grid(samples, prompts, seeds, title), args.out / "grid.png")
-        print(args.out / "grid.png")
+    except api.StudioError as exc:
+        raise SystemExit(f"sdtune sample: {exc}") from None
+    print("\n".join(str(path) for path in written))
     return 0
 
 
@@ -123,13 +101,10 @@ def _convert_parser(sub):
 
 
 def run_convert(args) -> int:
-    from sdtune.adapters.single_file import convert
-
     try:
-        out = convert(args.src, args.dst, half=args.half, config=args.config, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(api.convert_checkpoint(args.src, args.dst, half=args.half, config=args.config, overwrite=args.overwrite))
+    except api.StudioError as exc:
         raise SystemExit(f"sdtune convert: {exc}") from None
-    print(out)
     return 0
 
 
@@ -139,9 +114,7 @@ def _doctor_parser(sub):
 
 
 def run_doctor(args) -> int:
-    from sdtune.trainers.core.doctor import doctor_report
-
-    print(doctor_report())
+    print(api.doctor_report())
     return 0
 
 
@@ -156,8 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sdtune.trainers.core import quiet_libraries
-
     quiet_libraries()
     return args.run(args)
 

@@ -1,5 +1,7 @@
 """Sampling: the one code path behind `sdtune sample`, training validation grids and the export check.
 
+Sampler names and their diffusers classes are in `schedulers.py`; contact sheets in `contact_sheet.py`.
+
 Because validation previews go through exactly this code, a preview shows what inference will give later.
 Each image gets its own CPU `torch.Generator` seeded with its seed, and images are rendered one at a time, so the
 same prompt, seed and settings give the same pixels whatever else is in the run.
@@ -9,21 +11,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-# name -> (diffusers scheduler class, extra config, A1111 sampler name)
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PNDM"),
-}
+from sdtune.adapters.schedulers import SCHEDULER_NAMES, SCHEDULERS, a1111_sampler_name
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ def set_scheduler(pipe, name: str):
     if name == "default":
         return pipe
     if name not in SCHEDULERS:
-        raise ValueError(f"--scheduler: unknown scheduler {name!r}; choose from default, {', '.join(SCHEDULERS)}")
+        raise ValueError(f"--scheduler: unknown scheduler {name!r}; choose from {', '.join(SCHEDULER_NAMES)}")
     import diffusers
 
     class_name, extra, _ = SCHEDULERS[name]
@@ -105,10 +100,9 @@ def load_adapters(pipe, adapters: list[AdapterSpec]):
 
 def a1111_parameters(settings: SampleSettings, width: int, height: int, model_name: str, extra: dict | None = None):
     """The A1111 "parameters" text: prompt, negative prompt, then `Key: value` pairs."""
-    sampler = SCHEDULERS[settings.scheduler][2] if settings.scheduler in SCHEDULERS else "Default"
     pairs = {
         "Steps": settings.steps,
-        "Sampler": sampler,
+        "Sampler": a1111_sampler_name(settings.scheduler),
         "CFG scale": settings.guidance,
         "Seed": settings.seed,
         "Size": f"{width}x{height}",
@@ -161,10 +155,11 @@ def save_png(sample: Sample, path: str | Path):
     """Writes a PNG with the generation parameters in a `parameters` text chunk (A1111 style), atomically."""
     info = PngInfo()
     info.add_text("parameters", sample.parameters)
-    _save_atomic(sample.image, Path(path), pnginfo=info)
+    save_png_atomic(sample.image, Path(path), pnginfo=info)
 
 
-def _save_atomic(image: Image.Image, path: Path, **kwargs):
+def save_png_atomic(image: Image.Image, path: Path, **kwargs):
+    """A reader (the studio, a half-finished run) never sees a half-written PNG: write beside it, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
     os.close(fd)
@@ -174,75 +169,3 @@ def _save_atomic(image: Image.Image, path: Path, **kwargs):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, font, width: int, draw) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line} {word}".strip()
-        if draw.textlength(trial, font=font) <= width or not line:
-            line = trial
-        else:
-            lines.append(line)
-            line = word
-    return lines + ([line] if line else [])
-
-
-def make_grid(
-    rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str], title: str = "", cell: int = 160
-) -> Image.Image:
-    """A labelled contact sheet: one row per prompt, one column per seed (or per base/adapter pair).
-
-    Small images (the toy base makes 64 px) are scaled up with nearest-neighbour so pixels stay honest.
-    """
-    font, small = _font(14), _font(12)
-    label_w, head_h = 200, 36 + (24 if title else 0)
-    width = label_w + cell * max(len(r) for r in rows)
-    sheet = Image.new("RGB", (width, head_h + cell * len(rows)), "white")
-    draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((8, 6), title, fill="black", font=font)
-    for c, label in enumerate(col_labels):
-        draw.text((label_w + c * cell + 6, head_h - 24), label, fill="black", font=small)
-    for r, (images, label) in enumerate(zip(rows, row_labels)):
-        y = head_h + r * cell
-        for i, line in enumerate(_wrap(label, small, label_w - 12, draw)[:8]):
-            draw.text((6, y + 6 + 15 * i), line, fill="black", font=small)
-        for c, image in enumerate(images):
-            scale = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
-            sheet.paste(image.resize((cell - 4, cell - 4), scale), (label_w + c * cell + 2, y + 2))
-    return sheet
-
-
-def save_grid(image: Image.Image, path: str | Path):
-    _save_atomic(image, Path(path))
-
-
-def samples_grid(samples: list[Sample], prompts: list[str], seeds: list[int], title: str = "") -> Image.Image:
-    """Grid of `grid_settings(prompts, seeds)` output: rows = prompts, columns = seeds."""
-    rows = [[samples[i * len(seeds) + j].image for j in range(len(seeds))] for i in range(len(prompts))]
-    return make_grid(rows, prompts, [f"seed {s}" for s in seeds], title)
-
-
-def ab_grid(base: list[Sample], adapted: list[Sample], prompts: list[str], seeds: list[int], title: str = ""):
-    """Base vs adapter side by side for the same prompts and seeds: columns alternate base / adapter per seed."""
-    rows, cols = [], []
-    for seed in seeds:
-        cols += [f"base  seed {seed}", f"adapter  seed {seed}"]
-    for i in range(len(prompts)):
-        row = []
-        for j in range(len(seeds)):
-            row += [base[i * len(seeds) + j].image, adapted[i * len(seeds) + j].image]
-        rows.append(row)
-    return make_grid(rows, prompts, cols, title)
-
-
-def with_size(settings: list[SampleSettings], width: int | None, height: int | None) -> list[SampleSettings]:
-    return [replace(s, width=width, height=height) for s in settings]

@@ -1,4 +1,7 @@
-"""`sdtune doctor`: what this machine can train, and which shipped recipes fit in its memory."""
+"""`sdtune doctor`: what this machine can train, and which shipped recipes fit in its memory.
+
+Recipes of methods without a trainer yet (DreamBooth, ControlNet) are estimated, and say that they cannot run.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from sdtune.adapters.base import resolve_base
 from sdtune.studio.versions import versions_section
-from sdtune.trainers.core.base import resolve_base
 from sdtune.trainers.core.estimate import GB, estimate_run
-from sdtune.trainers.core.recipe import RecipeError, load_recipe
+from sdtune.trainers.core.recipe import TRAINERS, RecipeError, load_recipe
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _bitsandbytes_status(device: str) -> str:
@@ -70,7 +73,9 @@ def recipe_fit_lines(device: str, budget: float) -> list[str]:
         except (RecipeError, OSError, ValueError) as exc:
             lines.append(f"  {path.name:34s} cannot estimate: {exc}")
             continue
-        if device != "cuda" and resolve_base(recipe.base).kind != "toy":
+        if recipe.method.type not in TRAINERS:
+            verdict = f"estimate only: no {recipe.method.type} trainer yet (planned)"
+        elif device != "cuda" and resolve_base(recipe.base).kind != "toy":
             verdict = "needs a CUDA GPU (SD v1-5 on a CPU would take days)"
         elif estimate.memory_bytes <= budget * 0.95:
             verdict = "fits"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdtune.trainers.core import toyworld
-from sdtune.trainers.core.sampling import Sample, SampleSettings, generate
+from sdtune.adapters import toyworld
+from sdtune.adapters.sampling import Sample, SampleSettings, generate
 
 BAR_SEEDS = (0, 1, 2, 3)
 BAR_STEPS = 25

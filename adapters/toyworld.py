@@ -10,7 +10,7 @@ learn and the scorer can tell when it did.
 Example:
 
 ```py
->>> from sdtune.trainers.core import toyworld
+>>> from sdtune.adapters import toyworld
 >>> scene = toyworld.Scene(color="red", shape="circle", radius=14, cx=32, cy=30)
 >>> image = toyworld.render(scene)           # PIL.Image, 64x64 RGB
 >>> toyworld.score_image(image).color, toyworld.score_image(image).shape

@@ -1,7 +1,7 @@
 """Loading the base model: one function, used by every trainer, `sdtune sample` and the studio.
 
 `base:` in a recipe (or `--base` on the command line) may be:
-    - `toy`: the bundled toy base (a small SD v1-5-layout model, see trainers/pretrain_toy.py);
+    - `toy`: the bundled toy base (a small SD v1-5-layout model, see adapters/toy_base/README.md);
     - a local diffusers folder (has `model_index.json`);
     - a single-file `.safetensors` checkpoint (A1111/Civitai style), read by diffusers' `from_single_file` with
       the bundled SD v1-5 configs, so no download is needed;
@@ -18,13 +18,44 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sdtune.trainers.core.recipe import BaseModelConfig
-
-TOY_BASE = Path(__file__).resolve().parent.parent / "toy_base"
-SD15_CONFIG = Path(__file__).resolve().parent.parent / "sd15_config"
+# The bundled model folders (package data of sdtune.adapters): the toy base, and SD v1-5's configs without weights,
+# which describe any SD v1 single-file checkpoint offline. Keyed by the names `detect_config` returns.
+TOY_BASE = Path(__file__).resolve().parent / "toy_base"
+SD15_CONFIG = Path(__file__).resolve().parent / "sd15_config"
+BUNDLED_CONFIGS = {"sd15": SD15_CONFIG, "toy": TOY_BASE}
+# Pickle checkpoints run code when loaded: refused unless the user opts in.
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+class BaseModelConfig(BaseModel):
+    """Which Stable Diffusion v1-5 base to fine-tune. A plain string is shorthand for `pretrained_model_name_or_path`.
+
+    The recipe's `base:` section. It lives with base loading because trainers, `sdtune sample` and the studio all
+    pass it in.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    pretrained_model_name_or_path: str = Field(
+        "toy", description="Hub repo id, local diffusers folder, single-file .safetensors checkpoint, or 'toy'."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. 'fp16' (files *.fp16.safetensors).")
+    config: str | None = Field(
+        None,
+        description="For a single-file checkpoint: diffusers folder or hub id whose configs describe it. "
+        "Default: the bundled SD v1-5 configs, or the toy base's for a toy-sized file.",
+    )
+    allow_pickle: bool = Field(
+        False, description="Allow .ckpt/.bin/.pt pickle files. Unpickling runs code: only for files you trust."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"pretrained_model_name_or_path": value} if isinstance(value, str) else value
 
 
 class BaseLoadError(RuntimeError):
@@ -38,10 +69,6 @@ class BaseSource:
     kind: str
     location: str  # path or hub id
     name: str  # short human name (for file metadata, grids, model cards)
-
-    @property
-    def is_local(self) -> bool:
-        return self.kind != "hub"
 
 
 def resolve_base(spec: str | BaseModelConfig) -> BaseSource:
@@ -88,27 +115,31 @@ def _single_file_config(cfg: BaseModelConfig, path: Path) -> str:
         return cfg.config
     from sdtune.adapters.single_file import detect_config
 
-    return str(TOY_BASE if detect_config(path, allow_pickle=cfg.allow_pickle) == "toy" else SD15_CONFIG)
+    return str(BUNDLED_CONFIGS[detect_config(path, allow_pickle=cfg.allow_pickle)])
 
 
-def load_pipeline(spec: str | BaseModelConfig, torch_dtype: torch.dtype = torch.float32):
+def load_pipeline(spec: str | BaseModelConfig, torch_dtype=None):
     """Loads the base as a `StableDiffusionPipeline` (no safety checker), on the CPU, in `torch_dtype`.
 
     Args:
         spec: a `BaseModelConfig` or the string forms listed in the module docstring.
-        torch_dtype: dtype of every component; trainers choose it from `train.mixed_precision`.
+        torch_dtype: dtype of every component (default fp32); trainers choose it from `train.mixed_precision`.
 
     Raises:
         BaseLoadError: with one line saying what is wrong and what to do.
     """
+    import torch
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
+    torch_dtype = torch_dtype or torch.float32
     cfg = spec if isinstance(spec, BaseModelConfig) else BaseModelConfig(pretrained_model_name_or_path=spec)
     source = resolve_base(cfg)
     kwargs = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
     if source.kind == "toy" and not (TOY_BASE / "model_index.json").is_file():
-        raise BaseLoadError(f"base: toy base missing at {TOY_BASE}; rebuild it with trainers/pretrain_toy.py")
+        raise BaseLoadError(
+            f"base: toy base missing at {TOY_BASE}; rebuild it with trainers/pretrain_toy.py --out adapters/toy_base"
+        )
     if source.kind == "single_file":
         from sdtune.adapters.single_file import load_single_file
 
@@ -138,7 +169,7 @@ DEFAULT_GUIDANCE = 7.5  # SD v1-5's usual classifier-free guidance
 def recommended_guidance(spec: str | BaseModelConfig) -> float:
     """The base's recommended guidance scale: `sdtune.json` in a local base folder says it, else SD's 7.5.
 
-    The toy base ships one (3.0): its tiny UNet overshoots at higher guidance (see trainers/toy_base/README.md),
+    The toy base ships one (3.0): its tiny UNet overshoots at higher guidance (see adapters/toy_base/README.md),
     the way many community checkpoints publish the CFG they were tuned for.
     """
     source = resolve_base(spec)

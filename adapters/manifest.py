@@ -1,0 +1,108 @@
+"""`adapter.json`: the manifest every trainer writes beside its adapter files, and the registry and studio read.
+
+It is the contract between the two sides: a trainer fills an `AdapterManifest` and writes it with
+`write_manifest`; anything that later lists, loads or compares adapters reads it back with `read_manifest`, which
+refuses a file with missing or unknown keys instead of guessing. The nested sections (`dataset`, `training`,
+`scores`, `export_check`, `recipe`) stay plain JSON data: their shape belongs to the method that wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "adapter.json"
+
+
+class ManifestError(ValueError):
+    """An `adapter.json` that cannot be read; the message names the file and the key."""
+
+
+@dataclass
+class BaseRef:
+    """The base an adapter was trained on: what the recipe named, which kind of source it was, its weights' hash."""
+
+    name_or_path: str
+    kind: str  # toy, folder, single_file or hub
+    hash: str  # sha256 of the weights, or "hub:<repo id>"
+
+
+@dataclass
+class AdapterManifest:
+    """What was trained, from what, how, and what it measurably does. Field order is the file's key order."""
+
+    name: str
+    method: str  # the recipe's method.type: lora, dreambooth, controlnet
+    created_at: str
+    base: BaseRef
+    trigger_words: list[str]
+    dataset: dict[str, Any]  # fingerprint, kind, image counts, skipped files, buckets
+    training: dict[str, Any]  # steps, final_loss, seconds (+ speed and memory figures)
+    files: dict[str, str]  # format (peft, kohya) -> file name in the run folder
+    samples: dict[str, str]  # grid name -> file name in the run folder
+    scores: dict[str, Any] | None  # toy-world scores of base and adapter, when measured
+    export_check: dict[str, Any] | None  # the reload-and-compare result, None when the check was off
+    recipe: dict[str, Any]  # the fully resolved recipe
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = MANIFEST_NAME) -> AdapterManifest:
+        """Checks the top-level keys exactly: a manifest from another tool or version fails here, by name."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{source}: expected a JSON object")
+        _check_keys(data, cls, source)
+        _check_keys(data["base"], BaseRef, f"{source}: base")
+        return cls(**{**data, "base": BaseRef(**data["base"])})
+
+
+def _check_keys(data, cls, where: str):
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected a JSON object")
+    names = [f.name for f in fields(cls)]
+    missing = [n for n in names if n not in data]
+    unknown = sorted(set(data) - set(names))
+    if missing:
+        raise ManifestError(f"{where}: missing key {missing[0]!r}")
+    if unknown:
+        raise ManifestError(f"{where}: unknown key {unknown[0]!r}")
+
+
+def manifest_path(run_or_file: str | Path) -> Path:
+    """A run folder means its `adapter.json`; a file path is taken as is."""
+    path = Path(run_or_file)
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
+def read_manifest(run_or_file: str | Path) -> AdapterManifest:
+    """Reads a run folder's (or a file's) manifest. Raises `ManifestError` with one line for a bad or missing file."""
+    path = manifest_path(run_or_file)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    return AdapterManifest.from_dict(data, str(path))
+
+
+def write_json_atomic(path: Path, data: dict):
+    """Readers never see half a file: written beside the target, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def write_manifest(run_dir: str | Path, manifest: AdapterManifest) -> Path:
+    """Writes `manifest` as `run_dir/adapter.json` (atomically); returns its path."""
+    path = Path(run_dir) / MANIFEST_NAME
+    write_json_atomic(path, manifest.to_dict())
+    return path
