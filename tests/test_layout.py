@@ -1,0 +1,98 @@
+"""The three packages and the rule between them (docs/architecture.md), read from the source, not from imports.
+
+    sdtune.adapters   inference: imports neither sdtune.trainers nor sdtune.studio
+    sdtune.trainers   training: may import sdtune.adapters, never sdtune.studio
+    sdtune.studio     front ends: on top, may import both
+
+Every module's AST is walked, imports inside functions included, so a lazy import cannot hide a wrong direction.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"adapters": "sdtune.adapters", "trainers": "sdtune.trainers", "studio": "sdtune.studio"}
+FORBIDDEN = {
+    "sdtune.adapters": ("sdtune.trainers", "sdtune.studio"),
+    "sdtune.trainers": ("sdtune.studio",),
+    "sdtune.studio": (),
+}
+
+
+def module_name(path: Path) -> str:
+    folder, *rest = path.relative_to(ROOT).with_suffix("").parts
+    parts = [PACKAGES[folder], *rest]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the file; relative imports resolved against its package."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            # `from sdtune import trainers` names the package in the alias, not in the module
+            found += [(node.lineno, f"{base}.{alias.name}" if base == "sdtune" else base) for alias in node.names]
+    return found
+
+
+def violations(path: Path) -> list[str]:
+    own = module_name(path)
+    package = next(p for p in FORBIDDEN if own == p or own.startswith(p + "."))
+    return [
+        f"{path.relative_to(ROOT)}:{line}: {package} must not import {name}"
+        for line, name in imported_modules(path)
+        if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN[package])
+    ]
+
+
+SOURCES = sorted(p for folder in PACKAGES for p in (ROOT / folder).rglob("*.py"))
+
+
+def test_every_package_has_modules():
+    for folder in PACKAGES:
+        assert any(p.parent.relative_to(ROOT).parts[0] == folder for p in SOURCES), folder
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(ROOT)) for p in SOURCES])
+def test_imports_follow_the_dependency_direction(path):
+    assert violations(path) == []
+
+
+@pytest.mark.parametrize(
+    "folder,source,offending",
+    [
+        ("adapters", "from sdtune.trainers.core.recipe import Recipe\n", "sdtune.trainers.core.recipe"),
+        ("adapters", "def f():\n    import sdtune.studio.api\n", "sdtune.studio.api"),
+        ("adapters", "from sdtune import trainers\n", "sdtune.trainers"),
+        ("adapters", "from ..trainers import lora\n", "sdtune.trainers"),
+        ("trainers", "from sdtune.studio.api import sample_images\n", "sdtune.studio.api"),
+    ],
+)
+def test_a_wrong_import_fails_with_its_name(folder, source, offending, monkeypatch, tmp_path):
+    """The checker itself: a planted module that breaks the rule is reported with the offending import."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    planted = tmp_path / folder / "planted.py"
+    planted.parent.mkdir()
+    planted.write_text(source)
+    found = violations(planted)
+    assert len(found) == 1 and found[0].endswith(f"must not import {offending}"), found
+
+
+def test_cli_and_api_import_without_torch():
+    """The studio's pages and `sdtune --help` stay fast: torch loads only when a command needs a model."""
+    code = "import sdtune.studio.cli, sdtune.studio.api, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
