@@ -11,6 +11,10 @@ A trainer writes only what is specific to its method:
         loop.after_micro_batch(loss)              # counts the step, logs, checkpoints, validates, honours Ctrl-C
     if loop.stopped_early:
         return 130
+
+Progress goes to the Accelerate trackers: `metrics.jsonl` in the run folder (trainers/core/progress.py) gets every
+step and the events "start", "checkpoint saved" and "stopped". At each step boundary the loop also takes the run's
+"sample now" / "save now" requests (trainers/core/run_files.py), written by the job worker or the studio.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from tqdm.auto import tqdm
 
 from sdtune.trainers.core.batches import Batch, BatchBuilder
 from sdtune.trainers.core.checkpointing import StopRequest, TrainState, save_checkpoint
+from sdtune.trainers.core.progress import progress_event
 from sdtune.trainers.core.recipe import TrainConfig
+from sdtune.trainers.core.run_files import take_requests
 from sdtune.trainers.core.runtime import step_seed
 
 
@@ -52,6 +58,7 @@ class RunLoop:
         self.progress = tqdm(
             total=train.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_main_process
         )
+        progress_event(accelerator, "start", state.step, resumed=state.step > 0)
 
     @property
     def done(self) -> bool:
@@ -92,21 +99,33 @@ class RunLoop:
         self.progress.set_postfix(loss=f"{state.last_loss:.4f}", **({"lr": f"{lr:.2e}"} if lr else {}))
         finished = state.step >= self.train.max_train_steps
         stop = self._stop is not None and self._stop.requested
-        if not finished and (state.step % self.train.checkpointing_steps == 0 or stop):
-            path = save_checkpoint(self.accelerator, self.out_dir, state.step, self.train.checkpoints_total_limit)
-            if self.on_checkpoint is not None and self.accelerator.is_main_process:
-                self.on_checkpoint(path, state.step)
-        if (
-            self.on_validation is not None
-            and self.validation_steps
-            and not finished
-            and state.step % self.validation_steps == 0
-            and self.accelerator.is_main_process
-        ):
-            self.on_validation(state.step)
+        asked = self._take_requests()  # "save now" / "sample now"; the final save and grid come anyway
+        if not finished and (state.step % self.train.checkpointing_steps == 0 or stop or "save" in asked):
+            self._checkpoint(state.step, requested="save" in asked)
+        validation_due = self.validation_steps and state.step % self.validation_steps == 0
+        if not finished and (validation_due or "sample" in asked):
+            if self.on_validation is not None and self.accelerator.is_main_process:
+                self.on_validation(state.step)
         if stop and not finished:
             self.accelerator.print(f"stopped at step {state.step}; resume with: train.resume=latest")
+            progress_event(self.accelerator, "stopped", state.step)
             self.stopped_early = True
+
+    def _checkpoint(self, step: int, requested: bool):
+        path = save_checkpoint(self.accelerator, self.out_dir, step, self.train.checkpoints_total_limit)
+        if self.on_checkpoint is not None and self.accelerator.is_main_process:
+            self.on_checkpoint(path, step)
+        progress_event(self.accelerator, "checkpoint saved", step, path=path, requested=requested)
+
+    def _take_requests(self) -> set[str]:
+        """The main process takes the run folder's requests; under DDP every process must act on the same ones
+        (a checkpoint is a collective), so they are broadcast."""
+        asked = take_requests(self.out_dir) if self.accelerator.is_main_process else set()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            asked = broadcast_object_list([asked])[0]
+        return asked
 
     def speed_and_memory(self) -> dict:
         """Median seconds per optimizer step (the first 3 are warm-up) and the run's peak memory."""

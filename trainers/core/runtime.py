@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from sdtune.trainers.core.progress import ProgressTracker
 from sdtune.trainers.core.recipe import Recipe, RecipeError, TrainConfig
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # train.mixed_precision -> dtype
@@ -24,11 +25,15 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     project = ProjectConfiguration(project_dir=recipe.output.dir, logging_dir=f"{recipe.output.dir}/logs")
     # Several processes and no GPU (torchrun / `accelerate launch --cpu`): Accelerate runs DDP over gloo only if told.
     several_cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Progress for the job queue and the studio (metrics.jsonl in the run folder) is always on; TensorBoard if asked.
+    trackers = [ProgressTracker(recipe.output.dir, train.max_train_steps)]
+    if recipe.output.report_to != "none":
+        trackers.append(recipe.output.report_to)
     accelerator = Accelerator(
         cpu=several_cpu_processes,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         mixed_precision=train.mixed_precision,
-        log_with=None if recipe.output.report_to == "none" else recipe.output.report_to,
+        log_with=trackers,
         project_config=project,
     )
     if train.allow_tf32 and torch.cuda.is_available():

@@ -15,6 +15,7 @@ import torch
 
 from sdtune.adapters import contact_sheet, sampling, scoring
 from sdtune.adapters.base import recommended_guidance
+from sdtune.trainers.core.progress import progress_event
 from sdtune.trainers.core.recipe import Recipe
 
 
@@ -89,12 +90,18 @@ class Validator:
             self._base_samples = self._render(self.settings, adapter=False)
         return self._base_samples
 
-    def grid(self, step: int, path: Path) -> Path:
+    def grid(self, step: int, path: Path) -> Path | None:
         """Base vs current adapter for every prompt and seed, saved at `path` and logged to the trackers."""
+        if not self.enabled:  # e.g. "sample now" on a recipe without validation prompts
+            progress_event(
+                self.accelerator, "validation", step, grid=None, note="the recipe has no validation.prompts"
+            )
+            return None
         adapted = self._render(self.settings, adapter=True)
         title = f"{self.model_name}: base vs adapter after {step} steps"
         image = contact_sheet.ab_grid(self.base_samples(), adapted, self.prompts, self.seeds, title)
         contact_sheet.save_grid(image, path)
+        progress_event(self.accelerator, "validation", step, grid=path)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images("validation", np.asarray(image)[None], step, dataformats="NHWC")
