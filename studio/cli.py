@@ -5,6 +5,9 @@ Usage:
     sdtune sample --base runs/quickstart/... --adapter runs/quickstart:0.8 --prompts-file prompts.txt
     sdtune convert path/to/diffusers-folder model.safetensors --half      # and back: model.safetensors folder/
     sdtune doctor
+    sdtune jobs submit recipes/quickstart.yaml [train.lr=1e-4 ...]    # queue a training run
+    sdtune worker                                                      # run queued jobs (a separate process)
+    sdtune jobs list | show ID | cancel ID | resume ID | retry ID | sample ID | save ID
 
 Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README). Every command calls
 `sdtune.studio.api`, the same functions the Streamlit studio uses; this module only parses arguments and prints.
@@ -17,9 +20,12 @@ import sys
 from pathlib import Path
 
 from sdtune.adapters import quiet_libraries
-from sdtune.studio import api
+from sdtune.studio import api, jobs, worker
 
-EPILOG = "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml (see README.md)."
+EPILOG = (
+    "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml, or queue it: sdtune jobs submit "
+    "recipes/quickstart.yaml and run sdtune worker (see README.md)."
+)
 
 
 def _sample_parser(sub):
@@ -118,18 +124,91 @@ def run_doctor(args) -> int:
     return 0
 
 
+def _jobs_parser(sub):
+    p = sub.add_parser("jobs", help="The training queue: submit, list, show, cancel, resume, retry, sample, save.")
+    actions = p.add_subparsers(
+        dest="action", required=True, metavar="{submit,list,show,cancel,resume,retry,sample,save}"
+    )
+    submit = actions.add_parser("submit", help="Queue a recipe (validated now; `sdtune worker` runs it).")
+    submit.add_argument("recipe", type=Path)
+    submit.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
+    listing = actions.add_parser("list", help="Jobs, newest first, with their progress.")
+    listing.add_argument("--state", action="append", choices=jobs.STATES, help="Only jobs in this state; repeatable.")
+    for name, text in [
+        ("show", "A job's record, progress and log tail."),
+        ("cancel", "Cancel: at once if queued; a running trainer saves a checkpoint and stops."),
+        ("resume", "Queue an interrupted/cancelled/failed job again, from its last checkpoint."),
+        ("retry", "Queue a finished job again from scratch."),
+        ("sample", '"Sample now": the running trainer renders a validation grid at its next step.'),
+        ("save", '"Save now": the running trainer writes a checkpoint at its next step.'),
+    ]:
+        actions.add_parser(name, help=text).add_argument("id", type=int)
+    p.set_defaults(run=run_jobs)
+
+
+def _progress_text(job: jobs.Job) -> str:
+    info = jobs.progress(job.id)
+    if not info["total_steps"]:
+        return "-"
+    text = f"{info['step']}/{info['total_steps']}"
+    if info["loss"] is not None:
+        text += f" loss {info['loss']:.4f}"
+    if info["eta"] is not None:
+        text += f" eta {info['eta']:.0f}s"
+    return text
+
+
+def run_jobs(args) -> int:
+    try:
+        if args.action == "submit":
+            job = jobs.submit(args.recipe, args.overrides)
+            print(f"job {job.id}: queued ({job.method}, {job.name}); run folder {job.run_dir}")
+            print("start a worker if none runs: sdtune worker")
+        elif args.action == "list":
+            print(f"{'id':>4}  {'state':<11} {'method':<10} {'name':<20} progress")
+            for job in jobs.list_jobs(args.state):
+                print(f"{job.id:>4}  {job.state:<11} {job.method:<10} {job.name:<20} {_progress_text(job)}")
+        elif args.action == "show":
+            job = jobs.get(args.id)
+            for key, value in job.to_dict().items():
+                print(f"{key:>16}: {' '.join(value.splitlines()) if isinstance(value, str) else value}")
+            info = jobs.progress(job.id)
+            print(f"{'progress':>16}: {_progress_text(job)}")
+            print(f"{'latest grid':>16}: {info['latest_grid']}")
+            print(f"--- log tail ({job.log}) ---\n{jobs.log_tail(job.id)}")
+        elif args.action in ("cancel", "resume", "retry"):
+            job = getattr(jobs, args.action)(args.id)
+            flagged = " (the worker is stopping it)" if job.cancel_requested else ""
+            print(f"job {job.id}: {job.state}{flagged}")
+        else:
+            path = (jobs.request_sample if args.action == "sample" else jobs.request_save)(args.id)
+            print(f"job {args.id}: asked ({path}); the trainer acts at its next step")
+    except jobs.JobError as exc:
+        raise SystemExit(f"sdtune jobs: {exc}") from None
+    return 0
+
+
+def _worker_parser(sub):
+    p = sub.add_parser("worker", help="Run queued training jobs (one at a time by default) until Ctrl-C.")
+    worker.build_parser(p)
+    p.set_defaults(run=worker.run_worker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.split("\n")[0], epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,convert,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,convert,doctor,jobs,worker}")
     _sample_parser(sub)
     _convert_parser(sub)
     _doctor_parser(sub)
+    _jobs_parser(sub)
+    _worker_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_libraries()
+    if args.command not in ("jobs", "worker"):  # these load no model: skip importing diffusers/transformers
+        quiet_libraries()
     return args.run(args)
 
 

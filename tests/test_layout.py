@@ -93,6 +93,7 @@ def test_a_wrong_import_fails_with_its_name(folder, source, offending, monkeypat
 
 def test_cli_and_api_import_without_torch():
     """The studio's pages and `sdtune --help` stay fast: torch loads only when a command needs a model."""
-    code = "import sdtune.studio.cli, sdtune.studio.api, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    modules = "sdtune.studio.cli, sdtune.studio.api, sdtune.studio.jobs, sdtune.studio.worker"
+    code = f"import {modules}, sys; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,336 @@
+"""The job queue: training runs submitted from the CLI or the studio, run by a separate worker (`sdtune worker`).
+
+Jobs live in SQLite (WAL mode) at `$SDTUNE_HOME/jobs.db` (default `~/.sdtune`), each with its folder:
+
+    $SDTUNE_HOME/jobs/<id>/recipe.yaml   the resolved recipe the job trains: every default filled in, the overrides
+                                         applied, `output.dir` set to run/ (the job records exactly what it trained)
+    $SDTUNE_HOME/jobs/<id>/run/          the run folder: metrics.jsonl, samples/, checkpoints/, the adapter files
+    $SDTUNE_HOME/jobs/<id>/log.txt       the trainer's console output, every attempt
+
+States:
+
+    queued --(worker claims)--> running --> done | failed | cancelled | interrupted
+    cancel   queued/interrupted -> cancelled at once; running -> the worker stops it (SIGTERM to its process group:
+             the trainer saves a checkpoint and exits; SIGKILL after a grace period) -> cancelled
+    resume   interrupted/cancelled/failed -> queued; the trainer continues from its last checkpoint (train.resume)
+    retry    any finished job -> queued from scratch (the previous run folder is kept as run.attempt-N)
+
+A job found `running` whose worker is dead becomes `interrupted` (see `sdtune.studio.worker`). The queue is the
+database, so it survives a browser refresh, a studio restart and a worker restart; claims are single SQL
+transactions (BEGIN IMMEDIATE), so two workers never run one job twice.
+
+Every function here takes and returns plain data (`Job` is a dataclass of strings and numbers; `progress` a dict)
+and imports no torch, for the CLI and the Streamlit pages alike. Mistakes raise `JobError` with one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from sdtune.trainers.core import run_files
+
+STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+FINISHED = ("done", "failed", "cancelled", "interrupted")
+RESUMABLE = ("interrupted", "cancelled", "failed")
+DB_FILE = "jobs.db"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    method           TEXT NOT NULL,
+    name             TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    source           TEXT NOT NULL,             -- the recipe file as submitted
+    overrides        TEXT NOT NULL DEFAULT '',  -- its command-line overrides, one per line
+    workdir          TEXT NOT NULL,             -- relative paths in the recipe are relative to it
+    job_dir          TEXT NOT NULL,
+    created_at       REAL NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    worker           TEXT,                      -- id of the worker that runs / ran it
+    pid              INTEGER,
+    pgid             INTEGER,
+    exit_code        INTEGER,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    resume           INTEGER NOT NULL DEFAULT 0,  -- next attempt continues from the last checkpoint
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error            TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+CREATE TABLE IF NOT EXISTS workers (
+    id           TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    proc_start   TEXT,                          -- process start time from /proc: a reused pid is not the worker
+    concurrency  INTEGER NOT NULL,
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
+"""
+
+
+class JobError(ValueError):
+    """A request the queue cannot honour (no such job, wrong state, bad recipe); the message is one line."""
+
+
+@dataclass
+class Job:
+    """One row of the queue, as plain data."""
+
+    id: int
+    method: str
+    name: str
+    state: str
+    source: str
+    overrides: str
+    workdir: str
+    job_dir: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    worker: str | None
+    pid: int | None
+    pgid: int | None
+    exit_code: int | None
+    attempts: int
+    resume: int
+    cancel_requested: int
+    error: str | None
+
+    @property
+    def recipe(self) -> Path:
+        return Path(self.job_dir) / "recipe.yaml"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.job_dir) / "run"
+
+    @property
+    def log(self) -> Path:
+        return Path(self.job_dir) / "log.txt"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "recipe": str(self.recipe), "run_dir": str(self.run_dir), "log": str(self.log)}
+
+
+COLUMNS = [f.name for f in fields(Job)]
+
+
+# -- the database ---------------------------------------------------------------------------------------------------
+
+
+def sdtune_home(home: str | Path | None = None) -> Path:
+    """The workspace: `home` if given, else $SDTUNE_HOME, else ~/.sdtune."""
+    return Path(home or os.environ.get("SDTUNE_HOME") or Path.home() / ".sdtune").expanduser()
+
+
+@contextlib.contextmanager
+def connect(home: str | Path | None = None) -> Iterator[sqlite3.Connection]:
+    """A connection in autocommit mode (transactions are explicit, see `transaction`); WAL lets the studio read
+    while a worker writes."""
+    root = sdtune_home(home)
+    root.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(root / DB_FILE, timeout=30, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.executescript(SCHEMA)
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE takes the write lock up front: a read-then-update inside it cannot race another writer."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def job_from_row(row: sqlite3.Row | None) -> Job | None:
+    return None if row is None else Job(**{name: row[name] for name in COLUMNS})
+
+
+def fetch(conn, job_id: int) -> Job:
+    job = job_from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+    if job is None:
+        raise JobError(f"job {job_id}: no such job (see `sdtune jobs list`)")
+    return job
+
+
+# -- submitting and reading -----------------------------------------------------------------------------------------
+
+
+def submit(recipe: str | Path, overrides: list[str] | None = None, *, home: str | Path | None = None) -> Job:
+    """Validates `recipe` (+ `section.key=value` overrides) and queues it; returns the new job.
+
+    The resolved recipe is written into the job's folder with `output.dir` pointing at the job's run folder, so
+    a job never writes over another and records exactly what it trains. Relative paths in the recipe (the data)
+    stay relative to the current directory, where the worker will run the trainer.
+    """
+    import yaml
+
+    from sdtune.trainers.core.recipe import TRAINERS, RecipeError, load_recipe, trainer_for
+
+    overrides = list(overrides or [])
+    try:
+        resolved = load_recipe(recipe, overrides)
+    except RecipeError as exc:
+        raise JobError(str(exc)) from None
+    method = resolved.method.type
+    if method not in TRAINERS:
+        raise JobError(f"{recipe}: method.type is {method!r}: {trainer_for(method)}")
+    with connect(home) as conn, transaction(conn):
+        cursor = conn.execute(
+            "INSERT INTO jobs (method, name, state, source, overrides, workdir, job_dir, created_at)"
+            " VALUES (?, ?, 'queued', ?, ?, ?, '', ?)",
+            (
+                method,
+                resolved.output.name,
+                str(Path(recipe).resolve()),
+                "\n".join(overrides),
+                os.getcwd(),
+                time.time(),
+            ),
+        )
+        job_id = cursor.lastrowid
+        job_dir = sdtune_home(home) / "jobs" / str(job_id)
+        shutil.rmtree(job_dir, ignore_errors=True)  # left by a submit that crashed before its commit
+        resolved.output.dir = str(job_dir / "run")
+        _write_atomic(job_dir / "recipe.yaml", yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+        conn.execute("UPDATE jobs SET job_dir = ? WHERE id = ?", (str(job_dir), job_id))
+        return fetch(conn, job_id)
+
+
+def _write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def get(job_id: int, *, home: str | Path | None = None) -> Job:
+    with connect(home) as conn:
+        return fetch(conn, int(job_id))
+
+
+def list_jobs(states: list[str] | None = None, *, home: str | Path | None = None) -> list[Job]:
+    """Jobs, newest first; only those in `states` if given."""
+    with connect(home) as conn:
+        rows = conn.execute("SELECT * FROM jobs ORDER BY id DESC").fetchall()
+    jobs = [job_from_row(row) for row in rows]
+    return [job for job in jobs if states is None or job.state in states]
+
+
+# -- actions ------------------------------------------------------------------------------------------------------
+
+
+def _change(job_id: int, allowed: tuple[str, ...], action: str, home, **values) -> Job:
+    """Sets `values` on the job if its state is one of `allowed`, atomically; else a one-line error."""
+    with connect(home) as conn, transaction(conn):
+        job = fetch(conn, int(job_id))
+        if job.state not in allowed:
+            raise JobError(f"job {job.id} is {job.state}: {action} needs a job that is {' or '.join(allowed)}")
+        assignments = ", ".join(f"{key} = ?" for key in values)
+        conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job.id))
+        return fetch(conn, job.id)
+
+
+def cancel(job_id: int, *, home: str | Path | None = None) -> Job:
+    """A queued or interrupted job is cancelled at once; a running one is flagged, and its worker stops it
+    (graceful first: the trainer saves a checkpoint, so a cancelled job can still be resumed)."""
+    job = get(job_id, home=home)
+    if job.state == "running":
+        return _change(job.id, ("running",), "cancel", home, cancel_requested=1)
+    return _change(job.id, ("queued", "interrupted"), "cancel", home, state="cancelled", finished_at=time.time())
+
+
+def resume(job_id: int, *, home: str | Path | None = None) -> Job:
+    """Queues an interrupted, cancelled or failed job again; it continues from its last checkpoint."""
+    return _change(job_id, RESUMABLE, "resume", home, state="queued", resume=1, cancel_requested=0, error=None)
+
+
+def retry(job_id: int, *, home: str | Path | None = None) -> Job:
+    """Queues a finished job again from scratch; its previous run folder is kept as `run.attempt-N`."""
+    job = _change(job_id, FINISHED, "retry", home, state="queued", resume=0, cancel_requested=0, error=None)
+    if job.run_dir.exists():
+        job.run_dir.rename(job.run_dir.with_name(f"run.attempt-{job.attempts}"))
+    return job
+
+
+def _request(job_id: int, kind: str, home) -> Path:
+    job = get(job_id, home=home)
+    if job.state != "running":
+        raise JobError(f"job {job.id} is {job.state}: 'sample now' and 'save now' need a running job")
+    return run_files.write_request(job.run_dir, kind)
+
+
+def request_sample(job_id: int, *, home: str | Path | None = None) -> Path:
+    """Sample now: the trainer renders a validation grid at its next step (see `progress()["latest_grid"]`)."""
+    return _request(job_id, "sample", home)
+
+
+def request_save(job_id: int, *, home: str | Path | None = None) -> Path:
+    """Save now: the trainer writes a checkpoint (and the adapter files) at its next step."""
+    return _request(job_id, "save", home)
+
+
+# -- progress -------------------------------------------------------------------------------------------------------
+
+
+def progress(job_id: int, *, home: str | Path | None = None) -> dict:
+    """What the trainer reported in the run's metrics file, ready for a progress bar, a loss chart and a grid.
+
+    Returns a dict: `state`, `step`, `total_steps`, `fraction` (0-1), `loss`, `lr`, `seconds_per_step`, `eta`
+    (seconds), `losses` ([step, loss] pairs; a resumed run's repeated steps keep their latest value),
+    `latest_grid` (absolute path or None), `events` (the event lines), `done` (the trainer's final entry seen),
+    `pending_requests` ("sample"/"save" not yet taken).
+    """
+    job = get(job_id, home=home)
+    records = run_files.read_metrics(job.run_dir)
+    steps = [r for r in records if "event" not in r]
+    events = [r for r in records if "event" in r]
+    latest = steps[-1] if steps else {}
+    losses = {r["step"]: r["loss"] for r in steps if "loss" in r}
+    grids = [e["grid"] for e in events if e["event"] == "validation" and e.get("grid")]
+    step = (records[-1].get("step") or 0) if records else 0
+    total = next((r["total_steps"] for r in reversed(records) if r.get("total_steps")), None)
+    return {
+        "state": job.state,
+        "step": step,
+        "total_steps": total,
+        "fraction": min(step / total, 1.0) if total else 0.0,
+        "loss": latest.get("loss"),
+        "lr": latest.get("lr"),
+        "seconds_per_step": latest.get("seconds_per_step"),
+        "eta": latest.get("eta") if job.state == "running" else None,
+        "losses": sorted([s, loss] for s, loss in losses.items()),
+        "latest_grid": str(job.run_dir / grids[-1]) if grids else None,
+        "events": events,
+        "done": bool(events) and events[-1]["event"] == "done",
+        "pending_requests": run_files.pending_requests(job.run_dir),
+    }
+
+
+def log_tail(job_id: int, lines: int = 40, *, home: str | Path | None = None) -> str:
+    """The last `lines` lines of the job's console log (progress bars' carriage returns folded)."""
+    path = get(job_id, home=home).log
+    if not path.is_file():
+        return ""
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - 256 * 1024))
+        text = handle.read().decode(errors="replace")
+    folded = [line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line for line in text.splitlines()]
+    return "\n".join(folded[-lines:])

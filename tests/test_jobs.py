@@ -1,0 +1,334 @@
+"""The job queue and its worker, for real: SQLite in a temporary SDTUNE_HOME, worker processes, `accelerate launch`
+of the LoRA trainer on the toy base.
+
+What must hold: a submitted job runs to `done` and its progress is read from metrics.jsonl, not the log; "sample now"
+and "save now" reach a running trainer; cancel stops the whole process group (graceful, SIGKILL when ignored); two
+workers never run a job twice; a worker killed with SIGKILL leaves its job `interrupted`, and the resumed job ends
+with the same LoRA weights as an unbroken run; the queue is the database, so it outlives every process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_lora import RESUME_RECIPE, assert_same_weights, run_trainer
+
+from sdtune.studio import jobs
+from sdtune.studio.worker import group_members, stop_group
+from sdtune.trainers.core import run_files
+from sdtune.trainers.core.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+DATA = ROOT / "datasets" / "quickstart-purple"
+ACCELERATE_ARGS = "--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+# The quickstart made small: 2 images per step, one validation image, no TensorBoard, no export check.
+SMALL = [
+    f"data.train_data_dir={DATA}",
+    "train.train_batch_size=2",
+    "validation.prompts=[a purple circle]",
+    "validation.seeds=[0]",
+    "validation.toy_score=[]",
+    "validation.num_inference_steps=4",
+    "validation.validation_steps=0",
+    "output.report_to=none",
+    "output.export_check=false",
+]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("SDTUNE_HOME", str(home))
+    return home
+
+
+def start_worker(home: Path, log: Path, *extra: str, entry: str = "module") -> subprocess.Popen:
+    """`python -m sdtune.studio.worker` or `sdtune worker`, polling fast, its output in `log`."""
+    prefix = [sys.executable, "-m", "sdtune.studio.worker"]
+    if entry == "cli":
+        prefix = [str(Path(sys.executable).parent / "sdtune"), "worker"]
+    command = [*prefix, "--home", str(home), "--poll", "0.2", "--accelerate-args", ACCELERATE_ARGS, *extra]
+    with log.open("a") as out:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, timeout: float, what: str, worker: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while not condition():
+        assert worker is None or worker.poll() is None, f"the worker exited while waiting for {what}"
+        assert time.time() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.2)
+
+
+def events(job_id: int, home: Path) -> list[dict]:
+    return jobs.progress(job_id, home=home)["events"]
+
+
+def sdtune(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SDTUNE_HOME": str(home)}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "sdtune"), *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+# -- the files between trainer and worker, and the queue's bookkeeping (no training) ---------------------------------
+
+
+def test_metrics_lines_and_requests(tmp_path):
+    run_files.append_line(tmp_path / run_files.METRICS_FILE, {"step": 1, "loss": 0.5})
+    with (tmp_path / run_files.METRICS_FILE).open("a") as handle:
+        handle.write('{"step": 2, "loss"')  # a line still being written is not read yet
+    assert run_files.read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+    run_files.write_request(tmp_path, "save")
+    run_files.write_request(tmp_path, "save")  # two clicks before the next step: one save
+    assert run_files.pending_requests(tmp_path) == ["save"]
+    assert run_files.take_requests(tmp_path) == {"save"}
+    assert run_files.take_requests(tmp_path) == set()
+    with pytest.raises(ValueError, match="expected one of sample, save"):
+        run_files.write_request(tmp_path, "stop")
+
+
+def test_progress_tracker_lines_eta_and_final_entry(tmp_path):
+    from sdtune.trainers.core.progress import ProgressTracker
+
+    tracker = ProgressTracker(tmp_path, total_steps=10)
+    tracker.start()
+    for step in range(1, 5):
+        tracker.log({"loss": 0.1 * step, "lr": 1e-3, "nan": float("nan")}, step=step)
+        time.sleep(0.05)
+    tracker.event("checkpoint saved", path=tmp_path / "checkpoints" / "checkpoint-4")
+    (tmp_path / "adapter.json").write_text("{}")
+    tracker.finish()
+    lines = run_files.read_metrics(tmp_path)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 4, 4]
+    last_step = lines[3]
+    assert last_step["loss"] == pytest.approx(0.4) and last_step["total_steps"] == 10 and "nan" not in last_step
+    # 6 steps left at ~0.05 s each
+    assert 0.04 <= last_step["seconds_per_step"] <= 0.5 and last_step["eta"] == pytest.approx(
+        6 * last_step["seconds_per_step"], abs=0.1
+    )
+    assert lines[4]["event"] == "checkpoint saved" and lines[4]["path"] == "checkpoints/checkpoint-4"
+    assert lines[5]["event"] == "done" and lines[5]["manifest"] == "adapter.json"
+
+
+def test_submit_validates_and_records_the_resolved_recipe(home):
+    job = jobs.submit(QUICKSTART, ["train.lr=2e-4", f"data.train_data_dir={DATA}"])
+    assert (job.id, job.state, job.method, job.name, job.attempts) == (1, "queued", "lora", "toy-purple", 0)
+    recorded = load_recipe(job.recipe)
+    assert recorded.train.learning_rate == 2e-4 and recorded.train.max_train_steps == 300
+    assert recorded.output.dir == str(home / "jobs" / "1" / "run")
+    assert recorded == load_recipe(
+        QUICKSTART, ["train.lr=2e-4", f"data.train_data_dir={DATA}", f"output.dir={job.run_dir}"]
+    )
+    with pytest.raises(jobs.JobError, match=r"quickstart.yaml: train.lerning_rate: unknown key \(did you mean"):
+        jobs.submit(QUICKSTART, ["train.lerning_rate=1"])
+    with pytest.raises(jobs.JobError, match="missing.yaml: recipe file not found"):
+        jobs.submit(home / "missing.yaml")
+    assert [j.id for j in jobs.list_jobs()] == [1]  # nothing half-submitted
+
+
+def test_actions_follow_the_states(home):
+    a, b = jobs.submit(QUICKSTART), jobs.submit(QUICKSTART)
+    with pytest.raises(jobs.JobError, match="job 1 is queued: 'sample now' and 'save now' need a running job"):
+        jobs.request_sample(a.id)
+    with pytest.raises(jobs.JobError, match="job 1 is queued: resume needs a job that is interrupted or cancelled"):
+        jobs.resume(a.id)
+    assert jobs.cancel(a.id).state == "cancelled"
+    with pytest.raises(jobs.JobError, match="job 1 is cancelled: cancel needs"):
+        jobs.cancel(a.id)
+    resumed = jobs.resume(a.id)
+    assert (resumed.state, resumed.resume) == ("queued", 1)
+    jobs.cancel(a.id)
+    retried = jobs.retry(a.id)
+    assert (retried.state, retried.resume) == ("queued", 0)
+    with pytest.raises(jobs.JobError, match="job 7: no such job"):
+        jobs.get(7)
+    assert [j.id for j in jobs.list_jobs(["queued"])] == [b.id, a.id]
+    listing = sdtune("jobs", "list", home=home)  # another process reads the same queue
+    assert listing.returncode == 0 and listing.stdout.count("queued") == 2, listing.stderr
+
+
+def test_the_queue_api_loads_no_torch(home):
+    code = (
+        "import sys\nfrom sdtune.studio import jobs\n"
+        f"job = jobs.submit({str(QUICKSTART)!r})\njobs.list_jobs(); jobs.progress(job.id); jobs.cancel(job.id)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+CLAIMER = """
+import sys
+from sdtune.studio.worker import Worker, WorkerConfig
+worker = Worker(WorkerConfig(concurrency=int(sys.argv[2]), home=sys.argv[1]))
+while (job := worker.claim()) is not None:
+    print(job.id, flush=True)
+"""
+
+
+@pytest.mark.parametrize("limit", [100, 3])
+def test_claims_are_atomic_across_processes(home, limit):
+    """Four processes claim at once: every job is claimed once, and never more than `limit` run in total."""
+    with jobs.connect(home) as conn:  # 24 queued rows, inserted directly: this is about the claim, not submit
+        for i in range(24):
+            conn.execute(
+                "INSERT INTO jobs (method, name, state, source, workdir, job_dir, created_at)"
+                " VALUES ('lora', ?, 'queued', 'r.yaml', '.', ?, 0)",
+                (f"job{i}", str(home / "jobs" / str(i + 1))),
+            )
+    claimers = [
+        subprocess.Popen([sys.executable, "-c", CLAIMER, str(home), str(limit)], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    claimed = [int(line) for proc in claimers for line in proc.communicate(timeout=120)[0].split()]
+    assert len(claimed) == len(set(claimed)) == min(limit, 24)
+    running = jobs.list_jobs(["running"])
+    assert sorted(j.id for j in running) == sorted(claimed) and all(j.attempts == 1 for j in running)
+
+
+def test_stop_group_is_graceful_then_kills_what_ignores_sigterm():
+    polite = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    assert stop_group(polite.pid, grace=5, leader=polite) == "graceful"
+    # a group whose every member ignores SIGTERM (a child too): only SIGKILL ends it
+    stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60 & sleep 60; wait"], start_new_session=True)
+    wait_for(lambda: len(group_members(stubborn.pid)) == 3, 10, "the shell and its two sleeps")
+    started = time.monotonic()
+    assert stop_group(stubborn.pid, grace=1, leader=stubborn) == "killed"
+    assert 1 <= time.monotonic() - started < 10
+    assert group_members(stubborn.pid) == [] and stubborn.returncode == -signal.SIGKILL
+    assert stop_group(stubborn.pid, grace=1) == "gone"
+
+
+# -- the worker running real trainings --------------------------------------------------------------------------------
+
+
+def test_worker_runs_a_job_to_done_with_progress(home, tmp_path):
+    job = jobs.submit(
+        QUICKSTART, [*SMALL, "train.max_train_steps=6", "train.checkpointing_steps=3", "validation.validation_steps=3"]
+    )
+    worker = start_worker(home, tmp_path / "worker.log", "--once", entry="cli")
+    assert worker.wait(timeout=600) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    job = jobs.get(job.id)
+    assert (job.state, job.exit_code, job.attempts, job.error) == ("done", 0, 1, None), jobs.log_tail(job.id)
+    info = jobs.progress(job.id)
+    assert (info["step"], info["total_steps"], info["fraction"], info["done"]) == (6, 6, 1.0, True)
+    assert [s for s, _ in info["losses"]] == [1, 2, 3, 4, 5, 6] and all(0 < loss < 1 for _, loss in info["losses"])
+    steps = [r for r in run_files.read_metrics(job.run_dir) if "event" not in r]
+    assert all(r["lr"] > 0 and r["seconds"] >= 0 for r in steps) and all("eta" in r for r in steps[1:])
+    names = [(e["event"], e["step"]) for e in info["events"]]
+    assert names == [("start", 0), ("checkpoint saved", 3), ("validation", 3), ("validation", 6), ("done", 6)]
+    assert info["events"][2]["grid"] == "samples/step-000003.png" and info["events"][-1]["manifest"] == "adapter.json"
+    assert info["latest_grid"] == str(job.run_dir / "ab_grid.png") and Path(info["latest_grid"]).is_file()
+    manifest = json.loads((job.run_dir / "adapter.json").read_text())
+    assert manifest["training"]["steps"] == 6 and manifest["recipe"]["output"]["dir"] == str(job.run_dir)
+    assert "data: 16 images" in jobs.log_tail(job.id, 200)  # the trainer's console went to the job's log
+    shown = sdtune("jobs", "show", str(job.id), home=home)
+    assert "state: done" in shown.stdout and "progress: 6/6" in shown.stdout, shown.stderr
+
+
+def test_sample_now_save_now_and_cancel_a_running_job(home, tmp_path):
+    job = jobs.submit(QUICKSTART, [*SMALL, "train.max_train_steps=100000", "train.checkpointing_steps=100000"])
+    worker = start_worker(home, tmp_path / "worker.log", "--grace", "120")
+    try:
+        wait_for(lambda: jobs.progress(job.id)["step"] >= 2, 300, "the trainer's first steps", worker)
+        jobs.request_sample(job.id)
+        jobs.request_save(job.id)
+        wait_for(lambda: len(events(job.id, home)) >= 3, 120, "the trainer to act on both requests", worker)
+        asked = {e["event"]: e for e in events(job.id, home)[1:3]}
+        saved, sampled = asked["checkpoint saved"], asked["validation"]
+        assert saved["requested"] is True and (job.run_dir / saved["path"] / "trainable_0.safetensors").is_file()
+        assert (job.run_dir / sampled["grid"]).is_file() and sampled["grid"].startswith("samples/step-")
+        assert jobs.progress(job.id)["latest_grid"] == str(job.run_dir / sampled["grid"])
+
+        pgid = jobs.get(job.id).pgid
+        assert group_members(pgid)  # the accelerate launcher and the trainer under it
+        assert jobs.cancel(job.id).cancel_requested == 1
+        wait_for(lambda: jobs.get(job.id).state == "cancelled", 180, "the cancel", worker)
+        assert group_members(pgid) == []  # the whole process group is gone
+        final = events(job.id, home)
+        # graceful: the trainer finished its step, saved a checkpoint and said so; no "done"
+        assert [e["event"] for e in final[-2:]] == ["checkpoint saved", "stopped"], final[-3:]
+        assert jobs.progress(job.id)["done"] is False and jobs.get(job.id).exit_code != 0
+        assert "trainer stopped: graceful" in (tmp_path / "worker.log").read_text()
+        assert "resume with: train.resume=latest" in jobs.log_tail(job.id, 400)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=120)
+
+
+@pytest.mark.slow
+def test_two_workers_never_run_a_job_twice(home, tmp_path):
+    submitted = [jobs.submit(QUICKSTART, [*SMALL, "train.max_train_steps=3"]) for _ in range(3)]
+    workers = [start_worker(home, tmp_path / f"worker{i}.log", "--once", "--concurrency", "2") for i in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=900) == 0
+    for job in map(jobs.get, [j.id for j in submitted]):
+        assert (job.state, job.attempts) == ("done", 1), job
+        assert job.log.read_text().count("=== attempt") == 1
+        assert [e["event"] for e in events(job.id, home)].count("start") == 1
+    logs = "".join((tmp_path / f"worker{i}.log").read_text() for i in range(2))
+    assert len([line for line in logs.splitlines() if ": started" in line]) == 3
+
+
+@pytest.fixture(scope="module")
+def unbroken_run(tmp_path_factory):
+    """test_lora's resume recipe (every source of randomness on) and the weights of its uninterrupted run."""
+    root = tmp_path_factory.mktemp("jobs-resume")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(RESUME_RECIPE.format(data=DATA))
+    proc = run_trainer([str(recipe), f"output.dir={root / 'reference'}"], root / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    return recipe, load_file(str(root / "reference" / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash", ["worker", "worker-and-trainer"])
+def test_worker_killed_mid_job_then_resume_ends_bit_identical(crash, home, tmp_path, unbroken_run):
+    """SIGKILL the worker (and, as in a power cut, its trainer) after the second checkpoint; a restarted worker
+    marks the job interrupted; resumed, it ends with exactly the unbroken run's LoRA weights."""
+    recipe, reference = unbroken_run
+    job = jobs.submit(recipe)
+    queued_behind = jobs.submit(QUICKSTART, SMALL)  # must survive the crash, still queued
+    worker = start_worker(home, tmp_path / "worker.log")
+    checkpoint = job.run_dir / "checkpoints" / "checkpoint-6"
+    wait_for(checkpoint.is_dir, 600, "the second checkpoint", worker)
+    time.sleep(0.3)  # into the next step, not on a checkpoint boundary
+    pgid = jobs.get(job.id).pgid
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    if crash == "worker-and-trainer":
+        os.killpg(pgid, signal.SIGKILL)
+        wait_for(lambda: not group_members(pgid), 30, "the trainer to die")
+    assert jobs.get(job.id).state == "running"  # as the dead worker left it
+    jobs.cancel(queued_behind.id)  # keep the restarted worker on the job under test
+
+    worker = start_worker(home, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: jobs.get(job.id).state == "interrupted", 300, "the restarted worker's recovery", worker)
+        assert group_members(pgid) == []
+        interrupted = jobs.get(job.id)
+        assert "died; trainer " + ("graceful" if crash == "worker" else "gone") in interrupted.error
+        listing = sdtune("jobs", "list", home=home)
+        assert f"{job.id}  interrupted" in listing.stdout and f"{queued_behind.id}  cancelled" in listing.stdout
+
+        assert jobs.resume(job.id).state == "queued"
+        wait_for(lambda: jobs.get(job.id).state in jobs.FINISHED, 900, "the resumed run", worker)
+        done = jobs.get(job.id)
+        assert (done.state, done.attempts) == ("done", 2), jobs.log_tail(job.id)
+        starts = [e for e in events(job.id, home) if e["event"] == "start"]
+        assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] >= 6
+        assert_same_weights(job.run_dir / "pytorch_lora_weights.safetensors", reference)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=120)
