@@ -163,11 +163,12 @@ def run_jobs(args) -> int:
         if args.action == "submit":
             job = jobs.submit(args.recipe, args.overrides)
             print(f"job {job.id}: queued ({job.method}, {job.name}); run folder {job.run_dir}")
-            print("start a worker if none runs: sdtune worker")
         elif args.action == "list":
             print(f"{'id':>4}  {'state':<11} {'method':<10} {'name':<20} progress")
             for job in jobs.list_jobs(args.state):
                 print(f"{job.id:>4}  {job.state:<11} {job.method:<10} {job.name:<20} {_progress_text(job)}")
+        if args.action in ("submit", "list", "resume", "retry") and not jobs.workers():
+            print("no worker is running: start one with `sdtune worker` (in another terminal)")
         elif args.action == "show":
             job = jobs.get(args.id)
             for key, value in job.to_dict().items():

@@ -237,12 +237,15 @@ def list_jobs(states: list[str] | None = None, *, home: str | Path | None = None
 # -- actions ------------------------------------------------------------------------------------------------------
 
 
-def _change(job_id: int, allowed: tuple[str, ...], action: str, home, **values) -> Job:
-    """Sets `values` on the job if its state is one of `allowed`, atomically; else a one-line error."""
+def _change(job_id: int, allowed: tuple[str, ...], action: str, home, prepare=None, **values) -> Job:
+    """Sets `values` on the job if its state is one of `allowed`, in one transaction (so no worker claims it
+    half-changed); `prepare(job)` runs inside it first. Otherwise a one-line error."""
     with connect(home) as conn, transaction(conn):
         job = fetch(conn, int(job_id))
         if job.state not in allowed:
             raise JobError(f"job {job.id} is {job.state}: {action} needs a job that is {' or '.join(allowed)}")
+        if prepare is not None:
+            prepare(job)
         assignments = ", ".join(f"{key} = ?" for key in values)
         conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job.id))
         return fetch(conn, job.id)
@@ -251,10 +254,15 @@ def _change(job_id: int, allowed: tuple[str, ...], action: str, home, **values) 
 def cancel(job_id: int, *, home: str | Path | None = None) -> Job:
     """A queued or interrupted job is cancelled at once; a running one is flagged, and its worker stops it
     (graceful first: the trainer saves a checkpoint, so a cancelled job can still be resumed)."""
-    job = get(job_id, home=home)
-    if job.state == "running":
-        return _change(job.id, ("running",), "cancel", home, cancel_requested=1)
-    return _change(job.id, ("queued", "interrupted"), "cancel", home, state="cancelled", finished_at=time.time())
+    with connect(home) as conn, transaction(conn):
+        job = fetch(conn, int(job_id))
+        if job.state == "running":
+            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job.id,))
+        elif job.state in ("queued", "interrupted"):
+            conn.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (time.time(), job.id))
+        else:
+            raise JobError(f"job {job.id} is {job.state}: cancel needs a job that is queued, running or interrupted")
+        return fetch(conn, job.id)
 
 
 def resume(job_id: int, *, home: str | Path | None = None) -> Job:
@@ -264,10 +272,14 @@ def resume(job_id: int, *, home: str | Path | None = None) -> Job:
 
 def retry(job_id: int, *, home: str | Path | None = None) -> Job:
     """Queues a finished job again from scratch; its previous run folder is kept as `run.attempt-N`."""
-    job = _change(job_id, FINISHED, "retry", home, state="queued", resume=0, cancel_requested=0, error=None)
-    if job.run_dir.exists():
-        job.run_dir.rename(job.run_dir.with_name(f"run.attempt-{job.attempts}"))
-    return job
+
+    def set_aside(job: Job):
+        if job.run_dir.exists():
+            job.run_dir.rename(job.run_dir.with_name(f"run.attempt-{job.attempts}"))
+
+    return _change(
+        job_id, FINISHED, "retry", home, set_aside, state="queued", resume=0, cancel_requested=0, error=None
+    )
 
 
 def _request(job_id: int, kind: str, home) -> Path:
@@ -322,6 +334,14 @@ def progress(job_id: int, *, home: str | Path | None = None) -> dict:
         "done": bool(events) and events[-1]["event"] == "done",
         "pending_requests": run_files.pending_requests(job.run_dir),
     }
+
+
+def workers(*, home: str | Path | None = None) -> list[dict]:
+    """The workers registered on this queue, with seconds since each one's last heartbeat (a worker looks at the
+    queue every `--poll` seconds; one not seen for a minute is probably gone). [] means no worker runs the queue."""
+    with connect(home) as conn:
+        rows = conn.execute("SELECT * FROM workers ORDER BY started_at").fetchall()
+    return [{**dict(row), "seen_seconds_ago": round(time.time() - row["heartbeat_at"], 1)} for row in rows]
 
 
 def log_tail(job_id: int, lines: int = 40, *, home: str | Path | None = None) -> str:

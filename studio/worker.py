@@ -279,18 +279,25 @@ class Worker:
                 continue
             if group_members(entry.process.pid):  # the wrapper exited but something of the group lives on
                 stop_group(entry.process.pid, self.config.grace_seconds, entry.process)
-            state = entry.stop_reason or ("done" if code == 0 else "failed")
-            error = None if state == "done" else (last_error_line(entry.job.log) or f"exit code {code}")
-            if state == "cancelled":
-                error = None
-            with jobs.connect(self.home) as conn:
-                conn.execute(
-                    "UPDATE jobs SET state = ?, exit_code = ?, finished_at = ?, error = ?, cancel_requested = 0"
-                    " WHERE id = ? AND worker = ?",
-                    (state, code, time.time(), error, job_id, self.id),
-                )
+            if entry.stop_reason == "cancelled":
+                state, error = "cancelled", None
+            elif entry.stop_reason == "interrupted":
+                state, error = "interrupted", f"the worker was stopped; continue with: sdtune jobs resume {job_id}"
+            elif code == 0:
+                state, error = "done", None
+            else:
+                state, error = "failed", last_error_line(entry.job.log) or f"exit code {code} (see {entry.job.log})"
+            self.finish(job_id, state, code, error)
             del self.running[job_id]
-            print(f"job {job_id}: {state} (exit code {code})", flush=True)
+
+    def finish(self, job_id: int, state: str, code: int | None, error: str | None):
+        with jobs.connect(self.home) as conn:
+            conn.execute(
+                "UPDATE jobs SET state = ?, exit_code = ?, finished_at = ?, error = ?, cancel_requested = 0"
+                " WHERE id = ? AND worker = ?",
+                (state, code, time.time(), error, job_id, self.id),
+            )
+        print(f"job {job_id}: {state}" + (f" (exit code {code})" if code is not None else f": {error}"), flush=True)
 
     def queue_empty(self) -> bool:
         with jobs.connect(self.home) as conn:
@@ -317,7 +324,10 @@ class Worker:
                     job = self.claim()
                     if job is None:
                         break
-                    self.start(job)
+                    try:
+                        self.start(job)
+                    except (OSError, KeyError, ValueError) as exc:  # no such workdir, a method this install lacks
+                        self.finish(job.id, "failed", None, f"could not start the trainer: {exc!r}")
                 if self.config.once and not self.running and self.queue_empty():
                     break
                 time.sleep(self.config.poll_seconds)

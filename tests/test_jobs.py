@@ -235,6 +235,16 @@ def test_worker_runs_a_job_to_done_with_progress(home, tmp_path):
     assert "state: done" in shown.stdout and "progress: 6/6" in shown.stdout, shown.stderr
 
 
+def test_a_trainer_error_fails_the_job_with_its_message(home, tmp_path):
+    job = jobs.submit(QUICKSTART, [*SMALL, f"data.train_data_dir={tmp_path / 'nowhere'}"])
+    worker = start_worker(home, tmp_path / "worker.log", "--once")
+    assert worker.wait(timeout=600) == 0
+    failed = jobs.get(job.id)
+    assert (failed.state, failed.attempts) == ("failed", 1) and failed.exit_code != 0
+    assert failed.error.startswith("error: data.train_data_dir:") and "nowhere" in failed.error, failed.error
+    assert jobs.workers() == []  # the worker unregistered on its way out
+
+
 def test_sample_now_save_now_and_cancel_a_running_job(home, tmp_path):
     job = jobs.submit(QUICKSTART, [*SMALL, "train.max_train_steps=100000", "train.checkpointing_steps=100000"])
     worker = start_worker(home, tmp_path / "worker.log", "--grace", "120")
