@@ -204,24 +204,24 @@ class Worker:
 
     # 2) orphans: running jobs whose worker is gone become interrupted
     def recover_orphans(self):
+        """Running jobs whose worker is gone: each is adopted first (a conditional UPDATE, so of two live workers
+        only one handles it and its trainer gets one SIGTERM, not two: a second one aborts without saving), then
+        what is left of its trainer is stopped cleanly, and the job becomes interrupted."""
         with jobs.connect(self.home) as conn:
-            orphans = [
-                jobs.job_from_row(row)
-                for row in conn.execute("SELECT * FROM jobs WHERE state = 'running' AND worker != ?", (self.id,))
-                if not worker_alive(conn, row["worker"])
-            ]
-        for job in orphans:
+            running = conn.execute("SELECT * FROM jobs WHERE state = 'running' AND worker != ?", (self.id,))
+            orphans = [jobs.job_from_row(row) for row in running.fetchall() if not worker_alive(conn, row["worker"])]
+            adopt = "UPDATE jobs SET worker = ? WHERE id = ? AND worker = ? AND state = 'running'"
+            adopted = [job for job in orphans if conn.execute(adopt, (self.id, job.id, job.worker)).rowcount == 1]
+            others = conn.execute("SELECT id FROM workers WHERE id != ?", (self.id,)).fetchall()
+            for (worker_id,) in others:  # rows of workers that died without unregistering
+                if not worker_alive(conn, worker_id):
+                    conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        for job in adopted:
             how = "gone"
             if job.pgid and group_runs(job.pgid, job.recipe):  # its trainer outlived the worker: stop it cleanly
                 how = stop_group(job.pgid, self.config.grace_seconds)
             note = f"its worker {job.worker} died; trainer {how}"
-            with jobs.connect(self.home) as conn:
-                conn.execute(
-                    "UPDATE jobs SET state = 'interrupted', finished_at = ?, error = ? WHERE id = ? AND worker = ?"
-                    " AND state = 'running'",
-                    (time.time(), note, job.id, job.worker),
-                )
-            print(f"job {job.id}: interrupted ({note}); resume with: sdtune jobs resume {job.id}", flush=True)
+            self.finish(job.id, "interrupted", None, f"{note}; continue with: sdtune jobs resume {job.id}")
 
     # 3) claiming: at most `concurrency` running jobs over all workers, the oldest queued job first
     def claim(self) -> jobs.Job | None:

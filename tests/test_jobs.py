@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import pytest
 from test_lora import RESUME_RECIPE, assert_same_weights, run_trainer
 
 from sdtune.studio import jobs
-from sdtune.studio.worker import group_members, stop_group
+from sdtune.studio.worker import Worker, WorkerConfig, group_members, stop_group
 from sdtune.trainers.core import run_files
 from sdtune.trainers.core.recipe import load_recipe
 
@@ -206,6 +207,29 @@ def test_stop_group_is_graceful_then_kills_what_ignores_sigterm():
     assert 1 <= time.monotonic() - started < 10
     assert group_members(stubborn.pid) == [] and stubborn.returncode == -signal.SIGKILL
     assert stop_group(stubborn.pid, grace=1) == "gone"
+
+
+def test_orphans_of_a_dead_worker_become_interrupted(home):
+    """A job left `running` by a dead worker: what is left of its trainer is stopped, a stranger that reused the
+    process-group id is left alone, and the dead worker's row is cleaned up."""
+    orphan, stranger_job = jobs.submit(QUICKSTART), jobs.submit(QUICKSTART)
+    trainer = subprocess.Popen(["sh", "-c", "sleep 60", str(orphan.recipe)], start_new_session=True)
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with jobs.connect(home) as conn:
+        conn.execute("INSERT INTO workers VALUES ('ghost', ?, ?, 'x', 1, 0, 0)", (socket.gethostname(), dead.pid))
+        for job, pgid in ((orphan, trainer.pid), (stranger_job, stranger.pid)):
+            conn.execute("UPDATE jobs SET state = 'running', worker = 'ghost', pgid = ? WHERE id = ?", (pgid, job.id))
+    try:
+        Worker(WorkerConfig(grace_seconds=10, home=str(home))).recover_orphans()
+        first, second = jobs.get(orphan.id), jobs.get(stranger_job.id)
+        assert first.state == second.state == "interrupted"
+        assert "worker ghost died; trainer graceful" in first.error and "trainer gone" in second.error
+        assert trainer.wait(timeout=5) == -signal.SIGTERM and stranger.poll() is None
+        assert jobs.workers() == []
+    finally:
+        stranger.kill()
 
 
 # -- the worker running real trainings --------------------------------------------------------------------------------
