@@ -12,8 +12,10 @@ A trainer writes only what is specific to its method:
     if loop.stopped_early:
         return 130
 
-Progress goes to the Accelerate trackers: `metrics.jsonl` in the run folder (trainers/core/progress.py) gets every
-step and the events "start", "checkpoint saved" and "stopped". At each step boundary the loop also takes the run's
+Progress goes to the Accelerate trackers (call `accelerator.init_trackers(...)` on the main process before the
+loop): `make_accelerator` always adds the one that writes `metrics.jsonl` in the run folder
+(trainers/core/progress.py), which gets every step and the events "start", "checkpoint saved" and "stopped". At
+each step boundary the loop also takes the run's
 "sample now" / "save now" requests (trainers/core/run_files.py), written by the job worker or the studio.
 """
 
@@ -58,7 +60,6 @@ class RunLoop:
         self.progress = tqdm(
             total=train.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_main_process
         )
-        progress_event(accelerator, "start", state.step, resumed=state.step > 0)
 
     @property
     def done(self) -> bool:
@@ -66,6 +67,7 @@ class RunLoop:
 
     def micro_batches(self) -> Iterator[Batch]:
         """Yields this process's micro-batches, each with its own seeded generator, until the run is done."""
+        progress_event(self.accelerator, "start", self.state.step, resumed=self.state.step > 0)
         with StopRequest() as self._stop:
             while not self.done:
                 epoch_batches = self.batches.epoch_batches(self.state.epoch)
