@@ -279,12 +279,12 @@ class Worker:
                 continue
             if group_members(entry.process.pid):  # the wrapper exited but something of the group lives on
                 stop_group(entry.process.pid, self.config.grace_seconds, entry.process)
-            if entry.stop_reason == "cancelled":
+            if code == 0:  # finished, even if a cancel arrived as it did
+                state, error = "done", None
+            elif entry.stop_reason == "cancelled":
                 state, error = "cancelled", None
             elif entry.stop_reason == "interrupted":
                 state, error = "interrupted", f"the worker was stopped; continue with: sdtune jobs resume {job_id}"
-            elif code == 0:
-                state, error = "done", None
             else:
                 state, error = "failed", last_error_line(entry.job.log) or f"exit code {code} (see {entry.job.log})"
             self.finish(job_id, state, code, error)
