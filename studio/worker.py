@@ -49,9 +49,11 @@ class WorkerConfig:
 
     def __post_init__(self):
         if self.concurrency < 1:
-            raise ValueError(f"concurrency: must be at least 1, got {self.concurrency}")
-        if self.grace_seconds < 0 or self.poll_seconds <= 0:
-            raise ValueError("grace_seconds must be >= 0 and poll_seconds > 0")
+            raise ValueError(f"--concurrency: at least 1, got {self.concurrency}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"--grace: seconds >= 0, got {self.grace_seconds}")
+        if self.poll_seconds <= 0:
+            raise ValueError(f"--poll: seconds > 0, got {self.poll_seconds}")
 
 
 # -- processes ------------------------------------------------------------------------------------------------------
