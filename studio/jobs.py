@@ -126,8 +126,9 @@ COLUMNS = [f.name for f in fields(Job)]
 
 
 def sdtune_home(home: str | Path | None = None) -> Path:
-    """The workspace: `home` if given, else $SDTUNE_HOME, else ~/.sdtune."""
-    return Path(home or os.environ.get("SDTUNE_HOME") or Path.home() / ".sdtune").expanduser()
+    """The workspace, as an absolute path (trainers run in the submitter's directory): `home` if given, else
+    $SDTUNE_HOME, else ~/.sdtune."""
+    return Path(home or os.environ.get("SDTUNE_HOME") or Path.home() / ".sdtune").expanduser().absolute()
 
 
 @contextlib.contextmanager
