@@ -299,7 +299,7 @@ def test_sample_now_save_now_and_cancel_a_running_job(home, tmp_path):
         worker.wait(timeout=120)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~50 s; test_claims_are_atomic_across_processes holds the same rule in CI
 def test_two_workers_never_run_a_job_twice(home, tmp_path):
     submitted = [jobs.submit(QUICKSTART, [*SMALL, "train.max_train_steps=3"]) for _ in range(3)]
     workers = [start_worker(home, tmp_path / f"worker{i}.log", "--once", "--concurrency", "2") for i in range(2)]
@@ -328,8 +328,9 @@ def unbroken_run(tmp_path_factory):
     return recipe, load_file(str(root / "reference" / "pytorch_lora_weights.safetensors"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("crash", ["worker", "worker-and-trainer"])
+# ~45 s each (+ ~30 s for the unbroken run): the worker-only crash is the issue's acceptance case and stays in CI;
+# the power-cut variant repeats test_lora's SIGKILL resume through the queue.
+@pytest.mark.parametrize("crash", ["worker", pytest.param("worker-and-trainer", marks=pytest.mark.slow)])
 def test_worker_killed_mid_job_then_resume_ends_bit_identical(crash, home, tmp_path, unbroken_run):
     """SIGKILL the worker (and, as in a power cut, its trainer) after the second checkpoint; a restarted worker
     marks the job interrupted; resumed, it ends with exactly the unbroken run's LoRA weights."""
