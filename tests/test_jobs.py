@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_lora import RESUME_RECIPE, assert_same_weights, run_trainer
+from test_lora import RESUME_RECIPE, assert_same_weights, run_trainer, trainer_env
 
 from sdtune.studio import jobs
 from sdtune.studio.worker import Worker, WorkerConfig, group_members, stop_group
@@ -369,3 +369,32 @@ def test_worker_killed_mid_job_then_resume_ends_bit_identical(crash, home, tmp_p
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=120)
+
+
+# ~25 s, but slow: in 1 of 5 runs on a loaded 2-core machine, rank 1 stayed waiting in a gloo operation after rank 0
+# had finished the run and written "done" (cause not established; the other 4 runs, and the same run by hand, passed).
+@pytest.mark.slow
+def test_save_now_under_ddp_reaches_every_process(unbroken_run, tmp_path):
+    """Two processes (torchrun, gloo on the CPU): the main process takes the request and broadcasts it, so both enter
+    the checkpoint's collectives (were it main-only, the run would hang in `wait_for_everyone`)."""
+    recipe, _ = unbroken_run
+    out = tmp_path / "ddp"
+    run_files.write_request(out, "save")  # waiting before the first step: taken at step 1
+    run_files.write_request(out, "sample")
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    command += ["trainers/lora.py", str(recipe), f"output.dir={out}", "train.max_train_steps=2"]
+    command += ["train.checkpointing_steps=100", "validation.prompts=[a purple circle]", "validation.seeds=[0]"]
+    command += ["validation.num_inference_steps=3"]
+    env = {**trainer_env(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
+    lines = run_files.read_metrics(out)  # one writer: the main process
+    assert [(e["event"], e["step"]) for e in lines if "event" in e] == [
+        ("start", 0),
+        ("checkpoint saved", 1),
+        ("validation", 1),
+        ("validation", 2),
+        ("done", 2),
+    ]
+    assert [r["step"] for r in lines if "event" not in r] == [1, 2] and run_files.pending_requests(out) == []
