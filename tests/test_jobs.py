@@ -294,9 +294,23 @@ def test_sample_now_save_now_and_cancel_a_running_job(home, tmp_path):
         assert jobs.progress(job.id)["done"] is False and jobs.get(job.id).exit_code != 0
         assert "trainer stopped: graceful" in (tmp_path / "worker.log").read_text()
         assert "resume with: train.resume=latest" in jobs.log_tail(job.id, 400)
+        stopped_at = final[-1]["step"]
+
+        # a cancelled job resumes from the checkpoint it saved; stopping the worker (Ctrl-C) interrupts it cleanly
+        assert jobs.resume(job.id).state == "queued"
+        wait_for(lambda: events(job.id, home)[-1]["event"] == "start", 300, "the resumed trainer", worker)
+        assert events(job.id, home)[-1] == {**events(job.id, home)[-1], "resumed": True, "step": stopped_at}
+        pgid = jobs.get(job.id).pgid
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=180) == 0
+        interrupted = jobs.get(job.id)
+        assert (interrupted.state, interrupted.attempts) == ("interrupted", 2) and group_members(pgid) == []
+        assert interrupted.error == f"the worker was stopped; continue with: sdtune jobs resume {job.id}"
+        assert events(job.id, home)[-1]["event"] == "stopped" and jobs.workers() == []
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=120)
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=120)
 
 
 @pytest.mark.slow  # ~50 s; test_claims_are_atomic_across_processes holds the same rule in CI

@@ -67,8 +67,8 @@ class RunLoop:
 
     def micro_batches(self) -> Iterator[Batch]:
         """Yields this process's micro-batches, each with its own seeded generator, until the run is done."""
-        progress_event(self.accelerator, "start", self.state.step, resumed=self.state.step > 0)
         with StopRequest() as self._stop:
+            progress_event(self.accelerator, "start", self.state.step, resumed=self.state.step > 0)
             while not self.done:
                 epoch_batches = self.batches.epoch_batches(self.state.epoch)
                 for index in range(self.state.batches_done_in_epoch, len(epoch_batches)):
