@@ -9,6 +9,7 @@ run resumed from a checkpoint replays exactly the batches an uninterrupted run w
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ class Batch:
     latents: torch.Tensor  # [b, 4, h, w], scaled, on the CPU
     captions: list[str]
     generator: torch.Generator  # for this micro-batch's noise and timesteps
+    conditions: torch.Tensor | None = None  # [b, 3, H, W] in [0, 1]: ControlNet conditioning images, flipped as
+    # their latents
 
 
 def prepare_latents(scan: DatasetScan, cfg: DataConfig, vae, log=print) -> list[CachedLatent] | None:
@@ -53,8 +56,12 @@ class BatchBuilder:
         seed: int,
         process_index: int = 0,
         num_processes: int = 1,
+        conditions: Callable[[int], torch.Tensor] | None = None,
     ):
+        """`conditions(record_index)` gives a record's conditioning tensor, when the method has one (ControlNet);
+        it is flipped together with the image, so the pair stays aligned."""
         self.scan, self.cfg, self.latents, self.vae, self.seed = scan, cfg, latents, vae, seed
+        self.conditions = conditions
         self.captions = CaptionBuilder(cfg)
         self.sampler = BucketBatchSampler(scan.records, batch_size, seed)
         self.expanded = self.sampler.expanded()
@@ -96,7 +103,11 @@ class BatchBuilder:
             latents = self._encode_on_the_fly([self.scan.records[i] for i in records], flips, generator)
         else:
             latents = torch.stack([self.latents[i].sample(f, generator) for i, f in zip(records, flips)])
-        return Batch(latents, captions, generator)
+        conditions = None
+        if self.conditions is not None:
+            pairs = [(self.conditions(i), f) for i, f in zip(records, flips)]
+            conditions = torch.stack([torch.flip(c, dims=[-1]) if f else c for c, f in pairs])
+        return Batch(latents, captions, generator, conditions)
 
 
 # Re-exported for trainers that build their own cache of another image column (ControlNet conditioning).
