@@ -112,6 +112,36 @@ def convert_checkpoint(
         raise StudioError(str(exc)) from None
 
 
+def annotation_kinds() -> dict[str, list[str]]:
+    """Kinds `annotate` knows: those that run as they are, and those that need a local weights file."""
+    from sdtune.adapters import annotate
+
+    return {"no_weights": list(annotate.KINDS), "need_weights": list(annotate.WEIGHTED_KINDS)}
+
+
+def annotate_images(
+    kind: str,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    low_threshold: int = 100,
+    high_threshold: int = 200,
+    mask_threshold: float = 0.18,
+    weights: str | None = None,
+) -> list[Path]:
+    """Makes `kind` conditioning images (canny, softedge, scribble, mask; midas/hed with `weights`) for every image
+    in `in_dir`, written to `out_dir` with the same relative names as PNG; returns the files written."""
+    from sdtune.adapters import annotate
+
+    if not 0 <= low_threshold <= high_threshold <= 255:
+        raise StudioError(f"thresholds: need 0 <= low ({low_threshold}) <= high ({high_threshold}) <= 255")
+    options = annotate.AnnotateOptions(low_threshold, high_threshold, mask_threshold, weights)
+    try:
+        return annotate.annotate_folder(in_dir, out_dir, kind, options)
+    except annotate.AnnotateError as exc:
+        raise StudioError(str(exc)) from None
+
+
 def doctor_report() -> str:
     """What this machine can train (torch, CUDA, bitsandbytes, SDPA, memory, disk) and which recipes fit."""
     from sdtune.studio.doctor import doctor_report as report

@@ -3,6 +3,7 @@
 Usage:
     sdtune sample --prompt "a red circle" --seed 0 --seed 1 --out samples/ --grid
     sdtune sample --base runs/quickstart/... --adapter runs/quickstart:0.8 --prompts-file prompts.txt
+    sdtune annotate --kind canny photos/ data/conditioning/             # ControlNet conditioning images
     sdtune convert path/to/diffusers-folder model.safetensors --half      # and back: model.safetensors folder/
     sdtune doctor
 
@@ -19,7 +20,9 @@ from pathlib import Path
 from sdtune.adapters import quiet_libraries
 from sdtune.studio import api
 
-EPILOG = "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml (see README.md)."
+EPILOG = (
+    "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml, or trainers/controlnet.py (see README.md)."
+)
 
 
 def _sample_parser(sub):
@@ -108,6 +111,35 @@ def run_convert(args) -> int:
     return 0
 
 
+def _annotate_parser(sub):
+    p = sub.add_parser("annotate", help="Make ControlNet conditioning images (canny, softedge, scribble, mask ...).")
+    p.add_argument("--kind", required=True, help="canny, softedge, scribble, mask; midas or hed with --weights.")
+    p.add_argument("in_dir", type=Path, help="Folder of images (searched recursively).")
+    p.add_argument("out_dir", type=Path, help="Where the PNGs go, same relative names (e.g. data/conditioning).")
+    p.add_argument("--low-threshold", type=int, default=100, help="canny/scribble hysteresis low threshold.")
+    p.add_argument("--high-threshold", type=int, default=200, help="canny/scribble hysteresis high threshold.")
+    p.add_argument("--mask-threshold", type=float, default=0.18, help="mask: colour distance from the background.")
+    p.add_argument("--weights", default=None, help="A local detector model file (midas, hed); never downloaded.")
+    p.set_defaults(run=run_annotate)
+
+
+def run_annotate(args) -> int:
+    try:
+        written = api.annotate_images(
+            args.kind,
+            args.in_dir,
+            args.out_dir,
+            low_threshold=args.low_threshold,
+            high_threshold=args.high_threshold,
+            mask_threshold=args.mask_threshold,
+            weights=args.weights,
+        )
+    except api.StudioError as exc:
+        raise SystemExit(f"sdtune annotate: {exc}") from None
+    print(f"{len(written)} {args.kind} images in {args.out_dir}")
+    return 0
+
+
 def _doctor_parser(sub):
     p = sub.add_parser("doctor", help="What this machine can train: torch, CUDA, bitsandbytes, SDPA, GPU, disk.")
     p.set_defaults(run=run_doctor)
@@ -120,8 +152,9 @@ def run_doctor(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.split("\n")[0], epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,convert,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,annotate,convert,doctor}")
     _sample_parser(sub)
+    _annotate_parser(sub)
     _convert_parser(sub)
     _doctor_parser(sub)
     return parser
