@@ -39,6 +39,10 @@ def sample_images(
     grid: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    controlnets: list[str] | None = None,
+    control_images: list[str] | None = None,
+    control_guidance_start: float = 0.0,
+    control_guidance_end: float = 1.0,
 ) -> list[Path]:
     """Renders every prompt once per seed into `out_dir` as PNGs with A1111 `parameters`; returns the files written.
 
@@ -48,6 +52,10 @@ def sample_images(
         grid: also write `grid.png`, a labelled contact sheet (returned last).
         device: cuda / cpu / mps; None picks cuda when present.
         dtype: fp32 / fp16 / bf16; None gives fp16 on CUDA and fp32 elsewhere.
+        controlnets: ControlNet folders, run folders or files, each optionally `PATH:SCALE`; several make a
+            MultiControlNet. They combine with `adapters`.
+        control_images: one conditioning image per ControlNet, in the same order.
+        control_guidance_start, control_guidance_end: the share of the steps during which the ControlNets steer.
     """
     import torch
 
@@ -59,8 +67,11 @@ def sample_images(
     seeds = list(seeds or [0])
     try:
         specs = [sampling.AdapterSpec.parse(a) for a in adapters or []]
+        controls = [sampling.ControlSpec.parse(c) for c in controlnets or []]
     except FileNotFoundError as exc:
         raise StudioError(str(exc)) from None
+    control_images = list(control_images or [])
+    _check_controls(controls, control_images, control_guidance_start, control_guidance_end)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp16" if device == "cuda" else "fp32")
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -74,6 +85,11 @@ def sample_images(
         raise StudioError(str(exc)) from None
     pipe.set_progress_bar_config(disable=True)
     sampling.load_adapters(pipe, specs)
+    if controls:
+        try:
+            pipe = sampling.load_controlnets(pipe, controls)
+        except (FileNotFoundError, ValueError) as exc:
+            raise StudioError(str(exc)) from None
     lora = ", ".join(f"{Path(a.path).name}:{a.weight:g}" for a in specs)
     settings = sampling.grid_settings(
         prompts,
@@ -84,6 +100,10 @@ def sample_images(
         width=width,
         height=height,
         scheduler=scheduler,
+        control_images=tuple(control_images),
+        control_scales=tuple(c.scale for c in controls),
+        control_guidance_start=control_guidance_start,
+        control_guidance_end=control_guidance_end,
     )
     samples = sampling.generate(
         pipe, settings, model_name=source.name, extra_parameters={"Lora": lora} if lora else None
@@ -98,6 +118,18 @@ def sample_images(
         written.append(out_dir / "grid.png")
         contact_sheet.save_grid(contact_sheet.samples_grid(samples, prompts, seeds, title), written[-1])
     return written
+
+
+def _check_controls(controls: list, images: list[str], start: float, end: float):
+    if len(images) != len(controls):
+        raise StudioError(
+            f"--control-image: {len(images)} given for {len(controls)} --controlnet; give one image per ControlNet"
+        )
+    for image in images:
+        if not Path(image).is_file():
+            raise StudioError(f"--control-image: {image} not found")
+    if not 0.0 <= start < end <= 1.0:
+        raise StudioError(f"--control-guidance-start/end: need 0 <= start ({start}) < end ({end}) <= 1")
 
 
 def convert_checkpoint(

@@ -3,6 +3,7 @@
 Usage:
     sdtune sample --prompt "a red circle" --seed 0 --seed 1 --out samples/ --grid
     sdtune sample --base runs/quickstart/... --adapter runs/quickstart:0.8 --prompts-file prompts.txt
+    sdtune sample --prompt "a red circle" --controlnet runs/cn:0.9 --control-image edges.png --adapter runs/q
     sdtune annotate --kind canny photos/ data/conditioning/             # ControlNet conditioning images
     sdtune convert path/to/diffusers-folder model.safetensors --half      # and back: model.safetensors folder/
     sdtune doctor
@@ -35,6 +36,18 @@ def _sample_parser(sub):
         metavar="PATH[:WEIGHT]",
         help="LoRA file or run folder, optionally with a weight; repeatable to stack adapters.",
     )
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="ControlNet folder, run folder or single file, optionally with a scale; repeatable (MultiControlNet).",
+    )
+    p.add_argument(
+        "--control-image", action="append", default=[], metavar="IMG", help="Conditioning image, one per --controlnet."
+    )
+    p.add_argument("--control-guidance-start", type=float, default=0.0, help="Share of steps before control starts.")
+    p.add_argument("--control-guidance-end", type=float, default=1.0, help="Share of steps after which it stops.")
     p.add_argument("--prompt", action="append", default=[], help="Prompt; repeatable.")
     p.add_argument("--prompts-file", type=Path, help="Text file with one prompt per line.")
     p.add_argument("--negative-prompt", default="")
@@ -86,6 +99,10 @@ def run_sample(args) -> int:
             grid=args.grid,
             device=args.device,
             dtype=args.dtype,
+            controlnets=args.controlnet,
+            control_images=args.control_image,
+            control_guidance_start=args.control_guidance_start,
+            control_guidance_end=args.control_guidance_end,
         )
     except api.StudioError as exc:
         raise SystemExit(f"sdtune sample: {exc}") from None
