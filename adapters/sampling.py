@@ -48,6 +48,23 @@ class Sample:
     parameters: str  # A1111-style "parameters" text, also stored in the PNG
 
 
+def split_number(text: str, default: float = 1.0) -> tuple[str, float]:
+    """`PATH[:NUMBER]` -> (PATH, NUMBER); a colon not followed by a number belongs to the path."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, default
+
+
+def existing(path: str, option: str, expected: str) -> str:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{option}: {path} not found (expected {expected})")
+    return path
+
+
 @dataclass
 class AdapterSpec:
     """A LoRA to apply at `weight`: a run folder (holding pytorch_lora_weights.safetensors) or a .safetensors file."""
@@ -59,16 +76,8 @@ class AdapterSpec:
     @classmethod
     def parse(cls, text: str) -> AdapterSpec:
         """`PATH[:WEIGHT]`, e.g. `runs/quickstart:0.8`."""
-        path, weight = text, 1.0
-        head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                path, weight = head, float(tail)
-            except ValueError:
-                pass
-        if not Path(path).exists():
-            raise FileNotFoundError(f"--adapter: {path} not found (expected a LoRA .safetensors file or a run folder)")
-        return cls(path=path, weight=weight)
+        path, weight = split_number(text)
+        return cls(path=existing(path, "--adapter", "a LoRA .safetensors file or a run folder"), weight=weight)
 
 
 @dataclass
@@ -81,16 +90,8 @@ class ControlSpec:
     @classmethod
     def parse(cls, text: str) -> ControlSpec:
         """`PATH[:SCALE]`, e.g. `runs/edges:0.8`."""
-        path, scale = text, 1.0
-        head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                path, scale = head, float(tail)
-            except ValueError:
-                pass
-        if not Path(path).exists():
-            raise FileNotFoundError(f"--controlnet: {path} not found (expected a ControlNet folder, run or file)")
-        return cls(path=path, scale=scale)
+        path, scale = split_number(text)
+        return cls(path=existing(path, "--controlnet", "a ControlNet folder, run or file"), scale=scale)
 
 
 def load_controlnets(pipe, specs: list[ControlSpec]):

@@ -141,16 +141,9 @@ def _annotate_parser(sub):
 
 
 def run_annotate(args) -> int:
+    options = {key: getattr(args, key) for key in ("low_threshold", "high_threshold", "mask_threshold", "weights")}
     try:
-        written = api.annotate_images(
-            args.kind,
-            args.in_dir,
-            args.out_dir,
-            low_threshold=args.low_threshold,
-            high_threshold=args.high_threshold,
-            mask_threshold=args.mask_threshold,
-            weights=args.weights,
-        )
+        written = api.annotate_images(args.kind, args.in_dir, args.out_dir, **options)
     except api.StudioError as exc:
         raise SystemExit(f"sdtune annotate: {exc}") from None
     print(f"{len(written)} {args.kind} images in {args.out_dir}")

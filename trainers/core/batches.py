@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from sdtune.trainers.core.cache import CachedLatent, LatentCache, cache_latents, default_cache_dir, vae_fingerprint
+from sdtune.trainers.core.cache import (
+    CachedLatent,
+    LatentCache,
+    TextEmbeddingCache,
+    cache_latents,
+    default_cache_dir,
+    vae_fingerprint,
+)
 from sdtune.trainers.core.data import BucketBatchSampler, CaptionBuilder, DatasetScan, load_pixels
 from sdtune.trainers.core.recipe import DataConfig
 from sdtune.trainers.core.runtime import item_rng, step_generator
@@ -112,3 +119,35 @@ class BatchBuilder:
 
 # Re-exported for trainers that build their own cache of another image column (ControlNet conditioning).
 __all__ = ["Batch", "BatchBuilder", "LatentCache", "prepare_latents"]
+
+
+def make_batches(
+    scan: DatasetScan,
+    cfg: DataConfig,
+    train,
+    accelerator,
+    vae,
+    tokenizer,
+    text_encoder,
+    cache_text: bool,
+    conditions: Callable[[int], torch.Tensor] | None = None,
+) -> tuple[BatchBuilder, TextEmbeddingCache | None]:
+    """The run's batches, with the VAE taken out of the step (cached latents, once per image, ever) and, when
+    `cache_text` and the captions are a fixed set, the text encoder too (once per caption)."""
+    latents = prepare_latents(scan, cfg, vae, log=accelerator.print)
+    batches = BatchBuilder(
+        scan,
+        cfg,
+        latents,
+        vae,
+        train.train_batch_size,
+        train.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        conditions=conditions,
+    )
+    captions = batches.possible_captions()
+    if captions is None or not cache_text:
+        return batches, None
+    with torch.no_grad():
+        return batches, TextEmbeddingCache(tokenizer, text_encoder, captions, accelerator.device)

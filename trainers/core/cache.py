@@ -133,6 +133,14 @@ class TextEmbeddingCache:
         return torch.stack([self.states[c] for c in captions])
 
 
+def text_states(cache: TextEmbeddingCache | None, tokenizer, text_encoder, captions: list[str], device):
+    """Encoder hidden states of a batch's captions: from the cache when there is one, else encoded now (a trained
+    text encoder, or shuffled tags)."""
+    if cache is not None:
+        return cache(captions)
+    return encode_text(tokenizer, text_encoder, captions, device)
+
+
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"

@@ -75,6 +75,20 @@ def diffusion_loss(
     return (per_sample * weights).mean()
 
 
+def batch_loss(model, scheduler: DDPMScheduler, batch, states: torch.Tensor, train, dtype: torch.dtype):
+    """`denoising_step_loss` of one training `Batch` with the recipe's noise offset and min-SNR settings, its
+    latents in the run's dtype on the device of the text states, its noise drawn from the batch's generator."""
+    return denoising_step_loss(
+        model,
+        scheduler,
+        batch.latents.to(states.device, dtype),
+        states.to(dtype),
+        noise_offset=train.noise_offset,
+        snr_gamma=train.snr_gamma,
+        generator=batch.generator,
+    )
+
+
 def denoising_step_loss(
     unet,
     scheduler: DDPMScheduler,
