@@ -26,25 +26,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from sdtune.adapters import annotate, quiet_libraries
-from sdtune.adapters.base import BaseLoadError, BaseSource, base_hash, resolve_base
+from sdtune.adapters import annotate
+from sdtune.adapters.base import BaseLoadError, BaseSource, base_hash
 from sdtune.adapters.controlnet import load_controlnet, save_controlnet
 from sdtune.adapters.manifest import BaseRef
 from sdtune.adapters.sampling import save_png_atomic
-from sdtune.trainers.core import export
+from sdtune.trainers.core import export, runtime
 from sdtune.trainers.core.batches import make_batches
 from sdtune.trainers.core.cache import text_states
 from sdtune.trainers.core.checkpointing import (
     TrainState,
     register_trainable_state_hooks,
-    resolve_resume,
     restore_checkpoint,
 )
 from sdtune.trainers.core.data import (
@@ -59,17 +57,7 @@ from sdtune.trainers.core.data import (
 from sdtune.trainers.core.diffusion import batch_loss
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
-from sdtune.trainers.core.recipe import ControlNetMethod, DataConfig, Recipe, RecipeError, load_recipe, trainer_for
-from sdtune.trainers.core.runtime import (
-    SAVE_DTYPES,
-    load_frozen_base,
-    make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
-    optimizer_step,
-    scaled_lr,
-    tracker_config,
-)
+from sdtune.trainers.core.recipe import ControlNetMethod, DataConfig, Recipe, RecipeError
 from sdtune.trainers.core.validation import ControlValidator
 
 VALIDATION_CONDITIONS = 2  # training conditions shown in the grids when the recipe names no validation_image
@@ -193,7 +181,7 @@ class ControlNetWriter:
 
     def save(self, out_dir: Path, step: int) -> dict:
         model = self.accelerator.unwrap_model(self.controlnet)
-        dtype = SAVE_DTYPES[self.recipe.output.save_precision]
+        dtype = runtime.SAVE_DTYPES[self.recipe.output.save_precision]
         return save_controlnet(model, out_dir, self.recipe.output.name, dtype)
 
 
@@ -231,26 +219,21 @@ class OutputsContext:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    started_at = time.time()
-    quiet_libraries()
 
     # 1) Recipe and preflight: every image/condition pair is checked here, before a model loads.
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.method.type != "controlnet":
-        raise RecipeError(f"{args.recipe}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
+    run = runtime.start_run(args.recipe, args.overrides, "controlnet")
+    recipe, base, resume_from, started_at = run.recipe, run.base, run.resume_from, run.started_at
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
-    base = resolve_base(recipe.base)
-    resume_from = resolve_resume(out_dir, train.resume)
     data = data_config(recipe)
     if method.conditioning == "canny":
         annotate.annotator("canny", annotate.AnnotateOptions())  # OpenCV missing: say so now, not at step 1
     scan = scan_pairs(data, method.conditioning_image_column, computed=method.conditioning == "canny")
-    accelerator = make_accelerator(recipe)
+    accelerator = runtime.make_accelerator(recipe)
     accelerator.print(preflight(recipe, scan, accelerator.device.type, accelerator.num_processes))
 
     # 2) The frozen base (fp16/bf16 under mixed precision) and the caches: target latents once per image, ever;
     # the frozen text encoder once per caption (captions are a fixed set unless tags are shuffled).
-    frozen = load_frozen_base(recipe, accelerator)
+    frozen = runtime.load_frozen_base(recipe, accelerator)
     unet, dtype, device = frozen.unet, frozen.dtype, accelerator.device
     conditions = Conditions(scan, data, method)
     batches, text_cache = make_batches(
@@ -265,10 +248,10 @@ def main(argv=None) -> int:
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout and stays frozen
-    optimizer = make_optimizer(
-        [{"params": list(controlnet.parameters()), "lr": scaled_lr(train, accelerator.num_processes)}], train
+    optimizer = runtime.make_optimizer(
+        [{"params": list(controlnet.parameters()), "lr": runtime.scaled_lr(train, accelerator.num_processes)}], train
     )
-    lr_scheduler = make_lr_scheduler(optimizer, train, accelerator.num_processes)
+    lr_scheduler = runtime.make_lr_scheduler(optimizer, train, accelerator.num_processes)
     controlnet_t, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -282,7 +265,7 @@ def main(argv=None) -> int:
     )
     writer = ControlNetWriter(recipe, controlnet_t, accelerator)
     if accelerator.is_main_process:
-        accelerator.init_trackers("sdtune-controlnet", config=tracker_config(recipe))
+        accelerator.init_trackers("sdtune-controlnet", config=runtime.tracker_config(recipe))
 
     # 5) The loop. Each micro-batch draws its noise and timesteps from its own seed (exact resume).
     loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator)
@@ -293,7 +276,7 @@ def main(argv=None) -> int:
             # frozen UNet(x_t, t, prompt) + residuals -> eps (or v); MSE to the target
             model = controlled_unet(controlnet_t, unet, batch.conditions.to(device, dtype), dtype)
             loss = batch_loss(model, frozen.noise_scheduler, batch, states, train, dtype)
-            optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, train.max_grad_norm)
+            runtime.optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, train.max_grad_norm)
         loop.after_micro_batch(loss, lr_scheduler.get_last_lr()[0])
 
     # 6) The ControlNet in both layouts, the grid, the scores and the manifest (130 instead, if Ctrl-C stopped the

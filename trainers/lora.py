@@ -30,14 +30,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from sdtune.adapters import quiet_libraries, sampling
+from sdtune.adapters import sampling
 from sdtune.adapters.base import (
     BaseLoadError,
     BaseSource,
     base_hash,
     load_pipeline,
     recommended_guidance,
-    resolve_base,
 )
 from sdtune.adapters.manifest import BaseRef
 from sdtune.trainers.core import export
@@ -46,7 +45,6 @@ from sdtune.trainers.core.cache import text_states
 from sdtune.trainers.core.checkpointing import (
     TrainState,
     register_trainable_state_hooks,
-    resolve_resume,
     restore_checkpoint,
 )
 from sdtune.trainers.core.data import DataError, DatasetScan, scan_dataset
@@ -54,7 +52,7 @@ from sdtune.trainers.core.diffusion import batch_loss
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.lora_layers import add_lora
-from sdtune.trainers.core.recipe import Recipe, RecipeError, load_recipe, trainer_for
+from sdtune.trainers.core.recipe import Recipe, RecipeError
 from sdtune.trainers.core.runtime import (
     SAVE_DTYPES,
     load_frozen_base,
@@ -63,6 +61,7 @@ from sdtune.trainers.core.runtime import (
     make_optimizer,
     optimizer_step,
     scaled_lr,
+    start_run,
     tracker_config,
 )
 from sdtune.trainers.core.validation import Validator
@@ -130,16 +129,11 @@ class AdapterWriter:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    started_at = time.time()
-    quiet_libraries()
 
     # 1) Recipe and preflight: everything that can be wrong with the inputs fails here, before a model loads.
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.method.type != "lora":
-        raise RecipeError(f"{args.recipe}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
+    run = start_run(args.recipe, args.overrides, "lora")
+    recipe, base, resume_from, started_at = run.recipe, run.base, run.resume_from, run.started_at
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
-    base = resolve_base(recipe.base)
-    resume_from = resolve_resume(out_dir, train.resume)
     scan = scan_dataset(recipe.data)
     accelerator = make_accelerator(recipe)
     device = accelerator.device

@@ -95,6 +95,8 @@ class BatchBuilder:
         with torch.no_grad():
             dist = self.vae.encode(torch.stack(pixels).to(self.vae.device, self.vae.dtype)).latent_dist
             noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+            if self.cfg.latent_sampling == "mean":
+                noise = torch.zeros_like(noise)
             return ((dist.mean + dist.std * noise.to(dist.mean.dtype)) * self.vae.config.scaling_factor).float().cpu()
 
     def build(self, positions: list[int], epoch: int, batch_index: int) -> Batch:
@@ -109,7 +111,8 @@ class BatchBuilder:
         if self.latents is None:
             latents = self._encode_on_the_fly([self.scan.records[i] for i in records], flips, generator)
         else:
-            latents = torch.stack([self.latents[i].sample(f, generator) for i, f in zip(records, flips)])
+            draw = self.cfg.latent_sampling == "sample"
+            latents = torch.stack([self.latents[i].sample(f, generator, draw) for i, f in zip(records, flips)])
         conditions = None
         if self.conditions is not None:
             pairs = [(self.conditions(i), f) for i, f in zip(records, flips)]

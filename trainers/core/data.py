@@ -803,14 +803,14 @@ def _pair_folder(root: Path, scan: DatasetScan) -> tuple[list, list[str]]:
     return found, problems
 
 
-def _conditions_in_metadata(root: Path) -> dict[Path, str]:
-    """Imagefolder: resolved image path -> its `conditioning_image_file_name`, over every metadata file."""
+def _conditions_in_metadata(root: Path) -> dict[Path, tuple[Path, str | None]]:
+    """Imagefolder: resolved image path -> (its metadata file's folder, its `conditioning_image_file_name`)."""
     named = {}
     for metadata in sorted(p for name in METADATA_FILES for p in root.rglob(name)):
         for row in _metadata_rows(metadata):
             image_name = row.get("file_name") or row.get("image_file_name")
             if isinstance(image_name, str):
-                named[(metadata.parent / image_name).resolve()] = row.get(CONDITIONING_FILE_KEY)
+                named[(metadata.parent / image_name).resolve()] = (metadata.parent, row.get(CONDITIONING_FILE_KEY))
     return named
 
 
@@ -818,8 +818,8 @@ def _pair_imagefolder(root: Path, scan: DatasetScan) -> tuple[list, list[str]]:
     named = _conditions_in_metadata(root)
     found, problems, used = [], [], set()
     for record in scan.records:
-        name = named.get(Path(record.path).resolve())
-        partner = None if not isinstance(name, str) else Path(record.path).parent / name
+        folder, name = named.get(Path(record.path).resolve(), (None, None))
+        partner = folder / name if isinstance(name, str) and name else None  # relative to the metadata file
         if partner is None or not partner.is_file():
             detail = (
                 f"{CONDITIONING_FILE_KEY} {name!r} not found" if name else f"its row has no {CONDITIONING_FILE_KEY}"

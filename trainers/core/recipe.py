@@ -71,6 +71,11 @@ class DataConfig(_Section):
     random_flip: bool = Field(False, description="Randomly mirror images left-right.")
     repeats: int = Field(1, ge=1, description="Times each image is seen per epoch (kohya folders set their own).")
     cache_latents: bool = Field(True, description="Encode each image with the VAE once and cache the latents.")
+    latent_sampling: Literal["sample", "mean"] = Field(
+        "sample",
+        description="sample: a fresh draw from the VAE posterior each step (diffusers, kohya); mean: its mean, for a "
+        "base pretrained on means (the toy base: its VAE's posterior std is ~0.3, SD v1-5's ~0.01).",
+    )
     cache_dir: str | None = Field(
         None,
         description="On-disk cache of VAE latents (text embeddings are computed once per run and kept in memory). "

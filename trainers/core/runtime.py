@@ -172,3 +172,32 @@ def tracker_config(recipe: Recipe) -> dict:
             if isinstance(value, (int, float, str, bool)):
                 flat[f"{section}.{key}"] = value
     return flat
+
+
+@dataclass
+class RunStart:
+    """What a trainer knows before it touches data or models: its checked recipe, base and resume point."""
+
+    recipe: Recipe
+    base: object  # sdtune.adapters.base.BaseSource
+    resume_from: object  # Path of the checkpoint to resume, or None
+    started_at: float
+
+
+def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunStart:
+    """Loads and checks a trainer's recipe (one-line `RecipeError` for a recipe of another method), resolves its
+    base and the checkpoint to resume, and quiets the libraries' progress noise."""
+    import time
+
+    from sdtune.adapters import quiet_libraries
+    from sdtune.adapters.base import resolve_base
+    from sdtune.trainers.core.checkpointing import resolve_resume
+    from sdtune.trainers.core.recipe import load_recipe, trainer_for
+
+    started_at = time.time()
+    quiet_libraries()
+    recipe = load_recipe(recipe_file, overrides)
+    if recipe.method.type != method_type:
+        raise RecipeError(f"{recipe_file}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
+    resume_from = resolve_resume(recipe.output.dir, recipe.train.resume)
+    return RunStart(recipe, resolve_base(recipe.base), resume_from, started_at)
