@@ -87,3 +87,56 @@ def measured(cmd_script: str, args: list[str], result: Path, cwd: Path) -> dict:
 
 def gib(n):
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def add_common_arguments(parser, example: str):
+    """The options every bench script takes: data size, the diffusers example to compare with, where to work."""
+    parser.add_argument("--images", type=int, default=64, help="Training images to generate.")
+    parser.add_argument("--example", type=Path, default=None, help=f"diffusers' {example}.")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="Scratch folder (models, data).")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+
+
+def recipe_overrides(model, data, res: int, batch: int, steps: int, precision: str, lr: float, out) -> list[str]:
+    """sdtune recipe overrides both trainers' benchmarks share: model, data, size, steps, batch, a constant lr,
+    precision, no checkpoints, no validation, no logging."""
+    return [
+        f"base={model}",
+        f"data.train_data_dir={data}",
+        f"data.resolution={res}",
+        f"data.min_bucket_reso={res}",
+        f"data.max_bucket_reso={res}",
+        "data.bucket_reso_steps=8",
+        "data.enable_bucket=false",
+        "data.random_flip=false",
+        f"train.max_train_steps={steps}",
+        f"train.train_batch_size={batch}",
+        f"train.learning_rate={lr}",
+        "train.lr_scheduler=constant",
+        "train.lr_warmup_steps=0",
+        f"train.mixed_precision={precision}",
+        "train.checkpointing_steps=100000",
+        "validation.prompts=[]",
+        "validation.toy_score=[]",
+        f"output.dir={out}",
+        "output.report_to=none",
+    ]
+
+
+def example_arguments(model, data, res: int, batch: int, steps: int, precision: str, lr: float, out) -> list[str]:
+    """The same settings as `recipe_overrides`, as a diffusers example script's arguments."""
+    return [
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={data}",
+        f"--resolution={res}",
+        f"--train_batch_size={batch}",
+        f"--max_train_steps={steps}",
+        f"--learning_rate={lr}",
+        "--lr_scheduler=constant",
+        "--lr_warmup_steps=0",
+        "--seed=0",
+        f"--mixed_precision={precision}",
+        "--checkpointing_steps=100000",
+        f"--output_dir={out}",
+        "--dataloader_num_workers=0",
+    ]

@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import ROOT, build_data, build_sd15_random, device_name, gib, measured
+from benchlib import (
+    ROOT,
+    add_common_arguments,
+    build_data,
+    build_sd15_random,
+    device_name,
+    example_arguments,
+    gib,
+    measured,
+    recipe_overrides,
+)
 
 LOW_VRAM = {"optimizer": "adamw8bit", "gradient_checkpointing": True}  # recipes/sd15-controlnet-low-vram.yaml
 
@@ -34,58 +44,26 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=None, help="Batch sizes (default: 8 toy, 1 4 sd15).")
     p.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default: 40 toy, 20 sd15).")
     p.add_argument("--low-vram", action="store_true", help="Also measure the low-vram preset's options at batch 1.")
-    p.add_argument("--images", type=int, default=64, help="Training images to generate.")
-    p.add_argument("--example", type=Path, default=None, help="diffusers' examples/controlnet/train_controlnet.py.")
-    p.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="Scratch folder (models, data).")
-    p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    add_common_arguments(p, "examples/controlnet/train_controlnet.py")
     return p.parse_args(argv)
 
 
 def sdtune_run(model: Path, data: Path, res: int, batch: int, steps: int, precision: str, options: dict, out: Path):
     args = [
         str(ROOT / "recipes" / "controlnet-toy.yaml"),
-        f"base={model}",
-        f"data.train_data_dir={data}",
-        f"data.resolution={res}",
-        f"data.min_bucket_reso={res}",
-        f"data.max_bucket_reso={res}",
-        "data.random_flip=false",
+        *recipe_overrides(model, data, res, batch, steps, precision, 1e-5, out),
         "data.latent_sampling=sample",
         "method.proportion_empty_prompts=0",
         "method.validation_image=[]",
-        f"train.max_train_steps={steps}",
-        f"train.train_batch_size={batch}",
-        "train.learning_rate=1e-5",
-        "train.lr_scheduler=constant",
-        "train.lr_warmup_steps=0",
+        "train.timestep_sampling=uniform",
         f"train.optimizer={options.get('optimizer', 'adamw')}",
         f"train.gradient_checkpointing={str(options.get('gradient_checkpointing', False)).lower()}",
-        f"train.mixed_precision={precision}",
-        "train.checkpointing_steps=100000",
-        "validation.prompts=[]",
-        "validation.toy_score=[]",
-        f"output.dir={out}",
-        "output.report_to=none",
     ]
     return measured(str(ROOT / "trainers" / "controlnet.py"), args, out / "measure.json", ROOT)
 
 
 def example_run(script: Path, model: Path, data: Path, res: int, batch: int, steps: int, precision, options, out):
-    args = [
-        f"--pretrained_model_name_or_path={model}",
-        f"--train_data_dir={data}",
-        f"--resolution={res}",
-        f"--train_batch_size={batch}",
-        f"--max_train_steps={steps}",
-        "--learning_rate=1e-5",
-        "--lr_scheduler=constant",
-        "--lr_warmup_steps=0",
-        "--seed=0",
-        f"--mixed_precision={precision}",
-        "--checkpointing_steps=100000",
-        f"--output_dir={out}",
-        "--dataloader_num_workers=0",
-    ]
+    args = example_arguments(model, data, res, batch, steps, precision, 1e-5, out)
     if options.get("optimizer") == "adamw8bit":
         args.append("--use_8bit_adam")
     if options.get("gradient_checkpointing"):

@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import ROOT, build_data, build_sd15_random, device_name, gib, measured
+from benchlib import (
+    ROOT,
+    add_common_arguments,
+    build_data,
+    build_sd15_random,
+    device_name,
+    example_arguments,
+    gib,
+    measured,
+    recipe_overrides,
+)
 
 
 def parse_args(argv=None):
@@ -32,40 +42,19 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=None, help="Batch sizes (default: 8 toy, 1 4 sd15).")
     p.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default: 60 toy, 30 sd15).")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--images", type=int, default=64, help="Training images to generate.")
-    p.add_argument("--example", type=Path, default=None, help="diffusers' train_text_to_image_lora.py.")
-    p.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="Scratch folder (models, data).")
-    p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    add_common_arguments(p, "examples/text_to_image/train_text_to_image_lora.py")
     return p.parse_args(argv)
 
 
 def sdtune_run(model: Path, data: Path, res: int, batch: int, steps: int, rank: int, precision: str, out: Path):
     args = [
         str(ROOT / "recipes" / "quickstart.yaml"),
-        f"base={model}",
-        f"data.train_data_dir={data}",
-        f"data.resolution={res}",
-        f"data.min_bucket_reso={res}",
-        f"data.max_bucket_reso={res}",
-        "data.bucket_reso_steps=8",
-        "data.enable_bucket=false",
-        "data.random_flip=false",
+        *recipe_overrides(model, data, res, batch, steps, precision, 1e-4, out),
         "data.caption_dropout_rate=0",
         f"method.rank={rank}",
         f"method.lora_alpha={rank}",
-        f"train.max_train_steps={steps}",
-        f"train.train_batch_size={batch}",
-        "train.learning_rate=1e-4",
-        "train.lr_scheduler=constant",
-        "train.lr_warmup_steps=0",
         "train.optimizer=adamw",
         "train.snr_gamma=null",
-        f"train.mixed_precision={precision}",
-        "train.checkpointing_steps=100000",
-        "validation.prompts=[]",
-        "validation.toy_score=[]",
-        f"output.dir={out}",
-        "output.report_to=none",
         "output.export_check=false",
     ]
     return measured(str(ROOT / "trainers" / "lora.py"), args, out / "measure.json", ROOT)
@@ -75,21 +64,9 @@ def example_run(
     script: Path, model: Path, data: Path, res: int, batch: int, steps: int, rank: int, precision: str, out: Path
 ):
     args = [
-        f"--pretrained_model_name_or_path={model}",
-        f"--train_data_dir={data}",
-        f"--resolution={res}",
+        *example_arguments(model, data, res, batch, steps, precision, 1e-4, out),
         "--center_crop",
-        f"--train_batch_size={batch}",
-        f"--max_train_steps={steps}",
-        "--learning_rate=1e-4",
-        "--lr_scheduler=constant",
-        "--lr_warmup_steps=0",
         f"--rank={rank}",
-        "--seed=0",
-        f"--mixed_precision={precision}",
-        "--checkpointing_steps=100000",
-        f"--output_dir={out}",
-        "--dataloader_num_workers=0",
     ]
     return measured(str(script), args, out / "measure.json", out.parent)
 

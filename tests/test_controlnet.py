@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from sdtune.adapters import annotate, scoring, toyworld
 from sdtune.studio import cli
@@ -274,3 +275,92 @@ def test_annotate_refusals_are_one_line(tmp_path, args, message):
     text = str(info.value)
     assert text.startswith("sdtune annotate: ") and "\n" not in text and message in text
     assert not (tmp_path / "out").exists()
+
+
+# -- the trainer, run for real --------------------------------------------------------------------------------------
+
+
+def test_trainer_refuses_a_recipe_of_another_method(tmp_path):
+    proc = run_trainer([str(ROOT / "recipes" / "quickstart.yaml"), f"output.dir={tmp_path}"], tmp_path / "cache")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {ROOT / 'recipes' / 'quickstart.yaml'}: method.type is 'lora': run trainers/lora.py"
+    )
+
+
+def test_trainer_stops_on_bad_pairs_before_loading_a_model(tmp_path):
+    toyworld.write_control_dataset(tmp_path / "data", 4, seed=8)
+    _break_small(tmp_path / "data")
+    proc = run_trainer(
+        [str(TOY_RECIPE), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={tmp_path / 'o'}"], tmp_path / "c"
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.train_data_dir: 1 image/condition pairs do not match")
+    assert str(tmp_path / "data" / "conditioning" / "0002.png") in last
+    assert "latents:" not in proc.stdout  # stopped before the VAE ran
+
+
+SHORT = [
+    "train.max_train_steps=4",
+    "train.train_batch_size=2",
+    "train.checkpointing_steps=2",
+    "train.lr_warmup_steps=0",
+    "validation.prompts=[a red circle]",
+    "method.validation_image=[]",
+    "validation.seeds=[0]",
+    "validation.num_inference_steps=2",
+    "validation.validation_steps=0",
+    "validation.toy_score=[]",
+    "output.report_to=none",
+    "output.save_precision=fp32",
+]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """4 steps on 6 pairs, a checkpoint every 2 steps: the outputs, and the run to resume against."""
+    root = tmp_path_factory.mktemp("cn-short")
+    toyworld.write_control_dataset(root / "data", 6, seed=9)
+    out = root / "run"
+    args = [str(TOY_RECIPE), f"data.train_data_dir={root / 'data'}", f"output.dir={out}", *SHORT]
+    proc = run_trainer(args, root / "cache")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return root, out, args, proc.stdout + proc.stderr
+
+
+def test_short_run_writes_both_layouts_grid_and_manifest(short_run):
+    _, out, _, log = short_run
+    for name in (
+        "controlnet/config.json",
+        "controlnet/diffusion_pytorch_model.safetensors",
+        "toy-masks.safetensors",
+        "ab_grid.png",
+        "adapter.json",
+        "samples/conditions/condition-0.png",
+    ):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "adapter.json").read_text())
+    assert manifest["method"] == "controlnet" and manifest["training"]["steps"] == 4
+    assert manifest["files"] == {"diffusers": "controlnet", "original": "toy-masks.safetensors"}
+    assert manifest["samples"] == {"ab_grid": "ab_grid.png"}
+    assert manifest["dataset"]["kind"] == "folder" and manifest["dataset"]["images"] == 6
+    assert all(k.startswith("control_model.") for k in load_file(str(out / "toy-masks.safetensors")))
+    assert "data: 6 images (6 per epoch with repeats), layout folder" in log
+    # the ab grid: a condition column, then base and ControlNet per seed
+    assert Image.open(out / "ab_grid.png").width == 200 + 3 * 160
+
+
+def test_resume_is_bit_identical_on_cpu(short_run, tmp_path):
+    """A run resumed from its step-2 checkpoint ends with exactly the weights of the unbroken 4-step run."""
+    root, out, args, _ = short_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    args = [a if not a.startswith("output.dir=") else f"output.dir={resumed}" for a in args]
+    proc = run_trainer([*args, "train.resume=latest"], root / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    again = load_file(str(resumed / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    first = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert next(iter(first.values())).dtype == torch.float32  # saved at full precision: the comparison is exact
+    assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
