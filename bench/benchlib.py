@@ -140,3 +140,21 @@ def example_arguments(model, data, res: int, batch: int, steps: int, precision: 
         f"--output_dir={out}",
         "--dataloader_num_workers=0",
     ]
+
+
+def results_header(title: str, command: str, device: str, stamp: str) -> list[str]:
+    """The opening lines of a RESULTS.md section: what was run, on which machine, and what the numbers mean."""
+    memory = "CUDA peak allocated" if torch.cuda.is_available() else "peak RSS"
+    return [
+        f"\n## {title}",
+        f"Machine: {device}. Measured {stamp} by `{command}`.",
+        f"Memory is {memory}; s/step is the median interval between optimizer steps after 3 warm-up steps.",
+        "",
+    ]
+
+
+def append_results(path: Path, lines: list[str]):
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(path, "a") as handle:
+        handle.write(text)

@@ -22,18 +22,8 @@ import json
 import time
 from pathlib import Path
 
+import benchlib
 import torch
-from benchlib import (
-    ROOT,
-    add_common_arguments,
-    build_data,
-    build_sd15_random,
-    device_name,
-    example_arguments,
-    gib,
-    measured,
-    recipe_overrides,
-)
 
 LOW_VRAM = {"optimizer": "adamw8bit", "gradient_checkpointing": True}  # recipes/sd15-controlnet-low-vram.yaml
 
@@ -44,14 +34,14 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=None, help="Batch sizes (default: 8 toy, 1 4 sd15).")
     p.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default: 40 toy, 20 sd15).")
     p.add_argument("--low-vram", action="store_true", help="Also measure the low-vram preset's options at batch 1.")
-    add_common_arguments(p, "examples/controlnet/train_controlnet.py")
+    benchlib.add_common_arguments(p, "examples/controlnet/train_controlnet.py")
     return p.parse_args(argv)
 
 
 def sdtune_run(model: Path, data: Path, res: int, batch: int, steps: int, precision: str, options: dict, out: Path):
     args = [
-        str(ROOT / "recipes" / "controlnet-toy.yaml"),
-        *recipe_overrides(model, data, res, batch, steps, precision, 1e-5, out),
+        str(benchlib.ROOT / "recipes" / "controlnet-toy.yaml"),
+        *benchlib.recipe_overrides(model, data, res, batch, steps, precision, 1e-5, out),
         "data.latent_sampling=sample",
         "method.proportion_empty_prompts=0",
         "method.validation_image=[]",
@@ -59,16 +49,18 @@ def sdtune_run(model: Path, data: Path, res: int, batch: int, steps: int, precis
         f"train.optimizer={options.get('optimizer', 'adamw')}",
         f"train.gradient_checkpointing={str(options.get('gradient_checkpointing', False)).lower()}",
     ]
-    return measured(str(ROOT / "trainers" / "controlnet.py"), args, out / "measure.json", ROOT)
+    return benchlib.measured(
+        str(benchlib.ROOT / "trainers" / "controlnet.py"), args, out / "measure.json", benchlib.ROOT
+    )
 
 
 def example_run(script: Path, model: Path, data: Path, res: int, batch: int, steps: int, precision, options, out):
-    args = example_arguments(model, data, res, batch, steps, precision, 1e-5, out)
+    args = benchlib.example_arguments(model, data, res, batch, steps, precision, 1e-5, out)
     if options.get("optimizer") == "adamw8bit":
         args.append("--use_8bit_adam")
     if options.get("gradient_checkpointing"):
         args.append("--gradient_checkpointing")
-    return measured(str(script), args, out / "measure.json", out.parent)
+    return benchlib.measured(str(script), args, out / "measure.json", out.parent)
 
 
 def main(argv=None):
@@ -78,8 +70,8 @@ def main(argv=None):
     res = 64 if toy else 512
     precision = "fp16" if torch.cuda.is_available() else "no"
     work = args.work / args.model
-    model = ROOT / "adapters" / "toy_base" if toy else build_sd15_random(work / "model")
-    data = build_data(work / f"data-{res}-controlnet", args.images, res, conditioning=True)
+    model = benchlib.ROOT / "adapters" / "toy_base" if toy else benchlib.build_sd15_random(work / "model")
+    data = benchlib.build_data(work / f"data-{res}-controlnet", args.images, res, conditioning=True)
     runs = [(batch, "default", {}) for batch in args.batch or ([8] if toy else [1, 4])]
     if args.low_vram:
         runs.append((1, "low-vram", LOW_VRAM))
@@ -94,31 +86,26 @@ def main(argv=None):
             row |= {"example_s": theirs["seconds_per_step"], "example_mem": theirs[memory_key]}
         rows.append(row)
         print(json.dumps(row))
-    write_results(args, rows, device_name(), stamp, res, steps, precision)
+    write_results(args, rows, benchlib.device_name(), stamp, res, steps, precision)
 
 
 def write_results(args, rows, device, stamp, res, steps, precision):
-    memory = "CUDA peak allocated" if torch.cuda.is_available() else "peak RSS"
-    lines = [
-        f"\n## ControlNet, {args.model}, {res} px, {steps} steps, mixed precision {precision}",
-        f"Machine: {device}. Measured {stamp} by `python bench/train_controlnet.py --model {args.model}`.",
-        f"Memory is {memory}; s/step is the median interval between optimizer steps after 3 warm-up steps.",
-        "",
+    title = f"ControlNet, {args.model}, {res} px, {steps} steps, mixed precision {precision}"
+    command = f"python bench/train_controlnet.py --model {args.model}" + (" --low-vram" if args.low_vram else "")
+    lines = benchlib.results_header(title, command, device, stamp)
+    lines += [
         "| batch | options | sdtune s/step | example s/step | time ratio | sdtune memory | example memory |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        theirs = (f"{r['example_s']:.4f}", f"{r['sdtune_s'] / r['example_s']:.2f}x", gib(r["example_mem"]))
+        theirs = (f"{r['example_s']:.4f}", f"{r['sdtune_s'] / r['example_s']:.2f}x", benchlib.gib(r["example_mem"]))
         if "example_s" not in r:
             theirs = ("not run", "", "")
         lines.append(
             f"| {r['batch']} | {r['preset']} | {r['sdtune_s']:.4f} | {theirs[0]} | {theirs[1]} | "
-            f"{gib(r['sdtune_mem'])} | {theirs[2]} |"
+            f"{benchlib.gib(r['sdtune_mem'])} | {theirs[2]} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.results, "a") as handle:
-        handle.write(text)
+    benchlib.append_results(args.results, lines)
 
 
 if __name__ == "__main__":

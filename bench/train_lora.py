@@ -26,6 +26,7 @@ import torch
 from benchlib import (
     ROOT,
     add_common_arguments,
+    append_results,
     build_data,
     build_sd15_random,
     device_name,
@@ -33,6 +34,7 @@ from benchlib import (
     gib,
     measured,
     recipe_overrides,
+    results_header,
 )
 
 
@@ -108,12 +110,9 @@ def main(argv=None):
 
 
 def write_results(args, rows, device, stamp, res, steps, precision):
-    memory = "CUDA peak allocated" if torch.cuda.is_available() else "peak RSS"
-    lines = [
-        f"\n## {args.model}, {res} px, rank {args.rank}, {steps} steps, mixed precision {precision}",
-        f"Machine: {device}. Measured {stamp} by `python bench/train_lora.py --model {args.model}`.",
-        f"Memory is {memory}; s/step is the median interval between optimizer steps after 3 warm-up steps.",
-        "",
+    title = f"{args.model}, {res} px, rank {args.rank}, {steps} steps, mixed precision {precision}"
+    lines = results_header(title, f"python bench/train_lora.py --model {args.model}", device, stamp)
+    lines += [
         "| batch | sdtune s/step | example s/step | time ratio | sdtune memory | example memory | memory ratio |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -131,10 +130,7 @@ def write_results(args, rows, device, stamp, res, steps, precision):
             "\nThe example ran with bench/torchvision_shim.py standing in for torchvision.transforms "
             "(no CPU torchvision wheel loads beside this torch); preprocessing only."
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.results, "a") as handle:
-        handle.write(text)
+    append_results(args.results, lines)
 
 
 if __name__ == "__main__":
