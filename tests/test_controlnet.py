@@ -406,13 +406,15 @@ def test_sample_cli_control_errors(short_run, tmp_path, extra, message):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """`recipes/controlnet-toy.yaml` as a user runs it (its validation grids every 100 steps left out)."""
+    """`recipes/controlnet-toy.yaml` as a user runs it (its validation grids every 100 steps left out); ~5 minutes on
+    2 CPU cores, so the tests that use it are `slow`."""
     root = tmp_path_factory.mktemp("cn-toy")
     proc = run_trainer([str(TOY_RECIPE), f"output.dir={root / 'run'}", "validation.validation_steps=0"], root / "c")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return root / "run"
 
 
+@pytest.mark.slow
 def test_training_moves_layout_iou_from_chance_to_the_mask(toy_run):
     scores = json.loads((toy_run / "adapter.json").read_text())["scores"]
     assert scores["base"]["n"] == scores["adapter"]["n"] == 12
@@ -421,6 +423,7 @@ def test_training_moves_layout_iou_from_chance_to_the_mask(toy_run):
     assert scores["adapter"]["both"] >= 0.8, scores  # colour and shape still follow the prompt
 
 
+@pytest.mark.slow
 def test_layout_remeasured_from_the_a1111_file(toy_run):
     """The same measurement from the saved original-layout file, loaded the way `sdtune sample` loads it."""
     pipe = load_pipeline("toy")
