@@ -454,3 +454,20 @@ def test_lora_stacked_with_controlnet_keeps_both(toy_run, tmp_path):
     both = scoring.score_layout(controlled, purple, controlled=True)
     assert both.score.color >= 0.8 and both.score.both >= 0.8, both.as_dict()
     assert both.iou >= 0.5, both.as_dict()
+
+
+def test_trainer_refuses_validation_prompt_image_mismatch_before_loading(tmp_path):
+    toyworld.write_control_dataset(tmp_path / "data", 2, seed=10)
+    extra = [
+        "validation.prompts=[a, b]",
+        f"method.validation_image=[{VALIDATION / 'circle-mask.png'}, "
+        f"{VALIDATION / 'square-mask.png'}, {VALIDATION / 'triangle-mask.png'}]",
+    ]
+    args = [str(TOY_RECIPE), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={tmp_path / 'o'}", *extra]
+    proc = run_trainer(args, tmp_path / "c")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: method.validation_image: 3 images for 2 validation.prompts; give one image per prompt, one image, "
+        "or one prompt"
+    )
+    assert "latents:" not in proc.stdout

@@ -58,9 +58,10 @@ from sdtune.trainers.core.diffusion import batch_loss
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.recipe import ControlNetMethod, DataConfig, Recipe, RecipeError
-from sdtune.trainers.core.validation import ControlValidator
+from sdtune.trainers.core.validation import ControlValidator, pair_prompts
 
 VALIDATION_CONDITIONS = 2  # training conditions shown in the grids when the recipe names no validation_image
+KEEP_CONDITIONS_BYTES = 512 * 2**20  # conditioning tensors kept in memory once read (all of them at toy scale)
 
 
 def parse_args(argv=None):
@@ -84,8 +85,9 @@ def data_config(recipe: Recipe) -> DataConfig:
 class Conditions:
     """Record index -> the conditioning tensor ([3, H, W] in [0, 1]), fitted to the image's bucket and crop.
 
-    Given conditions are read from their files; `conditioning: canny` computes them from the image itself.
-    Either way they are a few kB per image at 64 px and are kept once read.
+    Given conditions are read from their files; `conditioning: canny` computes them from the image itself. They
+    are kept once read, up to `KEEP_CONDITIONS_BYTES` (48 kB each at 64 px, 3 MB at 512 px); the rest are read
+    again when their image comes up.
     """
 
     scan: PairScan
@@ -104,9 +106,12 @@ class Conditions:
         return annotate.canny(source, options)
 
     def __call__(self, index: int) -> torch.Tensor:
-        if index not in self._kept:
-            self._kept[index] = condition_tensor(self.image(index))
-        return self._kept[index]
+        if index in self._kept:
+            return self._kept[index]
+        tensor = condition_tensor(self.image(index))
+        if (len(self._kept) + 1) * tensor.numel() * tensor.element_size() <= KEEP_CONDITIONS_BYTES:
+            self._kept[index] = tensor
+        return tensor
 
 
 def validation_conditions(recipe: Recipe, conditions: Conditions, out_dir: Path) -> list[str]:
@@ -116,12 +121,14 @@ def validation_conditions(recipe: Recipe, conditions: Conditions, out_dir: Path)
     for path in given:
         if not Path(path).is_file():
             raise RecipeError(f"method.validation_image: {path} not found")
-    if given:
-        return list(given)
-    paths = []
-    for index in range(min(VALIDATION_CONDITIONS, len(conditions.scan.records))):
+    paths = list(given)
+    for index in range(0 if given else min(VALIDATION_CONDITIONS, len(conditions.scan.records))):
         paths.append(str(out_dir / "samples" / "conditions" / f"condition-{index}.png"))
         save_png_atomic(conditions.image(index), Path(paths[-1]))
+    try:
+        pair_prompts(recipe.validation.prompts, paths)  # refuse a prompt/image count mismatch now
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
     return paths
 
 
@@ -228,6 +235,8 @@ def main(argv=None) -> int:
     if method.conditioning == "canny":
         annotate.annotator("canny", annotate.AnnotateOptions())  # OpenCV missing: say so now, not at step 1
     scan = scan_pairs(data, method.conditioning_image_column, computed=method.conditioning == "canny")
+    conditions = Conditions(scan, data, method)
+    validation_images = validation_conditions(recipe, conditions, out_dir)
     accelerator = runtime.make_accelerator(recipe)
     accelerator.print(preflight(recipe, scan, accelerator.device.type, accelerator.num_processes))
 
@@ -235,7 +244,6 @@ def main(argv=None) -> int:
     # the frozen text encoder once per caption (captions are a fixed set unless tags are shuffled).
     frozen = runtime.load_frozen_base(recipe, accelerator)
     unet, dtype, device = frozen.unet, frozen.dtype, accelerator.device
-    conditions = Conditions(scan, data, method)
     batches, text_cache = make_batches(
         scan, data, train, accelerator, frozen.vae, frozen.tokenizer, frozen.text_encoder, True, conditions
     )
@@ -260,9 +268,7 @@ def main(argv=None) -> int:
     accelerator.register_for_checkpointing(state)
     register_trainable_state_hooks(accelerator, [controlnet])
     restore_checkpoint(accelerator, resume_from, train.resume, out_dir, state)
-    validator = ControlValidator(
-        recipe, frozen.pipe, controlnet, accelerator, validation_conditions(recipe, conditions, out_dir), base.name
-    )
+    validator = ControlValidator(recipe, frozen.pipe, controlnet, accelerator, validation_images, base.name)
     writer = ControlNetWriter(recipe, controlnet_t, accelerator)
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune-controlnet", config=runtime.tracker_config(recipe))
