@@ -25,7 +25,7 @@ from sdtune.adapters.base import load_pipeline
 from sdtune.adapters.sampling import AdapterSpec, ControlSpec, load_adapters, load_controlnets
 from sdtune.studio import cli
 from sdtune.trainers.core.cache import CachedLatent
-from sdtune.trainers.core.data import DataError, scan_pairs
+from sdtune.trainers.core.data import DataError, condition_tensor, scan_pairs
 from sdtune.trainers.core.recipe import DataConfig, RecipeError, recipe_from_dict
 from sdtune.trainers.core.validation import pair_prompts
 
@@ -471,3 +471,37 @@ def test_trainer_refuses_validation_prompt_image_mismatch_before_loading(tmp_pat
         "or one prompt"
     )
     assert "latents:" not in proc.stdout
+
+
+def test_memory_options_train_and_save(tmp_path):
+    """The low-vram preset's options on this machine: 8-bit AdamW, gradient checkpointing, bf16 autocast."""
+    toyworld.write_control_dataset(tmp_path / "data", 4, seed=11)
+    args = [str(TOY_RECIPE), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={tmp_path / 'run'}", *SHORT]
+    args += ["train.optimizer=adamw8bit", "train.gradient_checkpointing=true", "train.mixed_precision=bf16"]
+    proc = run_trainer(args, tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_file(str(tmp_path / "run" / "toy-masks.safetensors"))
+    assert all(torch.isfinite(t.float()).all() for t in saved.values())
+    assert json.loads((tmp_path / "run" / "adapter.json").read_text())["recipe"]["train"]["optimizer"] == "adamw8bit"
+
+
+def test_continue_from_a_saved_controlnet_and_canny_conditions(short_run, toy_pipe, tmp_path):
+    """`controlnet_model_name_or_path` starts from a run's file (either layout) or folder, exactly; canny
+    conditions are the annotator's edges of each fitted image."""
+    from sdtune.trainers.controlnet import Conditions, init_controlnet
+    from sdtune.trainers.core.recipe import ControlNetMethod
+
+    _, out, _, _ = short_run
+    expected = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    for source in (out / "toy-masks.safetensors", out):
+        state = init_controlnet(
+            ControlNetMethod(controlnet_model_name_or_path=str(source)), toy_pipe.unet
+        ).state_dict()
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+    with pytest.raises(RecipeError, match="method.controlnet_model_name_or_path: .*no such ControlNet"):
+        init_controlnet(ControlNetMethod(controlnet_model_name_or_path=str(tmp_path / "x.safetensors")), toy_pipe.unet)
+    toyworld.write_dataset(tmp_path / "plain", 2, seed=0, colors=["red"])
+    cfg = toy_data(train_data_dir=str(tmp_path / "plain"))
+    conditions = Conditions(scan_pairs(cfg, computed=True), cfg, ControlNetMethod(conditioning="canny"))
+    edges = annotate.annotate_image(Image.open(tmp_path / "plain" / "0000.png"), "canny")
+    assert torch.equal(conditions(0), condition_tensor(edges))
