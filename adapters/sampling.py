@@ -33,6 +33,12 @@ class SampleSettings:
     width: int | None = None  # None = the base's native size (64 for the toy base, 512 for SD v1-5)
     height: int | None = None
     scheduler: str = "default"
+    # ControlNet: one conditioning image file and one scale per loaded ControlNet (see `load_controlnets`), and the
+    # share of the sampling steps, from start to end, during which the ControlNets steer.
+    control_images: tuple[str, ...] = ()
+    control_scales: tuple[float, ...] = ()
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
 
 
 @dataclass
@@ -40,6 +46,23 @@ class Sample:
     image: Image.Image
     settings: SampleSettings
     parameters: str  # A1111-style "parameters" text, also stored in the PNG
+
+
+def split_number(text: str, default: float = 1.0) -> tuple[str, float]:
+    """`PATH[:NUMBER]` -> (PATH, NUMBER); a colon not followed by a number belongs to the path."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, default
+
+
+def existing(path: str, option: str, expected: str) -> str:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{option}: {path} not found (expected {expected})")
+    return path
 
 
 @dataclass
@@ -53,16 +76,69 @@ class AdapterSpec:
     @classmethod
     def parse(cls, text: str) -> AdapterSpec:
         """`PATH[:WEIGHT]`, e.g. `runs/quickstart:0.8`."""
-        path, weight = text, 1.0
-        head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                path, weight = head, float(tail)
-            except ValueError:
-                pass
-        if not Path(path).exists():
-            raise FileNotFoundError(f"--adapter: {path} not found (expected a LoRA .safetensors file or a run folder)")
-        return cls(path=path, weight=weight)
+        path, weight = split_number(text)
+        return cls(path=existing(path, "--adapter", "a LoRA .safetensors file or a run folder"), weight=weight)
+
+
+@dataclass
+class ControlSpec:
+    """A ControlNet to steer with at `scale`: a diffusers folder, a training run folder or a single file."""
+
+    path: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> ControlSpec:
+        """`PATH[:SCALE]`, e.g. `runs/edges:0.8`."""
+        path, scale = split_number(text)
+        return cls(path=existing(path, "--controlnet", "a ControlNet folder, run or file"), scale=scale)
+
+
+def load_controlnets(pipe, specs: list[ControlSpec]):
+    """A ControlNet pipeline over `pipe`'s own components (LoRAs already loaded stay active); several ControlNets
+    become diffusers' MultiControlNet, each steering with its own image and scale."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from sdtune.adapters.controlnet import load_controlnet
+
+    models = [load_controlnet(spec.path, unet=pipe.unet, torch_dtype=pipe.unet.dtype) for spec in specs]
+    models = [model.to(pipe.unet.device) for model in models]
+    controlled = StableDiffusionControlNetPipeline.from_pipe(
+        pipe, controlnet=models[0] if len(models) == 1 else models
+    )
+    controlled.set_progress_bar_config(disable=True)
+    return controlled
+
+
+def _control_arguments(pipe, s: SampleSettings, width: int, height: int) -> dict:
+    """The ControlNet pipeline's arguments of one sample; none for a sample without conditioning images."""
+    if not s.control_images:
+        return {}
+    count = len(getattr(pipe.controlnet, "nets", [None])) if hasattr(pipe, "controlnet") else 0
+    if count != len(s.control_images):
+        raise ValueError(f"--control-image: {len(s.control_images)} images for {count} ControlNets; give one each")
+    images = []
+    for path in s.control_images:
+        with Image.open(path) as opened:
+            images.append(opened.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+    scales = list(s.control_scales) or [1.0] * count
+    single = count == 1
+    return {
+        "image": images[0] if single else images,
+        "controlnet_conditioning_scale": scales[0] if single else scales,
+        "control_guidance_start": s.control_guidance_start,
+        "control_guidance_end": s.control_guidance_end,
+    }
+
+
+def control_parameters(s: SampleSettings) -> dict:
+    """A1111's ControlNet entries of the PNG `parameters` text, one per ControlNet."""
+    scales = list(s.control_scales) or [1.0] * len(s.control_images)
+    return {
+        f"ControlNet {i}": f'"Image: {Path(image).name}, Weight: {scale:g}, Guidance Start: '
+        f'{s.control_guidance_start:g}, Guidance End: {s.control_guidance_end:g}"'
+        for i, (image, scale) in enumerate(zip(s.control_images, scales))
+    }
 
 
 def set_scheduler(pipe, name: str):
@@ -139,8 +215,10 @@ def generate(pipe, settings: list[SampleSettings], model_name: str = "base", ext
                 width=width,
                 height=height,
                 generator=generator,
+                **_control_arguments(pipe, s, width, height),
             ).images[0]
-            samples.append(Sample(image, s, a1111_parameters(s, width, height, model_name, extra_parameters)))
+            extra = {**(extra_parameters or {}), **control_parameters(s)}
+            samples.append(Sample(image, s, a1111_parameters(s, width, height, model_name, extra)))
     finally:
         pipe.scheduler = original
     return samples

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from PIL import Image
+
 from sdtune.adapters import toyworld
 from sdtune.adapters.sampling import Sample, SampleSettings, generate
 
@@ -66,3 +68,43 @@ def score_targets(
     expected = [(t.color, t.shape) for t in targets for _ in seeds]
     images = [s.image for s in samples]
     return TargetScores(toyworld.score_images(images, expected), samples, [toyworld.score_image(i) for i in images])
+
+
+@dataclass
+class LayoutScores:
+    """Colour/shape scores plus where the shape stands: the IoU of each image's foreground with its condition."""
+
+    score: toyworld.Score
+    ious: list[float]
+    samples: list[Sample]
+
+    @property
+    def iou(self) -> float:
+        return sum(self.ious) / max(len(self.ious), 1)
+
+    def as_dict(self) -> dict:
+        s = self.score
+        return {"color": s.color, "shape": s.shape, "both": s.both, "n": s.n, "iou": round(self.iou, 4)}
+
+
+def score_layout(pipe, pairs: list[tuple[Target, str]], controlled: bool, seeds=BAR_SEEDS, scale=1.0, **common):
+    """Renders every (target, conditioning image) pair once per seed; scores colour and shape, and the IoU between
+    the shape the scorer finds and the region the condition asks for (`toyworld.condition_region`).
+
+    Args:
+        pipe: a ControlNet pipeline when `controlled` (one ControlNet, at `scale`); else any pipeline, whose IoU
+            with the same conditions is the chance level a ControlNet must beat.
+        pairs: a target prompt and a conditioning image file (a mask or a closed-outline edge map) to draw it in.
+        common: the other `SampleSettings` (steps, guidance, scheduler, negative_prompt).
+    """
+    control = dict(control_scales=(scale,)) if controlled else {}
+    settings = [
+        SampleSettings(t.prompt, s, control_images=(c,) if controlled else (), **control, **common)
+        for t, c in pairs
+        for s in seeds
+    ]
+    samples = generate(pipe, settings)
+    expected = [(t.color, t.shape) for t, _ in pairs for _ in seeds]
+    regions = [toyworld.condition_region(Image.open(c)) for _, c in pairs for _ in seeds]
+    ious = [toyworld.iou(toyworld.foreground_mask(s.image), r) for s, r in zip(samples, regions)]
+    return LayoutScores(toyworld.score_images([s.image for s in samples], expected), ious, samples)

@@ -223,6 +223,46 @@ def classify_shape(fill_ratio: float, solidity: float) -> str:
     return "triangle"
 
 
+def _rgb64(image: Image.Image) -> np.ndarray:
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+
+
+def foreground_mask(image: Image.Image) -> np.ndarray:
+    """The shape's pixels (64x64 bool): the largest component clearly away from the background colour (the median
+    of the border); 0.18 ignores JPEG-ish noise and soft sampling haze."""
+    rgb = _rgb64(image)
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    background = np.median(border, axis=0)
+    return _largest_component(np.abs(rgb - background).max(axis=-1) > 0.18)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` plus every pixel the outside cannot reach: a closed outline becomes the region it encloses."""
+    padded = np.pad(~mask, 1, constant_values=True)
+    outside = _largest_component(padded)  # the padding ring joins all the outside into one component
+    return ~outside[1:-1, 1:-1]
+
+
+def condition_region(condition: Image.Image) -> np.ndarray:
+    """The region (64x64 bool) a conditioning image asks for: its bright pixels with enclosed holes filled, so a mask
+    gives itself and a closed edge map (canny, scribble) the shape it outlines."""
+    bright = _rgb64(condition).mean(axis=-1) > 0.5
+    return _fill_holes(bright)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def scene_mask(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The scene's shape as a binary mask image (white on black, RGB): a conditioning image of where it stands."""
+    white = Scene("red", scene.shape, scene.radius, scene.cx, scene.cy, background=(0, 0, 0), fill=(255, 255, 255))
+    return render(white, size).point(lambda v: 255 if v >= 128 else 0)
+
+
 def score_image(image: Image.Image, colors: Iterable[str] = tuple(COLORS)) -> Detection:
     """Finds the one shape in a toy-world image and names its colour (nearest hue) and shape (geometry).
 
@@ -230,14 +270,8 @@ def score_image(image: Image.Image, colors: Iterable[str] = tuple(COLORS)) -> De
         image: an RGB image of any size; it is resized to 64x64 first.
         colors: the colour names the hue may be matched to (default: every colour of the world).
     """
-    rgb = np.asarray(
-        image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR), dtype=np.float32
-    )
-    rgb = rgb / 255.0
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    background = np.median(border, axis=0)
-    # Foreground = clearly away from the background colour; 0.18 ignores JPEG-ish noise and soft sampling haze.
-    mask = _largest_component(np.abs(rgb - background).max(axis=-1) > 0.18)
+    rgb = _rgb64(image)
+    mask = foreground_mask(image)
     area = int(mask.sum())
     if area < 12:
         return Detection(None, None, area, 0.0, 0.0, None, 0.0)
@@ -302,3 +336,19 @@ def write_dataset(
         (folder / f"{i:04d}.txt").write_text(scene.caption() + "\n")
         names.append(name)
     return names
+
+
+def write_control_dataset(folder, n: int, seed: int, colors: Sequence[str] = BASE_COLORS, shapes=BASE_SHAPES) -> None:
+    """`n` seeded ControlNet triplets in the folder convention: `images/NNNN.png` with `images/NNNN.txt` captions,
+    and `conditioning/NNNN.png`, the binary mask of where the shape stands (`scene_mask`)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "conditioning").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        scene = sample_scene(rng, colors, shapes)
+        render(scene).save(folder / "images" / f"{i:04d}.png")
+        (folder / "images" / f"{i:04d}.txt").write_text(scene.caption() + "\n")
+        scene_mask(scene).save(folder / "conditioning" / f"{i:04d}.png")

@@ -39,6 +39,10 @@ def sample_images(
     grid: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    controlnets: list[str] | None = None,
+    control_images: list[str] | None = None,
+    control_guidance_start: float = 0.0,
+    control_guidance_end: float = 1.0,
 ) -> list[Path]:
     """Renders every prompt once per seed into `out_dir` as PNGs with A1111 `parameters`; returns the files written.
 
@@ -48,6 +52,10 @@ def sample_images(
         grid: also write `grid.png`, a labelled contact sheet (returned last).
         device: cuda / cpu / mps; None picks cuda when present.
         dtype: fp32 / fp16 / bf16; None gives fp16 on CUDA and fp32 elsewhere.
+        controlnets: ControlNet folders, run folders or files, each optionally `PATH:SCALE`; several make a
+            MultiControlNet. They combine with `adapters`.
+        control_images: one conditioning image per ControlNet, in the same order.
+        control_guidance_start, control_guidance_end: the share of the steps during which the ControlNets steer.
     """
     import torch
 
@@ -59,8 +67,11 @@ def sample_images(
     seeds = list(seeds or [0])
     try:
         specs = [sampling.AdapterSpec.parse(a) for a in adapters or []]
+        controls = [sampling.ControlSpec.parse(c) for c in controlnets or []]
     except FileNotFoundError as exc:
         raise StudioError(str(exc)) from None
+    control_images = list(control_images or [])
+    _check_controls(controls, control_images, control_guidance_start, control_guidance_end)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp16" if device == "cuda" else "fp32")
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -74,6 +85,11 @@ def sample_images(
         raise StudioError(str(exc)) from None
     pipe.set_progress_bar_config(disable=True)
     sampling.load_adapters(pipe, specs)
+    if controls:
+        try:
+            pipe = sampling.load_controlnets(pipe, controls)
+        except (FileNotFoundError, ValueError) as exc:
+            raise StudioError(str(exc)) from None
     lora = ", ".join(f"{Path(a.path).name}:{a.weight:g}" for a in specs)
     settings = sampling.grid_settings(
         prompts,
@@ -84,6 +100,10 @@ def sample_images(
         width=width,
         height=height,
         scheduler=scheduler,
+        control_images=tuple(control_images),
+        control_scales=tuple(c.scale for c in controls),
+        control_guidance_start=control_guidance_start,
+        control_guidance_end=control_guidance_end,
     )
     samples = sampling.generate(
         pipe, settings, model_name=source.name, extra_parameters={"Lora": lora} if lora else None
@@ -100,6 +120,18 @@ def sample_images(
     return written
 
 
+def _check_controls(controls: list, images: list[str], start: float, end: float):
+    if len(images) != len(controls):
+        raise StudioError(
+            f"--control-image: {len(images)} given for {len(controls)} --controlnet; give one image per ControlNet"
+        )
+    for image in images:
+        if not Path(image).is_file():
+            raise StudioError(f"--control-image: {image} not found")
+    if not 0.0 <= start < end <= 1.0:
+        raise StudioError(f"--control-guidance-start/end: need 0 <= start ({start}) < end ({end}) <= 1")
+
+
 def convert_checkpoint(
     src: str | Path, dst: str | Path, *, half: bool = False, config: str | None = None, overwrite: bool = False
 ) -> Path:
@@ -109,6 +141,36 @@ def convert_checkpoint(
     try:
         return Path(convert(Path(src), Path(dst), half=half, config=config, overwrite=overwrite))
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise StudioError(str(exc)) from None
+
+
+def annotation_kinds() -> dict[str, list[str]]:
+    """Kinds `annotate` knows: those that run as they are, and those that need a local weights file."""
+    from sdtune.adapters import annotate
+
+    return {"no_weights": list(annotate.KINDS), "need_weights": list(annotate.WEIGHTED_KINDS)}
+
+
+def annotate_images(
+    kind: str,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    low_threshold: int = 100,
+    high_threshold: int = 200,
+    mask_threshold: float = 0.18,
+    weights: str | None = None,
+) -> list[Path]:
+    """Makes `kind` conditioning images (canny, softedge, scribble, mask; midas/hed with `weights`) for every image
+    in `in_dir`, written to `out_dir` with the same relative names as PNG; returns the files written."""
+    from sdtune.adapters import annotate
+
+    if not 0 <= low_threshold <= high_threshold <= 255:
+        raise StudioError(f"thresholds: need 0 <= low ({low_threshold}) <= high ({high_threshold}) <= 255")
+    options = annotate.AnnotateOptions(low_threshold, high_threshold, mask_threshold, weights)
+    try:
+        return annotate.annotate_folder(in_dir, out_dir, kind, options)
+    except annotate.AnnotateError as exc:
         raise StudioError(str(exc)) from None
 
 

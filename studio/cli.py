@@ -3,6 +3,8 @@
 Usage:
     sdtune sample --prompt "a red circle" --seed 0 --seed 1 --out samples/ --grid
     sdtune sample --base runs/quickstart/... --adapter runs/quickstart:0.8 --prompts-file prompts.txt
+    sdtune sample --prompt "a red circle" --controlnet runs/cn:0.9 --control-image edges.png --adapter runs/q
+    sdtune annotate --kind canny photos/ data/conditioning/             # ControlNet conditioning images
     sdtune convert path/to/diffusers-folder model.safetensors --half      # and back: model.safetensors folder/
     sdtune doctor
     sdtune jobs submit recipes/quickstart.yaml [train.lr=1e-4 ...]    # queue a training run
@@ -23,8 +25,8 @@ from sdtune.adapters import quiet_libraries
 from sdtune.studio import api, jobs, worker
 
 EPILOG = (
-    "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml, or queue it: sdtune jobs submit "
-    "recipes/quickstart.yaml and run sdtune worker (see README.md)."
+    "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml (or trainers/controlnet.py), or queue "
+    "it: sdtune jobs submit recipes/quickstart.yaml and run sdtune worker (see README.md)."
 )
 
 
@@ -38,6 +40,18 @@ def _sample_parser(sub):
         metavar="PATH[:WEIGHT]",
         help="LoRA file or run folder, optionally with a weight; repeatable to stack adapters.",
     )
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="ControlNet folder, run folder or single file, optionally with a scale; repeatable (MultiControlNet).",
+    )
+    p.add_argument(
+        "--control-image", action="append", default=[], metavar="IMG", help="Conditioning image, one per --controlnet."
+    )
+    p.add_argument("--control-guidance-start", type=float, default=0.0, help="Share of steps before control starts.")
+    p.add_argument("--control-guidance-end", type=float, default=1.0, help="Share of steps after which it stops.")
     p.add_argument("--prompt", action="append", default=[], help="Prompt; repeatable.")
     p.add_argument("--prompts-file", type=Path, help="Text file with one prompt per line.")
     p.add_argument("--negative-prompt", default="")
@@ -89,6 +103,10 @@ def run_sample(args) -> int:
             grid=args.grid,
             device=args.device,
             dtype=args.dtype,
+            controlnets=args.controlnet,
+            control_images=args.control_image,
+            control_guidance_start=args.control_guidance_start,
+            control_guidance_end=args.control_guidance_end,
         )
     except api.StudioError as exc:
         raise SystemExit(f"sdtune sample: {exc}") from None
@@ -111,6 +129,28 @@ def run_convert(args) -> int:
         print(api.convert_checkpoint(args.src, args.dst, half=args.half, config=args.config, overwrite=args.overwrite))
     except api.StudioError as exc:
         raise SystemExit(f"sdtune convert: {exc}") from None
+    return 0
+
+
+def _annotate_parser(sub):
+    p = sub.add_parser("annotate", help="Make ControlNet conditioning images (canny, softedge, scribble, mask ...).")
+    p.add_argument("--kind", required=True, help="canny, softedge, scribble, mask; midas or hed with --weights.")
+    p.add_argument("in_dir", type=Path, help="Folder of images (searched recursively).")
+    p.add_argument("out_dir", type=Path, help="Where the PNGs go, same relative names (e.g. data/conditioning).")
+    p.add_argument("--low-threshold", type=int, default=100, help="canny/scribble hysteresis low threshold.")
+    p.add_argument("--high-threshold", type=int, default=200, help="canny/scribble hysteresis high threshold.")
+    p.add_argument("--mask-threshold", type=float, default=0.18, help="mask: colour distance from the background.")
+    p.add_argument("--weights", default=None, help="A local detector model file (midas, hed); never downloaded.")
+    p.set_defaults(run=run_annotate)
+
+
+def run_annotate(args) -> int:
+    options = {key: getattr(args, key) for key in ("low_threshold", "high_threshold", "mask_threshold", "weights")}
+    try:
+        written = api.annotate_images(args.kind, args.in_dir, args.out_dir, **options)
+    except api.StudioError as exc:
+        raise SystemExit(f"sdtune annotate: {exc}") from None
+    print(f"{len(written)} {args.kind} images in {args.out_dir}")
     return 0
 
 
@@ -197,8 +237,9 @@ def _worker_parser(sub):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.split("\n")[0], epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,convert,doctor,jobs,worker}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,annotate,convert,doctor,jobs,worker}")
     _sample_parser(sub)
+    _annotate_parser(sub)
     _convert_parser(sub)
     _doctor_parser(sub)
     _jobs_parser(sub)

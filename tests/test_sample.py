@@ -136,10 +136,11 @@ def test_doctor_lists_machine_and_recipes(capsys):
     for word in ("torch", "CUDA", "bitsandbytes", "SDPA", "free disk", "sd15-lora-low-vram.yaml", "quickstart.yaml"):
         assert word in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip().endswith(")") or ".yaml" in line}
-    # DreamBooth/ControlNet recipes are estimated but say they cannot run yet; LoRA recipes never say so
+    # DreamBooth recipes are estimated but say they cannot run yet; LoRA and ControlNet recipes never say so
     assert "no dreambooth trainer yet" in lines["sd15-dreambooth-default.yaml"]
-    assert "no controlnet trainer yet" in lines["sd15-controlnet-low-vram.yaml"]
-    assert "trainer yet" not in lines["sd15-lora-default.yaml"] and "trainer yet" not in lines["quickstart.yaml"]
+    for name in ("sd15-lora-default.yaml", "quickstart.yaml", "sd15-controlnet-low-vram.yaml", "controlnet-toy.yaml"):
+        assert "trainer yet" not in lines[name], lines[name]
+    assert lines["controlnet-toy.yaml"].endswith("fits")
 
 
 def test_convert_round_trip_through_cli(tmp_path, toy_base):

@@ -29,36 +29,40 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
 
-from sdtune.adapters import quiet_libraries, sampling
+from sdtune.adapters import sampling
 from sdtune.adapters.base import (
     BaseLoadError,
     BaseSource,
     base_hash,
     load_pipeline,
     recommended_guidance,
-    resolve_base,
 )
-from sdtune.adapters.manifest import BaseRef, write_manifest
+from sdtune.adapters.manifest import BaseRef
 from sdtune.trainers.core import export
-from sdtune.trainers.core.batches import BatchBuilder, prepare_latents
-from sdtune.trainers.core.cache import TextEmbeddingCache, encode_text
-from sdtune.trainers.core.checkpointing import TrainState, register_trainable_state_hooks, resolve_resume
+from sdtune.trainers.core.batches import make_batches
+from sdtune.trainers.core.cache import text_states
+from sdtune.trainers.core.checkpointing import (
+    TrainState,
+    register_trainable_state_hooks,
+    restore_checkpoint,
+)
 from sdtune.trainers.core.data import DataError, DatasetScan, scan_dataset
-from sdtune.trainers.core.diffusion import denoising_step_loss
+from sdtune.trainers.core.diffusion import batch_loss
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.lora_layers import add_lora
-from sdtune.trainers.core.recipe import Recipe, RecipeError, load_recipe, trainer_for
+from sdtune.trainers.core.recipe import Recipe, RecipeError
 from sdtune.trainers.core.runtime import (
     SAVE_DTYPES,
-    check_replicas_agree,
+    load_frozen_base,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
+    optimizer_step,
     scaled_lr,
-    weight_dtype,
+    start_run,
+    tracker_config,
 )
 from sdtune.trainers.core.validation import Validator
 
@@ -125,46 +129,25 @@ class AdapterWriter:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    started_at = time.time()
-    quiet_libraries()
 
     # 1) Recipe and preflight: everything that can be wrong with the inputs fails here, before a model loads.
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.method.type != "lora":
-        raise RecipeError(f"{args.recipe}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
+    run = start_run(args.recipe, args.overrides, "lora")
+    recipe, base, resume_from, started_at = run.recipe, run.base, run.resume_from, run.started_at
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
-    base = resolve_base(recipe.base)
-    resume_from = resolve_resume(out_dir, train.resume)
     scan = scan_dataset(recipe.data)
     accelerator = make_accelerator(recipe)
     device = accelerator.device
     accelerator.print(preflight(recipe, scan, device.type, accelerator.num_processes))
 
     # 2) The frozen base. Under mixed precision its weights sit in fp16/bf16; only the LoRA will be fp32.
-    dtype = weight_dtype(accelerator)
-    pipe = load_pipeline(recipe.base, torch_dtype=dtype).to(device)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # keeps the base's prediction_type
+    frozen = load_frozen_base(recipe, accelerator)
+    pipe, dtype, noise_scheduler = frozen.pipe, frozen.dtype, frozen.noise_scheduler
+    unet, text_encoder, tokenizer = frozen.unet, frozen.text_encoder, frozen.tokenizer
 
     # 3) Caches: the VAE runs once per image (ever, thanks to the disk cache), the text encoder once per caption.
-    latents = prepare_latents(scan, recipe.data, vae, log=accelerator.print)
-    batches = BatchBuilder(
-        scan,
-        recipe.data,
-        latents,
-        vae,
-        train.train_batch_size,
-        train.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
+    batches, text_cache = make_batches(
+        scan, recipe.data, train, accelerator, frozen.vae, tokenizer, text_encoder, not method.train_text_encoder
     )
-    captions = batches.possible_captions()
-    text_cache = None
-    if captions is not None and not method.train_text_encoder:
-        with torch.no_grad():
-            text_cache = TextEmbeddingCache(tokenizer, text_encoder, captions, device)
 
     # 4) LoRA layers (their random init is seeded: same seed, same starting LoRA), optimizer, schedule.
     set_seed(train.seed)
@@ -191,13 +174,7 @@ def main(argv=None) -> int:
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     register_trainable_state_hooks(accelerator, [unet, text_encoder] if method.train_text_encoder else [unet])
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
-    elif train.resume:
-        accelerator.print(
-            f"train.resume={train.resume}: no checkpoint in {out_dir / 'checkpoints'} yet, starting fresh"
-        )
+    restore_checkpoint(accelerator, resume_from, train.resume, out_dir, state)
 
     validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
     checker = export.ExportChecker(
@@ -220,83 +197,35 @@ def main(argv=None) -> int:
         accelerator.init_trackers("sdtune-lora", config=tracker_config(recipe))
 
     # 6) The loop. A step = gradient_accumulation_steps micro-batches; each draws its noise from its own seed.
-    loop = RunLoop(
-        accelerator,
-        train,
-        state,
-        batches,
-        out_dir,
-        on_checkpoint=writer.save,
-        on_validation=lambda step: validator.grid(step, out_dir / "samples" / f"step-{step:06d}.png"),
-        validation_steps=recipe.validation.validation_steps,
-    )
+    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator)
     for batch in loop.micro_batches():
         with accelerator.accumulate(*trained_models), accelerator.autocast():
-            if text_cache is not None:
-                states = text_cache(batch.captions)
-            else:
-                states = encode_text(tokenizer, text_encoder_t, batch.captions, device)
+            states = text_states(text_cache, tokenizer, text_encoder_t, batch.captions, device)
             # noise the latents at random timesteps, predict the noise (or v), MSE with optional min-SNR weights
-            loss = denoising_step_loss(
-                trained_unet,
-                noise_scheduler,
-                batch.latents.to(device, dtype),
-                states.to(dtype),
-                noise_offset=train.noise_offset,
-                snr_gamma=train.snr_gamma,
-                generator=batch.generator,
-            )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss(trained_unet, noise_scheduler, batch, states, train, dtype)
+            optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, train.max_grad_norm)
         loop.after_micro_batch(loss, lr_scheduler.get_last_lr()[0])
-    if loop.stopped_early:
-        accelerator.end_training()
-        return 130
 
-    # 7) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest. Under DDP every
-    # process must hold the same weights by now (gradients are all-reduced each step): checked, not assumed.
-    accelerator.wait_for_everyone()
-    check_replicas_agree(accelerator, trainable)
-    if accelerator.is_main_process:
-        write_final_outputs(writer, state, loop.speed_and_memory())
-    accelerator.end_training()
-    return 0
+    # 7) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest (130 instead, if
+    # Ctrl-C stopped the run: its checkpoint is saved).
+    return loop.finish(trainable, lambda speed: write_final_outputs(writer, state, speed))
 
 
 def write_final_outputs(writer: AdapterWriter, state, speed: dict):
-    recipe, accelerator, validator = writer.recipe, writer.accelerator, writer.validator
-    out_dir = Path(recipe.output.dir)
-    files, report = writer.save(out_dir, state.step)
-    samples = {}
-    if validator.enabled:
-        validator.grid(state.step, out_dir / "ab_grid.png")
-        samples["ab_grid"] = "ab_grid.png"
-    scores = validator.toy_scores()
-    if scores:
-        accelerator.print(f"toy scores: base {scores['base']}  adapter {scores['adapter']}")
-    info = export.manifest(
-        name=recipe.output.name,
+    recipe = writer.recipe
+    files, report = writer.save(Path(recipe.output.dir), state.step)
+    export.finish_run(
+        recipe,
         method="lora",
         base=BaseRef(recipe.base.pretrained_model_name_or_path, writer.base.kind, base_hash(recipe.base)),
-        recipe=recipe,
         scan=writer.scan,
-        trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
-        steps=state.step,
-        final_loss=state.last_loss,
+        state=state,
         files=files,
-        samples=samples,
-        scores=scores,
+        validator=writer.validator,
         export_check=report,
         started_at=writer.started_at,
-    )
-    info.training.update(speed)
-    manifest_file = write_manifest(out_dir, info)
-    accelerator.print(
-        f"done: {', '.join(str(p) for p in [*(out_dir / f for f in info.files.values()), manifest_file])}"
+        speed=speed,
+        log=writer.accelerator.print,
     )
 
 
@@ -312,16 +241,6 @@ def check_settings(recipe: Recipe) -> sampling.SampleSettings:
         guidance=v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base),
         scheduler=v.scheduler,
     )
-
-
-def tracker_config(recipe: Recipe) -> dict:
-    """TensorBoard hparams want flat scalars."""
-    flat = {}
-    for section, values in recipe.to_dict().items():
-        for key, value in values.items():
-            if isinstance(value, (int, float, str, bool)):
-                flat[f"{section}.{key}"] = value
-    return flat
 
 
 def kohya_metadata(recipe: Recipe, scan, base, step: int, started_at: float) -> dict[str, str]:

@@ -9,11 +9,19 @@ run resumed from a checkpoint replays exactly the batches an uninterrupted run w
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from sdtune.trainers.core.cache import CachedLatent, LatentCache, cache_latents, default_cache_dir, vae_fingerprint
+from sdtune.trainers.core.cache import (
+    CachedLatent,
+    LatentCache,
+    TextEmbeddingCache,
+    cache_latents,
+    default_cache_dir,
+    vae_fingerprint,
+)
 from sdtune.trainers.core.data import BucketBatchSampler, CaptionBuilder, DatasetScan, load_pixels
 from sdtune.trainers.core.recipe import DataConfig
 from sdtune.trainers.core.runtime import item_rng, step_generator
@@ -24,6 +32,8 @@ class Batch:
     latents: torch.Tensor  # [b, 4, h, w], scaled, on the CPU
     captions: list[str]
     generator: torch.Generator  # for this micro-batch's noise and timesteps
+    conditions: torch.Tensor | None = None  # [b, 3, H, W] in [0, 1]: ControlNet conditioning images, flipped as
+    # their latents
 
 
 def prepare_latents(scan: DatasetScan, cfg: DataConfig, vae, log=print) -> list[CachedLatent] | None:
@@ -53,8 +63,12 @@ class BatchBuilder:
         seed: int,
         process_index: int = 0,
         num_processes: int = 1,
+        conditions: Callable[[int], torch.Tensor] | None = None,
     ):
+        """`conditions(record_index)` gives a record's conditioning tensor, when the method has one (ControlNet);
+        it is flipped together with the image, so the pair stays aligned."""
         self.scan, self.cfg, self.latents, self.vae, self.seed = scan, cfg, latents, vae, seed
+        self.conditions = conditions
         self.captions = CaptionBuilder(cfg)
         self.sampler = BucketBatchSampler(scan.records, batch_size, seed)
         self.expanded = self.sampler.expanded()
@@ -81,6 +95,8 @@ class BatchBuilder:
         with torch.no_grad():
             dist = self.vae.encode(torch.stack(pixels).to(self.vae.device, self.vae.dtype)).latent_dist
             noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+            if self.cfg.latent_sampling == "mean":
+                noise = torch.zeros_like(noise)
             return ((dist.mean + dist.std * noise.to(dist.mean.dtype)) * self.vae.config.scaling_factor).float().cpu()
 
     def build(self, positions: list[int], epoch: int, batch_index: int) -> Batch:
@@ -95,9 +111,46 @@ class BatchBuilder:
         if self.latents is None:
             latents = self._encode_on_the_fly([self.scan.records[i] for i in records], flips, generator)
         else:
-            latents = torch.stack([self.latents[i].sample(f, generator) for i, f in zip(records, flips)])
-        return Batch(latents, captions, generator)
+            draw = self.cfg.latent_sampling == "sample"
+            latents = torch.stack([self.latents[i].sample(f, generator, draw) for i, f in zip(records, flips)])
+        conditions = None
+        if self.conditions is not None:
+            pairs = [(self.conditions(i), f) for i, f in zip(records, flips)]
+            conditions = torch.stack([torch.flip(c, dims=[-1]) if f else c for c, f in pairs])
+        return Batch(latents, captions, generator, conditions)
 
 
 # Re-exported for trainers that build their own cache of another image column (ControlNet conditioning).
 __all__ = ["Batch", "BatchBuilder", "LatentCache", "prepare_latents"]
+
+
+def make_batches(
+    scan: DatasetScan,
+    cfg: DataConfig,
+    train,
+    accelerator,
+    vae,
+    tokenizer,
+    text_encoder,
+    cache_text: bool,
+    conditions: Callable[[int], torch.Tensor] | None = None,
+) -> tuple[BatchBuilder, TextEmbeddingCache | None]:
+    """The run's batches, with the VAE taken out of the step (cached latents, once per image, ever) and, when
+    `cache_text` and the captions are a fixed set, the text encoder too (once per caption)."""
+    latents = prepare_latents(scan, cfg, vae, log=accelerator.print)
+    batches = BatchBuilder(
+        scan,
+        cfg,
+        latents,
+        vae,
+        train.train_batch_size,
+        train.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        conditions=conditions,
+    )
+    captions = batches.possible_captions()
+    if captions is None or not cache_text:
+        return batches, None
+    with torch.no_grad():
+        return batches, TextEmbeddingCache(tokenizer, text_encoder, captions, accelerator.device)

@@ -43,10 +43,12 @@ class CachedLatent:
     mean_flipped: torch.Tensor | None = None
     std_flipped: torch.Tensor | None = None
 
-    def sample(self, flip: bool, generator: torch.Generator | None) -> torch.Tensor:
+    def sample(self, flip: bool, generator: torch.Generator | None, draw: bool = True) -> torch.Tensor:
+        """A latent from the posterior (`draw`), or its mean. The noise is drawn either way, so the generator's
+        stream, and with it every later draw of the step, does not depend on the choice."""
         mean, std = (self.mean_flipped, self.std_flipped) if flip else (self.mean, self.std)
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        return mean + std * eps
+        return mean + std * eps if draw else mean
 
 
 class LatentCache:
@@ -131,6 +133,14 @@ class TextEmbeddingCache:
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         return torch.stack([self.states[c] for c in captions])
+
+
+def text_states(cache: TextEmbeddingCache | None, tokenizer, text_encoder, captions: list[str], device):
+    """Encoder hidden states of a batch's captions: from the cache when there is one, else encoded now (a trained
+    text encoder, or shuffled tags)."""
+    if cache is not None:
+        return cache(captions)
+    return encode_text(tokenizer, text_encoder, captions, device)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

@@ -153,3 +153,12 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+def restore_checkpoint(accelerator, resume_from: Path | None, resume: str | None, output_dir: str | Path, state):
+    """Loads `resume_from` into the prepared models, optimizer, scheduler and `state`; says what it did."""
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
+    elif resume:
+        accelerator.print(f"train.resume={resume}: no checkpoint in {checkpoints_dir(output_dir)} yet, starting fresh")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sdtune.adapters import a1111_keys, contact_sheet, kohya, sampling
-from sdtune.adapters.manifest import AdapterManifest, BaseRef
+from sdtune.adapters.manifest import AdapterManifest, BaseRef, write_manifest
 from sdtune.adapters.single_file import text_encoder_to_original, unet_to_original
 from sdtune.trainers.core.lora_layers import lora_state_dicts, save_peft_lora
 
@@ -202,3 +202,55 @@ def manifest(
         export_check=None if export_check is None else {**asdict(export_check), "ok": export_check.ok},
         recipe=recipe.to_dict(),
     )
+
+
+def finish_run(
+    recipe,
+    *,
+    method: str,
+    base: BaseRef,
+    scan,
+    state,
+    files: dict,
+    validator,
+    export_check: ExportCheck | None,
+    started_at: float,
+    speed: dict,
+    log=print,
+) -> Path:
+    """The end of every trainer's run, after its files are written: the final grid (`ab_grid.png`), the toy-world
+    scores, and `adapter.json` (with the run's speed and memory) beside the files. Returns the manifest's path.
+
+    Every trainer ends here, so whatever must happen to each finished run (e.g. registering it) belongs here too.
+
+    Args:
+        validator: the trainer's validator (`enabled`, `grid(step, path)`, `toy_scores()`).
+    """
+    out_dir = Path(recipe.output.dir)
+    samples = {}
+    if validator.enabled:
+        validator.grid(state.step, out_dir / "ab_grid.png")
+        samples["ab_grid"] = "ab_grid.png"
+    scores = validator.toy_scores()
+    if scores:
+        log(f"toy scores: base {scores['base']}  adapter {scores['adapter']}")
+    info = manifest(
+        name=recipe.output.name,
+        method=method,
+        base=base,
+        recipe=recipe,
+        scan=scan,
+        trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
+        steps=state.step,
+        final_loss=state.last_loss,
+        files=files,
+        samples=samples,
+        scores=scores,
+        export_check=export_check,
+        started_at=started_at,
+    )
+    info.training.update(speed)
+    manifest_file = write_manifest(out_dir, info)
+    written = [out_dir / name for name in [*info.files.values(), *info.samples.values()]]
+    log(f"done: {', '.join(str(p) for p in [*written, manifest_file])}")
+    return manifest_file

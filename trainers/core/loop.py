@@ -35,7 +35,7 @@ from sdtune.trainers.core.checkpointing import StopRequest, TrainState, save_che
 from sdtune.trainers.core.progress import progress_event
 from sdtune.trainers.core.recipe import TrainConfig
 from sdtune.trainers.core.run_files import take_requests
-from sdtune.trainers.core.runtime import step_seed
+from sdtune.trainers.core.runtime import check_replicas_agree, step_seed
 
 
 class RunLoop:
@@ -59,6 +59,22 @@ class RunLoop:
         self._index = 0
         self.progress = tqdm(
             total=train.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_main_process
+        )
+
+    @classmethod
+    def for_recipe(cls, accelerator, recipe, state: TrainState, batches: BatchBuilder, on_checkpoint, validator):
+        """The loop of a recipe's run: checkpoints in `output.dir` through `on_checkpoint`, and a validation grid
+        `samples/step-N.png` every `validation.validation_steps` from `validator`."""
+        out_dir = Path(recipe.output.dir)
+        return cls(
+            accelerator,
+            recipe.train,
+            state,
+            batches,
+            out_dir,
+            on_checkpoint=on_checkpoint,
+            on_validation=lambda step: validator.grid(step, out_dir / "samples" / f"step-{step:06d}.png"),
+            validation_steps=recipe.validation.validation_steps,
         )
 
     @property
@@ -128,6 +144,20 @@ class RunLoop:
 
             asked = broadcast_object_list([asked])[0]
         return asked
+
+    def finish(self, trainable: list[torch.nn.Parameter], write_outputs: Callable[[dict], None]) -> int:
+        """After the loop: 130 if Ctrl-C stopped it (a checkpoint holds the run), else 0 once the final outputs are
+        written by the main process with this run's speed and memory. Under DDP every process must hold the same
+        weights by now (gradients are all-reduced each step): checked, not assumed."""
+        if self.stopped_early:
+            self.accelerator.end_training()
+            return 130
+        self.accelerator.wait_for_everyone()
+        check_replicas_agree(self.accelerator, trainable)
+        if self.accelerator.is_main_process:
+            write_outputs(self.speed_and_memory())
+        self.accelerator.end_training()
+        return 0
 
     def speed_and_memory(self) -> dict:
         """Median seconds per optimizer step (the first 3 are warm-up) and the run's peak memory."""

@@ -71,6 +71,11 @@ class DataConfig(_Section):
     random_flip: bool = Field(False, description="Randomly mirror images left-right.")
     repeats: int = Field(1, ge=1, description="Times each image is seen per epoch (kohya folders set their own).")
     cache_latents: bool = Field(True, description="Encode each image with the VAE once and cache the latents.")
+    latent_sampling: Literal["sample", "mean"] = Field(
+        "sample",
+        description="sample: a fresh draw from the VAE posterior each step (diffusers, kohya); mean: its mean, for a "
+        "base pretrained on means (the toy base: its VAE's posterior std is ~0.3, SD v1-5's ~0.01).",
+    )
     cache_dir: str | None = Field(
         None,
         description="On-disk cache of VAE latents (text embeddings are computed once per run and kept in memory). "
@@ -137,27 +142,57 @@ class DreamBoothMethod(LoraParams):
 
 
 class ControlNetMethod(_Section):
-    """ControlNet: a trainable copy of the UNet encoder that follows a conditioning image (trainers/controlnet.py)."""
+    """ControlNet: a trainable copy of the UNet encoder that follows a conditioning image (trainers/controlnet.py).
+
+    Where the conditioning images come from (`conditioning: image`), by data layout: `train_data_dir/images/` with
+    `train_data_dir/conditioning/` (same file stem) and captions beside the images; an imagefolder `metadata.jsonl`
+    with a `conditioning_image_file_name` per row; or the `conditioning_image_column` of an HF dataset.
+    """
 
     type: Literal["controlnet"] = "controlnet"
     controlnet_model_name_or_path: str | None = Field(
-        None, description="ControlNet to start from; default: initialise from the base UNet's encoder."
+        None,
+        description="ControlNet to continue: a diffusers folder or a single .safetensors file (diffusers or original "
+        "control_model.* keys). Default: initialise from the base UNet's encoder (ControlNetModel.from_unet).",
     )
-    conditioning: Literal["canny", "image"] = Field(
-        "canny", description="canny: edges computed from each image (OpenCV); image: a column of given images."
+    conditioning: Literal["image", "canny"] = Field(
+        "image",
+        description="image: given conditioning images (see the layouts above); canny: edges computed from each "
+        "training image with OpenCV (sdtune annotate --kind canny does the same offline).",
     )
-    conditioning_image_column: str = Field("conditioning_image", description="Column of given conditioning images.")
-    canny_low_threshold: int = Field(100, ge=0, le=255, description="Canny hysteresis low threshold.")
-    canny_high_threshold: int = Field(200, ge=0, le=255, description="Canny hysteresis high threshold.")
-    proportion_empty_prompts: float = Field(0.0, ge=0.0, le=1.0, description="Share of captions replaced by ''.")
-    conditioning_scale: float = Field(1.0, ge=0.0, description="ControlNet strength at validation.")
+    conditioning_image_column: str = Field(
+        "conditioning_image", description="Column of the conditioning images in an HF dataset (diffusers' name)."
+    )
+    canny_low_threshold: int = Field(100, ge=0, le=255, description="conditioning: canny: hysteresis low threshold.")
+    canny_high_threshold: int = Field(200, ge=0, le=255, description="conditioning: canny: hysteresis high threshold.")
+    proportion_empty_prompts: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of captions replaced by '' (diffusers' name; kohya calls it data.caption_dropout_rate): "
+        "the ControlNet learns to follow the condition without a prompt, which guess mode needs.",
+    )
+    conditioning_scale: float = Field(
+        1.0, ge=0.0, description="ControlNet strength in validation images (controlnet_conditioning_scale)."
+    )
+    validation_image: list[str] = Field(
+        default_factory=list,
+        description="Conditioning images for validation, paired with validation.prompts as in diffusers (one each, "
+        "or one image for every prompt). Default: the conditions of the first training pairs.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.canny_low_threshold > self.canny_high_threshold:
+            raise ValueError("canny_low_threshold must not exceed canny_high_threshold")
+        return self
 
 
 Method = Annotated[LoraMethod | DreamBoothMethod | ControlNetMethod, Field(discriminator="type")]
 
-# method.type -> the script that trains it. DreamBooth and ControlNet recipes already validate (and `sdtune doctor`
-# estimates them) so the presets can be reviewed; their trainers land in later issues.
-TRAINERS = {"lora": "trainers/lora.py"}
+# method.type -> the script that trains it. DreamBooth recipes already validate (and `sdtune doctor` estimates them)
+# so the presets can be reviewed; its trainer lands in a later issue.
+TRAINERS = {"lora": "trainers/lora.py", "controlnet": "trainers/controlnet.py"}
 
 
 def trainer_for(method_type: str) -> str:
@@ -205,6 +240,11 @@ class TrainConfig(_Section):
     )
     noise_offset: float = Field(
         0.0, ge=0, description="Offset-noise strength (0.05-0.1 helps very dark/bright images)."
+    )
+    timestep_sampling: Literal["uniform", "cubic"] = Field(
+        "uniform",
+        description="uniform over [0, T); cubic: t = (1 - u^3) T, mostly high noise, where layout is decided "
+        "(diffusers' T2I-Adapter example; speeds up structure-following adapters such as ControlNets).",
     )
     torch_compile: bool = Field(False, description="torch.compile the UNet (slow first step, faster after).")
     allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
@@ -276,6 +316,19 @@ class Recipe(_Section):
         if isinstance(value, dict) and "type" not in value:
             return {"type": "lora", **value}
         return value
+
+    @model_validator(mode="after")
+    def _one_empty_prompt_rate(self):
+        # Two names for one thing (diffusers' and kohya's): a recipe that sets both would not say which wins.
+        if (
+            self.method.type == "controlnet"
+            and self.method.proportion_empty_prompts
+            and self.data.caption_dropout_rate
+        ):
+            raise ValueError(
+                "method.proportion_empty_prompts: set it or data.caption_dropout_rate, not both (the same setting)"
+            )
+        return self
 
     def to_dict(self) -> dict:
         """The fully resolved recipe (every default filled in), as plain YAML-able data."""
@@ -398,6 +451,8 @@ def _format_error(error: dict, source: str) -> str:
     if kind == "missing":
         return f"{source}: {path}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections names its keys itself
+        return f"{source}: {message}"
     value = error.get("input")
     shown = "" if isinstance(value, dict) else f", got {value!r}"
     return f"{source}: {path}: {message}{shown}"

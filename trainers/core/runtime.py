@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -128,3 +129,80 @@ def check_replicas_agree(accelerator, params: list[torch.nn.Parameter]):
     if not torch.equal(per_process, per_process[:1].expand_as(per_process)):
         raise RuntimeError("DDP: the processes ended with different weights; gradients were not all-reduced")
     accelerator.print(f"ddp: all {accelerator.num_processes} processes hold identical weights ({len(params)} tensors)")
+
+
+@dataclass
+class FrozenBase:
+    """The base pipeline of a run and its parts, on the run's device, every weight frozen."""
+
+    pipe: object
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object  # DDPM with the base's schedule and prediction type: what training noises with
+    dtype: torch.dtype  # of the frozen weights: fp16/bf16 under mixed precision, else fp32
+
+
+def load_frozen_base(recipe: Recipe, accelerator: Accelerator) -> FrozenBase:
+    """Loads the recipe's base onto the run's device and freezes it. Under mixed precision its weights sit in
+    fp16/bf16; whatever the trainer then adds (LoRA, ControlNet) stays fp32."""
+    from diffusers import DDPMScheduler
+
+    from sdtune.adapters.base import load_pipeline
+
+    dtype = weight_dtype(accelerator)
+    pipe = load_pipeline(recipe.base, torch_dtype=dtype).to(accelerator.device)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # keeps the base's prediction_type
+    return FrozenBase(pipe, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, noise_scheduler, dtype)
+
+
+def optimizer_step(accelerator: Accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: float):
+    """Backward, then (once per accumulated step, when Accelerate syncs gradients) clip; step; schedule; zero."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def tracker_config(recipe: Recipe) -> dict:
+    """The recipe as TensorBoard hparams, which want flat scalars."""
+    flat = {}
+    for section, values in recipe.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, (int, float, str, bool)):
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+@dataclass
+class RunStart:
+    """What a trainer knows before it touches data or models: its checked recipe, base and resume point."""
+
+    recipe: Recipe
+    base: object  # sdtune.adapters.base.BaseSource
+    resume_from: object  # Path of the checkpoint to resume, or None
+    started_at: float
+
+
+def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunStart:
+    """Loads and checks a trainer's recipe (one-line `RecipeError` for a recipe of another method), resolves its
+    base and the checkpoint to resume, and quiets the libraries' progress noise."""
+    import time
+
+    from sdtune.adapters import quiet_libraries
+    from sdtune.adapters.base import resolve_base
+    from sdtune.trainers.core.checkpointing import resolve_resume
+    from sdtune.trainers.core.recipe import load_recipe, trainer_for
+
+    started_at = time.time()
+    quiet_libraries()
+    recipe = load_recipe(recipe_file, overrides)
+    if recipe.method.type != method_type:
+        raise RecipeError(f"{recipe_file}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
+    resume_from = resolve_resume(recipe.output.dir, recipe.train.resume)
+    return RunStart(recipe, resolve_base(recipe.base), resume_from, started_at)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sdtune.adapters import contact_sheet, sampling, scoring
 from sdtune.adapters.base import recommended_guidance
@@ -48,6 +49,24 @@ def as_at_inference(*models):
             model.train(mode)
             if forward is not None:
                 model.forward = forward
+
+
+def save_and_log(accelerator, image, path: Path, step: int) -> Path:
+    """Saves a validation grid, reports it to metrics.jsonl and logs it to TensorBoard (when that is the tracker)."""
+    contact_sheet.save_grid(image, path)
+    progress_event(accelerator, "validation", step, grid=path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.asarray(image)[None], step, dataformats="NHWC")
+    return path
+
+
+def score_settings(recipe: Recipe, guidance: float) -> dict:
+    """The sampling settings the toy scores are measured with: the validation's own."""
+    v = recipe.validation
+    return dict(
+        steps=v.num_inference_steps, guidance=guidance, scheduler=v.scheduler, negative_prompt=v.negative_prompt
+    )
 
 
 class Validator:
@@ -100,25 +119,14 @@ class Validator:
         adapted = self._render(self.settings, adapter=True)
         title = f"{self.model_name}: base vs adapter after {step} steps"
         image = contact_sheet.ab_grid(self.base_samples(), adapted, self.prompts, self.seeds, title)
-        contact_sheet.save_grid(image, path)
-        progress_event(self.accelerator, "validation", step, grid=path)
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("validation", np.asarray(image)[None], step, dataformats="NHWC")
-        return path
+        return save_and_log(self.accelerator, image, path, step)
 
     def toy_scores(self) -> dict | None:
         """Toy-world scores of the base and of the adapter on `validation.toy_score` (None if none are set)."""
         targets = [scoring.Target(t.prompt, t.color, t.shape) for t in self.recipe.validation.toy_score]
         if not targets:
             return None
-        v = self.recipe.validation
-        common = dict(
-            steps=v.num_inference_steps,
-            guidance=self.guidance,
-            scheduler=v.scheduler,
-            negative_prompt=v.negative_prompt,
-        )
+        common = score_settings(self.recipe, self.guidance)
         with torch.no_grad(), as_at_inference(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
             with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
                 base = scoring.score_targets(self.pipe, targets, **common)
@@ -128,4 +136,95 @@ class Validator:
             "seeds": list(scoring.BAR_SEEDS),
             "base": base.as_dict(),
             "adapter": adapted.as_dict(),
+        }
+
+
+def pair_prompts(prompts: list[str], images: list[str]) -> list[tuple[str, str]]:
+    """diffusers' pairing of validation prompts and images: one each, one image for every prompt, or one prompt
+    for every image."""
+    if len(prompts) == len(images):
+        return list(zip(prompts, images))
+    if len(images) == 1:
+        return [(p, images[0]) for p in prompts]
+    if len(prompts) == 1:
+        return [(prompts[0], i) for i in images]
+    raise ValueError(
+        f"method.validation_image: {len(images)} images for {len(prompts)} validation.prompts; give one image "
+        "per prompt, one image, or one prompt"
+    )
+
+
+class ControlValidator:
+    """Validation of a ControlNet run: condition | base | controlled, per (prompt, condition) and seed.
+
+    `pipe` is the frozen base the loop trains over; the ControlNet pipeline shares its components, so previews
+    compute exactly what `sdtune sample --controlnet` computes later.
+    """
+
+    def __init__(self, recipe: Recipe, pipe, controlnet, accelerator, conditions: list[str], model_name: str):
+        from diffusers import StableDiffusionControlNetPipeline
+
+        v = recipe.validation
+        self.recipe, self.pipe, self.controlnet, self.accelerator = recipe, pipe, controlnet, accelerator
+        self.model_name, self.scale = model_name, recipe.method.conditioning_scale
+        self.guidance = v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base)
+        self.pairs = pair_prompts(list(v.prompts), conditions) if v.prompts else []
+        self.seeds, self.conditions = list(v.seeds), conditions
+        common = dict(negative_prompt=v.negative_prompt, steps=v.num_inference_steps, guidance=self.guidance)
+        common["scheduler"] = v.scheduler
+        self.base_settings = [sampling.SampleSettings(p, s, **common) for p, _ in self.pairs for s in self.seeds]
+        self.control_settings = [
+            sampling.SampleSettings(p, s, control_images=(c,), control_scales=(self.scale,), **common)
+            for p, c in self.pairs
+            for s in self.seeds
+        ]
+        self.control_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+        self.control_pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=True)
+        self._base_samples = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pairs)
+
+    def _render(self, pipe, settings):
+        with torch.no_grad(), as_at_inference(self.pipe.unet, self.controlnet), self.accelerator.autocast():
+            return sampling.generate(pipe, settings, self.model_name)
+
+    def grid(self, step: int, path: Path) -> Path:
+        """Condition | base | controlled for every pair and seed, saved at `path` and logged to the trackers."""
+        if self._base_samples is None:  # the base does not change during the run
+            self._base_samples = self._render(self.pipe, self.base_settings)
+        controlled = self._render(self.control_pipe, self.control_settings)
+        rows, labels, n = [], [], len(self.seeds)
+        for i, (prompt, condition) in enumerate(self.pairs):
+            row = [Image.open(condition).convert("RGB")]
+            for j in range(n):
+                row += [self._base_samples[i * n + j].image, controlled[i * n + j].image]
+            rows.append(row)
+            labels.append(f"{prompt} | {Path(condition).name}")
+        columns = ["condition"] + [f"{who}  seed {s}" for s in self.seeds for who in ("base", "controlnet")]
+        title = f"{self.model_name}: condition | base | ControlNet (scale {self.scale:g}) after {step} steps"
+        image = contact_sheet.make_grid(rows, labels, columns, title)
+        return save_and_log(self.accelerator, image, path, step)
+
+    def toy_scores(self) -> dict | None:
+        """Toy-world scores and layout IoU of the base and of the ControlNet on `validation.toy_score` x the
+        validation conditions (None if no targets are set)."""
+        targets = [scoring.Target(t.prompt, t.color, t.shape) for t in self.recipe.validation.toy_score]
+        if not targets:
+            return None
+        # each target with the validation conditions its prompt is paired with (all of them if none is)
+        pairs = [(t, c) for t in targets for p, c in self.pairs if p == t.prompt]
+        pairs = pairs or [(t, c) for t in targets for c in self.conditions]
+        common = score_settings(self.recipe, self.guidance)
+        with torch.no_grad(), as_at_inference(self.pipe.unet, self.controlnet), self.accelerator.autocast():
+            base = scoring.score_layout(self.pipe, pairs, controlled=False, **common)
+            controlled = scoring.score_layout(self.control_pipe, pairs, controlled=True, scale=self.scale, **common)
+        return {
+            "targets": [t.__dict__ for t in targets],
+            "pairs": [[t.prompt, Path(c).name] for t, c in pairs],
+            "seeds": list(scoring.BAR_SEEDS),
+            "base": base.as_dict(),
+            "adapter": controlled.as_dict(),
         }

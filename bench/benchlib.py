@@ -1,0 +1,160 @@
+"""What the benchmarks share: the machine's name, the SD v1-5 architecture with random weights, toy-world data,
+and running a training script under bench/measure.py.
+
+The bench scripts run as `python bench/<name>.py`, so this folder is on sys.path and they `import benchlib`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SD15_CONFIG = ROOT / "adapters" / "sd15_config"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return f"CPU: {model}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def build_sd15_random(folder: Path) -> Path:
+    """The full SD v1-5 UNet/VAE/text encoder with seeded random weights, saved once as a diffusers folder."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG / "unet")),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG / "text_encoder")),
+        tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG / "tokenizer"),
+        scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG / "scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_data(folder: Path, n: int, size: int, conditioning: bool = False) -> Path:
+    """n toy-world images at `size` px with an imagefolder metadata.jsonl (both trainers read this layout); with
+    `conditioning`, each image's shape mask too, as `conditioning_image_file_name` (the ControlNet example's column).
+    """
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    from sdtune.adapters import toyworld
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (_, caption, scene) in enumerate(toyworld.generate(n, seed=123)):
+        toyworld.render(scene, size).save(folder / f"{i:04d}.png")
+        row = {"file_name": f"{i:04d}.png", "text": caption}
+        if conditioning:
+            toyworld.scene_mask(scene, size).save(folder / f"{i:04d}-mask.png")
+            row["conditioning_image_file_name"] = f"{i:04d}-mask.png"
+        rows.append(json.dumps(row))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def measured(cmd_script: str, args: list[str], result: Path, cwd: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "measure.py"), str(result), "--", cmd_script, *args]
+    env = {**os.environ, "SDTUNE_CACHE": str(result.parent / "cache"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd_script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(result.read_text())
+
+
+def gib(n):
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def add_common_arguments(parser, example: str):
+    """The options every bench script takes: data size, the diffusers example to compare with, where to work."""
+    parser.add_argument("--images", type=int, default=64, help="Training images to generate.")
+    parser.add_argument("--example", type=Path, default=None, help=f"diffusers' {example}.")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="Scratch folder (models, data).")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+
+
+def recipe_overrides(model, data, res: int, batch: int, steps: int, precision: str, lr: float, out) -> list[str]:
+    """sdtune recipe overrides both trainers' benchmarks share: model, data, size, steps, batch, a constant lr,
+    precision, no checkpoints, no validation, no logging."""
+    return [
+        f"base={model}",
+        f"data.train_data_dir={data}",
+        f"data.resolution={res}",
+        f"data.min_bucket_reso={res}",
+        f"data.max_bucket_reso={res}",
+        "data.bucket_reso_steps=8",
+        "data.enable_bucket=false",
+        "data.random_flip=false",
+        f"train.max_train_steps={steps}",
+        f"train.train_batch_size={batch}",
+        f"train.learning_rate={lr}",
+        "train.lr_scheduler=constant",
+        "train.lr_warmup_steps=0",
+        f"train.mixed_precision={precision}",
+        "train.checkpointing_steps=100000",
+        "validation.prompts=[]",
+        "validation.toy_score=[]",
+        f"output.dir={out}",
+        "output.report_to=none",
+    ]
+
+
+def example_arguments(model, data, res: int, batch: int, steps: int, precision: str, lr: float, out) -> list[str]:
+    """The same settings as `recipe_overrides`, as a diffusers example script's arguments."""
+    return [
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={data}",
+        f"--resolution={res}",
+        f"--train_batch_size={batch}",
+        f"--max_train_steps={steps}",
+        f"--learning_rate={lr}",
+        "--lr_scheduler=constant",
+        "--lr_warmup_steps=0",
+        "--seed=0",
+        f"--mixed_precision={precision}",
+        "--checkpointing_steps=100000",
+        f"--output_dir={out}",
+        "--dataloader_num_workers=0",
+    ]
+
+
+def results_header(title: str, command: str, device: str, stamp: str) -> list[str]:
+    """The opening lines of a RESULTS.md section: what was run, on which machine, and what the numbers mean."""
+    memory = "CUDA peak allocated" if torch.cuda.is_available() else "peak RSS"
+    return [
+        f"\n## {title}",
+        f"Machine: {device}. Measured {stamp} by `{command}`.",
+        f"Memory is {memory}; s/step is the median interval between optimizer steps after 3 warm-up steps.",
+        "",
+    ]
+
+
+def append_results(path: Path, lines: list[str]):
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(path, "a") as handle:
+        handle.write(text)
