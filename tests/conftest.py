@@ -1,4 +1,4 @@
-"""Shared fixtures: the bundled toy base, an isolated sdtune cache, and no network."""
+"""Shared fixtures: the bundled toy base, an isolated sdtune cache and registry, and no network."""
 
 from __future__ import annotations
 
@@ -17,6 +17,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own latent/hash cache instead of ~/.cache/sdtune."""
     monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "sdtune-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_registry(tmp_path_factory):
+    """Trainers register their runs: into the session's own registry, never the user's ~/.sdtune. Session-scoped
+    so it is in place before any session fixture (a training run) starts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDTUNE_HOME", str(tmp_path_factory.getbasetemp() / "sdtune-home"))
+        yield
 
 
 @pytest.fixture(scope="session")

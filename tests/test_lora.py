@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from sdtune.adapters import scoring
 from sdtune.adapters.base import load_pipeline
 from sdtune.adapters.manifest import read_manifest
+from sdtune.adapters.registry import Registry
 from sdtune.adapters.sampling import AdapterSpec, SampleSettings, generate, load_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,14 @@ def test_kohya_file_keys_alpha_and_metadata(quickstart_run):
     tags = json.loads(meta["ss_tag_frequency"])
     assert list(tags.values()) == [{"a purple circle": 4, "a purple square": 4, "a purple triangle": 8}], tags
     assert meta["modelspec.trigger_phrase"] == "purple" and meta["sshs_model_hash"]
+    # the base by name (a published file must not leak a local path), its hashes, the buckets, the current spec
+    assert meta["ss_sd_model_name"] == "sdtune-toy-base" and "/" not in meta["ss_sd_model_name"]
+    manifest = json.loads((out / "adapter.json").read_text())
+    assert meta["ss_new_sd_model_hash"] == manifest["base"]["hash"] and meta["ss_sd_model_hash"] == meta[
+        "ss_new_sd_model_hash"
+    ][:8]
+    assert json.loads(meta["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [64, 64], "count": 16}}}
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
 
 
 def test_peft_file_carries_adapter_metadata(quickstart_run):
@@ -315,7 +324,7 @@ FEATURES = {
         ],
     ),
     "dora": (
-        ["method.use_dora=true"],
+        ["method.use_dora=true", "output.register=false"],
         ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"],
         None,  # DoRA has no faithful kohya form: no kohya file
     ),
@@ -328,6 +337,10 @@ FEATURES = {
         ["lora_te_text_model_encoder_layers_1_self_attn_out_proj.alpha"],
     ),
 }
+
+
+def run_dir_of(entry) -> Path:
+    return Path(read_manifest(entry.folder).origin["run_dir"])
 
 
 @pytest.mark.parametrize("name", list(FEATURES))
@@ -356,6 +369,15 @@ def test_feature_paths_train_and_export(name, tmp_path):
     assert set(peft_keys) <= keys, sorted(keys)[:20]
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["export_check"]["ok"] is True
+    # registered at the end of the run (under a free name), unless output.register=false
+    registered = [e for e in Registry().list() if e.origin == "trained" and run_dir_of(e) == out.resolve()]
+    if "output.register=false" in overrides:
+        assert registered == [] and "registered as" not in log
+    else:
+        [entry] = registered
+        assert f"registered as {entry.name!r}" in log and entry.name.startswith("toy-purple")
+        assert sorted(read_manifest(entry.folder).files) == sorted(manifest["files"])
+        assert all((entry.folder / f).is_file() for f in manifest["files"].values())
     kohya_path = out / "toy-purple.safetensors"
     if kohya_keys is None:
         assert not kohya_path.exists() and "no kohya file" in manifest["export_check"]["skipped"]

@@ -40,7 +40,7 @@ from sdtune.adapters.base import (
     recommended_guidance,
     resolve_base,
 )
-from sdtune.adapters.manifest import BaseRef, write_manifest
+from sdtune.adapters.manifest import BaseRef
 from sdtune.trainers.core import export
 from sdtune.trainers.core.batches import BatchBuilder, prepare_latents
 from sdtune.trainers.core.cache import TextEmbeddingCache, encode_text
@@ -294,7 +294,7 @@ def write_final_outputs(writer: AdapterWriter, state, speed: dict):
         started_at=writer.started_at,
     )
     info.training.update(speed)
-    manifest_file = write_manifest(out_dir, info)
+    manifest_file = export.write_and_register(out_dir, info, recipe.output.register, accelerator.print)
     accelerator.print(
         f"done: {', '.join(str(p) for p in [*(out_dir / f for f in info.files.values()), manifest_file])}"
     )
@@ -329,9 +329,12 @@ def kohya_metadata(recipe: Recipe, scan, base, step: int, started_at: float) -> 
 
     method, train = recipe.method, recipe.train
     res = recipe.data.resolution
+    base_model_name, new_hash, legacy_hash = base_metadata(recipe, base)
     return build(
-        base_model_name=Path(base.location).name if base.kind == "single_file" else base.location,
-        base_model_hash=base_hash(recipe.base) if base.kind == "single_file" else None,
+        base_model_name=base_model_name,
+        base_model_hash=new_hash,
+        base_model_legacy_hash=legacy_hash,
+        bucket_counts=scan.bucket_counts(),
         trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
         resolution=(res, res),
         steps=step,
@@ -366,6 +369,23 @@ def kohya_metadata(recipe: Recipe, scan, base, step: int, started_at: float) -> 
         training_started_at=started_at,
         training_finished_at=time.time(),
     )
+
+
+def base_metadata(recipe: Recipe, base) -> tuple[str, str | None, str | None]:
+    """`ss_sd_model_name`, `ss_new_sd_model_hash`, `ss_sd_model_hash` of the base, never a local path.
+
+    A single file gets A1111's own hashes (sha256 of the file, and the old 8-hex hash); a diffusers folder (and the
+    toy base) gets sdtune's sha256 over its weight files, and its first 8 hex as the short form; a hub id is its
+    name, and its hashes are unknown without the files.
+    """
+    from sdtune.adapters.kohya import legacy_model_hash
+
+    if base.kind == "hub":
+        return base.location, None, None
+    digest = base_hash(recipe.base)
+    if base.kind == "single_file":
+        return Path(base.location).name, digest, legacy_model_hash(base.location)
+    return base.name, digest, digest[:8]
 
 
 def recipe_prediction_type(recipe: Recipe) -> str:
