@@ -126,3 +126,137 @@ def read_run(run_dir: str | Path) -> dict:
         return read_manifest(run_dir).to_dict()
     except ManifestError as exc:
         raise StudioError(str(exc)) from None
+
+
+# -- the adapter registry ---------------------------------------------------------------------------------------------
+
+
+def _registry():
+    from sdtune.adapters.registry import Registry
+
+    return Registry()
+
+
+def _studio_errors():
+    """The registry's, importer's and merger's one-line errors, as `StudioError`."""
+    from sdtune.adapters.compose import ComposeError
+    from sdtune.adapters.export_check import ExportCheckError
+    from sdtune.adapters.importer import ImportRefused
+    from sdtune.adapters.merge import MergeError
+    from sdtune.adapters.registry import RegistryError
+
+    return (RegistryError, ImportRefused, MergeError, ComposeError, ExportCheckError, FileNotFoundError)
+
+
+def _call(function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    except _studio_errors() as exc:
+        raise StudioError(str(exc)) from None
+
+
+def list_adapters(
+    *, base: str | None = None, method: str | None = None, tag: str | None = None, trigger: str | None = None
+) -> list[dict]:
+    """Registered adapters (newest first) as dicts: name, method, base, trigger_words, tags, origin, folder..."""
+    return [e.to_dict() for e in _registry().list(base=base, method=method, tag=tag, trigger=trigger)]
+
+
+def show_adapter(name: str) -> dict:
+    """One adapter: its index entry and its whole manifest."""
+    registry = _registry()
+    entry = _call(registry.get, name)
+    return {**entry.to_dict(), "manifest": registry.manifest(name).to_dict()}
+
+
+def import_adapter(
+    path: str | Path,
+    *,
+    base: str = "toy",
+    name: str | None = None,
+    allow_pickle: bool = False,
+    tags: list[str] | None = None,
+    dry_run: bool = False,
+) -> dict:
+    """Detects, validates against `base` and registers a LoRA / ControlNet / full model; returns the check report
+    (and the entry unless `dry_run`)."""
+    from sdtune.adapters import importer
+
+    if dry_run:
+        return {"report": _call(importer.inspect, path, base=base, allow_pickle=allow_pickle).to_dict()}
+    entry, report = _call(
+        importer.import_adapter, path, base=base, name=name, allow_pickle=allow_pickle, tags=tags or [],
+        registry=_registry(),
+    )  # fmt: skip
+    return {"entry": entry.to_dict(), "report": report.to_dict()}
+
+
+def export_adapter(name: str, dest: str | Path, fmt: str | None = None) -> list[Path]:
+    """Copies one format's file (`peft`, `kohya`...) or the whole adapter folder out of the registry."""
+    return _call(_registry().export, name, dest, fmt)
+
+
+def remove_adapter(name: str) -> None:
+    _call(_registry().remove, name)
+
+
+def tag_adapter(name: str, add: list[str] | None = None, remove: list[str] | None = None) -> list[str]:
+    return _call(_registry().tag, name, add or [], remove or [])
+
+
+def check_registry(repair: bool = False) -> dict:
+    """Compares the index with the adapter folders; `repair` makes them agree. Returns the findings."""
+    report = _registry().check(repair=repair)
+    return {**report.__dict__, "ok": report.ok, "summary": report.summary()}
+
+
+def merge_adapters(
+    name: str,
+    parents: list[str],
+    weights: list[float] | None = None,
+    *,
+    method: str = "svd",
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    base: str = "toy",
+    prompt: str = "a photo",
+) -> dict:
+    """Merges registered LoRAs (or files) into a new registered LoRA (linear, concat or svd); returns its entry."""
+    from sdtune.adapters import merge
+
+    weights = weights or [1.0] * len(parents)
+    entry = _call(
+        merge.merge_into_registry, name, parents, weights, method, base=base, rank=rank, conv_rank=conv_rank,
+        prompt=prompt, registry=_registry(),
+    )  # fmt: skip
+    return entry.to_dict()
+
+
+def resize_adapter(
+    name: str,
+    parent: str,
+    max_rank: int,
+    *,
+    dynamic: str | None = None,
+    param: float | None = None,
+    base: str = "toy",
+    prompt: str = "a photo",
+) -> dict:
+    """Resizes a LoRA's rank (fixed, or dynamic as sd-scripts' resize_lora) into a new registered LoRA."""
+    from sdtune.adapters import merge
+
+    entry = _call(
+        merge.resize_into_registry, name, parent, max_rank, dynamic=dynamic, param=param, base=base, prompt=prompt,
+        registry=_registry(),
+    )  # fmt: skip
+    return entry.to_dict()
+
+
+def bake_model(
+    out_folder: str | Path, *, base: str = "toy", adapters: list[str], single_file: str | Path | None = None
+) -> list[Path]:
+    """Base + adapters (`NAME_OR_PATH[:WEIGHT]`) -> a diffusers folder (+ a single-file checkpoint)."""
+    from sdtune.adapters import compose, merge
+
+    uses = [compose.AdapterUse.parse(a) for a in adapters]
+    return _call(merge.bake, base, uses, out_folder, single_file)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +47,49 @@ def toy_pipe(toy_base):
     pipe = load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def train_toy_lora(out: Path, cache: Path, *overrides: str) -> Path:
+    """A short quickstart-style LoRA run on the toy base (no validation grids or scores); returns the run folder."""
+    args = [
+        str(QUICKSTART),
+        f"output.dir={out}",
+        "train.checkpointing_steps=100000",
+        "validation.validation_steps=0",
+        "validation.prompts=[]",
+        "validation.toy_score=[]",
+        "output.register=false",
+        *overrides,
+    ]
+    env = {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "trainers/lora.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_toy_loras(tmp_path_factory):
+    """Two LoRAs teaching the toy base two different things, trained once per session: a colour it never saw
+    (purple, on the quickstart data) and a shape it never saw (star, in the base's own colours)."""
+    from sdtune.adapters import toyworld
+
+    root = tmp_path_factory.mktemp("two-loras")
+    star_data = root / "star-data"
+    toyworld.write_dataset(star_data, 16, seed=1, colors=list(toyworld.BASE_COLORS), shapes=["star"])
+    steps = os.environ.get("SDTUNE_TEST_LORA_STEPS", "150")
+    purple = train_toy_lora(root / "purple", root / "cache", f"train.max_train_steps={steps}")
+    star = train_toy_lora(
+        root / "star",
+        root / "cache",
+        f"train.max_train_steps={steps}",
+        f"data.train_data_dir={star_data}",
+        "data.trigger_word=star",
+        "output.name=toy-star",
+    )
+    return {"purple": purple, "star": star}

@@ -155,9 +155,10 @@ def test_kohya_file_keys_alpha_and_metadata(quickstart_run):
     # the base by name (a published file must not leak a local path), its hashes, the buckets, the current spec
     assert meta["ss_sd_model_name"] == "sdtune-toy-base" and "/" not in meta["ss_sd_model_name"]
     manifest = json.loads((out / "adapter.json").read_text())
-    assert meta["ss_new_sd_model_hash"] == manifest["base"]["hash"] and meta["ss_sd_model_hash"] == meta[
-        "ss_new_sd_model_hash"
-    ][:8]
+    assert (
+        meta["ss_new_sd_model_hash"] == manifest["base"]["hash"]
+        and meta["ss_sd_model_hash"] == meta["ss_new_sd_model_hash"][:8]
+    )
     assert json.loads(meta["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [64, 64], "count": 16}}}
     assert meta["modelspec.sai_model_spec"] == "1.0.1"
 
