@@ -232,24 +232,12 @@ def merge_adapters(
     return entry.to_dict()
 
 
-def resize_adapter(
-    name: str,
-    parent: str,
-    max_rank: int,
-    *,
-    dynamic: str | None = None,
-    param: float | None = None,
-    base: str = "toy",
-    prompt: str = "a photo",
-) -> dict:
-    """Resizes a LoRA's rank (fixed, or dynamic as sd-scripts' resize_lora) into a new registered LoRA."""
+def resize_adapter(name: str, parent: str, max_rank: int, **options) -> dict:
+    """Resizes a LoRA's rank into a new registered LoRA; `options` as `adapters.merge.resize_into_registry`
+    (`dynamic`: sv_ratio / sv_fro / sv_cumulative with `param`, `base`, `prompt`)."""
     from sdtune.adapters import merge
 
-    entry = _call(
-        merge.resize_into_registry, name, parent, max_rank, dynamic=dynamic, param=param, base=base, prompt=prompt,
-        registry=_registry(),
-    )  # fmt: skip
-    return entry.to_dict()
+    return _call(merge.resize_into_registry, name, parent, max_rank, registry=_registry(), **options).to_dict()
 
 
 def bake_model(

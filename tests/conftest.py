@@ -53,43 +53,63 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
-def train_toy_lora(out: Path, cache: Path, *overrides: str) -> Path:
-    """A short quickstart-style LoRA run on the toy base (no validation grids or scores); returns the run folder."""
-    args = [
-        str(QUICKSTART),
-        f"output.dir={out}",
-        "train.checkpointing_steps=100000",
-        "validation.validation_steps=0",
-        "validation.prompts=[]",
-        "validation.toy_score=[]",
-        "output.register=false",
-        *overrides,
-    ]
-    env = {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "trainers/lora.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out
+# -- training runs shared by test files (each trained once per session) -------------------------------------------
+
+
+def trainer_env(cache: Path) -> dict:
+    return {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+
+
+def run_trainer(args: list[str], cache: Path, launcher: str = "python", timeout: int = 900):
+    if launcher == "accelerate":
+        cmd = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "trainers/lora.py",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, "trainers/lora.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=trainer_env(cache), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
-def two_toy_loras(tmp_path_factory):
-    """Two LoRAs teaching the toy base two different things, trained once per session: a colour it never saw
-    (purple, on the quickstart data) and a shape it never saw (star, in the base's own colours)."""
+def quickstart_run(tmp_path_factory):
+    """The README's quickstart (purple, a colour the toy base never saw), through `accelerate launch`, into a
+    temporary run folder. tests/test_lora.py checks the run; tests/test_compose.py stacks it with `star_run`."""
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    proc = run_trainer([str(QUICKSTART), f"output.dir={out}"], tmp_path_factory.mktemp("cache"), "accelerate")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def star_run(tmp_path_factory):
+    """A second LoRA on the quickstart recipe teaching a shape the toy base never saw: star, in the base's colours."""
     from sdtune.adapters import toyworld
 
-    root = tmp_path_factory.mktemp("two-loras")
-    star_data = root / "star-data"
-    toyworld.write_dataset(star_data, 16, seed=1, colors=list(toyworld.BASE_COLORS), shapes=["star"])
-    steps = os.environ.get("SDTUNE_TEST_LORA_STEPS", "150")
-    purple = train_toy_lora(root / "purple", root / "cache", f"train.max_train_steps={steps}")
-    star = train_toy_lora(
-        root / "star",
-        root / "cache",
-        f"train.max_train_steps={steps}",
-        f"data.train_data_dir={star_data}",
+    root = tmp_path_factory.mktemp("star")
+    toyworld.write_dataset(root / "data", 16, seed=1, colors=list(toyworld.BASE_COLORS), shapes=["star"])
+    args = [
+        str(QUICKSTART),
+        f"output.dir={root / 'run'}",
+        f"data.train_data_dir={root / 'data'}",
         "data.trigger_word=star",
         "output.name=toy-star",
-    )
-    return {"purple": purple, "star": star}
+        "train.max_train_steps=200",
+        "train.checkpointing_steps=1000",
+        "validation.validation_steps=0",
+        "validation.prompts=[a red star]",
+        "validation.toy_score=[]",
+    ]
+    proc = run_trainer(args, root / "cache")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return root / "run"

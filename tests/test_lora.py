@@ -9,7 +9,6 @@ preset/optimizer path trains and exports, and bad input ends in one clear line.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QUICKSTART, ROOT, run_trainer, trainer_env
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -29,43 +29,7 @@ from sdtune.adapters.manifest import read_manifest
 from sdtune.adapters.registry import Registry
 from sdtune.adapters.sampling import AdapterSpec, SampleSettings, generate, load_adapters
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 PURPLE = [scoring.Target(f"a purple {s}", "purple", s) for s in ("circle", "square", "triangle")]
-
-
-def trainer_env(cache: Path) -> dict:
-    return {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-
-
-def run_trainer(args: list[str], cache: Path, launcher: str = "python", timeout: int = 900):
-    if launcher == "accelerate":
-        cmd = [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "trainers/lora.py",
-            *args,
-        ]
-    else:
-        cmd = [sys.executable, "trainers/lora.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=trainer_env(cache), capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory):
-    """The README's quickstart, through `accelerate launch`, into a temporary run folder."""
-    out = tmp_path_factory.mktemp("quickstart") / "run"
-    proc = run_trainer([str(QUICKSTART), f"output.dir={out}"], tmp_path_factory.mktemp("cache"), "accelerate")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out, proc.stdout + proc.stderr
 
 
 def fresh_toy_pipe():
