@@ -82,7 +82,9 @@ def time_images(pipe, steps: int, images: int, warmup: int, size: int) -> list[f
 
     def one(seed):
         generator = torch.Generator("cpu").manual_seed(seed)
-        pipe("a red circle", num_inference_steps=steps, guidance_scale=7.5, width=size, height=size, generator=generator)
+        pipe(
+            "a red circle", num_inference_steps=steps, guidance_scale=7.5, width=size, height=size, generator=generator
+        )
 
     for seed in range(warmup):
         one(seed)
