@@ -64,7 +64,9 @@ def random_lora(base: str, out: Path, seed: int) -> Path:
 
     from sdtune.adapters.lora_modules import LoraModule, base_shapes, module_table, save_peft
 
-    table = module_table(*base_shapes(base))
+    from sdtune.adapters.base import resolve_base
+
+    table = module_table(*base_shapes(resolve_base(base).location))
     generator = torch.Generator().manual_seed(seed)
     modules = {}
     for name, target in table.items():

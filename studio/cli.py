@@ -7,7 +7,7 @@ Usage:
     sdtune doctor
     sdtune adapters list [--base toy] [--method lora] [--tag T] [--trigger purple]
     sdtune adapters show NAME | import PATH [--base B] [--name N] | export NAME DEST [--format kohya|peft]
-    sdtune adapters rm NAME | tag NAME +add -remove | check [--repair]
+    sdtune adapters rm NAME | tag NAME TAG... [--remove TAG] | check [--repair]
     sdtune adapters merge NEW A B --weights 1 1 --method svd --rank 8 | resize NEW A --rank 4 [--dynamic sv_ratio 4]
     sdtune bake OUT_FOLDER --adapter NAME:WEIGHT [--single-file model.safetensors]
 
@@ -158,9 +158,10 @@ def _adapters_parser(sub):
     c = cmds.add_parser("rm", help="Remove an adapter from the registry (its folder too).")
     c.add_argument("name")
     c.set_defaults(run=lambda a: api.remove_adapter(a.name) or print(f"removed {a.name}"))
-    c = cmds.add_parser("tag", help="Add (+tag or tag) and remove (-tag) tags.")
+    c = cmds.add_parser("tag", help="Add tags (and --remove others); prints the adapter's tags.")
     c.add_argument("name")
-    c.add_argument("tags", nargs="+", metavar="[+|-]TAG")
+    c.add_argument("tags", nargs="*", metavar="TAG", help="Tags to add.")
+    c.add_argument("--remove", action="append", default=[], metavar="TAG", help="A tag to remove; repeatable.")
     c.set_defaults(run=run_adapters_tag)
     c = cmds.add_parser("check", help="Compare the index with the folders; --repair makes them agree.")
     c.add_argument("--repair", action="store_true")
@@ -225,9 +226,7 @@ def run_adapters_import(args) -> int:
 
 
 def run_adapters_tag(args) -> int:
-    add = [t.lstrip("+") for t in args.tags if not t.startswith("-")]
-    remove = [t[1:] for t in args.tags if t.startswith("-")]
-    print(" ".join(api.tag_adapter(args.name, add, remove)))
+    print(" ".join(api.tag_adapter(args.name, args.tags, args.remove)))
     return 0
 
 

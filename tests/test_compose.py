@@ -133,6 +133,21 @@ def test_svd_merge_keeps_each_parents_concept(measured, names):
     assert merged["star"] >= 0.9 * measured["star"]["star"], (merged, measured)
 
 
+def test_bake_writes_a_full_model_that_draws_like_the_fused_adapters(composer, names, tmp_path):
+    from sdtune.adapters.base import load_pipeline
+    from sdtune.adapters.merge import bake
+
+    composer.set([AdapterUse(names["purple"], 0.8)])
+    expected = pixels(composer.pipe)
+    folder, single = bake(
+        "toy", [AdapterUse(names["purple"], 0.8)], tmp_path / "baked", tmp_path / "baked.safetensors"
+    )
+    for model in (folder, single):
+        pipe = load_pipeline(str(model))
+        pipe.set_progress_bar_config(disable=True)
+        assert np.abs(pixels(pipe) - expected).max() <= 2, model
+
+
 def test_sample_takes_registry_names(names, tmp_path, quickstart_run):
     from sdtune.studio import api
 

@@ -221,3 +221,31 @@ def test_two_processes_registering_at_once_both_succeed(tmp_path):
     registry = Registry(home)
     assert sorted(e.name for e in registry.list()) == names and registry.check().ok
     assert json.loads((registry.adapters_dir / "same-2" / "adapter.json").read_text())["name"] == "same-2"
+
+
+def test_cli_list_show_tag_export_rm_check(tmp_path, monkeypatch, capsys):
+    from sdtune.studio import cli
+
+    monkeypatch.setenv("SDTUNE_HOME", str(tmp_path / "home"))
+    Registry().register_run(fake_run(tmp_path / "a", name="toy-purple"))
+    Registry().register_run(fake_run(tmp_path / "b", name="toy-star", trigger="star"))
+
+    def run(*argv) -> str:
+        assert cli.main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    assert run("adapters", "tag", "toy-star", "shapes", "draft") == "draft shapes\n"
+    assert run("adapters", "tag", "toy-star", "--remove", "draft") == "shapes\n"
+    listed = run("adapters", "list", "--trigger", "star")
+    assert listed.startswith("toy-star") and "#shapes" in listed and "toy-purple" not in listed
+    rows = json.loads(run("adapters", "list", "--method", "lora", "--json"))
+    assert sorted(r["name"] for r in rows) == ["toy-purple", "toy-star"]
+    shown = json.loads(run("adapters", "show", "toy-purple"))
+    assert shown["manifest"]["files"]["kohya"] == "toy-purple.safetensors" and shown["origin"] == "trained"
+    assert run("adapters", "export", "toy-purple", str(tmp_path), "--format", "kohya").strip() == str(
+        tmp_path / "toy-purple.safetensors"
+    )
+    assert run("adapters", "rm", "toy-purple") == "removed toy-purple\n"
+    assert run("adapters", "check") == "registry ok: index and folders agree\n"
+    with pytest.raises(SystemExit, match="sdtune adapters: no adapter named 'toy-purple'"):
+        cli.main(["adapters", "show", "toy-purple"])
