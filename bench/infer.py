@@ -62,9 +62,8 @@ def random_lora(base: str, out: Path, seed: int) -> Path:
     """A rank-16 attention LoRA with random A and B (B is not zero, so it changes every image)."""
     import torch
 
-    from sdtune.adapters.lora_modules import LoraModule, base_shapes, module_table, save_peft
-
     from sdtune.adapters.base import resolve_base
+    from sdtune.adapters.lora_modules import LoraModule, base_shapes, module_table, save_peft
 
     table = module_table(*base_shapes(resolve_base(base).location))
     generator = torch.Generator().manual_seed(seed)
