@@ -150,8 +150,32 @@ def applied(pipe, modules, table, dtype: torch.dtype | None = None):
 
 
 def check_lora_files(pipe, files: dict, modules, table, settings: sampling.SampleSettings, out_dir: Path, dtype):
-    """The export check of a LoRA made without training (merge, resize): the reference is `applied`."""
+    """The export check of a LoRA made without training (merge, resize). The reference is the arithmetic
+    (`applied`); the PEFT file is reloaded through diffusers; the kohya file is read the way A1111 and ComfyUI apply
+    it (W + alpha / rank * up @ down, per module) and its keys replayed through their key tables.
+
+    Why not diffusers' kohya loader for the kohya file: under transformers 5 it drops per-module text-encoder
+    alphas (its alpha patterns keep the `text_model.` level the CLIP modules no longer have), so a file whose
+    text-encoder alpha differs from the UNet's renders wrongly in diffusers alone (measured: 138/255 off for a
+    resized LoRA whose PEFT file is 0/255 off). diffusers users get the PEFT file.
+    """
+    import safetensors.torch
+
+    from sdtune.adapters.lora_modules import read_kohya
+
+    def render():
+        return sampling.generate(pipe, [settings])[0]
+
     with applied(pipe, modules, table, dtype):
-        reference = sampling.generate(pipe, [settings])[0]
+        reference = render()
+    kohya_path = Path(files["kohya"])
+    with applied(pipe, read_kohya(safetensors.torch.load_file(str(kohya_path))), table):
+        kohya_image = render()
     checker = ExportChecker(lambda: pipe, pipe.device, settings, contextlib.nullcontext)
-    return checker.check(files, reference, out_dir, reference_label="merged")
+    report = checker.check({"peft": files["peft"]}, reference, out_dir, reference_label="merged")
+    report.unmatched_a1111, report.unmatched_comfyui = checker._unmatched(kohya_path)
+    report.skipped = None
+    report.max_pixel_diff["merged-vs-kohya (A1111 formula)"] = int(
+        np.abs(_pixels(kohya_image) - _pixels(reference)).max()
+    )
+    return report

@@ -7,8 +7,8 @@ Usage:
 
 The LoRAs are random, rank 16 on the attention layers (to_q/k/v/out), written as PEFT files and loaded through
 `compose.build` like `sdtune sample --adapter` does, so the timing includes peft's per-layer LoRA branch. Each
-configuration renders `--warmup` images first, then `--images` timed ones (a CUDA synchronize around each); the
-median seconds per image is reported with the overhead against the base. Targets: fused <= 3% over the base,
+configuration renders `--warmup` images first, then `--images` timed ones (a CUDA synchronize around each), the
+configurations taking turns image by image so that load changes on a shared machine hit all alike; the median seconds per image is reported with the overhead against the base. Targets: fused <= 3% over the base,
 3 unfused <= 15%.
 """
 
@@ -78,27 +78,18 @@ def random_lora(base: str, out: Path, seed: int) -> Path:
     return save_peft(out, modules, table)
 
 
-def time_images(pipe, steps: int, images: int, warmup: int, size: int) -> list[float]:
+def time_image(pipe, steps: int, seed: int, size: int) -> float:
+    """Seconds to render one image (CUDA work synchronized on both ends)."""
     import torch
 
-    def one(seed):
-        generator = torch.Generator("cpu").manual_seed(seed)
-        pipe(
-            "a red circle", num_inference_steps=steps, guidance_scale=7.5, width=size, height=size, generator=generator
-        )
-
-    for seed in range(warmup):
-        one(seed)
-    times = []
-    for seed in range(images):
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        one(seed)
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+    generator = torch.Generator("cpu").manual_seed(seed)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe("a red circle", num_inference_steps=steps, guidance_scale=7.5, width=size, height=size, generator=generator)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main(argv=None) -> dict:
@@ -116,18 +107,24 @@ def main(argv=None) -> dict:
         loras = [str(random_lora(base, root / f"lora{i}", seed=i)) for i in range(3)]
         composer = build(PipelineSpec(base=base, device=device))
         size = composer.pipe.unet.config.sample_size * composer.pipe.vae_scale_factor
-        results = {}
-        for label, uses, fused in (
-            ("base", [], False),
-            ("1 LoRA, unfused", loras[:1], False),
-            ("3 LoRAs, unfused", loras, False),
-            ("3 LoRAs, fused", loras, True),
-        ):
-            composer.set([AdapterUse(path) for path in uses])
-            composer.fuse() if fused else composer.unfuse()
-            times = time_images(composer.pipe, args.steps, args.images, args.warmup, size)
-            results[label] = statistics.median(times)
-            print(f"{label:<18} {results[label]:.4f} s/image", flush=True)
+        configs = {
+            "base": ([], False),
+            "1 LoRA, unfused": (loras[:1], False),
+            "3 LoRAs, unfused": (loras, False),
+            "3 LoRAs, fused": (loras, True),
+        }
+        # Round robin: one image of each configuration in turn, so a change in machine load hits all of them alike.
+        times = {label: [] for label in configs}
+        for repeat in range(args.warmup + args.images):
+            for label, (paths, fused) in configs.items():
+                composer.set([AdapterUse(path) for path in paths])
+                composer.fuse() if fused else composer.unfuse()
+                seconds = time_image(composer.pipe, args.steps, seed=repeat, size=size)
+                if repeat >= args.warmup:
+                    times[label].append(seconds)
+        results = {label: statistics.median(values) for label, values in times.items()}
+        for label, seconds in results.items():
+            print(f"{label:<18} {seconds:.4f} s/image", flush=True)
     report = table(results, args, device, size)
     print(report)
     if args.append:

@@ -241,3 +241,29 @@ def test_controlnet_and_dreambooth_models_register(tmp_path, toy_base, toy_pipe,
     assert compose.resolve_base_ref("toy-db", registry) == str(db.folder / "model")
     with pytest.raises(compose.ComposeError, match="is a controlnet model, not a LoRA"):
         compose.resolve_adapter("toy-canny", registry)
+
+
+def test_resized_and_concatenated_imports_pass_the_export_check_and_record_parents(golden_file, registry):
+    from sdtune.adapters.merge import merge_into_registry, resize_into_registry
+
+    import_adapter(golden_file, name="golden", registry=registry)
+    resized = resize_into_registry("golden-r2", "golden", 2, registry=registry, prompt="a red circle")
+    dynamic = resize_into_registry(
+        "golden-dyn", "golden", 4, dynamic="sv_ratio", param=2.0, registry=registry, prompt="a red circle"
+    )
+    concat = merge_into_registry("golden-x2", ["golden", "golden"], [0.5, 0.5], "concat", registry=registry)
+    for entry in (resized, dynamic, concat):
+        manifest = read_manifest(entry.folder)
+        assert manifest.export_check["ok"] and max(manifest.export_check["max_pixel_diff"].values()) <= 2, entry.name
+        assert manifest.export_check["unmatched_a1111"] == manifest.export_check["unmatched_comfyui"] == []
+        assert set(manifest.files) == {"peft", "kohya"} and manifest.trigger_words == ["zkz", "golden"]
+    origin = read_manifest(resized.folder).origin
+    assert origin["parents"] == ["golden"] and origin["merge_method"] == "resize" and origin["params"]["max_rank"] == 2
+    assert read_manifest(resized.folder).training["ranks"] == [2]
+    assert read_manifest(concat.folder).origin["weights"] == [0.5, 0.5]
+    # concat of a LoRA with itself at 0.5 + 0.5 is the LoRA: twice the rank, the same weight change
+    original = read_kohya(safetensors.torch.load_file(str(golden_file)))
+    doubled = read_kohya(safetensors.torch.load_file(str(registry.file("golden-x2", "kohya"))))
+    for name, module in original.items():
+        assert doubled[name].rank == 2 * module.rank
+        assert torch.allclose(doubled[name].delta(), module.delta(), atol=2e-2), name  # fp16 storage
