@@ -191,6 +191,7 @@ class Composer:
         self.loaded: dict[str, str] = {}  # resolved file -> adapter name inside the pipeline
         self.active: list[AdapterUse] = []
         self.fused = False
+        self._kept: list = []  # (layer, its base weight) while fused
 
     def _load(self, use: AdapterUse) -> str:
         path = resolve_adapter(use.ref, self.registry)
@@ -232,8 +233,17 @@ class Composer:
 
     def fuse(self) -> Composer:
         """Merges the active LoRAs, at their current (block) weights, into the base weights: a step then costs what
-        the base costs. `unfuse` subtracts them again (exact up to float rounding)."""
+        the base costs. The adapted layers' base weights are kept first, so `unfuse` restores them bit for bit
+        (subtracting the merged change back, as peft's unmerge does, leaves float rounding that adds up)."""
         if self.active and not self.fused:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._kept = [
+                (module.get_base_layer(), module.get_base_layer().weight.data.clone())
+                for component in (self.pipe.unet, self.pipe.text_encoder)
+                for module in component.modules()
+                if isinstance(module, BaseTunerLayer)
+            ]
             self.pipe.fuse_lora(
                 components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=self._active_names()
             )
@@ -242,8 +252,10 @@ class Composer:
 
     def unfuse(self) -> Composer:
         if self.fused:
-            self.pipe.unfuse_lora(components=["unet", "text_encoder"])
-            self.fused = False
+            self.pipe.unfuse_lora(components=["unet", "text_encoder"])  # peft's bookkeeping: layers not merged
+            for layer, weight in self._kept:
+                layer.weight.data.copy_(weight)
+            self._kept, self.fused = [], False
         return self
 
     def lora_label(self) -> str:

@@ -84,7 +84,7 @@ def run_trainer(args: list[str], cache: Path, launcher: str = "python", timeout:
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
     """The README's quickstart (purple, a colour the toy base never saw), through `accelerate launch`, into a
-    temporary run folder. tests/test_lora.py checks the run; tests/test_compose.py stacks it with `star_run`."""
+    temporary run folder. tests/test_lora.py checks the run; tests/test_compose.py stacks it with `cyan_run`."""
     out = tmp_path_factory.mktemp("quickstart") / "run"
     proc = run_trainer([str(QUICKSTART), f"output.dir={out}"], tmp_path_factory.mktemp("cache"), "accelerate")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -92,22 +92,21 @@ def quickstart_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def star_run(tmp_path_factory):
-    """A second LoRA on the quickstart recipe teaching a shape the toy base never saw: star, in the base's colours."""
+def cyan_run(tmp_path_factory):
+    """A second LoRA on the quickstart recipe teaching another colour the toy base never saw: cyan."""
     from sdtune.adapters import toyworld
 
-    root = tmp_path_factory.mktemp("star")
-    toyworld.write_dataset(root / "data", 16, seed=1, colors=list(toyworld.BASE_COLORS), shapes=["star"])
+    root = tmp_path_factory.mktemp("cyan")
+    toyworld.write_dataset(root / "data", 16, seed=2, colors=["cyan"], shapes=list(toyworld.BASE_SHAPES))
     args = [
         str(QUICKSTART),
         f"output.dir={root / 'run'}",
         f"data.train_data_dir={root / 'data'}",
-        "data.trigger_word=star",
-        "output.name=toy-star",
-        "train.max_train_steps=200",
+        "data.trigger_word=cyan",
+        "output.name=toy-cyan",
         "train.checkpointing_steps=1000",
         "validation.validation_steps=0",
-        "validation.prompts=[a red star]",
+        "validation.prompts=[a cyan circle]",
         "validation.toy_score=[]",
     ]
     proc = run_trainer(args, root / "cache")
