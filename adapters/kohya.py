@@ -41,7 +41,7 @@ import torch
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"  # SD v1/v2; SDXL uses lora_te1_/lora_te2_.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfigs
-SAI_MODEL_SPEC_VERSION = "1.0.0"  # sd-scripts wrote 1.0.0 until Aug 2025 (1.0.1 since); both carry the keys used.
+SAI_MODEL_SPEC_VERSION = "1.0.1"  # the current SAI model spec, as sd-scripts writes it since Aug 2025 (1.0.0 before).
 
 # peft key = <module path>.<part>; parts get_peft_model_state_dict writes for a LoRA layer.
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
@@ -273,6 +273,7 @@ def kohya_metadata(
     training_finished_at: float,
     prediction_type: str = "epsilon",
     base_model_legacy_hash: str | None = None,
+    bucket_counts: Mapping[tuple[int, int], int] | None = None,
     output_name: str | None = None,
     max_train_steps: int | None = None,
     num_reg_images: int = 0,
@@ -309,6 +310,9 @@ def kohya_metadata(
         prediction_type: "epsilon" or "v_prediction" (diffusers' name; "v" accepted).
         base_model_legacy_hash: A1111's old 8-hex hash of the base file -> `ss_sd_model_hash` (see
             `base_model_hashes`).
+        bucket_counts: `{(width, height): images}` of the aspect-ratio buckets -> `ss_bucket_info` as sd-scripts
+            writes it (`{"buckets": {"0": {"resolution": [w, h], "count": n}, ...}}`); A1111's Lora tab shows the
+            training resolutions from it.
         output_name: `ss_output_name`, which A1111 shows as the LoRA's alias; defaults to `title`.
         max_train_steps: planned steps (`ss_max_train_steps`); defaults to `steps`.
         extra: further `ss_*` keys (e.g. {"ss_noise_offset": 0.05}), stringified.
@@ -359,6 +363,9 @@ def kohya_metadata(
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_sd_model_name": base_model_name,
     }
+    if bucket_counts:
+        buckets = {str(i): {"resolution": [w, h], "count": n} for i, ((w, h), n) in enumerate(bucket_counts.items())}
+        metadata["ss_bucket_info"] = json.dumps({"buckets": buckets})
     if network_args:
         metadata["ss_network_args"] = json.dumps({key: str(value) for key, value in network_args.items()})
     if base_model_hash is not None:
@@ -420,20 +427,24 @@ def sshs_hashes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     return model_hash, legacy_hash
 
 
+def legacy_model_hash(path: str | Path) -> str:
+    """A1111's old 8-hex model hash (`ss_sd_model_hash`): sha256 of the 64 KiB at offset 1 MiB of the file."""
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        return hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
+
+
 def base_model_hashes(path: str | Path) -> tuple[str, str]:
     """A1111's hashes of a base checkpoint file, for `ss_sd_model_hash` (legacy) and `ss_new_sd_model_hash`.
 
     Returns:
         `(legacy_hash, sha256)`: 8 hex of the sha256 of the 64 KiB at offset 1 MiB, and the file's full sha256.
     """
-    legacy, full = hashlib.sha256(), hashlib.sha256()
+    full = hashlib.sha256()
     with open(path, "rb") as file:
-        file.seek(0x100000)
-        legacy.update(file.read(0x10000))
-        file.seek(0)
         for chunk in iter(lambda: file.read(1 << 20), b""):
             full.update(chunk)
-    return legacy.hexdigest()[:8], full.hexdigest()
+    return legacy_model_hash(path), full.hexdigest()
 
 
 def save_kohya_lora(
@@ -489,6 +500,7 @@ __all__ = [
     "base_model_hashes",
     "kohya_alphas_from_lora_config",
     "kohya_metadata",
+    "legacy_model_hash",
     "lora_configs_from_diffusers_metadata",
     "peft_to_kohya",
     "save_kohya_lora",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,10 @@ class AdapterManifest:
     scores: dict[str, Any] | None  # toy-world scores of base and adapter, when measured
     export_check: dict[str, Any] | None  # the reload-and-compare result, None when the check was off
     recipe: dict[str, Any]  # the fully resolved recipe
+    # Where it came from, when not trained here: {"kind": "imported", "source", "hashes", "metadata", "check"} or
+    # {"kind": "merged", "parents", "weights", "merge_method"...}; trained runs get {"kind": "trained", "run_dir"}
+    # when registered. Optional, so manifests written before it existed still read.
+    origin: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +69,7 @@ def _check_keys(data, cls, where: str):
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: expected a JSON object")
     names = [f.name for f in fields(cls)]
-    missing = [n for n in names if n not in data]
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
     unknown = sorted(set(data) - set(names))
     if missing:
         raise ManifestError(f"{where}: missing key {missing[0]!r}")

@@ -158,16 +158,22 @@ def native_size(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
+def load_lora_file(pipe, path: str | Path, adapter_name: str):
+    """Loads one LoRA into `pipe` as `adapter_name`: a diffusers/PEFT or kohya/A1111 file (diffusers converts the
+    latter), or a run folder (its `pytorch_lora_weights.safetensors`)."""
+    path = Path(path)
+    if path.is_dir():
+        pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors", adapter_name=adapter_name)
+    else:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+
+
 def load_adapters(pipe, adapters: list[AdapterSpec]):
     """Loads LoRAs (diffusers/PEFT or kohya/A1111 files; diffusers converts the latter) and sets their weights."""
     names = []
     for i, adapter in enumerate(adapters):
-        path = Path(adapter.path)
         name = adapter.name or f"adapter{i}"
-        if path.is_dir():
-            pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors", adapter_name=name)
-        else:
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        load_lora_file(pipe, adapter.path, name)
         names.append(name)
     if names:
         pipe.set_adapters(names, [a.weight for a in adapters])

@@ -43,11 +43,12 @@ def sample_images(
     control_images: list[str] | None = None,
     control_guidance_start: float = 0.0,
     control_guidance_end: float = 1.0,
+    fuse: bool = False,
 ) -> list[Path]:
     """Renders every prompt once per seed into `out_dir` as PNGs with A1111 `parameters`; returns the files written.
 
     Args:
-        adapters: LoRA files or run folders, each optionally `PATH:WEIGHT`; stacked in order.
+        adapters: registry names, LoRA files or run folders, each optionally `NAME_OR_PATH:WEIGHT`; stacked in order.
         guidance: classifier-free guidance; None takes the base's recommended value (7.5 SD v1-5, 3 the toy base).
         grid: also write `grid.png`, a labelled contact sheet (returned last).
         device: cuda / cpu / mps; None picks cuda when present.
@@ -56,41 +57,38 @@ def sample_images(
             MultiControlNet. They combine with `adapters`.
         control_images: one conditioning image per ControlNet, in the same order.
         control_guidance_start, control_guidance_end: the share of the steps during which the ControlNets steer.
+        fuse: merge the adapters into the base weights first (faster steps, same images within 2/255).
     """
-    import torch
-
-    from sdtune.adapters import contact_sheet, sampling
-    from sdtune.adapters.base import BaseLoadError, load_pipeline, recommended_guidance, resolve_base
+    from sdtune.adapters import compose, contact_sheet, sampling
+    from sdtune.adapters.base import BaseLoadError, recommended_guidance, resolve_base
 
     if not prompts:
         raise StudioError("give at least one prompt")
-    seeds = list(seeds or [0])
     try:
-        specs = [sampling.AdapterSpec.parse(a) for a in adapters or []]
         controls = [sampling.ControlSpec.parse(c) for c in controlnets or []]
     except FileNotFoundError as exc:
         raise StudioError(str(exc)) from None
     control_images = list(control_images or [])
     _check_controls(controls, control_images, control_guidance_start, control_guidance_end)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("fp16" if device == "cuda" else "fp32")
-    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in torch_dtypes:
+    if dtype is not None and dtype not in DTYPE_NAMES:
         raise StudioError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    seeds = list(seeds or [0])
+    spec = compose.PipelineSpec(
+        base=base,
+        adapters=[compose.AdapterUse.parse(a) for a in adapters or []],
+        device=device,
+        dtype=dtype,
+        fuse=fuse,
+        controlnets=controls,
+    )
     try:
+        composer = compose.build(spec)
+        base = compose.resolve_base_ref(base)
         source = resolve_base(base)
         guidance = guidance if guidance is not None else recommended_guidance(base)
-        pipe = load_pipeline(base, torch_dtype=torch_dtypes[dtype]).to(device)
-    except BaseLoadError as exc:
+    except (BaseLoadError, FileNotFoundError, ValueError) as exc:  # ValueError: ComposeError, a bad ControlNet
         raise StudioError(str(exc)) from None
-    pipe.set_progress_bar_config(disable=True)
-    sampling.load_adapters(pipe, specs)
-    if controls:
-        try:
-            pipe = sampling.load_controlnets(pipe, controls)
-        except (FileNotFoundError, ValueError) as exc:
-            raise StudioError(str(exc)) from None
-    lora = ", ".join(f"{Path(a.path).name}:{a.weight:g}" for a in specs)
+    lora = composer.lora_label()
     settings = sampling.grid_settings(
         prompts,
         seeds,
@@ -106,7 +104,7 @@ def sample_images(
         control_guidance_end=control_guidance_end,
     )
     samples = sampling.generate(
-        pipe, settings, model_name=source.name, extra_parameters={"Lora": lora} if lora else None
+        composer.pipe, settings, model_name=source.name, extra_parameters={"Lora": lora} if lora else None
     )
     out_dir = Path(out_dir)
     written = []
@@ -189,3 +187,125 @@ def read_run(run_dir: str | Path) -> dict:
         return read_manifest(run_dir).to_dict()
     except ManifestError as exc:
         raise StudioError(str(exc)) from None
+
+
+# -- the adapter registry ---------------------------------------------------------------------------------------------
+
+
+def _registry():
+    from sdtune.adapters.registry import Registry
+
+    return Registry()
+
+
+def _studio_errors():
+    """The registry's, importer's and merger's one-line errors, as `StudioError`."""
+    from sdtune.adapters.compose import ComposeError
+    from sdtune.adapters.export_check import ExportCheckError
+    from sdtune.adapters.importer import ImportRefused
+    from sdtune.adapters.merge import MergeError
+    from sdtune.adapters.registry import RegistryError
+
+    return (RegistryError, ImportRefused, MergeError, ComposeError, ExportCheckError, FileNotFoundError)
+
+
+def _call(function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    except _studio_errors() as exc:
+        raise StudioError(str(exc)) from None
+
+
+def list_adapters(
+    *, base: str | None = None, method: str | None = None, tag: str | None = None, trigger: str | None = None
+) -> list[dict]:
+    """Registered adapters (newest first) as dicts: name, method, base, trigger_words, tags, origin, folder..."""
+    return [e.to_dict() for e in _registry().list(base=base, method=method, tag=tag, trigger=trigger)]
+
+
+def show_adapter(name: str) -> dict:
+    """One adapter: its index entry and its whole manifest."""
+    registry = _registry()
+    entry = _call(registry.get, name)
+    return {**entry.to_dict(), "manifest": registry.manifest(name).to_dict()}
+
+
+def import_adapter(
+    path: str | Path,
+    *,
+    base: str = "toy",
+    name: str | None = None,
+    allow_pickle: bool = False,
+    tags: list[str] | None = None,
+    dry_run: bool = False,
+) -> dict:
+    """Detects, validates against `base` and registers a LoRA / ControlNet / full model; returns the check report
+    (and the entry unless `dry_run`)."""
+    from sdtune.adapters import importer
+
+    if dry_run:
+        return {"report": _call(importer.inspect, path, base=base, allow_pickle=allow_pickle).to_dict()}
+    entry, report = _call(
+        importer.import_adapter, path, base=base, name=name, allow_pickle=allow_pickle, tags=tags or [],
+        registry=_registry(),
+    )  # fmt: skip
+    return {"entry": entry.to_dict(), "report": report.to_dict()}
+
+
+def export_adapter(name: str, dest: str | Path, fmt: str | None = None) -> list[Path]:
+    """Copies one format's file (`peft`, `kohya`...) or the whole adapter folder out of the registry."""
+    return _call(_registry().export, name, dest, fmt)
+
+
+def remove_adapter(name: str) -> None:
+    _call(_registry().remove, name)
+
+
+def tag_adapter(name: str, add: list[str] | None = None, remove: list[str] | None = None) -> list[str]:
+    return _call(_registry().tag, name, add or [], remove or [])
+
+
+def check_registry(repair: bool = False) -> dict:
+    """Compares the index with the adapter folders; `repair` makes them agree. Returns the findings."""
+    report = _registry().check(repair=repair)
+    return {**report.__dict__, "ok": report.ok, "summary": report.summary()}
+
+
+def merge_adapters(
+    name: str,
+    parents: list[str],
+    weights: list[float] | None = None,
+    *,
+    method: str = "svd",
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    base: str = "toy",
+    prompt: str = "a photo",
+) -> dict:
+    """Merges registered LoRAs (or files) into a new registered LoRA (linear, concat or svd); returns its entry."""
+    from sdtune.adapters import merge
+
+    weights = weights or [1.0] * len(parents)
+    entry = _call(
+        merge.merge_into_registry, name, parents, weights, method, base=base, rank=rank, conv_rank=conv_rank,
+        prompt=prompt, registry=_registry(),
+    )  # fmt: skip
+    return entry.to_dict()
+
+
+def resize_adapter(name: str, parent: str, max_rank: int, **options) -> dict:
+    """Resizes a LoRA's rank into a new registered LoRA; `options` as `adapters.merge.resize_into_registry`
+    (`dynamic`: sv_ratio / sv_fro / sv_cumulative with `param`, `base`, `prompt`)."""
+    from sdtune.adapters import merge
+
+    return _call(merge.resize_into_registry, name, parent, max_rank, registry=_registry(), **options).to_dict()
+
+
+def bake_model(
+    out_folder: str | Path, *, base: str = "toy", adapters: list[str], single_file: str | Path | None = None
+) -> list[Path]:
+    """Base + adapters (`NAME_OR_PATH[:WEIGHT]`) -> a diffusers folder (+ a single-file checkpoint)."""
+    from sdtune.adapters import compose, merge
+
+    uses = [compose.AdapterUse.parse(a) for a in adapters]
+    return _call(merge.bake, base, uses, out_folder, single_file)

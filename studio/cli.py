@@ -10,6 +10,11 @@ Usage:
     sdtune jobs submit recipes/quickstart.yaml [train.lr=1e-4 ...]    # queue a training run
     sdtune worker                                                      # run queued jobs (a separate process)
     sdtune jobs list | show ID | cancel ID | resume ID | retry ID | sample ID | save ID
+    sdtune adapters list [--base toy] [--method lora] [--tag T] [--trigger purple]
+    sdtune adapters show NAME | import PATH [--base B] [--name N] | export NAME DEST [--format kohya|peft]
+    sdtune adapters rm NAME | tag NAME TAG... [--remove TAG] | check [--repair]
+    sdtune adapters merge NEW A B --weights 1 1 --method svd --rank 8 | resize NEW A --rank 4 [--dynamic sv_ratio 4]
+    sdtune bake OUT_FOLDER --adapter NAME:WEIGHT [--single-file model.safetensors]
 
 Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README). Every command calls
 `sdtune.studio.api`, the same functions the Streamlit studio uses; this module only parses arguments and prints.
@@ -37,8 +42,8 @@ def _sample_parser(sub):
         "--adapter",
         action="append",
         default=[],
-        metavar="PATH[:WEIGHT]",
-        help="LoRA file or run folder, optionally with a weight; repeatable to stack adapters.",
+        metavar="NAME_OR_PATH[:WEIGHT]",
+        help="Registered adapter name, LoRA file or run folder, optionally with a weight; repeatable to stack.",
     )
     p.add_argument(
         "--controlnet",
@@ -52,6 +57,7 @@ def _sample_parser(sub):
     )
     p.add_argument("--control-guidance-start", type=float, default=0.0, help="Share of steps before control starts.")
     p.add_argument("--control-guidance-end", type=float, default=1.0, help="Share of steps after which it stops.")
+    p.add_argument("--fuse", action="store_true", help="Merge the adapters into the base weights (faster steps).")
     p.add_argument("--prompt", action="append", default=[], help="Prompt; repeatable.")
     p.add_argument("--prompts-file", type=Path, help="Text file with one prompt per line.")
     p.add_argument("--negative-prompt", default="")
@@ -107,6 +113,7 @@ def run_sample(args) -> int:
             control_images=args.control_image,
             control_guidance_start=args.control_guidance_start,
             control_guidance_end=args.control_guidance_end,
+            fuse=args.fuse,
         )
     except api.StudioError as exc:
         raise SystemExit(f"sdtune sample: {exc}") from None
@@ -235,11 +242,155 @@ def _worker_parser(sub):
     p.set_defaults(run=worker.run_worker)
 
 
+def _adapters_parser(sub):
+    p = sub.add_parser("adapters", help="The local adapter registry ($SDTUNE_HOME, default ~/.sdtune).")
+    cmds = p.add_subparsers(
+        dest="adapters_command", required=True, metavar="{list,show,import,export,rm,tag,check,merge,resize}"
+    )
+    c = cmds.add_parser("list", help="Registered adapters, newest first.")
+    c.add_argument("--base", help="Only adapters of this base (name, path or hash prefix).")
+    c.add_argument("--method", help="lora, dreambooth or controlnet.")
+    c.add_argument("--tag")
+    c.add_argument("--trigger", help="Only adapters with this trigger word.")
+    c.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    c.set_defaults(run=run_adapters_list)
+    c = cmds.add_parser("show", help="An adapter's entry and manifest (JSON).")
+    c.add_argument("name")
+    c.set_defaults(run=lambda a: _print_json(api.show_adapter(a.name)))
+    c = cmds.add_parser("import", help="Check a LoRA / ControlNet / full model against a base and register it.")
+    c.add_argument("path", type=Path)
+    c.add_argument("--base", default="toy", help="The base to validate against (default: toy).")
+    c.add_argument("--name", help="Registry name (default: from the file name).")
+    c.add_argument("--tag", action="append", default=[])
+    c.add_argument(
+        "--allow-pickle", action="store_true", help="Read a .ckpt/.pt/.bin (runs code: trusted files only)."
+    )
+    c.add_argument("--dry-run", action="store_true", help="Only report the checks.")
+    c.set_defaults(run=run_adapters_import)
+    c = cmds.add_parser("export", help="Copy an adapter's file (or whole folder) out of the registry.")
+    c.add_argument("name")
+    c.add_argument("dest", type=Path)
+    c.add_argument("--format", dest="fmt", help="peft, kohya, controlnet, diffusers, single_file (default: all).")
+    c.set_defaults(run=lambda a: _print_lines(api.export_adapter(a.name, a.dest, a.fmt)))
+    c = cmds.add_parser("rm", help="Remove an adapter from the registry (its folder too).")
+    c.add_argument("name")
+    c.set_defaults(run=lambda a: api.remove_adapter(a.name) or print(f"removed {a.name}"))
+    c = cmds.add_parser("tag", help="Add tags (and --remove others); prints the adapter's tags.")
+    c.add_argument("name")
+    c.add_argument("tags", nargs="*", metavar="TAG", help="Tags to add.")
+    c.add_argument("--remove", action="append", default=[], metavar="TAG", help="A tag to remove; repeatable.")
+    c.set_defaults(run=run_adapters_tag)
+    c = cmds.add_parser("check", help="Compare the index with the folders; --repair makes them agree.")
+    c.add_argument("--repair", action="store_true")
+    c.set_defaults(run=run_adapters_check)
+    c = cmds.add_parser("merge", help="Merge LoRAs into a new registered LoRA (linear, concat or svd).")
+    c.add_argument("name", help="Name of the new adapter.")
+    c.add_argument("parents", nargs="+")
+    c.add_argument("--weights", nargs="+", type=float, help="One per parent (default: 1 each).")
+    c.add_argument("--method", choices=["linear", "concat", "svd"], default="svd")
+    c.add_argument("--rank", type=int, help="svd: target rank.")
+    c.add_argument("--conv-rank", type=int, help="svd: target rank of 3x3 convs (default: --rank).")
+    c.add_argument("--base", default="toy")
+    c.add_argument("--prompt", default="a photo", help="Prompt of the export check's image.")
+    c.set_defaults(run=run_adapters_merge)
+    c = cmds.add_parser("resize", help="Resize a LoRA's rank into a new registered LoRA (sd-scripts resize_lora).")
+    c.add_argument("name")
+    c.add_argument("parent")
+    c.add_argument("--rank", type=int, required=True, help="The (maximum) new rank.")
+    c.add_argument("--dynamic", nargs=2, metavar=("METHOD", "PARAM"), help="sv_ratio R | sv_fro F | sv_cumulative F")
+    c.add_argument("--base", default="toy")
+    c.add_argument("--prompt", default="a photo")
+    c.set_defaults(run=run_adapters_resize)
+
+
+def _print_json(data) -> int:
+    import json
+
+    print(json.dumps(data, indent=2, default=str))
+    return 0
+
+
+def _print_lines(paths) -> int:
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def run_adapters_list(args) -> int:
+    rows = api.list_adapters(base=args.base, method=args.method, tag=args.tag, trigger=args.trigger)
+    if args.json:
+        return _print_json(rows)
+    for row in rows:
+        extras = ", ".join(filter(None, [",".join(row["trigger_words"]), " ".join(f"#{t}" for t in row["tags"])]))
+        print(f"{row['name']:<28} {row['method']:<11} {row['origin']:<9} {row['base']:<24} {extras}")
+    if not rows:
+        print("no adapters (train one, or: sdtune adapters import FILE)")
+    return 0
+
+
+def run_adapters_import(args) -> int:
+    result = api.import_adapter(
+        args.path, base=args.base, name=args.name, allow_pickle=args.allow_pickle, tags=args.tag, dry_run=args.dry_run
+    )
+    report = result["report"]
+    print(
+        f"{report['format']} ({report['detail']}): {report['matched']}/{report['modules']} modules match {args.base}"
+    )
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}")
+    if "entry" in result:
+        print(f"registered as {result['entry']['name']} ({result['entry']['folder']})")
+    return 0
+
+
+def run_adapters_tag(args) -> int:
+    print(" ".join(api.tag_adapter(args.name, args.tags, args.remove)))
+    return 0
+
+
+def run_adapters_check(args) -> int:
+    report = api.check_registry(repair=args.repair)
+    print(report["summary"])
+    return 0 if report["ok"] or report["repaired"] else 1
+
+
+def run_adapters_merge(args) -> int:
+    entry = api.merge_adapters(
+        args.name, args.parents, args.weights, method=args.method, rank=args.rank, conv_rank=args.conv_rank,
+        base=args.base, prompt=args.prompt,
+    )  # fmt: skip
+    print(f"registered {entry['name']} ({entry['folder']})")
+    return 0
+
+
+def run_adapters_resize(args) -> int:
+    method, param = (args.dynamic[0], float(args.dynamic[1])) if args.dynamic else (None, None)
+    entry = api.resize_adapter(
+        args.name, args.parent, args.rank, dynamic=method, param=param, base=args.base, prompt=args.prompt
+    )
+    print(f"registered {entry['name']} ({entry['folder']})")
+    return 0
+
+
+def _bake_parser(sub):
+    p = sub.add_parser("bake", help="Base + adapters -> a full model: diffusers folder (+ single file).")
+    p.add_argument("out", type=Path, help="New diffusers folder.")
+    p.add_argument("--base", default="toy")
+    p.add_argument("--adapter", action="append", default=[], required=True, metavar="NAME_OR_PATH[:WEIGHT]")
+    p.add_argument("--single-file", type=Path, help="Also write this single-file .safetensors checkpoint.")
+    p.set_defaults(
+        run=lambda a: _print_lines(api.bake_model(a.out, base=a.base, adapters=a.adapter, single_file=a.single_file))
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.split("\n")[0], epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,annotate,convert,doctor,jobs,worker}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{sample,annotate,adapters,bake,convert,doctor,jobs,worker}"
+    )
     _sample_parser(sub)
     _annotate_parser(sub)
+    _adapters_parser(sub)
+    _bake_parser(sub)
     _convert_parser(sub)
     _doctor_parser(sub)
     _jobs_parser(sub)
@@ -251,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("jobs", "worker"):  # these load no model: skip importing diffusers/transformers
         quiet_libraries()
-    return args.run(args)
+    try:
+        return args.run(args) or 0
+    except api.StudioError as exc:
+        raise SystemExit(f"sdtune {args.command}: {exc}") from None
 
 
 if __name__ == "__main__":

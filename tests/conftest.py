@@ -1,8 +1,11 @@
-"""Shared fixtures: the bundled toy base, an isolated sdtune cache, and no network."""
+"""Shared fixtures: the bundled toy base, an isolated sdtune cache and registry, and no network."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own latent/hash cache instead of ~/.cache/sdtune."""
     monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "sdtune-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_registry(tmp_path_factory):
+    """Trainers register their runs: into the session's own registry, never the user's ~/.sdtune. Session-scoped
+    so it is in place before any session fixture (a training run) starts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDTUNE_HOME", str(tmp_path_factory.getbasetemp() / "sdtune-home"))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +47,68 @@ def toy_pipe(toy_base):
     pipe = load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+# -- training runs shared by test files (each trained once per session) -------------------------------------------
+
+
+def trainer_env(cache: Path) -> dict:
+    return {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+
+
+def run_trainer(args: list[str], cache: Path, launcher: str = "python", timeout: int = 900):
+    if launcher == "accelerate":
+        cmd = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "trainers/lora.py",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, "trainers/lora.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=trainer_env(cache), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The README's quickstart (purple, a colour the toy base never saw), through `accelerate launch`, into a
+    temporary run folder. tests/test_lora.py checks the run; tests/test_compose.py stacks it with `cyan_run`."""
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    proc = run_trainer([str(QUICKSTART), f"output.dir={out}"], tmp_path_factory.mktemp("cache"), "accelerate")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def cyan_run(tmp_path_factory):
+    """A second LoRA on the quickstart recipe teaching another colour the toy base never saw: cyan."""
+    from sdtune.adapters import toyworld
+
+    root = tmp_path_factory.mktemp("cyan")
+    toyworld.write_dataset(root / "data", 16, seed=2, colors=["cyan"], shapes=list(toyworld.BASE_SHAPES))
+    args = [
+        str(QUICKSTART),
+        f"output.dir={root / 'run'}",
+        f"data.train_data_dir={root / 'data'}",
+        "data.trigger_word=cyan",
+        "output.name=toy-cyan",
+        "train.checkpointing_steps=1000",
+        "validation.validation_steps=0",
+        "validation.prompts=[a cyan circle]",
+        "validation.toy_score=[]",
+    ]
+    proc = run_trainer(args, root / "cache")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return root / "run"

@@ -632,7 +632,7 @@ METADATA_GOLDEN = [
     ("ss_training_finished_at", "1700003600.75"),
     ("ss_dataset_dirs", '{"10_sks dog": {"n_repeats": 10, "img_count": 15}}'),
     ("ss_tag_frequency", '{"10_sks dog": {"sks dog": 15, "grass": 3}}'),
-    ("modelspec.sai_model_spec", "1.0.0"),
+    ("modelspec.sai_model_spec", "1.0.1"),
     ("modelspec.architecture", "stable-diffusion-v1/lora"),
     ("modelspec.implementation", "diffusers"),
     ("modelspec.title", "sks-dog"),
@@ -661,6 +661,14 @@ def test_metadata_is_all_strings_and_optional_keys():
     assert json.loads(locon["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "8"}
     assert (locon["ss_base_model_version"], locon["modelspec.prediction_type"]) == ("sd_v1_v", "v")
     assert (locon["ss_clip_skip"], locon["modelspec.encoder_layer"], locon["ss_noise_offset"]) == ("2", "2", "0.05")
+
+
+def test_bucket_info_is_what_a1111_reads_resolutions_from():
+    metadata = sample_metadata(bucket_counts={(512, 512): 10, (448, 576): 5}, base_model_legacy_hash="1a2b3c4d")
+    info = json.loads(metadata["ss_bucket_info"])
+    # A1111 (ui_edit_user_metadata.py) sums bucket["count"] per f"{resolution[1]}x{resolution[0]}"
+    shown = {f"{b['resolution'][1]}x{b['resolution'][0]}": b["count"] for b in info["buckets"].values()}
+    assert shown == {"512x512": 10, "576x448": 5} and metadata["ss_sd_model_hash"] == "1a2b3c4d"
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ preset/optimizer path trains and exports, and bad input ends in one clear line.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QUICKSTART, ROOT, run_trainer, trainer_env
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -26,45 +26,10 @@ from safetensors.torch import load_file
 from sdtune.adapters import scoring
 from sdtune.adapters.base import load_pipeline
 from sdtune.adapters.manifest import read_manifest
+from sdtune.adapters.registry import Registry
 from sdtune.adapters.sampling import AdapterSpec, SampleSettings, generate, load_adapters
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 PURPLE = [scoring.Target(f"a purple {s}", "purple", s) for s in ("circle", "square", "triangle")]
-
-
-def trainer_env(cache: Path) -> dict:
-    return {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-
-
-def run_trainer(args: list[str], cache: Path, launcher: str = "python", timeout: int = 900):
-    if launcher == "accelerate":
-        cmd = [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "trainers/lora.py",
-            *args,
-        ]
-    else:
-        cmd = [sys.executable, "trainers/lora.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=trainer_env(cache), capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory):
-    """The README's quickstart, through `accelerate launch`, into a temporary run folder."""
-    out = tmp_path_factory.mktemp("quickstart") / "run"
-    proc = run_trainer([str(QUICKSTART), f"output.dir={out}"], tmp_path_factory.mktemp("cache"), "accelerate")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out, proc.stdout + proc.stderr
 
 
 def fresh_toy_pipe():
@@ -151,6 +116,15 @@ def test_kohya_file_keys_alpha_and_metadata(quickstart_run):
     tags = json.loads(meta["ss_tag_frequency"])
     assert list(tags.values()) == [{"a purple circle": 4, "a purple square": 4, "a purple triangle": 8}], tags
     assert meta["modelspec.trigger_phrase"] == "purple" and meta["sshs_model_hash"]
+    # the base by name (a published file must not leak a local path), its hashes, the buckets, the current spec
+    assert meta["ss_sd_model_name"] == "sdtune-toy-base" and "/" not in meta["ss_sd_model_name"]
+    manifest = json.loads((out / "adapter.json").read_text())
+    assert (
+        meta["ss_new_sd_model_hash"] == manifest["base"]["hash"]
+        and meta["ss_sd_model_hash"] == meta["ss_new_sd_model_hash"][:8]
+    )
+    assert json.loads(meta["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [64, 64], "count": 16}}}
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
 
 
 def test_peft_file_carries_adapter_metadata(quickstart_run):
@@ -315,7 +289,7 @@ FEATURES = {
         ],
     ),
     "dora": (
-        ["method.use_dora=true"],
+        ["method.use_dora=true", "output.register=false"],
         ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"],
         None,  # DoRA has no faithful kohya form: no kohya file
     ),
@@ -328,6 +302,10 @@ FEATURES = {
         ["lora_te_text_model_encoder_layers_1_self_attn_out_proj.alpha"],
     ),
 }
+
+
+def run_dir_of(entry) -> Path:
+    return Path(read_manifest(entry.folder).origin["run_dir"])
 
 
 @pytest.mark.parametrize("name", list(FEATURES))
@@ -356,6 +334,15 @@ def test_feature_paths_train_and_export(name, tmp_path):
     assert set(peft_keys) <= keys, sorted(keys)[:20]
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["export_check"]["ok"] is True
+    # registered at the end of the run (under a free name), unless output.register=false
+    registered = [e for e in Registry().list() if e.origin == "trained" and run_dir_of(e) == out.resolve()]
+    if "output.register=false" in overrides:
+        assert registered == [] and "registered as" not in log
+    else:
+        [entry] = registered
+        assert f"registered as {entry.name!r}" in log and entry.name.startswith("toy-purple")
+        assert sorted(read_manifest(entry.folder).files) == sorted(manifest["files"])
+        assert all((entry.folder / f).is_file() for f in manifest["files"].values())
     kohya_path = out / "toy-purple.safetensors"
     if kohya_keys is None:
         assert not kohya_path.exists() and "no kohya file" in manifest["export_check"]["skipped"]

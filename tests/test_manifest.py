@@ -31,7 +31,7 @@ def test_write_then_read_gives_the_same_manifest_in_key_order(tmp_path):
     assert path == tmp_path / "adapter.json"
     assert list(json.loads(path.read_text())) == [
         "name", "method", "created_at", "base", "trigger_words", "dataset",
-        "training", "files", "samples", "scores", "export_check", "recipe",
+        "training", "files", "samples", "scores", "export_check", "recipe", "origin",
     ]  # fmt: skip
     assert read_manifest(tmp_path) == _manifest() == read_manifest(path)
     assert read_manifest(tmp_path).base.hash == "ab" * 32
@@ -60,3 +60,13 @@ def test_missing_or_broken_file(tmp_path):
     (tmp_path / "adapter.json").write_text("{")
     with pytest.raises(ManifestError, match="not valid JSON"):
         read_manifest(tmp_path)
+
+
+def test_origin_is_optional_so_older_manifests_still_read(tmp_path):
+    data = _manifest().to_dict()
+    data.pop("origin")
+    (tmp_path / "adapter.json").write_text(json.dumps(data))
+    assert read_manifest(tmp_path).origin is None
+    imported = AdapterManifest(**{**_manifest().__dict__, "origin": {"kind": "imported", "source": "x.safetensors"}})
+    write_manifest(tmp_path, imported)
+    assert read_manifest(tmp_path).origin == {"kind": "imported", "source": "x.safetensors"}

@@ -248,9 +248,12 @@ def kohya_metadata(recipe: Recipe, scan, base, step: int, started_at: float) -> 
 
     method, train = recipe.method, recipe.train
     res = recipe.data.resolution
+    base_model_name, new_hash, legacy_hash = base_metadata(recipe, base)
     return build(
-        base_model_name=Path(base.location).name if base.kind == "single_file" else base.location,
-        base_model_hash=base_hash(recipe.base) if base.kind == "single_file" else None,
+        base_model_name=base_model_name,
+        base_model_hash=new_hash,
+        base_model_legacy_hash=legacy_hash,
+        bucket_counts=scan.bucket_counts(),
         trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
         resolution=(res, res),
         steps=step,
@@ -285,6 +288,23 @@ def kohya_metadata(recipe: Recipe, scan, base, step: int, started_at: float) -> 
         training_started_at=started_at,
         training_finished_at=time.time(),
     )
+
+
+def base_metadata(recipe: Recipe, base) -> tuple[str, str | None, str | None]:
+    """`ss_sd_model_name`, `ss_new_sd_model_hash`, `ss_sd_model_hash` of the base, never a local path.
+
+    A single file gets A1111's own hashes (sha256 of the file, and the old 8-hex hash); a diffusers folder (and the
+    toy base) gets sdtune's sha256 over its weight files, and its first 8 hex as the short form; a hub id is its
+    name, and its hashes are unknown without the files.
+    """
+    from sdtune.adapters.kohya import legacy_model_hash
+
+    if base.kind == "hub":
+        return base.location, None, None
+    digest = base_hash(recipe.base)
+    if base.kind == "single_file":
+        return Path(base.location).name, digest, legacy_model_hash(base.location)
+    return base.name, digest, digest[:8]
 
 
 def recipe_prediction_type(recipe: Recipe) -> str:

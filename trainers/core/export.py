@@ -1,5 +1,8 @@
 """Writing a trained LoRA in both ecosystem formats, proving both load, and recording what was made.
 
+The check itself (reload, render, compare, key coverage) is inference-side and lives in
+`sdtune.adapters.export_check`, where merges and resizes use it too; this module gives it the trained reference.
+
 Every save writes:
     pytorch_lora_weights.safetensors   diffusers/PEFT format, with the LoRA adapter metadata (true lora_alpha)
     <name>.safetensors                 kohya/A1111 format: lora_unet_* / lora_te_* keys, true .alpha, ss_* metadata
@@ -15,46 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from sdtune.adapters import a1111_keys, contact_sheet, kohya, sampling
+from sdtune.adapters import kohya
+from sdtune.adapters.export_check import PIXEL_TOLERANCE, ExportCheck, ExportChecker, ExportCheckError
 from sdtune.adapters.manifest import AdapterManifest, BaseRef, write_manifest
-from sdtune.adapters.single_file import text_encoder_to_original, unet_to_original
 from sdtune.trainers.core.lora_layers import lora_state_dicts, save_peft_lora
 
-PIXEL_TOLERANCE = 2  # out of 255
-
-
-class ExportCheckError(RuntimeError):
-    """An exported file does not reproduce the trained adapter; the message says which and by how much."""
-
-
-@dataclass
-class ExportCheck:
-    max_pixel_diff: dict[str, int] = field(default_factory=dict)  # pair of formats -> max |difference| in 0..255
-    unmatched_a1111: list[str] = field(default_factory=list)
-    unmatched_comfyui: list[str] = field(default_factory=list)
-    images: dict[str, str] = field(default_factory=dict)
-    skipped: str | None = None  # why a format was not written (DoRA has no kohya form)
-
-    @property
-    def ok(self) -> bool:
-        return (
-            all(d <= PIXEL_TOLERANCE for d in self.max_pixel_diff.values())
-            and not self.unmatched_a1111
-            and not self.unmatched_comfyui
-        )
-
-    def summary(self) -> str:
-        diffs = ", ".join(f"{pair} {d}/255" for pair, d in self.max_pixel_diff.items())
-        keys = f"A1111 unmatched {len(self.unmatched_a1111)}, ComfyUI unmatched {len(self.unmatched_comfyui)}"
-        return f"export check {'passed' if self.ok else 'FAILED'}: {diffs}; {keys}" + (
-            f"; {self.skipped}" if self.skipped else ""
-        )
+__all__ = ["PIXEL_TOLERANCE", "ExportCheck", "ExportCheckError", "ExportChecker", "manifest", "save_lora_files"]
 
 
 def kohya_alpha(config) -> float:
@@ -92,76 +66,6 @@ def rounded_to(params, dtype: torch.dtype):
     finally:
         for p, data in zip(params, kept):
             p.data = data
-
-
-def _pixels(sample) -> np.ndarray:
-    return np.asarray(sample.image.convert("RGB"), dtype=np.int16)
-
-
-class ExportChecker:
-    """Holds a clean copy of the base (loaded once, parked on the CPU between checks) and checks exports."""
-
-    def __init__(self, load_base, device, settings: sampling.SampleSettings, autocast):
-        self._load_base, self.device, self.settings, self.autocast = load_base, device, settings, autocast
-        self._pipe = None
-
-    def _base(self):
-        if self._pipe is None:
-            self._pipe = self._load_base()
-            self._pipe.set_progress_bar_config(disable=True)
-            # Module names of the pristine base, before peft wraps any layer in a `base_layer`.
-            unet_keys, te_keys = self._pipe.unet.state_dict(), self._pipe.text_encoder.state_dict()
-            original = list(unet_to_original(unet_keys, self._pipe.unet.config))
-            original += list(text_encoder_to_original(te_keys))
-            self._compvis = a1111_keys.compvis_modules_from_checkpoint_keys(original)
-            self._comfy_map = a1111_keys.comfyui_lora_key_map(unet_keys.keys(), te_keys.keys())
-            self._layers_per_block = self._pipe.unet.config.layers_per_block
-        return self._pipe
-
-    def _render_file(self, pipe, path: Path) -> sampling.Sample:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="export_check")
-        try:
-            with torch.no_grad(), self.autocast():
-                return sampling.generate(pipe, [self.settings])[0]
-        finally:
-            pipe.delete_adapters("export_check")
-
-    def _unmatched(self, kohya_path: Path) -> tuple[list[str], list[str]]:
-        from safetensors.torch import load_file
-
-        kohya_sd = load_file(str(kohya_path))
-        a1111 = a1111_keys.unmatched_kohya_keys(kohya_sd, self._compvis, self._layers_per_block)
-        return a1111, a1111_keys.comfyui_unmatched_kohya_keys(kohya_sd, self._comfy_map)
-
-    def check(self, files: dict, trained: sampling.Sample, out_dir: Path) -> ExportCheck:
-        """Renders `self.settings` from each file and compares with `trained` (the in-training adapter's image)."""
-        pipe = self._base().to(self.device)
-        result = ExportCheck()
-        try:
-            images = {"trained": trained}
-            for fmt, path in files.items():
-                images[fmt] = self._render_file(pipe, Path(path))
-            if "kohya" in files:
-                result.unmatched_a1111, result.unmatched_comfyui = self._unmatched(Path(files["kohya"]))
-            else:
-                result.skipped = "no kohya file (output.export_kohya off, or DoRA, which has no faithful A1111 form)"
-        finally:
-            self._pipe = pipe.to("cpu")
-        for fmt in files:
-            result.max_pixel_diff[f"trained-vs-{fmt}"] = int(np.abs(_pixels(images[fmt]) - _pixels(trained)).max())
-        if "kohya" in files:
-            result.max_pixel_diff["peft-vs-kohya"] = int(
-                np.abs(_pixels(images["peft"]) - _pixels(images["kohya"])).max()
-            )
-        strip = contact_sheet.make_grid(
-            [[s.image for s in images.values()]],
-            [self.settings.prompt],
-            list(images),
-            "export check: same prompt and seed, each file reloaded through diffusers",
-        )
-        contact_sheet.save_grid(strip, out_dir / "export_check.png")
-        result.images = {"strip": "export_check.png"}
-        return result
 
 
 def manifest(
@@ -253,4 +157,16 @@ def finish_run(
     manifest_file = write_manifest(out_dir, info)
     written = [out_dir / name for name in [*info.files.values(), *info.samples.values()]]
     log(f"done: {', '.join(str(p) for p in [*written, manifest_file])}")
+    if recipe.output.register:
+        register_run(out_dir, log)
     return manifest_file
+
+
+def register_run(out_dir: Path, log=print):
+    """Adds a finished run to the registry (`output.register: false` skips it), as `name`, or `name-2`... when a
+    run of that name is already there."""
+    from sdtune.adapters.registry import Registry
+
+    registry = Registry()
+    entry = registry.register_run(out_dir)
+    log(f"registered as {entry.name!r} in {registry.home} (sdtune adapters show {entry.name})")

@@ -15,6 +15,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -284,6 +285,11 @@ class ValidationConfig(_Section):
 # -- output ---------------------------------------------------------------------------------------------------------
 
 
+# `register` is the natural key name, and it shadows only ABCMeta.register (unused on recipe sections): pydantic's
+# notice about it says nothing to a user, so it is silenced for this one class.
+warnings.filterwarnings("ignore", message='Field name "register" in "OutputConfig" shadows', category=UserWarning)
+
+
 class OutputConfig(_Section):
     """Where the run writes, and what."""
 
@@ -295,6 +301,9 @@ class OutputConfig(_Section):
     save_precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="dtype of the saved adapter files.")
     export_kohya: bool = Field(True, description="Also write <name>.safetensors in kohya/A1111 format.")
     export_check: bool = Field(True, description="After each save, reload every format and compare images.")
+    register: bool = Field(
+        True, description="At the end, add the adapter to the registry ($SDTUNE_HOME, `sdtune adapters list`)."
+    )
 
 
 # -- recipe ---------------------------------------------------------------------------------------------------------

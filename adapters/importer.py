@@ -1,0 +1,386 @@
+"""Importing an adapter from elsewhere: detect its format, validate it against a base, register it with provenance.
+
+Formats, detected from the tensor names (never from the file name):
+    diffusers/PEFT LoRA   `unet.<module>.lora_A.weight` (+ `text_encoder.`), LoraConfig in the header
+    kohya/A1111 LoRA      `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, `lora_te_text_model_...`
+                          (and `lora_te1_`, as diffusers' converter writes SD v1); LoCon conv layers included
+    LyCORIS LoHa / LoKr   `hada_w1_a...` / `lokr_w1...`: diffusers and peft load these for Flux2/Z-Image only, so an
+                          SD v1 file is refused as unsupported, with what to do instead
+    ControlNet            a diffusers folder (config.json of a ControlNetModel) or a single file (`input_hint_block`,
+                          `controlnet_cond_embedding`)
+    DreamBooth full model a diffusers folder (model_index.json) or a single-file SD v1 checkpoint
+
+A LoRA is checked against the chosen base (`toy`, a folder, a single file, a hub id): every module must name a layer
+of the base and fit its shape; unmatched modules are listed per block. The base the file says it was trained on
+(`ss_sd_model_name`, `ss_new_sd_model_hash`, `modelspec.architecture`) is read and compared. Pickle files (.ckpt,
+.pt, .bin) are refused unless `allow_pickle` (they run code when loaded); then only tensors are read
+(`weights_only`) and stored as safetensors. The registered copy keeps both LoRA formats, and its manifest records
+the origin, the hashes (sha256 of the file, and `sshs_model_hash`, the sha256 of the tensor bytes that A1111 and
+sd-scripts index LoRAs by) and the file's own metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sdtune.adapters.base import PICKLE_SUFFIXES, base_hash, resolve_base
+from sdtune.adapters.manifest import AdapterManifest, BaseRef
+from sdtune.adapters.registry import Entry, Registry, check_name, copy_into
+
+CLAIM_KEYS = (
+    "ss_sd_model_name",
+    "ss_base_model_version",
+    "ss_new_sd_model_hash",
+    "ss_sd_model_hash",
+    "modelspec.architecture",
+)
+
+
+class ImportRefused(ValueError):
+    """A file that is not imported: unreadable, a pickle, an unsupported format or a LoRA for another model."""
+
+
+@dataclass
+class ImportReport:
+    """What the checks found. `ok` means every module matched a layer of the base with the right shape."""
+
+    source: str
+    format: str  # peft, kohya, controlnet, dreambooth
+    detail: str  # e.g. "LoRA, attention only" / "LoCon (conv layers too)" / "single file"
+    base: str
+    modules: int = 0
+    matched: int = 0
+    unmatched: dict[str, list[str]] = field(default_factory=dict)  # block -> modules with no layer in the base
+    shape_mismatches: dict[str, str] = field(default_factory=dict)
+    claimed_base: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unmatched and not self.shape_mismatches
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def summary(self) -> str:
+        head = f"{self.source}: {self.format} ({self.detail}), {self.matched}/{self.modules} modules match {self.base}"
+        lines = [head]
+        for block, names in self.unmatched.items():
+            lines.append(
+                f"  unmatched in {block}: {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            )
+        for name, problem in list(self.shape_mismatches.items())[:5]:
+            lines.append(f"  shape: {name}: {problem}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+# -- reading ----------------------------------------------------------------------------------------------------------
+
+
+def _is_pickle(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    return path.suffix.lower() in PICKLE_SUFFIXES or magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"
+
+
+def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
+    """(tensors, header metadata) of a weights file; one-line `ImportRefused` for pickles and broken files."""
+    import safetensors
+    import safetensors.torch
+
+    if _is_pickle(path):
+        if not allow_pickle:
+            raise ImportRefused(
+                f"{path}: refused: a pickle file (.ckpt/.pt/.bin) runs code when loaded. Convert it to .safetensors, "
+                "or pass --allow-pickle if you trust where it came from (only its tensors are then read)"
+            )
+        import torch
+
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = data.get("state_dict", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            raise ImportRefused(f"{path}: the pickle holds no state dict of tensors")
+        return {k: v for k, v in data.items() if hasattr(v, "shape")}, {}
+    try:
+        with safetensors.safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for each kind of damage
+        raise ImportRefused(
+            f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]}); it is truncated or corrupt: "
+            "download or copy it again"
+        ) from None
+    return tensors, metadata
+
+
+def detect_format(keys: Iterable[str], metadata: Mapping[str, str]) -> str:
+    """peft, kohya, loha, lokr, sdxl, controlnet, checkpoint or unknown."""
+    keys = list(keys)
+    claims = f"{metadata.get('ss_base_model_version', '')} {metadata.get('modelspec.architecture', '')}".lower()
+    if any(".hada_" in k for k in keys):
+        return "loha"
+    if any(".lokr_" in k for k in keys):
+        return "lokr"
+    if any(k.startswith("lora_te2_") or k.startswith("conditioner.embedders.1") for k in keys) or "xl" in claims:
+        return "sdxl"
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
+        return "kohya"
+    if any(k.startswith(("unet.", "text_encoder.")) and ".lora_A." in k for k in keys):
+        return "peft"
+    if any("input_hint_block" in k or k.startswith("controlnet_cond_embedding") for k in keys):
+        return "controlnet"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "checkpoint"
+    return "unknown"
+
+
+_UNSUPPORTED = {
+    "loha": "LyCORIS LoHa (hada_* keys)",
+    "lokr": "LyCORIS LoKr (lokr_* keys)",
+}
+
+
+def _refuse_format(path: Path, fmt: str, keys: list[str]) -> None:
+    if fmt in _UNSUPPORTED:
+        raise ImportRefused(
+            f"{path}: unsupported: {_UNSUPPORTED[fmt]}. diffusers 0.42 and peft load LoHa/LoKr files only for "
+            "Flux2/Z-Image, not SD v1; use it in A1111/ComfyUI, or merge it into a checkpoint with LyCORIS and "
+            "import that as a full model"
+        )
+    if fmt == "sdxl":
+        raise ImportRefused(
+            f"{path}: architecture mismatch: this is an SDXL adapter (two text encoders: lora_te1_/lora_te2_ keys, "
+            "or its metadata says SDXL); sdtune trains and runs Stable Diffusion v1-5"
+        )
+    if fmt == "unknown":
+        raise ImportRefused(
+            f"{path}: unknown format (first keys: {', '.join(keys[:3])}); expected a diffusers/PEFT or kohya LoRA, a "
+            "ControlNet or a Stable Diffusion v1 checkpoint"
+        )
+
+
+# -- validating a LoRA against a base --------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"(down_blocks_\d+|mid_block|up_blocks_\d+|encoder_layers_\d+|conv_in|conv_out|time_embedding)")
+
+
+def block_of(kohya_module: str) -> str:
+    """`unet down_blocks.0`, `text_encoder layers.3`...: how unmatched modules are grouped in the report."""
+    component = "text_encoder" if kohya_module.startswith("lora_te") else "unet"
+    match = _BLOCK.search(kohya_module)
+    block = match[1] if match else kohya_module.split("_", 3)[-1]
+    block = re.sub(r"_(\d+)$", r".\1", block).replace("encoder_layers", "layers")
+    return f"{component} {block}"
+
+
+def check_lora(modules, table, report: ImportReport) -> None:
+    from sdtune.adapters.lora_modules import shape_problem
+
+    report.modules = len(modules)
+    for name, module in sorted(modules.items()):
+        base_module = table.get(name)
+        if base_module is None:
+            report.unmatched.setdefault(block_of(name), []).append(name)
+        elif problem := shape_problem(module, base_module):
+            report.shape_mismatches[name] = problem
+        else:
+            report.matched += 1
+
+
+def claimed_base(metadata: Mapping[str, str], base_spec: str, hash_: str) -> tuple[dict, list[str]]:
+    claims = {key: metadata[key] for key in CLAIM_KEYS if metadata.get(key)}
+    warnings = []
+    claimed_hash = claims.get("ss_new_sd_model_hash")
+    if claimed_hash and not hash_.startswith("hub:") and claimed_hash != hash_:
+        warnings.append(
+            f"trained on {claims.get('ss_sd_model_name', 'another base')} (sha256 {claimed_hash[:12]}), checked "
+            f"against {base_spec} ({hash_[:12]}): the keys fit, the images may differ"
+        )
+    return claims, warnings
+
+
+def file_hashes(path: Path, metadata: Mapping[str, str]) -> dict:
+    """sha256 of the file, and A1111's LoRA hash (`sshs_model_hash`: sha256 of the bytes after the header)."""
+    import hashlib
+
+    from sdtune.adapters.kohya import a1111_lora_hash
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    hashes = {"sha256": digest.hexdigest()}
+    if path.suffix == ".safetensors":
+        hashes["sshs_model_hash"] = a1111_lora_hash(path)
+        if metadata.get("sshs_model_hash") and metadata["sshs_model_hash"] != hashes["sshs_model_hash"]:
+            hashes["sshs_model_hash_in_file"] = metadata["sshs_model_hash"]  # edited after it was saved
+    return hashes
+
+
+def _lora_detail(modules) -> str:
+    conv = any(m.down.dim() == 4 and m.down.shape[-1] > 1 for m in modules.values())
+    te = any(name.startswith("lora_te") for name in modules)
+    return ("LoCon (conv layers too)" if conv else "LoRA") + (", with text encoder" if te else "")
+
+
+def _base_table(base: str):
+    from sdtune.adapters.base import load_pipeline
+    from sdtune.adapters.lora_modules import base_shapes, module_table
+
+    source = resolve_base(base)
+    if source.kind in ("toy", "folder"):
+        return module_table(*base_shapes(source.location))
+    pipe = load_pipeline(base)
+    return module_table(*base_shapes(pipe))
+
+
+# -- importing --------------------------------------------------------------------------------------------------------
+
+
+def inspect(path: str | Path, base: str = "toy", allow_pickle: bool = False) -> ImportReport:
+    """Detects and validates without registering (`sdtune adapters import --dry-run`)."""
+    return _prepare(Path(path), base, allow_pickle)[0]
+
+
+def _prepare(path: Path, base: str, allow_pickle: bool):
+    if not path.exists():
+        raise ImportRefused(f"{path}: not found")
+    if path.is_dir():
+        return _prepare_folder(path, base)
+    tensors, metadata = read_tensors(path, allow_pickle)
+    fmt = detect_format(tensors, metadata)
+    _refuse_format(path, fmt, list(tensors))
+    base_digest = base_hash(base)
+    report = ImportReport(str(path), fmt, "", base)
+    report.claimed_base, report.warnings = claimed_base(metadata, base, base_digest)
+    payload = {"tensors": tensors, "metadata": metadata}
+    if fmt in ("kohya", "peft"):
+        from sdtune.adapters.lora_modules import read_kohya, read_peft
+
+        try:
+            modules = read_kohya(tensors) if fmt == "kohya" else read_peft(tensors, metadata)
+        except ValueError as exc:
+            raise ImportRefused(f"{path}: {exc}") from None
+        report.detail = _lora_detail(modules)
+        payload["table"] = _base_table(base)
+        check_lora(modules, payload["table"], report)
+        payload["modules"] = modules
+    elif fmt == "controlnet":
+        report.format, report.detail = "controlnet", "single file"
+    else:
+        from sdtune.adapters.single_file import detect_config
+
+        report.format = "dreambooth"
+        report.detail = f"single-file SD v1 checkpoint ({detect_config(path)} layout)"
+    return report, payload
+
+
+def _prepare_folder(path: Path, base: str):
+    if (path / "model_index.json").is_file():
+        return ImportReport(str(path), "dreambooth", "diffusers folder", base), {}
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetModel":
+        return ImportReport(str(path), "controlnet", "diffusers folder", base), {}
+    raise ImportRefused(
+        f"{path}: a folder, but not a run folder (adapter.json), a diffusers model (model_index.json) or a "
+        "ControlNet (config.json of a ControlNetModel)"
+    )
+
+
+def import_adapter(
+    path: str | Path,
+    *,
+    base: str = "toy",
+    name: str | None = None,
+    allow_pickle: bool = False,
+    tags: Iterable[str] = (),
+    registry: Registry | None = None,
+) -> tuple[Entry, ImportReport]:
+    """Validates `path` against `base` and registers it. A run folder (with adapter.json) is registered as it is.
+
+    Raises:
+        ImportRefused: unreadable, pickle, unsupported format, or a LoRA whose modules do not all fit the base.
+        RegistryError: the name is taken.
+    """
+    registry = registry or Registry()
+    path = Path(path)
+    if path.is_dir() and (path / "adapter.json").is_file():
+        entry = registry.register_run(path, name=name, unique=False)
+        return entry, ImportReport(str(path), "run", "sdtune run folder", base)
+    report, payload = _prepare(path, base, allow_pickle)
+    if not report.ok:
+        raise ImportRefused(f"not imported: the file does not fit {base}:\n{report.summary()}")
+    name = check_name(name or re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "adapter")
+    source = resolve_base(base)
+    base_ref = BaseRef(base, source.kind, base_hash(base))
+    metadata = payload.get("metadata", {})
+
+    def fill(staging: Path) -> AdapterManifest:
+        files = _write_files(staging, path, report, payload, name)
+        trigger = metadata.get("modelspec.trigger_phrase", "")
+        return AdapterManifest(
+            name=name,
+            method="lora" if report.format in ("kohya", "peft") else report.format,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            base=base_ref,
+            trigger_words=[w.strip() for w in trigger.split(",") if w.strip()],
+            dataset={},
+            training={"steps": int(metadata["ss_steps"])} if metadata.get("ss_steps", "").isdigit() else {},
+            files=files,
+            samples={},
+            scores=None,
+            export_check=None,
+            recipe={},
+            origin={
+                "kind": "imported",
+                "source": str(path.resolve()),
+                "format": report.format,
+                "hashes": file_hashes(path, metadata) if path.is_file() else {},
+                "metadata": dict(metadata),
+                "check": report.to_dict(),
+            },
+        )
+
+    return registry.add(name, fill, tags=tags), report
+
+
+def _write_files(staging: Path, path: Path, report: ImportReport, payload: dict, name: str) -> dict[str, str]:
+    """The registered copy: both formats of a LoRA (the original file kept byte for byte), or the model as given."""
+    if report.format in ("kohya", "peft"):
+        from sdtune.adapters.kohya import save_kohya_lora
+        from sdtune.adapters.lora_modules import PEFT_FILE, save_peft, summary_metadata, to_kohya
+
+        modules, table = payload["modules"], payload["table"]
+        dtype = next(iter(modules.values())).up.dtype
+        if report.format == "peft":
+            copy_into(path, staging / PEFT_FILE)
+            metadata = summary_metadata(modules, name, report.claimed_base.get("ss_sd_model_name", report.base))
+            save_kohya_lora(staging / f"{name}.safetensors", to_kohya(modules), metadata, dtype=dtype)
+            return {"peft": PEFT_FILE, "kohya": f"{name}.safetensors"}
+        kohya_name = path.name if path.suffix == ".safetensors" else f"{name}.safetensors"
+        if path.suffix == ".safetensors" and not any(k.startswith("lora_te1_") for k in payload["tensors"]):
+            copy_into(path, staging / kohya_name)  # as published: its hashes stay what other tools computed
+        else:
+            save_kohya_lora(staging / kohya_name, to_kohya(modules), payload["metadata"], dtype=dtype)
+        save_peft(staging, modules, table, dtype)
+        return {"peft": PEFT_FILE, "kohya": kohya_name}
+    fmt = {"controlnet": "controlnet", "dreambooth": "diffusers" if path.is_dir() else "single_file"}[report.format]
+    if path.is_file() and payload.get("metadata") is not None and path.suffix != ".safetensors":
+        import safetensors.torch
+
+        target = f"{name}.safetensors"  # a trusted pickle is stored as safetensors
+        safetensors.torch.save_file({k: v.contiguous() for k, v in payload["tensors"].items()}, staging / target)
+        return {fmt: target}
+    target = "model" if path.is_dir() and fmt == "diffusers" else path.name
+    (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / target)
+    return {fmt: target}
+
+
+__all__ = ["ImportRefused", "ImportReport", "detect_format", "import_adapter", "inspect", "read_tensors"]

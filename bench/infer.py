@@ -1,0 +1,158 @@
+"""Inference latency per image: the base, 1 and 3 stacked unfused LoRAs, and the 3 fused, through `adapters.compose`.
+
+Usage:
+    python bench/infer.py --model toy                 # the toy base on this machine (CPU), 64 px, 25 steps
+    python bench/infer.py --model sd15 --steps 25     # SD v1-5 architecture at random weights, 512 px (CUDA)
+    python bench/infer.py --model toy --append bench/RESULTS.md
+
+The LoRAs are random, rank 16 on the attention layers (to_q/k/v/out), written as PEFT files and loaded through
+`compose.build` like `sdtune sample --adapter` does, so the timing includes peft's per-layer LoRA branch. Each
+configuration renders `--warmup` images first, then `--images` timed ones (a CUDA synchronize around each), the
+configurations taking turns image by image so that load changes on a shared machine hit all alike; the median seconds per image is reported with the overhead against the base. Targets: fused <= 3% over the base,
+3 unfused <= 15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+RANK = 16
+ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["toy", "sd15"], default="toy")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--images", type=int, default=5, help="Timed images per configuration.")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default=None, help="Default: cuda when present.")
+    parser.add_argument("--append", type=Path, help="Append a results section to this Markdown file.")
+    return parser.parse_args(argv)
+
+
+def sd15_folder(root: Path) -> Path:
+    """An SD v1-5 diffusers folder at random weights (the bundled configs): the architecture without a download."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sdtune.adapters.base import SD15_CONFIG
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        SD15_CONFIG,
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG / "unet")),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG / "text_encoder")),
+        tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG / "tokenizer"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root / "sd15-random")
+    return root / "sd15-random"
+
+
+def random_lora(base: str, out: Path, seed: int) -> Path:
+    """A rank-16 attention LoRA with random A and B (B is not zero, so it changes every image)."""
+    import torch
+
+    from sdtune.adapters.base import resolve_base
+    from sdtune.adapters.lora_modules import LoraModule, base_shapes, module_table, save_peft
+
+    table = module_table(*base_shapes(resolve_base(base).location))
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, target in table.items():
+        if target.component == "unet" and target.path.endswith(ATTN) and ".attn" in target.path:
+            out_dim, in_dim = target.shape[:2]
+            down = torch.randn(RANK, in_dim, generator=generator) / in_dim**0.5
+            up = torch.randn(out_dim, RANK, generator=generator) * 0.01
+            modules[name] = LoraModule(down, up, float(RANK))
+    out.mkdir(parents=True, exist_ok=True)
+    return save_peft(out, modules, table)
+
+
+def time_image(pipe, steps: int, seed: int, size: int) -> float:
+    """Seconds to render one image (CUDA work synchronized on both ends)."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe("a red circle", num_inference_steps=steps, guidance_scale=7.5, width=size, height=size, generator=generator)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from sdtune.adapters import quiet_libraries
+    from sdtune.adapters.compose import AdapterUse, PipelineSpec, build
+
+    quiet_libraries()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = "toy" if args.model == "toy" else str(sd15_folder(root))
+        loras = [str(random_lora(base, root / f"lora{i}", seed=i)) for i in range(3)]
+        composer = build(PipelineSpec(base=base, device=device))
+        size = composer.pipe.unet.config.sample_size * composer.pipe.vae_scale_factor
+        configs = {
+            "base": ([], False),
+            "1 LoRA, unfused": (loras[:1], False),
+            "3 LoRAs, unfused": (loras, False),
+            "3 LoRAs, fused": (loras, True),
+        }
+        # Round robin: one image of each configuration in turn, so a change in machine load hits all of them alike.
+        times = {label: [] for label in configs}
+        for repeat in range(args.warmup + args.images):
+            for label, (paths, fused) in configs.items():
+                composer.set([AdapterUse(path) for path in paths])
+                composer.fuse() if fused else composer.unfuse()
+                seconds = time_image(composer.pipe, args.steps, seed=repeat, size=size)
+                if repeat >= args.warmup:
+                    times[label].append(seconds)
+        results = {label: statistics.median(values) for label, values in times.items()}
+        for label, seconds in results.items():
+            print(f"{label:<18} {seconds:.4f} s/image", flush=True)
+    report = table(results, args, device, size)
+    print(report)
+    if args.append:
+        with open(args.append, "a") as handle:
+            handle.write("\n" + report)
+    return results
+
+
+def table(results: dict, args, device: str, size: int) -> str:
+    import platform
+
+    import torch
+
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    base = results["base"]
+    lines = [
+        f"## Inference: {args.model}, {size} px, {args.steps} steps, rank-{RANK} attention LoRAs",
+        f"Machine: {machine}, torch {torch.__version__}. Measured {time.strftime('%Y-%m-%d %H:%M')} UTC by "
+        f"`python bench/infer.py --model {args.model} --steps {args.steps}`; median of {args.images} images after "
+        f"{args.warmup} warm-up.",
+        "",
+        "| configuration | s/image | over base |",
+        "| --- | --- | --- |",
+    ]
+    for label, seconds in results.items():
+        lines.append(f"| {label} | {seconds:.4f} | {100 * (seconds / base - 1):+.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
