@@ -416,7 +416,7 @@ BAD_INPUTS = [
     (["train.lerning_rate=1e-4"], "train.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
     (["data.train_data_dir={tmp}/missing"], "data.train_data_dir"),
     (["data.train_data_dir={bad}"], "no usable images"),
-    (["method.type=dreambooth", "method.instance_prompt=a sks dog"], "'dreambooth': its trainer does not exist yet"),
+    (["method.type=dreambooth", "method.instance_prompt=a sks dog"], "'dreambooth': run trainers/dreambooth.py"),
     (["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
     (["train.resume={tmp}"], "is not a checkpoint folder"),
     (["base=missing.safetensors"], "base: file missing.safetensors not found"),

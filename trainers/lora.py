@@ -20,47 +20,37 @@ Ctrl-C saves a checkpoint and stops; `train.resume=latest` continues it, bit-ide
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 
-from sdtune.adapters import quiet_libraries, sampling
-from sdtune.adapters.base import (
-    BaseLoadError,
-    BaseSource,
-    base_hash,
-    load_pipeline,
-    recommended_guidance,
-    resolve_base,
-)
-from sdtune.adapters.manifest import BaseRef, write_manifest
+from sdtune.adapters import quiet_libraries
+from sdtune.adapters.base import BaseLoadError, load_pipeline, resolve_base
 from sdtune.trainers.core import export
 from sdtune.trainers.core.batches import BatchBuilder, prepare_latents
-from sdtune.trainers.core.cache import TextEmbeddingCache, encode_text
-from sdtune.trainers.core.checkpointing import TrainState, register_trainable_state_hooks, resolve_resume
-from sdtune.trainers.core.data import DataError, DatasetScan, scan_dataset
+from sdtune.trainers.core.cache import text_conditioner
+from sdtune.trainers.core.checkpointing import resolve_resume, start_or_resume
+from sdtune.trainers.core.data import DataError, scan_dataset
 from sdtune.trainers.core.diffusion import denoising_step_loss
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.lora_layers import add_lora
-from sdtune.trainers.core.recipe import Recipe, RecipeError, load_recipe, trainer_for
+from sdtune.trainers.core.outputs import AdapterWriter, finish_run, tracker_config, validation_and_check
+from sdtune.trainers.core.recipe import RecipeError, load_recipe, trainer_for
 from sdtune.trainers.core.runtime import (
-    SAVE_DTYPES,
     check_replicas_agree,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
+    optimizer_step,
+    param_groups,
+    prepare_models,
     scaled_lr,
     weight_dtype,
 )
-from sdtune.trainers.core.validation import Validator
 
 
 def parse_args(argv=None):
@@ -68,59 +58,6 @@ def parse_args(argv=None):
     parser.add_argument("recipe", help="YAML recipe (see recipes/).")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 output.dir=runs/x")
     return parser.parse_args(argv)
-
-
-def param_groups(unet, text_encoder, recipe: Recipe, lr: float) -> list[dict]:
-    """UNet LoRA at the run's lr; text-encoder LoRA at `method.text_encoder_lr` (kohya's split) if set."""
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
-    if recipe.method.train_text_encoder:
-        te_lr = recipe.method.text_encoder_lr or lr
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
-    return groups
-
-
-@dataclass
-class AdapterWriter:
-    """What saving the adapter needs, gathered once: every checkpoint and the final save go through `save`."""
-
-    recipe: Recipe
-    scan: DatasetScan
-    base: BaseSource
-    started_at: float
-    accelerator: Accelerator
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    lora_configs: tuple  # peft LoraConfig of the UNet and of the text encoder (None when it is not trained)
-    trainable: list[torch.nn.Parameter]
-    validator: Validator
-    checker: export.ExportChecker
-
-    def save(self, out_dir: Path, step: int) -> tuple[dict, export.ExportCheck | None]:
-        """Writes both LoRA formats into `out_dir` and, if asked, runs the export check on them."""
-        recipe = self.recipe
-        metadata = kohya_metadata(recipe, self.scan, self.base, step, self.started_at)
-        dtype = SAVE_DTYPES[recipe.output.save_precision]
-        unet_config, te_config = self.lora_configs
-        files = export.save_lora_files(
-            out_dir,
-            recipe.output.name,
-            self.unet,
-            self.text_encoder,
-            unet_config,
-            te_config,
-            dtype,
-            metadata,
-            write_kohya=recipe.output.export_kohya,
-        )
-        if not recipe.output.export_check:
-            return files, None
-        with export.rounded_to(self.trainable, dtype):  # the reference: the adapter as just saved
-            trained = self.validator.render_one(self.checker.settings)
-        report = self.checker.check(files, trained, out_dir)
-        self.accelerator.print(report.summary())
-        if not report.ok:
-            raise export.ExportCheckError(f"{out_dir}: {report.summary()} (see {out_dir / 'export_check.png'})")
-        return files, report
 
 
 def main(argv=None) -> int:
@@ -160,11 +97,6 @@ def main(argv=None) -> int:
         accelerator.process_index,
         accelerator.num_processes,
     )
-    captions = batches.possible_captions()
-    text_cache = None
-    if captions is not None and not method.train_text_encoder:
-        with torch.no_grad():
-            text_cache = TextEmbeddingCache(tokenizer, text_encoder, captions, device)
 
     # 4) LoRA layers (their random init is seeded: same seed, same starting LoRA), optimizer, schedule.
     set_seed(train.seed)
@@ -174,47 +106,31 @@ def main(argv=None) -> int:
         if method.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
     lr = scaled_lr(train, accelerator.num_processes)
-    optimizer = make_optimizer(param_groups(unet, text_encoder, recipe, lr), train)
+    optimizer = make_optimizer(param_groups(unet, text_encoder, method, lr), train)
     lr_scheduler = make_lr_scheduler(optimizer, train, accelerator.num_processes)
-    trained_unet = torch.compile(unet) if train.torch_compile else unet
-    if method.train_text_encoder:
-        trained_unet, text_encoder_t, optimizer, lr_scheduler = accelerator.prepare(
-            trained_unet, text_encoder, optimizer, lr_scheduler
-        )
-    else:
-        trained_unet, optimizer, lr_scheduler = accelerator.prepare(trained_unet, optimizer, lr_scheduler)
-        text_encoder_t = text_encoder
-    trained_models = [trained_unet, text_encoder_t] if method.train_text_encoder else [trained_unet]
+    trained_unet, text_encoder_t, optimizer, lr_scheduler, trained_models = prepare_models(
+        accelerator, unet, text_encoder, method.train_text_encoder, optimizer, lr_scheduler, train.torch_compile
+    )
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    captions = None if method.train_text_encoder else batches.possible_captions()
+    text_states = text_conditioner(tokenizer, text_encoder_t, captions, device)
 
     # 5) Checkpoints hold the LoRA tensors, optimizer, scheduler and where the loop stands; resume restores them.
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    register_trainable_state_hooks(accelerator, [unet, text_encoder] if method.train_text_encoder else [unet])
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
-    elif train.resume:
-        accelerator.print(
-            f"train.resume={train.resume}: no checkpoint in {out_dir / 'checkpoints'} yet, starting fresh"
-        )
-
-    validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
-    checker = export.ExportChecker(
-        lambda: load_pipeline(recipe.base, torch_dtype=dtype), device, check_settings(recipe), accelerator.autocast
-    )
+    models = [unet, text_encoder] if method.train_text_encoder else [unet]
+    state = start_or_resume(accelerator, models, resume_from, train.resume, out_dir)
+    validator, checker = validation_and_check(recipe, pipe, accelerator, base, dtype)
     writer = AdapterWriter(
         recipe=recipe,
         scan=scan,
         base=base,
         started_at=started_at,
         accelerator=accelerator,
+        validator=validator,
+        checker=checker,
         unet=unet,
         text_encoder=text_encoder,
         lora_configs=(unet_config, te_config),
         trainable=trainable,
-        validator=validator,
-        checker=checker,
     )
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune-lora", config=tracker_config(recipe))
@@ -232,26 +148,17 @@ def main(argv=None) -> int:
     )
     for batch in loop.micro_batches():
         with accelerator.accumulate(*trained_models), accelerator.autocast():
-            if text_cache is not None:
-                states = text_cache(batch.captions)
-            else:
-                states = encode_text(tokenizer, text_encoder_t, batch.captions, device)
             # noise the latents at random timesteps, predict the noise (or v), MSE with optional min-SNR weights
             loss = denoising_step_loss(
                 trained_unet,
                 noise_scheduler,
                 batch.latents.to(device, dtype),
-                states.to(dtype),
+                text_states(batch.captions).to(dtype),
                 noise_offset=train.noise_offset,
                 snr_gamma=train.snr_gamma,
                 generator=batch.generator,
             )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, train.max_grad_norm)
         loop.after_micro_batch(loss, lr_scheduler.get_last_lr()[0])
     if loop.stopped_early:
         accelerator.end_training()
@@ -262,122 +169,20 @@ def main(argv=None) -> int:
     accelerator.wait_for_everyone()
     check_replicas_agree(accelerator, trainable)
     if accelerator.is_main_process:
-        write_final_outputs(writer, state, loop.speed_and_memory())
+        finish_run(
+            recipe=recipe,
+            base=base,
+            scan=scan,
+            accelerator=accelerator,
+            validator=validator,
+            save=writer.save,
+            steps=state.step,
+            final_loss=state.last_loss,
+            started_at=started_at,
+            training=loop.speed_and_memory(),
+        )
     accelerator.end_training()
     return 0
-
-
-def write_final_outputs(writer: AdapterWriter, state, speed: dict):
-    recipe, accelerator, validator = writer.recipe, writer.accelerator, writer.validator
-    out_dir = Path(recipe.output.dir)
-    files, report = writer.save(out_dir, state.step)
-    samples = {}
-    if validator.enabled:
-        validator.grid(state.step, out_dir / "ab_grid.png")
-        samples["ab_grid"] = "ab_grid.png"
-    scores = validator.toy_scores()
-    if scores:
-        accelerator.print(f"toy scores: base {scores['base']}  adapter {scores['adapter']}")
-    info = export.manifest(
-        name=recipe.output.name,
-        method="lora",
-        base=BaseRef(recipe.base.pretrained_model_name_or_path, writer.base.kind, base_hash(recipe.base)),
-        recipe=recipe,
-        scan=writer.scan,
-        trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
-        steps=state.step,
-        final_loss=state.last_loss,
-        files=files,
-        samples=samples,
-        scores=scores,
-        export_check=report,
-        started_at=writer.started_at,
-    )
-    info.training.update(speed)
-    manifest_file = write_manifest(out_dir, info)
-    accelerator.print(
-        f"done: {', '.join(str(p) for p in [*(out_dir / f for f in info.files.values()), manifest_file])}"
-    )
-
-
-def check_settings(recipe: Recipe) -> sampling.SampleSettings:
-    """The one image the export check renders per format: the first validation prompt, seed 0."""
-    v = recipe.validation
-    prompt = v.prompts[0] if v.prompts else (recipe.data.trigger_word or "a photo")
-    return sampling.SampleSettings(
-        prompt=prompt,
-        seed=0,
-        negative_prompt=v.negative_prompt,
-        steps=v.num_inference_steps,
-        guidance=v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base),
-        scheduler=v.scheduler,
-    )
-
-
-def tracker_config(recipe: Recipe) -> dict:
-    """TensorBoard hparams want flat scalars."""
-    flat = {}
-    for section, values in recipe.to_dict().items():
-        for key, value in values.items():
-            if isinstance(value, (int, float, str, bool)):
-                flat[f"{section}.{key}"] = value
-    return flat
-
-
-def kohya_metadata(recipe: Recipe, scan, base, step: int, started_at: float) -> dict[str, str]:
-    from sdtune.adapters.kohya import kohya_metadata as build
-
-    method, train = recipe.method, recipe.train
-    res = recipe.data.resolution
-    return build(
-        base_model_name=Path(base.location).name if base.kind == "single_file" else base.location,
-        base_model_hash=base_hash(recipe.base) if base.kind == "single_file" else None,
-        trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
-        resolution=(res, res),
-        steps=step,
-        max_train_steps=train.max_train_steps,
-        epochs=max(
-            1,
-            math.ceil(
-                step
-                * train.train_batch_size
-                * train.gradient_accumulation_steps
-                / max(sum(r.repeats for r in scan.records), 1)
-            ),
-        ),
-        rank=method.rank,
-        alpha=method.alpha,
-        learning_rate=train.learning_rate,
-        text_encoder_lr=(method.text_encoder_lr or train.learning_rate) if method.train_text_encoder else None,
-        unet_lr=train.learning_rate,
-        seed=train.seed,
-        mixed_precision=train.mixed_precision,
-        optimizer=train.optimizer,
-        lr_scheduler=train.lr_scheduler,
-        batch_size=train.train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        num_train_images=len(scan.records),
-        dataset_dirs=scan.dataset_dirs(),
-        tag_frequency=scan.tag_frequency(),
-        title=recipe.output.name,
-        output_name=recipe.output.name,
-        network_dropout=method.lora_dropout,
-        prediction_type=recipe_prediction_type(recipe),
-        training_started_at=started_at,
-        training_finished_at=time.time(),
-    )
-
-
-def recipe_prediction_type(recipe: Recipe) -> str:
-    import json
-
-    from sdtune.trainers.core.estimate import base_config_folder
-
-    try:
-        config = json.loads((base_config_folder(recipe) / "scheduler" / "scheduler_config.json").read_text())
-        return config.get("prediction_type", "epsilon")
-    except OSError:
-        return "epsilon"
 
 
 def cli(argv=None) -> int:

@@ -12,6 +12,7 @@ can use is encoded once up front and kept on the device.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -143,3 +144,12 @@ def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.T
     """Last hidden state of the CLIP text encoder (what SD v1-5 cross-attends to)."""
     ids = tokenize(tokenizer, captions).to(device)
     return text_encoder(ids, return_dict=False)[0]
+
+
+def text_conditioner(tokenizer, text_encoder, captions: set[str] | None, device):
+    """captions -> encoder hidden states: a lookup in a `TextEmbeddingCache` when the set of captions is fixed and
+    the text encoder frozen (pass `captions=None` otherwise), else the (trained) `text_encoder` run each time."""
+    if captions is None:
+        return functools.partial(encode_text, tokenizer, text_encoder, device=device)
+    with torch.no_grad():
+        return TextEmbeddingCache(tokenizer, text_encoder, captions, device)

@@ -74,6 +74,29 @@ def register_trainable_state_hooks(accelerator, models: list[torch.nn.Module]):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def start_or_resume(
+    accelerator,
+    models: list[torch.nn.Module],
+    resume_from: Path | None,
+    resume: str | None,
+    output_dir: str | Path,
+    extra_state=(),
+) -> TrainState:
+    """Registers what a checkpoint holds (the trainable tensors of `models`, optimizer, schedule, RNG, where the loop
+    stands, and `extra_state` such as an EMA) and, given a checkpoint, restores it all. Returns the `TrainState`."""
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    for obj in extra_state:
+        accelerator.register_for_checkpointing(obj)
+    register_trainable_state_hooks(accelerator, models)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
+    elif resume:
+        accelerator.print(f"train.resume={resume}: no checkpoint in {checkpoints_dir(output_dir)} yet, starting fresh")
+    return state
+
+
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 

@@ -157,7 +157,7 @@ def lora_target_names(recipe: Recipe) -> tuple[str, ...]:
     from sdtune.trainers.core.lora_layers import unet_target_modules
 
     method = recipe.method
-    if method.type == "controlnet" or (method.type == "dreambooth" and not method.use_lora):
+    if method.type == "controlnet" or (method.type == "dreambooth" and not method.lora):
         return ()
     return tuple(unet_target_modules(method))
 

@@ -24,7 +24,7 @@ import torch
 from sdtune.adapters import a1111_keys, contact_sheet, kohya, sampling
 from sdtune.adapters.manifest import AdapterManifest, BaseRef
 from sdtune.adapters.single_file import text_encoder_to_original, unet_to_original
-from sdtune.trainers.core.lora_layers import lora_state_dicts, save_peft_lora
+from sdtune.trainers.core.lora_layers import save_peft_lora
 
 PIXEL_TOLERANCE = 2  # out of 255
 
@@ -61,11 +61,11 @@ def kohya_alpha(config) -> float:
     return float(config.lora_alpha)
 
 
-def save_lora_files(
-    out_dir: Path, name: str, unet, text_encoder, unet_config, te_config, dtype, metadata, write_kohya: bool = True
+def write_lora_files(
+    out_dir: Path, name: str, unet_sd, te_sd, unet_config, te_config, dtype, metadata, write_kohya: bool = True
 ) -> dict:
-    """Writes the PEFT file and (if asked, and unless DoRA) the kohya file into `out_dir`; returns {format: path}."""
-    unet_sd, te_sd = lora_state_dicts(unet, text_encoder, te_config is not None)
+    """Writes peft-named LoRA tensors (trained or extracted) as the PEFT file and, if asked and unless DoRA, the kohya
+    file into `out_dir`; returns {format: path}."""
     files = {"peft": save_peft_lora(out_dir, unet_sd, te_sd, unet_config, te_config, dtype)}
     if not write_kohya or unet_config.use_dora:
         return files  # peft's DoRA magnitude has no faithful kohya/A1111 form (see adapters/kohya.py)

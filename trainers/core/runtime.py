@@ -123,3 +123,37 @@ def check_replicas_agree(accelerator, params: list[torch.nn.Parameter]):
     if not torch.equal(per_process, per_process[:1].expand_as(per_process)):
         raise RuntimeError("DDP: the processes ended with different weights; gradients were not all-reduced")
     accelerator.print(f"ddp: all {accelerator.num_processes} processes hold identical weights ({len(params)} tensors)")
+
+
+def prepare_models(accelerator, unet, text_encoder, train_text_encoder: bool, optimizer, lr_scheduler, compile: bool):
+    """Hands the trained models, optimizer and schedule to Accelerate (DDP wrapping, mixed precision).
+
+    Returns (unet to call, text encoder to call, optimizer, lr_scheduler, the models to `accumulate` over).
+    """
+    trained_unet = torch.compile(unet) if compile else unet
+    if train_text_encoder:
+        trained_unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            trained_unet, text_encoder, optimizer, lr_scheduler
+        )
+        return trained_unet, text_encoder, optimizer, lr_scheduler, [trained_unet, text_encoder]
+    trained_unet, optimizer, lr_scheduler = accelerator.prepare(trained_unet, optimizer, lr_scheduler)
+    return trained_unet, text_encoder, optimizer, lr_scheduler, [trained_unet]
+
+
+def optimizer_step(accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: float):
+    """Backward, clip (once the micro-batches of a step are summed), step the optimizer and the schedule."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def param_groups(unet, text_encoder, method, lr: float) -> list[dict]:
+    """What trains in the UNet at the run's lr; in the text encoder (if trained) at `method.text_encoder_lr`."""
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
+    if method.train_text_encoder:
+        te_lr = method.text_encoder_lr or lr
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
+    return groups
