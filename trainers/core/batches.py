@@ -9,14 +9,15 @@ run resumed from a checkpoint replays exactly the batches an uninterrupted run w
 from __future__ import annotations
 
 import functools
+import random
 from dataclasses import dataclass
 
 import torch
 
 from sdtune.trainers.core.cache import CachedLatent, LatentCache, cache_latents, default_cache_dir, vae_fingerprint
-from sdtune.trainers.core.data import BucketBatchSampler, CaptionBuilder, DatasetScan, load_pixels
+from sdtune.trainers.core.data import BucketBatchSampler, CaptionBuilder, DataError, DatasetScan, load_pixels
 from sdtune.trainers.core.recipe import DataConfig
-from sdtune.trainers.core.runtime import item_rng, step_generator
+from sdtune.trainers.core.runtime import item_rng, step_generator, step_seed
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Batch:
     latents: torch.Tensor  # [b, 4, h, w], scaled, on the CPU
     captions: list[str]
     generator: torch.Generator  # for this micro-batch's noise and timesteps
+    num_prior: int = 0  # DreamBooth: the last `num_prior` samples are class images (prior preservation)
 
 
 def prepare_latents(scan: DatasetScan, cfg: DataConfig, vae, log=print) -> list[CachedLatent] | None:
@@ -97,6 +99,46 @@ class BatchBuilder:
         else:
             latents = torch.stack([self.latents[i].sample(f, generator) for i, f in zip(records, flips)])
         return Batch(latents, captions, generator)
+
+
+class PriorPairedBatches:
+    """DreamBooth batches: each instance micro-batch followed by as many class images, as in the paper.
+
+    The class images of micro-batch (epoch, index) are drawn from the class images of the instance batch's bucket
+    (so both halves stack into one UNet call) by an rng seeded with (seed, epoch, index, process): a resumed run
+    pairs exactly as an unbroken one.
+    """
+
+    def __init__(self, instance: BatchBuilder, prior: BatchBuilder):
+        self.instance, self.prior = instance, prior
+        self.pools: dict[tuple[int, int], list[int]] = {}
+        for position, record_index in enumerate(prior.expanded):
+            self.pools.setdefault(prior.scan.records[record_index].bucket, []).append(position)
+        lacking = sorted({r.bucket for r in instance.scan.records} - set(self.pools))
+        if lacking:
+            w, h = lacking[0]
+            raise DataError(
+                f"method.class_data_dir: no class image in the {w}x{h} bucket of some instance images; class and "
+                "instance images must share buckets (crop them alike, or set data.enable_bucket: false)"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        return self.instance.epoch_batches(epoch)
+
+    def possible_captions(self) -> set[str] | None:
+        instance, prior = self.instance.possible_captions(), self.prior.possible_captions()
+        return None if instance is None or prior is None else instance | prior
+
+    def build(self, positions: list[int], epoch: int, batch_index: int) -> Batch:
+        batch = self.instance.build(positions, epoch, batch_index)
+        pool = self.pools[self.instance.scan.records[self.instance.expanded[positions[0]]].bucket]
+        rng = random.Random(step_seed(self.instance.seed, epoch, batch_index, self.instance.rank, 11))
+        chosen = (
+            rng.sample(pool, len(positions)) if len(pool) >= len(positions) else rng.choices(pool, k=len(positions))
+        )
+        prior = self.prior.build(chosen, epoch, batch_index)
+        latents = torch.cat([batch.latents, prior.latents])
+        return Batch(latents, batch.captions + prior.captions, batch.generator, num_prior=len(chosen))
 
 
 # Re-exported for trainers that build their own cache of another image column (ControlNet conditioning).

@@ -67,6 +67,7 @@ class Validator:
             scheduler=v.scheduler,
         )
         self._base_samples = None
+        self._base_scores = None
         pipe.set_progress_bar_config(disable=True)
 
     @property
@@ -89,6 +90,15 @@ class Validator:
             self._base_samples = self._render(self.settings, adapter=False)
         return self._base_samples
 
+    def capture_base(self):
+        """Renders and scores the base now. A full fine-tune changes the base's own weights (there is no adapter
+        to switch off later), so it calls this before training; a LoRA run may call it any time."""
+        if self.enabled:
+            self.base_samples()
+        if self.recipe.validation.toy_score and self._base_scores is None:
+            with self._inference():
+                self._base_scores = scoring.score_targets(self.pipe, self._targets(), **self._score_settings())
+
     def grid(self, step: int, path: Path) -> Path:
         """Base vs current adapter for every prompt and seed, saved at `path` and logged to the trackers."""
         adapted = self._render(self.settings, adapter=True)
@@ -100,25 +110,56 @@ class Validator:
                 tracker.writer.add_images("validation", np.asarray(image)[None], step, dataformats="NHWC")
         return path
 
-    def toy_scores(self) -> dict | None:
-        """Toy-world scores of the base and of the adapter on `validation.toy_score` (None if none are set)."""
-        targets = [scoring.Target(t.prompt, t.color, t.shape) for t in self.recipe.validation.toy_score]
-        if not targets:
-            return None
+    def _inference(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(as_at_inference(self.pipe.unet, self.pipe.text_encoder))
+        stack.enter_context(self.accelerator.autocast())
+        return stack
+
+    def _targets(self) -> list[scoring.Target]:
+        return [scoring.Target(t.prompt, t.color, t.shape) for t in self.recipe.validation.toy_score]
+
+    def _score_settings(self) -> dict:
         v = self.recipe.validation
-        common = dict(
+        return dict(
             steps=v.num_inference_steps,
             guidance=self.guidance,
             scheduler=v.scheduler,
             negative_prompt=v.negative_prompt,
         )
-        with torch.no_grad(), as_at_inference(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
-            with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
-                base = scoring.score_targets(self.pipe, targets, **common)
-            adapted = scoring.score_targets(self.pipe, targets, **common)
+
+    def toy_scores(self) -> dict | None:
+        """Toy-world scores of the base and of the adapter on `validation.toy_score` (None if none are set)."""
+        targets = self._targets()
+        if not targets:
+            return None
+        with self._inference():
+            if self._base_scores is None:
+                with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
+                    self._base_scores = scoring.score_targets(self.pipe, targets, **self._score_settings())
+            adapted = scoring.score_targets(self.pipe, targets, **self._score_settings())
         return {
             "targets": [t.__dict__ for t in targets],
             "seeds": list(scoring.BAR_SEEDS),
-            "base": base.as_dict(),
+            "base": self._base_scores.as_dict(),
             "adapter": adapted.as_dict(),
+            "per_prompt": {
+                t.prompt: {"base": b, "adapter": a}
+                for t, b, a in zip(targets, per_target(self._base_scores, targets), per_target(adapted, targets))
+            },
         }
+
+
+def per_target(scores: scoring.TargetScores, targets: list[scoring.Target]) -> list[float]:
+    """The share of each target's images showing its colour and shape (`scores` holds targets x seeds, in order)."""
+    n = len(scores.detections) // len(targets)
+    shares = []
+    for i, target in enumerate(targets):
+        found = scores.detections[i * n : (i + 1) * n]
+        hits = [
+            (target.color is None or d.color == target.color) and (target.shape is None or d.shape == target.shape)
+            for d in found
+        ]
+        shares.append(sum(hits) / max(len(hits), 1))
+    return shares
