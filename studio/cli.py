@@ -4,6 +4,7 @@ Usage:
     sdtune sample --prompt "a red circle" --seed 0 --seed 1 --out samples/ --grid
     sdtune sample --base runs/quickstart/... --adapter runs/quickstart:0.8 --prompts-file prompts.txt
     sdtune convert path/to/diffusers-folder model.safetensors --half      # and back: model.safetensors folder/
+    sdtune extract-lora toy runs/toy-dreambooth/diffusers --rank 32 --out runs/sks-lora   # LoRA of a fine-tune
     sdtune doctor
 
 Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README). Every command calls
@@ -108,6 +109,25 @@ def run_convert(args) -> int:
     return 0
 
 
+def _extract_parser(sub):
+    p = sub.add_parser("extract-lora", help="A LoRA from the weight delta of a fine-tune (SVD), in both formats.")
+    p.add_argument("base", help="The base the fine-tune started from (toy, a folder, a .safetensors, a hub id).")
+    p.add_argument("tuned", help="The fine-tuned model (e.g. a DreamBooth run's diffusers/ folder).")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank: higher keeps more of the fine-tune (default 32).")
+    p.add_argument("--out", type=Path, required=True, help="Folder for the PEFT and kohya files.")
+    p.add_argument("--dtype", choices=api.DTYPE_NAMES, default="fp16", help="dtype of the saved files.")
+    p.set_defaults(run=run_extract)
+
+
+def run_extract(args) -> int:
+    try:
+        for fmt, path in api.extract_lora(args.base, args.tuned, args.rank, args.out, dtype=args.dtype).items():
+            print(f"{fmt}: {path}")
+    except api.StudioError as exc:
+        raise SystemExit(f"sdtune extract-lora: {exc}") from None
+    return 0
+
+
 def _doctor_parser(sub):
     p = sub.add_parser("doctor", help="What this machine can train: torch, CUDA, bitsandbytes, SDPA, GPU, disk.")
     p.set_defaults(run=run_doctor)
@@ -120,9 +140,10 @@ def run_doctor(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.split("\n")[0], epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,convert,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,convert,extract-lora,doctor}")
     _sample_parser(sub)
     _convert_parser(sub)
+    _extract_parser(sub)
     _doctor_parser(sub)
     return parser
 

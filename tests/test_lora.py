@@ -37,7 +37,9 @@ def trainer_env(cache: Path) -> dict:
     return {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
 
 
-def run_trainer(args: list[str], cache: Path, launcher: str = "python", timeout: int = 900):
+def run_trainer(
+    args: list[str], cache: Path, launcher: str = "python", timeout: int = 900, script: str = "trainers/lora.py"
+):
     if launcher == "accelerate":
         cmd = [
             str(Path(sys.executable).parent / "accelerate"),
@@ -50,11 +52,11 @@ def run_trainer(args: list[str], cache: Path, launcher: str = "python", timeout:
             "no",
             "--dynamo_backend",
             "no",
-            "trainers/lora.py",
+            script,
             *args,
         ]
     else:
-        cmd = [sys.executable, "trainers/lora.py", *args]
+        cmd = [sys.executable, script, *args]
     return subprocess.run(cmd, cwd=ROOT, env=trainer_env(cache), capture_output=True, text=True, timeout=timeout)
 
 
@@ -232,8 +234,8 @@ def assert_same_weights(path: Path, reference: dict):
         assert np.array_equal(got[key].numpy(), reference[key].numpy()), key
 
 
-def _start(recipe, out, cache, *extra):
-    cmd = [sys.executable, "trainers/lora.py", str(recipe), f"output.dir={out}", *extra]
+def _start(recipe, out, cache, *extra, script: str = "trainers/lora.py"):
+    cmd = [sys.executable, script, str(recipe), f"output.dir={out}", *extra]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=trainer_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
