@@ -96,6 +96,33 @@ def test_extract_recovers_a_low_rank_delta_and_skips_what_did_not_change():
         extract_lora(base, base, 4)
 
 
+def test_extract_lora_command_recovers_a_planted_delta(tmp_path):
+    from sdtune.adapters.base import load_pipeline
+    from sdtune.studio import cli
+
+    pipe = load_pipeline("toy")
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    weight = pipe.unet.get_submodule(module).weight
+    torch.manual_seed(2)
+    delta = torch.randn(weight.shape[0], 3) @ torch.randn(3, weight.shape[1]) * 0.1
+    with torch.no_grad():
+        weight += delta
+    pipe.save_pretrained(tmp_path / "tuned")
+    out = tmp_path / "sks-lora"
+    assert (
+        cli.main(["extract-lora", "toy", str(tmp_path / "tuned"), "--rank", "3", "--out", str(out), "--dtype", "fp32"])
+        == 0
+    )
+    peft = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert {k.rsplit(".lora_", 1)[0] for k in peft} == {f"unet.{module}"}  # nothing else changed
+    rebuilt = peft[f"unet.{module}.lora_B.weight"] @ peft[f"unet.{module}.lora_A.weight"]
+    assert torch.allclose(rebuilt, delta, atol=1e-4)
+    kohya = load_file(str(out / "sks-lora.safetensors"))
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha" in kohya
+    with pytest.raises(SystemExit, match="nothing to extract"):
+        cli.main(["extract-lora", "toy", "toy", "--rank", "3", "--out", str(tmp_path / "none")])
+
+
 # -- the subject survives the toy VAE --------------------------------------------------------------------------------
 
 
