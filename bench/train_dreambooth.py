@@ -68,13 +68,12 @@ def settings(model: str, mode: str) -> dict:
 
 
 def sdtune_run(model, instance, klass, res, batch, steps, rank, mode, s, out: Path):
+    # every image at exactly res x res, no flips: the examples centre-crop at --resolution
+    data = {"train_data_dir": instance, "resolution": res, "min_bucket_reso": res, "max_bucket_reso": res}
     args = [
         str(ROOT / "recipes" / "toy-dreambooth.yaml"),
         f"base={model}",
-        f"data.train_data_dir={instance}",
-        f"data.resolution={res}",
-        f"data.min_bucket_reso={res}",
-        f"data.max_bucket_reso={res}",
+        *(f"data.{key}={value}" for key, value in data.items()),
         "data.enable_bucket=false",
         "data.random_flip=false",
         f"method.class_data_dir={klass}",
@@ -156,31 +155,27 @@ def main(argv=None):
     write_results(args, rows, device_name(), stamp, res, steps, batch)
 
 
+def table_row(r: dict) -> str:
+    how = f"{r['precision']}, {'adamw8bit' if r['adam8bit'] else 'adamw'}, {'on' if r['checkpointing'] else 'off'}"
+    theirs = ["not run", "", ""]
+    if "example_s" in r:
+        theirs = [f"{r['example_s']:.4f}", f"{r['sdtune_s'] / r['example_s']:.2f}x", gib(r["example_mem"])]
+    cells = [r["mode"], how, f"{r['sdtune_s']:.4f}", theirs[0], theirs[1], gib(r["sdtune_mem"]), theirs[2]]
+    return "| " + " | ".join(cells) + " |"
+
+
 def write_results(args, rows, device, stamp, res, steps, batch):
-    memory = "CUDA peak allocated" if torch.cuda.is_available() else "peak RSS"
-    lines = [
-        f"\n## DreamBooth: {args.model}, {res} px, {batch} instance + {batch} class images per step, {steps} steps",
-        f"Machine: {device}. Measured {stamp} by `python bench/train_dreambooth.py --model {args.model}`.",
-        f"Memory is {memory}; s/step is the median interval between optimizer steps after 3 warm-up steps.",
-        "",
-        "| mode | precision, optimizer, checkpointing | sdtune s/step | example s/step | time ratio | sdtune memory "
-        "| example memory |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        how = f"{r['precision']}, {'adamw8bit' if r['adam8bit'] else 'adamw'}, {'on' if r['checkpointing'] else 'off'}"
-        if "example_s" in r:
-            ratio = f"{r['sdtune_s'] / r['example_s']:.2f}x"
-            lines.append(
-                f"| {r['mode']} | {how} | {r['sdtune_s']:.4f} | {r['example_s']:.4f} | {ratio} | "
-                f"{gib(r['sdtune_mem'])} | {gib(r['example_mem'])} |"
-            )
-        else:
-            lines.append(f"| {r['mode']} | {how} | {r['sdtune_s']:.4f} | not run | | {gib(r['sdtune_mem'])} | |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.results, "a") as handle:
-        handle.write(text)
+    counter = "CUDA peak allocated" if torch.cuda.is_available() else "peak RSS"
+    header = (
+        f"\n## DreamBooth: {args.model}, {res} px, {batch} instance + {batch} class images per step, {steps} steps\n"
+        f"Machine: {device}. Measured {stamp} by `python bench/train_dreambooth.py --model {args.model}`.\n"
+        f"Memory is {counter}; s/step is the median interval between optimizer steps after 3 warm-up steps.\n\n"
+        "| mode | precision, optimizer, checkpointing | sdtune s/step | example s/step | time ratio "
+        "| sdtune memory | example memory |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+    )
+    table = header + "\n".join(table_row(r) for r in rows) + "\n"
+    print(table)
+    args.results.open("a").write(table)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Ctrl-C saves a checkpoint and stops; `train.resume=latest` continues it, bit-ide
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -35,40 +34,23 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
 
 from sdtune.adapters import quiet_libraries
-from sdtune.adapters.base import BaseLoadError, load_pipeline, resolve_base
-from sdtune.trainers.core import class_images, export
-from sdtune.trainers.core.batches import BatchBuilder, PriorPairedBatches, prepare_latents
-from sdtune.trainers.core.cache import text_conditioner
-from sdtune.trainers.core.checkpointing import resolve_resume, start_or_resume
-from sdtune.trainers.core.data import DataError, DatasetScan, scan_dataset
-from sdtune.trainers.core.diffusion import denoising_step_loss, prior_preservation_loss
-from sdtune.trainers.core.estimate import preflight
-from sdtune.trainers.core.full_model import FullModelWriter
-from sdtune.trainers.core.loop import RunLoop
-from sdtune.trainers.core.lora_layers import add_lora
-from sdtune.trainers.core.outputs import AdapterWriter, finish_run, tracker_config, validation_and_check
-from sdtune.trainers.core.recipe import DreamBoothMethod, Recipe, RecipeError, load_recipe, trainer_for
-from sdtune.trainers.core.runtime import (
-    check_replicas_agree,
-    make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
-    optimizer_step,
-    param_groups,
-    prepare_models,
-    scaled_lr,
-    weight_dtype,
+from sdtune.trainers.core import batches as batching
+from sdtune.trainers.core import (
+    cache,
+    checkpointing,
+    class_images,
+    diffusion,
+    estimate,
+    full_model,
+    lora_layers,
+    outputs,
+    runtime,
+    session,
 )
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="YAML recipe with method.type: dreambooth (see recipes/).")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. method.lora=true output.dir=runs/x")
-    return parser.parse_args(argv)
+from sdtune.trainers.core.data import DatasetScan, scan_dataset
+from sdtune.trainers.core.recipe import DreamBoothMethod, Recipe
 
 
 def instance_images(recipe: Recipe) -> DatasetScan:
@@ -86,7 +68,7 @@ def setup_trainable(unet, text_encoder, method: DreamBoothMethod) -> tuple:
     """LoRA mode: peft LoRA layers, as trainers/lora.py. Full mode: the UNet itself (and the text encoder if asked),
     in fp32 even when the frozen parts sit in half precision, so that small updates are not rounded away."""
     if method.lora:
-        return add_lora(unet, text_encoder, method)
+        return lora_layers.add_lora(unet, text_encoder, method)
     for model, trained in ((unet, True), (text_encoder, method.train_text_encoder)):
         model.requires_grad_(trained)
         if trained:
@@ -123,31 +105,23 @@ def ema_weights(ema, params):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = session.parse_args(__doc__, argv)
     started_at = time.time()
     quiet_libraries()
 
     # 1) Recipe, instance and class folders, preflight: bad input fails here, before a model loads or a file is
     # written.
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.method.type != "dreambooth":
-        raise RecipeError(f"{args.recipe}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
+    recipe, base, resume_from = session.load_run_recipe(args, "dreambooth")
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
-    base = resolve_base(recipe.base)
-    resume_from = resolve_resume(out_dir, train.resume)
     scan = instance_images(recipe)
     user_class_images = class_images.scan_user_class_images(recipe)
-    accelerator = make_accelerator(recipe)
+    accelerator = runtime.make_accelerator(recipe)
     device = accelerator.device
-    accelerator.print(preflight(recipe, scan, device.type, accelerator.num_processes))
+    accelerator.print(estimate.preflight(recipe, scan, device.type, accelerator.num_processes))
 
     # 2) The base, frozen in fp16/bf16 under mixed precision. Class images come from it before anything trains.
-    dtype = weight_dtype(accelerator)
-    pipe = load_pipeline(recipe.base, torch_dtype=dtype).to(device)
+    pipe, dtype, noise_scheduler = session.load_frozen_base(recipe, accelerator)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # keeps the base's prediction_type
     pipe.set_progress_bar_config(disable=True)
     class_scan = None
     if method.with_prior_preservation:
@@ -161,89 +135,58 @@ def main(argv=None) -> int:
         class_scan = class_images.class_image_scan(recipe, user_class_images, generated, shortfall)
 
     # 3) Caches: the VAE runs once per instance and class image, the text encoder once per prompt if it is frozen.
-    def batch_builder(images: DatasetScan, cfg, seed: int) -> BatchBuilder:
-        latents = prepare_latents(images, cfg, vae, log=accelerator.print)
-        return BatchBuilder(
-            images,
-            cfg,
-            latents,
-            vae,
-            train.train_batch_size,
-            seed,
-            accelerator.process_index,
-            accelerator.num_processes,
-        )
+    def batch_builder(images: DatasetScan, cfg, seed: int) -> batching.BatchBuilder:
+        latents = batching.prepare_latents(images, cfg, vae, log=accelerator.print)
+        process, world = accelerator.process_index, accelerator.num_processes
+        return batching.BatchBuilder(images, cfg, latents, vae, train.train_batch_size, seed, process, world)
 
     batches = batch_builder(scan, recipe.data, train.seed)
     if class_scan is not None:  # class images draw their own latent noise: seed + 1
         class_cfg = class_images.class_data_config(recipe, method.class_data_dir or ".")
-        batches = PriorPairedBatches(batches, batch_builder(class_scan, class_cfg, train.seed + 1))
+        batches = batching.PriorPairedBatches(batches, batch_builder(class_scan, class_cfg, train.seed + 1))
 
-    # 4) What trains (seeded: same seed, same start), the optimizer and schedule; validation needs the base first.
-    validator, checker = validation_and_check(recipe, pipe, accelerator, base, dtype)
+    # 4) What trains (seeded: same seed, same start), the optimizer and schedule; a full fine-tune overwrites the
+    # base's own weights, so the base's grids and scores are taken first.
+    run = outputs.run_context(recipe, scan, base, pipe, accelerator, dtype, started_at)
     if not method.lora:
-        validator.capture_base()  # a full fine-tune overwrites the base's own weights
+        run.validator.capture_base()
     set_seed(train.seed)
     lora_configs = setup_trainable(unet, text_encoder, method)
-    if train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if method.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    lr = scaled_lr(train, accelerator.num_processes)
-    optimizer = make_optimizer(param_groups(unet, text_encoder, method, lr), train)
-    lr_scheduler = make_lr_scheduler(optimizer, train, accelerator.num_processes)
-    trained_unet, text_encoder_t, optimizer, lr_scheduler, trained_models = prepare_models(
-        accelerator, unet, text_encoder, method.train_text_encoder, optimizer, lr_scheduler, train.torch_compile
-    )
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    ema = make_ema(method, trainable)
+    opt = session.prepare_optimization(unet, text_encoder, recipe, accelerator)
+    ema = make_ema(method, opt.trainable)
     captions = None if method.train_text_encoder else batches.possible_captions()
-    text_states = text_conditioner(tokenizer, text_encoder_t, captions, device)
+    text_states = cache.text_conditioner(tokenizer, opt.text_encoder, captions, device)
 
     # 5) Checkpoints hold the trained tensors (the whole UNet in full mode), optimizer, schedule, EMA, position.
     models = [unet, text_encoder] if method.train_text_encoder else [unet]
-    state = start_or_resume(accelerator, models, resume_from, train.resume, out_dir, [ema] if ema else [])
-    lora_writer = AdapterWriter(
-        recipe=recipe,
-        scan=scan,
-        base=base,
-        started_at=started_at,
-        accelerator=accelerator,
-        validator=validator,
-        checker=checker,
-        unet=unet,
-        text_encoder=text_encoder,
-        lora_configs=lora_configs,
-        trainable=trainable,
+    state = checkpointing.start_or_resume(
+        accelerator, models, resume_from, train.resume, out_dir, [ema] if ema else []
     )
-    writer = lora_writer if method.lora else FullModelWriter(pipe, lora_writer, base_folder=Path(base.location))
+    lora_writer = outputs.AdapterWriter(run, unet, text_encoder, lora_configs, opt.trainable)
+    writer = (
+        lora_writer if method.lora else full_model.FullModelWriter(pipe, lora_writer, base_folder=Path(base.location))
+    )
 
     def save(path: Path, step: int):
-        with ema_weights(ema, trainable):
+        with ema_weights(ema, opt.trainable):
             return writer.save(path, step)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("sdtune-dreambooth", config=tracker_config(recipe))
+        accelerator.init_trackers("sdtune-dreambooth", config=outputs.tracker_config(recipe))
 
-    # 6) The loop. Each micro-batch: instance images, then (prior preservation) as many class images.
-    loop = RunLoop(
-        accelerator,
-        train,
-        state,
-        batches,
-        out_dir,
-        on_checkpoint=save if method.lora else None,  # a full model is written once, at the end
-        on_validation=lambda step: validator.grid(step, out_dir / "samples" / f"step-{step:06d}.png"),
-        validation_steps=recipe.validation.validation_steps,
+    # 6) The loop. Each micro-batch: instance images, then (prior preservation) as many class images. A full model
+    # is written once, at the end; a LoRA at every checkpoint too.
+    loop = session.make_loop(
+        accelerator, recipe, state, batches, run.validator, on_checkpoint=save if method.lora else None
     )
     for batch in loop.micro_batches():
         grad_to_text = text_encoder_active(method, state.step)
-        with accelerator.accumulate(*trained_models), accelerator.autocast():
+        with accelerator.accumulate(*opt.models), accelerator.autocast():
             with contextlib.nullcontext() if grad_to_text else torch.no_grad():
                 states = text_states(batch.captions).to(dtype)
             # noise at random timesteps, predict the noise (or v); per-image MSE, so instance and class weigh apart
-            per_image = denoising_step_loss(
-                trained_unet,
+            per_image = diffusion.denoising_step_loss(
+                opt.unet,
                 noise_scheduler,
                 batch.latents.to(device, dtype),
                 states,
@@ -252,51 +195,38 @@ def main(argv=None) -> int:
                 generator=batch.generator,
                 per_sample=True,
             )
-            loss = prior_preservation_loss(per_image, batch.num_prior, method.prior_loss_weight)
-            optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, train.max_grad_norm)
+            loss = diffusion.prior_preservation_loss(per_image, batch.num_prior, method.prior_loss_weight)
+            runtime.optimizer_step(
+                accelerator, loss, opt.trainable, opt.optimizer, opt.lr_scheduler, train.max_grad_norm
+            )
         if ema is not None and accelerator.sync_gradients:
-            ema.step(trainable)
-        loop.after_micro_batch(loss, lr_scheduler.get_last_lr()[0])
+            ema.step(opt.trainable)
+        loop.after_micro_batch(loss, opt.lr_scheduler.get_last_lr()[0])
     if loop.stopped_early:
         accelerator.end_training()
         return 130
 
-    # 7) The outputs of the mode, the export check, A/B grid, scores and manifest; with EMA on, the EMA is saved.
+    # 7) The mode's outputs, the export check, A/B grid, scores and manifest; with EMA on, the EMA is saved.
     accelerator.wait_for_everyone()
-    check_replicas_agree(accelerator, trainable)
+    runtime.check_replicas_agree(accelerator, opt.trainable)
     if accelerator.is_main_process:
         if ema is not None:
-            ema.copy_to(trainable)
-        prior = {
+            ema.copy_to(opt.trainable)
+        facts = {
             "mode": "lora" if method.lora else "full",
             "class_prompt": method.class_prompt,
             "with_prior_preservation": method.with_prior_preservation,
             "prior_loss_weight": method.prior_loss_weight,
             "num_class_images": len(class_scan.records) if class_scan else 0,
         }
-        finish_run(
-            recipe=recipe,
-            base=base,
-            scan=scan,
-            accelerator=accelerator,
-            validator=validator,
-            save=writer.save,
-            steps=state.step,
-            final_loss=state.last_loss,
-            started_at=started_at,
-            training=loop.speed_and_memory() | prior,
-        )
+        outputs.finish_run(run, writer.save, state, loop.speed_and_memory() | facts)
     accelerator.end_training()
     return 0
 
 
 def cli(argv=None) -> int:
-    """Entry point with one-line errors for bad input (no traceback for what the user can fix)."""
-    try:
-        return main(argv)
-    except (RecipeError, DataError, BaseLoadError, FileNotFoundError, export.ExportCheckError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Entry point: bad input ends in one `error:` line and exit status 2."""
+    return session.run_cli(main, argv)
 
 
 if __name__ == "__main__":

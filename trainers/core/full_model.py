@@ -29,7 +29,7 @@ class FullModelWriter:
     base_folder: Path | None  # the base's own folder, for its sdtune.json (recommended guidance), if any
 
     def save(self, out_dir: Path, step: int):
-        recipe = self.lora.recipe
+        recipe = self.lora.run.recipe
         method, name = recipe.method, recipe.output.name
         folder = out_dir / "diffusers"
         save_pipeline_folder(self.pipe, folder, overwrite=True)
@@ -46,8 +46,8 @@ class FullModelWriter:
 
     def save_extracted_lora(self, out_dir: Path, step: int, rank: int):
         """SVD of the weight delta at `rank`, in both LoRA formats, export-checked against the same LoRA in memory."""
-        base_unet, base_te = self.lora.checker.base_state_dicts()
-        trained_te = self.lora.recipe.method.train_text_encoder
+        base_unet, base_te = self.lora.run.checker.base_state_dicts()
+        trained_te = self.lora.run.recipe.method.train_text_encoder
         extracted = extract_lora(
             base_unet,
             {k: v.detach().cpu() for k, v in self.pipe.unet.state_dict().items()},
@@ -55,18 +55,18 @@ class FullModelWriter:
             base_te if trained_te else None,
             {k: v.detach().cpu() for k, v in self.pipe.text_encoder.state_dict().items()} if trained_te else None,
         )
-        dtype = SAVE_DTYPES[self.lora.recipe.output.save_precision]
+        dtype = SAVE_DTYPES[self.lora.run.recipe.output.save_precision]
         configs = (
             extracted.lora_config("unet"),
             extracted.lora_config("text_encoder") if extracted.text_encoder else None,
         )
 
         def reference():
-            return self.lora.checker.render_state_dict(
+            return self.lora.run.checker.render_state_dict(
                 cast(extracted.unet, dtype), cast(extracted.text_encoder, dtype)
             )
 
-        name = f"{self.lora.recipe.output.name}-lora"
+        name = f"{self.lora.run.recipe.output.name}-lora"
         return self.lora.save_state_dicts(
             out_dir, step, extracted.unet, extracted.text_encoder, configs, reference, name
         )

@@ -37,8 +37,8 @@ def trigger_words(recipe: Recipe) -> list[str]:
 
 
 @dataclass
-class AdapterWriter:
-    """What saving a LoRA needs, gathered once: every checkpoint and the final save go through `save`."""
+class RunContext:
+    """What saving and finishing a run need to know about it, gathered once by the trainer."""
 
     recipe: Recipe
     scan: DatasetScan
@@ -47,6 +47,13 @@ class AdapterWriter:
     accelerator: Accelerator
     validator: Validator
     checker: export.ExportChecker
+
+
+@dataclass
+class AdapterWriter:
+    """Writes a LoRA: every checkpoint and the final save go through `save`."""
+
+    run: RunContext
     unet: torch.nn.Module | None = None  # the peft-adapted models, for a trained LoRA
     text_encoder: torch.nn.Module | None = None
     lora_configs: tuple = (None, None)  # peft LoraConfig of the UNet and of the text encoder (None: not trained)
@@ -55,19 +62,19 @@ class AdapterWriter:
     def save(self, out_dir: Path, step: int) -> tuple[dict, export.ExportCheck | None]:
         """Writes the trained LoRA in both formats into `out_dir` and, if asked, runs the export check on them."""
         unet_sd, te_sd = lora_state_dicts(self.unet, self.text_encoder, self.lora_configs[1] is not None)
-        dtype = SAVE_DTYPES[self.recipe.output.save_precision]
+        dtype = SAVE_DTYPES[self.run.recipe.output.save_precision]
 
         def reference():  # the adapter in training, its tensors rounded as saved
             with export.rounded_to(self.trainable, dtype):
-                return self.validator.render_one(self.checker.settings)
+                return self.run.validator.render_one(self.run.checker.settings)
 
         return self.save_state_dicts(out_dir, step, unet_sd, te_sd, self.lora_configs, reference)
 
     def save_state_dicts(self, out_dir: Path, step, unet_sd, te_sd, configs, reference, name=None):
         """Writes peft-named LoRA tensors as both formats, then checks them against `reference()`'s image."""
-        recipe = self.recipe
+        run, recipe = self.run, self.run.recipe
         dtype = SAVE_DTYPES[recipe.output.save_precision]
-        metadata = kohya_metadata(recipe, self.scan, self.base, step, self.started_at, configs[0])
+        metadata = kohya_metadata(recipe, run.scan, run.base, step, run.started_at, configs[0])
         files = export.write_lora_files(
             out_dir,
             name or recipe.output.name,
@@ -80,15 +87,16 @@ class AdapterWriter:
         )
         if not recipe.output.export_check:
             return files, None
-        report = self.checker.check(files, reference(), out_dir)
-        self.accelerator.print(report.summary())
+        report = run.checker.check(files, reference(), out_dir)
+        run.accelerator.print(report.summary())
         if not report.ok:
             raise export.ExportCheckError(f"{out_dir}: {report.summary()} (see {out_dir / 'export_check.png'})")
         return files, report
 
 
-def validation_and_check(recipe: Recipe, pipe, accelerator, base: BaseSource, dtype) -> tuple:
-    """The run's `Validator` (grids, toy scores; shares `pipe`'s models) and its `ExportChecker` (a clean base)."""
+def run_context(recipe: Recipe, scan, base: BaseSource, pipe, accelerator, dtype, started_at: float) -> RunContext:
+    """The run's `Validator` (grids, toy scores; shares `pipe`'s models), its `ExportChecker` (a clean base loaded
+    when first needed) and the facts every save records."""
     validator = Validator(recipe, pipe, accelerator, Path(recipe.output.dir), base.name)
     checker = export.ExportChecker(
         lambda: load_pipeline(recipe.base, torch_dtype=dtype),
@@ -96,33 +104,23 @@ def validation_and_check(recipe: Recipe, pipe, accelerator, base: BaseSource, dt
         check_settings(recipe),
         accelerator.autocast,
     )
-    return validator, checker
+    return RunContext(recipe, scan, base, started_at, accelerator, validator, checker)
 
 
-def finish_run(
-    *,
-    recipe: Recipe,
-    base: BaseSource,
-    scan: DatasetScan,
-    accelerator: Accelerator,
-    validator: Validator,
-    save: SaveFn,
-    steps: int,
-    final_loss: float | None,
-    started_at: float,
-    training: dict | None = None,
-) -> Path:
+def finish_run(run: RunContext, save: SaveFn, state, training: dict | None = None) -> Path:
     """The end of every run (main process): the method's files, A/B grid, toy scores, then `adapter.json`.
 
     Args:
         save: the trainer's writer, `(out_dir, step) -> ({format: path}, export check or None)`.
+        state: the loop's `TrainState` (steps done, smoothed loss).
         training: extra facts for the manifest's `training` (speed, memory, the method's own settings).
     """
+    recipe, accelerator, validator = run.recipe, run.accelerator, run.validator
     out_dir = Path(recipe.output.dir)
-    files, report = save(out_dir, steps)
+    files, report = save(out_dir, state.step)
     samples = {}
     if validator.enabled:
-        validator.grid(steps, out_dir / "ab_grid.png")
+        validator.grid(state.step, out_dir / "ab_grid.png")
         samples["ab_grid"] = "ab_grid.png"
     scores = validator.toy_scores()
     if scores:
@@ -130,17 +128,17 @@ def finish_run(
     info = export.manifest(
         name=recipe.output.name,
         method=recipe.method.type,
-        base=BaseRef(recipe.base.pretrained_model_name_or_path, base.kind, base_hash(recipe.base)),
+        base=BaseRef(recipe.base.pretrained_model_name_or_path, run.base.kind, base_hash(recipe.base)),
         recipe=recipe,
-        scan=scan,
+        scan=run.scan,
         trigger_words=trigger_words(recipe),
-        steps=steps,
-        final_loss=final_loss,
+        steps=state.step,
+        final_loss=state.last_loss,
         files=files,
         samples=samples,
         scores=scores,
         export_check=report,
-        started_at=started_at,
+        started_at=run.started_at,
     )
     info.training.update(training or {})
     manifest_file = write_manifest(out_dir, info)
