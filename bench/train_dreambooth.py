@@ -92,11 +92,12 @@ def sdtune_run(model, instance, klass, res, batch, steps, rank, mode, s, out: Pa
         f"train.gradient_checkpointing={'true' if s['checkpointing'] else 'false'}",
         f"train.mixed_precision={s['precision']}",
         "train.checkpointing_steps=100000",
+        # measure training only: no grids, scores, export check or logs
         "validation.prompts=[]",
         "validation.toy_score=[]",
-        f"output.dir={out}",
-        "output.report_to=none",
         "output.export_check=false",
+        "output.report_to=none",
+        f"output.dir={out}",
     ]
     return measured(str(ROOT / "trainers" / "dreambooth.py"), args, out / "measure.json", ROOT)
 
