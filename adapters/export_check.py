@@ -82,6 +82,33 @@ class ExportChecker:
         finally:
             pipe.delete_adapters("export_check")
 
+    def base_state_dicts(self) -> tuple[dict, dict]:
+        """The clean base's UNet and text-encoder weights (diffusers names, on the CPU), whatever the check loaded."""
+
+        def plain(model):
+            return {
+                k.replace(".base_layer.", "."): v.detach().cpu()
+                for k, v in model.state_dict().items()
+                if ".lora_" not in k
+            }
+
+        pipe = self._base()
+        return plain(pipe.unet), plain(pipe.text_encoder)
+
+    def render_state_dict(self, unet_sd: dict, te_sd: dict | None) -> sampling.Sample:
+        """The check's image from LoRA tensors in memory (peft names, alpha = rank) on the clean base: the reference
+        an extracted LoRA's files are compared with, as a trained LoRA's are with the model in training."""
+        pipe = self._base().to(self.device)
+        tensors = {f"unet.{k}": v for k, v in unet_sd.items()}
+        tensors |= {f"text_encoder.{k}": v for k, v in (te_sd or {}).items()}
+        pipe.load_lora_weights(tensors, adapter_name="export_check")
+        try:
+            with torch.no_grad(), self.autocast():
+                return sampling.generate(pipe, [self.settings])[0]
+        finally:
+            pipe.delete_adapters("export_check")
+            self._pipe = pipe.to("cpu")
+
     def _unmatched(self, kohya_path: Path) -> tuple[list[str], list[str]]:
         from safetensors.torch import load_file
 

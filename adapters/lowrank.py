@@ -12,22 +12,29 @@ from __future__ import annotations
 import torch
 
 
-def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def factorize(delta: torch.Tensor, rank: int, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """delta [out,in] or [out,in,kh,kw] -> (up [out,r] or [out,r,1,1], down [r,in] or [r,in,kh,kw]) with
-    up @ down ~= delta (best rank-r in Frobenius norm, singular values split as sqrt between both), in float32."""
+    up @ down ~= delta (best rank-r in Frobenius norm, singular values split as sqrt between both), in float32.
+
+    A `rank` above min(out, in*kh*kw) is lowered to it, unless `pad`: then the factors are padded with zeros to
+    `rank`, so that every module of an extracted LoRA has the one rank its config names.
+    """
     if delta.dim() not in (2, 4):
         raise ValueError(f"factorize: delta must be [out, in] or [out, in, kh, kw], got shape {tuple(delta.shape)}")
     if rank < 1:
         raise ValueError(f"factorize: rank must be >= 1, got {rank}")
     matrix = delta.float().flatten(1)
-    rank = min(rank, *matrix.shape)
+    kept = min(rank, *matrix.shape)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = s[:rank].sqrt()
-    up = u[:, :rank] * root
-    down = root[:, None] * vh[:rank]
+    root = s[:kept].sqrt()
+    up = u[:, :kept] * root
+    down = root[:, None] * vh[:kept]
+    if pad and kept < rank:
+        up = torch.cat([up, up.new_zeros(up.shape[0], rank - kept)], dim=1)
+        down = torch.cat([down, down.new_zeros(rank - kept, down.shape[1])])
     if delta.dim() == 4:
-        return up.reshape(*up.shape, 1, 1), down.reshape(rank, *delta.shape[1:])
-    return up, down
+        return up.reshape(*up.shape, 1, 1).contiguous(), down.reshape(up.shape[1], *delta.shape[1:]).contiguous()
+    return up.contiguous(), down.contiguous()
 
 
 def singular_values(delta: torch.Tensor) -> torch.Tensor:

@@ -534,7 +534,8 @@ def _check_fits(shapes: dict[str, tuple[int, ...]], config: Path, path: Path) ->
         )
 
 
-def _atomic_save_folder(pipe, out: Path, overwrite: bool) -> None:
+def save_pipeline_folder(pipe, out: Path, overwrite: bool) -> None:
+    """`pipe.save_pretrained(out)`, atomically: a temp folder beside `out`, swapped in by renames."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     tmp, old = out.with_name(f".{out.name}.{os.getpid()}.tmp"), out.with_name(f".{out.name}.{os.getpid()}.old")
@@ -607,7 +608,7 @@ def load_single_file(
         if missing:
             raise ValueError(f"{path}: {name} weights missing from the file: {', '.join(missing[:3])}")
     if out_folder is not None:
-        _atomic_save_folder(pipe, Path(out_folder), overwrite)
+        save_pipeline_folder(pipe, Path(out_folder), overwrite)
     return pipe
 
 

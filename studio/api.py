@@ -172,6 +172,46 @@ def annotate_images(
         raise StudioError(str(exc)) from None
 
 
+def extract_lora(base: str, tuned: str, rank: int, out: str | Path, *, dtype: str = "fp16") -> dict[str, str]:
+    """A LoRA of rank `rank` from the weight delta between two bases (e.g. a DreamBooth fine-tune and its base),
+    written into the folder `out` as `pytorch_lora_weights.safetensors` (PEFT) and `<folder name>.safetensors`
+    (kohya/A1111). Returns {format: path}."""
+    from sdtune.adapters.base import BaseLoadError, load_pipeline
+    from sdtune.adapters.extract import extract_lora as extract
+    from sdtune.trainers.core.export import write_lora_files
+    from sdtune.trainers.core.runtime import SAVE_DTYPES
+
+    if rank < 1:
+        raise StudioError(f"--rank must be at least 1, got {rank}")
+    try:
+        base_pipe, tuned_pipe = load_pipeline(base), load_pipeline(tuned)
+    except (BaseLoadError, FileNotFoundError, ValueError) as exc:
+        raise StudioError(str(exc)) from None
+    try:
+        lora = extract(
+            base_pipe.unet.state_dict(),
+            tuned_pipe.unet.state_dict(),
+            rank,
+            base_pipe.text_encoder.state_dict(),
+            tuned_pipe.text_encoder.state_dict(),
+        )
+    except ValueError as exc:
+        raise StudioError(str(exc)) from None
+    out = Path(out)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),
+        "ss_base_model_version": "sd_v1",
+        "sdtune_extracted_from": f"{tuned} - {base}",
+    }
+    te_config = lora.lora_config("text_encoder") if lora.text_encoder else None
+    files = write_lora_files(
+        out, out.name, lora.unet, lora.text_encoder, lora.lora_config("unet"), te_config, SAVE_DTYPES[dtype], metadata
+    )
+    return {fmt: str(path) for fmt, path in files.items()}
+
+
 def doctor_report() -> str:
     """What this machine can train (torch, CUDA, bitsandbytes, SDPA, memory, disk) and which recipes fit."""
     from sdtune.studio.doctor import doctor_report as report

@@ -6,6 +6,7 @@ Usage:
     sdtune sample --prompt "a red circle" --controlnet runs/cn:0.9 --control-image edges.png --adapter runs/q
     sdtune annotate --kind canny photos/ data/conditioning/             # ControlNet conditioning images
     sdtune convert path/to/diffusers-folder model.safetensors --half      # and back: model.safetensors folder/
+    sdtune extract-lora toy runs/toy-dreambooth/diffusers --rank 32 --out runs/sks-lora   # LoRA of a fine-tune
     sdtune doctor
     sdtune jobs submit recipes/quickstart.yaml [train.lr=1e-4 ...]    # queue a training run
     sdtune worker                                                      # run queued jobs (a separate process)
@@ -158,6 +159,24 @@ def run_annotate(args) -> int:
     except api.StudioError as exc:
         raise SystemExit(f"sdtune annotate: {exc}") from None
     print(f"{len(written)} {args.kind} images in {args.out_dir}")
+
+
+def _extract_parser(sub):
+    p = sub.add_parser("extract-lora", help="A LoRA from the weight delta of a fine-tune (SVD), in both formats.")
+    p.add_argument("base", help="The base the fine-tune started from (toy, a folder, a .safetensors, a hub id).")
+    p.add_argument("tuned", help="The fine-tuned model (e.g. a DreamBooth run's diffusers/ folder).")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank: higher keeps more of the fine-tune (default 32).")
+    p.add_argument("--out", type=Path, required=True, help="Folder for the PEFT and kohya files.")
+    p.add_argument("--dtype", choices=api.DTYPE_NAMES, default="fp16", help="dtype of the saved files.")
+    p.set_defaults(run=run_extract)
+
+
+def run_extract(args) -> int:
+    try:
+        for fmt, path in api.extract_lora(args.base, args.tuned, args.rank, args.out, dtype=args.dtype).items():
+            print(f"{fmt}: {path}")
+    except api.StudioError as exc:
+        raise SystemExit(f"sdtune extract-lora: {exc}") from None
     return 0
 
 
@@ -385,13 +404,16 @@ def _bake_parser(sub):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.split("\n")[0], epilog=EPILOG)
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{sample,annotate,adapters,bake,convert,doctor,jobs,worker}"
+        dest="command",
+        required=True,
+        metavar="{sample,annotate,adapters,bake,convert,extract-lora,doctor,jobs,worker}",
     )
     _sample_parser(sub)
     _annotate_parser(sub)
     _adapters_parser(sub)
     _bake_parser(sub)
     _convert_parser(sub)
+    _extract_parser(sub)
     _doctor_parser(sub)
     _jobs_parser(sub)
     _worker_parser(sub)

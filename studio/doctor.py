@@ -1,6 +1,6 @@
 """`sdtune doctor`: what this machine can train, and which shipped recipes fit in its memory.
 
-Recipes of methods without a trainer yet (DreamBooth) are estimated, and say that they cannot run.
+Recipes of methods without a trainer yet are estimated, and say that they cannot run.
 """
 
 from __future__ import annotations

@@ -60,7 +60,9 @@ def trainer_env(cache: Path) -> dict:
     return {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
 
 
-def run_trainer(args: list[str], cache: Path, launcher: str = "python", timeout: int = 900):
+def run_trainer(
+    args: list[str], cache: Path, launcher: str = "python", timeout: int = 900, script: str = "trainers/lora.py"
+):
     if launcher == "accelerate":
         cmd = [
             str(Path(sys.executable).parent / "accelerate"),
@@ -73,11 +75,11 @@ def run_trainer(args: list[str], cache: Path, launcher: str = "python", timeout:
             "no",
             "--dynamo_backend",
             "no",
-            "trainers/lora.py",
+            script,
             *args,
         ]
     else:
-        cmd = [sys.executable, "trainers/lora.py", *args]
+        cmd = [sys.executable, script, *args]
     return subprocess.run(cmd, cwd=ROOT, env=trainer_env(cache), capture_output=True, text=True, timeout=timeout)
 
 

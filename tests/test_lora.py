@@ -206,8 +206,8 @@ def assert_same_weights(path: Path, reference: dict):
         assert np.array_equal(got[key].numpy(), reference[key].numpy()), key
 
 
-def _start(recipe, out, cache, *extra):
-    cmd = [sys.executable, "trainers/lora.py", str(recipe), f"output.dir={out}", *extra]
+def _start(recipe, out, cache, *extra, script: str = "trainers/lora.py"):
+    cmd = [sys.executable, script, str(recipe), f"output.dir={out}", *extra]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=trainer_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -403,7 +403,7 @@ BAD_INPUTS = [
     (["train.lerning_rate=1e-4"], "train.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
     (["data.train_data_dir={tmp}/missing"], "data.train_data_dir"),
     (["data.train_data_dir={bad}"], "no usable images"),
-    (["method.type=dreambooth", "method.instance_prompt=a sks dog"], "'dreambooth': its trainer does not exist yet"),
+    (["method.type=dreambooth", "method.instance_prompt=a sks dog"], "'dreambooth': run trainers/dreambooth.py"),
     (["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
     (["train.resume={tmp}"], "is not a checkpoint folder"),
     (["base=missing.safetensors"], "base: file missing.safetensors not found"),

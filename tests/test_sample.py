@@ -136,10 +136,10 @@ def test_doctor_lists_machine_and_recipes(capsys):
     for word in ("torch", "CUDA", "bitsandbytes", "SDPA", "free disk", "sd15-lora-low-vram.yaml", "quickstart.yaml"):
         assert word in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip().endswith(")") or ".yaml" in line}
-    # DreamBooth recipes are estimated but say they cannot run yet; LoRA and ControlNet recipes never say so
-    assert "no dreambooth trainer yet" in lines["sd15-dreambooth-default.yaml"]
-    for name in ("sd15-lora-default.yaml", "quickstart.yaml", "sd15-controlnet-low-vram.yaml", "controlnet-toy.yaml"):
+    # every method has its trainer now: no recipe says it cannot run
+    for name in ("sd15-lora-default.yaml", "quickstart.yaml", "sd15-dreambooth-default.yaml", "controlnet-toy.yaml"):
         assert "trainer yet" not in lines[name], lines[name]
+    assert "trainer yet" not in lines["sd15-controlnet-low-vram.yaml"]
     assert lines["controlnet-toy.yaml"].endswith("fits")
 
 

@@ -20,47 +20,26 @@ Ctrl-C saves a checkpoint and stops; `train.resume=latest` continues it, bit-ide
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from sdtune.adapters import sampling
-from sdtune.adapters.base import (
-    BaseLoadError,
-    BaseSource,
-    base_hash,
-    load_pipeline,
-    recommended_guidance,
-)
-from sdtune.adapters.manifest import BaseRef
 from sdtune.trainers.core import export
 from sdtune.trainers.core.batches import make_batches
 from sdtune.trainers.core.cache import text_states
-from sdtune.trainers.core.checkpointing import (
-    TrainState,
-    register_trainable_state_hooks,
-    restore_checkpoint,
-)
-from sdtune.trainers.core.data import DataError, DatasetScan, scan_dataset
+from sdtune.trainers.core.checkpointing import start_or_resume
+from sdtune.trainers.core.data import scan_dataset
 from sdtune.trainers.core.diffusion import batch_loss
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.lora_layers import add_lora
-from sdtune.trainers.core.recipe import Recipe, RecipeError
 from sdtune.trainers.core.runtime import (
-    SAVE_DTYPES,
     load_frozen_base,
     make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
     optimizer_step,
-    scaled_lr,
+    prepare_optimization,
+    run_cli,
     start_run,
     tracker_config,
 )
@@ -72,59 +51,6 @@ def parse_args(argv=None):
     parser.add_argument("recipe", help="YAML recipe (see recipes/).")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 output.dir=runs/x")
     return parser.parse_args(argv)
-
-
-def param_groups(unet, text_encoder, recipe: Recipe, lr: float) -> list[dict]:
-    """UNet LoRA at the run's lr; text-encoder LoRA at `method.text_encoder_lr` (kohya's split) if set."""
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
-    if recipe.method.train_text_encoder:
-        te_lr = recipe.method.text_encoder_lr or lr
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
-    return groups
-
-
-@dataclass
-class AdapterWriter:
-    """What saving the adapter needs, gathered once: every checkpoint and the final save go through `save`."""
-
-    recipe: Recipe
-    scan: DatasetScan
-    base: BaseSource
-    started_at: float
-    accelerator: Accelerator
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    lora_configs: tuple  # peft LoraConfig of the UNet and of the text encoder (None when it is not trained)
-    trainable: list[torch.nn.Parameter]
-    validator: Validator
-    checker: export.ExportChecker
-
-    def save(self, out_dir: Path, step: int) -> tuple[dict, export.ExportCheck | None]:
-        """Writes both LoRA formats into `out_dir` and, if asked, runs the export check on them."""
-        recipe = self.recipe
-        metadata = kohya_metadata(recipe, self.scan, self.base, step, self.started_at)
-        dtype = SAVE_DTYPES[recipe.output.save_precision]
-        unet_config, te_config = self.lora_configs
-        files = export.save_lora_files(
-            out_dir,
-            recipe.output.name,
-            self.unet,
-            self.text_encoder,
-            unet_config,
-            te_config,
-            dtype,
-            metadata,
-            write_kohya=recipe.output.export_kohya,
-        )
-        if not recipe.output.export_check:
-            return files, None
-        with export.rounded_to(self.trainable, dtype):  # the reference: the adapter as just saved
-            trained = self.validator.render_one(self.checker.settings)
-        report = self.checker.check(files, trained, out_dir)
-        self.accelerator.print(report.summary())
-        if not report.ok:
-            raise export.ExportCheckError(f"{out_dir}: {report.summary()} (see {out_dir / 'export_check.png'})")
-        return files, report
 
 
 def main(argv=None) -> int:
@@ -151,47 +77,26 @@ def main(argv=None) -> int:
 
     # 4) LoRA layers (their random init is seeded: same seed, same starting LoRA), optimizer, schedule.
     set_seed(train.seed)
-    unet_config, te_config = add_lora(unet, text_encoder, method)
-    if train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if method.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    lr = scaled_lr(train, accelerator.num_processes)
-    optimizer = make_optimizer(param_groups(unet, text_encoder, recipe, lr), train)
-    lr_scheduler = make_lr_scheduler(optimizer, train, accelerator.num_processes)
-    trained_unet = torch.compile(unet) if train.torch_compile else unet
-    if method.train_text_encoder:
-        trained_unet, text_encoder_t, optimizer, lr_scheduler = accelerator.prepare(
-            trained_unet, text_encoder, optimizer, lr_scheduler
-        )
-    else:
-        trained_unet, optimizer, lr_scheduler = accelerator.prepare(trained_unet, optimizer, lr_scheduler)
-        text_encoder_t = text_encoder
-    trained_models = [trained_unet, text_encoder_t] if method.train_text_encoder else [trained_unet]
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    lora_configs = add_lora(unet, text_encoder, method)
+    opt = prepare_optimization(unet, text_encoder, recipe, accelerator)
 
     # 5) Checkpoints hold the LoRA tensors, optimizer, scheduler and where the loop stands; resume restores them.
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    register_trainable_state_hooks(accelerator, [unet, text_encoder] if method.train_text_encoder else [unet])
-    restore_checkpoint(accelerator, resume_from, train.resume, out_dir, state)
+    models = [unet, text_encoder] if method.train_text_encoder else [unet]
+    state = start_or_resume(accelerator, models, resume_from, train.resume, out_dir)
 
     validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
-    checker = export.ExportChecker(
-        lambda: load_pipeline(recipe.base, torch_dtype=dtype), device, check_settings(recipe), accelerator.autocast
-    )
-    writer = AdapterWriter(
-        recipe=recipe,
-        scan=scan,
-        base=base,
-        started_at=started_at,
-        accelerator=accelerator,
+    writer = export.adapter_writer(
+        recipe,
+        scan,
+        base,
+        started_at,
+        accelerator,
+        validator,
+        dtype,
         unet=unet,
         text_encoder=text_encoder,
-        lora_configs=(unet_config, te_config),
-        trainable=trainable,
-        validator=validator,
-        checker=checker,
+        lora_configs=lora_configs,
+        trainable=opt.trainable,
     )
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune-lora", config=tracker_config(recipe))
@@ -199,133 +104,21 @@ def main(argv=None) -> int:
     # 6) The loop. A step = gradient_accumulation_steps micro-batches; each draws its noise from its own seed.
     loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator)
     for batch in loop.micro_batches():
-        with accelerator.accumulate(*trained_models), accelerator.autocast():
-            states = text_states(text_cache, tokenizer, text_encoder_t, batch.captions, device)
+        with accelerator.accumulate(*opt.models), accelerator.autocast():
+            states = text_states(text_cache, tokenizer, opt.text_encoder, batch.captions, device)
             # noise the latents at random timesteps, predict the noise (or v), MSE with optional min-SNR weights
-            loss = batch_loss(trained_unet, noise_scheduler, batch, states, train, dtype)
-            optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, train.max_grad_norm)
-        loop.after_micro_batch(loss, lr_scheduler.get_last_lr()[0])
+            loss = batch_loss(opt.unet, noise_scheduler, batch, states, train, dtype)
+            optimizer_step(accelerator, loss, opt.trainable, opt.optimizer, opt.lr_scheduler, train.max_grad_norm)
+        loop.after_micro_batch(loss, opt.lr_scheduler.get_last_lr()[0])
 
     # 7) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest (130 instead, if
     # Ctrl-C stopped the run: its checkpoint is saved).
-    return loop.finish(trainable, lambda speed: write_final_outputs(writer, state, speed))
-
-
-def write_final_outputs(writer: AdapterWriter, state, speed: dict):
-    recipe = writer.recipe
-    files, report = writer.save(Path(recipe.output.dir), state.step)
-    export.finish_run(
-        recipe,
-        method="lora",
-        base=BaseRef(recipe.base.pretrained_model_name_or_path, writer.base.kind, base_hash(recipe.base)),
-        scan=writer.scan,
-        state=state,
-        files=files,
-        validator=writer.validator,
-        export_check=report,
-        started_at=writer.started_at,
-        speed=speed,
-        log=writer.accelerator.print,
-    )
-
-
-def check_settings(recipe: Recipe) -> sampling.SampleSettings:
-    """The one image the export check renders per format: the first validation prompt, seed 0."""
-    v = recipe.validation
-    prompt = v.prompts[0] if v.prompts else (recipe.data.trigger_word or "a photo")
-    return sampling.SampleSettings(
-        prompt=prompt,
-        seed=0,
-        negative_prompt=v.negative_prompt,
-        steps=v.num_inference_steps,
-        guidance=v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base),
-        scheduler=v.scheduler,
-    )
-
-
-def kohya_metadata(recipe: Recipe, scan, base, step: int, started_at: float) -> dict[str, str]:
-    from sdtune.adapters.kohya import kohya_metadata as build
-
-    method, train = recipe.method, recipe.train
-    res = recipe.data.resolution
-    base_model_name, new_hash, legacy_hash = base_metadata(recipe, base)
-    return build(
-        base_model_name=base_model_name,
-        base_model_hash=new_hash,
-        base_model_legacy_hash=legacy_hash,
-        bucket_counts=scan.bucket_counts(),
-        trigger_words=[recipe.data.trigger_word] if recipe.data.trigger_word else [],
-        resolution=(res, res),
-        steps=step,
-        max_train_steps=train.max_train_steps,
-        epochs=max(
-            1,
-            math.ceil(
-                step
-                * train.train_batch_size
-                * train.gradient_accumulation_steps
-                / max(sum(r.repeats for r in scan.records), 1)
-            ),
-        ),
-        rank=method.rank,
-        alpha=method.alpha,
-        learning_rate=train.learning_rate,
-        text_encoder_lr=(method.text_encoder_lr or train.learning_rate) if method.train_text_encoder else None,
-        unet_lr=train.learning_rate,
-        seed=train.seed,
-        mixed_precision=train.mixed_precision,
-        optimizer=train.optimizer,
-        lr_scheduler=train.lr_scheduler,
-        batch_size=train.train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        num_train_images=len(scan.records),
-        dataset_dirs=scan.dataset_dirs(),
-        tag_frequency=scan.tag_frequency(),
-        title=recipe.output.name,
-        output_name=recipe.output.name,
-        network_dropout=method.lora_dropout,
-        prediction_type=recipe_prediction_type(recipe),
-        training_started_at=started_at,
-        training_finished_at=time.time(),
-    )
-
-
-def base_metadata(recipe: Recipe, base) -> tuple[str, str | None, str | None]:
-    """`ss_sd_model_name`, `ss_new_sd_model_hash`, `ss_sd_model_hash` of the base, never a local path.
-
-    A single file gets A1111's own hashes (sha256 of the file, and the old 8-hex hash); a diffusers folder (and the
-    toy base) gets sdtune's sha256 over its weight files, and its first 8 hex as the short form; a hub id is its
-    name, and its hashes are unknown without the files.
-    """
-    from sdtune.adapters.kohya import legacy_model_hash
-
-    if base.kind == "hub":
-        return base.location, None, None
-    digest = base_hash(recipe.base)
-    if base.kind == "single_file":
-        return Path(base.location).name, digest, legacy_model_hash(base.location)
-    return base.name, digest, digest[:8]
-
-
-def recipe_prediction_type(recipe: Recipe) -> str:
-    import json
-
-    from sdtune.trainers.core.estimate import base_config_folder
-
-    try:
-        config = json.loads((base_config_folder(recipe) / "scheduler" / "scheduler_config.json").read_text())
-        return config.get("prediction_type", "epsilon")
-    except OSError:
-        return "epsilon"
+    return loop.finish(opt.trainable, lambda speed: writer.finish(state, speed))
 
 
 def cli(argv=None) -> int:
     """Entry point with one-line errors for bad input (no traceback for what the user can fix)."""
-    try:
-        return main(argv)
-    except (RecipeError, DataError, BaseLoadError, FileNotFoundError, export.ExportCheckError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ run resumed from a checkpoint replays exactly the batches an uninterrupted run w
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,9 +23,9 @@ from sdtune.trainers.core.cache import (
     default_cache_dir,
     vae_fingerprint,
 )
-from sdtune.trainers.core.data import BucketBatchSampler, CaptionBuilder, DatasetScan, load_pixels
+from sdtune.trainers.core.data import BucketBatchSampler, CaptionBuilder, DataError, DatasetScan, load_pixels
 from sdtune.trainers.core.recipe import DataConfig
-from sdtune.trainers.core.runtime import item_rng, step_generator
+from sdtune.trainers.core.runtime import item_rng, step_generator, step_seed
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Batch:
     generator: torch.Generator  # for this micro-batch's noise and timesteps
     conditions: torch.Tensor | None = None  # [b, 3, H, W] in [0, 1]: ControlNet conditioning images, flipped as
     # their latents
+    num_prior: int = 0  # DreamBooth: the last `num_prior` samples are class images (prior preservation)
 
 
 def prepare_latents(scan: DatasetScan, cfg: DataConfig, vae, log=print) -> list[CachedLatent] | None:
@@ -120,6 +122,46 @@ class BatchBuilder:
         return Batch(latents, captions, generator, conditions)
 
 
+class PriorPairedBatches:
+    """DreamBooth batches: each instance micro-batch followed by as many class images, as in the paper.
+
+    The class images of micro-batch (epoch, index) are drawn from the class images of the instance batch's bucket
+    (so both halves stack into one UNet call) by an rng seeded with (seed, epoch, index, process): a resumed run
+    pairs exactly as an unbroken one.
+    """
+
+    def __init__(self, instance: BatchBuilder, prior: BatchBuilder):
+        self.instance, self.prior = instance, prior
+        self.pools: dict[tuple[int, int], list[int]] = {}
+        for position, record_index in enumerate(prior.expanded):
+            self.pools.setdefault(prior.scan.records[record_index].bucket, []).append(position)
+        lacking = sorted({r.bucket for r in instance.scan.records} - set(self.pools))
+        if lacking:
+            w, h = lacking[0]
+            raise DataError(
+                f"method.class_data_dir: no class image in the {w}x{h} bucket of some instance images; class and "
+                "instance images must share buckets (crop them alike, or set data.enable_bucket: false)"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        return self.instance.epoch_batches(epoch)
+
+    def possible_captions(self) -> set[str] | None:
+        instance, prior = self.instance.possible_captions(), self.prior.possible_captions()
+        return None if instance is None or prior is None else instance | prior
+
+    def build(self, positions: list[int], epoch: int, batch_index: int) -> Batch:
+        batch = self.instance.build(positions, epoch, batch_index)
+        pool = self.pools[self.instance.scan.records[self.instance.expanded[positions[0]]].bucket]
+        rng = random.Random(step_seed(self.instance.seed, epoch, batch_index, self.instance.rank, 11))
+        chosen = (
+            rng.sample(pool, len(positions)) if len(pool) >= len(positions) else rng.choices(pool, k=len(positions))
+        )
+        prior = self.prior.build(chosen, epoch, batch_index)
+        latents = torch.cat([batch.latents, prior.latents])
+        return Batch(latents, batch.captions + prior.captions, batch.generator, num_prior=len(chosen))
+
+
 # Re-exported for trainers that build their own cache of another image column (ControlNet conditioning).
 __all__ = ["Batch", "BatchBuilder", "LatentCache", "prepare_latents"]
 
@@ -134,21 +176,24 @@ def make_batches(
     text_encoder,
     cache_text: bool,
     conditions: Callable[[int], torch.Tensor] | None = None,
-) -> tuple[BatchBuilder, TextEmbeddingCache | None]:
+    class_images: tuple[DatasetScan, DataConfig] | None = None,
+) -> tuple[BatchBuilder | PriorPairedBatches, TextEmbeddingCache | None]:
     """The run's batches, with the VAE taken out of the step (cached latents, once per image, ever) and, when
-    `cache_text` and the captions are a fixed set, the text encoder too (once per caption)."""
-    latents = prepare_latents(scan, cfg, vae, log=accelerator.print)
-    batches = BatchBuilder(
-        scan,
-        cfg,
-        latents,
-        vae,
-        train.train_batch_size,
-        train.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
-        conditions=conditions,
-    )
+    `cache_text` and the captions are a fixed set, the text encoder too (once per caption).
+
+    `class_images` (DreamBooth's prior preservation: their scan and data section) pairs every micro-batch with as
+    many class images (`PriorPairedBatches`); they draw their own latent noise, from `train.seed + 1`.
+    """
+
+    def builder(images: DatasetScan, images_cfg: DataConfig, seed: int, conditions=None) -> BatchBuilder:
+        latents = prepare_latents(images, images_cfg, vae, log=accelerator.print)
+        process, world = accelerator.process_index, accelerator.num_processes
+        batch_size = train.train_batch_size
+        return BatchBuilder(images, images_cfg, latents, vae, batch_size, seed, process, world, conditions=conditions)
+
+    batches = builder(scan, cfg, train.seed, conditions)
+    if class_images is not None:
+        batches = PriorPairedBatches(batches, builder(*class_images, train.seed + 1))
     captions = batches.possible_captions()
     if captions is None or not cache_text:
         return batches, None

@@ -74,6 +74,25 @@ def register_trainable_state_hooks(accelerator, models: list[torch.nn.Module]):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def start_or_resume(
+    accelerator,
+    models: list[torch.nn.Module],
+    resume_from: Path | None,
+    resume: str | None,
+    output_dir: str | Path,
+    extra_state=(),
+) -> TrainState:
+    """Registers what a checkpoint holds (the trainable tensors of `models`, optimizer, schedule, RNG, where the loop
+    stands, and `extra_state` such as an EMA) and, given a checkpoint, restores it all. Returns the `TrainState`."""
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    for obj in extra_state:
+        accelerator.register_for_checkpointing(obj)
+    register_trainable_state_hooks(accelerator, models)
+    restore_checkpoint(accelerator, resume_from, resume, output_dir, state)
+    return state
+
+
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 

@@ -67,27 +67,42 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     scheduler: DDPMScheduler,
     snr_gamma: float | None = None,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """MSE between prediction and target, optionally re-weighted per sample by min-SNR-gamma.
 
     Min-SNR (Hang et al. 2023, https://arxiv.org/abs/2303.09556) caps the weight of low-noise timesteps, whose
     easy, high-SNR losses otherwise dominate the gradient: weight = min(SNR, gamma) / SNR for epsilon targets, and
     min(SNR, gamma) / (SNR + 1) for v targets (whose loss already carries an extra SNR + 1 factor).
+    `per_sample` returns the [b] losses instead of their mean (DreamBooth weighs instance and class images apart).
     """
     model_pred, target = model_pred.float(), target.float()
-    if snr_gamma is None:
+    if snr_gamma is None and not per_sample:
         return F.mse_loss(model_pred, target, reduction="mean")
-    snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, max=snr_gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        weights = clipped / (snr + 1)
-    else:
-        weights = clipped / snr
-    per_sample = F.mse_loss(model_pred, target, reduction="none").mean(dim=list(range(1, model_pred.ndim)))
-    return (per_sample * weights).mean()
+    losses = F.mse_loss(model_pred, target, reduction="none").mean(dim=list(range(1, model_pred.ndim)))
+    if snr_gamma is not None:
+        snr = compute_snr(scheduler, timesteps)
+        clipped = torch.clamp(snr, max=snr_gamma)
+        if scheduler.config.prediction_type == "v_prediction":
+            losses = losses * clipped / (snr + 1)
+        else:
+            losses = losses * clipped / snr
+    return losses if per_sample else losses.mean()
 
 
-def batch_loss(model, scheduler: DDPMScheduler, batch, states: torch.Tensor, train, dtype: torch.dtype):
+def prior_preservation_loss(per_sample: torch.Tensor, num_prior: int, prior_loss_weight: float) -> torch.Tensor:
+    """DreamBooth's objective (Ruiz et al. 2023, eq. 2): the instance images' mean loss plus `prior_loss_weight`
+    times the class images' mean loss. The class images are the last `num_prior` of the batch."""
+    num_instance = per_sample.shape[0] - num_prior
+    loss = per_sample[:num_instance].mean()
+    if num_prior:
+        loss = loss + prior_loss_weight * per_sample[num_instance:].mean()
+    return loss
+
+
+def batch_loss(
+    model, scheduler: DDPMScheduler, batch, states: torch.Tensor, train, dtype: torch.dtype, per_sample: bool = False
+):
     """`denoising_step_loss` of one training `Batch` with the recipe's noise offset and min-SNR settings, its
     latents in the run's dtype on the device of the text states, its noise drawn from the batch's generator."""
     return denoising_step_loss(
@@ -99,6 +114,7 @@ def batch_loss(model, scheduler: DDPMScheduler, batch, states: torch.Tensor, tra
         snr_gamma=train.snr_gamma,
         generator=batch.generator,
         timestep_sampling=train.timestep_sampling,
+        per_sample=per_sample,
     )
 
 
@@ -111,15 +127,16 @@ def denoising_step_loss(
     snr_gamma: float | None = None,
     generator: torch.Generator | None = None,
     timestep_sampling: str = "uniform",
+    per_sample: bool = False,
     **unet_kwargs,
 ) -> torch.Tensor:
     """One training step's loss: draw noise and timesteps, noise the latents, predict, compare.
 
-    `unet_kwargs` reach the UNet call as they are (e.g. ControlNet residuals).
+    `unet_kwargs` reach the UNet call as they are (e.g. ControlNet residuals); `per_sample` keeps the [b] losses.
     """
     noise = noise_like(latents, noise_offset, generator)
     timesteps = sample_timesteps(latents.shape[0], scheduler, latents.device, generator, timestep_sampling)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
     target = training_target(scheduler, latents, noise, timesteps)
-    return diffusion_loss(model_pred, target, timesteps, scheduler, snr_gamma)
+    return diffusion_loss(model_pred, target, timesteps, scheduler, snr_gamma, per_sample)

@@ -157,7 +157,7 @@ def lora_target_names(recipe: Recipe) -> tuple[str, ...]:
     from sdtune.trainers.core.lora_layers import unet_target_modules
 
     method = recipe.method
-    if method.type == "controlnet" or (method.type == "dreambooth" and not method.use_lora):
+    if method.type == "controlnet" or (method.type == "dreambooth" and not method.lora):
         return ()
     return tuple(unet_target_modules(method))
 
@@ -192,6 +192,8 @@ def estimate_run(recipe: Recipe, device: str | None = None, bucket: tuple[int, i
             4 + 4 + OPTIMIZER_STATE_BYTES[recipe.train.optimizer]
         )
     batch = recipe.train.train_batch_size
+    if getattr(method, "with_prior_preservation", False):
+        batch *= 2  # DreamBooth: as many class images as instance images in every forward pass
     activations = macs * batch * ACTIVATION_BYTES_PER_MAC[recipe.train.gradient_checkpointing] * (1 if half else 2)
     if method.type == "controlnet":
         activations *= 1.5

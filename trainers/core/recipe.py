@@ -124,21 +124,60 @@ class LoraMethod(LoraParams):
 
 
 class DreamBoothMethod(LoraParams):
-    """DreamBooth: teach one subject from a few images, full fine-tune or LoRA (trainers/dreambooth.py)."""
+    """DreamBooth: teach one subject from a few images, as a full fine-tune or a LoRA (trainers/dreambooth.py).
+
+    The subject is bound to a rare identifier inside its class ("a photo of sks dog"); prior preservation trains on
+    the base's own images of the class ("a photo of dog") at the same time, so the class keeps its look.
+    """
 
     type: Literal["dreambooth"] = "dreambooth"
-    instance_prompt: str = Field(..., description="Prompt with the identifier, e.g. 'a photo of sks dog'.")
+    identifier: str = Field(
+        "sks", pattern=r"^\S+$", description="The rare token that names the subject; must appear in instance_prompt."
+    )
+    instance_prompt: str = Field(..., description="Prompt with the identifier and class, e.g. 'a photo of sks dog'.")
+    use_captions: bool = Field(
+        False,
+        description="Train each instance image on its own caption (same-name .txt, or a kohya `N_sks dog` folder "
+        "name) where it has one; images without one use instance_prompt.",
+    )
     class_prompt: str | None = Field(None, description="Prompt of the subject's class, e.g. 'a photo of dog'.")
-    class_data_dir: str | None = Field(None, description="Folder of class images; generated from the base if short.")
+    class_data_dir: str | None = Field(
+        None, description="Folder of class images, all used, never modified; the shortfall is generated and cached."
+    )
     with_prior_preservation: bool = Field(False, description="Add the class-image loss that keeps the class intact.")
     prior_loss_weight: float = Field(1.0, ge=0.0, description="Weight of the prior-preservation loss.")
-    num_class_images: int = Field(100, ge=1, description="Class images to use (generated if fewer exist).")
-    use_lora: bool = Field(True, description="Train a LoRA (true) or fine-tune the whole UNet (false).")
+    num_class_images: int = Field(100, ge=1, description="Class images to train with (generated if fewer exist).")
+    class_inference_steps: int = Field(25, ge=1, description="Sampling steps of each generated class image.")
+    class_guidance_scale: float | None = Field(
+        None, ge=0, description="Guidance of generated class images; default: the base's recommended scale."
+    )
+    class_negative_prompt: str = Field("", description="Negative prompt of generated class images.")
+    lora: bool = Field(
+        False,
+        validation_alias=AliasChoices("lora", "use_lora"),
+        description="true: train a LoRA (DreamBooth-LoRA); false: fine-tune the whole UNet (alias use_lora).",
+    )
+    text_encoder_steps: int | None = Field(
+        None, ge=1, description="With train_text_encoder: train it for the first N steps only (default: all)."
+    )
+    use_ema: bool = Field(False, description="Keep an EMA of the trained weights; the EMA is what gets saved.")
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")
+    extract_lora_rank: int | None = Field(
+        32, ge=1, description="Full mode: also write a LoRA of this rank, extracted from the weight delta by SVD."
+    )
+    save_single_file: bool = Field(True, description="Full mode: also write <name>.safetensors (original SD layout).")
 
     @model_validator(mode="after")
     def _check(self):
+        if self.identifier not in self.instance_prompt.split():
+            raise ValueError(
+                f"instance_prompt {self.instance_prompt!r} does not contain the identifier {self.identifier!r}; "
+                f"write e.g. 'a photo of {self.identifier} dog', or set method.identifier"
+            )
         if self.with_prior_preservation and not self.class_prompt:
-            raise ValueError("with_prior_preservation needs class_prompt")
+            raise ValueError("with_prior_preservation needs class_prompt, e.g. class_prompt: 'a photo of dog'")
+        if self.text_encoder_steps is not None and not self.train_text_encoder:
+            raise ValueError("text_encoder_steps needs train_text_encoder: true")
         return self
 
 
@@ -193,7 +232,11 @@ Method = Annotated[LoraMethod | DreamBoothMethod | ControlNetMethod, Field(discr
 
 # method.type -> the script that trains it. DreamBooth recipes already validate (and `sdtune doctor` estimates them)
 # so the presets can be reviewed; its trainer lands in a later issue.
-TRAINERS = {"lora": "trainers/lora.py", "controlnet": "trainers/controlnet.py"}
+TRAINERS = {
+    "lora": "trainers/lora.py",
+    "dreambooth": "trainers/dreambooth.py",
+    "controlnet": "trainers/controlnet.py",
+}
 
 
 def trainer_for(method_type: str) -> str:

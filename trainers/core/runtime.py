@@ -206,3 +206,64 @@ def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunSt
         raise RecipeError(f"{recipe_file}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
     resume_from = resolve_resume(recipe.output.dir, recipe.train.resume)
     return RunStart(recipe, resolve_base(recipe.base), resume_from, started_at)
+
+
+def param_groups(unet, text_encoder, method, lr: float) -> list[dict]:
+    """What trains in the UNet at the run's lr; in the text encoder (if trained) at `method.text_encoder_lr`
+    (kohya's split)."""
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
+    if method.train_text_encoder:
+        te_lr = method.text_encoder_lr or lr
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
+    return groups
+
+
+@dataclass
+class Optimization:
+    """What `prepare_optimization` hands back: the models to call, optimizer, schedule, what to clip."""
+
+    unet: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped, compiled): call this one in the loop
+    text_encoder: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    models: list  # what `accelerator.accumulate` watches
+    trainable: list[torch.nn.Parameter]
+
+
+def prepare_optimization(unet, text_encoder, recipe: Recipe, accelerator: Accelerator) -> Optimization:
+    """Gradient checkpointing if asked, the optimizer over what requires grad (text encoder at its own lr), the LR
+    schedule, and Accelerate's preparation of all of it (the UNet compiled first if `train.torch_compile`)."""
+    method, train = recipe.method, recipe.train
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if method.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    lr = scaled_lr(train, accelerator.num_processes)
+    optimizer = make_optimizer(param_groups(unet, text_encoder, method, lr), train)
+    lr_scheduler = make_lr_scheduler(optimizer, train, accelerator.num_processes)
+    trained_unet = torch.compile(unet) if train.torch_compile else unet
+    if method.train_text_encoder:
+        trained_unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            trained_unet, text_encoder, optimizer, lr_scheduler
+        )
+        models = [trained_unet, text_encoder]
+    else:
+        trained_unet, optimizer, lr_scheduler = accelerator.prepare(trained_unet, optimizer, lr_scheduler)
+        models = [trained_unet]
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    return Optimization(trained_unet, text_encoder, optimizer, lr_scheduler, models, trainable)
+
+
+def run_cli(main, argv=None) -> int:
+    """Runs a trainer's `main`, turning what the user can fix into one `error:` line and exit status 2."""
+    import sys
+
+    from sdtune.adapters.base import BaseLoadError
+    from sdtune.adapters.export_check import ExportCheckError
+    from sdtune.trainers.core.data import DataError
+
+    try:
+        return main(argv)
+    except (RecipeError, DataError, BaseLoadError, FileNotFoundError, ExportCheckError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -87,6 +87,7 @@ class Validator:
             scheduler=v.scheduler,
         )
         self._base_samples = None
+        self._base_scores = None
         pipe.set_progress_bar_config(disable=True)
 
     @property
@@ -121,22 +122,61 @@ class Validator:
         image = contact_sheet.ab_grid(self.base_samples(), adapted, self.prompts, self.seeds, title)
         return save_and_log(self.accelerator, image, path, step)
 
+    def _inference(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(as_at_inference(self.pipe.unet, self.pipe.text_encoder))
+        stack.enter_context(self.accelerator.autocast())
+        return stack
+
+    def _targets(self) -> list[scoring.Target]:
+        return [scoring.Target(t.prompt, t.color, t.shape) for t in self.recipe.validation.toy_score]
+
+    def capture_base(self):
+        """Renders and scores the base now. A full fine-tune changes the base's own weights (there is no adapter
+        to switch off later), so it calls this before training; a LoRA run may call it any time."""
+        if self.enabled:
+            self.base_samples()
+        if self._targets() and self._base_scores is None:
+            with self._inference():
+                common = score_settings(self.recipe, self.guidance)
+                self._base_scores = scoring.score_targets(self.pipe, self._targets(), **common)
+
     def toy_scores(self) -> dict | None:
         """Toy-world scores of the base and of the adapter on `validation.toy_score` (None if none are set)."""
-        targets = [scoring.Target(t.prompt, t.color, t.shape) for t in self.recipe.validation.toy_score]
+        targets = self._targets()
         if not targets:
             return None
         common = score_settings(self.recipe, self.guidance)
-        with torch.no_grad(), as_at_inference(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
-            with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
-                base = scoring.score_targets(self.pipe, targets, **common)
+        with self._inference():
+            if self._base_scores is None:
+                with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
+                    self._base_scores = scoring.score_targets(self.pipe, targets, **common)
             adapted = scoring.score_targets(self.pipe, targets, **common)
         return {
             "targets": [t.__dict__ for t in targets],
             "seeds": list(scoring.BAR_SEEDS),
-            "base": base.as_dict(),
+            "base": self._base_scores.as_dict(),
             "adapter": adapted.as_dict(),
+            "per_prompt": {
+                t.prompt: {"base": b, "adapter": a}
+                for t, b, a in zip(targets, per_target(self._base_scores, targets), per_target(adapted, targets))
+            },
         }
+
+
+def per_target(scores: scoring.TargetScores, targets: list[scoring.Target]) -> list[float]:
+    """The share of each target's images showing its colour and shape (`scores` holds targets x seeds, in order)."""
+    n = len(scores.detections) // len(targets)
+    shares = []
+    for i, target in enumerate(targets):
+        found = scores.detections[i * n : (i + 1) * n]
+        hits = [
+            (target.color is None or d.color == target.color) and (target.shape is None or d.shape == target.shape)
+            for d in found
+        ]
+        shares.append(sum(hits) / max(len(hits), 1))
+    return shares
 
 
 def pair_prompts(prompts: list[str], images: list[str]) -> list[tuple[str, str]]:
