@@ -24,7 +24,6 @@ Ctrl-C saves a checkpoint and stops; `train.resume=latest` continues it, bit-ide
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +61,6 @@ from sdtune.trainers.core.validation import ControlValidator, pair_prompts
 
 VALIDATION_CONDITIONS = 2  # training conditions shown in the grids when the recipe names no validation_image
 KEEP_CONDITIONS_BYTES = 512 * 2**20  # conditioning tensors kept in memory once read (all of them at toy scale)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="YAML recipe with method.type: controlnet (see recipes/).")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-5 output.dir=runs/x")
-    return parser.parse_args(argv)
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -225,7 +217,7 @@ class OutputsContext:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = runtime.parse_args(__doc__, argv)
 
     # 1) Recipe and preflight: every image/condition pair is checked here, before a model loads.
     run = runtime.start_run(args.recipe, args.overrides, "controlnet")

@@ -26,7 +26,6 @@ Ctrl-C saves a checkpoint and stops; `train.resume=latest` continues it, bit-ide
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from dataclasses import replace
@@ -45,13 +44,6 @@ from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.recipe import DreamBoothMethod, Recipe
 from sdtune.trainers.core.validation import Validator
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="YAML recipe with method.type: dreambooth (see recipes/).")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. method.lora=true output.dir=runs/x")
-    return parser.parse_args(argv)
 
 
 def instance_images(recipe: Recipe) -> DatasetScan:
@@ -130,12 +122,12 @@ def run_facts(method: DreamBoothMethod, class_scan: DatasetScan | None) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = runtime.parse_args(__doc__, argv)
 
     # 1) Recipe, instance and class folders, preflight: bad input fails here, before a model loads or a file is
     # written.
     run = runtime.start_run(args.recipe, args.overrides, "dreambooth")
-    recipe, base, resume_from, started_at = run.recipe, run.base, run.resume_from, run.started_at
+    recipe, base = run.recipe, run.base
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
     scan = instance_images(recipe)
     user_class_images = class_images.scan_user_class_images(recipe)
@@ -181,9 +173,9 @@ def main(argv=None) -> int:
 
     # 5) Checkpoints hold the trained tensors (the whole UNet in full mode), optimizer, schedule, EMA, position.
     models = [unet, text_encoder] if method.train_text_encoder else [unet]
-    state = start_or_resume(accelerator, models, resume_from, train.resume, out_dir, [ema] if ema else [])
+    state = start_or_resume(accelerator, models, run.resume_from, train.resume, out_dir, [ema] if ema else [])
     trained = dict(unet=unet, text_encoder=text_encoder, lora_configs=lora_configs, trainable=opt.trainable)
-    lora_writer = export.adapter_writer(recipe, scan, base, started_at, accelerator, validator, dtype, **trained)
+    lora_writer = export.adapter_writer(recipe, scan, base, run.started_at, accelerator, validator, dtype, **trained)
     writer = (
         lora_writer if method.lora else full_model.FullModelWriter(pipe, lora_writer, base_folder=Path(base.location))
     )

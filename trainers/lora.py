@@ -19,7 +19,6 @@ Ctrl-C saves a checkpoint and stops; `train.resume=latest` continues it, bit-ide
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from sdtune.trainers.core.runtime import (
     load_frozen_base,
     make_accelerator,
     optimizer_step,
+    parse_args,
     prepare_optimization,
     run_cli,
     start_run,
@@ -46,15 +46,8 @@ from sdtune.trainers.core.runtime import (
 from sdtune.trainers.core.validation import Validator
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="YAML recipe (see recipes/).")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 output.dir=runs/x")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(__doc__, argv)
 
     # 1) Recipe and preflight: everything that can be wrong with the inputs fails here, before a model loads.
     run = start_run(args.recipe, args.overrides, "lora")

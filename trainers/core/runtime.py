@@ -254,6 +254,16 @@ def prepare_optimization(unet, text_encoder, recipe: Recipe, accelerator: Accele
     return Optimization(trained_unet, text_encoder, optimizer, lr_scheduler, models, trainable)
 
 
+def parse_args(doc: str, argv=None):
+    """A trainer's command line, `recipe.yaml [section.key=value ...]`, with its usage docstring `doc` as help."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="YAML recipe (see recipes/); its method.type picks the trainer.")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 output.dir=runs/x")
+    return parser.parse_args(argv)
+
+
 def run_cli(main, argv=None) -> int:
     """Runs a trainer's `main`, turning what the user can fix into one `error:` line and exit status 2."""
     import sys
