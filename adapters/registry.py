@@ -53,6 +53,20 @@ CREATE TABLE IF NOT EXISTS trigger_words (name TEXT NOT NULL, word TEXT NOT NULL
 """
 
 
+def _enable_wal(db, seconds: float = 60.0):
+    """Switching a new index to WAL needs a moment of exclusive access, and sqlite answers "database is locked" at
+    once (no busy wait) when another process holds the file just then: retry until it is free."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class RegistryError(ValueError):
     """A registry operation that cannot be done (unknown name, name clash, bad name); the message is one line."""
 
@@ -155,7 +169,7 @@ class Registry:
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.index_path, timeout=60, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(db)
             db.execute("PRAGMA busy_timeout=60000")
             db.executescript(_SCHEMA)
             if not write:
