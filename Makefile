@@ -12,7 +12,7 @@ CUDA   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH  := $(if $(CUDA),torch,torch==2.13.0)
 PIP    := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup quickstart test test-slow lint lock check-latest
+.PHONY: setup quickstart test test-slow lint lock lock-add check-latest
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ test-slow: setup
 # Re-resolve pyproject.toml's ranges into requirements-lock.txt. Commit it only after `rm -rf .venv && make test` passes.
 lock:
 	.ci/lock $(PYTHON)
+
+# After adding a dependency to pyproject.toml: keep every locked version, resolve only the new packages.
+lock-add:
+	.ci/lock --keep $(PYTHON)
 
 # Not in CI: a throwaway venv from the newest versions the registry serves, the fast tests, and which package broke what.
 check-latest:
