@@ -148,7 +148,14 @@ class RunLoop:
     def finish(self, trainable: list[torch.nn.Parameter], write_outputs: Callable[[dict], None]) -> int:
         """After the loop: 130 if Ctrl-C stopped it (a checkpoint holds the run), else 0 once the final outputs are
         written by the main process with this run's speed and memory. Under DDP every process must hold the same
-        weights by now (gradients are all-reduced each step): checked, not assumed."""
+        weights by now (gradients are all-reduced each step): checked, not assumed. A run of several processes ends
+        the process here (see `exit_without_teardown`)."""
+        code = self._finish(trainable, write_outputs)
+        if self.accelerator.num_processes > 1:
+            exit_without_teardown(code)
+        return code
+
+    def _finish(self, trainable: list[torch.nn.Parameter], write_outputs: Callable[[dict], None]) -> int:
         if self.stopped_early:
             self.accelerator.end_training()
             return 130
@@ -171,3 +178,18 @@ class RunLoop:
             "peak_memory_bytes": peak,
             "peak_memory_kind": "cuda_allocated" if cuda else "rss",
         }
+
+
+def exit_without_teardown(code: int):
+    """Ends a process of a multi-process run once its outputs are written and its process group destroyed.
+    Returning would free DDP's reducer, whose gloo process group joins its worker threads while holding the GIL; a
+    worker still releasing a gathered tensor waits for the GIL, and both wait forever (pytorch/pytorch#190489: seen
+    here as a CPU DDP run that never exits, now and then, on a loaded machine)."""
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
