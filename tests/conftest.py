@@ -86,31 +86,47 @@ def run_trainer(
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
     """The README's quickstart (purple, a colour the toy base never saw), through `accelerate launch`, into a
-    temporary run folder. tests/test_lora.py checks the run; tests/test_compose.py stacks it with `cyan_run`."""
+    temporary run folder. tests/test_lora.py checks the run."""
     out = tmp_path_factory.mktemp("quickstart") / "run"
     proc = run_trainer([str(QUICKSTART), f"output.dir={out}"], tmp_path_factory.mktemp("cache"), "accelerate")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return out, proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="session")
-def cyan_run(tmp_path_factory):
-    """A second LoRA on the quickstart recipe teaching another colour the toy base never saw: cyan."""
+def colour_lora_run(tmp_path_factory, colour: str, seed: int) -> Path:
+    """A LoRA on the quickstart recipe teaching one colour the toy base never saw, from kohya folders: 16 shapes in
+    that colour (`1_<colour>`) plus 8 in the base's own colours with their true captions (`1_base`). The second folder
+    is the regularization of sd-scripts' DreamBooth-style training: the LoRA draws the colour when a prompt asks for
+    it and leaves other colours alone, so two such LoRAs stack without pulling each other's prompts."""
     from sdtune.adapters import toyworld
 
-    root = tmp_path_factory.mktemp("cyan")
-    toyworld.write_dataset(root / "data", 16, seed=2, colors=["cyan"], shapes=list(toyworld.BASE_SHAPES))
+    root = tmp_path_factory.mktemp(colour)
+    toyworld.write_dataset(root / "data" / f"1_{colour}", 16, seed=seed, colors=[colour])
+    toyworld.write_dataset(root / "data" / "1_base", 8, seed=seed + 10, colors=list(toyworld.BASE_COLORS))
     args = [
         str(QUICKSTART),
         f"output.dir={root / 'run'}",
         f"data.train_data_dir={root / 'data'}",
-        "data.trigger_word=cyan",
-        "output.name=toy-cyan",
+        f"data.trigger_word={colour}",
+        f"output.name=toy-{colour}",
         "train.checkpointing_steps=1000",
         "validation.validation_steps=0",
-        "validation.prompts=[a cyan circle]",
+        f"validation.prompts=[a {colour} circle]",
         "validation.toy_score=[]",
     ]
     proc = run_trainer(args, root / "cache")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def cyan_run(tmp_path_factory):
+    """A colour LoRA (see `colour_lora_run`) for cyan."""
+    return colour_lora_run(tmp_path_factory, "cyan", seed=2)
+
+
+@pytest.fixture(scope="session")
+def purple_run(tmp_path_factory):
+    """A colour LoRA (see `colour_lora_run`) for purple: the quickstart's concept, trained with regularization
+    images, so that tests/test_compose.py can stack and merge it with `cyan_run`."""
+    return colour_lora_run(tmp_path_factory, "purple", seed=1)

@@ -1,15 +1,17 @@
 """Composition proofs on the toy base with two real LoRAs, both registered automatically by the trainer:
-`toy-purple` (the quickstart) and `toy-cyan`, two colours the base never saw.
+`toy-purple` and `toy-cyan`, two colours the base never saw, each trained with base-colour regularization images
+(tests/conftest.py `colour_lora_run`).
 
 Stacked at 1.0 both concepts show (by the toy-world scorer); weight 0 is the base pixel for pixel; fused and
 unfused agree within 2/255; switching adapters reuses the loaded base; per-block weights of 0 are the base; an SVD
-merge of both to rank 8 keeps >= 90% of what the two stacked give; `sdtune sample --adapter NAME:WEIGHT` takes
+merge of both to rank 8 keeps >= 90% of each parent's concept score; `sdtune sample --adapter NAME:WEIGHT` takes
 names.
 
-Measured (2026-11-24, CPU): purple alone 0.92, cyan alone 1.00 ("both" score: the asked colour and shape); stacked
-at 1.0 purple 0.92, cyan 0.42: each LoRA adapts attention for every prompt, and the purple one pulls "cyan"
-prompts toward purple. The SVD merge keeps exactly that (0.92 / 0.42): it approximates the sum, interference
-included. (A shape LoRA, star, was tried first: 200 steps learned it in 2 of 12 images; the toy VAE blurs points.)
+Measured (2026-11-24, CPU; "both" score: the asked colour and shape): purple alone 0.92 (cyan prompts 0.08), cyan
+alone 1.00 (purple prompts 0.00), stacked at 1.0 purple 1.00 and cyan 1.00, SVD rank-8 merge purple 1.00 and cyan 1.00. Without the
+regularization images each LoRA made every prompt its colour: stacked, cyan fell to 0.42 and the merge kept that
+interference. (A shape LoRA, star, was tried first: 200 steps learned it in 2 of 12 images; the toy VAE blurs
+points.)
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def registered_name(run_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def names(quickstart_run, cyan_run):
-    return {"purple": registered_name(quickstart_run[0]), "cyan": registered_name(cyan_run)}
+def names(purple_run, cyan_run):
+    return {"purple": registered_name(purple_run), "cyan": registered_name(cyan_run)}
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +81,7 @@ def measured(composer, names):
 def test_stacked_at_one_shows_both_concepts(measured):
     assert measured["base"]["purple"] <= 0.2 and measured["base"]["cyan"] <= 0.2, measured
     assert measured["purple"]["purple"] >= 0.75 and measured["cyan"]["cyan"] >= 0.75, measured
-    # both show at once; cyan less often than alone (see the module docstring: the purple LoRA pulls colours)
-    assert measured["stacked"]["purple"] >= 0.75 and measured["stacked"]["cyan"] >= 0.35, measured
+    assert measured["stacked"]["purple"] >= 0.75 and measured["stacked"]["cyan"] >= 0.75, measured
 
 
 def test_weight_zero_is_the_base_pixel_for_pixel(composer, names, toy_pipe):
@@ -124,7 +125,7 @@ def test_block_weights(composer, names, toy_pipe):
         composer.set([AdapterUse(names["purple"], 1.0, {"middle": 0.0})])
 
 
-def test_svd_merge_keeps_what_the_stacked_parents_give(measured, names):
+def test_svd_merge_keeps_each_parents_concept(measured, names):
     from sdtune.adapters.merge import merge_into_registry
 
     entry = merge_into_registry(
@@ -137,8 +138,7 @@ def test_svd_merge_keeps_what_the_stacked_parents_give(measured, names):
     merged = scores(compose.build(PipelineSpec(base="toy", adapters=[AdapterUse(entry.name)], device="cpu")).pipe)
     print("svd rank-8 merge:", merged, "stacked:", measured["stacked"])
     for concept in ("purple", "cyan"):
-        assert merged[concept] >= 0.9 * measured["stacked"][concept], (merged, measured)
-    assert merged["purple"] >= 0.9 * measured["purple"]["purple"], (merged, measured)
+        assert merged[concept] >= 0.9 * measured[concept][concept], (merged, measured)
 
 
 def test_bake_writes_a_full_model_that_draws_like_the_fused_adapters(composer, names, tmp_path):
@@ -156,11 +156,11 @@ def test_bake_writes_a_full_model_that_draws_like_the_fused_adapters(composer, n
         assert np.abs(pixels(pipe) - expected).max() <= 2, model
 
 
-def test_sample_takes_registry_names(names, tmp_path, quickstart_run):
+def test_sample_takes_registry_names(names, tmp_path, purple_run):
     from sdtune.studio import api
 
     by_name = api.sample_images(["a purple circle"], tmp_path / "a", adapters=[f"{names['purple']}:0.8"], steps=10)
-    by_path = api.sample_images(["a purple circle"], tmp_path / "b", adapters=[f"{quickstart_run[0]}:0.8"], steps=10)
+    by_path = api.sample_images(["a purple circle"], tmp_path / "b", adapters=[f"{purple_run}:0.8"], steps=10)
     assert np.array_equal(np.asarray(Image.open(by_name[0])), np.asarray(Image.open(by_path[0])))
     assert f"Lora: {names['purple']}:0.8" in Image.open(by_name[0]).text["parameters"]
     with pytest.raises(api.StudioError, match="--adapter: no-such-lora not found"):
