@@ -230,7 +230,14 @@ def card_text(manifest, repo: str, files: dict[str, str], widget: list[dict], li
 
 
 def build_repo_folder(
-    name: str, repo: str, out: Path, *, registry=None, license: str = DEFAULT_LICENSE, render: bool = True
+    name: str,
+    repo: str,
+    out: Path,
+    *,
+    registry=None,
+    license: str = DEFAULT_LICENSE,
+    render: bool = True,
+    secrets: tuple[str, ...] = (),
 ) -> RepoFolder:
     """Writes the exact repo folder of adapter `name` into `out` (an empty or new folder). `render=False` plans the
     widget images without rendering them (a preview: the card is the same, the images are missing)."""
@@ -247,24 +254,30 @@ def build_repo_folder(
         copy_into(folder / file, out / file)
     prompts = widget_prompts(manifest)
     widget = [{"text": p, "output": {"url": f"{IMAGES}/{i:02d}.png"}} for i, p in enumerate(prompts)]
-    if render:
-        render_widget(manifest, folder, prompts, out / IMAGES)
     for label, grid in manifest.samples.items():
         if (folder / grid).is_file():
             copy_into(folder / grid, out / IMAGES / f"{label}.png")
     card = card_text(manifest, repo, files, widget, license)
     (out / CARD).write_text(card)
+    if render:
+        scan_folder(out, secrets)  # a leak fails before minutes of rendering
+        render_widget(manifest, folder, prompts, out / IMAGES)
     listed = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     if not render:
         listed = sorted({*listed, *(w["output"]["url"] for w in widget)})
     return RepoFolder(out, card, listed, widget)
 
 
+_RENDERED: dict[tuple, list[bytes]] = {}  # widget PNGs already rendered in this process (a retry, a preview)
+
+
 def render_widget(manifest, folder: Path, prompts: list[str], out: Path) -> None:
-    """One image per prompt (seed 0) with the adapter at weight 1, at the recipe's sampling settings."""
+    """One image per prompt (seed 0) with the adapter at weight 1, at the recipe's sampling settings. The PNGs are
+    kept for this process, so a retry after a failed upload sends the same bytes without rendering again."""
+    import io
+
     from sdtune.adapters.ab import Renderer, Settings
     from sdtune.adapters.compose import AdapterUse, PipelineSpec
-    from sdtune.adapters.sampling import save_png_atomic
 
     validation = manifest.recipe.get("validation") or {}
     settings = Settings(
@@ -276,8 +289,17 @@ def render_widget(manifest, folder: Path, prompts: list[str], out: Path) -> None
         spec = PipelineSpec(str(folder / manifest.files["diffusers"]))
     else:
         return  # a ControlNet needs a conditioning image per prompt: its card shows the run's grids instead
-    for i, sample in enumerate(Renderer().render(spec, settings)):
-        save_png_atomic(sample.image, out / f"{i:02d}.png")  # no PNG text: the parameters may name local paths
+    key = (str(folder), (folder / "adapter.json").stat().st_mtime_ns, repr(settings))
+    if key not in _RENDERED:
+        pngs = []
+        for sample in Renderer().render(spec, settings):
+            buffer = io.BytesIO()
+            sample.image.save(buffer, format="PNG")  # no PNG text: the parameters may name local paths
+            pngs.append(buffer.getvalue())
+        _RENDERED[key] = pngs
+    out.mkdir(parents=True, exist_ok=True)
+    for i, png in enumerate(_RENDERED[key]):
+        (out / f"{i:02d}.png").write_bytes(png)
 
 
 # -- uploading ----------------------------------------------------------------------------------------------------
@@ -326,7 +348,7 @@ def _is_network_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or bool(names & {"TransportError", "NetworkError", "TimeoutException"})
 
 
-def _hub(repo: str, private: bool, function, *args, **kwargs):
+def _hub(repo: str, private: bool, function, /, *args, **kwargs):
     """Runs one huggingface_hub call; its HTTP and network errors become one-line `PublishError`s."""
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -384,8 +406,9 @@ def publish(name: str, repo: str, options: PublishOptions | None = None, registr
     keep = o.dry_run and o.out_dir is not None
     out = Path(o.out_dir) if keep else Path(tempfile.mkdtemp(prefix="sdtune-publish-"))
     try:
-        built = build_repo_folder(name, repo, out, registry=registry, license=o.license)
-        scan_folder(out, (token,) if token else ())
+        secrets = (token,) if token else ()
+        built = build_repo_folder(name, repo, out, registry=registry, license=o.license, secrets=secrets)
+        scan_folder(out, secrets)
         result = {"repo": repo, "folder": str(out) if keep else None, "files": built.files, "card": built.card,
                   "url": None, "commit": None, "dry_run": o.dry_run}  # fmt: skip
         if o.dry_run:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -190,6 +191,17 @@ def test_blind_order_votes_and_restart(tmp_path, purple_lora, renderer):
     assert after["tie"] == 1 and after["n"] == len(PROMPTS) * len(SEEDS)
     assert ab.ABStore(tmp_path).tally(blind) == after
 
+    # the command a user types: one vote, then the listing with every side revealed
+    env = {**os.environ, "SDTUNE_HOME": str(tmp_path)}
+    cli = [sys.executable, "-m", "sdtune.studio.cli", "ab"]
+    proc = subprocess.run([*cli, "vote", blind, "0", "right"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    final = ab.ABStore(tmp_path).tally(blind)
+    assert final["tie"] == 0 and final["a"] + final["b"] == len(PROMPTS) * len(SEEDS)
+    assert proc.stdout.startswith(f"A {final['a']}, B {final['b']}, tie 0: A preferred in")
+    proc = subprocess.run([*cli, "show", blind], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "? | ?" not in proc.stdout and "vote: right" in proc.stdout, proc.stderr
+
 
 @pytest.mark.parametrize(
     "pair, choice, error",
@@ -215,8 +227,9 @@ def test_checkpoints_picks_and_registers_the_best(tmp_path, quickstart_run, cyan
     for label, source in {"checkpoint-100": cyan, "checkpoint-200": purple, "final": cyan}.items():
         folder = run if label == "final" else run / "checkpoints" / label
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("pytorch_lora_weights.safetensors", "toy-cyan.safetensors"):
-            shutil.copy(source / name, folder / name)
+        shutil.copy(source / "pytorch_lora_weights.safetensors", folder / "pytorch_lora_weights.safetensors")
+        kohya = source / json.loads((source / "adapter.json").read_text())["files"]["kohya"]
+        shutil.copy(kohya, folder / "toy-cyan.safetensors")  # named as in the run's (cyan) manifest
     shutil.copy(cyan / "adapter.json", run / "adapter.json")
     store, registry = ab.ABStore(tmp_path / "home"), Registry(tmp_path / "home")
     settings = ab.Settings(["a purple circle", "a purple triangle"], [0, 1], steps=25)
