@@ -293,8 +293,8 @@ class ABStore:
         return open_db(self.db_path, _SCHEMA, write)
 
     def add(self, fill) -> str:
-        """`fill(staging_folder) -> NewComparison` writes the images; the folder is renamed to `ab/<id>` and indexed
-        in one transaction, so a crash leaves either nothing or a complete comparison. Returns the id."""
+        """`fill(staging_folder) -> NewComparison` writes the images; the rows are inserted and the folder renamed to
+        `ab/<id>` in one transaction, so the index never lists a comparison without its images. Returns the id."""
         staging = self.root / ".staging" / f"{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir(parents=True)
         try:
@@ -303,7 +303,6 @@ class ABStore:
                 cid = _new_id()
                 while (self.root / cid).exists():
                     cid = _new_id()
-                os.rename(staging, self.root / cid)
                 db.execute(
                     "INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (cid, new.kind, _now(), json.dumps(new.sides), json.dumps(new.settings), int(new.blind),
@@ -313,6 +312,7 @@ class ABStore:
                     "INSERT INTO pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(cid, *asdict(p).values()) for p in new.pairs],
                 )
+                os.rename(staging, self.root / cid)  # last: if anything above fails, the transaction rolls back
             return cid
         finally:
             shutil.rmtree(staging, ignore_errors=True)
