@@ -509,7 +509,7 @@ def compare_checkpoints(
     def fill(folder: Path) -> NewComparison:
         rows = [[s.image for s in samples] for samples in rendered]
         labels = [f"{c['label']} (step {c['step']}): score {c['score']:.2f}" for c in found]
-        columns = [f"{p[:18]} / {s}" for p in settings.prompts for s in settings.seeds]
+        columns = [f"{p[:18]}, seed {s}" for p in settings.prompts for s in settings.seeds]
         title = f"{run_dir.name}: best {best['label']} ({scorer.text})"
         contact_sheet.save_grid(contact_sheet.make_grid(rows, labels, columns, title), folder / "grid.png")
         result = {"grid": "grid.png", "candidates": found, "best": best["label"], "registered": None}
