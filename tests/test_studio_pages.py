@@ -1,0 +1,184 @@
+"""Every studio page's main flow through `streamlit.testing.v1.AppTest`, on a temporary SDTUNE_HOME.
+
+The pages are driven the way a user would (upload, type, click) and the outcome is read back from the workspace
+(dataset files, the job queue, the registry), not from the page alone. No page may import torch just by rendering
+(checked in a fresh process). Rendering images (merge preview, A/B) runs on the toy base.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from sdtune.studio import api, jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ("datasets", "train", "jobs", "registry", "ab", "publish")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(ROOT)  # jobs record the submitter's directory; the templates' data paths are relative to it
+    return tmp_path / "home"
+
+
+def page(name: str) -> AppTest:
+    at = AppTest.from_string(f"from sdtune.studio.views import {name}\n{name}.render()\n", default_timeout=120)
+    return at.run()
+
+
+def png(color=(128, 0, 128)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def texts(at: AppTest, kind: str) -> list[str]:
+    return [element.value for element in getattr(at, kind)]
+
+
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def test_the_app_has_the_six_pages_and_binds_locally_by_default():
+    at = AppTest.from_file(str(ROOT / "studio" / "app.py"), default_timeout=60).run()
+    assert not at.exception
+    assert at.title[0].value == "Datasets"  # the default page
+    from sdtune.studio import launch
+
+    command = launch.streamlit_command("127.0.0.1", 8501)
+    assert command[command.index("--server.address") + 1] == "127.0.0.1"
+    app_source = (ROOT / "studio" / "app.py").read_text()
+    for title in ("Datasets", "Train", "Jobs", "Registry", "A/B", "Publish"):
+        assert f'title="{title}"' in app_source
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_rendering_a_page_imports_no_torch(name, tmp_path):
+    code = textwrap.dedent(f"""
+        import os, sys
+        os.environ["SDTUNE_HOME"] = {str(tmp_path / "home")!r}
+        from streamlit.testing.v1 import AppTest
+        at = AppTest.from_string("from sdtune.studio.views import {name}\\n{name}.render()\\n").run()
+        assert not at.exception, at.exception
+        assert "torch" not in sys.modules, "rendering the {name} page imported torch"
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_datasets_page_upload_captions_versions(home):
+    api.create_dataset("purple")
+    at = page("datasets")
+    at.file_uploader(key="upload-files").set_value(
+        [("a.png", png(), "image/png"), ("a.txt", b"a circle", "text/plain"), ("bad.png", b"", "image/png")]
+    )
+    at = at.button(key="FormSubmitter:upload-Add to dataset").click().run()
+    assert "added 1 images and 1 captions" in texts(at, "success")
+    assert any("rejected 1 files" in w for w in texts(at, "warning"))
+    assert sorted(p.name for p in (home / "datasets/purple/work/images").iterdir()) == ["a.png", "a.txt"]
+    # bulk: the trigger word goes into every caption, and the editor shows the new text at once
+    bulk = next(t for t in at.text_input if t.label.startswith("Trigger word"))
+    bulk.set_value("purple")
+    at = at.button(key="FormSubmitter:bulk-Apply to all captions").click().run()
+    assert "1 captions changed" in texts(at, "success")
+    assert api.dataset_images("purple")[0]["caption"] == "purple, a circle"
+    assert [t.value for t in at.text_area if t.label == "Caption"] == ["purple, a circle"]
+    # one caption edited by hand
+    next(t for t in at.text_area if t.label == "Caption").set_value("purple, a big circle")
+    at = at.button(key="FormSubmitter:captions-Save captions").click().run()
+    assert "saved 1 captions" in texts(at, "success")
+    assert (home / "datasets/purple/work/images/a.txt").read_text() == "purple, a big circle"
+    at = button(at, "Freeze a version now").click().run()
+    assert any(s.startswith("v1: 1 images") for s in texts(at, "success"))
+    assert api.dataset_info("purple")["versions"][0]["images"] == 1
+
+
+def test_datasets_page_conditioning_preview(home):
+    api.upload_to_dataset("shapes", [("a.png", png()), ("b.png", png((0, 200, 0)))])
+    at = page("datasets")
+    at.selectbox(key="annotate-kind").set_value("canny")
+    at = button(at, "Make conditioning images").click().run()
+    assert "2 canny conditioning images written" in texts(at, "success")
+    assert sorted(p.name for p in (home / "datasets/shapes/work/conditioning").iterdir()) == ["a.png", "b.png"]
+    captions = [c for image in at.image for c in image.captions]
+    assert len(at.image) == 6 and captions.count("conditioning") == 2  # 2 thumbnails + 2 pairs in the preview
+
+
+def test_train_page_validates_live_and_launch_queues_a_job_on_a_frozen_version(home):
+    api.upload_to_dataset("purple", [("a.png", png()), ("a.txt", b"a purple circle")])
+    at = page("train")
+    assert at.selectbox(key="train-template").value == "quickstart.yaml"
+    assert any(s.startswith("recipe valid: lora 'toy-purple'") for s in texts(at, "success"))
+    yaml_box = at.text_area(key="yaml-quickstart.yaml")
+    yaml_box.set_value(yaml_box.value.replace("learning_rate:", "lerning_rate:"))
+    at = at.run()
+    cli_message = "recipe.yaml: train.lerning_rate: unknown key (did you mean 'learning_rate'?)"
+    assert texts(at, "error") == [cli_message]
+    assert button(at, "Launch").disabled
+    yaml_box = at.text_area(key="yaml-quickstart.yaml")
+    yaml_box.set_value(yaml_box.value.replace("lerning_rate:", "learning_rate:"))
+    at.selectbox(key="train-dataset").set_value("purple")
+    next(n for n in at.number_input if n.label == "Steps").set_value(3)
+    at = at.button(key="FormSubmitter:knobs-quickstart.yaml-Apply").click().run()
+    at = button(at, "Launch").click().run()
+    assert not at.exception and not texts(at, "error")
+    [job] = jobs.list_jobs()
+    assert job.state == "queued" and job.name == "toy-purple"
+    resolved = job.recipe.read_text()
+    version = api.dataset_info("purple")["versions"][0]
+    assert f"train_data_dir: {version['path']}/images" in resolved and "max_train_steps: 3" in resolved
+
+
+def test_jobs_page_shows_progress_and_cancels(home):
+    job = jobs.submit(ROOT / "recipes" / "quickstart.yaml")
+    (job.run_dir).mkdir(parents=True)
+    (job.run_dir / "metrics.jsonl").write_text(
+        '{"step": 1, "total_steps": 4, "loss": 0.5, "eta": 30, "seconds_per_step": 1.0}\n'
+        '{"step": 2, "total_steps": 4, "loss": 0.25, "eta": 20, "seconds_per_step": 1.0}\n'
+    )
+    at = page("jobs")
+    assert any("No worker runs this queue" in w for w in texts(at, "warning"))
+    bar = at.get("progress")[0]
+    assert bar.proto.value == 50 and "queued: step 2 / 4" in bar.proto.text and "loss 0.2500" in bar.proto.text
+    assert button(at, "Resume").disabled and not button(at, "Cancel").disabled
+    at = button(at, "Cancel").click().run()
+    assert jobs.get(job.id).state == "cancelled"
+    assert f"job {job.id}: cancel requested" in texts(at, "success")
+    assert not button(at, "Resume").disabled
+
+
+def registered_fake(home: Path, name: str) -> None:
+    """A run folder as a trainer leaves it, with a real grid PNG, registered (the page reads, tags, deletes)."""
+    from test_registry import fake_run
+
+    from sdtune.adapters.registry import Registry
+
+    run = fake_run(home.parent / "runs" / name, name=name)
+    Image.new("RGB", (128, 64), (200, 0, 200)).save(run / "ab_grid.png")
+    Registry().register_run(run)
+
+
+def test_registry_page_browse_tag_delete(home):
+    registered_fake(home, "toy-purple")
+    at = page("registry")
+    assert at.selectbox(key="reg-selected").value == "toy-purple"
+    assert len(at.image) == 1 and at.image[0].captions == ["ab_grid"]
+    at.text_input(key="tags-add-toy-purple").set_value("favourite colour")
+    at = at.button(key="FormSubmitter:tags-toy-purple-Update tags").click().run()
+    assert api.show_adapter("toy-purple")["tags"] == ["colour", "favourite"]
+    assert button(at, "Delete adapter").disabled  # not without the confirmation
+    at.checkbox(key="del-sure-toy-purple").check()
+    at = at.run()
+    at = button(at, "Delete adapter").click().run()
+    assert api.list_adapters() == []
+    assert "deleted toy-purple" in texts(at, "success")
