@@ -12,6 +12,7 @@ and has no login. It runs from the repository root, where the recipe templates' 
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import subprocess
 import sys
@@ -31,7 +32,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8501)
     parser.add_argument("--expose", action="store_true", help="Listen on every interface (0.0.0.0), with a warning.")
     parser.add_argument("--worker", action="store_true", help="Also run a training worker until the studio stops.")
-    parser.add_argument("--worker-args", default="", help='Passed to the worker, e.g. "--poll 0.5".')
+    parser.add_argument(
+        "--worker-args", default="", help='Passed to the worker (shell-quoted), e.g. "--poll 0.5 --grace 120".'
+    )
     return parser
 
 
@@ -40,7 +43,7 @@ def streamlit_command(host: str, port: int) -> list[str]:
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
         "--server.maxUploadSize", str(MAX_UPLOAD_MB), "--browser.gatherUsageStats", "false",
-        "--server.fileWatcherType", "none",
+        "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal",
     ]  # fmt: skip
 
 
@@ -48,17 +51,26 @@ def run_studio(args: argparse.Namespace) -> int:
     host = "0.0.0.0" if args.expose else args.host
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(EXPOSE_WARNING.format(host=host), file=sys.stderr, flush=True)
-    helper = None
-    if args.worker:
-        helper = subprocess.Popen([sys.executable, "-m", "sdtune.studio.worker", *args.worker_args.split()], cwd=ROOT)
-    print(f"sdtune studio: http://{host}:{args.port}", flush=True)
-    studio = subprocess.Popen(streamlit_command(host, args.port), cwd=ROOT)
+    children = []
+    # SIGTERM (a service manager, a test) stops the studio like Ctrl-C: the children are stopped, never orphaned.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return studio.wait()
+        if args.worker:
+            worker = [sys.executable, "-m", "sdtune.studio.worker", *shlex.split(args.worker_args)]
+            children.append(subprocess.Popen(worker, cwd=ROOT))
+        print(f"sdtune studio: http://{host}:{args.port}", flush=True)
+        children.insert(0, subprocess.Popen(streamlit_command(host, args.port), cwd=ROOT))
+        return children[0].wait()
     except KeyboardInterrupt:
-        studio.send_signal(signal.SIGINT)
-        return studio.wait()
+        return 130
     finally:
-        if helper is not None and helper.poll() is None:
-            helper.send_signal(signal.SIGTERM)  # the worker stops its trainers gracefully: their jobs stay resumable
-            helper.wait()
+        for child in children:  # the worker gets SIGTERM: it stops its trainers gracefully, their jobs stay resumable
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            child.wait()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -49,17 +49,36 @@ def button(at: AppTest, label: str):
     return next(b for b in at.button if b.label == label)
 
 
-def test_the_app_has_the_six_pages_and_binds_locally_by_default():
+def test_the_app_has_the_six_pages():
     at = AppTest.from_file(str(ROOT / "studio" / "app.py"), default_timeout=60).run()
     assert not at.exception
     assert at.title[0].value == "Datasets"  # the default page
-    from sdtune.studio import launch
-
-    command = launch.streamlit_command("127.0.0.1", 8501)
-    assert command[command.index("--server.address") + 1] == "127.0.0.1"
     app_source = (ROOT / "studio" / "app.py").read_text()
     for title in ("Datasets", "Train", "Jobs", "Registry", "A/B", "Publish"):
         assert f'title="{title}"' in app_source
+
+
+@pytest.mark.parametrize("flags,host,warned", [([], "127.0.0.1", False), (["--expose"], "0.0.0.0", True)])
+def test_sdtune_studio_binds_locally_unless_exposed_with_a_warning(flags, host, warned, monkeypatch, capsys):
+    from sdtune.studio import cli, launch
+
+    started = []
+
+    class Recorder:
+        def __init__(self, command, cwd):
+            started.append(command)
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Recorder)
+    assert cli.main(["studio", "--port", "8599", *flags]) == 0
+    [command] = started
+    assert command[command.index("--server.address") + 1] == host and "8599" in command
+    assert ("WARNING: the studio listens on 0.0.0.0" in capsys.readouterr().err) == warned
 
 
 @pytest.mark.parametrize("name", PAGES)

@@ -11,27 +11,28 @@ from sdtune.studio import api
 from sdtune.studio.views.common import flash, show_flash, shown_errors, uploads
 
 PER_PAGE = 24
-COLUMNS = 4
+COLUMNS = 6
 
 
 def render():
     st.title("Datasets")
     show_flash()
     names = [d["name"] for d in api.list_datasets()]
-    with st.sidebar:
-        with st.form("new-dataset", clear_on_submit=True):
-            new = st.text_input("New dataset", placeholder="e.g. purple")
-            if st.form_submit_button("Create") and new:
-                with shown_errors():
-                    api.create_dataset(new.strip())
-                    st.session_state["dataset"] = new.strip()
-                    st.rerun()
+    pick, create = st.columns([3, 2], vertical_alignment="bottom")
+    with create.form("new-dataset", clear_on_submit=True, border=False):
+        left, right = st.columns([3, 1], vertical_alignment="bottom")
+        new = left.text_input("New dataset", placeholder="e.g. purple")
+        if right.form_submit_button("Create") and new:
+            with shown_errors():
+                api.create_dataset(new.strip())
+                st.session_state["dataset"] = new.strip()
+                st.rerun()
     if not names:
-        st.info("No dataset yet: create one in the sidebar, then upload images.")
+        pick.info("No dataset yet: name one and press Create, then upload images.")
         return
     if st.session_state.get("dataset") not in names:
         st.session_state["dataset"] = names[0]
-    name = st.selectbox("Dataset", names, key="dataset")
+    name = pick.selectbox("Dataset", names, key="dataset")
     info = api.dataset_info(name)
     st.caption(
         f"{info['images']} images, {info['captioned']} captioned, {info['conditioning']} conditioning images | "
@@ -61,10 +62,13 @@ def _upload(name: str):
     if submitted and files:
         with shown_errors():
             report = api.upload_to_dataset(name, uploads(files))
-            st.success(f"added {len(report['written'])} images and {len(report['captions'])} captions")
-            if report["rejected"]:
-                st.warning(f"rejected {len(report['rejected'])} files:")
-                st.table([{"file": r["file"], "reason": r["reason"]} for r in report["rejected"]])
+            flash(f"added {len(report['written'])} images and {len(report['captions'])} captions")
+            st.session_state["upload-rejected"] = report["rejected"]
+            st.rerun()  # the counts and the grid above change
+    rejected = st.session_state.pop("upload-rejected", None)
+    if rejected:
+        st.warning(f"rejected {len(rejected)} files:")
+        st.table([{"file": r["file"], "reason": r["reason"]} for r in rejected])
 
 
 def _bulk_tools(name: str):
@@ -98,7 +102,10 @@ def _grid(name: str):
                     st.image(item["path"], caption=item["file"], width="stretch")
                     # The key follows the caption on disk, so a bulk edit shows at once.
                     key = f"cap-{name}-{item['file']}-{hashlib.md5(item['caption'].encode()).hexdigest()[:8]}"
-                    edited[item["file"]] = (item["caption"], st.text_area("Caption", item["caption"], key=key))
+                    edited[item["file"]] = (
+                        item["caption"],
+                        st.text_area("Caption", item["caption"], key=key, height=80),
+                    )
         if st.form_submit_button("Save captions"):
             with shown_errors():
                 changed = [f for f, (old, new) in edited.items() if new.strip() != old]

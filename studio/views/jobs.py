@@ -17,6 +17,12 @@ REFRESH_SECONDS = 2.0
 def render():
     st.title("Jobs")
     show_flash()
+    _page()
+
+
+@st.fragment(run_every=REFRESH_SECONDS)
+def _page():
+    """The whole view re-reads the queue every few seconds while the page is open (only this part reruns)."""
     listing = jobs.list_jobs()
     if not jobs.workers():
         st.warning("No worker runs this queue: start one with `sdtune worker` (or `sdtune studio --worker`).")
@@ -51,9 +57,8 @@ def render():
     )
 
 
-@st.fragment(run_every=REFRESH_SECONDS)
 def _live(job_id: int):
-    """Re-read every few seconds while the page is open (only this part of the page reruns)."""
+    """Progress with ETA, actions, loss chart, latest grid and log tail of one job."""
     job = jobs.get(job_id)
     progress = jobs.progress(job_id)
     total = progress["total_steps"]
@@ -72,7 +77,8 @@ def _live(job_id: int):
     with chart:
         st.caption("loss")
         if progress["losses"]:
-            st.line_chart({"loss": [loss for _, loss in progress["losses"]]}, x_label="step", y_label="loss")
+            steps, losses = zip(*progress["losses"])
+            st.line_chart({"step": steps, "loss": losses}, x="step", y="loss")
     with grid:
         st.caption("latest validation grid")
         if progress["latest_grid"]:

@@ -35,7 +35,7 @@ def render():
     if checked["ok"]:
         st.success(f"recipe valid: {method} '{checked['recipe']['output']['name']}'")
         if overrides:
-            st.code(" ".join(overrides), language=None)
+            st.code(" ".join(overrides), language=None, wrap_lines=True)
     else:
         st.error(checked["error"])
     col_a, col_b = st.columns(2)
