@@ -144,11 +144,16 @@ def test_train_page_validates_live_and_launch_queues_a_job_on_a_frozen_version(h
     cli_message = "recipe.yaml: train.lerning_rate: unknown key (did you mean 'learning_rate'?)"
     assert texts(at, "error") == [cli_message]
     assert button(at, "Launch").disabled
+    assert button(at, "Preflight: data, time and memory").disabled
     yaml_box = at.text_area(key="yaml-quickstart.yaml")
     yaml_box.set_value(yaml_box.value.replace("lerning_rate:", "learning_rate:"))
     at.selectbox(key="train-dataset").set_value("purple")
     next(n for n in at.number_input if n.label == "Steps").set_value(3)
     at = at.button(key="FormSubmitter:knobs-quickstart.yaml-Apply").click().run()
+    at = button(at, "Preflight: data, time and memory").click().run()
+    [report] = [c.value for c in at.code if c.value.startswith("data:")]
+    assert report.startswith("data: 1 images (1 per epoch with repeats), layout folder")
+    assert "plan: 3 steps x 8 images/step" in report and "estimated:" in report and "for 3 steps" in report
     at = button(at, "Launch").click().run()
     assert not at.exception and not texts(at, "error")
     [job] = jobs.list_jobs()
@@ -201,3 +206,23 @@ def test_registry_page_browse_tag_delete(home):
     at = button(at, "Delete adapter").click().run()
     assert api.list_adapters() == []
     assert "deleted toy-purple" in texts(at, "success")
+
+
+def test_registry_page_merges_two_loras_with_a_preview(home, quickstart_run, cyan_run):
+    from sdtune.adapters.registry import Registry
+
+    for run in (quickstart_run[0], cyan_run):
+        Registry().register_run(run)
+    at = page("registry")
+    at.multiselect(key="merge-parents").set_value(["toy-purple", "toy-cyan"])
+    at.text_input(key="merge-name").set_value("purple-cyan")
+    at.text_input(key="merge-prompt").set_value("a cyan square")
+    at = at.button(key="FormSubmitter:merge-Merge and preview").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    assert "registered purple-cyan (svd merge of toy-purple, toy-cyan)" in texts(at, "success")
+    origin = api.show_adapter("purple-cyan")["manifest"]["origin"]
+    assert origin["parents"] == ["toy-purple", "toy-cyan"] and origin["merge_method"] == "svd"
+    assert [c for image in at.image for c in image.captions][-1] == "purple-cyan: a cyan square"
+    grid = home / "studio" / "previews" / "purple-cyan" / "grid.png"
+    with Image.open(grid) as opened:
+        assert opened.width >= 4 * 64  # four seeds of the merged LoRA, side by side

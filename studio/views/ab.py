@@ -100,7 +100,8 @@ def _tally(tally: dict):
 
 
 def _pair(comparison_id: str, pair: dict, blind: bool):
-    st.markdown(f"**{pair['pair']}. {pair['prompt']}** (seed {pair['seed']})")
+    number = pair["pair"] + 1  # pairs are numbered from 0 in the store, from 1 on screen
+    st.markdown(f"**{number}. {pair['prompt']}** (seed {pair['seed']})")
     left, right = st.columns(2)
     names = ("left", "right") if blind else ("A", "B")
     for column, side, name in zip((left, right), ("left", "right"), names):
@@ -117,7 +118,7 @@ def _pair(comparison_id: str, pair: dict, blind: bool):
         if column.button(label, key=f"vote-{comparison_id}-{pair['pair']}-{choice}", type=kind):
             with shown_errors():
                 api.ab_vote(comparison_id, pair["pair"], choice)
-                flash(f"pair {pair['pair']}: voted {choice}")
+                flash(f"pair {number}: voted {choice}")
                 st.rerun()
 
 

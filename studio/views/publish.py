@@ -4,6 +4,8 @@ is passed to that one push and never written to session state, disk or logs."""
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from sdtune.studio import api, jobs
@@ -28,7 +30,7 @@ def render():
         _show_preview(preview)
     if st.button("Dry run: write the upload folder", key="pub-dry"):
         with shown_errors(), st.spinner("writing the folder ..."):
-            out_dir = jobs.sdtune_home() / "studio" / "publish" / name
+            out_dir = jobs.sdtune_home() / "studio" / "publish" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"  # new
             result = api.publish(name, repo, private=private, dry_run=True, out_dir=out_dir, token=None)
             st.success(f"dry run: nothing uploaded; the folder is {result.get('folder') or out_dir}")
             st.json(result)
