@@ -67,11 +67,18 @@ def samples_grid(samples: list[Sample], prompts: list[str], seeds: list[int], ti
     return make_grid(rows, prompts, [f"seed {s}" for s in seeds], title)
 
 
-def ab_grid(base: list[Sample], adapted: list[Sample], prompts: list[str], seeds: list[int], title: str = ""):
-    """Base vs adapter side by side for the same prompts and seeds: columns alternate base / adapter per seed."""
+def ab_grid(
+    base: list[Sample],
+    adapted: list[Sample],
+    prompts: list[str],
+    seeds: list[int],
+    title: str = "",
+    labels: tuple[str, str] = ("base", "adapter"),
+):
+    """Two sides (base vs adapter, or A vs B) for the same prompts and seeds: columns alternate the sides per seed."""
     rows, cols = [], []
     for seed in seeds:
-        cols += [f"base  seed {seed}", f"adapter  seed {seed}"]
+        cols += [f"{labels[0]}  seed {seed}", f"{labels[1]}  seed {seed}"]
     for i in range(len(prompts)):
         row = []
         for j in range(len(seeds)):

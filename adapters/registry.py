@@ -67,6 +67,29 @@ def _enable_wal(db, seconds: float = 60.0):
             time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def open_db(path: Path, schema: str, write: bool = False):
+    """A WAL-mode SQLite connection with `schema` in place; with `write`, one IMMEDIATE transaction (the write lock,
+    so concurrent writers queue instead of failing) committed on success and rolled back on any error."""
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        _enable_wal(db)
+        db.execute("PRAGMA busy_timeout=60000")
+        db.executescript(schema)
+        if not write:
+            yield db
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
 class RegistryError(ValueError):
     """A registry operation that cannot be done (unknown name, name clash, bad name); the message is one line."""
 
@@ -163,27 +186,9 @@ class Registry:
 
     # -- the index ------------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
     def _db(self, write: bool = False):
-        """A connection; with `write`, one IMMEDIATE transaction (the write lock) committed on success."""
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.index_path, timeout=60, isolation_level=None)
-        try:
-            _enable_wal(db)
-            db.execute("PRAGMA busy_timeout=60000")
-            db.executescript(_SCHEMA)
-            if not write:
-                yield db
-                return
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+        return open_db(self.index_path, _SCHEMA, write)
 
     def _index_folder(self, db, folder: Path) -> None:
         """(Re)writes the index rows of one adapter folder from its adapter.json and registry.json."""
@@ -376,6 +381,18 @@ class Registry:
             self._index_folder(db, folder)
         return tags
 
+    def sidecar(self, name: str) -> dict:
+        """The adapter's registry-only data (registry.json): tags, registered_at, and notes such as `published`."""
+        return self._sidecar(self.get(name).folder)
+
+    def annotate(self, name: str, key: str, value) -> None:
+        """Sets one registry-only note (not tags) in the adapter's registry.json, atomically, under the write lock."""
+        if key in ("tags", "registered_at"):
+            raise RegistryError(f"annotate: {key!r} is managed by the registry")
+        folder = self.get(name).folder
+        with self._db(write=True):
+            write_json_atomic(folder / REGISTRY_SIDECAR, {**self._sidecar(folder), key: value})
+
     def export(self, name: str, dest: str | Path, fmt: str | None = None) -> list[Path]:
         """Copies an adapter's files out: one format's file to `dest` (a file or folder), or the whole folder."""
         entry = self.get(name)
@@ -445,4 +462,6 @@ def copy_into(source: Path, target: Path) -> Path:
     return target
 
 
-__all__ = ["CheckReport", "Entry", "Registry", "RegistryError", "check_name", "copy_into", "sdtune_home"]
+__all__ = [
+    "CheckReport", "Entry", "Registry", "RegistryError", "check_name", "copy_into", "open_db", "sdtune_home"
+]  # fmt: skip

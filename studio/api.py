@@ -530,3 +530,177 @@ def submit_job(text: str, overrides: list[str] | None = None) -> dict:
         return jobs.submit(path, overrides).to_dict()
     except jobs.JobError as exc:
         raise StudioError(str(exc)) from None
+
+
+# -- A/B comparisons ------------------------------------------------------------------------------------------------
+
+
+def _ab_call(function, *args, **kwargs):
+    """`_call` with the A/B module's and the base loader's errors too."""
+    from sdtune.adapters.ab import ABError
+    from sdtune.adapters.base import BaseLoadError
+
+    try:
+        return function(*args, **kwargs)
+    except (ABError, BaseLoadError, *_studio_errors()) as exc:
+        raise StudioError(str(exc)) from None
+
+
+def _ab_settings(prompts, seeds, steps, guidance, scheduler, size, negative_prompt=""):
+    from sdtune.adapters.ab import Settings
+
+    width, height = (size, size) if isinstance(size, int) else (size or (None, None))
+    return _ab_call(
+        Settings, list(prompts), [int(s) for s in seeds], steps, guidance, scheduler, width, height, negative_prompt
+    )
+
+
+def ab_compare(
+    a: str,
+    b: str,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    blind: bool = False,
+    steps: int = 25,
+    guidance: float | None = None,
+    scheduler: str = "default",
+    size: int | tuple[int, int] | None = None,
+    score: str | None = None,
+    negative_prompt: str = "",
+) -> dict:
+    """Renders two SPECs (`BASE[+ADAPTER[:WEIGHT]]...`, e.g. `toy+toy-purple:0.8`) at the same prompts x seeds and
+    settings, writes the pair images and `grid.png`, stores the comparison; returns it as `ab_get` does.
+
+    Args:
+        blind: shuffle the sides per pair; `left_is`/`right_is` and the scores stay None until the pair is voted.
+        size: one side length, or (width, height); None: the base's native size.
+        score: a toy-world scorer (`toy`, `toy:COLOR`, `toy:COLOR:SHAPE`): a score per image beside the votes.
+    """
+    from sdtune.adapters import ab
+
+    settings = _ab_settings(prompts, seeds, steps, guidance, scheduler, size, negative_prompt)
+    return ab_get(_ab_call(ab.compare, a, b, settings, blind=blind, score=score))
+
+
+def ab_vote(comparison_id: str, pair: int, choice: str) -> dict:
+    """One vote on one pair: `left`, `right` or `tie` as shown (`a`/`b` too when not blind); voting a pair again
+    replaces its vote. Returns the tally (as `ab_tally`)."""
+    from sdtune.adapters import ab
+
+    return _ab_call(ab.ABStore().vote, comparison_id, int(pair), choice)
+
+
+def ab_tally(comparison_id: str) -> dict:
+    """Votes for a, b, tie; n; share_a with its 95% Wilson interval ci_low..ci_high over the decisive votes (ties
+    are counted, not split); verdict; pairs and remaining (not yet voted)."""
+    from sdtune.adapters import ab
+
+    return _ab_call(ab.ABStore().tally, comparison_id)
+
+
+def ab_get(comparison_id: str) -> dict:
+    """A stored comparison: id, kind, a, b, settings, blind, score, folder, grid, scores, pairs (pair, prompt, seed,
+    left, right image paths, vote, left_is, right_is, score_left, score_right) and the tally. A checkpoint
+    comparison has run_dir, candidates (label, step, path, score), best and registered instead of pairs."""
+    from sdtune.adapters import ab
+
+    data = _ab_call(ab.ABStore().get, comparison_id)
+    data["grid"] = str(Path(data["folder"]) / data["grid"]) if data.get("grid") else None
+    return data
+
+
+def ab_history(limit: int = 50) -> list[dict]:
+    """Comparisons, newest first: id, kind, created_at, sides, blind, score, tally."""
+    from sdtune.adapters import ab
+
+    return ab.ABStore().history(limit)
+
+
+def ab_checkpoints(
+    run_dir: str | Path,
+    prompts: list[str] | None = None,
+    seeds: list[int] | None = None,
+    *,
+    score: str = "toy",
+    register: str | None = None,
+    base: str | None = None,
+    steps: int = 25,
+    guidance: float | None = None,
+    scheduler: str = "default",
+) -> dict:
+    """Scores every saved checkpoint of a LoRA run (and its final LoRA) on the same prompts and seeds, names the
+    best and, with `register`, registers it under that name (provenance: which checkpoint of which run).
+
+    Args:
+        prompts: default: the prompts of the run recipe's `validation.toy_score`.
+        seeds: default 0-3.
+        score: the toy-world scorer (`toy` reads colour and shape from each prompt; `toy:purple`...).
+        base: default: the base in the run's adapter.json.
+    """
+    from sdtune.adapters import ab
+
+    prompts = prompts or _toy_score_prompts(run_dir)
+    settings = _ab_settings(prompts, seeds or [0, 1, 2, 3], steps, guidance, scheduler, None)
+    if register:
+        from sdtune.adapters.registry import check_name
+
+        _call(check_name, register)
+        if register in _registry():
+            raise StudioError(f"--register: an adapter named {register!r} is already registered; choose another")
+    comparison_id = _ab_call(ab.compare_checkpoints, run_dir, settings, score=score, base=base)
+    if register:
+        _ab_call(ab.register_best, ab.ABStore().get(comparison_id), register, _registry())
+    return ab_get(comparison_id)
+
+
+def _toy_score_prompts(run_dir) -> list[str]:
+    try:
+        targets = read_run(run_dir)["recipe"]["validation"].get("toy_score") or []
+    except StudioError:
+        targets = []
+    if not targets:
+        raise StudioError(f"--checkpoints {run_dir}: its recipe has no validation.toy_score prompts; give --prompt")
+    return [t["prompt"] for t in targets]
+
+
+# -- publishing to the Hub ------------------------------------------------------------------------------------------
+
+
+def _publish_call(function, *args, **kwargs):
+    from sdtune.adapters.publish import PublishError
+
+    try:
+        return function(*args, **kwargs)
+    except (PublishError, *_studio_errors()) as exc:
+        raise StudioError(str(exc)) from None
+
+
+def publish_preview(name: str, repo: str, *, private: bool = False, license: str | None = None) -> dict:
+    """What `publish` would upload, without rendering or uploading: {repo, private, card, files}."""
+    from sdtune.adapters import publish as pub
+
+    preview = _publish_call(pub.preview, name, repo, license=license or pub.DEFAULT_LICENSE, registry=_registry())
+    return {**preview, "private": private}
+
+
+def publish(
+    name: str,
+    repo: str,
+    *,
+    private: bool = False,
+    dry_run: bool = False,
+    out_dir: str | Path | None = None,
+    token: str | None = None,
+    update: bool = False,
+    license: str | None = None,
+) -> dict:
+    """Publishes a registered adapter to the Hub repo `repo` (USER/NAME): model card, both LoRA formats (or the
+    ControlNet / full model files) and sample images; `dry_run` writes the exact repo folder into `out_dir` instead.
+    The token comes from `token`, HF_TOKEN or `hf auth login`, and is never written anywhere. An existing repo is
+    refused unless `update` (or this adapter's unfinished publish to it is being resumed).
+    Returns {repo, folder, files, card, url, commit, dry_run}."""
+    from sdtune.adapters import publish as pub
+
+    options = pub.PublishOptions(private, dry_run, out_dir, token, update, license or pub.DEFAULT_LICENSE)
+    return _publish_call(pub.publish, name, repo, options, _registry())

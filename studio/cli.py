@@ -17,6 +17,9 @@ Usage:
     sdtune adapters rm NAME | tag NAME TAG... [--remove TAG] | check [--repair]
     sdtune adapters merge NEW A B --weights 1 1 --method svd --rank 8 | resize NEW A --rank 4 [--dynamic sv_ratio 4]
     sdtune bake OUT_FOLDER --adapter NAME:WEIGHT [--single-file model.safetensors]
+    sdtune ab --a toy --b toy+toy-purple:0.8 --prompt "a purple circle" --seed 0 [--blind] [--score toy]
+    sdtune ab vote ID [PAIR left|right|tie] | show ID | list | --checkpoints RUN_DIR [--register NAME]
+    sdtune publish NAME --repo user/name [--private] [--update] [--dry-run [DIR]]
 
 Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README). Every command calls
 `sdtune.studio.api`, the same functions the Streamlit studio uses; this module only parses arguments and prints.
@@ -29,7 +32,7 @@ import sys
 from pathlib import Path
 
 from sdtune.adapters import quiet_libraries
-from sdtune.studio import api, jobs, launch, worker
+from sdtune.studio import api, cli_ab, jobs, launch, worker
 
 EPILOG = (
     "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml (or trainers/controlnet.py), or queue "
@@ -413,13 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{studio,sample,annotate,adapters,bake,convert,extract-lora,doctor,jobs,worker}",
+        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker}",
     )
     _studio_parser(sub)
     _sample_parser(sub)
     _annotate_parser(sub)
     _adapters_parser(sub)
     _bake_parser(sub)
+    cli_ab.add_ab_parser(sub)
+    cli_ab.add_publish_parser(sub)
     _convert_parser(sub)
     _extract_parser(sub)
     _doctor_parser(sub)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import signal
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+from sdtune.adapters.run_folder import CHECKPOINT_RE, checkpoints_dir, list_checkpoints  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -91,19 +90,6 @@ def start_or_resume(
     register_trainable_state_hooks(accelerator, models)
     restore_checkpoint(accelerator, resume_from, resume, output_dir, state)
     return state
-
-
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoints_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int | None) -> Path:

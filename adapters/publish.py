@@ -1,0 +1,417 @@
+"""Publishing a registered adapter to the Hugging Face Hub: a model card, both LoRA formats (or the ControlNet / full
+model files), sample images, through `huggingface_hub` (`create_repo`, `upload_folder`).
+
+The repo folder is built locally first (`--dry-run DIR` stops there and leaves it for inspection):
+
+    README.md                          the model card: YAML metadata (base_model, license, tags, instance_prompt,
+                                       widget), trigger words, usage for diffusers and A1111/ComfyUI, the recipe,
+                                       the dataset fingerprint, the scores
+    pytorch_lora_weights.safetensors   diffusers/PEFT (what `load_lora_weights` reads)
+    <name>.safetensors                 kohya/A1111 (AUTOMATIC1111/Forge models/Lora, ComfyUI models/loras)
+    images/NN.png                      the widget samples, rendered now (seed 0 per prompt), and the run's grids
+
+Before anything is uploaded, every text in the folder (the card, JSON, PNG text chunks, safetensors metadata) is
+scanned: a local absolute path or anything token-shaped refuses the publish. The recipe and dataset sections are
+written with local paths replaced by `<local: name>`, so the scan only catches what slipped through.
+
+Upload order: weights and images in one commit, the card in a second, so a repo never shows a card whose files are
+missing. An upload cut off midway is resumed by running the same command again: the Hub reports the files it
+already holds (same content hash) and only the rest is sent. The token comes from `token=`, `HF_TOKEN` or the
+`hf auth login` cache, and is only ever handed to `huggingface_hub`: it is never written to a file, log or card.
+`HF_ENDPOINT` (read at call time) points the upload at another Hub, e.g. a local test server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CARD = "README.md"
+IMAGES = "images"
+DEFAULT_LICENSE = "creativeml-openrail-m"  # Stable Diffusion v1-5's license, which adapters of it inherit
+STATE_KEY = "published"  # registry.json sidecar: where this adapter was published, and whether it finished
+
+# Token shapes of the services a user is likely to hold: Hugging Face, GitHub, OpenAI-style, Slack, AWS keys.
+TOKEN_PATTERNS = (
+    re.compile(r"\bhf_[A-Za-z0-9]{20,}"),
+    re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}|\bgithub_pat_[A-Za-z0-9_]{20,}"),
+    re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
+    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
+)
+# An absolute path: /a/b at a word start (not the // of a URL), ~/..., or C:\... ; file:// URLs too.
+PATH_PATTERNS = (
+    re.compile(r"(?:^|[\s\"'(\[=,;])(/[A-Za-z0-9._-]+/[^\s\"'<>]*)"),
+    re.compile(r"(?:^|[\s\"'(\[=,;])(~/[^\s\"'<>]+)"),
+    re.compile(r"\b([A-Za-z]:\\[^\s\"'<>]+)"),
+    re.compile(r"(file://[^\s\"'<>]+)"),
+)
+
+
+class PublishError(ValueError):
+    """A publish that cannot go ahead (no token, repo exists, a leak found, the network failed); one line."""
+
+
+@dataclass
+class RepoFolder:
+    """The folder as it will appear on the Hub, and its card."""
+
+    folder: Path
+    card: str
+    files: list[str]
+    widget: list[dict]
+
+
+# -- keeping local paths and secrets out --------------------------------------------------------------------------
+
+
+def redact_paths(value, key: str = ""):
+    """A copy of plain JSON data with every local path (absolute, ~, or existing on disk) as `<local: name>`."""
+    if isinstance(value, dict):
+        return {k: redact_paths(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_paths(v, key) for v in value]
+    if isinstance(value, str) and _is_local_path(value):
+        return f"<local: {Path(value).name}>"
+    return value
+
+
+def _is_local_path(text: str) -> bool:
+    if not text or "\n" in text or len(text) > 4096:
+        return False
+    if text.startswith(("/", "~", "./", "../", "file://")) or re.match(r"^[A-Za-z]:\\", text):
+        return True
+    return ("/" in text or os.sep in text) and Path(text).exists()
+
+
+def find_leaks(text: str, secrets: tuple[str, ...] = ()) -> list[str]:
+    """What in `text` must not be published: local absolute paths, this machine's home or working folder, token-
+    shaped strings, and the given secrets (shown shortened, never in full)."""
+    found = [m.group(1) for pattern in PATH_PATTERNS for m in pattern.finditer(text)]
+    found += [p for p in {str(Path.home()), os.getcwd()} if len(p) > 1 and p in text]
+    tokens = [m.group(0) for pattern in TOKEN_PATTERNS for m in pattern.finditer(text)]
+    tokens += [s for s in secrets if s and s in text]
+    return found + [f"a token-shaped string {t[:5]}..." for t in tokens]
+
+
+def _texts(path: Path) -> list[str]:
+    """The readable text of a file: all of a text file, a PNG's text chunks, a safetensors file's JSON header."""
+    if path.suffix == ".png":
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return [str(v) for v in getattr(image, "text", {}).values()]
+    if path.suffix == ".safetensors":
+        with path.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            return [handle.read(min(size, 100_000_000)).decode("utf-8", "replace")]
+    if path.suffix in (".md", ".json", ".txt", ".yaml", ".yml"):
+        return [path.read_text(errors="replace")]
+    return []
+
+
+def scan_folder(folder: Path, secrets: tuple[str, ...] = ()) -> None:
+    """Raises PublishError naming the file and what leaked, for the first file that would publish a local path or a
+    token."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        for text in _texts(path):
+            leaks = find_leaks(text, secrets)
+            if leaks:
+                raise PublishError(
+                    f"{path.relative_to(folder)} contains {leaks[0]!r}: refusing to publish a local path or a "
+                    "token; remove it from the adapter's metadata (or rename the run) and try again"
+                )
+
+
+# -- the repo folder and its card ---------------------------------------------------------------------------------
+
+
+def _base_model(manifest) -> str | None:
+    """The base as a Hub id for `base_model`; a local or toy base has none (the card names it in words)."""
+    return manifest.base.name_or_path if manifest.base.kind == "hub" else None
+
+
+def widget_prompts(manifest, limit: int = 4) -> list[str]:
+    prompts = (manifest.recipe.get("validation") or {}).get("prompts") or manifest.trigger_words or ["a photo"]
+    return list(dict.fromkeys(prompts))[:limit]
+
+
+def _tags(manifest) -> list[str]:
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "sdtune"]
+    kind = {"lora": ["lora"], "dreambooth": ["dreambooth"], "controlnet": ["controlnet"]}.get(manifest.method, [])
+    if manifest.method == "dreambooth" and "peft" in manifest.files:
+        kind.append("lora")
+    return kind + tags + ["template:sd-lora"] * ("lora" in kind)
+
+
+def _usage(manifest, repo: str, files: dict[str, str]) -> str:
+    base = _base_model(manifest) or "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    prompt = widget_prompts(manifest, 1)[0]
+    if manifest.method == "controlnet":
+        return (
+            "```python\nimport torch\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
+            f'controlnet = ControlNetModel.from_pretrained("{repo}", torch_dtype=torch.float16)\n'
+            f'pipe = StableDiffusionControlNetPipeline.from_pretrained("{base}", controlnet=controlnet, '
+            'torch_dtype=torch.float16).to("cuda")\n'
+            f'image = pipe("{prompt}", image=condition).images[0]  # condition: a PIL conditioning image\n```\n\n'
+            "**A1111 / ComfyUI**: put the single `.safetensors` file in `models/ControlNet` "
+            "(ComfyUI: `models/controlnet`) and pick it in the ControlNet unit / `ControlNetLoader` node.\n"
+        )
+    lines = ["```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
+    lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")')
+    if "peft" in files:
+        lines.append(f'pipe.load_lora_weights("{repo}", weight_name="{files["peft"]}")')
+    lines += [f'image = pipe("{prompt}").images[0]', "```", ""]
+    if "kohya" in files:
+        stem = Path(files["kohya"]).stem
+        lines.append(
+            f"**AUTOMATIC1111 / Forge**: download `{files['kohya']}` into `models/Lora` and write "
+            f"`<lora:{stem}:1>` in the prompt. **ComfyUI**: put it in `models/loras` and load it with a "
+            "`LoraLoader` node between the checkpoint and the sampler."
+        )
+    if "single_file" in files:
+        lines.append(
+            f"**A1111 / ComfyUI**: `{files['single_file']}` is a full checkpoint (`models/Stable-diffusion`)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def card_text(manifest, repo: str, files: dict[str, str], widget: list[dict], license: str) -> str:
+    """The model card: YAML metadata through huggingface_hub's ModelCardData, then the text."""
+    from huggingface_hub import ModelCardData
+
+    trigger = ", ".join(manifest.trigger_words)
+    data = ModelCardData(
+        base_model=_base_model(manifest),
+        license=license,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=_tags(manifest),
+        instance_prompt=trigger or None,
+        widget=widget or None,
+    )
+    base = _base_model(manifest) or (
+        "the sdtune toy base (64 px, for tests and demos: not loadable by other tools)"
+        if manifest.base.kind == "toy"
+        else f"a local {manifest.base.kind} base (`{Path(manifest.base.name_or_path).name}`)"
+    )
+    method = {"lora": "LoRA", "dreambooth": "DreamBooth", "controlnet": "ControlNet"}.get(manifest.method, "")
+    dataset = redact_paths(manifest.dataset)
+    recipe = redact_paths(manifest.recipe)
+    training = {k: v for k, v in (manifest.training or {}).items() if not isinstance(v, (dict, list))}
+    sections = [
+        f"---\n{data.to_yaml()}\n---\n",
+        f"# {manifest.name}\n",
+        f"A {method or manifest.method} adapter for Stable Diffusion v1-5, trained with sdtune on {base} "
+        f"(base sha256 `{manifest.base.hash[:16]}...`).\n",
+        f"## Trigger words\n\n{'Use `' + trigger + '` in the prompt.' if trigger else 'None.'}\n",
+        "## Use it\n\n" + _usage(manifest, repo, files),
+        "## Files\n\n" + "\n".join(f"- `{f}` ({fmt})" for fmt, f in files.items()) + "\n",
+    ]
+    if manifest.scores:
+        scores = json.dumps(redact_paths(manifest.scores), indent=2, default=str)
+        sections.append("## Scores\n\n```json\n" + scores + "\n```\n")
+    sections.append(
+        "## Training\n\n"
+        + "".join(f"- {k}: {v}\n" for k, v in training.items())
+        + f"\nDataset fingerprint `{dataset.get('fingerprint', 'n/a')}`:\n\n```json\n"
+        + json.dumps(dataset, indent=2, default=str)
+        + "\n```\n\nRecipe:\n\n```json\n"
+        + json.dumps(recipe, indent=2, default=str)
+        + "\n```\n"
+    )
+    return "\n".join(sections)
+
+
+def build_repo_folder(
+    name: str, repo: str, out: Path, *, registry=None, license: str = DEFAULT_LICENSE, render: bool = True
+) -> RepoFolder:
+    """Writes the exact repo folder of adapter `name` into `out` (an empty or new folder). `render=False` plans the
+    widget images without rendering them (a preview: the card is the same, the images are missing)."""
+    from sdtune.adapters.registry import Registry, copy_into
+
+    registry = registry or Registry()
+    manifest = registry.manifest(name)
+    folder = registry.get(name).folder
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise PublishError(f"--dry-run {out}: the folder is not empty; give a new or empty folder")
+    files = {fmt: file for fmt, file in manifest.files.items()}
+    for file in files.values():
+        copy_into(folder / file, out / file)
+    prompts = widget_prompts(manifest)
+    widget = [{"text": p, "output": {"url": f"{IMAGES}/{i:02d}.png"}} for i, p in enumerate(prompts)]
+    if render:
+        render_widget(manifest, folder, prompts, out / IMAGES)
+    for label, grid in manifest.samples.items():
+        if (folder / grid).is_file():
+            copy_into(folder / grid, out / IMAGES / f"{label}.png")
+    card = card_text(manifest, repo, files, widget, license)
+    (out / CARD).write_text(card)
+    listed = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    if not render:
+        listed = sorted({*listed, *(w["output"]["url"] for w in widget)})
+    return RepoFolder(out, card, listed, widget)
+
+
+def render_widget(manifest, folder: Path, prompts: list[str], out: Path) -> None:
+    """One image per prompt (seed 0) with the adapter at weight 1, at the recipe's sampling settings."""
+    from sdtune.adapters.ab import Renderer, Settings
+    from sdtune.adapters.compose import AdapterUse, PipelineSpec
+    from sdtune.adapters.sampling import save_png_atomic
+
+    validation = manifest.recipe.get("validation") or {}
+    settings = Settings(
+        prompts, [0], steps=validation.get("num_inference_steps", 25), guidance=validation.get("guidance_scale")
+    )
+    if manifest.method == "lora" or "peft" in manifest.files:
+        spec = PipelineSpec(manifest.base.name_or_path, [AdapterUse(str(folder / manifest.files["peft"]))])
+    elif "diffusers" in manifest.files:  # a full fine-tune: it is the base
+        spec = PipelineSpec(str(folder / manifest.files["diffusers"]))
+    else:
+        return  # a ControlNet needs a conditioning image per prompt: its card shows the run's grids instead
+    for i, sample in enumerate(Renderer().render(spec, settings)):
+        save_png_atomic(sample.image, out / f"{i:02d}.png")  # no PNG text: the parameters may name local paths
+
+
+# -- uploading ----------------------------------------------------------------------------------------------------
+
+
+def resolve_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise PublishError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a token with write access)")
+    return token
+
+
+def _hub_error(exc, repo: str, private: bool) -> PublishError:
+    """huggingface_hub's HTTP errors as one line that says what to do."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    server = (getattr(exc, "server_message", None) or "").strip().splitlines()
+    detail = f" (the Hub said: {server[0]})" if server else ""
+    if status == 401:
+        return PublishError(f"the Hub rejected the token{detail}: run `hf auth login` again or check HF_TOKEN")
+    if status == 403:
+        kind = "a private repo" if private else "a repo"
+        return PublishError(
+            f"the token may not create {kind} {repo}{detail}: use a token with write access to that namespace"
+            + (" that may create private repos" if private else "")
+        )
+    if status == 409:
+        return PublishError(
+            f"{repo} already exists on the Hub{detail}: choose another --repo, or pass --update to upload into it"
+        )
+    return PublishError(f"upload to {repo} failed{detail}: {type(exc).__name__} {status or ''}".strip())
+
+
+def _network_error(exc, repo: str) -> PublishError:
+    return PublishError(
+        f"network failure while uploading to {repo} ({type(exc).__name__}); run the same command again to resume: "
+        "files already on the Hub are not sent again"
+    )
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """A connection that failed or dropped: OSError, or the HTTP client's transport errors (httpx's TransportError,
+    which huggingface_hub raises once its own retries are spent), matched by name to avoid importing the client."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return isinstance(exc, OSError) or bool(names & {"TransportError", "NetworkError", "TimeoutException"})
+
+
+def _hub(repo: str, private: bool, function, *args, **kwargs):
+    """Runs one huggingface_hub call; its HTTP and network errors become one-line `PublishError`s."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return function(*args, **kwargs)
+    except HfHubHTTPError as exc:
+        raise _hub_error(exc, repo, private) from None
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise
+        raise _network_error(exc, repo) from None
+
+
+def upload(folder: Path, repo: str, *, token: str, private: bool, exist_ok: bool, on_created=None) -> dict:
+    """create_repo, then upload_folder twice: weights and images, then the card. Returns {url, commit}.
+    `on_created()` runs once the repo exists (the publish is noted as started then, so a retry resumes it)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    message = "Upload with sdtune"
+    url = _hub(repo, private, api.create_repo, repo, private=private, exist_ok=exist_ok)
+    if on_created is not None:
+        on_created()
+    for patterns in ({"ignore_patterns": [CARD]}, {"allow_patterns": [CARD]}):
+        commit = _hub(repo, private, api.upload_folder, repo_id=repo, folder_path=folder, commit_message=message,
+                      **patterns)  # fmt: skip
+    return {"url": str(url), "commit": getattr(commit, "commit_url", None)}
+
+
+@dataclass
+class PublishOptions:
+    """How to publish: the repo's visibility, a dry run into a folder, the token, whether an existing repo is ok."""
+
+    private: bool = False  # create the repo private
+    dry_run: bool = False  # build and scan the folder, upload nothing
+    out_dir: str | Path | None = None  # dry run: keep the folder here (must be new or empty)
+    token: str | None = None  # None: HF_TOKEN, then the `hf auth login` cache
+    update: bool = False  # upload into a repo that already exists
+    license: str = DEFAULT_LICENSE
+
+
+def publish(name: str, repo: str, options: PublishOptions | None = None, registry=None) -> dict:
+    """Builds the repo folder of adapter `name`, scans it, and (unless `options.dry_run`) uploads it to `repo`.
+
+    A repo that exists is refused unless `options.update`, or unless an earlier publish of this adapter to the same
+    repo did not finish (then this call resumes it). Returns {repo, folder, files, card, url, commit, dry_run}.
+    """
+    from sdtune.adapters.registry import Registry
+
+    _check_repo_id(repo)
+    registry = registry or Registry()
+    o = options or PublishOptions()
+    state = registry.sidecar(name).get(STATE_KEY, {})
+    token = None if o.dry_run else resolve_token(o.token)
+    keep = o.dry_run and o.out_dir is not None
+    out = Path(o.out_dir) if keep else Path(tempfile.mkdtemp(prefix="sdtune-publish-"))
+    try:
+        built = build_repo_folder(name, repo, out, registry=registry, license=o.license)
+        scan_folder(out, (token,) if token else ())
+        result = {"repo": repo, "folder": str(out) if keep else None, "files": built.files, "card": built.card,
+                  "url": None, "commit": None, "dry_run": o.dry_run}  # fmt: skip
+        if o.dry_run:
+            return result
+        resuming = state.get("repo") == repo and state.get("state") == "started"
+        started = {"repo": repo, "state": "started"}
+        result.update(
+            upload(out, repo, token=token, private=o.private, exist_ok=o.update or resuming,
+                   on_created=lambda: registry.annotate(name, STATE_KEY, started))
+        )  # fmt: skip
+        registry.annotate(name, STATE_KEY, {"repo": repo, "state": "done", "commit": result["commit"]})
+        return result
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def preview(name: str, repo: str, *, license: str = DEFAULT_LICENSE, registry=None) -> dict:
+    """The card and file list `publish` would upload, without rendering or uploading: {repo, card, files}."""
+    _check_repo_id(repo)
+    with tempfile.TemporaryDirectory(prefix="sdtune-preview-") as tmp:
+        built = build_repo_folder(name, repo, Path(tmp), registry=registry, license=license, render=False)
+        scan_folder(Path(tmp))
+        return {"repo": repo, "card": built.card, "files": built.files}
+
+
+def _check_repo_id(repo: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", repo or ""):
+        raise PublishError(f"--repo {repo!r}: give USER/NAME (or ORG/NAME), e.g. alice/toy-purple-lora")

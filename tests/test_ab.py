@@ -1,0 +1,288 @@
+"""A/B comparisons on the toy base: the tally and its interval on known inputs, blind order and votes that survive a
+restart (a new store, a new process), toy scores beside the votes, and picking a run's best checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtune.adapters import ab
+
+# -- the tally ------------------------------------------------------------------------------------------------------
+
+
+def _wilson_by_bisection(k: int, n: int, z: float = ab.Z_95) -> tuple[float, float]:
+    """The interval's definition, solved numerically: the p at which |k/n - p| = z sqrt(p(1-p)/n)."""
+
+    def outside(p):
+        return abs(k / n - p) - z * math.sqrt(p * (1 - p) / n)
+
+    def root(lo, hi):  # outside(lo) and outside(hi) differ in sign
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if (outside(mid) > 0) == (outside(lo) > 0) else (lo, mid)
+        return (lo + hi) / 2
+
+    p = k / n
+    low = 0.0 if k == 0 else root(0.0, p)
+    high = 1.0 if k == n else root(p, 1.0)
+    return low, high
+
+
+@pytest.mark.parametrize(
+    "k, n, expected",
+    [
+        (8, 10, (0.4902, 0.9433)),  # textbook values of the 95% Wilson interval
+        (5, 10, (0.2366, 0.7634)),
+        (0, 10, (0.0, 0.2775)),  # upper = z^2 / (n + z^2)
+        (10, 10, (0.7225, 1.0)),
+        (1, 1, (0.2065, 1.0)),
+        (37, 50, (0.6045, 0.8413)),
+    ],
+)
+def test_wilson_interval_known_inputs(k, n, expected):
+    low, high = ab.wilson_interval(k, n)
+    assert (round(low, 4), round(high, 4)) == expected
+    assert (low, high) == pytest.approx(_wilson_by_bisection(k, n), abs=1e-9)
+
+
+def test_wilson_interval_without_votes_is_everything():
+    assert ab.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "a, b, tie, share, verdict",
+    [
+        (6, 2, 3, 0.75, "no clear preference"),  # ties are counted, not split: 6 of 8 decisive votes
+        (15, 2, 1, 15 / 17, "A preferred"),
+        (1, 12, 9, 1 / 13, "B preferred"),
+        (0, 0, 4, None, "no clear preference"),
+    ],
+)
+def test_tally_counts_ties_apart(a, b, tie, share, verdict):
+    t = ab.tally_votes(a, b, tie)
+    assert (t["a"], t["b"], t["tie"], t["n"], t["decisive"]) == (a, b, tie, a + b + tie, a + b)
+    assert t["share_a"] == pytest.approx(share) if share is not None else t["share_a"] is None
+    assert (t["ci_low"], t["ci_high"]) == ab.wilson_interval(a, a + b)
+    assert t["verdict"] == verdict
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("toy+", "empty part"),
+        ("+toy-purple", "empty part"),
+        ("toy++x", "empty part"),
+    ],
+)
+def test_bad_specs_are_refused_by_name(text, error):
+    with pytest.raises(ab.ABError, match=error):
+        ab.parse_spec(text, "--b")
+
+
+def test_spec_syntax():
+    spec = ab.parse_spec("toy+toy-purple:0.8+runs/x:0.5+cyan")
+    assert spec.base == "toy"
+    assert [(u.ref, u.weight) for u in spec.adapters] == [("toy-purple", 0.8), ("runs/x", 0.5), ("cyan", 1.0)]
+
+
+@pytest.mark.parametrize(
+    "text, prompt, target",
+    [
+        ("toy", "a purple circle", ("purple", "circle")),
+        ("toy:cyan", "a purple circle", ("cyan", "circle")),
+        ("toy:cyan:star", "a purple circle", ("cyan", "star")),
+        ("toy", "a sks square", (None, "square")),
+    ],
+)
+def test_scorer_targets(text, prompt, target):
+    assert ab.Scorer.parse(text).target(prompt) == target
+
+
+@pytest.mark.parametrize("text", ["clip", "toy:mauve", "toy:red:blob", "toy:red:circle:x"])
+def test_bad_scorers_are_refused(text):
+    with pytest.raises(ab.ABError, match="--score"):
+        ab.Scorer.parse(text)
+
+
+# -- comparisons on the toy base ------------------------------------------------------------------------------------
+
+PROMPTS = ["a purple circle", "a purple square"]
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def purple_lora(quickstart_run):
+    return str(quickstart_run[0])
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return ab.Renderer()  # one toy base for the whole module: sides switch adapters, no reload
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_open_comparison_scores_the_sides(tmp_path, purple_lora, renderer):
+    """Same seeds and settings on both sides; the purple LoRA's side scores as the toy scorer says it draws."""
+    from sdtune.adapters import toyworld
+
+    store = ab.ABStore(tmp_path)
+    settings = ab.Settings(PROMPTS, SEEDS, steps=25)
+    cid = ab.compare("toy", f"toy+{purple_lora}", settings, score="toy", store=store, renderer=renderer)
+    c = store.get(cid)
+    assert [(p["prompt"], p["seed"]) for p in c["pairs"]] == [(p, s) for p in PROMPTS for s in SEEDS]
+    assert all(p["left_is"] == "a" for p in c["pairs"])
+    for p in c["pairs"]:  # each stored score is the scorer's reading of the stored image
+        for side in ("left", "right"):
+            found = toyworld.score_image(Image.open(p[side]))
+            expected = float(found.color == "purple" and found.shape == p["prompt"].split()[-1])
+            assert p[f"score_{side}"] == expected
+    assert c["scores"]["a"] <= 0.25 and c["scores"]["b"] >= 0.75, c["scores"]
+    assert Image.open(tmp_path / "ab" / cid / "grid.png").size[0] > 4 * 64
+    assert "Lora: run:1" in Image.open(c["pairs"][0]["right"]).text["parameters"]
+
+
+def test_blind_order_votes_and_restart(tmp_path, purple_lora, renderer):
+    """Blind: the shuffle is recorded per pair, hidden until voted, and the votes outlive the store object and the
+    process; an open comparison at the same settings shows which image each side drew."""
+    store = ab.ABStore(tmp_path)
+    settings = ab.Settings(PROMPTS, SEEDS, steps=6)
+    blind = ab.compare("toy", f"toy+{purple_lora}", settings, blind=True, store=store, renderer=renderer,
+                       rng=random.Random(3))  # fmt: skip
+    open_ = ab.compare("toy", f"toy+{purple_lora}", settings, store=store, renderer=renderer)
+    shown = store.get(blind)
+    assert all(p["left_is"] is None and p["score_left"] is None for p in shown["pairs"])
+    assert all("left.png" in p["left"] and "right.png" in p["right"] for p in shown["pairs"])
+
+    # vote left on every pair, through two different store objects: A wins exactly where A was shown left
+    for p in shown["pairs"]:
+        (store if p["pair"] % 2 else ab.ABStore(tmp_path)).vote(blind, p["pair"], "left")
+    revealed = ab.ABStore(tmp_path).get(blind)
+    lefts = [p["left_is"] for p in revealed["pairs"]]
+    assert set(lefts) == {"a", "b"}, "the shuffle put A on the left every time"
+    assert revealed["tally"]["a"] == lefts.count("a") and revealed["tally"]["b"] == lefts.count("b")
+    reference = store.get(open_)["pairs"]
+    for p, ref in zip(revealed["pairs"], reference):
+        assert np.array_equal(_pixels(p["left"]), _pixels(ref["left" if p["left_is"] == "a" else "right"]))
+        assert "parameters" not in Image.open(p["left"]).info  # the PNG text would name the LoRA
+
+    # a new process sees the votes, changes one, and this process sees the change
+    code = (
+        "import json, sys; from sdtune.adapters import ab; s = ab.ABStore(sys.argv[1]); "
+        "print(json.dumps(s.tally(sys.argv[2]))); print(json.dumps(s.vote(sys.argv[2], 0, 'tie')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), blind], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    before, after = (json.loads(line) for line in proc.stdout.splitlines())
+    assert before == revealed["tally"]
+    assert after["tie"] == 1 and after["n"] == len(PROMPTS) * len(SEEDS)
+    assert ab.ABStore(tmp_path).tally(blind) == after
+
+
+@pytest.mark.parametrize(
+    "pair, choice, error",
+    [(9, "left", "no pair 9"), (0, "a", "choose left, right, tie"), (0, "maybe", "choose left, right, tie")],
+)
+def test_bad_votes_are_refused(tmp_path, renderer, pair, choice, error):
+    store = ab.ABStore(tmp_path)
+    cid = ab.compare("toy", "toy", ab.Settings(["a red circle"], [0], steps=2), blind=True, store=store,
+                     renderer=renderer)  # fmt: skip
+    with pytest.raises(ab.ABError, match=error):
+        store.vote(cid, pair, choice)
+    with pytest.raises(ab.ABError, match="no comparison 'nope'"):
+        store.vote("nope", 0, "left")
+
+
+def test_checkpoints_picks_and_registers_the_best(tmp_path, quickstart_run, cyan_run, monkeypatch, renderer):
+    """A run whose middle checkpoint holds the purple LoRA and whose others hold the cyan one: on purple prompts the
+    middle one must win (not the last), and registering it records which checkpoint of which run it was."""
+    from sdtune.adapters.registry import Registry
+
+    purple, cyan = quickstart_run[0], cyan_run
+    run = tmp_path / "run"
+    for label, source in {"checkpoint-100": cyan, "checkpoint-200": purple, "final": cyan}.items():
+        folder = run if label == "final" else run / "checkpoints" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("pytorch_lora_weights.safetensors", "toy-cyan.safetensors"):
+            shutil.copy(source / name, folder / name)
+    shutil.copy(cyan / "adapter.json", run / "adapter.json")
+    store, registry = ab.ABStore(tmp_path / "home"), Registry(tmp_path / "home")
+    settings = ab.Settings(["a purple circle", "a purple triangle"], [0, 1], steps=25)
+    cid = ab.compare_checkpoints(run, settings, score="toy", store=store, renderer=renderer)
+    c = store.get(cid)
+    scores = {x["label"]: x["score"] for x in c["candidates"]}
+    assert list(scores) == ["checkpoint-100", "checkpoint-200", "final"]
+    assert c["best"] == "checkpoint-200" and scores["checkpoint-200"] >= 0.75 > scores["final"], scores
+
+    entry = ab.register_best(c, "purple-best", registry)
+    manifest = registry.manifest("purple-best")
+    assert manifest.origin["checkpoint"] == "checkpoint-200" and manifest.origin["run_dir"] == str(run.resolve())
+    assert manifest.training["steps"] == 200 and manifest.export_check is None
+    assert manifest.scores["ab_checkpoints"]["comparison"] == cid
+    registered = entry.folder / "pytorch_lora_weights.safetensors"
+    assert registered.read_bytes() == (purple / "pytorch_lora_weights.safetensors").read_bytes()
+    assert store.get(cid)["registered"] == "purple-best"
+
+
+@pytest.mark.slow
+def test_checkpoints_of_a_real_run(tmp_path, renderer):
+    """A short purple run saving a checkpoint every 25 steps: the early checkpoint has not learned purple yet, the
+    picked one has, and each candidate's score is what the project's scorer measures on that checkpoint's file."""
+    from conftest import QUICKSTART, run_trainer
+
+    from sdtune.adapters import compose, scoring
+    from sdtune.adapters.registry import Registry
+
+    run = tmp_path / "run"
+    args = [str(QUICKSTART), f"output.dir={run}", "train.max_train_steps=125", "train.checkpointing_steps=25",
+            "train.checkpoints_total_limit=null", "validation.validation_steps=0", "output.register=false"]  # fmt: skip
+    proc = run_trainer(args, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    store, registry = ab.ABStore(tmp_path / "home"), Registry(tmp_path / "home")
+    prompts = ["a purple circle", "a purple square", "a purple triangle"]  # the recipe's validation.toy_score
+    cid = ab.compare_checkpoints(run, ab.Settings(prompts, [0, 1, 2, 3]), score="toy", store=store, renderer=renderer)
+    c = store.get(cid)
+    scores = {x["label"]: x["score"] for x in c["candidates"]}
+    assert list(scores) == [f"checkpoint-{n}" for n in (25, 50, 75, 100)] + ["final"]  # 125 is the final save
+    best = next(x for x in c["candidates"] if x["label"] == c["best"])
+    assert scores["checkpoint-25"] <= 0.25 and best["score"] >= 0.5, scores
+    assert best["score"] == max(scores.values()) and best["score"] > scores["checkpoint-25"]
+
+    targets = [scoring.Target(p, "purple", p.split()[-1]) for p in prompts]
+    composer = compose.build(compose.PipelineSpec("toy", [compose.AdapterUse(best["path"])]))
+    measured = scoring.score_targets(composer.pipe, targets, guidance=3.0)
+    assert measured.score.both == best["score"]
+
+    entry = ab.register_best(c, "purple-picked", registry)
+    assert registry.manifest("purple-picked").origin["checkpoint"] == c["best"]
+    assert (
+        entry.folder.joinpath("pytorch_lora_weights.safetensors").read_bytes()
+        == (Path(best["path"]) / "pytorch_lora_weights.safetensors").read_bytes()
+    )
+
+
+def test_wrong_sides_fail_before_rendering(tmp_path, quickstart_run):
+    from sdtune.adapters.compose import ComposeError
+    from sdtune.adapters.registry import Registry
+
+    registry = Registry(tmp_path / "home")
+    registry.register_run(quickstart_run[0], name="tp")
+    renderer = ab.Renderer(registry=registry)
+    settings = ab.Settings(["a red circle"], [0], steps=2)
+    with pytest.raises(ComposeError, match="--adapter: nope not found"):
+        ab.compare("toy", "toy+tp+nope", settings, store=ab.ABStore(tmp_path), renderer=renderer)
+    with pytest.raises(ab.ABError, match="a LoRA is no base; write BASE\\+tp, e.g. toy\\+tp"):
+        ab.compare("tp", "toy", settings, store=ab.ABStore(tmp_path), renderer=renderer)
+    assert renderer._composers == {}  # nothing was loaded
