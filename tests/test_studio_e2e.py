@@ -242,9 +242,6 @@ def test_upload_train_watch_vote_publish_in_a_browser(studio, browser, tmp_path)
     page.wait_text("ab_grid")  # the selected adapter's A/B grid (the table itself is a canvas)
     page.shot("4-registry")
 
-    if not hasattr(api, "ab_compare"):
-        pytest.skip("the A/B and publishing API (issue 11) is not in this build: steps 4-5 not run")
-
     # 4) A/B: the base against base + toy-purple, blind, one vote
     page.open("ab")
     page.type("Seeds", "0 1")

@@ -31,7 +31,9 @@ def home(tmp_path, monkeypatch):
 
 
 def page(name: str) -> AppTest:
-    at = AppTest.from_string(f"from sdtune.studio.views import {name}\n{name}.render()\n", default_timeout=120)
+    at = AppTest.from_string(
+        f"from sdtune.studio.views import {name}\n{name}.render()\n", default_timeout=600
+    )  # a loaded CI machine renders slowly
     return at.run()
 
 
@@ -226,3 +228,58 @@ def test_registry_page_merges_two_loras_with_a_preview(home, quickstart_run, cya
     grid = home / "studio" / "previews" / "purple-cyan" / "grid.png"
     with Image.open(grid) as opened:
         assert opened.width >= 4 * 64  # four seeds of the merged LoRA, side by side
+
+
+def test_ab_page_blind_vote_tally_history_and_checkpoints(home, quickstart_run):
+    from sdtune.adapters.registry import Registry
+
+    Registry().register_run(quickstart_run[0])
+    at = page("ab")
+    assert at.multiselect(key="ab-B-adapters").value == ["toy-purple"]  # A: the base alone, B: base + the LoRA
+    at.text_area(key="ab-prompts").set_value("a purple circle")
+    at.text_input(key="ab-seeds").set_value("0 1")
+    at.number_input(key="ab-steps").set_value(10)
+    at = at.button(key="FormSubmitter:ab-settings-Render A and B").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    [comparison] = api.ab_history()
+    cid = comparison["id"]
+    assert comparison["sides"] == {"a": "toy", "b": "toy+toy-purple:1"} and comparison["blind"]
+    assert [c for image in at.image for c in image.captions] == ["left", "right", "left", "right"]  # sides hidden
+    at = at.button(key=f"vote-{cid}-0-left").click().run()
+    tally = api.ab_tally(cid)
+    assert (tally["n"], tally["remaining"]) == (1, 1)
+    assert "pair 1: voted left" in texts(at, "success")
+    revealed = [c for image in at.image for c in image.captions][:2]  # the voted pair shows which side was which
+    assert sorted(revealed) == ["left = A", "right = B"] or sorted(revealed) == ["left = B", "right = A"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Votes A / B / tie"] == f"{tally['a']} / {tally['b']} / 0"
+    assert metrics["95% interval"] == f"{tally['ci_low']:.0%} - {tally['ci_high']:.0%}"
+    assert at.selectbox(key="ab-history-open").options == [cid]
+    # the run's checkpoints (100, 200 and the final LoRA) scored on one prompt: the page names the best
+    at.text_input(key="ckpt-run-dir").set_value(str(quickstart_run[0]))
+    at.text_area(key="ckpt-prompts").set_value("a purple circle")
+    at.number_input(key="ckpt-steps").set_value(10)
+    at = at.button(key="FormSubmitter:ab-checkpoints-Compare checkpoints").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    [best] = [s for s in texts(at, "success") if s.startswith("best: ")]
+    stored = api.ab_history()[0]
+    assert stored["kind"] == "checkpoints"
+    assert best == f"best: {api.ab_get(stored['id'])['best']}"
+
+
+def test_publish_page_card_dry_run_and_token_rules(home, quickstart_run):
+    from sdtune.adapters.registry import Registry
+
+    Registry().register_run(quickstart_run[0])
+    at = page("publish")
+    at.text_input(key="pub-repo").set_value("someone/toy-purple")
+    at = at.run()
+    card = [m.value for m in at.markdown if "toy-purple" in m.value]
+    assert card and "purple" in card[0]
+    at = button(at, "Dry run: write the upload folder").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    assert any(s.startswith("dry run: nothing uploaded") for s in texts(at, "success"))
+    [folder] = (home / "studio" / "publish").glob("toy-purple-*")
+    assert (folder / "README.md").read_text().strip() and list(folder.glob("*.safetensors"))
+    at = at.button(key="FormSubmitter:pub-push-Push to the Hub").click().run()
+    assert texts(at, "error") == ["token: paste a Hugging Face write token to push (or use the dry run)"]

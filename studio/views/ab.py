@@ -15,9 +15,6 @@ VOTES = (("Left is better", "left"), ("Tie", "tie"), ("Right is better", "right"
 def render():
     st.title("A/B")
     show_flash()
-    if not hasattr(api, "ab_compare"):
-        st.error("This build has no A/B API (sdtune.studio.api.ab_compare, issue 11): merge it first.")
-        return
     compare, history, checkpoints = st.tabs(["Compare", "History", "Checkpoints"])
     with compare:
         _compare_form()
@@ -156,19 +153,24 @@ def _checkpoints():
     st.write("Scores every saved checkpoint of a LoRA run (and its final LoRA) on the same prompts and seeds.")
     runs = [j.to_dict()["run_dir"] for j in jobs.list_jobs(["done"]) if j.method == "lora"]
     with st.form("ab-checkpoints"):
-        run_dir = st.selectbox("Run (finished jobs)", runs, key="ckpt-run", accept_new_options=True)
+        chosen = st.selectbox("Run of a finished job", runs, key="ckpt-run", index=None, placeholder="(none)")
+        typed = st.text_input("...or a run folder", key="ckpt-run-dir", placeholder="runs/quickstart")
         prompts = st.text_area("Prompts (empty: the run's validation.toy_score prompts)", key="ckpt-prompts")
-        register = st.text_input("Register the best as (optional)", key="ckpt-register")
+        left, right = st.columns(2)
+        register = left.text_input("Register the best as (optional)", key="ckpt-register")
+        steps = right.number_input("Sampler steps", 1, 200, 25, key="ckpt-steps")
         submitted = st.form_submit_button("Compare checkpoints")
-    if submitted and run_dir:
+    run_dir = typed.strip() or chosen
+    if submitted and not run_dir:
+        st.error("run: choose a finished job's run or type a run folder")
+    elif submitted:
         with shown_errors(), st.spinner("rendering and scoring each checkpoint ..."):
             result = api.ab_checkpoints(
                 run_dir, [p.strip() for p in prompts.splitlines() if p.strip()] or None, score="toy",
-                register=register.strip() or None,
+                register=register.strip() or None, steps=steps,
             )  # fmt: skip
             st.table([{k: c.get(k) for k in ("label", "step", "score")} for c in result["candidates"]])
-            best = result.get("best")
-            st.success(f"best: {best['label'] if isinstance(best, dict) else best}")
+            st.success(f"best: {result['best']}")
             if result.get("registered"):
                 st.info(f"registered as {result['registered']}")
             if result.get("grid"):

@@ -14,9 +14,6 @@ from sdtune.studio.views.common import shown_errors
 
 def render():
     st.title("Publish")
-    if not hasattr(api, "publish_preview"):
-        st.error("This build has no publishing API (sdtune.studio.api.publish, issue 11): merge it first.")
-        return
     names = [a["name"] for a in api.list_adapters()]
     if not names:
         st.info("The registry is empty: train or import an adapter first.")
