@@ -9,13 +9,14 @@ import streamlit as st
 from sdtune.studio import api, jobs
 from sdtune.studio.views.common import flash, show_flash, shown_errors
 
+PAIR_WIDTH = 320  # pixels on screen: the toy base's 64 px images scaled up, SD's 512 px scaled down
 VOTES = (("Left is better", "left"), ("Tie", "tie"), ("Right is better", "right"))
 
 
 def render():
     st.title("A/B")
     show_flash()
-    compare, history, checkpoints = st.tabs(["Compare", "History", "Checkpoints"])
+    compare, history, checkpoints = st.tabs(["Compare", "History", "Checkpoints"], key="ab-tab", on_change="rerun")
     with compare:
         _compare_form()
         if st.session_state.get("ab-current"):
@@ -106,7 +107,7 @@ def _pair(comparison_id: str, pair: dict, blind: bool):
         caption = name + (f" = {revealed.upper()}" if revealed else "")
         score = pair.get(f"score_{side}")
         caption += f" | score {score:.2f}" if score is not None else ""
-        column.image(pair[side], caption=caption, width="stretch")
+        column.image(pair[side], caption=caption, width=PAIR_WIDTH)
     if not blind:
         return
     voted = pair.get("vote")

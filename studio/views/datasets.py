@@ -39,7 +39,9 @@ def render():
         f"fingerprint {info['fingerprint'][:12]} | {info['work_dir']}"
     )
     upload_tab, captions_tab, preflight_tab, control_tab, versions_tab = st.tabs(
-        ["Upload", "Captions", "Buckets & preflight", "ControlNet conditioning", "Versions"]
+        ["Upload", "Captions", "Buckets & preflight", "ControlNet conditioning", "Versions"],
+        key="datasets-tab",
+        on_change="rerun",  # a keyed tab stays selected when an action reruns the page
     )
     with upload_tab:
         _upload(name)

@@ -30,7 +30,7 @@ def render():
             out_dir = jobs.sdtune_home() / "studio" / "publish" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"  # new
             result = api.publish(name, repo, private=private, dry_run=True, out_dir=out_dir, token=None)
             st.success(f"dry run: nothing uploaded; the folder is {result.get('folder') or out_dir}")
-            st.json(result)
+            st.json({key: value for key, value in result.items() if key != "card"}, expanded=1)
     with st.form("pub-push", clear_on_submit=True):
         token = st.text_input(
             "Hugging Face token (write access; used for this push only, never stored)", type="password"
@@ -50,7 +50,8 @@ def _show_preview(preview: dict):
     files = preview.get("files") or []
     tab_card, tab_files = st.tabs(["Model card", "Files"])
     with tab_card:
-        st.markdown(card)
+        with st.container(height=480):  # a long card scrolls; the actions below stay in view
+            st.markdown(card)
         with st.expander("README.md source"):
             st.code(card, language="markdown")
     with tab_files:

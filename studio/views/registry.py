@@ -18,7 +18,7 @@ MERGE_METHODS = ("linear", "svd")
 def render():
     st.title("Registry")
     show_flash()
-    browse, importing, merging = st.tabs(["Browse", "Import", "Merge"])
+    browse, importing, merging = st.tabs(["Browse", "Import", "Merge"], key="registry-tab", on_change="rerun")
     adapters = api.list_adapters()
     with browse:
         _browse(adapters)
