@@ -1,6 +1,7 @@
 # The two commands of the README, and the set-up they share.
 #   make quickstart   set up .venv, train the quickstart LoRA on the toy base, write runs/quickstart/ab_grid.png
 #   make test         set up .venv, run the test suite (the command CI runs)
+#   make studio       set up .venv, start the studio (http://127.0.0.1:8501) with a training worker
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +13,7 @@ CUDA   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH  := $(if $(CUDA),torch,torch==2.13.0)
 PIP    := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup quickstart test test-slow lint lock lock-add check-latest
+.PHONY: setup quickstart studio test test-slow lint lock lock-add check-latest
 
 setup: $(VENV)/.installed
 
@@ -29,6 +30,9 @@ quickstart: setup
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		trainers/lora.py recipes/quickstart.yaml
 	@echo "A/B grid: runs/quickstart/ab_grid.png   LoRA: runs/quickstart/toy-purple.safetensors"
+
+studio: setup
+	$(BIN)/sdtune studio --worker
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -351,6 +351,187 @@ def bake_model(
     return _call(merge.bake, base, uses, out_folder, single_file)
 
 
+# -- datasets in the workspace (studio/datasets_store.py, torch-free) -------------------------------------------------
+
+
+def _datasets_call(function, *args, **kwargs):
+    from sdtune.studio.datasets_store import DatasetError
+
+    try:
+        return function(*args, **kwargs)
+    except DatasetError as exc:
+        raise StudioError(str(exc)) from None
+
+
+def list_datasets() -> list[dict]:
+    """Datasets under $SDTUNE_HOME/datasets: name, image and caption counts, fingerprint, versions."""
+    from sdtune.studio import datasets_store
+
+    return datasets_store.list_datasets()
+
+
+def create_dataset(name: str) -> dict:
+    from sdtune.studio import datasets_store
+
+    _datasets_call(datasets_store.create, name)
+    return datasets_store.info(name)
+
+
+def dataset_info(name: str) -> dict:
+    from sdtune.studio import datasets_store
+
+    return _datasets_call(datasets_store.info, name)
+
+
+def dataset_images(name: str) -> list[dict]:
+    """Every image of a dataset's work copy: file, path, caption, conditioning image (or None)."""
+    from sdtune.studio import datasets_store
+
+    return _datasets_call(datasets_store.images, name)
+
+
+def upload_to_dataset(name: str, files: list[tuple[str, bytes]]) -> dict:
+    """Checks (size limits, zip-slip, zip bombs, PIL header checks) and writes an upload of images, `.txt` captions
+    and zips of them; returns {"written", "captions", "rejected": [{"file", "reason"}]}."""
+    from sdtune.studio import datasets_store
+
+    return _datasets_call(datasets_store.add_files, name, files).to_dict()
+
+
+def set_caption(name: str, file: str, caption: str) -> None:
+    from sdtune.studio import datasets_store
+
+    _datasets_call(datasets_store.set_caption, name, file, caption)
+
+
+def bulk_captions(name: str, *, trigger: str = "", find: str = "", replace: str = "", template: str = "") -> int:
+    """Template ({caption} {trigger} {name}), then find/replace, then the trigger word; returns captions changed."""
+    from sdtune.studio import datasets_store
+
+    return _datasets_call(
+        datasets_store.bulk_captions, name, trigger=trigger, find=find, replace=replace, template=template
+    )
+
+
+def remove_dataset_image(name: str, file: str) -> None:
+    from sdtune.studio import datasets_store
+
+    _datasets_call(datasets_store.remove_image, name, file)
+
+
+def freeze_dataset(name: str) -> dict:
+    """The dataset's current content as a frozen version (a new one only if it changed): {"version", "path",
+    "fingerprint", "images"}. Jobs train on these paths."""
+    from sdtune.studio import datasets_store
+
+    return _datasets_call(datasets_store.snapshot, name)
+
+
+def annotate_dataset(name: str, kind: str, **options) -> list[Path]:
+    """ControlNet conditioning images for every image of the dataset (`annotate_images` into work/conditioning)."""
+    from sdtune.studio import datasets_store
+
+    folder = _datasets_call(datasets_store.work_dir, name)
+    return annotate_images(kind, folder / datasets_store.IMAGES, folder / datasets_store.CONDITIONING, **options)
+
+
+# -- recipes, preflight and jobs ----------------------------------------------------------------------------------------
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_templates(method: str | None = None) -> dict[str, str]:
+    """Recipe templates in recipes/ ({file name: method.type}), only `method`'s if given."""
+    from sdtune.trainers.core.recipe import _yaml
+
+    found = {}
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        data = _yaml(path.read_text()) or {}
+        kind = (data.get("method") or {}).get("type", "lora")
+        if method is None or kind == method:
+            found[path.name] = kind
+    return found
+
+
+def recipe_text(template: str) -> str:
+    path = RECIPES_DIR / Path(template).name
+    if not path.is_file():
+        raise StudioError(f"recipe template {template!r} not found in {RECIPES_DIR}")
+    return path.read_text()
+
+
+def validate_recipe(text: str, overrides: list[str] | None = None, source: str = "recipe.yaml") -> dict:
+    """Checks recipe YAML (+ `section.key=value` overrides) against the recipe schema without torch.
+
+    Returns {"ok": True, "recipe": resolved dict} or {"ok": False, "error": the CLI's one-line message}.
+    """
+    import yaml
+
+    from sdtune.trainers.core.recipe import RecipeError, _yaml, apply_overrides, recipe_from_dict
+
+    try:
+        data = _yaml(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        return {"ok": False, "error": f"{source}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})"}
+    try:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe is a YAML mapping of sections (base, data, method, train, ...)")
+        recipe = recipe_from_dict(apply_overrides(data, list(overrides or [])), source)
+    except RecipeError as exc:
+        return {"ok": False, "error": str(exc)}
+    return {"ok": True, "recipe": recipe.to_dict()}
+
+
+def preflight(text: str, overrides: list[str] | None = None, device: str | None = None) -> dict:
+    """The trainer's preflight for recipe YAML: the data as found (images, buckets, skipped files), the plan, and
+    the time and memory estimate for this machine. Loads torch (the estimate runs the UNet on meta tensors).
+
+    Returns {"report": text, "buckets": {"WxH": images per epoch}, "images": n, "skipped": [{"file", "reason"}]}.
+    """
+    from sdtune.trainers.core.data import DataError, scan_dataset
+    from sdtune.trainers.core.estimate import preflight as report
+    from sdtune.trainers.core.recipe import recipe_from_dict
+
+    checked = validate_recipe(text, overrides)
+    if not checked["ok"]:
+        raise StudioError(checked["error"])
+    recipe = recipe_from_dict(checked["recipe"])
+    try:
+        scan = scan_dataset(recipe.data)
+    except DataError as exc:
+        raise StudioError(str(exc)) from None
+    return {
+        "report": report(recipe, scan, device=device),
+        "buckets": {f"{w}x{h}": n for (w, h), n in scan.bucket_counts().items()},
+        "images": len(scan.records),
+        "skipped": [{"file": s.file, "reason": s.reason} for s in scan.skipped],
+    }
+
+
+def submit_job(text: str, overrides: list[str] | None = None) -> dict:
+    """Queues recipe YAML as a training job (the text is kept under $SDTUNE_HOME/studio/recipes/); returns the job."""
+    import os
+    import time
+
+    from sdtune.studio import jobs
+
+    checked = validate_recipe(text, overrides)
+    if not checked["ok"]:
+        raise StudioError(checked["error"])
+    folder = jobs.sdtune_home() / "studio" / "recipes"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}.yaml"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    try:
+        return jobs.submit(path, overrides).to_dict()
+    except jobs.JobError as exc:
+        raise StudioError(str(exc)) from None
+
+
 # -- A/B comparisons ------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The `sdtune` command.
 
 Usage:
+    sdtune studio [--worker] [--port 8501] [--expose]                   # the Streamlit studio (127.0.0.1)
     sdtune sample --prompt "a red circle" --seed 0 --seed 1 --out samples/ --grid
     sdtune sample --base runs/quickstart/... --adapter runs/quickstart:0.8 --prompts-file prompts.txt
     sdtune sample --prompt "a red circle" --controlnet runs/cn:0.9 --control-image edges.png --adapter runs/q
@@ -31,7 +32,7 @@ import sys
 from pathlib import Path
 
 from sdtune.adapters import quiet_libraries
-from sdtune.studio import api, cli_ab, jobs, worker
+from sdtune.studio import api, cli_ab, jobs, launch, worker
 
 EPILOG = (
     "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml (or trainers/controlnet.py), or queue "
@@ -264,6 +265,12 @@ def _worker_parser(sub):
     p.set_defaults(run=worker.run_worker)
 
 
+def _studio_parser(sub):
+    p = sub.add_parser("studio", help="The Streamlit studio on http://127.0.0.1:8501 (--expose: the network).")
+    launch.build_parser(p)
+    p.set_defaults(run=launch.run_studio)
+
+
 def _adapters_parser(sub):
     p = sub.add_parser("adapters", help="The local adapter registry ($SDTUNE_HOME, default ~/.sdtune).")
     cmds = p.add_subparsers(
@@ -409,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker}",
+        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker}",
     )
+    _studio_parser(sub)
     _sample_parser(sub)
     _annotate_parser(sub)
     _adapters_parser(sub)
@@ -427,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("jobs", "worker"):  # these load no model: skip importing diffusers/transformers
+    if args.command not in ("jobs", "worker", "studio"):  # these load no model: skip importing diffusers/transformers
         quiet_libraries()
     try:
         return args.run(args) or 0

@@ -91,9 +91,21 @@ def test_a_wrong_import_fails_with_its_name(folder, source, offending, monkeypat
     assert len(found) == 1 and found[0].endswith(f"must not import {offending}"), found
 
 
-def test_cli_and_api_import_without_torch():
-    """The studio's pages and `sdtune --help` stay fast: torch loads only when a command needs a model."""
-    modules = "sdtune.studio.cli, sdtune.studio.api, sdtune.studio.jobs, sdtune.studio.worker"
+STUDIO_PAGES = sorted(p.stem for p in (ROOT / "studio" / "views").glob("*.py") if p.stem != "__init__")
+
+
+def test_every_page_is_checked():
+    assert {"datasets", "train", "jobs", "registry", "ab", "publish"} <= set(STUDIO_PAGES)
+
+
+def test_cli_api_and_pages_import_without_torch():
+    """The studio's pages and `sdtune --help` stay fast: torch loads only when a command needs a model.
+    (tests/test_studio_pages.py also renders each page in a fresh process and checks torch stayed out.)"""
+    pages = ", ".join(f"sdtune.studio.views.{name}" for name in STUDIO_PAGES)
+    modules = (
+        "sdtune.studio.cli, sdtune.studio.api, sdtune.studio.jobs, sdtune.studio.worker, sdtune.studio.launch, "
+        f"sdtune.studio.datasets_store, {pages}"
+    )
     code = f"import {modules}, sys; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,178 @@
+"""A/B page: two compositions (a base plus adapters with weights) at the same prompts, seeds and settings, side by
+side; blind mode with vote buttons and a running tally with its 95% interval; the history of comparisons (stored in
+the registry workspace); and a run's checkpoint comparison, which names the best checkpoint."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from sdtune.studio import api, jobs
+from sdtune.studio.views.common import flash, show_flash, shown_errors
+
+PAIR_WIDTH = 320  # pixels on screen: the toy base's 64 px images scaled up, SD's 512 px scaled down
+VOTES = (("Left is better", "left"), ("Tie", "tie"), ("Right is better", "right"))
+
+
+def render():
+    st.title("A/B")
+    show_flash()
+    compare, history, checkpoints = st.tabs(["Compare", "History", "Checkpoints"], key="ab-tab", on_change="rerun")
+    with compare:
+        _compare_form()
+        if st.session_state.get("ab-current"):
+            _comparison(st.session_state["ab-current"])
+    with history:
+        _history()
+    with checkpoints:
+        _checkpoints()
+
+
+def _side(label: str, adapters: list[str], default: list[str]) -> str:
+    """A SPEC (`base+name:weight+...`) from a base field, an adapter multiselect and one weight per adapter."""
+    st.markdown(f"**{label}**")
+    base = st.text_input("Base", "toy", key=f"ab-{label}-base")
+    chosen = st.multiselect("Adapters", adapters, default=default, key=f"ab-{label}-adapters")
+    parts = [base.strip() or "toy"]
+    for name in chosen:
+        weight = st.slider(f"{name} weight", 0.0, 2.0, 1.0, 0.05, key=f"ab-{label}-w-{name}")
+        parts.append(f"{name}:{weight:g}")
+    spec = "+".join(parts)
+    st.code(spec, language=None)
+    return spec
+
+
+def _compare_form():
+    adapters = [a["name"] for a in api.list_adapters() if a["method"] == "lora"]
+    left, right = st.columns(2)
+    with left:
+        spec_a = _side("A", adapters, [])
+    with right:
+        spec_b = _side("B", adapters, adapters[:1])
+    with st.form("ab-settings"):
+        prompts = st.text_area("Prompts (one per line)", "a purple circle\na purple square", key="ab-prompts")
+        c1, c2, c3, c4 = st.columns(4)
+        seeds = c1.text_input("Seeds", "0 1", key="ab-seeds")
+        steps = c2.number_input("Steps", 1, 200, 25, key="ab-steps")
+        guidance = c3.number_input("Guidance (0: the base's)", 0.0, 30.0, 0.0, key="ab-guidance")
+        scheduler = c4.selectbox("Sampler", api.scheduler_names(), key="ab-scheduler")
+        c5, c6, c7 = st.columns(3)
+        size = c5.number_input("Size (0: native)", 0, 2048, 0, step=8, key="ab-size")
+        score = c6.selectbox("Score", ["(none)", "toy"], key="ab-score", help="toy: the toy-world colour/shape scorer")
+        blind = c7.checkbox("Blind (shuffle sides, vote)", True, key="ab-blind")
+        submitted = st.form_submit_button("Render A and B", type="primary")
+    if submitted:
+        with shown_errors(), st.spinner("rendering both sides ..."):
+            try:
+                seed_list = [int(s) for s in seeds.replace(",", " ").split()]
+            except ValueError:
+                raise api.StudioError(f"seeds: whole numbers separated by spaces, got {seeds!r}") from None
+            result = api.ab_compare(
+                spec_a, spec_b, [p.strip() for p in prompts.splitlines() if p.strip()], seed_list, blind=blind,
+                steps=steps, guidance=guidance or None, scheduler=scheduler, size=size or None,
+                score=None if score == "(none)" else score,
+            )  # fmt: skip
+            st.session_state["ab-current"] = result["id"]
+
+
+def _comparison(comparison_id: str):
+    with shown_errors():
+        data = api.ab_get(comparison_id)
+        st.subheader(f"Comparison {data['id']}")
+        st.caption(f"A = {data['a']}   |   B = {data['b']}")
+        _tally(api.ab_tally(comparison_id))
+        if not data["blind"] and data.get("grid"):
+            st.image(data["grid"], caption="A | B", width="stretch")
+        for pair in data["pairs"]:
+            _pair(comparison_id, pair, data["blind"])
+
+
+def _tally(tally: dict):
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Votes A / B / tie", f"{tally['a']} / {tally['b']} / {tally['tie']}")
+    share = "-" if tally.get("share_a") is None else f"{tally['share_a']:.0%}"
+    c2.metric("A preferred", share)
+    c3.metric("95% interval", f"{tally['ci_low']:.0%} - {tally['ci_high']:.0%}")
+    c4.metric("Pairs left", tally["remaining"])
+    if tally.get("verdict"):
+        st.info(tally["verdict"])
+
+
+def _pair(comparison_id: str, pair: dict, blind: bool):
+    number = pair["pair"] + 1  # pairs are numbered from 0 in the store, from 1 on screen
+    st.markdown(f"**{number}. {pair['prompt']}** (seed {pair['seed']})")
+    left, right = st.columns(2)
+    names = ("left", "right") if blind else ("A", "B")
+    for column, side, name in zip((left, right), ("left", "right"), names):
+        revealed = pair.get(f"{side}_is")
+        caption = name + (f" = {revealed.upper()}" if revealed else "")
+        score = pair.get(f"score_{side}")
+        caption += f" | score {score:.2f}" if score is not None else ""
+        column.image(pair[side], caption=caption, width=PAIR_WIDTH)
+    if not blind:
+        return
+    voted = pair.get("vote")
+    for column, (label, choice) in zip(st.columns(len(VOTES)), VOTES):
+        kind = "primary" if voted == choice else "secondary"
+        if column.button(label, key=f"vote-{comparison_id}-{pair['pair']}-{choice}", type=kind):
+            with shown_errors():
+                api.ab_vote(comparison_id, pair["pair"], choice)
+                flash(f"pair {number}: voted {choice}")
+                st.rerun()
+
+
+def _history():
+    rows = api.ab_history(50)
+    if not rows:
+        st.info("No comparisons yet.")
+        return
+    st.dataframe(
+        [
+            {
+                "id": r["id"],
+                "kind": r["kind"],
+                "created": r["created_at"],
+                "blind": bool(r.get("blind")),
+                "votes A/B/tie": _votes(r.get("tally")),
+                "sides": str(r.get("sides", ""))[:80],
+            }
+            for r in rows
+        ],  # fmt: skip
+        hide_index=True,
+    )
+    chosen = st.selectbox("Open", [r["id"] for r in rows if r["kind"] == "ab"], key="ab-history-open")
+    if chosen and st.button("Open comparison", key="ab-history-go"):
+        st.session_state["ab-current"] = chosen
+        flash(f"opened {chosen} in the Compare tab")
+        st.rerun()
+
+
+def _votes(tally: dict | None) -> str:
+    return f"{tally['a']}/{tally['b']}/{tally['tie']}" if tally else ""
+
+
+def _checkpoints():
+    st.write("Scores every saved checkpoint of a LoRA run (and its final LoRA) on the same prompts and seeds.")
+    runs = [j.to_dict()["run_dir"] for j in jobs.list_jobs(["done"]) if j.method == "lora"]
+    with st.form("ab-checkpoints"):
+        chosen = st.selectbox("Run of a finished job", runs, key="ckpt-run", index=None, placeholder="(none)")
+        typed = st.text_input("...or a run folder", key="ckpt-run-dir", placeholder="runs/quickstart")
+        prompts = st.text_area("Prompts (empty: the run's validation.toy_score prompts)", key="ckpt-prompts")
+        left, right = st.columns(2)
+        register = left.text_input("Register the best as (optional)", key="ckpt-register")
+        steps = right.number_input("Sampler steps", 1, 200, 25, key="ckpt-steps")
+        submitted = st.form_submit_button("Compare checkpoints")
+    run_dir = typed.strip() or chosen
+    if submitted and not run_dir:
+        st.error("run: choose a finished job's run or type a run folder")
+    elif submitted:
+        with shown_errors(), st.spinner("rendering and scoring each checkpoint ..."):
+            result = api.ab_checkpoints(
+                run_dir, [p.strip() for p in prompts.splitlines() if p.strip()] or None, score="toy",
+                register=register.strip() or None, steps=steps,
+            )  # fmt: skip
+            st.table([{k: c.get(k) for k in ("label", "step", "score")} for c in result["candidates"]])
+            st.success(f"best: {result['best']}")
+            if result.get("registered"):
+                st.info(f"registered as {result['registered']}")
+            if result.get("grid"):
+                st.image(result["grid"], width="stretch")

@@ -1,0 +1,178 @@
+"""Datasets page: upload images or zips, edit captions one by one or in bulk, preview buckets and the preflight,
+make ControlNet conditioning images, and freeze versions that jobs train on."""
+
+from __future__ import annotations
+
+import hashlib
+
+import streamlit as st
+
+from sdtune.studio import api
+from sdtune.studio.views.common import flash, show_flash, shown_errors, uploads
+
+PER_PAGE = 24
+COLUMNS = 6
+
+
+def render():
+    st.title("Datasets")
+    show_flash()
+    names = [d["name"] for d in api.list_datasets()]
+    pick, create = st.columns([3, 2], vertical_alignment="bottom")
+    with create.form("new-dataset", clear_on_submit=True, border=False):
+        left, right = st.columns([3, 1], vertical_alignment="bottom")
+        new = left.text_input("New dataset", placeholder="e.g. purple")
+        if right.form_submit_button("Create") and new:
+            with shown_errors():
+                api.create_dataset(new.strip())
+                st.session_state["dataset"] = new.strip()
+                st.rerun()
+    if not names:
+        pick.info("No dataset yet: name one and press Create, then upload images.")
+        return
+    if st.session_state.get("dataset") not in names:
+        st.session_state["dataset"] = names[0]
+    name = pick.selectbox("Dataset", names, key="dataset")
+    info = api.dataset_info(name)
+    st.caption(
+        f"{info['images']} images, {info['captioned']} captioned, {info['conditioning']} conditioning images | "
+        f"fingerprint {info['fingerprint'][:12]} | {info['work_dir']}"
+    )
+    upload_tab, captions_tab, preflight_tab, control_tab, versions_tab = st.tabs(
+        ["Upload", "Captions", "Buckets & preflight", "ControlNet conditioning", "Versions"],
+        key="datasets-tab",
+        on_change="rerun",  # a keyed tab stays selected when an action reruns the page
+    )
+    with upload_tab:
+        _upload(name)
+    with captions_tab:
+        _bulk_tools(name)
+        _grid(name)
+    with preflight_tab:
+        _preflight(name, info)
+    with control_tab:
+        _conditioning(name)
+    with versions_tab:
+        _versions(name, info)
+
+
+def _upload(name: str):
+    st.write("Images (png, jpg, webp, bmp), same-name `.txt` captions, or a `.zip` of them.")
+    with st.form("upload", clear_on_submit=True):
+        files = st.file_uploader("Files", accept_multiple_files=True, key="upload-files")
+        submitted = st.form_submit_button("Add to dataset")
+    if submitted and files:
+        with shown_errors():
+            report = api.upload_to_dataset(name, uploads(files))
+            flash(f"added {len(report['written'])} images and {len(report['captions'])} captions")
+            st.session_state["upload-rejected"] = report["rejected"]
+            st.rerun()  # the counts and the grid above change
+    rejected = st.session_state.pop("upload-rejected", None)
+    if rejected:
+        st.warning(f"rejected {len(rejected)} files:")
+        st.table([{"file": r["file"], "reason": r["reason"]} for r in rejected])
+
+
+def _bulk_tools(name: str):
+    with st.expander("Bulk caption tools"):
+        with st.form("bulk"):
+            trigger = st.text_input("Trigger word (added to every caption that lacks it)")
+            left, right = st.columns(2)
+            find = left.text_input("Find")
+            replace = right.text_input("Replace with")
+            template = st.text_input("Template", placeholder="a photo of {trigger}, {caption}  ({name}: file stem)")
+            if st.form_submit_button("Apply to all captions"):
+                with shown_errors():
+                    changed = api.bulk_captions(name, trigger=trigger, find=find, replace=replace, template=template)
+                    flash(f"{changed} captions changed")
+                    st.rerun()
+
+
+def _grid(name: str):
+    items = api.dataset_images(name)
+    if not items:
+        st.info("No images yet: upload some in the Upload tab.")
+        return
+    pages = (len(items) - 1) // PER_PAGE + 1
+    page = st.number_input("Page", 1, pages, 1, key="grid-page") if pages > 1 else 1
+    shown = items[(page - 1) * PER_PAGE : page * PER_PAGE]
+    with st.form("captions"):
+        edited = {}
+        for row in range(0, len(shown), COLUMNS):
+            for column, item in zip(st.columns(COLUMNS), shown[row : row + COLUMNS]):
+                with column:
+                    st.image(item["path"], caption=item["file"], width="stretch")
+                    # The key follows the caption on disk, so a bulk edit shows at once.
+                    key = f"cap-{name}-{item['file']}-{hashlib.md5(item['caption'].encode()).hexdigest()[:8]}"
+                    edited[item["file"]] = (
+                        item["caption"],
+                        st.text_area("Caption", item["caption"], key=key, height=80),
+                    )
+        if st.form_submit_button("Save captions"):
+            with shown_errors():
+                changed = [f for f, (old, new) in edited.items() if new.strip() != old]
+                for file in changed:
+                    api.set_caption(name, file, edited[file][1])
+                flash(f"saved {len(changed)} captions")
+                st.rerun()
+    with st.expander("Remove an image"):
+        file = st.selectbox("Image", [i["file"] for i in items], key="remove-file")
+        if st.button("Remove image", key="remove-image"):
+            with shown_errors():
+                api.remove_dataset_image(name, file)
+                flash(f"removed {file}")
+                st.rerun()
+
+
+def _preflight(name: str, info: dict):
+    templates = list(api.recipe_templates("lora"))
+    template = st.selectbox(
+        "Recipe template", templates, index=templates.index("quickstart.yaml") if "quickstart.yaml" in templates else 0
+    )
+    resolution = st.number_input("Resolution", 8, 2048, 64 if template == "quickstart.yaml" else 512, step=8)
+    if st.button("Run preflight", key="run-preflight"):
+        overrides = [f"data.train_data_dir={info['work_dir']}/images", f"data.resolution={resolution}"]
+        with shown_errors(), st.spinner("scanning the images and estimating ..."):
+            result = api.preflight(api.recipe_text(template), overrides)
+            st.subheader("Buckets (images per epoch)")
+            st.bar_chart(result["buckets"], x_label="bucket (width x height)", y_label="images")
+            st.code(result["report"], language=None)
+
+
+def _conditioning(name: str):
+    kinds = api.annotation_kinds()["no_weights"]
+    kind = st.selectbox("Annotator", kinds, key="annotate-kind")
+    low, high = st.slider("Canny thresholds (low, high)", 0, 255, (100, 200), key="annotate-thresholds")
+    if st.button("Make conditioning images", key="annotate"):
+        with shown_errors(), st.spinner("annotating ..."):
+            written = api.annotate_dataset(name, kind, low_threshold=low, high_threshold=high)
+            flash(f"{len(written)} {kind} conditioning images written")
+            st.rerun()
+    pairs = [i for i in api.dataset_images(name) if i["conditioning"]]
+    if pairs:
+        st.subheader("Preview: image | conditioning")
+        for item in pairs[:4]:
+            left, right = st.columns(2)
+            left.image(item["path"], caption=item["file"], width="stretch")
+            right.image(item["conditioning"], caption="conditioning", width="stretch")
+
+
+def _versions(name: str, info: dict):
+    st.write("A job trains on a frozen version, never on the editable copy, so it records exactly what it saw.")
+    if st.button("Freeze a version now", key="freeze"):
+        with shown_errors():
+            version = api.freeze_dataset(name)
+            flash(f"{version['version']}: {version['images']} images, fingerprint {version['fingerprint'][:12]}")
+            st.rerun()
+    if info["versions"]:
+        st.table(
+            [
+                {
+                    "version": v["version"],
+                    "images": v["images"],
+                    "fingerprint": v["fingerprint"][:16],
+                    "path": v["path"],
+                }
+                for v in reversed(info["versions"])
+            ]
+        )

@@ -1,0 +1,113 @@
+"""Jobs page: the queue (studio/jobs.py, SQLite) and one job's live view: progress with ETA, loss chart, latest
+validation grid, log tail; cancel, resume, retry, sample now, save now. Everything is read from the database and
+the run folder, so a browser refresh or a studio restart loses nothing."""
+
+from __future__ import annotations
+
+import datetime
+
+import streamlit as st
+
+from sdtune.studio import jobs
+from sdtune.studio.views.common import flash, show_flash, shown_errors
+
+REFRESH_SECONDS = 2.0
+
+
+def render():
+    st.title("Jobs")
+    show_flash()
+    _page()
+
+
+@st.fragment(run_every=REFRESH_SECONDS)
+def _page():
+    """The whole view re-reads the queue every few seconds while the page is open (only this part reruns)."""
+    listing = jobs.list_jobs()
+    if not jobs.workers():
+        st.warning("No worker runs this queue: start one with `sdtune worker` (or `sdtune studio --worker`).")
+    if not listing:
+        st.info("No jobs yet: launch one on the Train page or with `sdtune jobs submit recipe.yaml`.")
+        return
+    ids = [job.id for job in listing]
+    if st.session_state.get("jobs-selected") not in ids:
+        st.session_state["jobs-selected"] = ids[0]
+    st.selectbox(
+        "Job",
+        ids,
+        key="jobs-selected",
+        format_func=lambda i: next(f"{j.id}: {j.name} ({j.state})" for j in listing if j.id == i),
+    )
+    _live(st.session_state["jobs-selected"])
+    st.subheader("Queue")
+    st.dataframe(
+        [
+            {
+                "id": j.id,
+                "name": j.name,
+                "method": j.method,
+                "state": j.state,
+                "attempts": j.attempts,
+                "created": _when(j.created_at),
+                "error": j.error or "",
+            }
+            for j in listing
+        ],  # fmt: skip
+        hide_index=True,
+    )
+
+
+def _live(job_id: int):
+    """Progress with ETA, actions, loss chart, latest grid and log tail of one job."""
+    job = jobs.get(job_id)
+    progress = jobs.progress(job_id)
+    total = progress["total_steps"]
+    label = f"{job.state}: step {progress['step']}" + (f" / {total}" if total else "")
+    if progress["eta"] is not None:
+        label += f", ETA {_duration(progress['eta'])}"
+    if progress["seconds_per_step"]:
+        label += f", {progress['seconds_per_step']:.2f} s/step"
+    if progress["loss"] is not None:
+        label += f", loss {progress['loss']:.4f}"
+    st.progress(1.0 if job.state == "done" else progress["fraction"], text=label)
+    if job.error:
+        st.error(job.error)
+    _actions(job)
+    chart, grid = st.columns(2)
+    with chart:
+        st.caption("loss")
+        if progress["losses"]:
+            steps, losses = zip(*progress["losses"])
+            st.line_chart({"step": steps, "loss": losses}, x="step", y="loss")
+    with grid:
+        st.caption("latest validation grid")
+        if progress["latest_grid"]:
+            st.image(progress["latest_grid"], width="stretch")
+    if progress["pending_requests"]:
+        st.info(f"waiting for the trainer to take: {', '.join(progress['pending_requests'])}")
+    st.caption(f"log tail ({job.log})")
+    st.code(jobs.log_tail(job_id, 30) or "(no output yet)", language=None)
+
+
+def _actions(job: jobs.Job):
+    buttons = [
+        ("Cancel", jobs.cancel, job.state in ("queued", "running", "interrupted") and not job.cancel_requested),
+        ("Resume", jobs.resume, job.state in jobs.RESUMABLE),
+        ("Retry", jobs.retry, job.state in jobs.FINISHED),
+        ("Sample now", jobs.request_sample, job.state == "running"),
+        ("Save now", jobs.request_save, job.state == "running"),
+    ]
+    for column, (label, action, enabled) in zip(st.columns(len(buttons)), buttons):
+        if column.button(label, key=f"job-{label}", disabled=not enabled):
+            with shown_errors():
+                action(job.id)
+                flash(f"job {job.id}: {label.lower()} requested")
+                st.rerun()
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")

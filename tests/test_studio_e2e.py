@@ -1,0 +1,264 @@
+"""End to end in a real browser: `sdtune studio --worker` on localhost, driven by headless Chromium through Selenium.
+
+The flow a user follows: create a dataset and upload the quickstart's purple shapes -> train the quickstart LoRA on
+the toy base (4 steps) -> watch the job complete on the Jobs page -> a blind A/B (base vs the new LoRA) with one
+vote recorded -> a dry-run publish. Each page is screenshotted into the test's tmp folder (printed at the end).
+
+Uses Debian's `chromium` and `chromium-driver` (/usr/bin/chromium, /usr/bin/chromedriver): browser downloads fail
+here. Without them the test is skipped, unless SDTUNE_REQUIRE_BROWSER=1 (set by .ci/run), which makes it fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sdtune.studio import api, jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "datasets" / "quickstart-purple"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1800",
+]  # fmt: skip
+ACCELERATE_ARGS = "--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+TRAIN_TIMEOUT = 420
+
+
+def browser_or_skip():
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).is_file()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package (pip install -e '.[dev]')")
+    if missing:
+        message = (
+            f"no browser for the end-to-end test: {', '.join(missing)} (apt-get install chromium chromium-driver)"
+        )
+        if os.environ.get("SDTUNE_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def studio(tmp_path, monkeypatch):
+    """`sdtune studio --worker` on a free port with its own SDTUNE_HOME; yields (url, home, log)."""
+    browser_or_skip()
+    home, port, log = tmp_path / "home", free_port(), tmp_path / "studio.log"
+    monkeypatch.setenv("SDTUNE_HOME", str(home))
+    env = {**os.environ, "SDTUNE_HOME": str(home), "SDTUNE_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    command = [
+        str(Path(sys.executable).parent / "sdtune"), "studio", "--port", str(port), "--worker",
+        "--worker-args", f"--poll 0.3 --accelerate-args '{ACCELERATE_ARGS}'",
+    ]  # fmt: skip
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "the studio did not answer within 60 s:\n" + log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield url, home, log
+    finally:
+        children = child_pids(process.pid)
+        process.terminate()  # the CLI stops the studio and its worker (SIGTERM: trainers save and stop)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        time.sleep(0.5)
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "sdtune studio left its children"
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (the studio's streamlit and worker processes), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+class Page:
+    """Small Selenium helpers for Streamlit's markup (widgets carry their label as aria-label or a <p>)."""
+
+    def __init__(self, driver, url: str, shots: Path):
+        self.driver, self.url, self.shots = driver, url, shots
+
+    def open(self, path: str):
+        self.driver.get(f"{self.url}/{path}")
+        self.wait_for(lambda: self.driver.find_elements("css selector", "h1"), 60, f"the {path or 'main'} page")
+        time.sleep(1.0)
+
+    def wait_for(self, condition, timeout: float, what: str):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                result = condition()
+                if result:
+                    return result
+            except Exception:  # an element went stale during a rerun: look again
+                pass
+            if time.time() > deadline:
+                self.shot(f"timeout-{int(time.time())}")
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}; page text:\n{self.text()[-2000:]}"
+                )
+            time.sleep(0.3)
+
+    def text(self) -> str:
+        return self.driver.find_element("tag name", "body").text
+
+    def wait_text(self, text: str, timeout: float = 60):
+        self.wait_for(lambda: text in self.text(), timeout, repr(text))
+
+    def button(self, label: str, index: int = 0):
+        xpath = f'//button[.//p[normalize-space(text())="{label}"]]'
+        found = self.wait_for(lambda: self.driver.find_elements("xpath", xpath), 30, f"button {label!r}")
+        return found[index]
+
+    def click(self, label: str, index: int = 0):
+        element = self.button(label, index)
+        self.wait_for(element.is_enabled, 30, f"button {label!r} enabled")
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+        element.click()
+        time.sleep(0.5)
+
+    def field(self, label: str):
+        selector = f'input[aria-label="{label}"], textarea[aria-label="{label}"]'
+        return self.wait_for(lambda: self.driver.find_elements("css selector", selector), 30, f"field {label!r}")[0]
+
+    def type(self, label: str, text: str):
+        from selenium.webdriver.common.keys import Keys
+
+        element = self.field(label)
+        element.send_keys(Keys.CONTROL, "a")
+        element.send_keys(Keys.DELETE)
+        element.send_keys(text)
+
+    def choose(self, label: str, option: str):
+        """A selectbox by its label: open it, pick the option by its text."""
+        box = f'//div[@data-testid="stSelectbox"][.//label[normalize-space(.)="{label}"]]'
+        self.wait_for(lambda: self.driver.find_elements("xpath", box), 30, f"selectbox {label!r}")[0].click()
+        options = f'//*[@role="option"][normalize-space(.)="{option}"]'
+        self.wait_for(lambda: self.driver.find_elements("xpath", options), 30, f"option {option!r}")[0].click()
+        time.sleep(1.0)
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        self.driver.save_screenshot(str(path))
+        return path
+
+
+def test_upload_train_watch_vote_publish_in_a_browser(studio, browser, tmp_path):
+    url, home, log = studio
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    page = Page(browser, url, shots)
+
+    # 1) Datasets: create one, upload the 16 purple shapes and their captions
+    page.open("")  # the default page: Datasets
+    page.type("New dataset", "purple")
+    page.click("Create")
+    page.wait_text("fingerprint")
+    files = sorted(DATA.glob("*.png")) + sorted(DATA.glob("*.txt"))
+    browser.find_element("css selector", 'input[type="file"]').send_keys("\n".join(str(f) for f in files))
+    page.wait_text(f"{files[0].name}")
+    page.click("Add to dataset")
+    page.wait_text("added 16 images and 16 captions")
+    assert api.dataset_info("purple")["captioned"] == 16
+    page.shot("1-datasets-upload")
+    browser.find_element("xpath", '//*[@role="tab"][normalize-space(.)="Captions"]').click()
+    page.wait_text("Save captions")
+    page.shot("1-datasets-captions")
+    browser.find_element("xpath", '//*[@role="tab"][normalize-space(.)="Buckets & preflight"]').click()
+    page.click("Run preflight")
+    page.wait_text("64x64 (aspect 1.00): 16", timeout=120)
+    page.shot("1-datasets-preflight")
+
+    # 2) Train: the quickstart template on that dataset, 4 steps; Launch queues job 1
+    page.open("train")
+    page.choose("Dataset (frozen as a version at launch)", "purple")
+    page.type("Steps", "4")
+    page.click("Apply")
+    page.wait_text("train.max_train_steps=4")
+    page.click("Launch")
+    page.wait_text("job 1 queued: toy-purple (lora)")
+    page.shot("2-train")
+    [job] = jobs.list_jobs()
+    assert "/datasets/purple/versions/v1/images" in job.recipe.read_text()
+
+    # 3) Jobs: the live view follows the job to the end (the page refreshes itself)
+    page.open("jobs")
+    page.wait_text("done: step 4 / 4", timeout=TRAIN_TIMEOUT)
+    page.wait_for(lambda: browser.find_elements("css selector", '[data-testid="stImage"] img'), 30, "the grid")
+    page.shot("3-jobs")
+    assert jobs.get(job.id).state == "done", jobs.log_tail(job.id)
+    assert any(a["name"] == "toy-purple" for a in api.list_adapters())
+
+    page.open("registry")
+    page.wait_text("ab_grid")  # the selected adapter's A/B grid (the table itself is a canvas)
+    page.shot("4-registry")
+
+    # 4) A/B: the base against base + toy-purple, blind, one vote
+    page.open("ab")
+    page.type("Seeds", "0 1")
+    page.click("Render A and B")
+    page.wait_text("Left is better", timeout=180)
+    page.click("Left is better")
+    page.wait_text("pair 1: voted left")
+    [comparison] = api.ab_history(5)
+    assert api.ab_tally(comparison["id"])["n"] == 1
+    page.shot("5-ab")
+
+    # 5) Publish: the card preview and a dry run (nothing leaves the machine)
+    page.open("publish")
+    page.wait_text("Model card")
+    page.click("Dry run: write the upload folder")
+    page.wait_text("dry run: nothing uploaded", timeout=120)
+    page.shot("6-publish")
+    [folder] = (home / "studio" / "publish").glob("toy-purple-*")
+    assert (folder / "README.md").is_file()
+    print(f"screenshots: {shots}")

@@ -1,0 +1,285 @@
+"""Every studio page's main flow through `streamlit.testing.v1.AppTest`, on a temporary SDTUNE_HOME.
+
+The pages are driven the way a user would (upload, type, click) and the outcome is read back from the workspace
+(dataset files, the job queue, the registry), not from the page alone. No page may import torch just by rendering
+(checked in a fresh process). Rendering images (merge preview, A/B) runs on the toy base.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from sdtune.studio import api, jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ("datasets", "train", "jobs", "registry", "ab", "publish")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(ROOT)  # jobs record the submitter's directory; the templates' data paths are relative to it
+    return tmp_path / "home"
+
+
+def page(name: str) -> AppTest:
+    at = AppTest.from_string(
+        f"from sdtune.studio.views import {name}\n{name}.render()\n", default_timeout=600
+    )  # a loaded CI machine renders slowly
+    return at.run()
+
+
+def png(color=(128, 0, 128)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def texts(at: AppTest, kind: str) -> list[str]:
+    return [element.value for element in getattr(at, kind)]
+
+
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def test_the_app_has_the_six_pages():
+    at = AppTest.from_file(str(ROOT / "studio" / "app.py"), default_timeout=60).run()
+    assert not at.exception
+    assert at.title[0].value == "Datasets"  # the default page
+    app_source = (ROOT / "studio" / "app.py").read_text()
+    for title in ("Datasets", "Train", "Jobs", "Registry", "A/B", "Publish"):
+        assert f'title="{title}"' in app_source
+
+
+@pytest.mark.parametrize("flags,host,warned", [([], "127.0.0.1", False), (["--expose"], "0.0.0.0", True)])
+def test_sdtune_studio_binds_locally_unless_exposed_with_a_warning(flags, host, warned, monkeypatch, capsys):
+    from sdtune.studio import cli, launch
+
+    started = []
+
+    class Recorder:
+        def __init__(self, command, cwd):
+            started.append(command)
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Recorder)
+    assert cli.main(["studio", "--port", "8599", *flags]) == 0
+    [command] = started
+    assert command[command.index("--server.address") + 1] == host and "8599" in command
+    assert ("WARNING: the studio listens on 0.0.0.0" in capsys.readouterr().err) == warned
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_rendering_a_page_imports_no_torch(name, tmp_path):
+    code = textwrap.dedent(f"""
+        import os, sys
+        os.environ["SDTUNE_HOME"] = {str(tmp_path / "home")!r}
+        from streamlit.testing.v1 import AppTest
+        at = AppTest.from_string("from sdtune.studio.views import {name}\\n{name}.render()\\n").run()
+        assert not at.exception, at.exception
+        assert "torch" not in sys.modules, "rendering the {name} page imported torch"
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_datasets_page_upload_captions_versions(home):
+    api.create_dataset("purple")
+    at = page("datasets")
+    at.file_uploader(key="upload-files").set_value(
+        [("a.png", png(), "image/png"), ("a.txt", b"a circle", "text/plain"), ("bad.png", b"", "image/png")]
+    )
+    at = at.button(key="FormSubmitter:upload-Add to dataset").click().run()
+    assert "added 1 images and 1 captions" in texts(at, "success")
+    assert any("rejected 1 files" in w for w in texts(at, "warning"))
+    assert sorted(p.name for p in (home / "datasets/purple/work/images").iterdir()) == ["a.png", "a.txt"]
+    # bulk: the trigger word goes into every caption, and the editor shows the new text at once
+    bulk = next(t for t in at.text_input if t.label.startswith("Trigger word"))
+    bulk.set_value("purple")
+    at = at.button(key="FormSubmitter:bulk-Apply to all captions").click().run()
+    assert "1 captions changed" in texts(at, "success")
+    assert api.dataset_images("purple")[0]["caption"] == "purple, a circle"
+    assert [t.value for t in at.text_area if t.label == "Caption"] == ["purple, a circle"]
+    # one caption edited by hand
+    next(t for t in at.text_area if t.label == "Caption").set_value("purple, a big circle")
+    at = at.button(key="FormSubmitter:captions-Save captions").click().run()
+    assert "saved 1 captions" in texts(at, "success")
+    assert (home / "datasets/purple/work/images/a.txt").read_text() == "purple, a big circle"
+    at = button(at, "Freeze a version now").click().run()
+    assert any(s.startswith("v1: 1 images") for s in texts(at, "success"))
+    assert api.dataset_info("purple")["versions"][0]["images"] == 1
+
+
+def test_datasets_page_conditioning_preview(home):
+    api.upload_to_dataset("shapes", [("a.png", png()), ("b.png", png((0, 200, 0)))])
+    at = page("datasets")
+    at.selectbox(key="annotate-kind").set_value("canny")
+    at = button(at, "Make conditioning images").click().run()
+    assert "2 canny conditioning images written" in texts(at, "success")
+    assert sorted(p.name for p in (home / "datasets/shapes/work/conditioning").iterdir()) == ["a.png", "b.png"]
+    captions = [c for image in at.image for c in image.captions]
+    assert len(at.image) == 6 and captions.count("conditioning") == 2  # 2 thumbnails + 2 pairs in the preview
+
+
+def test_train_page_validates_live_and_launch_queues_a_job_on_a_frozen_version(home):
+    api.upload_to_dataset("purple", [("a.png", png()), ("a.txt", b"a purple circle")])
+    at = page("train")
+    assert at.selectbox(key="train-template").value == "quickstart.yaml"
+    assert any(s.startswith("recipe valid: lora 'toy-purple'") for s in texts(at, "success"))
+    yaml_box = at.text_area(key="yaml-quickstart.yaml")
+    yaml_box.set_value(yaml_box.value.replace("learning_rate:", "lerning_rate:"))
+    at = at.run()
+    cli_message = "recipe.yaml: train.lerning_rate: unknown key (did you mean 'learning_rate'?)"
+    assert texts(at, "error") == [cli_message]
+    assert button(at, "Launch").disabled
+    assert button(at, "Preflight: data, time and memory").disabled
+    yaml_box = at.text_area(key="yaml-quickstart.yaml")
+    yaml_box.set_value(yaml_box.value.replace("lerning_rate:", "learning_rate:"))
+    at.selectbox(key="train-dataset").set_value("purple")
+    next(n for n in at.number_input if n.label == "Steps").set_value(3)
+    at = at.button(key="FormSubmitter:knobs-quickstart.yaml-Apply").click().run()
+    at = button(at, "Preflight: data, time and memory").click().run()
+    [report] = [c.value for c in at.code if c.value.startswith("data:")]
+    assert report.startswith("data: 1 images (1 per epoch with repeats), layout folder")
+    assert "plan: 3 steps x 8 images/step" in report and "estimated:" in report and "for 3 steps" in report
+    at = button(at, "Launch").click().run()
+    assert not at.exception and not texts(at, "error")
+    [job] = jobs.list_jobs()
+    assert job.state == "queued" and job.name == "toy-purple"
+    resolved = job.recipe.read_text()
+    version = api.dataset_info("purple")["versions"][0]
+    assert f"train_data_dir: {version['path']}/images" in resolved and "max_train_steps: 3" in resolved
+
+
+def test_jobs_page_shows_progress_and_cancels(home):
+    job = jobs.submit(ROOT / "recipes" / "quickstart.yaml")
+    (job.run_dir).mkdir(parents=True)
+    (job.run_dir / "metrics.jsonl").write_text(
+        '{"step": 1, "total_steps": 4, "loss": 0.5, "eta": 30, "seconds_per_step": 1.0}\n'
+        '{"step": 2, "total_steps": 4, "loss": 0.25, "eta": 20, "seconds_per_step": 1.0}\n'
+    )
+    at = page("jobs")
+    assert any("No worker runs this queue" in w for w in texts(at, "warning"))
+    bar = at.get("progress")[0]
+    assert bar.proto.value == 50 and "queued: step 2 / 4" in bar.proto.text and "loss 0.2500" in bar.proto.text
+    assert button(at, "Resume").disabled and not button(at, "Cancel").disabled
+    at = button(at, "Cancel").click().run()
+    assert jobs.get(job.id).state == "cancelled"
+    assert f"job {job.id}: cancel requested" in texts(at, "success")
+    assert not button(at, "Resume").disabled
+
+
+def registered_fake(home: Path, name: str) -> None:
+    """A run folder as a trainer leaves it, with a real grid PNG, registered (the page reads, tags, deletes)."""
+    from test_registry import fake_run
+
+    from sdtune.adapters.registry import Registry
+
+    run = fake_run(home.parent / "runs" / name, name=name)
+    Image.new("RGB", (128, 64), (200, 0, 200)).save(run / "ab_grid.png")
+    Registry().register_run(run)
+
+
+def test_registry_page_browse_tag_delete(home):
+    registered_fake(home, "toy-purple")
+    at = page("registry")
+    assert at.selectbox(key="reg-selected").value == "toy-purple"
+    assert len(at.image) == 1 and at.image[0].captions == ["ab_grid"]
+    at.text_input(key="tags-add-toy-purple").set_value("favourite colour")
+    at = at.button(key="FormSubmitter:tags-toy-purple-Update tags").click().run()
+    assert api.show_adapter("toy-purple")["tags"] == ["colour", "favourite"]
+    assert button(at, "Delete adapter").disabled  # not without the confirmation
+    at.checkbox(key="del-sure-toy-purple").check()
+    at = at.run()
+    at = button(at, "Delete adapter").click().run()
+    assert api.list_adapters() == []
+    assert "deleted toy-purple" in texts(at, "success")
+
+
+def test_registry_page_merges_two_loras_with_a_preview(home, quickstart_run, cyan_run):
+    from sdtune.adapters.registry import Registry
+
+    for run in (quickstart_run[0], cyan_run):
+        Registry().register_run(run)
+    at = page("registry")
+    at.multiselect(key="merge-parents").set_value(["toy-purple", "toy-cyan"])
+    at.text_input(key="merge-name").set_value("purple-cyan")
+    at.text_input(key="merge-prompt").set_value("a cyan square")
+    at = at.button(key="FormSubmitter:merge-Merge and preview").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    assert "registered purple-cyan (svd merge of toy-purple, toy-cyan)" in texts(at, "success")
+    origin = api.show_adapter("purple-cyan")["manifest"]["origin"]
+    assert origin["parents"] == ["toy-purple", "toy-cyan"] and origin["merge_method"] == "svd"
+    assert [c for image in at.image for c in image.captions][-1] == "purple-cyan: a cyan square"
+    grid = home / "studio" / "previews" / "purple-cyan" / "grid.png"
+    with Image.open(grid) as opened:
+        assert opened.width >= 4 * 64  # four seeds of the merged LoRA, side by side
+
+
+def test_ab_page_blind_vote_tally_history_and_checkpoints(home, quickstart_run):
+    from sdtune.adapters.registry import Registry
+
+    Registry().register_run(quickstart_run[0])
+    at = page("ab")
+    assert at.multiselect(key="ab-B-adapters").value == ["toy-purple"]  # A: the base alone, B: base + the LoRA
+    at.text_area(key="ab-prompts").set_value("a purple circle")
+    at.text_input(key="ab-seeds").set_value("0 1")
+    at.number_input(key="ab-steps").set_value(10)
+    at = at.button(key="FormSubmitter:ab-settings-Render A and B").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    [comparison] = api.ab_history()
+    cid = comparison["id"]
+    assert comparison["sides"] == {"a": "toy", "b": "toy+toy-purple:1"} and comparison["blind"]
+    assert [c for image in at.image for c in image.captions] == ["left", "right", "left", "right"]  # sides hidden
+    at = at.button(key=f"vote-{cid}-0-left").click().run()
+    tally = api.ab_tally(cid)
+    assert (tally["n"], tally["remaining"]) == (1, 1)
+    assert "pair 1: voted left" in texts(at, "success")
+    revealed = [c for image in at.image for c in image.captions][:2]  # the voted pair shows which side was which
+    assert sorted(revealed) == ["left = A", "right = B"] or sorted(revealed) == ["left = B", "right = A"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Votes A / B / tie"] == f"{tally['a']} / {tally['b']} / 0"
+    assert metrics["95% interval"] == f"{tally['ci_low']:.0%} - {tally['ci_high']:.0%}"
+    assert at.selectbox(key="ab-history-open").options == [cid]
+    # the run's checkpoints (100, 200 and the final LoRA) scored on one prompt: the page names the best
+    at.text_input(key="ckpt-run-dir").set_value(str(quickstart_run[0]))
+    at.text_area(key="ckpt-prompts").set_value("a purple circle")
+    at.number_input(key="ckpt-steps").set_value(10)
+    at = at.button(key="FormSubmitter:ab-checkpoints-Compare checkpoints").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    [best] = [s for s in texts(at, "success") if s.startswith("best: ")]
+    stored = api.ab_history()[0]
+    assert stored["kind"] == "checkpoints"
+    assert best == f"best: {api.ab_get(stored['id'])['best']}"
+
+
+def test_publish_page_card_dry_run_and_token_rules(home, quickstart_run):
+    from sdtune.adapters.registry import Registry
+
+    Registry().register_run(quickstart_run[0])
+    at = page("publish")
+    at.text_input(key="pub-repo").set_value("someone/toy-purple")
+    at = at.run()
+    card = [m.value for m in at.markdown if "toy-purple" in m.value]
+    assert card and "purple" in card[0]
+    at = button(at, "Dry run: write the upload folder").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    assert any(s.startswith("dry run: nothing uploaded") for s in texts(at, "success"))
+    [folder] = (home / "studio" / "publish").glob("toy-purple-*")
+    assert (folder / "README.md").read_text().strip() and list(folder.glob("*.safetensors"))
+    at = at.button(key="FormSubmitter:pub-push-Push to the Hub").click().run()
+    assert texts(at, "error") == ["token: paste a Hugging Face write token to push (or use the dry run)"]
