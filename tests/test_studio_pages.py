@@ -276,6 +276,9 @@ def test_publish_page_card_dry_run_and_token_rules(home, quickstart_run):
     at = at.run()
     card = [m.value for m in at.markdown if "toy-purple" in m.value]
     assert card and "purple" in card[0]
+    header = [c.value for c in at.code if c.language == "yaml"]  # the YAML header shown as YAML, not as markdown
+    assert header and "tags:" in header[0] and "instance_prompt: purple" in header[0], header
+    assert "instance_prompt" not in card[0], card[0][:300]
     at = button(at, "Dry run: write the upload folder").click().run()
     assert not texts(at, "error"), texts(at, "error")
     assert any(s.startswith("dry run: nothing uploaded") for s in texts(at, "success"))

@@ -50,11 +50,24 @@ def _show_preview(preview: dict):
     files = preview.get("files") or []
     tab_card, tab_files = st.tabs(["Model card", "Files"])
     with tab_card:
+        metadata, body = split_front_matter(card)
         with st.container(height=480):  # a long card scrolls; the actions below stay in view
-            st.markdown(card)
+            if metadata:
+                st.caption("metadata (the card's YAML header: what the Hub indexes and shows as widgets)")
+                st.code(metadata, language="yaml")
+            st.markdown(body)
         with st.expander("README.md source"):
             st.code(card, language="markdown")
     with tab_files:
         st.table([f if isinstance(f, dict) else {"file": f} for f in files])
     for problem in preview.get("problems") or preview.get("warnings") or []:
         st.warning(problem)
+
+
+def split_front_matter(card: str) -> tuple[str, str]:
+    """A model card's YAML header and its markdown body: st.markdown would render the header as one run-on line."""
+    if card.startswith("---\n"):
+        end = card.find("\n---\n", 4)
+        if end != -1:
+            return card[4:end], card[end + 5 :]
+    return "", card
