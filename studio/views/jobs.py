@@ -38,7 +38,7 @@ def _page():
         key="jobs-selected",
         format_func=lambda i: next(f"{j.id}: {j.name} ({j.state})" for j in listing if j.id == i),
     )
-    _live(st.session_state["jobs-selected"])
+    _live(next(job for job in listing if job.id == st.session_state["jobs-selected"]))
     st.subheader("Queue")
     st.dataframe(
         [
@@ -57,9 +57,10 @@ def _page():
     )
 
 
-def _live(job_id: int):
-    """Progress with ETA, actions, loss chart, latest grid and log tail of one job."""
-    job = jobs.get(job_id)
+def _live(job: jobs.Job):
+    """Progress with ETA, actions, loss chart, latest grid and log tail of one job: the job as `listing` read it, so
+    the selector, the actions and the queue table show one state (a second read could see the job move on)."""
+    job_id = job.id
     progress = jobs.progress(job_id)
     total = progress["total_steps"]
     label = f"{job.state}: step {progress['step']}" + (f" / {total}" if total else "")
