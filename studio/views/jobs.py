@@ -36,7 +36,7 @@ def _page():
         "Job",
         ids,
         key="jobs-selected",
-        format_func=lambda i: next(f"{j.id}: {j.name} ({j.state})" for j in listing if j.id == i),
+        format_func=lambda i: next(f"{j.id}: {j.name}" for j in listing if j.id == i),  # the state: below, live
     )
     _live(next(job for job in listing if job.id == st.session_state["jobs-selected"]))
     st.subheader("Queue")
