@@ -7,17 +7,22 @@ A side is a SPEC, a base plus registry adapters (or LoRA files, run folders) wit
     toy+toy-purple:0.8                   the base with one LoRA at 0.8
     toy+toy-purple:0.8+toy-cyan:0.5      stacked LoRAs, as `sdtune sample --adapter ... --adapter ...`
     runs/db/diffusers+toy-purple         any base `sdtune sample --base` takes
+    toy+controlnet=toy-masks:0.9@mask.png  a ControlNet (registry name, folder, run or file) at a scale, steering
+                                         by a control image; it combines with LoRAs and repeats (MultiControlNet)
 
 Each comparison lives in the registry workspace (`$SDTUNE_HOME`):
 
     ab.sqlite                 WAL index: comparisons (specs, settings, scores), pairs (prompt, seed, which side is
                               shown left, images, toy scores), votes (one per pair; voting again replaces it)
-    ab/<id>/                  the images and grids of one comparison, renamed into place when complete
+    ab/<id>/                  the images and grids of one comparison, renamed into place when complete, and a
+                              copy of each control image (`control-<sha256 prefix>.png`: a copy, so the comparison
+                              still shows what steered it after the original file changes or goes)
     ab/.staging/<pid>-<uuid>/ a comparison being rendered; nothing reads it
 
 A pair is one (prompt, seed) rendered by both sides. In blind mode each pair's sides are shuffled (the order is
 recorded), its images are named `NNN-left.png` / `NNN-right.png`, and which side was left is revealed only once the
-pair is voted; per-pair toy scores are hidden until then too, so they cannot give the sides away.
+pair is voted; per-pair toy scores are hidden until then too, so they cannot give the sides away. Control images
+are shown while voting only when both sides steer by the same ones (then they tell nothing about the sides).
 
 The tally counts votes for A, for B and ties. The share of A and its 95% Wilson score interval are computed over
 the decisive votes only (a + b): a tie says neither side won, so, as in the sign test, it is reported but is no
@@ -85,14 +90,51 @@ class ABError(ValueError):
 # -- specs, settings, scorers ---------------------------------------------------------------------------------------
 
 
-def parse_spec(text: str, flag: str = "--a"):
-    """`BASE[+ADAPTER[:WEIGHT]]...` -> a `compose.PipelineSpec` (see the module docstring)."""
+CONTROL_PART = "controlnet="
+
+
+@dataclass(frozen=True)
+class ControlUse:
+    """One ControlNet of a side: `ref` a registry name or a path, its scale, and the image it steers by."""
+
+    ref: str
+    scale: float
+    image: str
+
+
+@dataclass
+class Side:
+    """One side of a comparison: the base with its adapters (a `compose.PipelineSpec`) and its ControlNets."""
+
+    pipeline: object
+    controls: list[ControlUse] = field(default_factory=list)
+
+
+def parse_spec(text: str, flag: str = "--a") -> Side:
+    """`BASE[+ADAPTER[:WEIGHT]]...[+controlnet=REF[:SCALE]@IMAGE]...` -> a `Side` (see the module docstring)."""
     from sdtune.adapters.compose import AdapterUse, PipelineSpec
 
     parts = [p.strip() for p in (text or "").split("+")]
     if not all(parts):
         raise ABError(f"{flag} {text!r}: an empty part; write BASE+ADAPTER[:WEIGHT]+..., e.g. toy+toy-purple:0.8")
-    return PipelineSpec(base=parts[0], adapters=[AdapterUse.parse(p) for p in parts[1:]])
+    if parts[0].startswith(CONTROL_PART):
+        raise ABError(f"{flag} {text!r}: a spec starts with its base, e.g. toy+{parts[0]}")
+    adapters, controls = [], []
+    for part in parts[1:]:
+        if not part.startswith(CONTROL_PART):
+            adapters.append(AdapterUse.parse(part))
+            continue
+        ref_scale, at, image = part[len(CONTROL_PART) :].partition("@")  # an image path may hold an @ too
+        if not (at and ref_scale and image):
+            raise ABError(
+                f"{flag} {part!r}: write {CONTROL_PART}NAME_OR_PATH[:SCALE]@CONTROL_IMAGE, "
+                f"e.g. {CONTROL_PART}toy-masks:0.9@circle-mask.png"
+            )
+        if not Path(image).expanduser().is_file():
+            raise ABError(f"{flag} {part!r}: control image {image} not found")
+        named = AdapterUse.parse(ref_scale)  # NAME_OR_PATH[:NUMBER], as an adapter's weight is read
+        controls.append(ControlUse(named.ref, named.weight, str(Path(image).expanduser())))
+    return Side(PipelineSpec(base=parts[0], adapters=adapters), controls)
 
 
 @dataclass
@@ -197,20 +239,26 @@ def tally_votes(a: int, b: int, tie: int) -> dict:
 
 
 class Renderer:
-    """Renders specs through `compose.build` + `sampling.generate` (`sdtune sample`'s path). Specs on the same base
-    reuse its loaded pipeline: switching adapters is `Composer.set`, no reload."""
+    """Renders sides through `compose.build` + `sampling.generate` (`sdtune sample`'s path). Sides on the same base
+    reuse its loaded pipeline: switching adapters is `Composer.set`, no reload; ControlNets are loaded once per base
+    and set, over the same components (the LoRAs set on the base stay in effect)."""
 
     def __init__(self, device: str | None = None, dtype: str | None = None, registry=None):
         self.device, self.dtype, self.registry = device, dtype, registry
         self._composers: dict[str, object] = {}
+        self._controlled: dict[tuple, object] = {}
 
-    def check(self, spec) -> None:
-        """Every adapter of `spec` resolves, and its base is not a LoRA (`toy-purple` alone means `toy+toy-purple`)."""
-        from sdtune.adapters.compose import resolve_adapter
+    def check(self, side: Side) -> None:
+        """Every adapter and ControlNet of `side` resolves, and its base is not a LoRA (`toy-purple` alone means
+        `toy+toy-purple`)."""
+        from sdtune.adapters.compose import resolve_adapter, resolve_controlnet
         from sdtune.adapters.registry import Registry
 
+        spec = side.pipeline
         for use in spec.adapters:
             resolve_adapter(use.ref, self.registry)
+        for control in side.controls:
+            resolve_controlnet(control.ref, self.registry)
         registry = self.registry or Registry()
         if "/" not in spec.base and spec.base != "toy" and spec.base in registry:
             if not {"diffusers", "single_file"} & set(registry.manifest(spec.base).files):
@@ -225,23 +273,37 @@ class Renderer:
             self._composers[key] = compose.build(full, self.registry)
         return self._composers[key].set(spec.adapters)
 
-    def render(self, spec, settings: Settings) -> list:
+    def controlled(self, side: Side, composer):
+        """The ControlNet pipeline of `side` over `composer`'s components (its adapters already set)."""
+        from sdtune.adapters.compose import resolve_controlnet
+        from sdtune.adapters.sampling import ControlSpec, load_controlnets
+
+        paths = tuple(resolve_controlnet(c.ref, self.registry) for c in side.controls)
+        key = (side.pipeline.base, paths)
+        if key not in self._controlled:  # the scales go with each sample, so one load serves every scale
+            self._controlled[key] = load_controlnets(composer.pipe, [ControlSpec(path) for path in paths])
+        return self._controlled[key]
+
+    def render(self, side: Side, settings: Settings) -> list:
         """`Sample`s of prompts x seeds (row-major), each with its A1111 parameters."""
+        from dataclasses import replace
+
         from sdtune.adapters import sampling
         from sdtune.adapters.base import recommended_guidance, resolve_base
         from sdtune.adapters.compose import resolve_base_ref
 
-        composer = self.composer(spec)
-        base = resolve_base_ref(spec.base, self.registry)
+        composer = self.composer(side.pipeline)
+        pipe = self.controlled(side, composer) if side.controls else composer.pipe
+        base = resolve_base_ref(side.pipeline.base, self.registry)
         guidance = settings.guidance if settings.guidance is not None else recommended_guidance(base)
         lora = composer.lora_label()
         extra = {"Lora": lora} if lora else None
-        return sampling.generate(
-            composer.pipe,
-            settings.sample_settings(guidance),
-            model_name=resolve_base(base).name,
-            extra_parameters=extra,
-        )
+        each = settings.sample_settings(guidance)
+        if side.controls:
+            images = tuple(c.image for c in side.controls)
+            scales = tuple(c.scale for c in side.controls)
+            each = [replace(s, control_images=images, control_scales=scales) for s in each]
+        return sampling.generate(pipe, each, model_name=resolve_base(base).name, extra_parameters=extra)
 
 
 def _now() -> str:
@@ -371,6 +433,12 @@ class ABStore:
         result = json.loads(row[7])
         if blind and not all_voted:
             result = {k: v for k, v in result.items() if k != "scores"}  # side means would give the sides away
+            controls = result.get("control_images")
+            if controls and controls["a"] != controls["b"]:  # which side steers by which image would too
+                result.pop("control_images")
+        if "control_images" in result:
+            result["control_images"] = {s: [str(folder / n) for n in names]
+                                        for s, names in result["control_images"].items()}  # fmt: skip
         pairs = []
         for p in (PairRow(*r) for r in pair_rows):
             shown = not blind or p.pair in votes
@@ -425,19 +493,21 @@ def compare(
     from sdtune.adapters import contact_sheet
     from sdtune.adapters.sampling import save_png, save_png_atomic
 
-    spec_a, spec_b = parse_spec(a, "--a"), parse_spec(b, "--b")
+    side_a, side_b = parse_spec(a, "--a"), parse_spec(b, "--b")
     renderer = renderer or Renderer()
-    for spec in (spec_a, spec_b):  # a wrong name fails before either side renders
-        renderer.check(spec)
+    for side in (side_a, side_b):  # a wrong name fails before either side renders
+        renderer.check(side)
     scorer = Scorer.parse(score) if score else None
     if scorer:
         for prompt in settings.prompts:
             scorer.target(prompt)  # a prompt the scorer cannot read fails before any rendering
     store = store or ABStore()
-    samples_a, samples_b = renderer.render(spec_a, settings), renderer.render(spec_b, settings)
+    samples_a, samples_b = renderer.render(side_a, settings), renderer.render(side_b, settings)
     shuffle = rng or random.SystemRandom()  # blind order: unpredictable, recorded per pair
 
     def fill(folder: Path) -> NewComparison:
+        controls = {"a": [_keep_control_image(c.image, folder) for c in side_a.controls],
+                    "b": [_keep_control_image(c.image, folder) for c in side_b.controls]}  # fmt: skip
         pairs = []
         for i, (sa, sb) in enumerate(zip(samples_a, samples_b)):
             left = shuffle.choice("ab") if blind else "a"
@@ -448,20 +518,50 @@ def compare(
             scores = [scorer.score(s.image, s.settings.prompt) if scorer else None for s in (sa, sb)]
             pairs.append(PairRow(i, sa.settings.prompt, sa.settings.seed, left, *names, *scores))
         result = {"grid": "grid.png"}
+        if controls["a"] or controls["b"]:
+            result["control_images"] = controls
+        control_rows = _control_rows(controls, folder)
         if blind:  # numbered pairs, sides unnamed: a grid to vote from
             rows = [[(sa, sb)[p.left_side == "b"].image, (sb, sa)[p.left_side == "b"].image]
                     for p, sa, sb in zip(pairs, samples_a, samples_b)]  # fmt: skip
             labels = [f"pair {p.pair}: {p.prompt}, seed {p.seed}" for p in pairs]
+            if controls["a"] == controls["b"]:  # the same control images on both sides give nothing away
+                rows, labels = [[ca, cb] for _, ca, cb in control_rows] + rows, [r[0] for r in control_rows] + labels
             contact_sheet.save_grid(contact_sheet.make_grid(rows, labels, ["left", "right"]), folder / "grid.png")
         else:
             grid = contact_sheet.ab_grid(samples_a, samples_b, settings.prompts, settings.seeds, f"A: {a}  |  B: {b}",
-                                         labels=("A", "B"))  # fmt: skip
+                                         labels=("A", "B"), lead_rows=control_rows)  # fmt: skip
             contact_sheet.save_grid(grid, folder / "grid.png")
         if scorer:
             result["scores"] = {s: sum(getattr(p, f"score_{s}") for p in pairs) / len(pairs) for s in "ab"}
         return NewComparison("ab", {"a": a, "b": b}, asdict(settings), blind, score, result, pairs)
 
     return store.add(fill)
+
+
+def _keep_control_image(path: str, folder: Path) -> str:
+    """Copies a control image into the comparison as `control-<sha256 prefix><suffix>` (one copy per content);
+    returns its name there."""
+    import hashlib
+
+    data = Path(path).read_bytes()
+    name = f"control-{hashlib.sha256(data).hexdigest()[:12]}{Path(path).suffix.lower() or '.png'}"
+    if not (folder / name).exists():
+        tmp = folder / f".tmp-{name}"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / name)
+    return name
+
+
+def _control_rows(controls: dict, folder: Path) -> list[tuple]:
+    """(label, image of A or None, image of B or None) per ControlNet position, for the grids."""
+    from PIL import Image
+
+    def opened(names: list[str], k: int):
+        return Image.open(folder / names[k]).convert("RGB") if k < len(names) else None
+
+    count = max(len(controls["a"]), len(controls["b"]))
+    return [(f"control image {k}", opened(controls["a"], k), opened(controls["b"], k)) for k in range(count)]
 
 
 # -- which checkpoint is best? --------------------------------------------------------------------------------------
@@ -498,7 +598,7 @@ def compare_checkpoints(
     store, renderer = store or ABStore(), renderer or Renderer()
     rendered, found = [], []
     for path in candidates:
-        samples = renderer.render(PipelineSpec(base, [AdapterUse(str(path / PEFT_FILE))]), settings)
+        samples = renderer.render(Side(PipelineSpec(base, [AdapterUse(str(path / PEFT_FILE))])), settings)
         points = [scorer.score(s.image, s.settings.prompt) for s in samples]
         step = run_steps(run_dir) if path == run_dir else checkpoint_step(path)
         label = _candidate_label(run_dir, path)

@@ -96,6 +96,27 @@ def resolve_adapter(ref: str, registry=None) -> Path:
     return registry.file(ref, fmt)
 
 
+def resolve_controlnet(ref: str, registry=None) -> str:
+    """The ControlNet a reference means: a diffusers folder, run folder or single file as given, or the files of a
+    ControlNet in the registry (its diffusers folder first)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return str(path)
+    from sdtune.adapters.registry import Registry
+
+    registry = registry or Registry()
+    if ref in registry:
+        manifest = registry.manifest(ref)
+        for fmt in ("diffusers", "controlnet", "original"):
+            if manifest.method == "controlnet" and fmt in manifest.files:
+                return str(registry.file(ref, fmt))
+        raise ComposeError(f"--controlnet {ref}: the registered {manifest.method} {ref!r} is not a ControlNet")
+    raise ComposeError(
+        f"--controlnet: {ref} not found (not a ControlNet folder, run folder or file, or a name in the registry at "
+        f"{registry.home}; see `sdtune adapters list --method controlnet`)"
+    )
+
+
 def resolve_base_ref(base: str, registry=None) -> str:
     """A base given as a registry name of a full model (DreamBooth) becomes its folder or file; else unchanged."""
     if base == "toy" or Path(base).expanduser().exists() or "/" in base:
@@ -305,4 +326,5 @@ __all__ = [
     "lbw_length",
     "resolve_adapter",
     "resolve_base_ref",
+    "resolve_controlnet",
 ]

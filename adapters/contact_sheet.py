@@ -32,9 +32,14 @@ def _wrap(text: str, font, width: int, draw) -> list[str]:
 
 
 def make_grid(
-    rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str], title: str = "", cell: int = 160
+    rows: list[list[Image.Image | None]],
+    row_labels: list[str],
+    col_labels: list[str],
+    title: str = "",
+    cell: int = 160,
 ) -> Image.Image:
-    """A labelled contact sheet: one row per prompt, one column per seed (or per base/adapter pair).
+    """A labelled contact sheet: one row per prompt, one column per seed (or per base/adapter pair); a None cell
+    stays blank.
 
     Small images (the toy base makes 64 px) are scaled up with nearest-neighbour so pixels stay honest.
     """
@@ -52,6 +57,8 @@ def make_grid(
         for i, line in enumerate(_wrap(label, small, label_w - 12, draw)[:8]):
             draw.text((6, y + 6 + 15 * i), line, fill="black", font=small)
         for c, image in enumerate(images):
+            if image is None:
+                continue
             scale = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
             sheet.paste(image.resize((cell - 4, cell - 4), scale), (label_w + c * cell + 2, y + 2))
     return sheet
@@ -74,14 +81,20 @@ def ab_grid(
     seeds: list[int],
     title: str = "",
     labels: tuple[str, str] = ("base", "adapter"),
+    lead_rows: list[tuple[str, Image.Image | None, Image.Image | None]] = (),
 ):
-    """Two sides (base vs adapter, or A vs B) for the same prompts and seeds: columns alternate the sides per seed."""
-    rows, cols = [], []
+    """Two sides (base vs adapter, or A vs B) for the same prompts and seeds: columns alternate the sides per seed.
+    `lead_rows` (label, image of the first side, image of the second) go on top, repeated per seed: what steered
+    each side, such as its control image."""
+    rows, cols, row_labels = [], [], []
     for seed in seeds:
         cols += [f"{labels[0]}  seed {seed}", f"{labels[1]}  seed {seed}"]
+    for label, first, second in lead_rows:
+        rows.append([first, second] * len(seeds))
+        row_labels.append(label)
     for i in range(len(prompts)):
         row = []
         for j in range(len(seeds)):
             row += [base[i * len(seeds) + j].image, adapted[i * len(seeds) + j].image]
         rows.append(row)
-    return make_grid(rows, prompts, cols, title)
+    return make_grid(rows, row_labels + list(prompts), cols, title)

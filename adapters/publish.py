@@ -276,7 +276,7 @@ def render_widget(manifest, folder: Path, prompts: list[str], out: Path) -> None
     kept for this process, so a retry after a failed upload sends the same bytes without rendering again."""
     import io
 
-    from sdtune.adapters.ab import Renderer, Settings
+    from sdtune.adapters.ab import Renderer, Settings, Side
     from sdtune.adapters.compose import AdapterUse, PipelineSpec
 
     validation = manifest.recipe.get("validation") or {}
@@ -292,7 +292,7 @@ def render_widget(manifest, folder: Path, prompts: list[str], out: Path) -> None
     key = (str(folder), (folder / "adapter.json").stat().st_mtime_ns, repr(settings))
     if key not in _RENDERED:
         pngs = []
-        for sample in Renderer().render(spec, settings):
+        for sample in Renderer().render(Side(spec), settings):
             buffer = io.BytesIO()
             sample.image.save(buffer, format="PNG")  # no PNG text: the parameters may name local paths
             pngs.append(buffer.getvalue())

@@ -1,4 +1,4 @@
-"""The studio API: plain-data functions behind the `sdtune` command and the coming Streamlit studio.
+"""The studio API: plain-data functions behind the `sdtune` command and the Streamlit studio.
 
 Arguments and results are strings, numbers, lists, dicts and paths, so a UI page can call them without knowing
 torch or diffusers. Importing this module stays cheap: torch, diffusers and the trainers' core load inside the
@@ -53,8 +53,8 @@ def sample_images(
         grid: also write `grid.png`, a labelled contact sheet (returned last).
         device: cuda / cpu / mps; None picks cuda when present.
         dtype: fp32 / fp16 / bf16; None gives fp16 on CUDA and fp32 elsewhere.
-        controlnets: ControlNet folders, run folders or files, each optionally `PATH:SCALE`; several make a
-            MultiControlNet. They combine with `adapters`.
+        controlnets: ControlNet folders, run folders, files or registry names, each optionally `REF:SCALE`;
+            several make a MultiControlNet. They combine with `adapters`.
         control_images: one conditioning image per ControlNet, in the same order.
         control_guidance_start, control_guidance_end: the share of the steps during which the ControlNets steer.
         fuse: merge the adapters into the base weights first (faster steps, same images within 2/255).
@@ -64,9 +64,10 @@ def sample_images(
 
     if not prompts:
         raise StudioError("give at least one prompt")
-    try:
-        controls = [sampling.ControlSpec.parse(c) for c in controlnets or []]
-    except FileNotFoundError as exc:
+    try:  # a folder, run folder or file, or a registered ControlNet's name, each optionally :SCALE
+        refs = [sampling.split_number(c) for c in controlnets or []]
+        controls = [sampling.ControlSpec(compose.resolve_controlnet(ref), scale) for ref, scale in refs]
+    except compose.ComposeError as exc:
         raise StudioError(str(exc)) from None
     control_images = list(control_images or [])
     _check_controls(controls, control_images, control_guidance_start, control_guidance_end)
@@ -615,6 +616,49 @@ def ab_history(limit: int = 50) -> list[dict]:
     from sdtune.adapters import ab
 
     return ab.ABStore().history(limit)
+
+
+BUNDLED_CONTROL_IMAGES = Path(__file__).resolve().parents[1] / "datasets" / "toy-masks" / "validation"
+
+
+def control_images() -> list[dict]:
+    """Control images to steer an A/B side by: the ones uploaded for comparisons (`$SDTUNE_HOME/ab/inputs/`,
+    newest first), then the toy masks that ship with sdtune. Each: name, path."""
+    from sdtune.adapters.ab import ABStore
+
+    inputs = ABStore().root / "inputs"
+    uploaded = sorted(inputs.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True) if inputs.is_dir() else []
+    bundled = sorted(BUNDLED_CONTROL_IMAGES.glob("*.png"))
+    return [{"name": p.name, "path": str(p)} for p in uploaded] + [
+        {"name": f"toy-masks/{p.name}", "path": str(p)} for p in bundled
+    ]
+
+
+def save_control_image(filename: str, data: bytes) -> str:
+    """Keeps an uploaded control image for comparisons (checked as a dataset upload is: size, header, decoding),
+    as a PNG named by its content, atomically; returns its path. The same image uploaded twice is one file."""
+    import hashlib
+    import io
+    import os
+
+    from PIL import Image
+
+    from sdtune.adapters.ab import ABStore
+    from sdtune.studio.datasets_store import check_image
+
+    problem = check_image(data)
+    if problem:
+        raise StudioError(f"control image {filename}: {problem}")
+    inputs = ABStore().root / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(filename).stem)[:40] or "control"
+    target = inputs / f"{stem}-{hashlib.sha256(data).hexdigest()[:10]}.png"
+    if not target.exists():
+        tmp = inputs / f".{target.name}.{os.getpid()}.tmp"
+        with Image.open(io.BytesIO(data)) as image:
+            image.convert("RGB").save(tmp, format="PNG")
+        os.replace(tmp, target)
+    return str(target)
 
 
 def ab_checkpoints(

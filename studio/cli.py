@@ -54,8 +54,8 @@ def _sample_parser(sub):
         "--controlnet",
         action="append",
         default=[],
-        metavar="PATH[:SCALE]",
-        help="ControlNet folder, run folder or single file, optionally with a scale; repeatable (MultiControlNet).",
+        metavar="REF[:SCALE]",
+        help="ControlNet folder, run folder, single file or registry name, optionally with a scale; repeatable.",
     )
     p.add_argument(
         "--control-image", action="append", default=[], metavar="IMG", help="Conditioning image, one per --controlnet."

@@ -2,6 +2,7 @@
 
 Usage:
     sdtune ab --a toy --b toy+toy-purple:0.8 --prompt "a purple circle" --seed 0 --seed 1 [--blind] [--score toy]
+    sdtune ab --a toy+toy-purple --b toy+toy-purple+controlnet=toy-masks:0.9@mask.png --prompt "a purple square"
     sdtune ab vote ID                       # blind votes, one pair at a time (interactive)
     sdtune ab vote ID PAIR left|right|tie   # one vote (a|b too when not blind)
     sdtune ab show ID                       # pairs, votes, sides once voted, scores, the tally
@@ -30,7 +31,11 @@ def add_ab_parser(sub):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("words", nargs="*", metavar="ACTION", help="vote ID [PAIR CHOICE] | show ID | list (none: compare)")
-    p.add_argument("--a", metavar="SPEC", help="Side A: BASE[+ADAPTER[:WEIGHT]]..., e.g. toy or toy+toy-purple:0.8.")
+    p.add_argument(
+        "--a",
+        metavar="SPEC",
+        help="Side A: BASE[+ADAPTER[:WEIGHT]]...[+controlnet=REF[:SCALE]@IMAGE]..., e.g. toy+toy-purple:0.8.",
+    )
     p.add_argument("--b", metavar="SPEC", help="Side B, same syntax.")
     p.add_argument("--checkpoints", type=Path, metavar="RUN_DIR", help="Compare this run's checkpoints (+ final).")
     p.add_argument("--register", metavar="NAME", help="--checkpoints: register the best one under NAME.")
@@ -145,6 +150,9 @@ def _print_comparison(c: dict) -> int:
         return _print_checkpoints(c)
     print(f"comparison {c['id']} ({'blind' if c['blind'] else 'open'}): A = {c['a']}  |  B = {c['b']}")
     print(f"grid: {c['grid']}")
+    for side, images in (c.get("control_images") or {}).items():
+        if images:
+            print(f"control images of {side.upper()}: {', '.join(images)}")
     for p in c["pairs"]:
         sides = f"{p['left_is'].upper()} | {p['right_is'].upper()}" if p["left_is"] else "? | ?"
         scores = f"  scores {_score_text(p['score_left'])} | {_score_text(p['score_right'])}" if c["score"] else ""

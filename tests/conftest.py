@@ -130,3 +130,45 @@ def purple_run(tmp_path_factory):
     """A colour LoRA (see `colour_lora_run`) for purple: the quickstart's concept, trained with regularization
     images, so that tests/test_compose.py can stack and merge it with `cyan_run`."""
     return colour_lora_run(tmp_path_factory, "purple", seed=1)
+
+
+# -- a short ControlNet run (tests/test_controlnet.py, tests/test_ab.py, the studio's A/B page) ---------------------
+
+CONTROLNET_SHORT = [
+    "train.max_train_steps=4",
+    "train.train_batch_size=2",
+    "train.checkpointing_steps=2",
+    "train.lr_warmup_steps=0",
+    "validation.prompts=[a red circle]",
+    "method.validation_image=[]",
+    "validation.seeds=[0]",
+    "validation.num_inference_steps=2",
+    "validation.validation_steps=0",
+    "validation.toy_score=[]",
+    "output.report_to=none",
+    "output.save_precision=fp32",
+]
+
+
+def run_controlnet_trainer(args: list[str], cache: Path, timeout: int = 900):
+    # one thread: on a shared 2-core machine two threads per process fight each other (measured 3-9x slower), and
+    # a resumed run must use the thread count of the run it is compared with
+    env = {**trainer_env(cache), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "trainers/controlnet.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def controlnet_short_run(tmp_path_factory):
+    """`recipes/controlnet-toy.yaml` for 4 steps on 6 mask pairs, a checkpoint every 2 steps (~10 s): a ControlNet
+    that steers a little, registered as toy-masks. Returns (root, run folder, trainer args, log)."""
+    from sdtune.adapters import toyworld
+
+    root = tmp_path_factory.mktemp("cn-short")
+    toyworld.write_control_dataset(root / "data", 6, seed=9)
+    out = root / "run"
+    args = [str(ROOT / "recipes" / "controlnet-toy.yaml"), f"data.train_data_dir={root / 'data'}",
+            f"output.dir={out}", *CONTROLNET_SHORT]  # fmt: skip
+    proc = run_controlnet_trainer(args, root / "cache")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return root, out, args, proc.stdout + proc.stderr

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -90,10 +91,30 @@ def test_bad_specs_are_refused_by_name(text, error):
         ab.parse_spec(text, "--b")
 
 
-def test_spec_syntax():
-    spec = ab.parse_spec("toy+toy-purple:0.8+runs/x:0.5+cyan")
-    assert spec.base == "toy"
-    assert [(u.ref, u.weight) for u in spec.adapters] == [("toy-purple", 0.8), ("runs/x", 0.5), ("cyan", 1.0)]
+def test_spec_syntax(tmp_path):
+    side = ab.parse_spec("toy+toy-purple:0.8+runs/x:0.5+cyan")
+    assert side.pipeline.base == "toy" and side.controls == []
+    assert [(u.ref, u.weight) for u in side.pipeline.adapters] == [("toy-purple", 0.8), ("runs/x", 0.5), ("cyan", 1.0)]
+    mask = tmp_path / "m@ask.png"  # the image is everything after the first @
+    mask.write_bytes(b"")
+    side = ab.parse_spec(f"toy+controlnet=toy-masks:0.9@{mask}+toy-purple+controlnet=runs/edges@{mask}")
+    assert [(u.ref, u.weight) for u in side.pipeline.adapters] == [("toy-purple", 1.0)]
+    assert side.controls == [ab.ControlUse("toy-masks", 0.9, str(mask)), ab.ControlUse("runs/edges", 1.0, str(mask))]
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("toy+controlnet=toy-masks:0.9", "write controlnet=NAME_OR_PATH"),
+        ("toy+controlnet=@mask.png", "write controlnet=NAME_OR_PATH"),
+        ("toy+controlnet=toy-masks@", "write controlnet=NAME_OR_PATH"),
+        ("toy+controlnet=toy-masks@nowhere.png", "control image nowhere.png not found"),
+        ("controlnet=toy-masks@x.png", "starts with its base"),
+    ],
+)
+def test_bad_control_parts_are_refused_by_name(text, error):
+    with pytest.raises(ab.ABError, match=error):
+        ab.parse_spec(text, "--b")
 
 
 @pytest.mark.parametrize(
@@ -153,6 +174,77 @@ def test_open_comparison_scores_the_sides(tmp_path, purple_lora, renderer):
     assert c["scores"]["a"] <= 0.25 and c["scores"]["b"] >= 0.75, c["scores"]
     assert Image.open(tmp_path / "ab" / cid / "grid.png").size[0] > 4 * 64
     assert "Lora: run:1" in Image.open(c["pairs"][0]["right"]).text["parameters"]
+
+
+CONTROL_MASKS = Path(__file__).resolve().parents[1] / "datasets" / "toy-masks" / "validation"
+
+
+def _registered_name(log: str) -> str:
+    return re.search(r"registered as '([^']+)'", log)[1]
+
+
+def test_controlnet_side_renders_as_sample_does_and_keeps_its_control_image(
+    tmp_path, purple_lora, renderer, controlnet_short_run, monkeypatch, capsys
+):
+    """A side with a LoRA and a registered ControlNet steering by a mask: its image is, pixel for pixel, what
+    `sdtune sample` draws with the same LoRA, ControlNet, scale and image; the comparison keeps a copy of the mask
+    and shows it on top of the grid."""
+    from sdtune.studio import api
+
+    _, run, _, log = controlnet_short_run
+    mask = CONTROL_MASKS / "square-mask.png"
+    side_b = f"toy+{purple_lora}+controlnet={_registered_name(log)}:0.8@{mask}"
+    store = ab.ABStore(tmp_path)
+    settings = ab.Settings(["a purple square"], [0, 1], steps=4)
+    c = store.get(ab.compare(f"toy+{purple_lora}", side_b, settings, store=store, renderer=renderer))
+    sampled = api.sample_images(
+        ["a purple square"], tmp_path / "s", seeds=[0, 1], steps=4, adapters=[purple_lora],
+        controlnets=[f"{run}:0.8"], control_images=[str(mask)],
+    )  # fmt: skip
+    for pair, reference in zip(c["pairs"], sampled):
+        assert np.array_equal(_pixels(pair["right"]), _pixels(reference))
+    assert not np.array_equal(_pixels(c["pairs"][0]["left"]), _pixels(c["pairs"][0]["right"]))  # it steers
+    text = Image.open(c["pairs"][0]["right"]).text["parameters"]
+    assert 'ControlNet 0: "Image: square-mask.png, Weight: 0.8' in text and "Lora: run:1" in text
+
+    (kept,) = c["control_images"]["b"]
+    assert c["control_images"]["a"] == [] and Path(kept).read_bytes() == mask.read_bytes()
+    assert Path(kept).parent == tmp_path / "ab" / c["id"]
+    rows = (Image.open(Path(c["folder"]) / "grid.png").height - 36 - 24) // 160
+    assert rows == 2  # the control image row, then the prompt
+
+    from sdtune.studio import cli
+
+    monkeypatch.setenv("SDTUNE_HOME", str(tmp_path))
+    capsys.readouterr()
+    assert cli.main(["ab", "show", c["id"]]) == 0
+    assert f"control images of B: {kept}" in capsys.readouterr().out
+
+
+def test_blind_shows_control_images_only_when_both_sides_share_them(tmp_path, renderer, controlnet_short_run):
+    _, run, _, _ = controlnet_short_run
+    circle, square = CONTROL_MASKS / "circle-mask.png", CONTROL_MASKS / "square-mask.png"
+    store = ab.ABStore(tmp_path)
+    settings = ab.Settings(["a red circle"], [0], steps=2)
+    same = ab.compare(f"toy+controlnet={run}:0.5@{circle}", f"toy+controlnet={run}@{circle}", settings,
+                      blind=True, store=store, renderer=renderer)  # fmt: skip
+    shown = store.get(same)["control_images"]
+    assert shown["a"] == shown["b"] and len(shown["a"]) == 1  # one copy of one image
+    differ = ab.compare(f"toy+controlnet={run}@{circle}", f"toy+controlnet={run}@{square}", settings,
+                        blind=True, store=store, renderer=renderer)  # fmt: skip
+    assert "control_images" not in store.get(differ)  # which side steered by which mask would name the sides
+    store.vote(differ, 0, "tie")
+    revealed = store.get(differ)["control_images"]
+    assert Path(revealed["a"][0]).read_bytes() == circle.read_bytes()
+    assert Path(revealed["b"][0]).read_bytes() == square.read_bytes()
+
+
+def test_unknown_controlnet_is_named_before_rendering(tmp_path, renderer):
+    mask = CONTROL_MASKS / "circle-mask.png"
+    with pytest.raises(ValueError, match="--controlnet: no-such-cn not found"):
+        ab.compare("toy", f"toy+controlnet=no-such-cn@{mask}", ab.Settings(["a red circle"], [0], steps=1),
+                   store=ab.ABStore(tmp_path), renderer=renderer)  # fmt: skip
+    assert not (tmp_path / "ab.sqlite").exists() or ab.ABStore(tmp_path).history() == []
 
 
 def test_blind_order_votes_and_restart(tmp_path, purple_lora, renderer):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONTROLNET_SHORT
+from conftest import run_controlnet_trainer as run_trainer
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -42,13 +44,6 @@ PAIRS = [
 def toy_data(**overrides) -> DataConfig:
     fields = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=64, bucket_reso_steps=8)
     return DataConfig(**{**fields, **overrides})
-
-
-def run_trainer(args: list[str], cache: Path, timeout: int = 900):
-    # one thread: on a shared 2-core machine two threads per process fight each other (measured 3-9x slower)
-    env = {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "trainers/controlnet.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # -- data: pairs, checked per file ----------------------------------------------------------------------------------
@@ -303,32 +298,10 @@ def test_trainer_stops_on_bad_pairs_before_loading_a_model(tmp_path):
     assert "latents:" not in proc.stdout  # stopped before the VAE ran
 
 
-SHORT = [
-    "train.max_train_steps=4",
-    "train.train_batch_size=2",
-    "train.checkpointing_steps=2",
-    "train.lr_warmup_steps=0",
-    "validation.prompts=[a red circle]",
-    "method.validation_image=[]",
-    "validation.seeds=[0]",
-    "validation.num_inference_steps=2",
-    "validation.validation_steps=0",
-    "validation.toy_score=[]",
-    "output.report_to=none",
-    "output.save_precision=fp32",
-]
-
-
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    """4 steps on 6 pairs, a checkpoint every 2 steps: the outputs, and the run to resume against."""
-    root = tmp_path_factory.mktemp("cn-short")
-    toyworld.write_control_dataset(root / "data", 6, seed=9)
-    out = root / "run"
-    args = [str(TOY_RECIPE), f"data.train_data_dir={root / 'data'}", f"output.dir={out}", *SHORT]
-    proc = run_trainer(args, root / "cache")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return root, out, args, proc.stdout + proc.stderr
+def short_run(controlnet_short_run):
+    """4 steps on 6 pairs, a checkpoint every 2 steps (tests/conftest.py): the outputs, and the run to resume."""
+    return controlnet_short_run
 
 
 def test_short_run_writes_both_layouts_grid_and_manifest(short_run):
@@ -399,6 +372,22 @@ def test_sample_cli_control_errors(short_run, tmp_path, extra, message):
     args += [a.replace("MASK", mask) for a in extra] + ["--out", str(tmp_path)]
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
         cli.main(args)
+
+
+def test_sample_cli_takes_a_registered_controlnet_by_name(short_run, tmp_path):
+    """The trainer registered the run; its name draws what its folder draws, and an unknown name is one line."""
+    _, out, _, log = short_run
+    name = log.split("registered as '")[1].split("'")[0]
+    mask = str(VALIDATION / "circle-mask.png")
+    common = ["sample", "--prompt", "a red circle", "--steps", "2", "--control-image", mask]
+    assert cli.main([*common, "--controlnet", f"{name}:0.7", "--out", str(tmp_path / "by-name")]) == 0
+    assert cli.main([*common, "--controlnet", f"{out}:0.7", "--out", str(tmp_path / "by-path")]) == 0
+    by_name, by_path = (Image.open(tmp_path / d / "0000-seed0.png") for d in ("by-name", "by-path"))
+    assert by_name.tobytes() == by_path.tobytes()
+    with pytest.raises(
+        SystemExit, match="--controlnet: no-such-cn not found .*sdtune adapters list --method controlnet"
+    ):
+        cli.main([*common, "--controlnet", "no-such-cn", "--out", str(tmp_path / "x")])
 
 
 # -- proof on the toy base: the shape goes where the mask says ----------------------------------------------------
@@ -475,7 +464,12 @@ def test_trainer_refuses_validation_prompt_image_mismatch_before_loading(tmp_pat
 def test_memory_options_train_and_save(tmp_path):
     """The low-vram preset's options on this machine: 8-bit AdamW, gradient checkpointing, bf16 autocast."""
     toyworld.write_control_dataset(tmp_path / "data", 4, seed=11)
-    args = [str(TOY_RECIPE), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={tmp_path / 'run'}", *SHORT]
+    args = [
+        str(TOY_RECIPE),
+        f"data.train_data_dir={tmp_path / 'data'}",
+        f"output.dir={tmp_path / 'run'}",
+        *CONTROLNET_SHORT,
+    ]
     args += ["train.optimizer=adamw8bit", "train.gradient_checkpointing=true", "train.mixed_precision=bf16"]
     proc = run_trainer(args, tmp_path / "c")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -267,6 +267,53 @@ def test_ab_page_blind_vote_tally_history_and_checkpoints(home, quickstart_run):
     assert best == f"best: {api.ab_get(stored['id'])['best']}"
 
 
+def test_ab_page_controlnet_with_a_control_image_per_side(home, quickstart_run, controlnet_short_run):
+    """B = the LoRA steered by a registered ControlNet through a mask: the spec the page builds, the comparison it
+    stores, and the control image shown beside the pairs."""
+    from sdtune.adapters.registry import Registry
+
+    Registry().register_run(quickstart_run[0])
+    Registry().register_run(controlnet_short_run[1])
+    at = page("ab")
+    assert at.selectbox(key="ab-B-cn").options == ["(none)", "toy-masks"]
+    at = at.selectbox(key="ab-B-cn").set_value("toy-masks").run()
+    at.slider(key="ab-B-cn-scale").set_value(0.8)
+    at = at.selectbox(key="ab-B-cn-image").set_value("toy-masks/square-mask.png").run()
+    mask = ROOT / "datasets" / "toy-masks" / "validation" / "square-mask.png"
+    assert f"toy+toy-purple:1+controlnet=toy-masks:0.8@{mask}" in texts(at, "code")
+    at.text_area(key="ab-prompts").set_value("a purple square")
+    at.text_input(key="ab-seeds").set_value("0")
+    at.number_input(key="ab-steps").set_value(4)
+    at.checkbox(key="ab-blind").uncheck()
+    at = at.button(key="FormSubmitter:ab-settings-Render A and B").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    [comparison] = api.ab_history()
+    assert comparison["sides"]["b"] == f"toy+toy-purple:1+controlnet=toy-masks:0.8@{mask}"
+    stored = api.ab_get(comparison["id"])
+    assert (
+        stored["control_images"]["a"] == []
+        and Path(stored["control_images"]["b"][0]).read_bytes() == mask.read_bytes()
+    )
+    captions = [c for image in at.image for c in image.captions]
+    assert "control image of B" in captions and "A: no ControlNet" in texts(at, "caption")
+
+
+def test_control_image_uploads_are_checked_and_kept_once(home):
+    """An upload is kept as a PNG named by its file and content (an @ or + would break a SPEC, so they go); the same
+    upload twice is one file; a bad one is refused with its reason and writes nothing."""
+    path = api.save_control_image("my mask@1+2.png", png((255, 255, 255)))
+    assert Path(path).parent == home / "ab" / "inputs" and not {"@", "+", " "} & set(Path(path).name)
+    assert api.save_control_image("my mask@1+2.png", png((255, 255, 255))) == path
+    listed = [c["path"] for c in api.control_images()]
+    assert listed[0] == path and listed.count(path) == 1
+    bundled = [c["name"] for c in api.control_images()][1:]
+    assert bundled == [f"toy-masks/{shape}-mask.png" for shape in ("circle", "square", "triangle")]
+    before = sorted((home / "ab" / "inputs").iterdir())
+    with pytest.raises(api.StudioError, match="control image notes.png: not an image"):
+        api.save_control_image("notes.png", b"just text")
+    assert sorted((home / "ab" / "inputs").iterdir()) == before
+
+
 def test_publish_page_card_dry_run_and_token_rules(home, quickstart_run):
     from sdtune.adapters.registry import Registry
 

@@ -1,6 +1,7 @@
-"""A/B page: two compositions (a base plus adapters with weights) at the same prompts, seeds and settings, side by
-side; blind mode with vote buttons and a running tally with its 95% interval; the history of comparisons (stored in
-the registry workspace); and a run's checkpoint comparison, which names the best checkpoint."""
+"""A/B page: two compositions (a base plus adapters with weights, optionally a ControlNet with a control image) at
+the same prompts, seeds and settings, side by side; blind mode with vote buttons and a running tally with its 95%
+interval; the history of comparisons (stored in the registry workspace); and a run's checkpoint comparison, which
+names the best checkpoint."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def render():
         _checkpoints()
 
 
-def _side(label: str, adapters: list[str], default: list[str]) -> str:
-    """A SPEC (`base+name:weight+...`) from a base field, an adapter multiselect and one weight per adapter."""
+def _side(label: str, adapters: list[str], default: list[str], controlnets: list[str]) -> str:
+    """A SPEC (`base+name:weight+...+controlnet=name:scale@image`) from a base field, an adapter multiselect with one
+    weight per adapter, and optionally a registered ControlNet with its scale and control image."""
     st.markdown(f"**{label}**")
     base = st.text_input("Base", "toy", key=f"ab-{label}-base")
     chosen = st.multiselect("Adapters", adapters, default=default, key=f"ab-{label}-adapters")
@@ -36,18 +38,45 @@ def _side(label: str, adapters: list[str], default: list[str]) -> str:
     for name in chosen:
         weight = st.slider(f"{name} weight", 0.0, 2.0, 1.0, 0.05, key=f"ab-{label}-w-{name}")
         parts.append(f"{name}:{weight:g}")
+    parts += _control(label, controlnets)
     spec = "+".join(parts)
     st.code(spec, language=None)
     return spec
 
 
+def _control(label: str, controlnets: list[str]) -> list[str]:
+    """The side's ControlNet part, `controlnet=NAME:SCALE@IMAGE`, or nothing."""
+    help_text = "Registered ControlNets; train one (method controlnet) or import one on the Registry page."
+    name = st.selectbox("ControlNet", ["(none)", *controlnets], key=f"ab-{label}-cn", help=help_text)
+    if name == "(none)":
+        return []
+    scale = st.slider("ControlNet scale", 0.0, 2.0, 1.0, 0.05, key=f"ab-{label}-cn-scale")
+    upload = st.file_uploader(
+        "Upload a control image", type=["png", "jpg", "jpeg", "webp", "bmp"], key=f"ab-{label}-cn-upload"
+    )
+    if upload is not None:
+        with shown_errors():
+            st.session_state[f"ab-{label}-cn-uploaded"] = api.save_control_image(upload.name, upload.getvalue())
+    choices = {c["name"]: c["path"] for c in api.control_images()}
+    uploaded = st.session_state.get(f"ab-{label}-cn-uploaded")
+    names = list(choices)
+    index = next((i for i, n in enumerate(names) if choices[n] == uploaded), 0)
+    picked = st.selectbox("Control image", names, index=index, key=f"ab-{label}-cn-image")
+    if picked is None:
+        return []
+    st.image(choices[picked], caption=f"control image: {picked}", width=128)
+    return [f"controlnet={name}:{scale:g}@{choices[picked]}"]
+
+
 def _compare_form():
-    adapters = [a["name"] for a in api.list_adapters() if a["method"] == "lora"]
+    registered = api.list_adapters()
+    adapters = [a["name"] for a in registered if a["method"] == "lora"]
+    controlnets = [a["name"] for a in registered if a["method"] == "controlnet"]
     left, right = st.columns(2)
     with left:
-        spec_a = _side("A", adapters, [])
+        spec_a = _side("A", adapters, [], controlnets)
     with right:
-        spec_b = _side("B", adapters, adapters[:1])
+        spec_b = _side("B", adapters, adapters[:1], controlnets)
     with st.form("ab-settings"):
         prompts = st.text_area("Prompts (one per line)", "a purple circle\na purple square", key="ab-prompts")
         c1, c2, c3, c4 = st.columns(4)
@@ -80,10 +109,25 @@ def _comparison(comparison_id: str):
         st.subheader(f"Comparison {data['id']}")
         st.caption(f"A = {data['a']}   |   B = {data['b']}")
         _tally(api.ab_tally(comparison_id))
+        _control_images(data.get("control_images"))
         if not data["blind"] and data.get("grid"):
             st.image(data["grid"], caption="A | B", width="stretch")
         for pair in data["pairs"]:
             _pair(comparison_id, pair, data["blind"])
+
+
+def _control_images(controls: dict | None):
+    """What steered each side (blind: shown only when both sides share it, which tells nothing about the sides)."""
+    if not controls:
+        return
+    if controls["a"] == controls["b"]:
+        st.image(controls["a"], caption=["control image (both sides)"] * len(controls["a"]), width=128)
+        return
+    for column, side in zip(st.columns(2), "ab"):
+        if controls[side]:
+            column.image(controls[side], caption=[f"control image of {side.upper()}"] * len(controls[side]), width=128)
+        else:
+            column.caption(f"{side.upper()}: no ControlNet")
 
 
 def _tally(tally: dict):
