@@ -29,6 +29,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,18 +349,46 @@ def _is_network_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or bool(names & {"TransportError", "NetworkError", "TimeoutException"})
 
 
+def _chain(exc: BaseException):
+    """`exc` and what it was raised from: huggingface_hub wraps a failed LFS upload in a RuntimeError ("Error
+    while uploading 'x' to the Hub.") whose cause is the HTTP or network error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def _hub(repo: str, private: bool, function, /, *args, **kwargs):
     """Runs one huggingface_hub call; its HTTP and network errors become one-line `PublishError`s."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         return function(*args, **kwargs)
-    except HfHubHTTPError as exc:
-        raise _hub_error(exc, repo, private) from None
     except Exception as exc:
-        if not _is_network_error(exc):
-            raise
-        raise _network_error(exc, repo) from None
+        for cause in _chain(exc):
+            if isinstance(cause, HfHubHTTPError):
+                raise _hub_error(cause, repo, private) from None
+            if _is_network_error(cause):
+                raise _network_error(cause, repo) from None
+        raise
+
+
+UPLOAD_ATTEMPTS = 3  # per upload_folder call, on network failures only
+RETRY_SECONDS = 2.0  # before the second attempt; doubled before each next one
+
+
+def _upload_folder_retrying(api, repo: str, private: bool, **kwargs):
+    """`upload_folder`, run again after a network failure. Safe to repeat: huggingface_hub asks the Hub which files
+    it already has (and which LFS objects) and sends only the rest. It retries its own requests, but not a commit
+    whose connection dropped (a commit is not idempotent to it), so without this one dropped commit fails a publish."""
+    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        try:
+            return _hub(repo, private, api.upload_folder, repo_id=repo, **kwargs)
+        except PublishError as exc:
+            if not str(exc).startswith("network failure") or attempt == UPLOAD_ATTEMPTS:
+                raise
+            time.sleep(RETRY_SECONDS * 2 ** (attempt - 1))
 
 
 def upload(folder: Path, repo: str, *, token: str, private: bool, exist_ok: bool, on_created=None) -> dict:
@@ -373,8 +402,7 @@ def upload(folder: Path, repo: str, *, token: str, private: bool, exist_ok: bool
     if on_created is not None:
         on_created()
     for patterns in ({"ignore_patterns": [CARD]}, {"allow_patterns": [CARD]}):
-        commit = _hub(repo, private, api.upload_folder, repo_id=repo, folder_path=folder, commit_message=message,
-                      **patterns)  # fmt: skip
+        commit = _upload_folder_retrying(api, repo, private, folder_path=folder, commit_message=message, **patterns)
     return {"url": str(url), "commit": getattr(commit, "commit_url", None)}
 
 

@@ -29,15 +29,26 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+REGULAR_SUFFIXES = (".md", ".json", ".txt", ".yaml")  # text the Hub commits inline; everything else goes by LFS
+
+
 class FakeHub:
-    """Just enough of the Hub API for create_repo and upload_folder: repos/create, preupload, commit, repo info."""
+    """Just enough of the Hub API for create_repo and upload_folder: repos/create, preupload, commit, repo info, and
+    Git LFS (batch, upload, verify) for the binary files, as the Hub answers them.
+
+    The Hub's newer Xet storage (chunked content-addressed uploads through `hf_xet`) is not faked: the `hub` fixture
+    turns it off, so huggingface_hub takes its LFS path, as it does without `hf_xet`. sdtune calls `upload_folder`
+    either way; which transfer carries the bytes is huggingface_hub's choice."""
 
     def __init__(self):
         self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "files": {path: bytes}}
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded through the LFS batch API
+        self.lfs_uploads: list[str] = []  # the oids PUT, in order
         self.requests: list[tuple[str, str]] = []
         self.commits: list[list[str]] = []  # the paths each successful commit carried
         self.drop_commits_with: str | None = None  # drop the connection of commits carrying this path...
         self.drops_left = 0  # ...this many times
+        self.drop_uploads_of: str | None = None  # or drop the connection of LFS uploads of this oid
         self.auth_seen: set[str] = set()
         self.endpoint = ""
         self.validated: list[str] = []  # cards sent to /api/validate-yaml
@@ -68,13 +79,35 @@ class FakeHub:
                     return self._reply(200, {"id": repo, "sha": "0" * 40, "private": hub.repos[repo]["private"]})
                 self._reply(404, {"error": "Repository not found"})
 
+            def do_PUT(self):  # LFS basic transfer: the object's bytes, to the href the batch answer gave
+                hub.requests.append(("PUT", self.path))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                oid = self.path.rsplit("/", 1)[-1]
+                if hub.drops_left and hub.drop_uploads_of == oid:
+                    hub.drops_left -= 1
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if hashlib.sha256(body).hexdigest() != oid:
+                    return self._reply(400, {"error": "sha256 does not match the object id"})
+                hub.lfs_objects[oid] = body
+                hub.lfs_uploads.append(oid)
+                self._reply(200, {})
+
             def do_POST(self):
                 hub.requests.append(("POST", self.path))
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                if path == "/lfs-verify":
+                    data = json.loads(body)
+                    found = hub.lfs_objects.get(data["oid"])
+                    ok = found is not None and len(found) == data["size"]
+                    return self._reply(200 if ok else 404, {} if ok else {"error": "object not uploaded"})
                 role = self._role()
                 if role is None:
                     return self._reply(401, {"error": "Invalid credentials in Authorization header"})
-                path = self.path.split("?")[0]
+                if path.endswith(".git/info/lfs/objects/batch"):
+                    return self._lfs_batch(json.loads(body))
                 if path == "/api/repos/create":
                     return self._create(json.loads(body), role)
                 if path == "/api/validate-yaml":  # huggingface_hub checks a README's metadata before committing it
@@ -109,24 +142,54 @@ class FakeHub:
 
             def _preupload(self, repo, data):
                 files = hub.repos[repo]["files"]
-                answer = [
-                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                     "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None}
-                    for f in data["files"]
-                ]  # fmt: skip
-                self._reply(200, {"files": answer})
+
+                def answer(path: str) -> dict:
+                    regular = path.endswith(REGULAR_SUFFIXES)
+                    known = files.get(path)
+                    oid = (
+                        None
+                        if known is None
+                        else git_blob_sha1(known)
+                        if regular
+                        else hashlib.sha256(known).hexdigest()
+                    )
+                    return {
+                        "path": path,
+                        "uploadMode": "regular" if regular else "lfs",
+                        "shouldIgnore": False,
+                        "oid": oid,
+                    }
+
+                self._reply(200, {"files": [answer(f["path"]) for f in data["files"]]})
+
+            def _lfs_batch(self, data):
+                assert data["operation"] == "upload" and data["hash_algo"] == "sha256"
+                objects = []
+                for obj in data["objects"]:
+                    entry = {"oid": obj["oid"], "size": obj["size"]}
+                    if obj["oid"] not in hub.lfs_objects:  # an object the Hub already has needs no upload
+                        entry["actions"] = {
+                            "upload": {"href": f"{hub.endpoint}/lfs-upload/{obj['oid']}"},
+                            "verify": {"href": f"{hub.endpoint}/lfs-verify"},
+                        }
+                    objects.append(entry)
+                self._reply(200, {"transfer": "basic", "objects": objects})
 
             def _commit(self, repo, body):
                 lines = [json.loads(line) for line in body.splitlines() if line.strip()]
-                added = {x["value"]["path"]: x["value"] for x in lines if x["key"] == "file"}
-                if hub.drops_left and hub.drop_commits_with in added:
+                inline = {x["value"]["path"]: x["value"] for x in lines if x["key"] == "file"}
+                pointers = {x["value"]["path"]: x["value"] for x in lines if x["key"] == "lfsFile"}
+                if hub.drops_left and hub.drop_commits_with in {**inline, **pointers}:
                     hub.drops_left -= 1
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)  # the network fails: no response at all
                     return
-                for path, value in added.items():
-                    hub.repos[repo]["files"][path] = base64.b64decode(value["content"])
-                hub.commits.append(sorted(added))
+                if any(v["oid"] not in hub.lfs_objects for v in pointers.values()):
+                    return self._reply(422, {"error": "an LFS pointer names an object that was never uploaded"})
+                files = hub.repos[repo]["files"]
+                files.update({path: base64.b64decode(v["content"]) for path, v in inline.items()})
+                files.update({path: hub.lfs_objects[v["oid"]] for path, v in pointers.items()})
+                hub.commits.append(sorted({**inline, **pointers}))
                 oid = hashlib.sha1(body).hexdigest()
                 url = f"{hub.endpoint}/{repo}/commit/{oid}"
                 self._reply(200, {"commitUrl": url, "commitOid": oid, "success": True})
@@ -147,8 +210,10 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # conftest keeps the suite offline; this is local
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)  # binary files by LFS, which FakeHub speaks
     monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-hf-login" / "token"))
     monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None)  # no backoff waits
+    monkeypatch.setattr(pub, "RETRY_SECONDS", 0.0)
     yield fake
     server.shutdown()
     server.server_close()
@@ -190,11 +255,13 @@ def test_upload_sends_the_dry_run_folder(hub, registry, tmp_path):
     for name, data in arrived.items():  # --dry-run wrote exactly what was uploaded, byte for byte
         assert (dry / name).read_bytes() == data, name
     assert hub.commits == [sorted(EXPECTED_FILES - {"README.md"}), ["README.md"]]  # the card last
+    binary = {hashlib.sha256(data).hexdigest() for name, data in arrived.items() if name != "README.md"}
+    assert set(hub.lfs_uploads) == binary  # weights and images by LFS, each object once; the card inline
     assert hub.repos["alice/toy-purple"]["private"] is False
     assert hub.auth_seen == {WRITE_TOKEN}
 
     card = arrived["README.md"].decode()
-    assert hub.validated == [card]
+    assert set(hub.validated) == {card}  # huggingface_hub checks the metadata of the card it commits
     meta = _front_matter(card)
     assert meta["license"] == "creativeml-openrail-m" and "base_model" not in meta  # the toy base is not on the Hub
     assert {"lora", "stable-diffusion", "text-to-image", "diffusers"} <= set(meta["tags"])
@@ -259,8 +326,27 @@ def test_network_failure_mid_upload_then_resume(hub, registry):
     assert set(hub.repos["alice/flaky"]["files"]) == EXPECTED_FILES
 
 
+def test_network_failure_during_an_lfs_upload_then_resume(hub, registry):
+    """The weights' LFS upload keeps losing its connection: the publish fails with nothing committed; run again, it
+    uploads only the objects the Hub does not have yet, then commits everything."""
+    weights = hashlib.sha256(registry.file("toy-purple", "peft").read_bytes()).hexdigest()
+    hub.drop_uploads_of, hub.drops_left = weights, 50
+    with pytest.raises(pub.PublishError, match="network failure while uploading to alice/lfs-flaky"):
+        pub.publish("toy-purple", "alice/lfs-flaky", registry=registry)
+    assert hub.repos["alice/lfs-flaky"]["files"] == {} and weights not in hub.lfs_objects
+    arrived_before = set(hub.lfs_uploads)
+
+    hub.drops_left = 0
+    count = len(hub.lfs_uploads)
+    pub.publish("toy-purple", "alice/lfs-flaky", registry=registry)
+    resent = hub.lfs_uploads[count:]
+    assert weights in resent and not arrived_before & set(resent)
+    assert set(hub.repos["alice/lfs-flaky"]["files"]) == EXPECTED_FILES
+
+
 def test_a_dropped_connection_is_retried_within_one_publish(hub, registry):
-    hub.drop_commits_with, hub.drops_left = "pytorch_lora_weights.safetensors", 2
+    """Two dropped commits (huggingface_hub does not resend a commit): the publish tries again and gets through."""
+    hub.drop_commits_with, hub.drops_left = "pytorch_lora_weights.safetensors", pub.UPLOAD_ATTEMPTS - 1
     pub.publish("toy-purple", "alice/retry", registry=registry)
     assert hub.drops_left == 0 and set(hub.repos["alice/retry"]["files"]) == EXPECTED_FILES
 
@@ -321,7 +407,8 @@ def test_cli_publish_in_a_new_process(hub, registry, tmp_path):
     import os
 
     env = {**os.environ, "SDTUNE_HOME": str(registry.home), "HF_HUB_OFFLINE": "0",
-           "HF_TOKEN_PATH": str(tmp_path / "none"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
+           "HF_TOKEN_PATH": str(tmp_path / "none"), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "HF_HUB_DISABLE_XET": "1"}  # fmt: skip
     cli = [sys.executable, "-m", "sdtune.studio.cli", "publish", "toy-purple"]
     proc = subprocess.run([*cli, "--repo", "alice/cli", "--dry-run"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

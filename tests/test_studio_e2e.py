@@ -187,6 +187,11 @@ class Page:
         time.sleep(1.0)
 
     def shot(self, name: str) -> Path:
+        """A screenshot once the page has settled: Streamlit marks the elements of a rerun still on its way with
+        data-stale, so waiting for none shows every element of one run (the job table beside its live view)."""
+        settled = lambda: not self.driver.find_elements("css selector", '[data-stale="true"]')  # noqa: E731
+        if not name.startswith("timeout-"):
+            self.wait_for(settled, 30, "the page to settle")
         path = self.shots / f"{name}.png"
         self.driver.save_screenshot(str(path))
         return path

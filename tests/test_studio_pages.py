@@ -183,6 +183,45 @@ def test_jobs_page_shows_progress_and_cancels(home):
     assert not button(at, "Resume").disabled
 
 
+def test_jobs_page_sample_save_resume_retry_follow_the_state(home):
+    """Each action button is enabled in the states it applies to, and a click does what the queue API does: sample
+    now / save now leave a request for the trainer, resume queues a cancelled job to continue from its checkpoint,
+    retry queues a finished one afresh with its old run folder set aside."""
+    from sdtune.studio.worker import Worker, WorkerConfig
+    from sdtune.trainers.core.run_files import request_path
+
+    job = jobs.submit(ROOT / "recipes" / "quickstart.yaml")
+    worker = Worker(WorkerConfig(home=home))
+    worker.register()  # a live worker row, then the job claimed: running, as a worker leaves it before its trainer
+    assert worker.claim().id == job.id
+    at = page("jobs")
+    assert not texts(at, "warning")  # a worker runs the queue
+    enabled = {b.label for b in at.button if not b.disabled}
+    assert enabled == {"Cancel", "Sample now", "Save now"}
+    at = button(at, "Sample now").click().run()
+    assert request_path(job.run_dir, "sample").is_file() and f"job {job.id}: sample now requested" in texts(
+        at, "success"
+    )
+    at = button(at, "Save now").click().run()
+    assert request_path(job.run_dir, "save").is_file()
+
+    worker.finish(job.id, "cancelled", -15, None)  # the trainer saved on SIGTERM and stopped
+    at = at.run()
+    assert {b.label for b in at.button if not b.disabled} == {"Resume", "Retry"}
+    at = button(at, "Resume").click().run()
+    resumed = jobs.get(job.id)
+    assert (resumed.state, resumed.resume) == ("queued", 1)
+
+    assert worker.claim().id == job.id
+    worker.finish(job.id, "done", 0, None)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    at = button(at.run(), "Retry").click().run()
+    retried = jobs.get(job.id)
+    assert (retried.state, retried.resume) == ("queued", 0)
+    assert job.run_dir.with_name("run.attempt-2").is_dir() and not job.run_dir.exists()
+    worker.unregister()
+
+
 def registered_fake(home: Path, name: str) -> None:
     """A run folder as a trainer leaves it, with a real grid PNG, registered (the page reads, tags, deletes)."""
     from test_registry import fake_run
@@ -208,6 +247,39 @@ def test_registry_page_browse_tag_delete(home):
     at = button(at, "Delete adapter").click().run()
     assert api.list_adapters() == []
     assert "deleted toy-purple" in texts(at, "success")
+
+
+def test_registry_page_checks_then_imports_a_kohya_file_and_refuses_a_pickle(home, toy_pipe):
+    """Upload a kohya LoCon file written with sd-scripts' conventions: Check shows the import report and registers
+    nothing; Import registers it with that report. A pickle is refused with its reason and nothing is registered."""
+    import json
+
+    import safetensors.torch
+    import torch
+    from test_import import SD_SCRIPTS_METADATA, golden_tensors
+
+    data = safetensors.torch.save(golden_tensors(toy_pipe), metadata=SD_SCRIPTS_METADATA)
+    at = page("registry")
+    at.file_uploader(key="import-file").set_value([("golden_locon.safetensors", data, "application/octet-stream")])
+    at = at.run()
+    at = at.button(key="import-check").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    report = json.loads(at.json[0].proto.body)
+    assert report["format"] == "kohya" and report["ok"] and report["matched"] == report["modules"]
+    assert api.list_adapters() == []  # a check registers nothing
+    at = at.button(key="import-go").click().run()
+    assert "imported golden_locon" in texts(at, "success")
+    manifest = api.show_adapter("golden_locon")["manifest"]
+    assert manifest["origin"]["kind"] == "imported" and manifest["trigger_words"] == ["zkz", "golden"]
+
+    pickled = io.BytesIO()
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, pickled)
+    at.file_uploader(key="import-file").set_value([("old.pt", pickled.getvalue(), "application/octet-stream")])
+    at = at.run()
+    at = at.button(key="import-go").click().run()
+    [error] = texts(at, "error")
+    assert "old.pt" in error and "pickle" in error, error
+    assert [a["name"] for a in api.list_adapters()] == ["golden_locon"]
 
 
 def test_registry_page_merges_two_loras_with_a_preview(home, quickstart_run, cyan_run):
