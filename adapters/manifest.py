@@ -77,6 +77,35 @@ def _check_keys(data, cls, where: str):
         raise ManifestError(f"{where}: unknown key {unknown[0]!r}")
 
 
+CONDITION_SAMPLE = "condition-"  # samples named condition-N: a ControlNet's validation conditions, in order
+
+
+def pair_prompts(prompts: list[str], images: list[str]) -> list[tuple[str, str]]:
+    """diffusers' pairing of validation prompts and images: one each, one image for every prompt, or one prompt
+    for every image."""
+    if len(prompts) == len(images):
+        return list(zip(prompts, images))
+    if len(images) == 1:
+        return [(p, images[0]) for p in prompts]
+    if len(prompts) == 1:
+        return [(prompts[0], i) for i in images]
+    raise ValueError(
+        f"method.validation_image: {len(images)} images for {len(prompts)} validation.prompts; give one image "
+        "per prompt, one image, or one prompt"
+    )
+
+
+def control_pairs(manifest: AdapterManifest) -> list[tuple[str, str]]:
+    """A ControlNet's validation pairs (prompt, condition file relative to its folder), paired as its grids were:
+    `validation.prompts` with the `condition-N` samples in order. Empty for other adapters, or without either."""
+    names = [k for k in manifest.samples if k.startswith(CONDITION_SAMPLE)]
+    names.sort(key=lambda k: int(k[len(CONDITION_SAMPLE) :]))
+    prompts = (manifest.recipe.get("validation") or {}).get("prompts") or []
+    if not names or not prompts:
+        return []
+    return pair_prompts(list(prompts), [manifest.samples[k] for k in names])
+
+
 def manifest_path(run_or_file: str | Path) -> Path:
     """A run folder means its `adapter.json`; a file path is taken as is."""
     path = Path(run_or_file)

@@ -9,6 +9,7 @@ The repo folder is built locally first (`--dry-run DIR` stops there and leaves i
     pytorch_lora_weights.safetensors   diffusers/PEFT (what `load_lora_weights` reads)
     <name>.safetensors                 kohya/A1111 (AUTOMATIC1111/Forge models/Lora, ComfyUI models/loras)
     images/NN.png                      the widget samples, rendered now (seed 0 per prompt), and the run's grids
+                                       (a ControlNet: its validation conditions too, images/condition-N.png)
 
 Before anything is uploaded, every text in the folder (the card, JSON, PNG text chunks, safetensors metadata) is
 scanned: a local absolute path or anything token-shaped refuses the publish. The recipe and dataset sections are
@@ -32,6 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from sdtune.adapters.manifest import control_pairs
 
 CARD = "README.md"
 IMAGES = "images"
@@ -138,7 +141,10 @@ def _base_model(manifest) -> str | None:
     return manifest.base.name_or_path if manifest.base.kind == "hub" else None
 
 
-def widget_prompts(manifest, limit: int = 4) -> list[str]:
+WIDGET_IMAGES = 4
+
+
+def widget_prompts(manifest, limit: int = WIDGET_IMAGES) -> list[str]:
     prompts = (manifest.recipe.get("validation") or {}).get("prompts") or manifest.trigger_words or ["a photo"]
     return list(dict.fromkeys(prompts))[:limit]
 
@@ -254,6 +260,8 @@ def build_repo_folder(
     for file in files.values():
         copy_into(folder / file, out / file)
     prompts = widget_prompts(manifest)
+    if manifest.method == "controlnet":  # each widget image needs its condition: as many as the run kept
+        prompts = [prompt for prompt, _ in control_pairs(manifest)[:WIDGET_IMAGES]]
     widget = [{"text": p, "output": {"url": f"{IMAGES}/{i:02d}.png"}} for i, p in enumerate(prompts)]
     for label, grid in manifest.samples.items():
         if (folder / grid).is_file():
@@ -262,7 +270,8 @@ def build_repo_folder(
     (out / CARD).write_text(card)
     if render:
         scan_folder(out, secrets)  # a leak fails before minutes of rendering
-        render_widget(manifest, folder, prompts, out / IMAGES)
+        if prompts:  # none: a ControlNet registered without its validation conditions (before sdtune kept them)
+            render_widget(manifest, folder, prompts, out / IMAGES)
     listed = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     if not render:
         listed = sorted({*listed, *(w["output"]["url"] for w in widget)})
@@ -273,27 +282,35 @@ _RENDERED: dict[tuple, list[bytes]] = {}  # widget PNGs already rendered in this
 
 
 def render_widget(manifest, folder: Path, prompts: list[str], out: Path) -> None:
-    """One image per prompt (seed 0) with the adapter at weight 1, at the recipe's sampling settings. The PNGs are
-    kept for this process, so a retry after a failed upload sends the same bytes without rendering again."""
+    """One image per prompt (seed 0) with the adapter at weight 1 (a ControlNet at its training scale, steered by
+    the condition each prompt was validated with), at the recipe's sampling settings. The PNGs are kept for this
+    process, so a retry after a failed upload sends the same bytes without rendering again."""
     import io
+    from dataclasses import replace
 
-    from sdtune.adapters.ab import Renderer, Settings, Side
+    from sdtune.adapters.ab import ControlUse, Renderer, Settings, Side
     from sdtune.adapters.compose import AdapterUse, PipelineSpec
 
     validation = manifest.recipe.get("validation") or {}
     settings = Settings(
         prompts, [0], steps=validation.get("num_inference_steps", 25), guidance=validation.get("guidance_scale")
     )
-    if manifest.method == "lora" or "peft" in manifest.files:
+    renderer = Renderer()
+    if manifest.method == "controlnet":  # each prompt steered by the condition it was validated with
+        scale = (manifest.recipe.get("method") or {}).get("conditioning_scale", 1.0)
+        base = PipelineSpec(manifest.base.name_or_path)
+        sides = [Side(base, [ControlUse(str(folder), scale, str(folder / condition))])
+                 for _, condition in control_pairs(manifest)[: len(prompts)]]  # fmt: skip
+        each = [(side, replace(settings, prompts=[prompt])) for side, prompt in zip(sides, prompts)]
+    elif manifest.method == "lora" or "peft" in manifest.files:
         spec = PipelineSpec(manifest.base.name_or_path, [AdapterUse(str(folder / manifest.files["peft"]))])
-    elif "diffusers" in manifest.files:  # a full fine-tune: it is the base
-        spec = PipelineSpec(str(folder / manifest.files["diffusers"]))
-    else:
-        return  # a ControlNet needs a conditioning image per prompt: its card shows the run's grids instead
+        each = [(Side(spec), settings)]
+    else:  # a full fine-tune: it is the base
+        each = [(Side(PipelineSpec(str(folder / manifest.files["diffusers"]))), settings)]
     key = (str(folder), (folder / "adapter.json").stat().st_mtime_ns, repr(settings))
     if key not in _RENDERED:
         pngs = []
-        for sample in Renderer().render(Side(spec), settings):
+        for sample in [sample for side, some in each for sample in renderer.render(side, some)]:
             buffer = io.BytesIO()
             sample.image.save(buffer, format="PNG")  # no PNG text: the parameters may name local paths
             pngs.append(buffer.getvalue())

@@ -24,12 +24,12 @@ from safetensors.torch import load_file
 
 from sdtune.adapters import annotate, scoring, toyworld
 from sdtune.adapters.base import load_pipeline
+from sdtune.adapters.manifest import pair_prompts
 from sdtune.adapters.sampling import AdapterSpec, ControlSpec, load_adapters, load_controlnets
 from sdtune.studio import cli
 from sdtune.trainers.core.cache import CachedLatent
 from sdtune.trainers.core.data import DataError, condition_tensor, scan_pairs
 from sdtune.trainers.core.recipe import DataConfig, RecipeError, recipe_from_dict
-from sdtune.trainers.core.validation import pair_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_RECIPE = ROOT / "recipes" / "controlnet-toy.yaml"
@@ -318,7 +318,8 @@ def test_short_run_writes_both_layouts_grid_and_manifest(short_run):
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["method"] == "controlnet" and manifest["training"]["steps"] == 4
     assert manifest["files"] == {"diffusers": "controlnet", "original": "toy-masks.safetensors"}
-    assert manifest["samples"] == {"ab_grid": "ab_grid.png"}
+    conditions = {f"condition-{i}": f"samples/conditions/condition-{i}.png" for i in range(2)}
+    assert manifest["samples"] == {"ab_grid": "ab_grid.png", **conditions}  # the grid's conditions, kept with it
     assert manifest["dataset"]["kind"] == "folder" and manifest["dataset"]["images"] == 6
     assert all(k.startswith("control_model.") for k in load_file(str(out / "toy-masks.safetensors")))
     assert "data: 6 images (6 per epoch with repeats), layout folder" in log

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from sdtune.adapters import publish as pub
 from sdtune.adapters.registry import Registry, copy_into
@@ -276,6 +278,31 @@ def test_upload_sends_the_dry_run_folder(hub, registry, tmp_path):
     for data in arrived.values():  # the token is nowhere, in any file
         assert WRITE_TOKEN.encode() not in data
     assert registry.sidecar("toy-purple")["published"]["state"] == "done"
+
+
+def test_a_controlnet_publishes_its_files_conditions_and_steered_widget_images(hub, registry, controlnet_short_run):
+    """A ControlNet's repo: its diffusers folder and original-layout file, its validation conditions, and one widget
+    image per (prompt, condition) pair, each what `sdtune sample` draws with that condition."""
+    from sdtune.studio import api
+
+    _, run, _, _ = controlnet_short_run
+    registry.register_run(run, name="toy-masks", unique=False)
+    result = pub.publish("toy-masks", "alice/toy-masks", registry=registry)
+    arrived = hub.repos["alice/toy-masks"]["files"]
+    assert set(arrived) == {
+        "README.md", "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
+        "toy-masks.safetensors", "images/ab_grid.png", "images/condition-0.png", "images/condition-1.png",
+        "images/00.png", "images/01.png",
+    } == set(result["files"])  # fmt: skip
+    meta = _front_matter(arrived["README.md"].decode())
+    assert "controlnet" in meta["tags"]
+    assert meta["widget"] == [{"text": "a red circle", "output": {"url": f"images/{i:02d}.png"}} for i in range(2)]
+    for i in range(2):  # the short run validates 2 steps at the toy's guidance; the widget renders the same way
+        condition = registry.get("toy-masks").folder / f"samples/conditions/condition-{i}.png"
+        assert arrived[f"images/condition-{i}.png"] == condition.read_bytes()
+        [drawn] = api.sample_images(["a red circle"], registry.home / f"s{i}", steps=2, controlnets=[str(run)],
+                                    control_images=[str(condition)])  # fmt: skip
+        assert Image.open(io.BytesIO(arrived[f"images/{i:02d}.png"])).tobytes() == Image.open(drawn).tobytes()
 
 
 def test_existing_repo_is_refused_unless_update(hub, registry):

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from sdtune.adapters import annotate
 from sdtune.adapters.base import BaseLoadError, BaseSource, base_hash
 from sdtune.adapters.controlnet import load_controlnet, save_controlnet
-from sdtune.adapters.manifest import BaseRef
+from sdtune.adapters.manifest import BaseRef, pair_prompts
 from sdtune.adapters.sampling import save_png_atomic
 from sdtune.trainers.core import export, runtime
 from sdtune.trainers.core.batches import make_batches
@@ -57,7 +57,7 @@ from sdtune.trainers.core.diffusion import batch_loss
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.recipe import ControlNetMethod, DataConfig, Recipe, RecipeError
-from sdtune.trainers.core.validation import ControlValidator, pair_prompts
+from sdtune.trainers.core.validation import ControlValidator
 
 VALIDATION_CONDITIONS = 2  # training conditions shown in the grids when the recipe names no validation_image
 KEEP_CONDITIONS_BYTES = 512 * 2**20  # conditioning tensors kept in memory once read (all of them at toy scale)

@@ -326,13 +326,14 @@ def finish_run(
     Every trainer ends here, so whatever must happen to each finished run (e.g. registering it) belongs here too.
 
     Args:
-        validator: the trainer's validator (`enabled`, `grid(step, path)`, `toy_scores()`).
+        validator: the trainer's validator (`enabled`, `grid(step, path)`, `toy_scores()`, `keep_conditions(dir)`).
     """
     out_dir = Path(recipe.output.dir)
     samples = {}
     if validator.enabled:
         validator.grid(state.step, out_dir / "ab_grid.png")
         samples["ab_grid"] = "ab_grid.png"
+    samples.update(validator.keep_conditions(out_dir))
     scores = validator.toy_scores()
     if scores:
         log(f"toy scores: base {scores['base']}  adapter {scores['adapter']}")

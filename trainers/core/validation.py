@@ -16,6 +16,7 @@ from PIL import Image
 
 from sdtune.adapters import contact_sheet, sampling, scoring
 from sdtune.adapters.base import recommended_guidance
+from sdtune.adapters.manifest import CONDITION_SAMPLE, pair_prompts
 from sdtune.trainers.core.progress import progress_event
 from sdtune.trainers.core.recipe import Recipe
 
@@ -93,6 +94,10 @@ class Validator:
     @property
     def enabled(self) -> bool:
         return bool(self.prompts)
+
+    def keep_conditions(self, out_dir: Path) -> dict[str, str]:
+        """Conditioning images to keep with the run: none without a ControlNet (see ControlValidator)."""
+        return {}
 
     def _render(self, settings, adapter: bool):
         with torch.no_grad(), as_at_inference(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
@@ -179,21 +184,6 @@ def per_target(scores: scoring.TargetScores, targets: list[scoring.Target]) -> l
     return shares
 
 
-def pair_prompts(prompts: list[str], images: list[str]) -> list[tuple[str, str]]:
-    """diffusers' pairing of validation prompts and images: one each, one image for every prompt, or one prompt
-    for every image."""
-    if len(prompts) == len(images):
-        return list(zip(prompts, images))
-    if len(images) == 1:
-        return [(p, images[0]) for p in prompts]
-    if len(prompts) == 1:
-        return [(prompts[0], i) for i in images]
-    raise ValueError(
-        f"method.validation_image: {len(images)} images for {len(prompts)} validation.prompts; give one image "
-        "per prompt, one image, or one prompt"
-    )
-
-
 class ControlValidator:
     """Validation of a ControlNet run: condition | base | controlled, per (prompt, condition) and seed.
 
@@ -226,6 +216,19 @@ class ControlValidator:
     @property
     def enabled(self) -> bool:
         return bool(self.pairs)
+
+    def keep_conditions(self, out_dir: Path) -> dict[str, str]:
+        """The validation conditions as files of the run, `samples/conditions/condition-N.png` (a given
+        `method.validation_image` is copied there), listed in the manifest's samples: the registry keeps them with
+        the ControlNet, and publishing renders its widget images from the same (prompt, condition) pairs."""
+        kept = {}
+        for index, condition in enumerate(self.conditions):
+            name = f"samples/conditions/{CONDITION_SAMPLE}{index}.png"
+            if Path(condition).resolve() != (out_dir / name).resolve():
+                with Image.open(condition) as image:
+                    sampling.save_png_atomic(image.convert("RGB"), out_dir / name)
+            kept[f"{CONDITION_SAMPLE}{index}"] = name
+        return kept
 
     def _render(self, pipe, settings):
         with torch.no_grad(), as_at_inference(self.pipe.unet, self.controlnet), self.accelerator.autocast():
