@@ -86,6 +86,23 @@ def redact_paths(value, key: str = ""):
     return value
 
 
+def drop_local_origins(folder: Path) -> list[Path]:
+    """Removes diffusers' `_name_or_path` from the model configs under `folder` (model_index.json, each component's
+    config.json) where it is a local path: `save_pretrained` records the folder a model was loaded from, and a
+    full fine-tune of a local base would publish it. A Hub id stays. Returns the files changed."""
+    changed = []
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and _is_local_path(str(data.get("_name_or_path", ""))):
+            del data["_name_or_path"]
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            changed.append(path)
+    return changed
+
+
 def _is_local_path(text: str) -> bool:
     if not text or "\n" in text or len(text) > 4096:
         return False
@@ -259,6 +276,7 @@ def build_repo_folder(
     files = {fmt: file for fmt, file in manifest.files.items()}
     for file in files.values():
         copy_into(folder / file, out / file)
+    drop_local_origins(out)
     prompts = widget_prompts(manifest)
     if manifest.method == "controlnet":  # each widget image needs its condition: as many as the run kept
         prompts = [prompt for prompt, _ in control_pairs(manifest)[:WIDGET_IMAGES]]
@@ -302,11 +320,11 @@ def render_widget(manifest, folder: Path, prompts: list[str], out: Path) -> None
         sides = [Side(base, [ControlUse(str(folder), scale, str(folder / condition))])
                  for _, condition in control_pairs(manifest)[: len(prompts)]]  # fmt: skip
         each = [(side, replace(settings, prompts=[prompt])) for side, prompt in zip(sides, prompts)]
-    elif manifest.method == "lora" or "peft" in manifest.files:
+    elif "diffusers" in manifest.files:  # a full fine-tune (its extracted LoRA aside): it is the base
+        each = [(Side(PipelineSpec(str(folder / manifest.files["diffusers"]))), settings)]
+    else:
         spec = PipelineSpec(manifest.base.name_or_path, [AdapterUse(str(folder / manifest.files["peft"]))])
         each = [(Side(spec), settings)]
-    else:  # a full fine-tune: it is the base
-        each = [(Side(PipelineSpec(str(folder / manifest.files["diffusers"]))), settings)]
     key = (str(folder), (folder / "adapter.json").stat().st_mtime_ns, repr(settings))
     if key not in _RENDERED:
         pngs = []

@@ -305,6 +305,43 @@ def test_a_controlnet_publishes_its_files_conditions_and_steered_widget_images(h
         assert Image.open(io.BytesIO(arrived[f"images/{i:02d}.png"])).tobytes() == Image.open(drawn).tobytes()
 
 
+def test_a_full_dreambooth_model_publishes_without_local_paths_and_loads(hub, registry, tmp_path):
+    """A full fine-tune of a local base: diffusers' configs record the folder it was loaded from (`_name_or_path`);
+    the published folder drops it, passes the leak scan, and what arrives loads as a pipeline and draws the widget
+    image the card shows."""
+    from conftest import ROOT, run_trainer
+
+    from sdtune.adapters.base import load_pipeline
+    from sdtune.adapters.sampling import SampleSettings, generate
+
+    run = tmp_path / "db"
+    args = [str(ROOT / "recipes" / "toy-dreambooth.yaml"), f"output.dir={run}", "train.max_train_steps=2",
+            "method.with_prior_preservation=false", "validation.validation_steps=0", "validation.toy_score=[]",
+            "output.register=false", "output.name=toy-db"]  # fmt: skip
+    proc = run_trainer(args, tmp_path / "cache", script="trainers/dreambooth.py")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert str(ROOT) in (run / "diffusers" / "model_index.json").read_text()  # what diffusers wrote
+    registry.register_run(run, name="toy-db", unique=False)
+    pub.publish("toy-db", "alice/toy-db", registry=registry)
+    arrived = hub.repos["alice/toy-db"]["files"]
+    assert {"diffusers/model_index.json", "diffusers/unet/diffusion_pytorch_model.safetensors", "toy-db.safetensors",
+            "pytorch_lora_weights.safetensors", "images/00.png"} <= set(arrived)  # fmt: skip
+    downloaded = tmp_path / "downloaded"
+    for name, data in arrived.items():
+        (downloaded / name).parent.mkdir(parents=True, exist_ok=True)
+        (downloaded / name).write_bytes(data)
+    assert all(
+        b"_name_or_path" not in arrived[n] for n in arrived if n.startswith("diffusers/") and n.endswith(".json")
+    )
+    pipe = load_pipeline(str(downloaded / "diffusers"))
+    pipe.set_progress_bar_config(disable=True)
+    meta = _front_matter(arrived["README.md"].decode())
+    prompt = meta["widget"][0]["text"]
+    [sample] = generate(pipe, [SampleSettings(prompt, 0, steps=25, guidance=3.0)])
+    widget = Image.open(io.BytesIO(arrived["images/00.png"])).convert("RGB")
+    assert sample.image.tobytes() == widget.tobytes()  # the card's image is what the published model draws
+
+
 def test_existing_repo_is_refused_unless_update(hub, registry):
     hub.repos["alice/taken"] = {"private": False, "files": {"README.md": b"someone else's"}}
     with pytest.raises(pub.PublishError, match=r"alice/taken already exists on the Hub.*--update"):
