@@ -295,6 +295,23 @@ def test_blind_order_votes_and_restart(tmp_path, purple_lora, renderer):
     assert proc.returncode == 0 and "? | ?" not in proc.stdout and "vote: right" in proc.stdout, proc.stderr
 
 
+def test_interactive_vote_asks_pair_by_pair_and_reveals_each(tmp_path, purple_lora, renderer):
+    """`sdtune ab vote ID` as a user answers it: a key that means nothing asks again, l votes left and names the
+    sides, s skips, q quits; what was answered is stored, the rest stays open for later."""
+    store = ab.ABStore(tmp_path)
+    cid = ab.compare("toy", f"toy+{purple_lora}", ab.Settings(["a purple circle"], [0, 1, 2], steps=2), blind=True,
+                     store=store, renderer=renderer)  # fmt: skip
+    env = {**os.environ, "SDTUNE_HOME": str(tmp_path)}
+    cli = [sys.executable, "-m", "sdtune.studio.cli", "ab", "vote", cid]
+    proc = subprocess.run(cli, env=env, input="maybe\nl\ns\nq\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("[l]eft, [r]ight, [t]ie, [s]kip, [q]uit") == 4  # pair 0 twice, pair 1, pair 2
+    revealed = store.get(cid)["pairs"]
+    assert [p["vote"] for p in revealed] == ["left", None, None]
+    assert f"left was {revealed[0]['left_is'].upper()}, right was {revealed[0]['right_is'].upper()}" in proc.stdout
+    assert store.tally(cid)["remaining"] == 2
+
+
 @pytest.mark.parametrize(
     "pair, choice, error",
     [(9, "left", "no pair 9"), (0, "a", "choose left, right, tie"), (0, "maybe", "choose left, right, tie")],
