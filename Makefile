@@ -13,7 +13,7 @@ CUDA   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH  := $(if $(CUDA),torch,torch==2.13.0)
 PIP    := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup quickstart studio test test-slow lint lock lock-add check-latest
+.PHONY: setup quickstart studio test test-slow test-gpu lint lock lock-add check-latest
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
 
 # Re-resolve pyproject.toml's ranges into requirements-lock.txt. Commit it only after `rm -rf .venv && make test` passes.
 lock:
