@@ -137,6 +137,15 @@ def parse_spec(text: str, flag: str = "--a") -> Side:
     return Side(PipelineSpec(base=parts[0], adapters=adapters), controls)
 
 
+def short_spec(text: str) -> str:
+    """A SPEC for titles: each control image by its file name (`...@/long/path/mask.png` -> `...@mask.png`)."""
+    parts = text.split("+")
+    return "+".join(
+        f"{p.partition('@')[0]}@{Path(p.partition('@')[2]).name}" if p.startswith(CONTROL_PART) and "@" in p else p
+        for p in parts
+    )
+
+
 @dataclass
 class Settings:
     """What every image of a comparison shares, besides the model: same prompts, seeds and sampler on each side."""
@@ -529,7 +538,8 @@ def compare(
                 rows, labels = [[ca, cb] for _, ca, cb in control_rows] + rows, [r[0] for r in control_rows] + labels
             contact_sheet.save_grid(contact_sheet.make_grid(rows, labels, ["left", "right"]), folder / "grid.png")
         else:
-            grid = contact_sheet.ab_grid(samples_a, samples_b, settings.prompts, settings.seeds, f"A: {a}  |  B: {b}",
+            title = f"A: {short_spec(a)}  |  B: {short_spec(b)}"
+            grid = contact_sheet.ab_grid(samples_a, samples_b, settings.prompts, settings.seeds, title,
                                          labels=("A", "B"), lead_rows=control_rows)  # fmt: skip
             contact_sheet.save_grid(grid, folder / "grid.png")
         if scorer:

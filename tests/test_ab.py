@@ -102,6 +102,11 @@ def test_spec_syntax(tmp_path):
     assert side.controls == [ab.ControlUse("toy-masks", 0.9, str(mask)), ab.ControlUse("runs/edges", 1.0, str(mask))]
 
 
+def test_short_spec_names_control_images_by_file():
+    text = "toy+a:0.5+controlnet=runs/cn:0.9@/data/masks/circle.png+controlnet=b@x@y/m.png"
+    assert ab.short_spec(text) == "toy+a:0.5+controlnet=runs/cn:0.9@circle.png+controlnet=b@m.png"
+
+
 @pytest.mark.parametrize(
     "text, error",
     [

@@ -178,13 +178,22 @@ class Page:
         element.send_keys(Keys.DELETE)
         element.send_keys(text)
 
-    def choose(self, label: str, option: str):
-        """A selectbox by its label: open it, pick the option by its text."""
+    def choose(self, label: str, option: str, index: int = 0):
+        """A selectbox by its label (the `index`-th of that label): open it, pick the option by its text."""
         box = f'//div[@data-testid="stSelectbox"][.//label[normalize-space(.)="{label}"]]'
-        self.wait_for(lambda: self.driver.find_elements("xpath", box), 30, f"selectbox {label!r}")[0].click()
+        found = self.wait_for(lambda: self.driver.find_elements("xpath", box)[index:], 30, f"selectbox {label!r}")
+        found[0].click()
         options = f'//*[@role="option"][normalize-space(.)="{option}"]'
         self.wait_for(lambda: self.driver.find_elements("xpath", options), 30, f"option {option!r}")[0].click()
         time.sleep(1.0)
+
+    def untick(self, label: str):
+        box = f'//*[@data-testid="stCheckbox"][.//*[normalize-space(text())="{label}"]]'
+        element = self.wait_for(lambda: self.driver.find_elements("xpath", box), 30, f"checkbox {label!r}")[0]
+        if element.find_element("css selector", "input").is_selected():
+            element.find_element("css selector", "label").click()
+            time.sleep(0.5)
+        assert not element.find_element("css selector", "input").is_selected(), f"checkbox {label!r} still ticked"
 
     def shot(self, name: str) -> Path:
         """A screenshot once the page has settled: Streamlit marks the elements of a rerun still on its way with
@@ -197,7 +206,7 @@ class Page:
         return path
 
 
-def test_upload_train_watch_vote_publish_in_a_browser(studio, browser, tmp_path):
+def test_upload_train_watch_vote_publish_in_a_browser(studio, browser, tmp_path, controlnet_short_run):
     url, home, log = studio
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -258,8 +267,27 @@ def test_upload_train_watch_vote_publish_in_a_browser(studio, browser, tmp_path)
     assert api.ab_tally(comparison["id"])["n"] == 1
     page.shot("5-ab")
 
+    # 4b) A/B, open: B steered by a registered ControlNet through a bundled mask, shown beside the pairs
+    from sdtune.adapters.registry import Registry
+
+    Registry(home).register_run(controlnet_short_run[1], name="toy-masks")
+    page.open("ab")
+    page.choose("ControlNet", "toy-masks", index=1)  # side B's
+    page.choose("Control image", "toy-masks/square-mask.png")
+    page.type("Prompts (one per line)", "a purple square")
+    page.type("Seeds", "0")
+    page.untick("Blind (shuffle sides, vote)")
+    page.click("Render A and B")
+    page.wait_text("control image of B", timeout=180)
+    latest = api.ab_history(5)[0]
+    assert "+controlnet=toy-masks:1@" in latest["sides"]["b"] and latest["sides"]["b"].endswith("square-mask.png")
+    caption = browser.find_element("xpath", '//*[normalize-space(text())="control image of B"]')
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'});", caption)
+    page.shot("5-ab-controlnet")
+
     # 5) Publish: the card preview and a dry run (nothing leaves the machine)
     page.open("publish")
+    page.choose("Adapter", "toy-purple")  # the LoRA trained above (the ControlNet was registered after it)
     page.wait_text("Model card")
     page.click("Dry run: write the upload folder")
     page.wait_text("dry run: nothing uploaded", timeout=120)
