@@ -18,7 +18,6 @@ reads a folder, a run folder or a single file of either layout.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -83,9 +82,7 @@ def save_controlnet(controlnet, out_dir: str | Path, name: str, dtype: torch.dty
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in controlnet.state_dict().items()}
     tmp.mkdir(parents=True, exist_ok=True)
     _atomic_save_file(state, tmp / DIFFUSERS_WEIGHTS)
-    (tmp / "config.json").write_text(
-        json.dumps(dict(controlnet.config), indent=2, sort_keys=True, default=list) + "\n"
-    )
+    (tmp / "config.json").write_text(controlnet.to_json_string())  # with _class_name, as save_pretrained writes
     if folder.exists():
         old = out_dir / f".old-{RUN_SUBFOLDER}-{os.getpid()}"
         folder.rename(old)

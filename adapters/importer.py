@@ -285,8 +285,9 @@ def _prepare(path: Path, base: str, allow_pickle: bool):
 def _prepare_folder(path: Path, base: str):
     if (path / "model_index.json").is_file():
         return ImportReport(str(path), "dreambooth", "diffusers folder", base), {}
-    config = path / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetModel":
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    # a ControlNetModel's config; folders written without _class_name (sdtune before 2026-11-25) by its own key
+    if config.get("_class_name") == "ControlNetModel" or "conditioning_embedding_out_channels" in config:
         return ImportReport(str(path), "controlnet", "diffusers folder", base), {}
     raise ImportRefused(
         f"{path}: a folder, but not a run folder (adapter.json), a diffusers model (model_index.json) or a "

@@ -619,6 +619,7 @@ def ab_history(limit: int = 50) -> list[dict]:
 
 
 BUNDLED_CONTROL_IMAGES = Path(__file__).resolve().parents[1] / "datasets" / "toy-masks" / "validation"
+CONTROL_IMAGE_MAX_MB = 25  # as one dataset image (studio/datasets_store.py MAX_FILE_BYTES)
 
 
 def control_images() -> list[dict]:

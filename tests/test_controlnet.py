@@ -317,6 +317,8 @@ def test_short_run_writes_both_layouts_grid_and_manifest(short_run):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["method"] == "controlnet" and manifest["training"]["steps"] == 4
+    config = json.loads((out / "controlnet" / "config.json").read_text())
+    assert config["_class_name"] == "ControlNetModel" and "_use_default_values" not in config  # as diffusers saves
     assert manifest["files"] == {"diffusers": "controlnet", "original": "toy-masks.safetensors"}
     conditions = {f"condition-{i}": f"samples/conditions/condition-{i}.png" for i in range(2)}
     assert manifest["samples"] == {"ab_grid": "ab_grid.png", **conditions}  # the grid's conditions, kept with it

@@ -231,6 +231,11 @@ def test_controlnet_and_dreambooth_models_register(tmp_path, toy_base, toy_pipe,
     safetensors.torch.save_file(ControlNetModel.from_unet(toy_pipe.unet).state_dict(), str(single))
     cn2, report = import_adapter(single, name="toy-canny-file", registry=registry)
     assert report.format == "controlnet" and report.detail == "single file"
+    shutil.copytree(tmp_path / "cn", tmp_path / "older")  # a config without _class_name, as sdtune wrote before
+    config = json.loads((tmp_path / "older" / "config.json").read_text())
+    del config["_class_name"]
+    (tmp_path / "older" / "config.json").write_text(json.dumps(config))
+    assert inspect(tmp_path / "older", base="toy").format == "controlnet"
 
     shutil.copytree(toy_base, tmp_path / "dreambooth")
     db, report = import_adapter(tmp_path / "dreambooth", name="toy-db", registry=registry)

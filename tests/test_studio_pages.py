@@ -8,6 +8,7 @@ The pages are driven the way a user would (upload, type, click) and the outcome 
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -280,6 +281,26 @@ def test_registry_page_checks_then_imports_a_kohya_file_and_refuses_a_pickle(hom
     [error] = texts(at, "error")
     assert "old.pt" in error and "pickle" in error, error
     assert [a["name"] for a in api.list_adapters()] == ["golden_locon"]
+
+
+def test_registry_page_imports_a_controlnet_folder_by_path(home, controlnet_short_run):
+    """A folder cannot be uploaded: typed as a path, a diffusers ControlNet folder is checked and imported."""
+    folder = controlnet_short_run[1] / "controlnet"
+    at = page("registry")
+    at.text_input(key="import-path").set_value(str(home / "nowhere"))
+    at = at.run()
+    at = at.button(key="import-check").click().run()
+    [error] = texts(at, "error")
+    assert "nowhere" in error and "\n" not in error, error
+    at.text_input(key="import-path").set_value(str(folder))
+    at.text_input(key="import-name").set_value("masks")
+    at = at.run()
+    at = at.button(key="import-check").click().run()
+    assert json.loads(at.json[0].proto.body)["format"] == "controlnet" and api.list_adapters() == []
+    at = at.button(key="import-go").click().run()
+    assert "imported masks" in texts(at, "success")
+    [entry] = api.list_adapters()
+    assert entry["method"] == "controlnet" and api.show_adapter("masks")["manifest"]["origin"]["kind"] == "imported"
 
 
 def test_registry_page_merges_two_loras_with_a_preview(home, quickstart_run, cyan_run):

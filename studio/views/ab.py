@@ -52,7 +52,10 @@ def _control(label: str, controlnets: list[str]) -> list[str]:
         return []
     scale = st.slider("ControlNet scale", 0.0, 2.0, 1.0, 0.05, key=f"ab-{label}-cn-scale")
     upload = st.file_uploader(
-        "Upload a control image", type=["png", "jpg", "jpeg", "webp", "bmp"], key=f"ab-{label}-cn-upload"
+        "Upload a control image",
+        type=["png", "jpg", "jpeg", "webp", "bmp"],
+        key=f"ab-{label}-cn-upload",
+        max_upload_size=api.CONTROL_IMAGE_MAX_MB,
     )
     if upload is not None:
         with shown_errors():

@@ -93,12 +93,21 @@ def _delete(name: str):
 def _import():
     st.write("A LoRA (PEFT or kohya `.safetensors`), a ControlNet or a full model, checked against a base first.")
     upload = st.file_uploader("File", key="import-file")
+    typed = st.text_input(
+        "...or a file or folder on this machine",
+        key="import-path",
+        placeholder="~/loras/style.safetensors, runs/masks/controlnet, runs/db/diffusers",
+        help="Read where it is, nothing uploaded: for folders (a diffusers ControlNet or full model) and large files.",
+    )
     left, right = st.columns(2)
     base = left.text_input("Base", "toy", key="import-base")
     name = right.text_input("Name (default: from the file)", key="import-name")
-    if upload is None:
+    if typed.strip():
+        path = Path(typed.strip()).expanduser()
+    elif upload is not None:
+        path = _staged(upload)
+    else:
         return
-    path = _staged(upload)
     check, register = st.columns(2)
     if check.button("Check", key="import-check"):
         with shown_errors():
