@@ -194,6 +194,62 @@ def check_lora(modules, table, report: ImportReport) -> None:
             report.matched += 1
 
 
+def check_controlnet(shapes: Mapping[str, tuple], expected: Mapping[str, tuple], report: ImportReport) -> None:
+    """Every tensor a ControlNet of the base has, at its shape, and nothing else: a ControlNet steers through the
+    base's own blocks, so one made for another UNet (SDXL, SD 2) cannot load."""
+    report.modules = len(expected)
+    for name, shape in expected.items():
+        found = shapes.get(name)
+        if found is None:
+            report.unmatched.setdefault(f"missing: {name.split('.')[0]}", []).append(name)
+        elif tuple(found) != tuple(shape):
+            report.shape_mismatches[name] = f"{tuple(found)} in the file, {tuple(shape)} in a ControlNet of this base"
+        else:
+            report.matched += 1
+    for name in sorted(set(shapes) - set(expected)):
+        report.unmatched.setdefault(f"not in a ControlNet of this base: {name.split('.')[0]}", []).append(name)
+
+
+def _controlnet_shapes(base: str) -> tuple[dict[str, tuple], dict]:
+    """The tensors (name -> shape) and config of the ControlNet `base` takes: diffusers' `ControlNetModel.from_unet`
+    of the base UNet, built on the meta device (no weights, no memory)."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    source = resolve_base(base)
+    if source.kind in ("toy", "folder"):
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(str(Path(source.location) / "unet"))
+            )
+    else:
+        from sdtune.adapters.base import load_pipeline
+
+        unet = load_pipeline(base).unet
+    with init_empty_weights():
+        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    return {k: tuple(v.shape) for k, v in controlnet.state_dict().items()}, dict(controlnet.config)
+
+
+def _folder_shapes(folder: Path) -> dict[str, tuple]:
+    """name -> shape of a diffusers model folder's safetensors weights, read from the headers only."""
+    import safetensors
+
+    files = sorted(folder.glob("*.safetensors"))
+    preferred = [f for f in files if f.name == "diffusion_pytorch_model.safetensors"]
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        raise ImportRefused(
+            f"{folder}: no .safetensors weights"
+            + (f" (only {', '.join(pickled)}: pickle files run code when loaded; convert them)" if pickled else "")
+        )
+    shapes = {}
+    for file in preferred or files[:1]:
+        with safetensors.safe_open(str(file), "pt") as handle:
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    return shapes
+
+
 def claimed_base(metadata: Mapping[str, str], base_spec: str, hash_: str) -> tuple[dict, list[str]]:
     claims = {key: metadata[key] for key in CLAIM_KEYS if metadata.get(key)}
     warnings = []
@@ -273,7 +329,16 @@ def _prepare(path: Path, base: str, allow_pickle: bool):
         check_lora(modules, payload["table"], report)
         payload["modules"] = modules
     elif fmt == "controlnet":
+        from sdtune.adapters.controlnet import controlnet_from_original, is_original_layout
+
         report.format, report.detail = "controlnet", "single file"
+        expected, config = _controlnet_shapes(base)
+        if is_original_layout(tensors):
+            try:
+                tensors = controlnet_from_original(tensors, config)
+            except ValueError as exc:
+                raise ImportRefused(f"{path}: {exc}") from None
+        check_controlnet({k: tuple(v.shape) for k, v in tensors.items()}, expected, report)
     else:
         from sdtune.adapters.single_file import detect_config
 
@@ -288,7 +353,9 @@ def _prepare_folder(path: Path, base: str):
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     # a ControlNetModel's config; folders written without _class_name (sdtune before 2026-11-25) by its own key
     if config.get("_class_name") == "ControlNetModel" or "conditioning_embedding_out_channels" in config:
-        return ImportReport(str(path), "controlnet", "diffusers folder", base), {}
+        report = ImportReport(str(path), "controlnet", "diffusers folder", base)
+        check_controlnet(_folder_shapes(path), _controlnet_shapes(base)[0], report)
+        return report, {}
     raise ImportRefused(
         f"{path}: a folder, but not a run folder (adapter.json), a diffusers model (model_index.json) or a "
         "ControlNet (config.json of a ControlNetModel)"

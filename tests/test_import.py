@@ -219,6 +219,26 @@ def test_name_clash_and_trusted_pickle(tmp_path, golden_file, registry):
     assert report.ok and entry.name == "model" and read_manifest(entry.folder).files["kohya"] == "model.safetensors"
 
 
+def test_a_controlnet_for_another_unet_is_refused_with_its_mismatches(tmp_path, toy_pipe, registry):
+    """A ControlNet steers through the base's own blocks: one made from a UNet with another text width (as SD 2's
+    1024 or SDXL's 2048 differ from SD v1's 768) is refused, folder or single file, naming the tensors."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    config = {**toy_pipe.unet.config, "cross_attention_dim": toy_pipe.unet.config.cross_attention_dim * 2}
+    other = ControlNetModel.from_unet(UNet2DConditionModel.from_config(config))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ImportRefused, match=r"does not fit toy(.|\n)*shape: .*attn2\.to_k\.weight"):
+        import_adapter(tmp_path / "other", registry=registry)
+    single = tmp_path / "other.safetensors"
+    safetensors.torch.save_file(other.state_dict(), str(single))
+    report = inspect(single, base="toy")
+    assert not report.ok and report.shape_mismatches and report.matched < report.modules
+    assert registry.list() == []
+    ControlNetModel.from_unet(toy_pipe.unet).save_pretrained(tmp_path / "fits")
+    fitting = inspect(tmp_path / "fits", base="toy")
+    assert fitting.ok and fitting.matched == fitting.modules > 0
+
+
 def test_controlnet_and_dreambooth_models_register(tmp_path, toy_base, toy_pipe, registry):
     import shutil
 
