@@ -210,6 +210,40 @@ def check_controlnet(shapes: Mapping[str, tuple], expected: Mapping[str, tuple],
         report.unmatched.setdefault(f"not in a ControlNet of this base: {name.split('.')[0]}", []).append(name)
 
 
+ARCHITECTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                     "attention_head_dim", "down_block_types", "up_block_types")  # fmt: skip
+
+
+def check_architecture(folder: Path, base: str, report: ImportReport) -> None:
+    """A full model (diffusers folder) has the base's UNet architecture: it is used wherever the base is, with the
+    base's LoRAs and ControlNets, so an SD 2 or SDXL folder (other text width, other blocks) does not fit."""
+    from diffusers import UNet2DConditionModel
+
+    source = resolve_base(base)
+    if source.kind in ("toy", "folder"):
+        expected = UNet2DConditionModel.load_config(str(Path(source.location) / "unet"))
+    else:
+        from sdtune.adapters.base import load_pipeline
+
+        expected = dict(load_pipeline(base).unet.config)
+    config_file = folder / "unet" / "config.json"
+    if not config_file.is_file():
+        raise ImportRefused(f"{folder}: a diffusers model without unet/config.json; is it a Stable Diffusion model?")
+    found = json.loads(config_file.read_text())
+    levels = len(expected["block_out_channels"])
+
+    def per_level(value):  # attention_head_dim may be one number or one per block level
+        return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+
+    report.modules = len(ARCHITECTURE_KEYS)
+    for key in ARCHITECTURE_KEYS:
+        want, got = expected.get(key), found.get(key)
+        if want is not None and got is not None and per_level(want) != per_level(got):
+            report.shape_mismatches[f"unet.{key}"] = f"{got} in the model, {want} in {base}"
+        else:
+            report.matched += 1
+
+
 def _controlnet_shapes(base: str) -> tuple[dict[str, tuple], dict]:
     """The tensors (name -> shape) and config of the ControlNet `base` takes: diffusers' `ControlNetModel.from_unet`
     of the base UNet, built on the meta device (no weights, no memory)."""
@@ -349,7 +383,9 @@ def _prepare(path: Path, base: str, allow_pickle: bool):
 
 def _prepare_folder(path: Path, base: str):
     if (path / "model_index.json").is_file():
-        return ImportReport(str(path), "dreambooth", "diffusers folder", base), {}
+        report = ImportReport(str(path), "dreambooth", "diffusers folder", base)
+        check_architecture(path, base, report)
+        return report, {}
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     # a ControlNetModel's config; folders written without _class_name (sdtune before 2026-11-25) by its own key
     if config.get("_class_name") == "ControlNetModel" or "conditioning_embedding_out_channels" in config:

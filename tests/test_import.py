@@ -257,6 +257,13 @@ def test_controlnet_and_dreambooth_models_register(tmp_path, toy_base, toy_pipe,
     (tmp_path / "older" / "config.json").write_text(json.dumps(config))
     assert inspect(tmp_path / "older", base="toy").format == "controlnet"
 
+    shutil.copytree(toy_base, tmp_path / "wider")  # a full model whose UNet reads a wider text encoder
+    config = json.loads((tmp_path / "wider" / "unet" / "config.json").read_text())
+    config["cross_attention_dim"] *= 2
+    (tmp_path / "wider" / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ImportRefused, match=r"does not fit toy(.|\n)*unet.cross_attention_dim: \d+ in the model"):
+        import_adapter(tmp_path / "wider", name="wider", registry=registry)
+
     shutil.copytree(toy_base, tmp_path / "dreambooth")
     db, report = import_adapter(tmp_path / "dreambooth", name="toy-db", registry=registry)
     assert report.format == "dreambooth" and read_manifest(db.folder).files == {"diffusers": "model"}
