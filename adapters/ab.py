@@ -43,8 +43,12 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdtune.adapters.registry import open_db, sdtune_home
+
+if TYPE_CHECKING:
+    from sdtune.adapters.compose import PipelineSpec
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 CHOICES = ("left", "right", "tie")
@@ -106,7 +110,7 @@ class ControlUse:
 class Side:
     """One side of a comparison: the base with its adapters (a `compose.PipelineSpec`) and its ControlNets."""
 
-    pipeline: object
+    pipeline: PipelineSpec
     controls: list[ControlUse] = field(default_factory=list)
 
 

@@ -107,10 +107,10 @@ def resolve_controlnet(ref: str, registry=None) -> str:
     registry = registry or Registry()
     if ref in registry:
         manifest = registry.manifest(ref)
-        for fmt in ("diffusers", "controlnet", "original"):
-            if manifest.method == "controlnet" and fmt in manifest.files:
-                return str(registry.file(ref, fmt))
-        raise ComposeError(f"--controlnet {ref}: the registered {manifest.method} {ref!r} is not a ControlNet")
+        if manifest.method != "controlnet":
+            raise ComposeError(f"--controlnet {ref}: the registered {manifest.method} {ref!r} is not a ControlNet")
+        fmt = next(f for f in ("diffusers", "controlnet", "original") if f in manifest.files)
+        return str(registry.file(ref, fmt))
     raise ComposeError(
         f"--controlnet: {ref} not found (not a ControlNet folder, run folder or file, or a name in the registry at "
         f"{registry.home}; see `sdtune adapters list --method controlnet`)"

@@ -217,15 +217,7 @@ ARCHITECTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "layer
 def check_architecture(folder: Path, base: str, report: ImportReport) -> None:
     """A full model (diffusers folder) has the base's UNet architecture: it is used wherever the base is, with the
     base's LoRAs and ControlNets, so an SD 2 or SDXL folder (other text width, other blocks) does not fit."""
-    from diffusers import UNet2DConditionModel
-
-    source = resolve_base(base)
-    if source.kind in ("toy", "folder"):
-        expected = UNet2DConditionModel.load_config(str(Path(source.location) / "unet"))
-    else:
-        from sdtune.adapters.base import load_pipeline
-
-        expected = dict(load_pipeline(base).unet.config)
+    expected = _base_unet_config(base)
     config_file = folder / "unet" / "config.json"
     if not config_file.is_file():
         raise ImportRefused(f"{folder}: a diffusers model without unet/config.json; is it a Stable Diffusion model?")
@@ -244,23 +236,26 @@ def check_architecture(folder: Path, base: str, report: ImportReport) -> None:
             report.matched += 1
 
 
+def _base_unet_config(base: str) -> dict:
+    """The base UNet's config: read from the folder (toy, local diffusers folder), else from the loaded base."""
+    from diffusers import UNet2DConditionModel
+
+    source = resolve_base(base)
+    if source.kind in ("toy", "folder"):
+        return dict(UNet2DConditionModel.load_config(str(Path(source.location) / "unet")))
+    from sdtune.adapters.base import load_pipeline
+
+    return dict(load_pipeline(base).unet.config)
+
+
 def _controlnet_shapes(base: str) -> tuple[dict[str, tuple], dict]:
     """The tensors (name -> shape) and config of the ControlNet `base` takes: diffusers' `ControlNetModel.from_unet`
     of the base UNet, built on the meta device (no weights, no memory)."""
     from accelerate import init_empty_weights
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    source = resolve_base(base)
-    if source.kind in ("toy", "folder"):
-        with init_empty_weights():
-            unet = UNet2DConditionModel.from_config(
-                UNet2DConditionModel.load_config(str(Path(source.location) / "unet"))
-            )
-    else:
-        from sdtune.adapters.base import load_pipeline
-
-        unet = load_pipeline(base).unet
     with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(_base_unet_config(base))
         controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
     return {k: tuple(v.shape) for k, v in controlnet.state_dict().items()}, dict(controlnet.config)
 

@@ -80,6 +80,12 @@ def _check_keys(data, cls, where: str):
 CONDITION_SAMPLE = "condition-"  # samples named condition-N: a ControlNet's validation conditions, in order
 
 
+def condition_file(index: int) -> str:
+    """Where a ControlNet run keeps its validation condition `index`, relative to the run folder (and the
+    manifest's sample of that name, `condition-<index>`)."""
+    return f"samples/conditions/{CONDITION_SAMPLE}{index}.png"
+
+
 def pair_prompts(prompts: list[str], images: list[str]) -> list[tuple[str, str]]:
     """diffusers' pairing of validation prompts and images: one each, one image for every prompt, or one prompt
     for every image."""

@@ -62,6 +62,10 @@ class PublishError(ValueError):
     """A publish that cannot go ahead (no token, repo exists, a leak found, the network failed); one line."""
 
 
+class NetworkFailure(PublishError):
+    """The connection to the Hub failed or dropped: trying again may get through."""
+
+
 @dataclass
 class RepoFolder:
     """The folder as it will appear on the Hub, and its card."""
@@ -370,8 +374,8 @@ def _hub_error(exc, repo: str, private: bool) -> PublishError:
     return PublishError(f"upload to {repo} failed{detail}: {type(exc).__name__} {status or ''}".strip())
 
 
-def _network_error(exc, repo: str) -> PublishError:
-    return PublishError(
+def _network_error(exc, repo: str) -> NetworkFailure:
+    return NetworkFailure(
         f"network failure while uploading to {repo} ({type(exc).__name__}); run the same command again to resume: "
         "files already on the Hub are not sent again"
     )
@@ -420,8 +424,8 @@ def _upload_folder_retrying(api, repo: str, private: bool, **kwargs):
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
         try:
             return _hub(repo, private, api.upload_folder, repo_id=repo, **kwargs)
-        except PublishError as exc:
-            if not str(exc).startswith("network failure") or attempt == UPLOAD_ATTEMPTS:
+        except NetworkFailure:
+            if attempt == UPLOAD_ATTEMPTS:
                 raise
             time.sleep(RETRY_SECONDS * 2 ** (attempt - 1))
 

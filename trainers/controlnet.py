@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from sdtune.adapters import annotate
 from sdtune.adapters.base import BaseLoadError, BaseSource, base_hash
 from sdtune.adapters.controlnet import load_controlnet, save_controlnet
-from sdtune.adapters.manifest import BaseRef, pair_prompts
+from sdtune.adapters.manifest import BaseRef, condition_file, pair_prompts
 from sdtune.adapters.sampling import save_png_atomic
 from sdtune.trainers.core import export, runtime
 from sdtune.trainers.core.batches import make_batches
@@ -115,7 +115,7 @@ def validation_conditions(recipe: Recipe, conditions: Conditions, out_dir: Path)
             raise RecipeError(f"method.validation_image: {path} not found")
     paths = list(given)
     for index in range(0 if given else min(VALIDATION_CONDITIONS, len(conditions.scan.records))):
-        paths.append(str(out_dir / "samples" / "conditions" / f"condition-{index}.png"))
+        paths.append(str(out_dir / condition_file(index)))
         save_png_atomic(conditions.image(index), Path(paths[-1]))
     try:
         pair_prompts(recipe.validation.prompts, paths)  # refuse a prompt/image count mismatch now

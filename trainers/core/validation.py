@@ -16,7 +16,7 @@ from PIL import Image
 
 from sdtune.adapters import contact_sheet, sampling, scoring
 from sdtune.adapters.base import recommended_guidance
-from sdtune.adapters.manifest import CONDITION_SAMPLE, pair_prompts
+from sdtune.adapters.manifest import CONDITION_SAMPLE, condition_file, pair_prompts
 from sdtune.trainers.core.progress import progress_event
 from sdtune.trainers.core.recipe import Recipe
 
@@ -223,7 +223,7 @@ class ControlValidator:
         the ControlNet, and publishing renders its widget images from the same (prompt, condition) pairs."""
         kept = {}
         for index, condition in enumerate(self.conditions):
-            name = f"samples/conditions/{CONDITION_SAMPLE}{index}.png"
+            name = condition_file(index)
             if Path(condition).resolve() != (out_dir / name).resolve():
                 with Image.open(condition) as image:
                     sampling.save_png_atomic(image.convert("RGB"), out_dir / name)
