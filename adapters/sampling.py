@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,12 +161,15 @@ def native_size(pipe) -> int:
 
 def load_lora_file(pipe, path: str | Path, adapter_name: str):
     """Loads one LoRA into `pipe` as `adapter_name`: a diffusers/PEFT or kohya/A1111 file (diffusers converts the
-    latter), or a run folder (its `pytorch_lora_weights.safetensors`)."""
+    latter), or a run folder (its `pytorch_lora_weights.safetensors`).
+
+    peft warns "Already found a `peft_config` attribute ... multiple adapters" for every LoRA after the first:
+    stacking is what the caller asked for, so that one warning is dropped."""
     path = Path(path)
-    if path.is_dir():
-        pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors", adapter_name=adapter_name)
-    else:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    folder, weight_name = (path, "pytorch_lora_weights.safetensors") if path.is_dir() else (path.parent, path.name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
 
 
 def load_adapters(pipe, adapters: list[AdapterSpec]):

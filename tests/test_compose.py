@@ -16,6 +16,7 @@ points.)
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,18 @@ def measured(composer, names):
         results[label] = scores(composer.pipe)
     print("concept scores:", results)
     return results
+
+
+def test_stacking_does_not_warn_about_multiple_adapters(names):
+    """peft warns on every LoRA after the first ("Already found a `peft_config` attribute ... multiple adapters");
+    stacking is what the user asked for, so `sdtune sample --adapter a --adapter b` must not print it."""
+    with pytest.warns() as caught:
+        composer = compose.build(PipelineSpec(base="toy", device="cpu"))
+        composer.set([AdapterUse(names["purple"]), AdapterUse(names["cyan"])])
+        warnings.warn("the recorder works", UserWarning, stacklevel=1)  # pytest.warns needs one: the recorder is live
+    assert len(composer.loaded) == 2
+    messages = [str(w.message) for w in caught]
+    assert "the recorder works" in messages and not [m for m in messages if "peft_config" in m], messages
 
 
 def test_stacked_at_one_shows_both_concepts(measured):
