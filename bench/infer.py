@@ -4,6 +4,7 @@ Usage:
     python bench/infer.py --model toy                 # the toy base on this machine (CPU), 64 px, 25 steps
     python bench/infer.py --model sd15 --steps 25     # SD v1-5 architecture at random weights, 512 px (CUDA)
     python bench/infer.py --model toy --append bench/RESULTS.md
+    python bench/infer.py --model sd15 --per-step --images 8 --device cpu   # one UNet step per sample: SD v1-5 on a CPU
 
 The LoRAs are random, rank 16 on the attention layers (to_q/k/v/out), written as PEFT files and loaded through
 `compose.build` like `sdtune sample --adapter` does, so the timing includes peft's per-layer LoRA branch. Each
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +34,12 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default=None, help="Default: cuda when present.")
     parser.add_argument("--append", type=Path, help="Append a results section to this Markdown file.")
+    parser.add_argument(
+        "--per-step",
+        action="store_true",
+        help="Time one denoising step (the UNet at classifier-free-guidance batch 2) instead of whole images: "
+        "many more repeats in the same time, so a few-percent overhead stands out of the noise on a slow machine.",
+    )
     return parser.parse_args(argv)
 
 
@@ -92,6 +100,26 @@ def time_image(pipe, steps: int, seed: int, size: int) -> float:
     return time.perf_counter() - start
 
 
+def time_step(pipe, seed: int, size: int) -> float:
+    """Seconds for one denoising step: the UNet on the conditional and unconditional halves, as the pipeline runs it."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        text, negative = pipe.encode_prompt("a red circle", pipe.device, 1, True)
+        states = torch.cat([negative, text])
+        shape = (2, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator).to(pipe.device, pipe.unet.dtype)
+        timestep = torch.tensor(500, device=pipe.device)
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        pipe.unet(latents, timestep, encoder_hidden_states=states)
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -119,13 +147,16 @@ def main(argv=None) -> dict:
             for label, (paths, fused) in configs.items():
                 composer.set([AdapterUse(path) for path in paths])
                 composer.fuse() if fused else composer.unfuse()
-                seconds = time_image(composer.pipe, args.steps, seed=repeat, size=size)
+                if args.per_step:
+                    seconds = time_step(composer.pipe, seed=repeat, size=size)
+                else:
+                    seconds = time_image(composer.pipe, args.steps, seed=repeat, size=size)
                 if repeat >= args.warmup:
                     times[label].append(seconds)
         results = {label: statistics.median(values) for label, values in times.items()}
         for label, seconds in results.items():
-            print(f"{label:<18} {seconds:.4f} s/image", flush=True)
-    report = table(results, args, device, size)
+            print(f"{label:<18} {seconds:.4f} {unit(args)}", flush=True)
+    report = table(results, args, device, size, " ".join(["python", "bench/infer.py", *(argv or sys.argv[1:])]))
     print(report)
     if args.append:
         with open(args.append, "a") as handle:
@@ -133,20 +164,25 @@ def main(argv=None) -> dict:
     return results
 
 
-def table(results: dict, args, device: str, size: int) -> str:
+def unit(args) -> str:
+    return "s/step" if args.per_step else "s/image"
+
+
+def table(results: dict, args, device: str, size: int, command: str) -> str:
     import platform
 
     import torch
 
     machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.processor() or platform.machine()}"
     base = results["base"]
+    what = "one denoising step (UNet, guidance batch 2)" if args.per_step else f"{args.steps} steps"
+    timed = "steps" if args.per_step else "images"
     lines = [
-        f"## Inference: {args.model}, {size} px, {args.steps} steps, rank-{RANK} attention LoRAs",
+        f"## Inference: {args.model}, {size} px, {what}, rank-{RANK} attention LoRAs",
         f"Machine: {machine}, torch {torch.__version__}. Measured {time.strftime('%Y-%m-%d %H:%M')} UTC by "
-        f"`python bench/infer.py --model {args.model} --steps {args.steps}`; median of {args.images} images after "
-        f"{args.warmup} warm-up.",
+        f"`{command}`; median of {args.images} {timed} after {args.warmup} warm-up.",
         "",
-        "| configuration | s/image | over base |",
+        f"| configuration | {unit(args)} | over base |",
         "| --- | --- | --- |",
     ]
     for label, seconds in results.items():
