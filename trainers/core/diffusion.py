@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+from diffusers.utils.torch_utils import randn_tensor
 
 
 def noise_like(
@@ -22,11 +23,14 @@ def noise_like(
     SD's schedule never fully destroys the mean of a latent, so a model trained on plain noise struggles to make
     images much darker or brighter than average. Adding `noise_offset * N(0, 1)` per sample and channel teaches it
     to move that mean (https://www.crosslabs.org/blog/diffusion-with-offset-noise).
+
+    The step's generator lives on the CPU (the same draws on every machine, see `step_seed`); diffusers'
+    `randn_tensor` draws there and moves the noise to the latents' device (a CPU generator cannot draw on CUDA).
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         b, c = latents.shape[:2]
-        offset = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        offset = randn_tensor((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
         noise = noise + noise_offset * offset
     return noise
 
