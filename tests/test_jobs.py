@@ -120,6 +120,47 @@ def test_progress_tracker_lines_eta_and_final_entry(tmp_path):
     assert lines[5]["event"] == "done" and lines[5]["manifest"] == "adapter.json"
 
 
+def test_the_loop_reads_losses_off_the_device_in_batches_and_logs_every_step(tmp_path, monkeypatch):
+    """On a GPU, reading a loss (`.item()`) makes the host wait for the device every step. The loop keeps the
+    losses on the device and reads them all at once (here: only at the end, the interval being long), yet every
+    step gets its own progress line, with its loss, lr and the time the step ended."""
+    import torch
+    from accelerate import Accelerator
+
+    from sdtune.trainers.core import loop as loop_module
+    from sdtune.trainers.core.checkpointing import TrainState
+    from sdtune.trainers.core.progress import ProgressTracker
+    from sdtune.trainers.core.recipe import TrainConfig
+
+    class Batches:  # 3 micro-batches an epoch; the loop only needs positions from it
+        def epoch_batches(self, epoch):
+            return [[0], [1], [2]]
+
+        def build(self, positions, epoch, index):
+            return positions
+
+    reads = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, _o=original, _n=name: reads.append(_n) or _o(t))
+    monkeypatch.setattr(loop_module, "LOG_INTERVAL_SECONDS", 3600.0)
+    accelerator = Accelerator(cpu=True, log_with=[ProgressTracker(tmp_path, total_steps=7)])
+    accelerator.init_trackers("test")
+    train = TrainConfig(max_train_steps=7, checkpointing_steps=1000)
+    run = loop_module.RunLoop(accelerator, train, TrainState(), Batches(), tmp_path)
+    for i, _ in enumerate(run.micro_batches()):
+        run.after_micro_batch(torch.tensor(0.5 - 0.01 * i), lr=1e-3)
+        time.sleep(0.02)
+    assert reads == ["tolist"]  # one read of all seven losses, at the end
+    steps = [line for line in run_files.read_metrics(tmp_path) if "event" not in line]
+    assert [line["step"] for line in steps] == [1, 2, 3, 4, 5, 6, 7]
+    assert [line["loss"] for line in steps] == pytest.approx([0.5 - 0.01 * i for i in range(7)])
+    assert all(line["lr"] == 1e-3 for line in steps)
+    assert all(b["time"] - a["time"] >= 0.015 for a, b in zip(steps, steps[1:]))  # when each step ended
+    assert 0.015 <= steps[-1]["seconds_per_step"] <= 0.5
+    assert run.state.last_loss == pytest.approx(0.47, abs=0.03)
+
+
 def test_submit_validates_and_records_the_resolved_recipe(home):
     job = jobs.submit(QUICKSTART, ["train.lr=2e-4", f"data.train_data_dir={DATA}"])
     assert (job.id, job.state, job.method, job.name, job.attempts) == (1, "queued", "lora", "toy-purple", 0)

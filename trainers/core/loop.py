@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 
 from sdtune.trainers.core.batches import Batch, BatchBuilder
 from sdtune.trainers.core.checkpointing import StopRequest, TrainState, save_checkpoint
-from sdtune.trainers.core.progress import progress_event
+from sdtune.trainers.core.progress import ProgressTracker, progress_event
 from sdtune.trainers.core.recipe import TrainConfig
 from sdtune.trainers.core.run_files import take_requests
 from sdtune.trainers.core.runtime import check_replicas_agree, step_seed
+
+LOG_INTERVAL_SECONDS = 2.0  # losses are read from the device and logged at most this often (and at each event)
 
 
 class RunLoop:
@@ -57,6 +59,8 @@ class RunLoop:
         self.validation_steps = validation_steps
         self.stopped_early, self.step_times, self._stop = False, [], None
         self._index = 0
+        self._unlogged: list[tuple[int, torch.Tensor, float | None, float]] = []  # (step, loss, lr, wall time)
+        self._logged_at = time.perf_counter()
         self.progress = tqdm(
             total=train.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_main_process
         )
@@ -108,19 +112,20 @@ class RunLoop:
             return
         state = self.state
         state.step += 1
-        self.step_times.append(time.perf_counter())
-        step_loss = self.accelerator.gather(loss.detach()[None]).mean().item()
-        state.last_loss = step_loss if math.isnan(state.last_loss) else 0.9 * state.last_loss + 0.1 * step_loss
-        logs = {"loss": step_loss, **({"lr": lr} if lr is not None else {})}
-        self.accelerator.log(logs, step=state.step)
-        self.progress.update(1)
-        self.progress.set_postfix(loss=f"{state.last_loss:.4f}", **({"lr": f"{lr:.2e}"} if lr else {}))
+        now = time.perf_counter()
+        self.step_times.append(now)
+        # The loss stays on the device until it is logged: reading it (`.item()`) would make the host wait for the
+        # GPU every step, and the GPU then idles while the next step is launched.
+        self._unlogged.append((state.step, self.accelerator.gather(loss.detach()[None]).mean(), lr, time.time()))
         finished = state.step >= self.train.max_train_steps
         stop = self._stop is not None and self._stop.requested
         asked = self._take_requests()  # "save now" / "sample now"; the final save and grid come anyway
-        if not finished and (state.step % self.train.checkpointing_steps == 0 or stop or "save" in asked):
-            self._checkpoint(state.step, requested="save" in asked)
+        checkpoint_due = state.step % self.train.checkpointing_steps == 0 or stop or "save" in asked
         validation_due = self.validation_steps and state.step % self.validation_steps == 0
+        if finished or checkpoint_due or validation_due or asked or now - self._logged_at >= LOG_INTERVAL_SECONDS:
+            self._log_losses()
+        if not finished and checkpoint_due:
+            self._checkpoint(state.step, requested="save" in asked)
         if not finished and (validation_due or "sample" in asked):
             if self.on_validation is not None and self.accelerator.is_main_process:
                 self.on_validation(state.step)
@@ -128,6 +133,22 @@ class RunLoop:
             self.accelerator.print(f"stopped at step {state.step}; resume with: train.resume=latest")
             progress_event(self.accelerator, "stopped", state.step)
             self.stopped_early = True
+
+    def _log_losses(self):
+        """Reads the steps' losses from the device in one go and logs each at its own step and time (the
+        progress file's pace and ETA stay right); the running loss goes into the state before a checkpoint saves it."""
+        if not self._unlogged:
+            return
+        values = torch.stack([loss for _, loss, _, _ in self._unlogged]).float().tolist()
+        state = self.state
+        for (step, _, lr, at), step_loss in zip(self._unlogged, values):
+            state.last_loss = step_loss if math.isnan(state.last_loss) else 0.9 * state.last_loss + 0.1 * step_loss
+            logs = {"loss": step_loss, **({"lr": lr} if lr is not None else {})}
+            self.accelerator.log(logs, step=step, log_kwargs={ProgressTracker.name: {"at": at}})
+        self.progress.update(len(self._unlogged))
+        lr = self._unlogged[-1][2]
+        self.progress.set_postfix(loss=f"{state.last_loss:.4f}", **({"lr": f"{lr:.2e}"} if lr else {}))
+        self._unlogged, self._logged_at = [], time.perf_counter()
 
     def _checkpoint(self, step: int, requested: bool):
         path = save_checkpoint(self.accelerator, self.out_dir, step, self.train.checkpoints_total_limit)

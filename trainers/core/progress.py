@@ -53,8 +53,9 @@ class ProgressTracker(GeneralTracker):
     def store_init_configuration(self, values: dict):
         """The configuration is the recipe, which the run folder records in full (adapter.json); nothing to add."""
 
-    def log(self, values: dict, step: int | None = None, **kwargs):
-        now = time.time()
+    def log(self, values: dict, step: int | None = None, at: float | None = None, **kwargs):
+        """One step's line; `at` is when the step ended (the loop logs losses in batches, after the fact)."""
+        now = time.time() if at is None else at
         if step is not None:
             self.step = step
             self._pace.append((now, step))
