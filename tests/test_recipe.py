@@ -106,6 +106,14 @@ BAD = [
         {"validation": {"toy_score": [{"prompt": "x", "colr": "red"}]}},
         "validation.toy_score.0.colr: unknown key (did you mean 'color'?)",
     ),
+    (
+        {"train": {"optimizer": "adamw8bit", "fused_optimizer": True}},
+        "train: fused_optimizer is torch's fused AdamW: set optimizer: adamw (not adamw8bit)",
+    ),
+    (
+        {"train": {"torch_compile_mode": "reduce-overhead"}},
+        "train: torch_compile_mode applies only with torch_compile: true",
+    ),
     ({"output": {"name": "my lora/x"}}, "output.name: String should match pattern"),
     ({"base": 3}, "base: Input should be a valid dictionary"),
     ("not a mapping", "a recipe is a YAML mapping of sections"),

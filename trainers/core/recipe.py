@@ -290,11 +290,36 @@ class TrainConfig(_Section):
         description="uniform over [0, T); cubic: t = (1 - u^3) T, mostly high noise, where layout is decided "
         "(diffusers' T2I-Adapter example; speeds up structure-following adapters such as ControlNets).",
     )
-    torch_compile: bool = Field(False, description="torch.compile the UNet (slow first step, faster after).")
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the trained model: the UNet (LoRA, DreamBooth) or the ControlNet (slow first "
+        "step, faster after).",
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default",
+        description="torch.compile mode: reduce-overhead also captures CUDA graphs (needs fixed shapes: one bucket, "
+        "no gradient accumulation remainder); max-autotune searches kernels (minutes of compiling).",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Hold the UNet (and ControlNet) in channels_last memory format: faster convolutions on "
+        "tensor-core GPUs.",
+    )
+    fused_optimizer: bool = Field(
+        False, description="optimizer adamw only: torch's fused AdamW, one kernel updating every tensor at once."
+    )
     allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
     checkpointing_steps: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps.")
     checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep only the last K checkpoints.")
     resume: str | None = Field(None, description="'latest' or a checkpoint folder to resume from.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.fused_optimizer and self.optimizer != "adamw":
+            raise ValueError(f"fused_optimizer is torch's fused AdamW: set optimizer: adamw (not {self.optimizer})")
+        if self.torch_compile_mode != "default" and not self.torch_compile:
+            raise ValueError("torch_compile_mode applies only with torch_compile: true")
+        return self
 
 
 # -- validation -----------------------------------------------------------------------------------------------------

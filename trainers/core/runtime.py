@@ -76,7 +76,7 @@ def make_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim.
         eps=train.adam_epsilon,
     )
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, **adam)
+        return torch.optim.AdamW(param_groups, fused=train.fused_optimizer or None, **adam)
     if train.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -232,7 +232,7 @@ class Optimization:
 
 def prepare_optimization(unet, text_encoder, recipe: Recipe, accelerator: Accelerator) -> Optimization:
     """Gradient checkpointing if asked, the optimizer over what requires grad (text encoder at its own lr), the LR
-    schedule, and Accelerate's preparation of all of it (the UNet compiled first if `train.torch_compile`)."""
+    schedule, and Accelerate's preparation of all of it (after `apply_speed_settings`)."""
     method, train = recipe.method, recipe.train
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -241,7 +241,7 @@ def prepare_optimization(unet, text_encoder, recipe: Recipe, accelerator: Accele
     lr = scaled_lr(train, accelerator.num_processes)
     optimizer = make_optimizer(param_groups(unet, text_encoder, method, lr), train)
     lr_scheduler = make_lr_scheduler(optimizer, train, accelerator.num_processes)
-    trained_unet = torch.compile(unet) if train.torch_compile else unet
+    trained_unet = apply_speed_settings(train, unet)
     if method.train_text_encoder:
         trained_unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
             trained_unet, text_encoder, optimizer, lr_scheduler
@@ -252,6 +252,18 @@ def prepare_optimization(unet, text_encoder, recipe: Recipe, accelerator: Accele
         models = [trained_unet]
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     return Optimization(trained_unet, text_encoder, optimizer, lr_scheduler, models, trainable)
+
+
+def apply_speed_settings(train: TrainConfig, trained: torch.nn.Module, *frozen: torch.nn.Module) -> torch.nn.Module:
+    """`train.channels_last` puts every model given in NHWC memory format (cuDNN's tensor-core convolutions run
+    on it without transposing each activation); `train.torch_compile` compiles the trained one. Returns the model
+    the loop calls."""
+    if train.channels_last:
+        for model in (trained, *frozen):
+            model.to(memory_format=torch.channels_last)
+    if not train.torch_compile:
+        return trained
+    return torch.compile(trained, mode=train.torch_compile_mode)
 
 
 def parse_args(doc: str, argv=None):
