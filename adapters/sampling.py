@@ -98,15 +98,23 @@ class ControlSpec:
 def load_controlnets(pipe, specs: list[ControlSpec]):
     """A ControlNet pipeline over `pipe`'s own components (LoRAs already loaded stay active); several ControlNets
     become diffusers' MultiControlNet, each steering with its own image and scale."""
-    from diffusers import StableDiffusionControlNetPipeline
-
     from sdtune.adapters.controlnet import load_controlnet
 
     models = [load_controlnet(spec.path, unet=pipe.unet, torch_dtype=pipe.unet.dtype) for spec in specs]
     models = [model.to(pipe.unet.device) for model in models]
-    controlled = StableDiffusionControlNetPipeline.from_pipe(
-        pipe, controlnet=models[0] if len(models) == 1 else models
-    )
+    return controlnet_pipeline(pipe, models[0] if len(models) == 1 else models)
+
+
+def controlnet_pipeline(pipe, controlnet):
+    """diffusers' StableDiffusionControlNetPipeline over `pipe`'s own components, as they are.
+
+    Not `from_pipe`: it casts every component to its `torch_dtype` argument, float32 by default, in place, so the
+    pipeline it was given (and a training run's frozen half-precision UNet sharing it) would silently turn fp32.
+    """
+    from diffusers import StableDiffusionControlNetPipeline
+
+    components = {key: value for key, value in pipe.components.items() if key != "controlnet"}
+    controlled = StableDiffusionControlNetPipeline(**components, controlnet=controlnet, requires_safety_checker=False)
     controlled.set_progress_bar_config(disable=True)
     return controlled
 

@@ -304,6 +304,24 @@ def short_run(controlnet_short_run):
     return controlnet_short_run
 
 
+def test_a_controlnet_pipeline_leaves_the_base_in_its_dtype(short_run):
+    """A ControlNet pipeline shares the base's components. diffusers' `from_pipe` casts them all to float32 in place
+    (its default dtype), which on a GPU turned a run's frozen half-precision UNet, and `sdtune sample --controlnet`,
+    into fp32 without a word. The ControlNet pipeline is built over the components as they are."""
+    _, out, _, _ = short_run
+    pipe = load_pipeline("toy", torch_dtype=torch.bfloat16)
+    controlled = load_controlnets(pipe, [ControlSpec(str(out / "controlnet"))])
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype, controlled.controlnet.dtype} == {torch.bfloat16}
+    assert controlled.unet is pipe.unet and controlled.vae is pipe.vae
+
+    from sdtune.adapters.sampling import controlnet_pipeline
+    from sdtune.trainers.controlnet import init_controlnet
+    from sdtune.trainers.core.recipe import ControlNetMethod
+
+    trained = init_controlnet(ControlNetMethod(), pipe.unet)  # as in a run: fp32 ControlNet over a bf16 base
+    assert controlnet_pipeline(pipe, trained).controlnet.dtype == torch.float32 and pipe.unet.dtype == torch.bfloat16
+
+
 def test_short_run_writes_both_layouts_grid_and_manifest(short_run):
     _, out, _, log = short_run
     for name in (

@@ -192,8 +192,6 @@ class ControlValidator:
     """
 
     def __init__(self, recipe: Recipe, pipe, controlnet, accelerator, conditions: list[str], model_name: str):
-        from diffusers import StableDiffusionControlNetPipeline
-
         v = recipe.validation
         self.recipe, self.pipe, self.controlnet, self.accelerator = recipe, pipe, controlnet, accelerator
         self.model_name, self.scale = model_name, recipe.method.conditioning_scale
@@ -208,8 +206,7 @@ class ControlValidator:
             for p, c in self.pairs
             for s in self.seeds
         ]
-        self.control_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
-        self.control_pipe.set_progress_bar_config(disable=True)
+        self.control_pipe = sampling.controlnet_pipeline(pipe, controlnet)  # the base keeps its dtype
         pipe.set_progress_bar_config(disable=True)
         self._base_samples = None
 
