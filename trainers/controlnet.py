@@ -53,7 +53,7 @@ from sdtune.trainers.core.data import (
     load_image,
     scan_pairs,
 )
-from sdtune.trainers.core.diffusion import batch_loss
+from sdtune.trainers.core.diffusion import batch_loss, host_to_device
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.recipe import ControlNetMethod, DataConfig, Recipe, RecipeError
@@ -179,7 +179,7 @@ class ControlNetWriter:
     accelerator: Accelerator
 
     def save(self, out_dir: Path, step: int) -> dict:
-        model = self.accelerator.unwrap_model(self.controlnet)
+        model = self.accelerator.unwrap_model(self.controlnet, keep_torch_compile=False)
         dtype = runtime.SAVE_DTYPES[self.recipe.output.save_precision]
         return save_controlnet(model, out_dir, self.recipe.output.name, dtype)
 
@@ -252,7 +252,8 @@ def main(argv=None) -> int:
         [{"params": list(controlnet.parameters()), "lr": runtime.scaled_lr(train, accelerator.num_processes)}], train
     )
     lr_scheduler = runtime.make_lr_scheduler(optimizer, train, accelerator.num_processes)
-    controlnet_t, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    trained = runtime.apply_speed_settings(train, controlnet, unet)  # channels_last for both; compile the ControlNet
+    controlnet_t, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
     # 4) Checkpoints hold the ControlNet, optimizer, scheduler and where the loop stands; resume restores them.
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
             states = text_states(text_cache, frozen.tokenizer, frozen.text_encoder, batch.captions, device)
             # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps; ControlNet(x_t, t, prompt, condition) -> residuals;
             # frozen UNet(x_t, t, prompt) + residuals -> eps (or v); MSE to the target
-            model = controlled_unet(controlnet_t, unet, batch.conditions.to(device, dtype), dtype)
+            model = controlled_unet(controlnet_t, unet, host_to_device(batch.conditions, device).to(dtype), dtype)
             loss = batch_loss(model, frozen.noise_scheduler, batch, states, train, dtype)
             runtime.optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, train.max_grad_norm)
         loop.after_micro_batch(loss, lr_scheduler.get_last_lr()[0])
