@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdtune.trainers.core.diffusion import host_to_device
+
 
 def default_cache_dir(configured: str | None) -> Path:
     return Path(configured or os.environ.get("SDTUNE_CACHE") or Path.home() / ".cache" / "sdtune").expanduser()
@@ -151,5 +153,5 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
     """Last hidden state of the CLIP text encoder (what SD v1-5 cross-attends to)."""
-    ids = tokenize(tokenizer, captions).to(device)
+    ids = host_to_device(tokenize(tokenizer, captions), device)
     return text_encoder(ids, return_dict=False)[0]

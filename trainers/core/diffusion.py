@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
-from diffusers.utils.torch_utils import randn_tensor
 
 
 def noise_like(
@@ -24,15 +23,23 @@ def noise_like(
     images much darker or brighter than average. Adding `noise_offset * N(0, 1)` per sample and channel teaches it
     to move that mean (https://www.crosslabs.org/blog/diffusion-with-offset-noise).
 
-    The step's generator lives on the CPU (the same draws on every machine, see `step_seed`); diffusers'
-    `randn_tensor` draws there and moves the noise to the latents' device (a CPU generator cannot draw on CUDA).
+    The step's generator lives on the CPU (the same draws on every machine, see `step_seed`; a CPU generator
+    cannot draw on CUDA): the noise is drawn there and copied over.
     """
-    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
     if noise_offset:
         b, c = latents.shape[:2]
-        offset = randn_tensor((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-        noise = noise + noise_offset * offset
-    return noise
+        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator, dtype=latents.dtype)
+    return host_to_device(noise, latents.device)
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait. A plain `.to("cuda")` from pageable memory
+    synchronizes the stream (the host waits for every queued kernel, and the GPU then idles while the next ones are
+    launched); from pinned memory the copy is queued like a kernel."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def sample_timesteps(
@@ -51,8 +58,8 @@ def sample_timesteps(
     high = scheduler.config.num_train_timesteps
     if sampling == "cubic":
         u = torch.rand((batch_size,), generator=generator, device="cpu")
-        return ((1 - u**3) * high).long().clamp(0, high - 1).to(device)
-    return torch.randint(0, high, (batch_size,), generator=generator, device="cpu").to(device)
+        return host_to_device(((1 - u**3) * high).long().clamp(0, high - 1), device)
+    return host_to_device(torch.randint(0, high, (batch_size,), generator=generator, device="cpu"), device)
 
 
 def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
@@ -112,7 +119,7 @@ def batch_loss(
     return denoising_step_loss(
         model,
         scheduler,
-        batch.latents.to(states.device, dtype),
+        host_to_device(batch.latents, states.device).to(dtype),
         states.to(dtype),
         noise_offset=train.noise_offset,
         snr_gamma=train.snr_gamma,
