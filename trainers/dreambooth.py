@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     # 5) Checkpoints hold the trained tensors (the whole UNet in full mode), optimizer, schedule, EMA, position.
     models = [unet, text_encoder] if method.train_text_encoder else [unet]
     state = start_or_resume(accelerator, models, run.resume_from, train.resume, out_dir, [ema] if ema else [])
+    if ema is not None:  # Accelerate restores custom state on the CPU; the EMA steps against the device's weights
+        ema.to(device=accelerator.device)
     trained = dict(unet=unet, text_encoder=text_encoder, lora_configs=lora_configs, trainable=opt.trainable)
     lora_writer = export.adapter_writer(recipe, scan, base, run.started_at, accelerator, validator, dtype, **trained)
     writer = (

@@ -256,14 +256,15 @@ def rounded_to(params, dtype: torch.dtype):
     """Temporarily rounds trainable tensors to the dtype they are saved in: the export check's reference is the
     adapter as saved (at low precision a double rounding, fp32 -> fp16 -> bf16 compute, can shift a few pixels)."""
     kept = [p.data.clone() for p in params]
-    with torch.no_grad():
+    with torch.no_grad():  # in place: the parameters keep their storage (compiled graphs and CUDA graphs hold it)
         for p in params:
-            p.data = p.data.to(dtype).to(p.dtype)
+            p.data.copy_(p.data.to(dtype))
     try:
         yield
     finally:
-        for p, data in zip(params, kept):
-            p.data = data
+        with torch.no_grad():
+            for p, data in zip(params, kept):
+                p.data.copy_(data)
 
 
 def manifest(
