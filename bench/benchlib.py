@@ -76,13 +76,19 @@ def build_data(folder: Path, n: int, size: int, conditioning: bool = False) -> P
     return folder
 
 
+MEASURE_FLAGS: list[str] = []  # bench/measure.py options for every run (bench/gpu_suite.py counts FLOPs, profiles)
+
+
 def measured(cmd_script: str, args: list[str], result: Path, cwd: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "measure.py"), str(result), "--", cmd_script, *args]
+    cmd = [sys.executable, str(ROOT / "bench" / "measure.py"), str(result), *MEASURE_FLAGS, "--", cmd_script, *args]
     env = {**os.environ, "SDTUNE_CACHE": str(result.parent / "cache"), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd_script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(result.read_text())
+    measurement = json.loads(result.read_text())
+    if measurement["seconds_per_step"] is None:
+        raise RuntimeError(f"{cmd_script}: only {measurement['steps']} optimizer steps were timed; run more steps")
+    return measurement
 
 
 def gib(n):
