@@ -362,6 +362,20 @@ def test_resume_is_bit_identical_on_cpu(short_run, tmp_path):
     assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
 
 
+def test_a_run_without_validation_in_bf16_with_the_gpu_speed_settings(short_run, tmp_path):
+    """No validation prompts (how the benches run) is no validation, not a prompt/image mismatch; and bf16 with
+    channels_last and fused AdamW (the settings a GPU run tries) trains the ControlNet end to end."""
+    root, _, args, _ = short_run
+    out = tmp_path / "run"
+    args = [a if not a.startswith("output.dir=") else f"output.dir={out}" for a in args]
+    extra = ["validation.prompts=[]", "train.mixed_precision=bf16", "train.channels_last=true"]
+    proc = run_trainer([*args, *extra, "train.fused_optimizer=true", "train.max_train_steps=2"], root / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "adapter.json").read_text())
+    assert manifest["training"]["steps"] == 2 and manifest["recipe"]["train"]["fused_optimizer"] is True
+    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 # -- sampling with ControlNets ------------------------------------------------------------------------------------
 
 

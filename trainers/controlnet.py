@@ -118,7 +118,8 @@ def validation_conditions(recipe: Recipe, conditions: Conditions, out_dir: Path)
         paths.append(str(out_dir / condition_file(index)))
         save_png_atomic(conditions.image(index), Path(paths[-1]))
     try:
-        pair_prompts(recipe.validation.prompts, paths)  # refuse a prompt/image count mismatch now
+        if recipe.validation.prompts:  # no prompts: no validation, nothing to pair
+            pair_prompts(recipe.validation.prompts, paths)  # refuse a prompt/image count mismatch now
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
     return paths
