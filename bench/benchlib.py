@@ -76,16 +76,23 @@ def build_data(folder: Path, n: int, size: int, conditioning: bool = False) -> P
     return folder
 
 
-MEASURE_FLAGS: list[str] = []  # bench/measure.py options for every run (bench/gpu_suite.py counts FLOPs, profiles)
+# Set by bench/gpu_suite.py for every run: bench/measure.py's options (count FLOPs, profile), a time (epoch seconds)
+# by which a run must have ended, and one latent cache for all of sdtune's runs (as a user's runs share one).
+MEASURE_FLAGS: list[str] = []
+DEADLINE: float | None = None
+CACHE: Path | None = None
 
 
 def measured(cmd_script: str, args: list[str], result: Path, cwd: Path) -> dict:
+    import time
+
     cmd = [sys.executable, str(ROOT / "bench" / "measure.py"), str(result), *MEASURE_FLAGS, "--", cmd_script, *args]
-    env = {**os.environ, "SDTUNE_CACHE": str(result.parent / "cache"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    env = {**os.environ, "SDTUNE_CACHE": str(CACHE or result.parent / "cache"), "PYTHONUNBUFFERED": "1"}
+    timeout = None if DEADLINE is None else max(DEADLINE - time.time(), 1)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd_script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    measurement = json.loads(result.read_text())
+    measurement = json.loads(result.read_text()) | {"result_path": str(result)}
     if measurement["seconds_per_step"] is None:
         raise RuntimeError(f"{cmd_script}: only {measurement['steps']} optimizer steps were timed; run more steps")
     return measurement
@@ -126,6 +133,7 @@ def recipe_overrides(model, data, res: int, batch: int, steps: int, precision: s
         "validation.toy_score=[]",
         f"output.dir={out}",
         "output.report_to=none",
+        "output.register=false",
     ]
 
 

@@ -100,7 +100,11 @@ def write_results(args, rows, device, stamp, res, steps, precision):
     for r in rows:
         theirs = ("not run", "", "")
         if "example_s" in r:
-            theirs = (f"{r['example_s']:.4f}", f"{r['sdtune_s'] / r['example_s']:.2f}x", benchlib.gib(r["example_mem"]))
+            theirs = (
+                f"{r['example_s']:.4f}",
+                f"{r['sdtune_s'] / r['example_s']:.2f}x",
+                benchlib.gib(r["example_mem"]),
+            )
         lines.append(
             f"| {r['batch']} | {r['preset']} | {r['sdtune_s']:.4f} | {theirs[0]} | {theirs[1]} | "
             f"{benchlib.gib(r['sdtune_mem'])} | {theirs[2]} |"

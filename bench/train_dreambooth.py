@@ -97,6 +97,7 @@ def sdtune_run(model, instance, klass, res, batch, steps, rank, mode, s, out: Pa
         "validation.toy_score=[]",
         "output.export_check=false",
         "output.report_to=none",
+        "output.register=false",
         f"output.dir={out}",
     ]
     return measured(str(ROOT / "trainers" / "dreambooth.py"), args, out / "measure.json", ROOT)
