@@ -188,6 +188,8 @@ def extract_lora(base: str, tuned: str, rank: int, out: str | Path, *, dtype: st
         base_pipe, tuned_pipe = load_pipeline(base), load_pipeline(tuned)
     except (BaseLoadError, FileNotFoundError, ValueError) as exc:
         raise StudioError(str(exc)) from None
+    import torch
+
     try:
         lora = extract(
             base_pipe.unet.state_dict(),
@@ -195,6 +197,7 @@ def extract_lora(base: str, tuned: str, rank: int, out: str | Path, *, dtype: st
             rank,
             base_pipe.text_encoder.state_dict(),
             tuned_pipe.text_encoder.state_dict(),
+            device="cuda" if torch.cuda.is_available() else "cpu",  # the SVDs on a GPU when there is one
         )
     except ValueError as exc:
         raise StudioError(str(exc)) from None

@@ -50,10 +50,11 @@ class FullModelWriter:
         trained_te = self.lora.recipe.method.train_text_encoder
         extracted = extract_lora(
             base_unet,
-            {k: v.detach().cpu() for k, v in self.pipe.unet.state_dict().items()},
+            {k: v.detach() for k, v in self.pipe.unet.state_dict().items()},
             rank,
             base_te if trained_te else None,
-            {k: v.detach().cpu() for k, v in self.pipe.text_encoder.state_dict().items()} if trained_te else None,
+            {k: v.detach() for k, v in self.pipe.text_encoder.state_dict().items()} if trained_te else None,
+            device=self.pipe.unet.device,  # the SVDs on the run's GPU, when it has one
         )
         dtype = SAVE_DTYPES[self.lora.recipe.output.save_precision]
         configs = (
