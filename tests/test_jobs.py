@@ -120,6 +120,16 @@ def test_progress_tracker_lines_eta_and_final_entry(tmp_path):
     assert lines[5]["event"] == "done" and lines[5]["manifest"] == "adapter.json"
 
 
+class ThreeBatches:
+    """3 micro-batches an epoch: all a `RunLoop` needs from its batches."""
+
+    def epoch_batches(self, epoch):
+        return [[0], [1], [2]]
+
+    def build(self, positions, epoch, index):
+        return positions
+
+
 def test_the_loop_reads_losses_off_the_device_in_batches_and_logs_every_step(tmp_path, monkeypatch):
     """On a GPU, reading a loss (`.item()`) makes the host wait for the device every step. The loop keeps the
     losses on the device and reads them all at once (here: only at the end, the interval being long), yet every
@@ -132,13 +142,6 @@ def test_the_loop_reads_losses_off_the_device_in_batches_and_logs_every_step(tmp
     from sdtune.trainers.core.progress import ProgressTracker
     from sdtune.trainers.core.recipe import TrainConfig
 
-    class Batches:  # 3 micro-batches an epoch; the loop only needs positions from it
-        def epoch_batches(self, epoch):
-            return [[0], [1], [2]]
-
-        def build(self, positions, epoch, index):
-            return positions
-
     reads = []
     for name in ("item", "tolist"):
         original = getattr(torch.Tensor, name)
@@ -147,7 +150,7 @@ def test_the_loop_reads_losses_off_the_device_in_batches_and_logs_every_step(tmp
     accelerator = Accelerator(cpu=True, log_with=[ProgressTracker(tmp_path, total_steps=7)])
     accelerator.init_trackers("test")
     train = TrainConfig(max_train_steps=7, checkpointing_steps=1000)
-    run = loop_module.RunLoop(accelerator, train, TrainState(), Batches(), tmp_path)
+    run = loop_module.RunLoop(accelerator, train, TrainState(), ThreeBatches(), tmp_path)
     for i, _ in enumerate(run.micro_batches()):
         run.after_micro_batch(torch.tensor(0.5 - 0.01 * i), lr=1e-3)
         time.sleep(0.02)
@@ -159,6 +162,49 @@ def test_the_loop_reads_losses_off_the_device_in_batches_and_logs_every_step(tmp
     assert all(b["time"] - a["time"] >= 0.015 for a, b in zip(steps, steps[1:]))  # when each step ended
     assert 0.015 <= steps[-1]["seconds_per_step"] <= 0.5
     assert run.state.last_loss == pytest.approx(0.47, abs=0.03)
+
+
+def test_models_the_step_does_not_use_wait_on_the_cpu_between_checkpoints_and_validation(tmp_path, monkeypatch):
+    """With cached latents and captions the VAE and text encoder do nothing during steps: the loop parks them in CPU
+    memory (GPU memory for activations) and brings them back for every checkpoint, validation and the end, where the
+    whole pipeline renders. Seen through a device that is not the CPU (on the CPU parking is a no-op)."""
+    import torch
+    from accelerate import Accelerator
+
+    from sdtune.trainers.core.checkpointing import TrainState
+    from sdtune.trainers.core.loop import RunLoop
+    from sdtune.trainers.core.recipe import TrainConfig
+
+    class Model(torch.nn.Module):  # remembers where it was sent
+        def __init__(self):
+            super().__init__()
+            self.where = "cuda"
+
+        def to(self, device):
+            self.where = str(device)
+            return self
+
+    accelerator = Accelerator(cpu=True)
+    monkeypatch.setattr(type(accelerator), "device", property(lambda self: torch.device("cuda")))
+    vae, text_encoder, seen = Model(), Model(), []
+
+    def needs_the_pipeline(*args):
+        seen.append((vae.where, text_encoder.where))
+
+    monkeypatch.setattr("sdtune.trainers.core.loop.save_checkpoint", lambda *args: tmp_path / "checkpoint")
+    train = TrainConfig(max_train_steps=6, checkpointing_steps=2)
+    run = RunLoop(
+        accelerator, train, TrainState(), ThreeBatches(), tmp_path, needs_the_pipeline, needs_the_pipeline, 3,
+        idle=[vae, text_encoder],
+    )  # fmt: skip
+    for _ in run.micro_batches():
+        seen.append(("step", vae.where, text_encoder.where))
+        run.after_micro_batch(torch.tensor(0.1))
+    run.finish([], needs_the_pipeline)
+    steps = [s for s in seen if s[0] == "step"]
+    assert steps == [("step", "cpu", "cpu")] * 6
+    # checkpoints at 2 and 4, validation at 3, the final outputs: each with both models on the device
+    assert [s for s in seen if s[0] != "step"] == [("cuda", "cuda")] * 4
 
 
 def test_submit_validates_and_records_the_resolved_recipe(home):

@@ -37,7 +37,7 @@ from sdtune.adapters.controlnet import load_controlnet, save_controlnet
 from sdtune.adapters.manifest import BaseRef, condition_file, pair_prompts
 from sdtune.adapters.sampling import save_png_atomic
 from sdtune.trainers.core import export, runtime
-from sdtune.trainers.core.batches import make_batches
+from sdtune.trainers.core.batches import idle_during_steps, make_batches
 from sdtune.trainers.core.cache import text_states
 from sdtune.trainers.core.checkpointing import (
     TrainState,
@@ -268,7 +268,8 @@ def main(argv=None) -> int:
         accelerator.init_trackers("sdtune-controlnet", config=runtime.tracker_config(recipe))
 
     # 5) The loop. Each micro-batch draws its noise and timesteps from its own seed (exact resume).
-    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator)
+    idle = idle_during_steps(data, text_cache, frozen.vae, frozen.text_encoder)  # on the CPU while it steps
+    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator, idle)
     for batch in loop.micro_batches():
         with accelerator.accumulate(controlnet_t), accelerator.autocast():
             states = text_states(text_cache, frozen.tokenizer, frozen.text_encoder, batch.captions, device)

@@ -35,7 +35,7 @@ import torch
 from accelerate.utils import set_seed
 
 from sdtune.trainers.core import class_images, export, full_model, lora_layers, runtime
-from sdtune.trainers.core.batches import make_batches
+from sdtune.trainers.core.batches import idle_during_steps, make_batches
 from sdtune.trainers.core.cache import text_states
 from sdtune.trainers.core.checkpointing import start_or_resume
 from sdtune.trainers.core.data import DatasetScan, scan_dataset
@@ -191,7 +191,8 @@ def main(argv=None) -> int:
 
     # 6) The loop. Each micro-batch: instance images, then (prior preservation) as many class images. A full model
     # is written once, at the end; a LoRA at every checkpoint too.
-    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, save if method.lora else None, validator)
+    idle = idle_during_steps(recipe.data, text_cache, frozen.vae, text_encoder)  # on the CPU while it steps
+    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, save if method.lora else None, validator, idle)
     for batch in loop.micro_batches():
         grad_to_text = text_encoder_active(method, state.step)
         with accelerator.accumulate(*opt.models), accelerator.autocast():

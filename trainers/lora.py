@@ -25,7 +25,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from sdtune.trainers.core import export
-from sdtune.trainers.core.batches import make_batches
+from sdtune.trainers.core.batches import idle_during_steps, make_batches
 from sdtune.trainers.core.cache import text_states
 from sdtune.trainers.core.checkpointing import start_or_resume
 from sdtune.trainers.core.data import scan_dataset
@@ -95,7 +95,8 @@ def main(argv=None) -> int:
         accelerator.init_trackers("sdtune-lora", config=tracker_config(recipe))
 
     # 6) The loop. A step = gradient_accumulation_steps micro-batches; each draws its noise from its own seed.
-    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator)
+    idle = idle_during_steps(recipe.data, text_cache, frozen.vae, text_encoder)  # on the CPU while it steps
+    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator, idle)
     for batch in loop.micro_batches():
         with accelerator.accumulate(*opt.models), accelerator.autocast():
             states = text_states(text_cache, tokenizer, opt.text_encoder, batch.captions, device)

@@ -162,8 +162,15 @@ class PriorPairedBatches:
         return Batch(latents, batch.captions + prior.captions, batch.generator, num_prior=len(chosen))
 
 
+def idle_during_steps(cfg: DataConfig, text_cache: TextEmbeddingCache | None, vae, text_encoder) -> list:
+    """The frozen models a training step never calls: the VAE when latents are cached, the text encoder when the
+    captions' states are. `RunLoop` keeps them in CPU memory between steps (SD v1-5 in fp16: ~0.4 GB of GPU memory
+    back for activations)."""
+    return ([vae] if cfg.cache_latents else []) + ([text_encoder] if text_cache is not None else [])
+
+
 # Re-exported for trainers that build their own cache of another image column (ControlNet conditioning).
-__all__ = ["Batch", "BatchBuilder", "LatentCache", "prepare_latents"]
+__all__ = ["Batch", "BatchBuilder", "LatentCache", "idle_during_steps", "prepare_latents"]
 
 
 def make_batches(

@@ -21,6 +21,7 @@ each step boundary the loop also takes the run's
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -53,10 +54,14 @@ class RunLoop:
         on_checkpoint: Callable[[Path, int], None] | None = None,
         on_validation: Callable[[int], None] | None = None,
         validation_steps: int = 0,
+        idle: list[torch.nn.Module] = (),
     ):
+        """`idle`: frozen models the step does not call (`idle_during_steps`); they wait in CPU memory while the loop
+        steps, and are back on the device for checkpoints, validation and the final outputs."""
         self.accelerator, self.train, self.state, self.batches = accelerator, train, state, batches
         self.out_dir, self.on_checkpoint, self.on_validation = Path(out_dir), on_checkpoint, on_validation
         self.validation_steps = validation_steps
+        self.idle = list(idle)
         self.stopped_early, self.step_times, self._stop = False, [], None
         self._index = 0
         self._unlogged: list[tuple[int, torch.Tensor, float | None, float]] = []  # (step, loss, lr, wall time)
@@ -66,7 +71,9 @@ class RunLoop:
         )
 
     @classmethod
-    def for_recipe(cls, accelerator, recipe, state: TrainState, batches: BatchBuilder, on_checkpoint, validator):
+    def for_recipe(
+        cls, accelerator, recipe, state: TrainState, batches: BatchBuilder, on_checkpoint, validator, idle=()
+    ):
         """The loop of a recipe's run: checkpoints in `output.dir` through `on_checkpoint`, and a validation grid
         `samples/step-N.png` every `validation.validation_steps` from `validator`."""
         out_dir = Path(recipe.output.dir)
@@ -79,7 +86,24 @@ class RunLoop:
             on_checkpoint=on_checkpoint,
             on_validation=lambda step: validator.grid(step, out_dir / "samples" / f"step-{step:06d}.png"),
             validation_steps=recipe.validation.validation_steps,
+            idle=idle,
         )
+
+    @contextlib.contextmanager
+    def models_on_device(self):
+        """The idle models back on the device for what needs the whole pipeline (checkpoint export checks,
+        validation), then parked again."""
+        self._park(False)
+        try:
+            yield
+        finally:
+            self._park(True)
+
+    def _park(self, parked: bool):
+        if self.accelerator.device.type == "cpu":
+            return
+        for model in self.idle:
+            model.to("cpu" if parked else self.accelerator.device)
 
     @property
     def done(self) -> bool:
@@ -89,6 +113,7 @@ class RunLoop:
         """Yields this process's micro-batches, each with its own seeded generator, until the run is done."""
         with StopRequest() as self._stop:
             progress_event(self.accelerator, "start", self.state.step, resumed=self.state.step > 0)
+            self._park(True)
             while not self.done:
                 epoch_batches = self.batches.epoch_batches(self.state.epoch)
                 for index in range(self.state.batches_done_in_epoch, len(epoch_batches)):
@@ -117,6 +142,7 @@ class RunLoop:
         # The loss stays on the device until it is logged: reading it (`.item()`) would make the host wait for the
         # GPU every step, and the GPU then idles while the next step is launched.
         self._unlogged.append((state.step, self.accelerator.gather(loss.detach()[None]).mean(), lr, time.time()))
+        self.progress.update(1)
         finished = state.step >= self.train.max_train_steps
         stop = self._stop is not None and self._stop.requested
         asked = self._take_requests()  # "save now" / "sample now"; the final save and grid come anyway
@@ -125,10 +151,12 @@ class RunLoop:
         if finished or checkpoint_due or validation_due or asked or now - self._logged_at >= LOG_INTERVAL_SECONDS:
             self._log_losses()
         if not finished and checkpoint_due:
-            self._checkpoint(state.step, requested="save" in asked)
+            with self.models_on_device():
+                self._checkpoint(state.step, requested="save" in asked)
         if not finished and (validation_due or "sample" in asked):
             if self.on_validation is not None and self.accelerator.is_main_process:
-                self.on_validation(state.step)
+                with self.models_on_device():
+                    self.on_validation(state.step)
         if stop and not finished:
             self.accelerator.print(f"stopped at step {state.step}; resume with: train.resume=latest")
             progress_event(self.accelerator, "stopped", state.step)
@@ -145,7 +173,6 @@ class RunLoop:
             state.last_loss = step_loss if math.isnan(state.last_loss) else 0.9 * state.last_loss + 0.1 * step_loss
             logs = {"loss": step_loss, **({"lr": lr} if lr is not None else {})}
             self.accelerator.log(logs, step=step, log_kwargs={ProgressTracker.name: {"at": at}})
-        self.progress.update(len(self._unlogged))
         lr = self._unlogged[-1][2]
         self.progress.set_postfix(loss=f"{state.last_loss:.4f}", **({"lr": f"{lr:.2e}"} if lr else {}))
         self._unlogged, self._logged_at = [], time.perf_counter()
@@ -171,6 +198,7 @@ class RunLoop:
         written by the main process with this run's speed and memory. Under DDP every process must hold the same
         weights by now (gradients are all-reduced each step): checked, not assumed. A run of several processes ends
         the process here (see `exit_without_teardown`)."""
+        self._park(False)  # the final outputs render with the whole pipeline
         code = self._finish(trainable, write_outputs)
         if self.accelerator.num_processes > 1:
             exit_without_teardown(code)
