@@ -5,16 +5,16 @@
 # (/work/.library/device/KINDS.md) and no network; it has no diffusers, datasets, pydantic or bitsandbytes, and an
 # older transformers (5.17). Everything sdtune imports besides torch then runs at the lock's versions; the machine's
 # huggingface_hub 1.x is kept (the lock's 2.x needs httpx2 and more; transformers, diffusers and datasets accept 1.x,
-# and the GPU runs do not publish).
+# and the GPU runs do not publish). The lock's fsspec comes too: datasets 5.2 wants fsspec <= 2026.9.0.
 #
 # Every `run` call then names .whl in `carry` and starts with `source bench/device/setup.sh &&` (see that file).
 # A call carries at most 64 MiB with the working tree (~22 MB): bitsandbytes' wheel (43 MB) holds one library per
-# CUDA/ROCm version, so only the CPU and CUDA 13.x ones are kept. The wheels come to ~26 MB.
+# CUDA/ROCm version, so only the CPU and CUDA 13.x ones are kept. The wheels come to ~31 MB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOCK=requirements-lock.txt
 PACKAGES=(diffusers datasets dill multiprocess pydantic pydantic_core annotated-types typing-inspection typing_extensions
-  peft bitsandbytes transformers)
+  peft bitsandbytes transformers fsspec)
 pins=()
 for name in "${PACKAGES[@]}"; do
   pin=$(grep -i -E "^${name//[-_]/[-_]}==" "$LOCK") || { echo "wheels.sh: $name is not in $LOCK" >&2; exit 1; }
