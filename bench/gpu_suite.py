@@ -178,10 +178,11 @@ class Suite:
         model = "toy" if self.toy else "sd15"
         steps = ["--steps", "3", "--warmup", "1"] if self.toy else ["--steps", "10", "--warmup", "3"]
         command = [sys.executable, str(ROOT / "bench" / "step_lab.py"), "--model", model, "--batch", "8", *steps]
-        self.subprocess([*command, "--variants", *variants, "--json", str(result)], "lab")
-        report = json.loads(result.read_text())
-        for variant in report["variants"]:
-            self.add(task="lab", who="sdtune", **variant)
+        try:
+            self.subprocess([*command, "--variants", *variants, "--json", str(result)], "lab")
+        finally:  # stopped at the deadline: keep the variants it measured
+            for variant in json.loads(result.read_text())["variants"] if result.is_file() else []:
+                self.add(task="lab", who="sdtune", **variant)
 
     def lab_graphs(self):
         self.lab(variants=("baseline", "cudagraphs", "all"))

@@ -208,16 +208,21 @@ def main(argv=None) -> dict:
         except Exception as exc:  # a variant that cannot run here (e.g. CUDA graphs) is reported, not fatal
             results.append({"variant": variant, "batch": args.batch, "error": f"{type(exc).__name__}: {exc}"[:500]})
         print(json.dumps(results[-1]), flush=True)
+        report = summary(results, name, args)
+        if args.json:  # after every variant: a run stopped at its deadline keeps what it measured
+            args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def summary(results: list[dict], device_name: str, args) -> dict:
+    """The variants with MFU (from the baseline's FLOP count) and what they ran on."""
     flops = next((r["flops_per_step"] for r in results if "flops_per_step" in r), None)
-    peak = peak_flops(name)
+    peak = peak_flops(device_name)
     for r in results:
         if flops and peak and r.get("seconds_per_step"):
             r["mfu"] = flops / r["seconds_per_step"] / peak
-    report = {"device": name, "torch": torch.__version__, "model": args.model, "peak_bf16_flops": peak}
-    report |= {"flops_per_step": flops, "variants": results}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    report = {"device": device_name, "torch": torch.__version__, "model": args.model, "peak_bf16_flops": peak}
+    return report | {"flops_per_step": flops, "variants": results}
 
 
 if __name__ == "__main__":
