@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -84,8 +85,6 @@ CACHE: Path | None = None
 
 
 def measured(cmd_script: str, args: list[str], result: Path, cwd: Path) -> dict:
-    import time
-
     cmd = [sys.executable, str(ROOT / "bench" / "measure.py"), str(result), *MEASURE_FLAGS, "--", cmd_script, *args]
     env = {**os.environ, "SDTUNE_CACHE": str(CACHE or result.parent / "cache"), "PYTHONUNBUFFERED": "1"}
     timeout = None if DEADLINE is None else max(DEADLINE - time.time(), 1)
@@ -96,6 +95,28 @@ def measured(cmd_script: str, args: list[str], result: Path, cwd: Path) -> dict:
     if measurement["seconds_per_step"] is None:
         raise RuntimeError(f"{cmd_script}: only {measurement['steps']} optimizer steps were timed; run more steps")
     return measurement
+
+
+class StepTimer:
+    """Marks between steps: CUDA events recorded on the stream on a GPU (no synchronize until the intervals are read,
+    so timing adds no host sync), perf_counter on the CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.marks = cuda, []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
 def gib(n):

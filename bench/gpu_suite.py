@@ -347,11 +347,10 @@ def percent(x) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
-COLUMNS = {
-    # task: [(heading, function of a row)]
-    "lora": [
-        ("batch", lambda r: r["batch"]),
-        ("trainer", lambda r: r["who"]),
+def training_columns(*first):
+    """A training run's columns (lora, dreambooth, controlnet rows), after the task's own `first` ones."""
+    return [
+        *first,
         ("s/step", lambda r: number(r["seconds_per_step"])),
         ("samples/s", lambda r: number(r["samples_per_second"], 2)),
         ("peak alloc GiB", lambda r: gib(r["peak_allocated"])),
@@ -359,7 +358,13 @@ COLUMNS = {
         ("TFLOP/step", lambda r: number(r["flops_per_step"] and r["flops_per_step"] / 1e12, 3)),
         ("MFU", lambda r: percent(r["mfu"])),
         ("host syncs/step", lambda r: number(r["syncs_per_step"], 1)),
-    ],
+    ]
+
+
+BATCH, TRAINER = ("batch", lambda r: r["batch"]), ("trainer", lambda r: r["who"])
+COLUMNS = {
+    # task: [(heading, function of a row)]
+    "lora": training_columns(BATCH, TRAINER),
     "lab": [
         ("variant", lambda r: r["variant"]),
         ("s/step", lambda r: number(r.get("seconds_per_step")) or r.get("error", "")[:80]),
@@ -368,7 +373,7 @@ COLUMNS = {
         ("warm-up s (compile)", lambda r: number(r.get("warmup_seconds"), 1)),
     ],
     "infer": [
-        ("batch", lambda r: r["batch"]),
+        BATCH,
         ("configuration", lambda r: r["configuration"]),
         ("s/batch", lambda r: number(r["seconds"])),
         ("it/s", lambda r: number(r["it_per_s"], 2)),
@@ -386,24 +391,12 @@ COLUMNS = {
         ("s/step", lambda r: number(r["seconds_per_step"])),
     ],
     "gpu-tests": [("exit code", lambda r: r["exit_code"]), ("pytest", lambda r: r["summary"])],
-    "dreambooth": [
+    "dreambooth": training_columns(
         ("mode", lambda r: r["mode"]),
-        ("trainer", lambda r: r["who"]),
+        TRAINER,
         ("precision, 8-bit Adam, checkpointing", lambda r: f"{r['precision']}, {r['adam8bit']}, {r['checkpointing']}"),
-        ("s/step", lambda r: number(r["seconds_per_step"])),
-        ("peak alloc GiB", lambda r: gib(r["peak_allocated"])),
-        ("peak reserved GiB", lambda r: gib(r["peak_reserved"])),
-        ("MFU", lambda r: percent(r["mfu"])),
-    ],
-    "controlnet": [
-        ("batch", lambda r: r["batch"]),
-        ("trainer", lambda r: r["who"]),
-        ("s/step", lambda r: number(r["seconds_per_step"])),
-        ("samples/s", lambda r: number(r["samples_per_second"], 2)),
-        ("peak alloc GiB", lambda r: gib(r["peak_allocated"])),
-        ("peak reserved GiB", lambda r: gib(r["peak_reserved"])),
-        ("MFU", lambda r: percent(r["mfu"])),
-    ],
+    ),
+    "controlnet": training_columns(BATCH, TRAINER, ("precision", lambda r: r["precision"])),
 }
 
 

@@ -76,7 +76,9 @@ class StepClock:
         import torch
 
         self.torch, self.cuda = torch, torch.cuda.is_available()
-        self.stamps: list = []
+        from benchlib import StepTimer  # this folder is on sys.path: the script runs as bench/measure.py
+
+        self.timer = StepTimer(self.cuda)
         self.flops_step, self.profile_steps = flops_step, profile_steps
         self.profile_from = flops_step + 1 if flops_step else WARMUP_STEPS + 2
         self.flop_counter, self.flops, self.profiler = None, None, None
@@ -84,13 +86,8 @@ class StepClock:
 
     def __call__(self, optimizer, args, kwargs):
         torch = self.torch
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.stamps.append(event)
-        else:
-            self.stamps.append(time.perf_counter())
-        step = len(self.stamps)
+        self.timer.mark()
+        step = len(self.timer.marks)
         if self.flop_counter is not None:  # the counted step has just ended
             self.flop_counter.__exit__(None, None, None)
             self.flops, self.flop_counter = self.flop_counter.get_total_flops(), None
@@ -112,17 +109,13 @@ class StepClock:
             self.excluded.add(step - 1)
 
     def seconds_per_step(self) -> tuple[float | None, list[float]]:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            intervals = [a.elapsed_time(b) / 1000 for a, b in zip(self.stamps, self.stamps[1:])]
-        else:
-            intervals = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        intervals = self.timer.intervals()
         kept = [t for i, t in enumerate(intervals) if i >= WARMUP_STEPS and i not in self.excluded]
         return (statistics.median(kept) if kept else None), intervals
 
     def profile_summary(self, path: Path) -> dict | None:
         """Host syncs per profiled step, and the top kernels by GPU time (written beside the result)."""
-        if self.profiler is None or len(self.stamps) < self.profile_from + self.profile_steps:
+        if self.profiler is None or len(self.timer.marks) < self.profile_from + self.profile_steps:
             return None
         events = self.profiler.key_averages()
         syncs = {e.key: e.count for e in events if e.key in SYNC_EVENTS}
@@ -162,7 +155,7 @@ def main():
         "script": args.script,
         "args": args.script_args,
         "exit_code": exit_code,
-        "steps": len(clock.stamps),
+        "steps": len(clock.timer.marks),
         "seconds_per_step": seconds,
         "wall_seconds": wall,
         "flops_per_step": clock.flops,

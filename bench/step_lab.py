@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import StepTimer
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -126,28 +127,6 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-class Timer:
-    """Seconds between marks: CUDA events on a GPU (read once at the end), perf_counter on the CPU."""
-
-    def __init__(self, device: str):
-        self.cuda = torch.device(device).type == "cuda"
-        self.marks = []
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def intervals(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
 def count_flops(step: Step) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -170,7 +149,7 @@ def measure_variant(unet_cpu, name: str, args, device: str) -> dict:
     if cuda:
         torch.cuda.synchronize()
     warmup_seconds = time.perf_counter() - warm_start
-    timer = Timer(device)
+    timer = StepTimer(cuda)
     timer.mark()
     for i in range(args.steps):
         step.run(seed=args.warmup + i)
