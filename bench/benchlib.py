@@ -119,6 +119,11 @@ class StepTimer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+def absolute(path: str) -> Path:
+    """A path argument made absolute: the example scripts run from their own run folder."""
+    return Path(path).resolve()
+
+
 def gib(n):
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -126,7 +131,7 @@ def gib(n):
 def add_common_arguments(parser, example: str):
     """The options every bench script takes: data size, the diffusers example to compare with, where to work."""
     parser.add_argument("--images", type=int, default=64, help="Training images to generate.")
-    parser.add_argument("--example", type=Path, default=None, help=f"diffusers' {example}.")
+    parser.add_argument("--example", type=absolute, default=None, help=f"diffusers' {example}.")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="Scratch folder (models, data).")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
 

@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=["sd15-random", "toy"], default="sd15-random")
     p.add_argument("--steps", type=int, default=14, help="Optimizer steps per training run (>= 9).")
     p.add_argument("--precision", choices=["bf16", "fp16", "no"], default=None, help="Default: bf16 on a GPU.")
-    p.add_argument("--examples", type=Path, default=ROOT / "bench" / ".work" / "examples")
+    p.add_argument("--examples", type=benchlib.absolute, default=ROOT / "bench" / ".work" / "examples")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "sdtune-gpu-suite")
     return p.parse_args(argv)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import absolute  # noqa: E402
 from train_lora import ROOT, build_sd15_random, device_name, gib, measured  # noqa: E402
 
 INSTANCE_PROMPT, CLASS_PROMPT = "a sks circle", "a circle"
@@ -39,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="Instance images per step (default: 4 toy, 1 sd15).")
     p.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default: 40 toy, 30 sd15).")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank in lora mode.")
-    p.add_argument("--example-dir", type=Path, default=None, help="diffusers' examples/dreambooth folder.")
+    p.add_argument("--example-dir", type=absolute, default=None, help="diffusers' examples/dreambooth folder.")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="Scratch folder (models, data).")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     return p.parse_args(argv)
