@@ -230,33 +230,37 @@ def _progress_text(job: jobs.Job) -> str:
 
 def run_jobs(args) -> int:
     try:
-        if args.action == "submit":
-            job = jobs.submit(args.recipe, args.overrides)
-            print(f"job {job.id}: queued ({job.method}, {job.name}); run folder {job.run_dir}")
-        elif args.action == "list":
-            print(f"{'id':>4}  {'state':<11} {'method':<10} {'name':<20} progress")
-            for job in jobs.list_jobs(args.state):
-                print(f"{job.id:>4}  {job.state:<11} {job.method:<10} {job.name:<20} {_progress_text(job)}")
-        if args.action in ("submit", "list", "resume", "retry") and not jobs.workers():
-            print("no worker is running: start one with `sdtune worker` (in another terminal)")
-        elif args.action == "show":
-            job = jobs.get(args.id)
-            for key, value in job.to_dict().items():
-                print(f"{key:>16}: {' '.join(value.splitlines()) if isinstance(value, str) else value}")
-            info = jobs.progress(job.id)
-            print(f"{'progress':>16}: {_progress_text(job)}")
-            print(f"{'latest grid':>16}: {info['latest_grid']}")
-            print(f"--- log tail ({job.log}) ---\n{jobs.log_tail(job.id)}")
-        elif args.action in ("cancel", "resume", "retry"):
-            job = getattr(jobs, args.action)(args.id)
-            flagged = " (the worker is stopping it)" if job.cancel_requested else ""
-            print(f"job {job.id}: {job.state}{flagged}")
-        else:
-            path = (jobs.request_sample if args.action == "sample" else jobs.request_save)(args.id)
-            print(f"job {args.id}: asked ({path}); the trainer acts at its next step")
+        _run_job_action(args)
     except jobs.JobError as exc:
         raise SystemExit(f"sdtune jobs: {exc}") from None
+    if args.action in ("submit", "list", "resume", "retry") and not jobs.workers():
+        print("no worker is running: start one with `sdtune worker` (in another terminal)")
     return 0
+
+
+def _run_job_action(args) -> None:
+    if args.action == "submit":
+        job = jobs.submit(args.recipe, args.overrides)
+        print(f"job {job.id}: queued ({job.method}, {job.name}); run folder {job.run_dir}")
+    elif args.action == "list":
+        print(f"{'id':>4}  {'state':<11} {'method':<10} {'name':<20} progress")
+        for job in jobs.list_jobs(args.state):
+            print(f"{job.id:>4}  {job.state:<11} {job.method:<10} {job.name:<20} {_progress_text(job)}")
+    elif args.action == "show":
+        job = jobs.get(args.id)
+        for key, value in job.to_dict().items():
+            print(f"{key:>16}: {' '.join(value.splitlines()) if isinstance(value, str) else value}")
+        info = jobs.progress(job.id)
+        print(f"{'progress':>16}: {_progress_text(job)}")
+        print(f"{'latest grid':>16}: {info['latest_grid']}")
+        print(f"--- log tail ({job.log}) ---\n{jobs.log_tail(job.id)}")
+    elif args.action in ("cancel", "resume", "retry"):
+        job = getattr(jobs, args.action)(args.id)
+        flagged = " (the worker is stopping it)" if job.cancel_requested else ""
+        print(f"job {job.id}: {job.state}{flagged}")
+    else:
+        path = (jobs.request_sample if args.action == "sample" else jobs.request_save)(args.id)
+        print(f"job {args.id}: asked ({path}); the trainer acts at its next step")
 
 
 def _worker_parser(sub):

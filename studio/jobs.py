@@ -353,5 +353,7 @@ def log_tail(job_id: int, lines: int = 40, *, home: str | Path | None = None) ->
     with path.open("rb") as handle:
         handle.seek(max(0, path.stat().st_size - 256 * 1024))
         text = handle.read().decode(errors="replace")
-    folded = [line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line for line in text.splitlines()]
+    # split on newlines only: a progress bar redraws itself with "\r", and only its last state is worth showing
+    lines_read = text.rstrip("\n").split("\n")
+    folded = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines_read]
     return "\n".join(folded[-lines:])

@@ -244,6 +244,46 @@ def test_actions_follow_the_states(home):
     assert listing.returncode == 0 and listing.stdout.count("queued") == 2, listing.stderr
 
 
+@pytest.mark.parametrize("worker_running", [False, True])
+def test_every_cli_action_acts_with_or_without_a_worker(home, worker_running):
+    if worker_running:  # a worker's row, as `sdtune worker` registers itself
+        with jobs.connect(home) as conn:
+            conn.execute(
+                "INSERT INTO workers (id, host, pid, proc_start, concurrency, started_at, heartbeat_at)"
+                " VALUES ('w', 'host', 1, NULL, 1, ?, ?)",
+                (time.time(), time.time()),
+            )
+    no_worker = "no worker is running"
+    outputs = {}
+    actions = (
+        ["submit", str(QUICKSTART)],
+        ["list"],
+        ["cancel", "1"],
+        ["resume", "1"],
+        ["cancel", "1"],
+        ["retry", "1"],
+    )
+    for action in (*actions, ["show", "1"]):
+        run = sdtune("jobs", *action, home=home)
+        assert run.returncode == 0 and not run.stderr, (action, run.stderr)
+        outputs.setdefault(action[0], []).append(run.stdout)
+    assert outputs["submit"][0].startswith("job 1: queued (lora, toy-purple)")
+    assert "   1  queued" in outputs["list"][0]
+    assert outputs["resume"][0].startswith("job 1: queued") and outputs["retry"][0].startswith("job 1: queued")
+    assert (jobs.get(1).state, jobs.get(1).resume) == ("queued", 0)  # the retry acted, after the resume did
+    for action in ("submit", "list", "resume", "retry"):
+        assert (no_worker in outputs[action][0]) == (not worker_running), action
+    assert " state: queued" in outputs["show"][0] and no_worker not in outputs["show"][0]
+
+
+def test_log_tail_shows_a_progress_bar_once_at_its_last_state(home):
+    job = jobs.submit(QUICKSTART)
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    job.log.write_text("data: 16 images\n  0%|  | 0/8\r 50%|# | 4/8\r100%|##| 8/8\ndone\r\n")
+    assert jobs.log_tail(job.id).split("\n") == ["data: 16 images", "100%|##| 8/8", "done"]
+    assert jobs.log_tail(job.id, lines=1) == "done"
+
+
 def test_the_queue_api_loads_no_torch(home):
     code = (
         "import sys\nfrom sdtune.studio import jobs\n"
