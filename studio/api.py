@@ -494,8 +494,25 @@ def preflight(text: str, overrides: list[str] | None = None, device: str | None 
 
     Returns {"report": text, "buckets": {"WxH": images per epoch}, "images": n, "skipped": [{"file", "reason"}]}.
     """
-    from sdtune.trainers.core.data import DataError, scan_dataset
     from sdtune.trainers.core.estimate import preflight as report
+
+    recipe, scan = _scan_data(text, overrides)
+    return {
+        "report": report(recipe, scan, device=device),
+        "buckets": {f"{w}x{h}": n for (w, h), n in scan.bucket_counts().items()},
+        "images": len(scan.records),
+        "skipped": [{"file": s.file, "reason": s.reason} for s in scan.skipped],
+    }
+
+
+def check_data(text: str, overrides: list[str] | None = None) -> int:
+    """Raises StudioError (the trainer's own message) when the recipe's data has no usable image; returns how many
+    images it has. Run before queueing, so a job is not launched only to fail at its preflight."""
+    return len(_scan_data(text, overrides)[1].records)
+
+
+def _scan_data(text: str, overrides: list[str] | None):
+    from sdtune.trainers.core.data import DataError, scan_dataset
     from sdtune.trainers.core.recipe import recipe_from_dict
 
     checked = validate_recipe(text, overrides)
@@ -503,15 +520,9 @@ def preflight(text: str, overrides: list[str] | None = None, device: str | None 
         raise StudioError(checked["error"])
     recipe = recipe_from_dict(checked["recipe"])
     try:
-        scan = scan_dataset(recipe.data)
+        return recipe, scan_dataset(recipe.data)
     except DataError as exc:
         raise StudioError(str(exc)) from None
-    return {
-        "report": report(recipe, scan, device=device),
-        "buckets": {f"{w}x{h}": n for (w, h), n in scan.bucket_counts().items()},
-        "images": len(scan.records),
-        "skipped": [{"file": s.file, "reason": s.reason} for s in scan.skipped],
-    }
 
 
 def submit_job(text: str, overrides: list[str] | None = None) -> dict:

@@ -166,6 +166,50 @@ def test_train_page_validates_live_and_launch_queues_a_job_on_a_frozen_version(h
     assert f"train_data_dir: {version['path']}/images" in resolved and "max_train_steps: 3" in resolved
 
 
+def test_train_form_shows_the_yaml_it_trains_and_its_changes_win(home):
+    at = page("train")
+    yaml_box = at.text_area(key="yaml-quickstart.yaml")
+    yaml_box.set_value(yaml_box.value.replace("rank: 8", "rank: 4").replace("learning_rate: 1.0e-3", "lr: 5.0e-7"))
+    at = at.run()
+    knob = {widget.label: widget for widget in [*at.number_input, *at.text_input]}
+    assert knob["LoRA rank"].value == 4 and knob["Learning rate"].value == "5e-07"  # the YAML's values, no override
+    assert not [c.value for c in at.code if "method.rank" in c.value]
+    knob["LoRA rank"].set_value(16)
+    knob["Learning rate"].set_value("2e-4")
+    at = at.button(key="FormSubmitter:knobs-quickstart.yaml-Apply").click().run()
+    [shown] = [c.value for c in at.code if "method.rank" in c.value]
+    assert shown == "train.learning_rate=2e-4 method.rank=16"
+    # a full DreamBooth fine-tune has no rank to set; its prompts and prior preservation are knobs
+    at.selectbox(key="train-method").set_value("dreambooth")
+    at = at.run()
+    labels = {widget.label for widget in [*at.number_input, *at.text_input, *at.checkbox]}
+    assert {"Instance prompt", "Class prompt", "Prior preservation (class images)"} <= labels
+    assert (
+        "LoRA rank" not in labels and not next(c for c in at.checkbox if c.label.startswith("DreamBooth-LoRA")).value
+    )
+
+
+def test_train_launch_refuses_bad_data_and_a_second_click(home):
+    api.upload_to_dataset("tiny", [("a.png", png()), ("a.txt", b"a purple circle")])
+    at = page("train")
+    at.selectbox(key="train-dataset").set_value("tiny")
+    yaml_box = at.text_area(key="yaml-quickstart.yaml")
+    yaml_box.set_value(yaml_box.value.replace("resolution: 64", "resolution: 512"))  # a 64 px image: too small
+    at = button(at.run(), "Launch").click().run()
+    [error] = texts(at, "error")
+    assert error.startswith("data.train_data_dir: no usable images in") and "too small" in error
+    assert jobs.list_jobs() == [] and api.dataset_info("tiny")["versions"] == []  # nothing queued, nothing frozen
+    yaml_box = at.text_area(key="yaml-quickstart.yaml")
+    yaml_box.set_value(yaml_box.value.replace("resolution: 512", "resolution: 64"))
+    at = button(at.run(), "Launch").click().run()
+    assert not texts(at, "error") and len(jobs.list_jobs()) == 1
+    at = button(at, "Launch").click().run()
+    assert texts(at, "error") == ["this recipe is already job 1: change something, or cancel that job"]
+    jobs.cancel(1)
+    at = button(at, "Launch").click().run()
+    assert not texts(at, "error") and len(jobs.list_jobs()) == 2
+
+
 def test_jobs_page_shows_progress_and_cancels(home):
     job = jobs.submit(ROOT / "recipes" / "quickstart.yaml")
     (job.run_dir).mkdir(parents=True)
@@ -412,7 +456,7 @@ def test_publish_page_card_dry_run_and_token_rules(home, quickstart_run):
 
     Registry().register_run(quickstart_run[0])
     at = page("publish")
-    at.text_input(key="pub-repo").set_value("someone/toy-purple")
+    at.text_input(key="pub-repo-toy-purple").set_value("someone/toy-purple")
     at = at.run()
     card = [m.value for m in at.markdown if "toy-purple" in m.value]
     assert card and "purple" in card[0]
@@ -426,3 +470,10 @@ def test_publish_page_card_dry_run_and_token_rules(home, quickstart_run):
     assert (folder / "README.md").read_text().strip() and list(folder.glob("*.safetensors"))
     at = at.button(key="FormSubmitter:pub-push-Push to the Hub").click().run()
     assert texts(at, "error") == ["token: paste a Hugging Face write token to push (or use the dry run)"]
+    # another adapter gets its own repo id, not the one typed for the first
+    Registry().register_run(quickstart_run[0], name="other")
+    at = at.run()
+    assert at.selectbox(key="pub-name").value == "toy-purple"
+    at = at.selectbox(key="pub-name").set_value("other").run()
+    assert at.text_input(key="pub-repo-other").value == "your-name/other"
+    assert any('load_lora_weights("your-name/other"' in m.value for m in at.markdown)

@@ -20,7 +20,7 @@ def render():
         return
     left, mid, right = st.columns([2, 2, 1])
     name = left.selectbox("Adapter", names, key="pub-name")
-    repo = mid.text_input("Hub repo id", f"your-name/{name}", key="pub-repo")
+    repo = mid.text_input("Hub repo id", f"your-name/{name}", key=f"pub-repo-{name}")  # one per adapter
     private = right.checkbox("Private", True, key="pub-private")
     with shown_errors():
         preview = api.publish_preview(name, repo, private=private)
