@@ -64,11 +64,13 @@ class Rejected:
 
 @dataclass
 class UploadReport:
-    """What an upload wrote (relative names) and what it refused, each with its reason."""
+    """What an upload wrote (relative names), which of those replaced a different file of the same name, and what
+    it refused, each with its reason."""
 
     written: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,15 +265,22 @@ def add_files(name: str, files: list[tuple[str, bytes]], home=None) -> UploadRep
     folder = create(name, home) / WORK / IMAGES
     stems = {Path(n).stem for n, _ in images} | {p.stem for p in list_image_files(folder)}
     for filename, data in images:
-        _write_atomic(folder / filename, data)
+        _write_new_version(folder / filename, data, report)
         report.written.append(filename)
     for filename, text in captions:
         if Path(filename).stem not in stems:
             report.rejected.append(Rejected(filename, "caption without an image of the same name"))
             continue
-        _write_atomic(folder / filename, text.encode())
+        _write_new_version(folder / filename, text.encode(), report)
         report.captions.append(filename)
     return report
+
+
+def _write_new_version(path: Path, data: bytes, report: UploadReport):
+    """Writes `path`, noting in `report` when it replaces different content (an edited caption, another image)."""
+    if path.is_file() and path.read_bytes() != data:
+        report.replaced.append(path.name)
+    _write_atomic(path, data)
 
 
 def list_image_files(folder: Path) -> list[Path]:

@@ -125,6 +125,13 @@ def test_a_mixed_upload_writes_the_good_files_and_lists_each_rejection(home):
     assert not list(home.rglob("*.tmp"))
 
 
+def test_an_upload_over_existing_files_says_which_it_replaced(home):
+    datasets_store.add_files("set", [("a.png", png()), ("a.txt", b"my hand-edited caption"), ("b.png", png())])
+    report = datasets_store.add_files("set", [("a.png", png()), ("a.txt", b"a circle"), ("b.png", png((0, 0, 255)))])
+    assert sorted(report.written) == ["a.png", "b.png"] and report.replaced == ["b.png", "a.txt"]  # a.png: same bytes
+    assert (home / "datasets" / "set" / "work" / "images" / "a.txt").read_text() == "a circle"
+
+
 def test_caption_tools_edit_every_caption(home):
     datasets_store.add_files("set", [("one.png", png()), ("one.txt", b"a circle"), ("two.png", png())])
     assert api.bulk_captions("set", template="a photo of {name}, {caption}") == 2

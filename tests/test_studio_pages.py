@@ -123,6 +123,16 @@ def test_datasets_page_upload_captions_versions(home):
     at = button(at, "Freeze a version now").click().run()
     assert any(s.startswith("v1: 1 images") for s in texts(at, "success"))
     assert api.dataset_info("purple")["versions"][0]["images"] == 1
+    # an upload over a hand-edited caption says so (the frozen v1 keeps the old one); applying bulk edits cleared the
+    # form, so a second click applies nothing
+    at.file_uploader(key="upload-files").set_value([("a.txt", b"a circle", "text/plain")])
+    at = at.button(key="FormSubmitter:upload-Add to dataset").click().run()
+    assert (
+        texts(at, "warning")[0]
+        == "added 0 images and 1 captions; 1 replaced a different file of the same name (a.txt)"
+    )
+    at = at.button(key="FormSubmitter:bulk-Apply to all captions").click().run()
+    assert "0 captions changed" in texts(at, "success")
 
 
 def test_datasets_page_conditioning_preview(home):

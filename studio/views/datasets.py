@@ -64,7 +64,11 @@ def _upload(name: str):
     if submitted and files:
         with shown_errors():
             report = api.upload_to_dataset(name, uploads(files))
-            flash(f"added {len(report['written'])} images and {len(report['captions'])} captions")
+            message = f"added {len(report['written'])} images and {len(report['captions'])} captions"
+            if report["replaced"]:  # the frozen versions keep the old files
+                names = ", ".join(report["replaced"][:5]) + (" ..." if len(report["replaced"]) > 5 else "")
+                message += f"; {len(report['replaced'])} replaced a different file of the same name ({names})"
+            flash(message, "warning" if report["replaced"] else "success")
             st.session_state["upload-rejected"] = report["rejected"]
             st.rerun()  # the counts and the grid above change
     rejected = st.session_state.pop("upload-rejected", None)
@@ -75,7 +79,7 @@ def _upload(name: str):
 
 def _bulk_tools(name: str):
     with st.expander("Bulk caption tools"):
-        with st.form("bulk"):
+        with st.form("bulk", clear_on_submit=True):  # a second click must not apply the edits twice
             trigger = st.text_input("Trigger word (added to every caption that lacks it)")
             left, right = st.columns(2)
             find = left.text_input("Find")
