@@ -179,7 +179,7 @@ def register_lora(
             dataset={},
             training={"modules": len(modules), "ranks": ranks},
             files={fmt: Path(p).name for fmt, p in files.items()},
-            samples={},
+            samples={"export_check": report.images["strip"]} if report.images.get("strip") else {},  # its preview
             scores=None,
             export_check={**report.__dict__, "ok": report.ok},
             recipe={},

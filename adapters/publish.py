@@ -179,7 +179,11 @@ def _tags(manifest) -> list[str]:
 
 
 def _usage(manifest, repo: str, files: dict[str, str]) -> str:
-    base = _base_model(manifest) or "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    base = _base_model(manifest) or (
+        "path/to/sdtune/adapters/toy_base"  # the toy base ships with sdtune, nowhere else
+        if manifest.base.kind == "toy"
+        else "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )
     prompt = widget_prompts(manifest, 1)[0]
     if manifest.method == "controlnet":
         return (
@@ -230,13 +234,10 @@ def card_text(manifest, repo: str, files: dict[str, str], widget: list[dict], li
         else f"a local {manifest.base.kind} base (`{Path(manifest.base.name_or_path).name}`)"
     )
     method = {"lora": "LoRA", "dreambooth": "DreamBooth", "controlnet": "ControlNet"}.get(manifest.method, "")
-    dataset = redact_paths(manifest.dataset)
-    recipe = redact_paths(manifest.recipe)
-    training = {k: v for k, v in (manifest.training or {}).items() if not isinstance(v, (dict, list))}
     sections = [
         f"---\n{data.to_yaml()}\n---\n",
         f"# {manifest.name}\n",
-        f"A {method or manifest.method} adapter for Stable Diffusion v1-5, trained with sdtune on {base} "
+        f"A {method or manifest.method} adapter for Stable Diffusion v1-5, {_made_how(manifest.origin)} {base} "
         f"(base sha256 `{manifest.base.hash[:16]}...`).\n",
         f"## Trigger words\n\n{'Use `' + trigger + '` in the prompt.' if trigger else 'None.'}\n",
         "## Use it\n\n" + _usage(manifest, repo, files),
@@ -245,16 +246,40 @@ def card_text(manifest, repo: str, files: dict[str, str], widget: list[dict], li
     if manifest.scores:
         scores = json.dumps(redact_paths(manifest.scores), indent=2, default=str)
         sections.append("## Scores\n\n```json\n" + scores + "\n```\n")
-    sections.append(
-        "## Training\n\n"
-        + "".join(f"- {k}: {v}\n" for k, v in training.items())
-        + f"\nDataset fingerprint `{dataset.get('fingerprint', 'n/a')}`:\n\n```json\n"
-        + json.dumps(dataset, indent=2, default=str)
-        + "\n```\n\nRecipe:\n\n```json\n"
-        + json.dumps(recipe, indent=2, default=str)
-        + "\n```\n"
-    )
+    sections.append(_training_section(manifest))
     return "\n".join(sections)
+
+
+def _made_how(origin: dict | None) -> str:
+    """How the adapter came to be, as the card's first sentence says it."""
+    origin = origin or {}
+    if origin.get("kind") == "merged":
+        parents = ", ".join(f"`{p}` x {w:g}" for p, w in zip(origin["parents"], origin["weights"]))
+        return f"made by sdtune ({origin['merge_method']} of {parents}) for"
+    if origin.get("kind") == "imported":
+        return f"imported into sdtune from `{Path(origin['source']).name}` ({origin['format']}) and checked against"
+    return "trained with sdtune on"
+
+
+def _training_section(manifest) -> str:
+    """What the adapter was trained on and with; for a merge or an import, what it was made from instead."""
+    origin = manifest.origin or {}
+    facts = {k: v for k, v in (manifest.training or {}).items() if not isinstance(v, (dict, list))}
+    if origin.get("kind") == "merged":
+        facts |= {"merge method": origin["merge_method"], **(origin.get("params") or {})}
+        facts["parents"] = ", ".join(f"{p} (weight {w:g})" for p, w in zip(origin["parents"], origin["weights"]))
+    if origin.get("kind") == "imported":
+        facts |= {"source file": Path(origin["source"]).name, "format": origin["format"]}
+        facts |= {k: v for k, v in (origin.get("hashes") or {}).items() if isinstance(v, str)}
+    labels = {"final_loss": "final loss (moving average of the step losses)", "seconds_per_step": "s/step (median)"}
+    text = "## Training\n\n" + "".join(f"- {labels.get(k, k)}: {v}\n" for k, v in facts.items())
+    dataset, recipe = redact_paths(manifest.dataset), redact_paths(manifest.recipe)
+    if dataset:
+        text += f"\nDataset fingerprint `{dataset.get('fingerprint', 'n/a')}`:\n\n```json\n"
+        text += json.dumps(dataset, indent=2, default=str) + "\n```\n"
+    if recipe:
+        text += "\nRecipe:\n\n```json\n" + json.dumps(recipe, indent=2, default=str) + "\n```\n"
+    return text
 
 
 def build_repo_folder(

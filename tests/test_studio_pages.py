@@ -375,6 +375,14 @@ def test_registry_page_merges_two_loras_with_a_preview(home, quickstart_run, cya
     grid = home / "studio" / "previews" / "purple-cyan" / "grid.png"
     with Image.open(grid) as opened:
         assert opened.width >= 4 * 64  # four seeds of the merged LoRA, side by side
+    # the registry keeps a picture of it (its export-check strip), and its card tells how it was made
+    detail = api.show_adapter("purple-cyan")
+    assert (Path(detail["folder"]) / detail["manifest"]["samples"]["export_check"]).is_file()
+    card = api.publish_preview("purple-cyan", "me/purple-cyan")["card"]
+    assert "made by sdtune (svd of `toy-purple` x 1, `toy-cyan` x 1) for the sdtune toy base" in card
+    assert "- parents: toy-purple (weight 1), toy-cyan (weight 1)\n" in card and "- rank: 8\n" in card
+    assert "Recipe:" not in card and "Dataset fingerprint" not in card  # a merge has neither
+    assert 'from_pretrained("path/to/sdtune/adapters/toy_base"' in card
 
 
 def test_ab_page_blind_vote_tally_history_and_checkpoints(home, quickstart_run):
