@@ -67,7 +67,8 @@ def sample_images(
     try:  # a folder, run folder or file, or a registered ControlNet's name, each optionally :SCALE
         refs = [sampling.split_number(c) for c in controlnets or []]
         controls = [sampling.ControlSpec(compose.resolve_controlnet(ref), scale) for ref, scale in refs]
-    except compose.ComposeError as exc:
+        uses = [compose.AdapterUse.parse(a) for a in adapters or []]
+    except ValueError as exc:  # ComposeError, or a weight that is no finite number
         raise StudioError(str(exc)) from None
     control_images = list(control_images or [])
     _check_controls(controls, control_images, control_guidance_start, control_guidance_end)
@@ -76,7 +77,7 @@ def sample_images(
     seeds = list(seeds or [0])
     spec = compose.PipelineSpec(
         base=base,
-        adapters=[compose.AdapterUse.parse(a) for a in adapters or []],
+        adapters=uses,
         device=device,
         dtype=dtype,
         fuse=fuse,
@@ -296,9 +297,10 @@ def import_adapter(
     return {"entry": entry.to_dict(), "report": report.to_dict()}
 
 
-def export_adapter(name: str, dest: str | Path, fmt: str | None = None) -> list[Path]:
-    """Copies one format's file (`peft`, `kohya`...) or the whole adapter folder out of the registry."""
-    return _call(_registry().export, name, dest, fmt)
+def export_adapter(name: str, dest: str | Path, fmt: str | None = None, overwrite: bool = False) -> list[Path]:
+    """Copies one format's file (`peft`, `kohya`...) or the whole adapter folder out of the registry; an existing
+    file is replaced only with `overwrite`."""
+    return _call(_registry().export, name, dest, fmt, overwrite)
 
 
 def remove_adapter(name: str) -> None:

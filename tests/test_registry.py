@@ -135,6 +135,18 @@ def test_export_one_format_or_the_whole_folder(registry, tmp_path):
         registry.export("toy-purple", tmp_path / "out")
     with pytest.raises(RegistryError, match="has no 'controlnet' file"):
         registry.export("toy-purple", tmp_path, fmt="controlnet")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(
+        RegistryError, match=f"export: {notes} already exists; choose another path or pass --overwrite"
+    ):
+        registry.export("toy-purple", notes, fmt="peft")
+    with pytest.raises(RegistryError, match="toy-purple.safetensors already exists"):  # into a folder holding it
+        registry.export("toy-purple", tmp_path, fmt="kohya")
+    assert notes.read_text() == "my notes"
+    assert (
+        registry.export("toy-purple", notes, fmt="peft", overwrite=True) == [notes] and notes.read_bytes() == b"peft"
+    )
 
 
 def test_a_failing_add_leaves_nothing(registry, tmp_path):
