@@ -27,8 +27,8 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 quickstart: setup
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		trainers/lora.py recipes/quickstart.yaml
+	$(BIN)/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		trainers/lora.py recipes/quickstart.yaml output.overwrite=true
 	@echo "A/B grid: runs/quickstart/ab_grid.png   LoRA: runs/quickstart/toy-purple.safetensors"
 
 studio: setup

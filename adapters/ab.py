@@ -126,7 +126,10 @@ def parse_spec(text: str, flag: str = "--a") -> Side:
     adapters, controls = [], []
     for part in parts[1:]:
         if not part.startswith(CONTROL_PART):
-            adapters.append(AdapterUse.parse(part))
+            try:
+                adapters.append(AdapterUse.parse(part))
+            except ValueError as exc:  # a weight that is no finite number
+                raise ABError(f"{flag} {exc}") from None
             continue
         ref_scale, at, image = part[len(CONTROL_PART) :].partition("@")  # an image path may hold an @ too
         if not (at and ref_scale and image):
@@ -136,7 +139,10 @@ def parse_spec(text: str, flag: str = "--a") -> Side:
             )
         if not Path(image).expanduser().is_file():
             raise ABError(f"{flag} {part!r}: control image {image} not found")
-        named = AdapterUse.parse(ref_scale)  # NAME_OR_PATH[:NUMBER], as an adapter's weight is read
+        try:
+            named = AdapterUse.parse(ref_scale)  # NAME_OR_PATH[:NUMBER], as an adapter's weight is read
+        except ValueError as exc:
+            raise ABError(f"{flag} {exc}") from None
         controls.append(ControlUse(named.ref, named.weight, str(Path(image).expanduser())))
     return Side(PipelineSpec(base=parts[0], adapters=adapters), controls)
 

@@ -17,8 +17,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # The bundled model folders (package data of sdtune.adapters): the toy base, and SD v1-5's configs without weights,
 # which describe any SD v1 single-file checkpoint offline. Keyed by the names `detect_config` returns.
@@ -29,6 +30,15 @@ BUNDLED_CONFIGS = {"sd15": SD15_CONFIG, "toy": TOY_BASE}
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
+def _not_empty(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("empty: give a path or id, or leave the key out")  # "" would mean the current folder
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_not_empty)]  # a path or hub id in a recipe: never ""
+
+
 class BaseModelConfig(BaseModel):
     """Which Stable Diffusion v1-5 base to fine-tune. A plain string is shorthand for `pretrained_model_name_or_path`.
 
@@ -36,14 +46,14 @@ class BaseModelConfig(BaseModel):
     pass it in.
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
 
-    pretrained_model_name_or_path: str = Field(
+    pretrained_model_name_or_path: PathText = Field(
         "toy", description="Hub repo id, local diffusers folder, single-file .safetensors checkpoint, or 'toy'."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
     variant: str | None = Field(None, description="Weight variant to load, e.g. 'fp16' (files *.fp16.safetensors).")
-    config: str | None = Field(
+    config: PathText | None = Field(
         None,
         description="For a single-file checkpoint: diffusers folder or hub id whose configs describe it. "
         "Default: the bundled SD v1-5 configs, or the toy base's for a toy-sized file.",

@@ -24,6 +24,7 @@ StableDiffusionControlNetPipeline over the same components; several make a Multi
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,21 @@ class ComposeError(ValueError):
     """A spec that cannot be built (unknown adapter, bad block weights...); the message is one line."""
 
 
+def split_number(text: str, default: float = 1.0) -> tuple[str, float]:
+    """`PATH[:NUMBER]` -> (PATH, NUMBER); a colon not followed by a number belongs to the path. A weight of NaN or
+    inf is refused (ValueError): it would render black images, or merge into a file of NaNs."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            number = float(tail)
+        except ValueError:
+            return text, default
+        if not math.isfinite(number):
+            raise ValueError(f"{text}: the weight {tail!r} is not a finite number")
+        return head, number
+    return text, default
+
+
 @dataclass
 class AdapterUse:
     """One adapter in a composition: `ref` is a registry name or a path; `blocks` optional per-block weights."""
@@ -48,13 +64,7 @@ class AdapterUse:
     @classmethod
     def parse(cls, text: str) -> AdapterUse:
         """`NAME_OR_PATH[:WEIGHT]`, e.g. `toy-purple:0.8` or `runs/quickstart:0.5`."""
-        head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                return cls(head, float(tail))
-            except ValueError:
-                pass
-        return cls(text)
+        return cls(*split_number(text))
 
 
 @dataclass

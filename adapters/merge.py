@@ -54,6 +54,8 @@ def load_modules(ref: str, registry=None) -> LoraModules:
 def _check_weights(parents: Sequence[LoraModules], weights: Sequence[float]) -> None:
     if len(parents) != len(weights) or not parents:
         raise MergeError(f"give one weight per parent: {len(parents)} parents, {len(weights)} weights")
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeError(f"weights {list(weights)}: each must be a finite number")
 
 
 def merge_linear(parents: Sequence[LoraModules], weights: Sequence[float]) -> LoraModules:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from sdtune.adapters.compose import split_number  # noqa: F401 - the parser of NAME:WEIGHT, used here too
 from sdtune.adapters.schedulers import SCHEDULER_NAMES, SCHEDULERS, a1111_sampler_name
 
 
@@ -47,17 +48,6 @@ class Sample:
     image: Image.Image
     settings: SampleSettings
     parameters: str  # A1111-style "parameters" text, also stored in the PNG
-
-
-def split_number(text: str, default: float = 1.0) -> tuple[str, float]:
-    """`PATH[:NUMBER]` -> (PATH, NUMBER); a colon not followed by a number belongs to the path."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, default
 
 
 def existing(path: str, option: str, expected: str) -> str:

@@ -138,14 +138,16 @@ def stop_group(pgid: int, grace: float, leader: subprocess.Popen | None = None) 
 
 
 def trainer_command(job: jobs.Job, accelerate_args: list[str]) -> list[str]:
-    """`accelerate launch <args> trainers/<method>.py <job recipe> [train.resume=latest]`; the script comes from
-    the method table `trainers.core.recipe.TRAINERS`."""
+    """`accelerate launch --quiet <args> trainers/<method>.py <job recipe> <train.resume=latest or
+    output.overwrite=true>`: the job owns its run folder, so a retry replaces what an earlier attempt left; --quiet
+    keeps the launcher's traceback out of the log, which ends with the trainer's one `error:` line. The script
+    comes from the method table `trainers.core.recipe.TRAINERS`."""
     import sdtune.trainers
     from sdtune.trainers.core.recipe import TRAINERS
 
     script = Path(sdtune.trainers.__file__).parent / Path(TRAINERS[job.method]).relative_to("trainers")
-    command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, str(script), str(job.recipe)]
-    return command + (["train.resume=latest"] if job.resume else [])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *accelerate_args]
+    return [*launch, str(script), str(job.recipe), "train.resume=latest" if job.resume else "output.overwrite=true"]
 
 
 def last_error_line(log: Path) -> str | None:

@@ -9,6 +9,7 @@ preset/optimizer path trains and exports, and bad input ends in one clear line.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -407,6 +408,8 @@ BAD_INPUTS = [
     (["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
     (["train.resume={tmp}"], "is not a checkpoint folder"),
     (["base=missing.safetensors"], "base: file missing.safetensors not found"),
+    (["data.train_data_dir="], "data.train_data_dir: empty: give a path or id"),  # not the current folder
+    (["train.learning_rate=inf"], "train.learning_rate: Input should be a finite number"),
 ]
 
 
@@ -425,6 +428,41 @@ def test_bad_input_is_one_line_and_writes_nothing(overrides, message, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_an_earlier_run_in_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    from sdtune.trainers import lora
+    from sdtune.trainers.core.checkpointing import clear_previous_run
+
+    out = tmp_path / "out"
+    (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (out / "adapter.json").write_text("{}")
+    (out / "toy-purple.safetensors").write_bytes(b"weights")
+    assert lora.cli([str(QUICKSTART), f"output.dir={out}"]) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert err == (
+        f"error: output.dir: {out} already holds a run (adapter.json, checkpoints); continue it with "
+        "train.resume=latest, choose another output.dir, or set output.overwrite=true to replace it"
+    )
+    assert (out / "checkpoints" / "checkpoint-4").is_dir() and (out / "adapter.json").is_file()  # nothing touched
+    assert clear_previous_run(out, None, overwrite=True) == ["adapter.json", "checkpoints"]
+    assert [p.name for p in out.iterdir()] == ["toy-purple.safetensors"]  # the new run replaces the weights
+    (out / "metrics.jsonl").write_text("{}\n")  # an attempt that died before its first checkpoint...
+    assert clear_previous_run(out, "latest", overwrite=False) == ["metrics.jsonl"]  # ...restarts clean
+
+
+def test_a_diverged_run_stops_in_one_line_and_saves_no_nan(tmp_path, capsys):
+    from sdtune.trainers import lora
+
+    out = tmp_path / "out"
+    overrides = ["train.learning_rate=1e30", "train.max_train_steps=40", "train.checkpointing_steps=20"]
+    small = ["train.train_batch_size=2", "validation.validation_steps=0", "output.report_to=none"]
+    assert lora.cli([str(QUICKSTART), f"output.dir={out}", *overrides, *small]) == 2
+    err = capsys.readouterr().err  # after the progress bar's last redraw, on its line
+    assert "\nerror: training diverged: the loss is NaN/inf since step " in err.replace("\r", "\n"), err[-500:]
+    assert not (out / "checkpoints").exists() and not list(out.glob("*.safetensors"))  # no NaN checkpoint or adapter
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in logged if "loss" in r)
 
 
 # -- several processes (Accelerate DDP over gloo on the CPU) and torch.compile -------------------------------------

@@ -93,3 +93,35 @@ def test_resize_fixed_and_dynamic_ranks_keep_the_scale():
     assert torch.allclose(fixed["m"].delta(), expected, atol=1e-4)
     with pytest.raises(ValueError, match="sv_ratio must be >= 1"):
         resize({"m": m}, 8, "sv_ratio", 0.5)
+
+
+@pytest.mark.parametrize("merge", [merge_linear, merge_concat, lambda p, w: merge_svd(p, w, 2, None)])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_weight_is_refused_before_any_arithmetic(merge, bad):
+    parents = [{"m": module()}, {"m": module()}]
+    with pytest.raises(MergeError, match=r"each must be a finite number"):
+        merge(parents, [1.0, bad])
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("toy-purple:0.8", ("toy-purple", 0.8)),
+        ("runs/quickstart", ("runs/quickstart", 1.0)),
+        ("C:/loras/x.safetensors", ("C:/loras/x.safetensors", 1.0)),  # a colon not before a number is the path's
+        ("toy-purple:-0.5", ("toy-purple", -0.5)),
+    ],
+)
+def test_name_weight_specs_parse(text, expected):
+    from sdtune.adapters.compose import AdapterUse
+
+    use = AdapterUse.parse(text)
+    assert (use.ref, use.weight) == expected
+
+
+@pytest.mark.parametrize("text", ["toy-purple:nan", "toy-purple:inf", "toy-purple:-inf"])
+def test_name_weight_specs_refuse_non_finite_weights(text):
+    from sdtune.adapters.compose import AdapterUse
+
+    with pytest.raises(ValueError, match=f"{text}: the weight .* is not a finite number"):
+        AdapterUse.parse(text)

@@ -129,6 +129,28 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
+# What a run leaves in its output.dir besides the weight files, which a new run replaces anyway.
+RUN_ARTIFACTS = ("adapter.json", "metrics.jsonl", "checkpoints", "samples", "logs", "requests")
+
+
+def clear_previous_run(output_dir: str | Path, resume: str | None, overwrite: bool) -> list[str]:
+    """Before a fresh start: an earlier run in `output_dir` is refused (its checkpoints would mix with this run's and
+    `resume: latest` could pick one of another shape), unless `overwrite`, or `resume` was asked for and found
+    nothing; then its artifacts are removed. Returns the names removed."""
+    from sdtune.trainers.core.recipe import RecipeError
+
+    found = [name for name in RUN_ARTIFACTS if (Path(output_dir) / name).exists()]
+    if found and not (overwrite or resume):
+        raise RecipeError(
+            f"output.dir: {output_dir} already holds a run ({', '.join(found)}); continue it with "
+            "train.resume=latest, choose another output.dir, or set output.overwrite=true to replace it"
+        )
+    for name in found:
+        path = Path(output_dir) / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return found
+
+
 class StopRequest:
     """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the training loop checks after each step.
 

@@ -39,6 +39,11 @@ from sdtune.trainers.core.run_files import take_requests
 from sdtune.trainers.core.runtime import check_replicas_agree, step_seed
 
 LOG_INTERVAL_SECONDS = 2.0  # losses are read from the device and logged at most this often (and at each event)
+NONFINITE_STEPS_LIMIT = 10  # this many steps in a row with a NaN/inf loss: the weights are gone, stop
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss went NaN/inf: nothing more is saved (the last checkpoint stays the last good one)."""
 
 
 class RunLoop:
@@ -65,6 +70,7 @@ class RunLoop:
         self.stopped_early, self.step_times, self._stop = False, [], None
         self._index = 0
         self._unlogged: list[tuple[int, torch.Tensor, float | None, float]] = []  # (step, loss, lr, wall time)
+        self._nonfinite_since: int | None = None  # first step of the current run of NaN/inf losses
         self._logged_at = time.perf_counter()
         self.progress = tqdm(
             total=train.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_main_process
@@ -150,6 +156,7 @@ class RunLoop:
         validation_due = self.validation_steps and state.step % self.validation_steps == 0
         if finished or checkpoint_due or validation_due or asked or now - self._logged_at >= LOG_INTERVAL_SECONDS:
             self._log_losses()
+            self._refuse_diverged(state.step, saving=finished or checkpoint_due)
         if not finished and checkpoint_due:
             with self.models_on_device():
                 self._checkpoint(state.step, requested="save" in asked)
@@ -170,12 +177,27 @@ class RunLoop:
         values = torch.stack([loss for _, loss, _, _ in self._unlogged]).float().tolist()
         state = self.state
         for (step, _, lr, at), step_loss in zip(self._unlogged, values):
+            finite = math.isfinite(step_loss)
+            self._nonfinite_since = None if finite else (self._nonfinite_since or step)
+            if not finite:
+                continue  # kept out of the running loss and the logs (a GradScaler run skips such a step)
             state.last_loss = step_loss if math.isnan(state.last_loss) else 0.9 * state.last_loss + 0.1 * step_loss
             logs = {"loss": step_loss, **({"lr": lr} if lr is not None else {})}
             self.accelerator.log(logs, step=step, log_kwargs={ProgressTracker.name: {"at": at}})
         lr = self._unlogged[-1][2]
         self.progress.set_postfix(loss=f"{state.last_loss:.4f}", **({"lr": f"{lr:.2e}"} if lr else {}))
         self._unlogged, self._logged_at = [], time.perf_counter()
+
+    def _refuse_diverged(self, step: int, saving: bool):
+        """Stops a run whose loss stays NaN/inf, and never saves a checkpoint or adapter made of such steps."""
+        since = self._nonfinite_since
+        if since is None or not (saving or step - since + 1 >= NONFINITE_STEPS_LIMIT):
+            return
+        self.progress.close()  # the error goes on a line of its own
+        raise TrainingDiverged(
+            f"training diverged: the loss is NaN/inf since step {since} (step {step} now), nothing saved from "
+            "there on; lower train.learning_rate (or use bf16/fp32) and resume with train.resume=latest"
+        )
 
     def _checkpoint(self, step: int, requested: bool):
         path = save_checkpoint(self.accelerator, self.out_dir, step, self.train.checkpoints_total_limit)

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sdtune.adapters.base import BaseModelConfig
+from sdtune.adapters.base import BaseModelConfig, PathText
 from sdtune.adapters.schedulers import SchedulerName
 
 
@@ -31,7 +31,7 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
 
 
 # -- base: `BaseModelConfig`, imported above, lives with base loading in sdtune.adapters.base --------------------
@@ -43,12 +43,14 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the training images and captions come from, and how they are prepared."""
 
-    train_data_dir: str | None = Field(
+    train_data_dir: PathText | None = Field(
         None,
         description="A folder of images with same-name caption files, kohya `N_concept` folders, or an HF "
         "imagefolder with metadata.jsonl.",
     )
-    dataset_name: str | None = Field(None, description="A saved HF dataset folder (save_to_disk) or a hub dataset id.")
+    dataset_name: PathText | None = Field(
+        None, description="A saved HF dataset folder (save_to_disk) or a hub dataset id."
+    )
     image_column: str = Field("image", description="Image column of an HF dataset.")
     caption_column: str = Field("text", description="Caption column of an HF dataset / metadata.jsonl.")
     caption_extension: str = Field(".txt", description="Extension of the caption file beside each image.")
@@ -141,7 +143,7 @@ class DreamBoothMethod(LoraParams):
         "name) where it has one; images without one use instance_prompt.",
     )
     class_prompt: str | None = Field(None, description="Prompt of the subject's class, e.g. 'a photo of dog'.")
-    class_data_dir: str | None = Field(
+    class_data_dir: PathText | None = Field(
         None, description="Folder of class images, all used, never modified; the shortfall is generated and cached."
     )
     with_prior_preservation: bool = Field(False, description="Add the class-image loss that keeps the class intact.")
@@ -190,7 +192,7 @@ class ControlNetMethod(_Section):
     """
 
     type: Literal["controlnet"] = "controlnet"
-    controlnet_model_name_or_path: str | None = Field(
+    controlnet_model_name_or_path: PathText | None = Field(
         None,
         description="ControlNet to continue: a diffusers folder or a single .safetensors file (diffusers or original "
         "control_model.* keys). Default: initialise from the base UNet's encoder (ControlNetModel.from_unet).",
@@ -361,7 +363,7 @@ warnings.filterwarnings("ignore", message='Field name "register" in "OutputConfi
 class OutputConfig(_Section):
     """Where the run writes, and what."""
 
-    dir: str = Field(
+    dir: PathText = Field(
         "output", validation_alias=AliasChoices("dir", "output_dir"), description="Run folder (alias output_dir)."
     )
     name: str = Field("sdtune-lora", pattern=r"^[A-Za-z0-9._-]+$", description="Adapter name, used for file names.")
@@ -371,6 +373,11 @@ class OutputConfig(_Section):
     export_check: bool = Field(True, description="After each save, reload every format and compare images.")
     register: bool = Field(
         True, description="At the end, add the adapter to the registry ($SDTUNE_HOME, `sdtune adapters list`)."
+    )
+    overwrite: bool = Field(
+        False,
+        description="Start afresh in a dir that holds an earlier run, removing its checkpoints, samples, logs and "
+        "manifest (otherwise refused, so two runs never mix; train.resume continues one instead).",
     )
 
 

@@ -196,7 +196,7 @@ def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunSt
 
     from sdtune.adapters import quiet_libraries
     from sdtune.adapters.base import resolve_base
-    from sdtune.trainers.core.checkpointing import resolve_resume
+    from sdtune.trainers.core.checkpointing import clear_previous_run, resolve_resume
     from sdtune.trainers.core.recipe import load_recipe, trainer_for
 
     started_at = time.time()
@@ -205,6 +205,8 @@ def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunSt
     if recipe.method.type != method_type:
         raise RecipeError(f"{recipe_file}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
     resume_from = resolve_resume(recipe.output.dir, recipe.train.resume)
+    if resume_from is None:  # every process clears before any can write: they meet first in Accelerator()
+        clear_previous_run(recipe.output.dir, recipe.train.resume, recipe.output.overwrite)
     return RunStart(recipe, resolve_base(recipe.base), resume_from, started_at)
 
 
@@ -283,9 +285,10 @@ def run_cli(main, argv=None) -> int:
     from sdtune.adapters.base import BaseLoadError
     from sdtune.adapters.export_check import ExportCheckError
     from sdtune.trainers.core.data import DataError
+    from sdtune.trainers.core.loop import TrainingDiverged
 
     try:
         return main(argv)
-    except (RecipeError, DataError, BaseLoadError, FileNotFoundError, ExportCheckError) as exc:
+    except (RecipeError, DataError, BaseLoadError, FileNotFoundError, ExportCheckError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
