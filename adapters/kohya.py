@@ -28,15 +28,15 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
+
+from sdtune.adapters.atomic import atomic_path
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"  # SD v1/v2; SDXL uses lora_te1_/lora_te2_.
@@ -475,15 +475,8 @@ def save_kohya_lora(
     }
     metadata = dict(metadata)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(tensors, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".safetensors") as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -9,11 +9,11 @@ refuses a file with missing or unknown keys instead of guessing. The nested sect
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from sdtune.adapters.atomic import atomic_path
 
 MANIFEST_NAME = "adapter.json"
 
@@ -132,12 +132,9 @@ def read_manifest(run_or_file: str | Path) -> AdapterManifest:
 
 def write_json_atomic(path: Path, data: dict):
     """Readers never see half a file: written beside the target, then renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
+    with atomic_path(path, ".json") as tmp, open(tmp, "w") as handle:
         json.dump(data, handle, indent=2, default=str)
         handle.write("\n")
-    os.replace(tmp, path)
 
 
 def write_manifest(run_dir: str | Path, manifest: AdapterManifest) -> Path:

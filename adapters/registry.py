@@ -394,13 +394,14 @@ class Registry:
             write_json_atomic(folder / REGISTRY_SIDECAR, {**self._sidecar(folder), key: value})
 
     def export(self, name: str, dest: str | Path, fmt: str | None = None, overwrite: bool = False) -> list[Path]:
-        """Copies an adapter's files out: one format's file to `dest` (a file or folder), or the whole folder. An
-        existing file is replaced only with `overwrite`."""
+        """Copies an adapter's files out: one format's file to `dest` (a file, or a folder: an existing one or a path
+        ending in "/"), or the whole folder. An existing file is replaced only with `overwrite`."""
         entry = self.get(name)
+        into_folder = str(dest).endswith(("/", os.sep))
         dest = Path(dest)
         if fmt is not None:
             source = self.file(name, fmt)
-            target = dest / source.name if dest.is_dir() else dest
+            target = dest / source.name if dest.is_dir() or into_folder else dest
             if target.exists() and not overwrite:
                 raise RegistryError(f"export: {target} already exists; choose another path or pass --overwrite")
             copy_into(source, target)

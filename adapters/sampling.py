@@ -9,8 +9,6 @@ same prompt, seed and settings give the same pixels whatever else is in the run.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from sdtune.adapters.atomic import atomic_path
 from sdtune.adapters.compose import split_number  # noqa: F401 - the parser of NAME:WEIGHT, used here too
 from sdtune.adapters.schedulers import SCHEDULER_NAMES, SCHEDULERS, a1111_sampler_name
 
@@ -246,12 +245,5 @@ def save_png(sample: Sample, path: str | Path):
 
 def save_png_atomic(image: Image.Image, path: Path, **kwargs):
     """A reader (the studio, a half-finished run) never sees a half-written PNG: write beside it, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".png") as tmp:
         image.save(tmp, format="PNG", **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

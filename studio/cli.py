@@ -302,7 +302,7 @@ def _adapters_parser(sub):
     c.set_defaults(run=run_adapters_import)
     c = cmds.add_parser("export", help="Copy an adapter's file (or whole folder) out of the registry.")
     c.add_argument("name")
-    c.add_argument("dest", type=Path)
+    c.add_argument("dest", help='A file, or a folder (an existing one, or a path ending in "/").')
     c.add_argument("--format", dest="fmt", help="peft, kohya, controlnet, diffusers, single_file (default: all).")
     c.add_argument("--overwrite", action="store_true", help="Replace an existing file (one format only).")
     c.set_defaults(run=lambda a: _print_lines(api.export_adapter(a.name, a.dest, a.fmt, a.overwrite)))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdtune.adapters.manifest import AdapterManifest, BaseRef, read_manifest, write_manifest
 from sdtune.adapters.registry import Registry, RegistryError, sdtune_home
@@ -147,6 +148,8 @@ def test_export_one_format_or_the_whole_folder(registry, tmp_path):
     assert (
         registry.export("toy-purple", notes, fmt="peft", overwrite=True) == [notes] and notes.read_bytes() == b"peft"
     )
+    new_folder = f"{tmp_path}/new/"  # a path ending in "/" is a folder, made if missing
+    assert registry.export("toy-purple", new_folder, fmt="kohya") == [tmp_path / "new" / "toy-purple.safetensors"]
 
 
 def test_a_failing_add_leaves_nothing(registry, tmp_path):
@@ -261,3 +264,20 @@ def test_cli_list_show_tag_export_rm_check(tmp_path, monkeypatch, capsys):
     assert run("adapters", "check") == "registry ok: index and folders agree\n"
     with pytest.raises(SystemExit, match="sdtune adapters: no adapter named 'toy-purple'"):
         cli.main(["adapters", "show", "toy-purple"])
+
+
+def test_atomic_writes_get_the_mode_open_gives(tmp_path):
+    """mkstemp's 0600 kept other accounts (an A1111 running as another user) from reading weights and images."""
+    import os
+
+    from PIL import Image
+
+    from sdtune.adapters.atomic import UMASK
+    from sdtune.adapters.kohya import save_kohya_lora
+    from sdtune.adapters.sampling import save_png_atomic
+
+    save_kohya_lora(tmp_path / "a.safetensors", {"lora_unet_x.alpha": torch.tensor(1.0)}, {})
+    save_png_atomic(Image.new("RGB", (4, 4)), tmp_path / "a.png")
+    for name in ("a.safetensors", "a.png"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~UMASK, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a.safetensors"]  # no temp file left

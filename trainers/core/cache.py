@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdtune.adapters.atomic import atomic_path
 from sdtune.trainers.core.diffusion import host_to_device
 
 
@@ -79,10 +79,8 @@ class LatentCache:
             return None
 
     def put(self, key: str, mean: torch.Tensor, std: torch.Tensor):
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, tmp)
-        os.replace(tmp, self.path(key))
+        with atomic_path(self.path(key), ".safetensors") as tmp:
+            save_file({"mean": mean.contiguous(), "std": std.contiguous()}, tmp)
 
 
 @torch.no_grad()

@@ -1,0 +1,38 @@
+"""Atomic file writes: a temp file beside the target, renamed over it, so a reader (the studio, another tool, a run
+resumed after a crash) never sees half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[str]:
+    """A temp path beside `path` to write; renamed over `path` when the block succeeds, removed when it fails.
+
+    The file ends with the mode a plain `open()` would give it: mkstemp's 0600 would keep other accounts (an
+    A1111 or ComfyUI running as another user, a web server) from reading the weights and images.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
