@@ -21,6 +21,7 @@ ComfyUI) and is registered with its parents, weights and method in its manifest.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -271,17 +272,24 @@ def bake(base: str, adapters: list, out_folder: str | Path, single_file: str | P
         adapters: `compose.AdapterUse` items (registry names or paths, weights, block weights).
         single_file: also write the original-layout `.safetensors` checkpoint A1111/ComfyUI load.
     """
-    from sdtune.adapters.compose import PipelineSpec, build
+    from sdtune.adapters.base import DEFAULT_GUIDANCE, recommended_guidance
+    from sdtune.adapters.compose import PipelineSpec, build, resolve_base_ref
     from sdtune.adapters.single_file import convert
 
     out_folder = Path(out_folder)
     if out_folder.exists():
         raise MergeError(f"bake: {out_folder} exists; choose a new folder")
+    blocked = next((p for p in out_folder.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise MergeError(f"bake: {blocked} is a file, not a folder; choose another place for {out_folder.name}")
     composer = build(PipelineSpec(base=base, adapters=adapters, device="cpu", dtype="fp32", fuse=True))
     pipe = composer.pipe
     pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers: a plain model to save
     tmp = out_folder.with_name(f".tmp-{out_folder.name}")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    guidance = recommended_guidance(resolve_base_ref(base))
+    if guidance != DEFAULT_GUIDANCE:  # the base's own sampling advice holds for the baked model too (toy: 3.0)
+        (tmp / "sdtune.json").write_text(json.dumps({"guidance_scale": guidance}, indent=2) + "\n")
     tmp.rename(out_folder)
     written = [out_folder]
     if single_file is not None:

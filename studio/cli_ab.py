@@ -130,9 +130,13 @@ def _tally_line(t: dict) -> str:
     votes = f"A {t['a']}, B {t['b']}, tie {t['tie']}"
     if not t["decisive"]:
         return f"{votes}: no decisive vote yet ({t['remaining']} of {t['pairs']} pairs to vote)"
+    # the side ahead is named, with A's share and interval flipped for B ("A preferred in 0%" read as a riddle)
+    side, share, low, high = ("A", t["share_a"], t["ci_low"], t["ci_high"])
+    if t["share_a"] < 0.5:
+        side, share, low, high = ("B", 1 - t["share_a"], 1 - t["ci_high"], 1 - t["ci_low"])
     return (
-        f"{votes}: A preferred in {t['share_a']:.0%} of {t['decisive']} decisive votes "
-        f"(95% Wilson interval {t['ci_low']:.2f}-{t['ci_high']:.2f}): {t['verdict']}; {t['remaining']} of {t['pairs']} pairs left to vote"
+        f"{votes}: {side} preferred in {share:.0%} of {t['decisive']} decisive votes "
+        f"(95% Wilson interval {low:.2f}-{high:.2f}): {t['verdict']}; {t['remaining']} of {t['pairs']} pairs left to vote"
     )
 
 

@@ -285,7 +285,8 @@ def test_blind_order_votes_and_restart(tmp_path, purple_lora, renderer):
     assert proc.returncode == 0, proc.stderr
     final = ab.ABStore(tmp_path).tally(blind)
     assert final["tie"] == 0 and final["a"] + final["b"] == len(PROMPTS) * len(SEEDS)
-    assert proc.stdout.startswith(f"A {final['a']}, B {final['b']}, tie 0: A preferred in")
+    ahead = "A" if final["a"] >= final["b"] else "B"
+    assert proc.stdout.startswith(f"A {final['a']}, B {final['b']}, tie 0: {ahead} preferred in")
     proc = subprocess.run([*cli, "show", blind], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and "? | ?" not in proc.stdout and "vote: right" in proc.stdout, proc.stderr
 
@@ -404,3 +405,14 @@ def test_wrong_sides_fail_before_rendering(tmp_path, quickstart_run):
     with pytest.raises(ab.ABError, match="a LoRA is no base; write BASE\\+tp, e.g. toy\\+tp"):
         ab.compare("tp", "toy", settings, store=ab.ABStore(tmp_path), renderer=renderer)
     assert renderer._composers == {}  # nothing was loaded
+
+
+def test_the_tally_line_names_the_side_ahead():
+    from sdtune.studio.cli_ab import _tally_line
+
+    tally = {"a": 0, "b": 1, "tie": 0, "decisive": 1, "share_a": 0.0, "ci_low": 0.0, "ci_high": 0.79}
+    tally |= {"verdict": "no clear preference yet", "remaining": 3, "pairs": 4}
+    assert _tally_line(tally) == (
+        "A 0, B 1, tie 0: B preferred in 100% of 1 decisive votes (95% Wilson interval 0.21-1.00): "
+        "no clear preference yet; 3 of 4 pairs left to vote"
+    )

@@ -155,8 +155,8 @@ def test_svd_merge_keeps_each_parents_concept(measured, names):
 
 
 def test_bake_writes_a_full_model_that_draws_like_the_fused_adapters(composer, names, tmp_path):
-    from sdtune.adapters.base import load_pipeline
-    from sdtune.adapters.merge import bake
+    from sdtune.adapters.base import load_pipeline, recommended_guidance
+    from sdtune.adapters.merge import MergeError, bake
 
     composer.set([AdapterUse(names["purple"], 0.8)])
     expected = pixels(composer.pipe)
@@ -167,6 +167,10 @@ def test_bake_writes_a_full_model_that_draws_like_the_fused_adapters(composer, n
         pipe = load_pipeline(str(model))
         pipe.set_progress_bar_config(disable=True)
         assert np.abs(pixels(pipe) - expected).max() <= 2, model
+    assert recommended_guidance(str(folder)) == recommended_guidance("toy") == 3.0  # the toy's advice kept
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(MergeError, match="a-file is a file, not a folder"):
+        bake("toy", [AdapterUse(names["purple"], 0.8)], tmp_path / "a-file" / "baked")
 
 
 def test_sample_takes_registry_names(names, tmp_path, purple_run):

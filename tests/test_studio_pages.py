@@ -451,6 +451,8 @@ def test_ab_page_controlnet_with_a_control_image_per_side(home, quickstart_run, 
     )
     captions = [c for image in at.image for c in image.captions]
     assert "control image of B" in captions and "A: no ControlNet" in texts(at, "caption")
+    assert "A" in captions and "A = A" not in captions  # an open comparison: no vote panel, no riddles
+    assert not [m for m in at.metric if m.label.startswith("Votes")]
 
 
 def test_control_image_uploads_are_checked_and_kept_once(home):

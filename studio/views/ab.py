@@ -111,7 +111,10 @@ def _comparison(comparison_id: str):
         data = api.ab_get(comparison_id)
         st.subheader(f"Comparison {data['id']}")
         st.caption(f"A = {data['a']}   |   B = {data['b']}")
-        _tally(api.ab_tally(comparison_id))
+        if data["blind"]:  # votes are for blind comparisons; an open one shows its scores instead
+            _tally(api.ab_tally(comparison_id))
+        else:
+            _mean_scores(data["pairs"])
         _control_images(data.get("control_images"))
         if not data["blind"] and data.get("grid"):
             st.image(data["grid"], caption="A | B", width="stretch")
@@ -144,6 +147,14 @@ def _tally(tally: dict):
         st.info(tally["verdict"])
 
 
+def _mean_scores(pairs: list[dict]):
+    """The toy-world scorer's mean per side, when the comparison was scored."""
+    for column, side, name in zip(st.columns(2), ("left", "right"), ("A", "B")):
+        scores = [p[f"score_{side}"] for p in pairs if p.get(f"score_{side}") is not None]
+        if scores:
+            column.metric(f"{name}: mean score", f"{sum(scores) / len(scores):.2f}", help=f"over {len(scores)} images")
+
+
 def _pair(comparison_id: str, pair: dict, blind: bool):
     number = pair["pair"] + 1  # pairs are numbered from 0 in the store, from 1 on screen
     st.markdown(f"**{number}. {pair['prompt']}** (seed {pair['seed']})")
@@ -151,7 +162,7 @@ def _pair(comparison_id: str, pair: dict, blind: bool):
     names = ("left", "right") if blind else ("A", "B")
     for column, side, name in zip((left, right), ("left", "right"), names):
         revealed = pair.get(f"{side}_is")
-        caption = name + (f" = {revealed.upper()}" if revealed else "")
+        caption = name + (f" = {revealed.upper()}" if revealed and blind else "")
         score = pair.get(f"score_{side}")
         caption += f" | score {score:.2f}" if score is not None else ""
         column.image(pair[side], caption=caption, width=PAIR_WIDTH)
