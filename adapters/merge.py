@@ -239,7 +239,12 @@ def resize_into_registry(
     registry=None,
 ):
     """Resizes a LoRA (sd-scripts resize_lora semantics) into a new registered LoRA."""
-    modules, stats = resize(load_modules(parent, registry), max_rank, dynamic, param)
+    try:
+        modules, stats = resize(load_modules(parent, registry), max_rank, dynamic, param)
+    except MergeError:
+        raise
+    except ValueError as exc:  # lowrank's checks of the rank and the dynamic method, as one line
+        raise MergeError(f"resize {parent}: {exc}") from None
     origin = {
         "kind": "merged",
         "merge_method": "resize",

@@ -244,14 +244,15 @@ def _registry():
 
 
 def _studio_errors():
-    """The registry's, importer's and merger's one-line errors, as `StudioError`."""
+    """The registry's, importer's, merger's and base loader's one-line errors, as `StudioError`."""
+    from sdtune.adapters.base import BaseLoadError
     from sdtune.adapters.compose import ComposeError
     from sdtune.adapters.export_check import ExportCheckError
     from sdtune.adapters.importer import ImportRefused
     from sdtune.adapters.merge import MergeError
     from sdtune.adapters.registry import RegistryError
 
-    return (RegistryError, ImportRefused, MergeError, ComposeError, ExportCheckError, FileNotFoundError)
+    return (RegistryError, ImportRefused, MergeError, ComposeError, ExportCheckError, FileNotFoundError, BaseLoadError)
 
 
 def _call(function, *args, **kwargs):

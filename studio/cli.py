@@ -33,6 +33,7 @@ from pathlib import Path
 
 from sdtune.adapters import quiet_libraries
 from sdtune.studio import api, cli_ab, jobs, launch, worker
+from sdtune.studio.cli_ab import positive_int
 
 EPILOG = (
     "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml (or trainers/controlnet.py), or queue "
@@ -67,15 +68,15 @@ def _sample_parser(sub):
     p.add_argument("--prompts-file", type=Path, help="Text file with one prompt per line.")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", action="append", type=int, default=[], help="Seed; repeatable (default: 0).")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument(
         "--guidance",
         type=float,
         default=None,
         help="Classifier-free guidance (default: the base's recommended: 7.5 for SD v1-5, 3 for the toy base).",
     )
-    p.add_argument("--width", type=int, default=None, help="Default: the base's native size.")
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=positive_int, default=None, help="Default: the base's native size.")
+    p.add_argument("--height", type=positive_int, default=None)
     p.add_argument("--scheduler", default="default", choices=api.scheduler_names())
     p.add_argument("--out", type=Path, default=Path("samples"), help="Folder for the PNGs (default: samples/).")
     p.add_argument("--grid", action="store_true", help="Also write grid.png: a labelled contact sheet.")
@@ -169,7 +170,9 @@ def _extract_parser(sub):
     p = sub.add_parser("extract-lora", help="A LoRA from the weight delta of a fine-tune (SVD), in both formats.")
     p.add_argument("base", help="The base the fine-tune started from (toy, a folder, a .safetensors, a hub id).")
     p.add_argument("tuned", help="The fine-tuned model (e.g. a DreamBooth run's diffusers/ folder).")
-    p.add_argument("--rank", type=int, default=32, help="LoRA rank: higher keeps more of the fine-tune (default 32).")
+    p.add_argument(
+        "--rank", type=positive_int, default=32, help="LoRA rank: higher keeps more of the fine-tune (default 32)."
+    )
     p.add_argument("--out", type=Path, required=True, help="Folder for the PEFT and kohya files.")
     p.add_argument("--dtype", choices=api.DTYPE_NAMES, default="fp16", help="dtype of the saved files.")
     p.set_defaults(run=run_extract)
@@ -322,15 +325,15 @@ def _adapters_parser(sub):
     c.add_argument("parents", nargs="+")
     c.add_argument("--weights", nargs="+", type=float, help="One per parent (default: 1 each).")
     c.add_argument("--method", choices=["linear", "concat", "svd"], default="svd")
-    c.add_argument("--rank", type=int, help="svd: target rank.")
-    c.add_argument("--conv-rank", type=int, help="svd: target rank of 3x3 convs (default: --rank).")
+    c.add_argument("--rank", type=positive_int, help="svd: target rank.")
+    c.add_argument("--conv-rank", type=positive_int, help="svd: target rank of 3x3 convs (default: --rank).")
     c.add_argument("--base", default="toy")
     c.add_argument("--prompt", default="a photo", help="Prompt of the export check's image.")
     c.set_defaults(run=run_adapters_merge)
     c = cmds.add_parser("resize", help="Resize a LoRA's rank into a new registered LoRA (sd-scripts resize_lora).")
     c.add_argument("name")
     c.add_argument("parent")
-    c.add_argument("--rank", type=int, required=True, help="The (maximum) new rank.")
+    c.add_argument("--rank", type=positive_int, required=True, help="The (maximum) new rank.")
     c.add_argument("--dynamic", nargs=2, metavar=("METHOD", "PARAM"), help="sv_ratio R | sv_fro F | sv_cumulative F")
     c.add_argument("--base", default="toy")
     c.add_argument("--prompt", default="a photo")

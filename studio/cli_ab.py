@@ -20,6 +20,18 @@ from pathlib import Path
 
 from sdtune.studio import api
 
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: 0 steps divided by zero, a 0 width fell back to the default unsaid."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 AB_ACTIONS = ("vote", "show", "list")
 
 
@@ -45,13 +57,13 @@ def add_ab_parser(sub):
         "--seed", action="append", type=int, default=[], help="Seed; repeatable (default 0; checkpoints 0-3)."
     )
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance", type=float, default=None, help="Default: the base's recommended scale.")
     p.add_argument("--scheduler", default="default", choices=api.scheduler_names())
     p.add_argument("--size", type=_size, default=None, metavar="N|WxH", help="Image size (default: the base's).")
     p.add_argument("--blind", action="store_true", help="Shuffle the sides per pair; vote without knowing which.")
     p.add_argument("--score", default=None, help="Toy-world scorer: toy, toy:COLOR or toy:COLOR:SHAPE.")
-    p.add_argument("--limit", type=int, default=50, help="list: how many.")
+    p.add_argument("--limit", type=positive_int, default=50, help="list: how many.")
     p.set_defaults(run=run_ab)
 
 

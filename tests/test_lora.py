@@ -410,6 +410,8 @@ BAD_INPUTS = [
     (["base=missing.safetensors"], "base: file missing.safetensors not found"),
     (["data.train_data_dir="], "data.train_data_dir: empty: give a path or id"),  # not the current folder
     (["train.learning_rate=inf"], "train.learning_rate: Input should be a finite number"),
+    (["validation.prompts=["], "override 'validation.prompts=[': the value is not valid YAML"),
+    (["output.dir={bad}/a.png"], "a.png is a file, not a folder; choose another output.dir"),
 ]
 
 
@@ -449,6 +451,23 @@ def test_an_earlier_run_in_output_dir_is_refused_unless_resumed_or_overwritten(t
     assert [p.name for p in out.iterdir()] == ["toy-purple.safetensors"]  # the new run replaces the weights
     (out / "metrics.jsonl").write_text("{}\n")  # an attempt that died before its first checkpoint...
     assert clear_previous_run(out, "latest", overwrite=False) == ["metrics.jsonl"]  # ...restarts clean
+
+
+def test_a_damaged_checkpoint_is_named_and_an_emptied_one_skipped(tmp_path, capsys):
+    from sdtune.trainers import lora
+    from sdtune.trainers.core.checkpointing import list_checkpoints
+
+    out = tmp_path / "out"
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-2" / "trainable_0.safetensors").write_bytes(b"torn")
+    (out / "checkpoints" / "checkpoint-4").mkdir()  # emptied, as a crash of another tool might leave it
+    assert list_checkpoints(out) == [out / "checkpoints" / "checkpoint-2"]
+    small = ["train.train_batch_size=2", "validation.validation_steps=0", "output.report_to=none"]
+    assert lora.cli([str(QUICKSTART), f"output.dir={out}", "train.resume=latest", *small]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    [line] = [e for e in err if e.startswith("error: ")]
+    assert line.startswith(f"error: train.resume: {out}/checkpoints/checkpoint-2 cannot be loaded (")
+    assert line.endswith("resume from an earlier checkpoint-N, or start afresh with output.overwrite=true")
 
 
 def test_a_diverged_run_stops_in_one_line_and_saves_no_nan(tmp_path, capsys):

@@ -151,3 +151,21 @@ def test_bad_file_or_override(tmp_path, content, overrides, message):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("data:\n  trigger_word: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1.yaml: not UTF-8 text; save the recipe as UTF-8"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    "argv", [["sample", "--prompt", "x", "--steps", "0"], ["sample", "--prompt", "x", "--width", "0"]]
+)
+def test_cli_counts_and_sizes_must_be_positive(argv, capsys):
+    from sdtune.studio import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2 and "must be >= 1" in capsys.readouterr().err

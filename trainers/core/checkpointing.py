@@ -185,7 +185,16 @@ class StopRequest:
 def restore_checkpoint(accelerator, resume_from: Path | None, resume: str | None, output_dir: str | Path, state):
     """Loads `resume_from` into the prepared models, optimizer, scheduler and `state`; says what it did."""
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except Exception as exc:  # torn files, or the checkpoint of another recipe (rank, preset, optimizer)
+            from sdtune.trainers.core.recipe import RecipeError
+
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise RecipeError(
+                f"train.resume: {resume_from} cannot be loaded ({detail}): it is damaged or was saved by a recipe "
+                "of another shape; resume from an earlier checkpoint-N, or start afresh with output.overwrite=true"
+            ) from None
         accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
     elif resume:
         accelerator.print(f"train.resume={resume}: no checkpoint in {checkpoints_dir(output_dir)} yet, starting fresh")

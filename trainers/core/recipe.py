@@ -443,7 +443,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"override {text!r}: expected section.key=value, e.g. train.lr=1e-4")
     path, raw = text.split("=", 1)
-    value = _yaml(raw) if raw.strip() else ""
+    try:
+        value = _yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     # YAML 1.1 reads "1e-4" as a string; a number the user meant is a number.
     if isinstance(value, str):
         try:
@@ -568,7 +571,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
         try:
-            data = _yaml(path.read_text()) or {}
+            data = _yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

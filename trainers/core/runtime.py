@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -204,6 +205,10 @@ def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunSt
     recipe = load_recipe(recipe_file, overrides)
     if recipe.method.type != method_type:
         raise RecipeError(f"{recipe_file}: method.type is {recipe.method.type!r}: {trainer_for(recipe.method.type)}")
+    out = Path(recipe.output.dir).expanduser()
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # found now, not after the models loaded
+        raise RecipeError(f"output.dir: {blocked} is a file, not a folder; choose another output.dir")
     resume_from = resolve_resume(recipe.output.dir, recipe.train.resume)
     if resume_from is None:  # every process clears before any can write: they meet first in Accelerator()
         clear_previous_run(recipe.output.dir, recipe.train.resume, recipe.output.overwrite)
