@@ -59,9 +59,18 @@ def make_grid(
         for c, image in enumerate(images):
             if image is None:
                 continue
-            scale = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
-            sheet.paste(image.resize((cell - 4, cell - 4), scale), (label_w + c * cell + 2, y + 2))
+            fitted = fit(image, cell - 4)
+            x0, y0 = label_w + c * cell + 2 + (cell - 4 - fitted.width) // 2, y + 2 + (cell - 4 - fitted.height) // 2
+            sheet.paste(fitted, (x0, y0))
     return sheet
+
+
+def fit(image: Image.Image, box: int) -> Image.Image:
+    """`image` scaled to fit a `box` x `box` cell, keeping its aspect ratio (a 512x768 sample stays portrait)."""
+    scale = box / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    return image.resize(size, resample)
 
 
 def save_grid(image: Image.Image, path: str | Path):

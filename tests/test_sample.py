@@ -128,6 +128,10 @@ def test_grid_labels_layout():
     grid = contact_sheet.make_grid(images, ["a prompt"], ["seed 0", "seed 1"], title="t")
     assert grid.size == (200 + 2 * 160, 60 + 160)
     assert grid.getpixel((200 + 80, 60 + 80)) == (255, 0, 0)  # cell 0 holds the first image, scaled up
+    portrait = contact_sheet.make_grid([[Image.new("RGB", (512, 768), "red")]], ["p"], ["s"])
+    red = np.argwhere(np.all(np.asarray(portrait) == (255, 0, 0), axis=-1))
+    height, width = red.max(0) - red.min(0) + 1
+    assert (height, width) == (156, 104)  # a 512x768 sample keeps its 2:3 shape in its cell
 
 
 def test_doctor_lists_machine_and_recipes(capsys):
