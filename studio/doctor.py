@@ -14,7 +14,7 @@ import torch
 
 from sdtune.adapters.base import resolve_base
 from sdtune.studio.versions import versions_section
-from sdtune.trainers.core.estimate import GB, estimate_run
+from sdtune.trainers.core.estimate import GB, estimate_run, size_text
 from sdtune.trainers.core.recipe import TRAINERS, RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -81,7 +81,7 @@ def recipe_fit_lines(device: str, budget: float) -> list[str]:
             verdict = "fits"
         else:
             verdict = "too big"
-        lines.append(f"  {path.name:34s} ~{estimate.memory_bytes / GB:5.1f} GB  {verdict}")
+        lines.append(f"  {path.name:34s} ~{size_text(estimate.memory_bytes):>7s}  {verdict}")
     return lines or [f"  (no recipes found in {RECIPES})"]
 
 

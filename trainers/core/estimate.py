@@ -42,9 +42,14 @@ class RunEstimate:
     def summary(self, steps: int) -> str:
         total = self.seconds_per_step * steps
         return (
-            f"estimated: {self.memory_bytes / GB:.1f} GB peak on {self.device}, ~{self.seconds_per_step:.2f} s/step, "
+            f"estimated: {size_text(self.memory_bytes)} peak on {self.device}, ~{self.seconds_per_step:.2f} s/step, "
             f"~{_duration(total)} for {steps} steps (rough: bench/ measures)"
         )
+
+
+def size_text(size: float) -> str:
+    """GB, or MB below 1 GB (the toy base's few MB read "0.0 GB")."""
+    return f"{size / GB:.1f} GB" if size >= GB else f"{size / 2**20:.0f} MB"
 
 
 def _duration(seconds: float) -> str:
