@@ -288,6 +288,13 @@ def error_missing_folder(tmp_path):
     return cfg_for(train_data_dir=str(tmp_path / "nope")), rf"^data.train_data_dir: folder not found: {tmp_path}/nope$"
 
 
+def error_data_dir_is_a_file(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    return cfg_for(
+        train_data_dir=str(tmp_path / "a.png")
+    ), rf"^data.train_data_dir: a file, not a folder: {tmp_path}/a.png$"
+
+
 def error_both_sources(tmp_path):
     return cfg_for(train_data_dir=str(tmp_path), dataset_name="x/y"), r"^data: set exactly one of .* got both$"
 
@@ -335,6 +342,7 @@ def error_bad_template(tmp_path):
         error_all_bad,
         error_empty_folder,
         error_missing_folder,
+        error_data_dir_is_a_file,
         error_both_sources,
         error_no_source,
         error_missing_caption_column,

@@ -151,6 +151,8 @@ def test_bad_file_or_override(tmp_path, content, overrides, message):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="a folder, not a recipe file"):
+        load_recipe(tmp_path)
 
 
 def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):

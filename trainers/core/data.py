@@ -570,7 +570,8 @@ def scan_dataset(cfg: DataConfig) -> DatasetScan:
     if cfg.train_data_dir is not None:
         key, where = "data.train_data_dir", Path(cfg.train_data_dir).expanduser()
         if not where.is_dir():
-            raise DataError(f"data.train_data_dir: folder not found: {where}")
+            found = "a file, not a folder" if where.exists() else "folder not found"
+            raise DataError(f"data.train_data_dir: {found}: {where}")
         if any(next(where.rglob(name), None) for name in METADATA_FILES):
             records, skipped, kind = _scan_imagefolder(where, cfg)
         else:

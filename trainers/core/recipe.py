@@ -569,7 +569,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise RecipeError(f"{path}: recipe file not found")
+            raise RecipeError(
+                f"{path}: " + ("a folder, not a recipe file" if path.is_dir() else "recipe file not found")
+            )
         try:
             data = _yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
