@@ -356,6 +356,8 @@ def run_adapters_list(args) -> int:
     rows = api.list_adapters(base=args.base, method=args.method, tag=args.tag, trigger=args.trigger)
     if args.json:
         return _print_json(rows)
+    if rows:
+        print(f"{'name':<28} {'method':<11} {'origin':<9} {'base':<24} triggers, #tags")
     for row in rows:
         extras = ", ".join(filter(None, [",".join(row["trigger_words"]), " ".join(f"#{t}" for t in row["tags"])]))
         print(f"{row['name']:<28} {row['method']:<11} {row['origin']:<9} {row['base']:<24} {extras}")
@@ -395,7 +397,7 @@ def run_adapters_merge(args) -> int:
         args.name, args.parents, args.weights, method=args.method, rank=args.rank, conv_rank=args.conv_rank,
         base=args.base, prompt=args.prompt,
     )  # fmt: skip
-    print(f"registered {entry['name']} ({entry['folder']})")
+    _print_made(entry)
     return 0
 
 
@@ -404,8 +406,18 @@ def run_adapters_resize(args) -> int:
     entry = api.resize_adapter(
         args.name, args.parent, args.rank, dynamic=method, param=param, base=args.base, prompt=args.prompt
     )
-    print(f"registered {entry['name']} ({entry['folder']})")
+    _print_made(entry)
     return 0
+
+
+def _print_made(entry: dict):
+    """What a merge or resize made: its ranks (a dynamic resize picks them per module) and what it keeps."""
+    manifest = api.show_adapter(entry["name"])["manifest"]
+    ranks = manifest["training"].get("ranks") or []
+    kept = (manifest.get("origin") or {}).get("params", {}).get("mean_fro_kept")
+    detail = f"ranks {min(ranks)}-{max(ranks)}" if len(ranks) > 1 else f"rank {ranks[0]}" if ranks else ""
+    detail += f", {kept:.1%} of the weight norm kept on average" if kept is not None else ""
+    print(f"registered {entry['name']} ({detail}; {entry['folder']})")
 
 
 def _bake_parser(sub):

@@ -252,7 +252,9 @@ def test_cli_list_show_tag_export_rm_check(tmp_path, monkeypatch, capsys):
     assert run("adapters", "tag", "toy-star", "shapes", "draft") == "draft shapes\n"
     assert run("adapters", "tag", "toy-star", "--remove", "draft") == "shapes\n"
     listed = run("adapters", "list", "--trigger", "star")
-    assert listed.startswith("toy-star") and "#shapes" in listed and "toy-purple" not in listed
+    header, row = listed.splitlines()
+    assert header.split() == ["name", "method", "origin", "base", "triggers,", "#tags"]
+    assert row.startswith("toy-star") and "#shapes" in row and "toy-purple" not in listed
     rows = json.loads(run("adapters", "list", "--method", "lora", "--json"))
     assert sorted(r["name"] for r in rows) == ["toy-purple", "toy-star"]
     shown = json.loads(run("adapters", "show", "toy-purple"))
