@@ -293,6 +293,8 @@ def test_registry_page_browse_tag_delete(home):
     at = page("registry")
     assert at.selectbox(key="reg-selected").value == "toy-purple"
     assert len(at.image) == 1 and at.image[0].captions == ["ab_grid"]
+    downloads = [d.proto.label for d in at.get("download_button")]
+    assert downloads == ["Download pytorch_lora_weights.safetensors (peft)", "Download toy-purple.safetensors (kohya)"]
     at.text_input(key="tags-add-toy-purple").set_value("favourite colour")
     at = at.button(key="FormSubmitter:tags-toy-purple-Update tags").click().run()
     assert api.show_adapter("toy-purple")["tags"] == ["colour", "favourite"]

@@ -60,9 +60,10 @@ def _browse(adapters: list[dict]):
     grids = [(label, folder / file) for label, file in manifest["samples"].items() if (folder / file).is_file()]
     for label, path in grids[:2]:
         st.image(str(path), caption=label, width="stretch")
+    _downloads(folder, manifest["files"])
     if manifest.get("scores"):
         st.subheader("Scores")
-        st.json(manifest["scores"])
+        st.json(manifest["scores"], expanded=1)
     with st.expander("Manifest (adapter.json)"):
         st.json(manifest)
     _tags(name, detail.get("tags", []))
@@ -88,6 +89,19 @@ def _delete(name: str):
                 api.remove_adapter(name)
                 flash(f"deleted {name}")
                 st.rerun()
+
+
+DOWNLOAD_LIMIT = 512 * 2**20  # a LoRA is MBs; a full model or ControlNet (GBs) is exported with the CLI instead
+
+
+def _downloads(folder: Path, files: dict[str, str]):
+    """A download button per weight file small enough to pass through the browser (read when clicked)."""
+    small = [(fmt, folder / name) for fmt, name in files.items() if (folder / name).is_file()]
+    small = [(fmt, path) for fmt, path in small if path.stat().st_size <= DOWNLOAD_LIMIT]
+    for column, (fmt, path) in zip(st.columns(max(len(small), 1)), small):
+        column.download_button(
+            f"Download {path.name} ({fmt})", path.read_bytes, file_name=path.name, key=f"download-{fmt}"
+        )
 
 
 def _import():
