@@ -160,6 +160,7 @@ def recipe_overrides(model, data, res: int, batch: int, steps: int, precision: s
         f"output.dir={out}",
         "output.report_to=none",
         "output.register=false",
+        "output.overwrite=true",  # a bench re-run replaces its last run
     ]
 
 

@@ -217,6 +217,7 @@ class Suite:
                 "output.export_check=false",
                 "output.register=false",
                 f"output.dir={run / 'out'}",
+                "output.overwrite=true",
                 *([] if self.cuda else ["train.mixed_precision=no", "train.optimizer=adamw"]),
             ]
             if "dreambooth" in preset:

@@ -99,6 +99,7 @@ def sdtune_run(model, instance, klass, res, batch, steps, rank, mode, s, out: Pa
         "output.export_check=false",
         "output.report_to=none",
         "output.register=false",
+        "output.overwrite=true",  # a bench re-run replaces its last run
         f"output.dir={out}",
     ]
     return measured(str(ROOT / "trainers" / "dreambooth.py"), args, out / "measure.json", ROOT)
