@@ -225,7 +225,8 @@ def generate(pipe, settings: list[SampleSettings], model_name: str = "base", ext
                 **_control_arguments(pipe, s, width, height),
             ).images[0]
             extra = {**(extra_parameters or {}), **control_parameters(s)}
-            samples.append(Sample(image, s, a1111_parameters(s, width, height, model_name, extra)))
+            sampler = {"Sampler": a1111_sampler_name(s.scheduler, type(pipe.scheduler).__name__)}
+            samples.append(Sample(image, s, a1111_parameters(s, width, height, model_name, {**sampler, **extra})))
     finally:
         pipe.scheduler = original
     return samples

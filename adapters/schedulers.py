@@ -20,6 +20,10 @@ SCHEDULER_NAMES = ("default", *SCHEDULERS)
 SchedulerName = Literal[SCHEDULER_NAMES]  # the recipe field's type, built from the same table
 
 
-def a1111_sampler_name(name: str) -> str:
-    """The sampler as A1111 writes it in a PNG's parameters ("Default" for the base's own)."""
-    return SCHEDULERS[name][2] if name in SCHEDULERS else "Default"
+def a1111_sampler_name(name: str, scheduler_class: str | None = None) -> str:
+    """The sampler as A1111 writes it in a PNG's parameters; for `default`, the name of the base's own scheduler
+    class when the table knows it (SD v1-5's PNDM), else "Default"."""
+    if name in SCHEDULERS:
+        return SCHEDULERS[name][2]
+    by_class = {cls: a1111 for cls, _, a1111 in SCHEDULERS.values()}
+    return by_class.get(scheduler_class, "Default")

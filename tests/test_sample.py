@@ -81,8 +81,10 @@ def test_every_scheduler_runs_is_deterministic_and_really_switches(toy_pipe):
         assert type(toy_pipe.scheduler).__name__ == "PNDMScheduler"  # restored after sampling
         images[name] = np.asarray(first.image, dtype=np.int16)
     # pndm is the toy base's own sampler (PNDM, skip_prk_steps) and must match `default`; the others must not
-    default = np.asarray(generate(toy_pipe, [SampleSettings("a red circle", seed=3, steps=6)])[0].image, np.int16)
+    default_sample = generate(toy_pipe, [SampleSettings("a red circle", seed=3, steps=6)])[0]
+    default = np.asarray(default_sample.image, np.int16)
     assert np.array_equal(images["pndm"], default)
+    assert "Sampler: PNDM," in default_sample.parameters  # the base's own sampler by name, not "Default"
     names = list(images)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
