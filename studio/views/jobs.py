@@ -66,10 +66,12 @@ def _live(job: jobs.Job):
     label = f"{job.state}: step {progress['step']}" + (f" / {total}" if total else "")
     if progress["eta"] is not None:
         label += f", ETA {_duration(progress['eta'])}"
+    # recent pace (grids and checkpoints included) and the last step's own loss: the manifest's figures are the
+    # median training step and a moving average, so they differ
     if progress["seconds_per_step"]:
-        label += f", {progress['seconds_per_step']:.2f} s/step"
+        label += f", {progress['seconds_per_step']:.2f} s/step lately"
     if progress["loss"] is not None:
-        label += f", loss {progress['loss']:.4f}"
+        label += f", last loss {progress['loss']:.4f}"
     st.progress(1.0 if job.state == "done" else progress["fraction"], text=label)
     if job.error:
         st.error(job.error)
