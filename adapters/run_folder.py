@@ -27,7 +27,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     found = [
         (int(m.group(1)), p)
         for p in root.iterdir()
-        if (m := CHECKPOINT_RE.match(p.name)) and (p / "trainable_0.safetensors").is_file()  # an emptied one: no
+        if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir() and any(p.iterdir())  # an emptied one: no
     ]
     return [p for _, p in sorted(found)]
 
