@@ -31,8 +31,14 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~UMASK)
-        os.replace(tmp, path)
+        replace_readable(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_readable(written: str | Path, path: str | Path):
+    """Renames a finished temp file over `path` with the mode a plain `open()` gives (see `atomic_path`); for files a
+    library wrote into a temp folder (diffusers' `save_lora_weights` writes 0600)."""
+    os.chmod(written, 0o666 & ~UMASK)
+    os.replace(written, path)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sdtune.adapters import kohya
+from sdtune.adapters.atomic import replace_readable
 
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 _PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -184,7 +185,6 @@ def lora_config_dict(modules: dict[str, LoraModule], table: Mapping[str, BaseMod
 
 def save_peft(out_dir: Path, modules: LoraModules, table: Mapping[str, BaseModule], dtype=torch.float16) -> Path:
     """Writes `pytorch_lora_weights.safetensors` with its LoraConfigs in the header (true alphas, per-module ranks)."""
-    import os
     import tempfile
 
     from diffusers import StableDiffusionPipeline
@@ -212,7 +212,7 @@ def save_peft(out_dir: Path, modules: LoraModules, table: Mapping[str, BaseModul
             text_encoder_lora_adapter_metadata=configs.get("text_encoder"),
             weight_name=PEFT_FILE,
         )
-        os.replace(Path(tmp) / PEFT_FILE, out_dir / PEFT_FILE)
+        replace_readable(Path(tmp) / PEFT_FILE, out_dir / PEFT_FILE)
     return out_dir / PEFT_FILE
 
 

@@ -69,7 +69,11 @@ def test_adapter_learned_purple_measured_independently(quickstart_run):
 
 
 def test_quickstart_outputs_manifest_and_logs(quickstart_run):
+    from sdtune.adapters.atomic import UMASK
+
     out, log = quickstart_run
+    for path in [*out.glob("*.safetensors"), *out.glob("*.png"), out / "adapter.json"]:  # readable by other accounts
+        assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK, path
     for name in (
         "pytorch_lora_weights.safetensors",
         "toy-purple.safetensors",

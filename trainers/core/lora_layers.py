@@ -6,7 +6,6 @@ trained and B starting at zero, so training starts exactly at the base model. Th
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from sdtune.adapters.atomic import replace_readable
 from sdtune.trainers.core.recipe import LoraParams
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -99,5 +99,5 @@ def save_peft_lora(
             text_encoder_lora_adapter_metadata=te_config.to_dict() if te_config is not None else None,
             weight_name=PEFT_WEIGHTS,
         )
-        os.replace(Path(tmp) / PEFT_WEIGHTS, out_dir / PEFT_WEIGHTS)
+        replace_readable(Path(tmp) / PEFT_WEIGHTS, out_dir / PEFT_WEIGHTS)
     return out_dir / PEFT_WEIGHTS
