@@ -438,6 +438,7 @@ def test_bad_input_is_one_line_and_writes_nothing(overrides, message, tmp_path, 
 
 def test_an_earlier_run_in_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
     from sdtune.trainers import lora
+    from sdtune.trainers.core import run_files
     from sdtune.trainers.core.checkpointing import clear_previous_run
 
     out = tmp_path / "out"
@@ -455,6 +456,9 @@ def test_an_earlier_run_in_output_dir_is_refused_unless_resumed_or_overwritten(t
     assert [p.name for p in out.iterdir()] == ["toy-purple.safetensors"]  # the new run replaces the weights
     (out / "metrics.jsonl").write_text("{}\n")  # an attempt that died before its first checkpoint...
     assert clear_previous_run(out, "latest", overwrite=False) == ["metrics.jsonl"]  # ...restarts clean
+    run_files.write_request(tmp_path / "fresh", "save")  # asked before the first step: no earlier run, kept
+    assert clear_previous_run(tmp_path / "fresh", None, overwrite=False) == []
+    assert (tmp_path / "fresh" / "requests").is_dir()
 
 
 def test_a_damaged_checkpoint_is_named_and_an_emptied_one_skipped(tmp_path, capsys):

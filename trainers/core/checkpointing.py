@@ -130,7 +130,13 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 
 
 # What a run leaves in its output.dir besides the weight files, which a new run replaces anyway.
-RUN_ARTIFACTS = ("adapter.json", "metrics.jsonl", "checkpoints", "samples", "logs", "requests")
+RUN_ARTIFACTS = (
+    "adapter.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "samples",
+    "logs",
+)  # not requests/: asked before the start
 
 
 def clear_previous_run(output_dir: str | Path, resume: str | None, overwrite: bool) -> list[str]:
