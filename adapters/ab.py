@@ -116,7 +116,7 @@ class Side:
 
 def parse_spec(text: str, flag: str = "--a") -> Side:
     """`BASE[+ADAPTER[:WEIGHT]]...[+controlnet=REF[:SCALE]@IMAGE]...` -> a `Side` (see the module docstring)."""
-    from sdtune.adapters.compose import AdapterUse, PipelineSpec
+    from sdtune.adapters.compose import PipelineSpec
 
     parts = [p.strip() for p in (text or "").split("+")]
     if not all(parts):
@@ -126,10 +126,7 @@ def parse_spec(text: str, flag: str = "--a") -> Side:
     adapters, controls = [], []
     for part in parts[1:]:
         if not part.startswith(CONTROL_PART):
-            try:
-                adapters.append(AdapterUse.parse(part))
-            except ValueError as exc:  # a weight that is no finite number
-                raise ABError(f"{flag} {exc}") from None
+            adapters.append(_adapter_use(part, flag))
             continue
         ref_scale, at, image = part[len(CONTROL_PART) :].partition("@")  # an image path may hold an @ too
         if not (at and ref_scale and image):
@@ -139,12 +136,19 @@ def parse_spec(text: str, flag: str = "--a") -> Side:
             )
         if not Path(image).expanduser().is_file():
             raise ABError(f"{flag} {part!r}: control image {image} not found")
-        try:
-            named = AdapterUse.parse(ref_scale)  # NAME_OR_PATH[:NUMBER], as an adapter's weight is read
-        except ValueError as exc:
-            raise ABError(f"{flag} {exc}") from None
+        named = _adapter_use(ref_scale, flag)  # NAME_OR_PATH[:NUMBER], as an adapter's weight is read
         controls.append(ControlUse(named.ref, named.weight, str(Path(image).expanduser())))
     return Side(PipelineSpec(base=parts[0], adapters=adapters), controls)
+
+
+def _adapter_use(text: str, flag: str):
+    """`NAME_OR_PATH[:NUMBER]` as an AdapterUse; a weight that is no finite number is the flag's error."""
+    from sdtune.adapters.compose import AdapterUse
+
+    try:
+        return AdapterUse.parse(text)
+    except ValueError as exc:
+        raise ABError(f"{flag} {exc}") from None
 
 
 def short_spec(text: str) -> str:

@@ -18,7 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdtune.adapters.atomic import atomic_path
-from sdtune.adapters.compose import split_number  # noqa: F401 - the parser of NAME:WEIGHT, used here too
+from sdtune.adapters.compose import split_number
 from sdtune.adapters.schedulers import SCHEDULER_NAMES, SCHEDULERS, a1111_sampler_name
 
 

@@ -129,14 +129,9 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-# What a run leaves in its output.dir besides the weight files, which a new run replaces anyway.
-RUN_ARTIFACTS = (
-    "adapter.json",
-    "metrics.jsonl",
-    "checkpoints",
-    "samples",
-    "logs",
-)  # not requests/: asked before the start
+# What a run leaves in its output.dir besides the weight files, which a new run replaces anyway (not requests/: a
+# "save now" may be asked before the first step).
+RUN_ARTIFACTS = ("adapter.json", "metrics.jsonl", "checkpoints", "samples", "logs")
 
 
 def clear_previous_run(output_dir: str | Path, resume: str | None, overwrite: bool) -> list[str]:
@@ -153,7 +148,10 @@ def clear_previous_run(output_dir: str | Path, resume: str | None, overwrite: bo
         )
     for name in found:
         path = Path(output_dir) / name
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return found
 
 
