@@ -339,6 +339,18 @@ def test_registry_page_checks_then_imports_a_kohya_file_and_refuses_a_pickle(hom
     assert [a["name"] for a in api.list_adapters()] == ["golden_locon"]
 
 
+def test_registry_page_leaves_no_upload_behind(home):
+    """The uploaded file is staged for the importer only while Check or Import runs: a refused one is gone after."""
+    at = page("registry")
+    at.file_uploader(key="import-file").set_value([("junk.safetensors", b"not weights", "application/octet-stream")])
+    at = at.run()
+    for key in ("import-check", "import-go"):
+        at = at.button(key=key).click().run()
+        [error] = texts(at, "error")
+        assert "junk.safetensors: not a readable safetensors file" in error, error
+        assert not [p for p in (home / "studio").rglob("*") if p.is_file()]
+
+
 def test_registry_page_imports_a_controlnet_folder_by_path(home, controlnet_short_run):
     """A folder cannot be uploaded: typed as a path, a diffusers ControlNet folder is checked and imported."""
     folder = controlnet_short_run[1] / "controlnet"
