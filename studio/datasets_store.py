@@ -254,7 +254,8 @@ def _name_problem(relative: str) -> str | None:
         return "hidden name (starts with '.'): the trainers skip hidden files and folders; rename it to keep it"
     if any(ord(c) < 32 for c in relative) or any(len(part.encode()) > 255 for part in path.parts):
         return "file or folder name with control characters or over 255 bytes: rename it"
-    if len(path.parts) > 1 and (kohya_folder(path.parts[0]) or (1, ""))[0] == 0:
+    subset = kohya_folder(path.parts[0]) if len(path.parts) > 1 else None
+    if subset is not None and subset[0] == 0:
         return f"kohya folder {path.parts[0]!r} asks for 0 repeats: the trainers skip its images"
     return None
 

@@ -112,14 +112,17 @@ def _bulk_tools(name: str):
 
 
 def _grid(name: str, info: dict):
-    items = api.dataset_images(name)
-    if not items:
+    everything = api.dataset_images(name)
+    if not everything:
         st.info("No images yet: upload some in the Upload tab.")
         return
-    if len(info["folders"]) > 1 or info["folders"][0]["folder"]:
-        items = _pick_folder(name, info["folders"], items)
+    items, folder = everything, ""
+    if any(row["folder"] for row in info["folders"]):  # subfolders: one at a time
+        folder = _pick_folder(name, info["folders"])
+        items = [item for item in everything if item["folder"] == folder]
     pages = (len(items) - 1) // PER_PAGE + 1
-    page = st.number_input("Page", 1, pages, 1, key="grid-page") if pages > 1 else 1
+    # keyed per folder: a page number kept from a longer folder could lie past this one's end
+    page = st.number_input("Page", 1, pages, 1, key=f"grid-page-{name}-{folder}") if pages > 1 else 1
     shown = items[(page - 1) * PER_PAGE : page * PER_PAGE]
     with st.form("captions"):
         edited = {}
@@ -144,7 +147,7 @@ def _grid(name: str, info: dict):
                 flash(f"saved {len(changed)} captions")
                 st.rerun()
     with st.expander("Remove an image"):
-        file = st.selectbox("Image", [i["file"] for i in api.dataset_images(name)], key="remove-file")
+        file = st.selectbox("Image", [i["file"] for i in everything], key="remove-file")
         if st.button("Remove image", key="remove-image"):
             with shown_errors():
                 api.remove_dataset_image(name, file)
@@ -208,9 +211,9 @@ def _versions(name: str, info: dict):
         )
 
 
-def _pick_folder(name: str, folders: list[dict], items: list[dict]) -> list[dict]:
-    """The folders as the trainers read them (repeats, the caption of uncaptioned images), and the images of the
-    folder picked."""
+def _pick_folder(name: str, folders: list[dict]) -> str:
+    """Shows the folders as the trainers read them (repeats, the caption of uncaptioned images); returns the one
+    picked for the grid."""
     st.table(  # a table, not a dataframe: plain text a user (and the browser test) can read and copy
         [
             {
@@ -224,8 +227,7 @@ def _pick_folder(name: str, folders: list[dict], items: list[dict]) -> list[dict
         ]
     )
     labels = {row["folder"]: f"{row['folder'] or '(top level)'} ({row['images']} images)" for row in folders}
-    folder = st.selectbox("Folder", list(labels), format_func=labels.get, key=f"grid-folder-{name}")
-    return [item for item in items if item["folder"] == folder]
+    return st.selectbox("Folder", list(labels), format_func=labels.get, key=f"grid-folder-{name}")
 
 
 def _show_image(path: str, label: str):
