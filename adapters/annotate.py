@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from sdtune.adapters.images import IMAGE_EXTENSIONS, image_files, open_rgb, to_rgb
 
 
 class AnnotateError(ValueError):
@@ -152,7 +152,7 @@ def annotator(kind: str, options: AnnotateOptions):
 
 def annotate_image(image: Image.Image, kind: str, options: AnnotateOptions = AnnotateOptions()) -> Image.Image:
     """The `kind` conditioning image of `image` (EXIF-rotated first), RGB, at the image's size."""
-    return annotator(kind, options)(ImageOps.exif_transpose(image).convert("RGB"), options)
+    return annotator(kind, options)(to_rgb(ImageOps.exif_transpose(image)), options)
 
 
 def annotate_folder(in_dir, out_dir, kind: str, options: AnnotateOptions = AnnotateOptions()) -> list[Path]:
@@ -168,17 +168,14 @@ def annotate_folder(in_dir, out_dir, kind: str, options: AnnotateOptions = Annot
         raise AnnotateError(f"IN_DIR: {in_dir} is not a folder")
     if out_dir.resolve() == in_dir.resolve():
         raise AnnotateError("OUT_DIR must differ from IN_DIR (conditioning images would replace the images)")
-    sources = sorted(
-        p for p in in_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
-    sources = [p for p in sources if not p.resolve().is_relative_to(out_dir.resolve())]
+    # the images the trainer would pair (hidden files skipped), each seen as it trains (16-bit grey, alpha on white)
+    sources = [p for p in image_files(in_dir) if not p.resolve().is_relative_to(out_dir.resolve())]
     if not sources:
         raise AnnotateError(f"IN_DIR: no images ({', '.join(IMAGE_EXTENSIONS)}) in {in_dir}")
     written = []
     for source in sources:
         try:
-            with Image.open(source) as opened:
-                result = run(ImageOps.exif_transpose(opened).convert("RGB"), options)
+            result = run(open_rgb(source), options)
         except OSError as exc:
             raise AnnotateError(f"{source}: not a readable image ({exc})") from None
         target = out_dir / source.relative_to(in_dir).with_suffix(".png")

@@ -391,15 +391,25 @@ def dataset_info(name: str) -> dict:
 
 
 def dataset_images(name: str) -> list[dict]:
-    """Every image of a dataset's work copy: file, path, caption, conditioning image (or None)."""
+    """Every image of a dataset's work copy: file (relative path), folder, path, caption, caption_error,
+    conditioning image (or None)."""
     from sdtune.studio import datasets_store
 
     return _datasets_call(datasets_store.images, name)
 
 
+def dataset_thumbnail(path: str | Path) -> bytes:
+    """A JPEG thumbnail of an image as the trainers see it (any PIL mode, 16-bit grey included); StudioError with
+    the reason when it cannot be shown."""
+    from sdtune.studio import datasets_store
+
+    return _datasets_call(datasets_store.thumbnail, path)
+
+
 def upload_to_dataset(name: str, files: list[tuple[str, bytes]]) -> dict:
-    """Checks (size limits, zip-slip, zip bombs, PIL header checks) and writes an upload of images, `.txt` captions
-    and zips of them; returns {"written", "captions", "rejected": [{"file", "reason"}]}."""
+    """Checks (size limits, zip-slip, zip bombs, PIL header checks, a full decode, name clashes) and writes an upload
+    of images, `.txt` captions and zips of them (folders kept); returns {"written", "captions", "replaced",
+    "rejected": [{"file", "reason"}]}, by path relative to the dataset's images/."""
     from sdtune.studio import datasets_store
 
     return _datasets_call(datasets_store.add_files, name, files).to_dict()

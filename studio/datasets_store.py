@@ -3,7 +3,8 @@
 Layout under `$SDTUNE_HOME/datasets/<name>/`:
 
     work/images/           the editable copy: images and same-name `.txt` captions (the folder format of
-                           datasets/README.md)
+                           datasets/README.md), in subfolders where the upload had them: kohya's `10_concept/`
+                           folders are subsets the trainers repeat 10 times
     work/conditioning/     ControlNet conditioning images made by `sdtune annotate` (same stems): with images/
                            beside it, the paired-folder layout the ControlNet trainer reads
     versions/vN/           frozen snapshots of work/: a job trains on one of these, never on work/, so it records
@@ -18,13 +19,21 @@ Uploads are checked in full before anything is written, and only files that pass
        declared size is over MAX_ZIP_RATIO times its compressed size or the total over the limit (zip-bomb); a
        member that inflates past its declared size fails zipfile's size and CRC checks while it is read;
     3. images: PIL reads the header only first, so a PNG that claims 20000x20000 is refused without decoding;
-       then `verify()` checks the structure. Anything else is rejected with its reason.
+       then `verify()` checks the structure and the image is decoded (a truncated JPEG fails here). Anything else is
+       rejected with its reason;
+    4. names: zip members keep their folders (a folder wrapping the whole zip is dropped); hidden names, a second
+       file at the same path, and a second image of the same name (`a.jpg` beside `a.png`, which would share the
+       caption `a.txt`) are refused, each named in the report.
 
-Imports no torch: PIL and the standard library only (tests/test_layout.py holds that).
+Every listing goes through `sdtune.adapters.images` (hidden files skipped, `a.TXT` captions, BOMs dropped), as the
+trainers' does: what the page counts is what a version freezes and a job trains on.
+
+Imports no torch: PIL, numpy and the standard library only (tests/test_layout.py holds that).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -39,7 +48,19 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from sdtune.adapters.atomic import atomic_path
+from sdtune.adapters.images import (
+    IMAGE_EXTENSIONS,
+    caption_file,
+    decode_caption,
+    image_files,
+    is_hidden,
+    is_image_name,
+    kohya_folder,
+    open_rgb,
+    read_caption,
+)
+
 CAPTION_EXTENSION = ".txt"
 MAX_FILE_BYTES = 25 * 1024**2  # one image
 MAX_UPLOAD_BYTES = 500 * 1024**2  # everything in one upload, zips expanded
@@ -47,6 +68,7 @@ MAX_ZIP_MEMBERS = 5000
 MAX_ZIP_RATIO = 100  # declared size / compressed size; real images compress far less than this
 MAX_SIDE = 8192  # pixels, either side
 MAX_PIXELS = 40_000_000
+THUMBNAIL_SIDE = 384  # pixels: the Datasets grid shows six across
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 WORK, VERSIONS, INDEX = "work", "versions", "dataset.json"
 IMAGES, CONDITIONING = "images", "conditioning"  # the ControlNet trainer's paired-folder names
@@ -105,10 +127,8 @@ def work_dir(name: str, home=None) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a hidden temp name: no listing ever counts a half-written file
+        Path(tmp).write_bytes(data)
 
 
 def _write_json(path: Path, data: dict):
@@ -119,7 +139,8 @@ def _write_json(path: Path, data: dict):
 
 
 def check_image(data: bytes) -> str | None:
-    """None if `data` is an image the trainers can use, else the reason. The header is read before any decoding."""
+    """None if `data` is an image the trainers can use, else the reason. The header is read before any decoding;
+    only an image within the limits is then decoded, as the trainers' preflight does."""
     if not data:
         return "empty file (0 bytes)"
     if len(data) > MAX_FILE_BYTES:
@@ -133,6 +154,10 @@ def check_image(data: bytes) -> str | None:
                     "(refused without decoding)"
                 )
             image.verify()
+        with Image.open(io.BytesIO(data)) as image:  # verify() leaves its image unusable: decode a fresh one
+            if image.format == "JPEG":  # decoded at 1/8 scale: every byte is still read, so truncation shows
+                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            image.load()
     except UnidentifiedImageError:
         return "not an image (PIL cannot identify it)"
     except Image.DecompressionBombError as exc:  # PIL's own header check, past 2x its pixel limit
@@ -191,15 +216,26 @@ def _zip_members(filename: str, data: bytes) -> list[tuple[str, bytes]]:
                 f"{filename}: expands to {total / 1024**2:.0f} MB, over the {MAX_UPLOAD_BYTES // 1024**2} MB limit; "
                 "nothing written"
             )
-        return [(str(_safe_member(i.filename)), _read_member(archive, filename, i)) for i in infos]
+        return [(_safe_member(i.filename).as_posix(), _read_member(archive, filename, i)) for i in infos]
 
 
-def _flatten(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    """Uploads and zip members keep only their base name (no folders are created from user input)."""
+def _unwrap(members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Drops a folder that holds the whole zip (zipping a folder makes one), so `set/10_cat/a.png` lands as
+    `10_cat/a.png`, where the trainers read the repeats from. A kohya folder is never dropped: it is a subset."""
+    while members and all(len(PurePosixPath(n).parts) > 1 for n, _ in members):
+        tops = {PurePosixPath(n).parts[0] for n, _ in members}
+        if len(tops) > 1 or kohya_folder(next(iter(tops))):
+            break
+        members = [(PurePosixPath(*PurePosixPath(n).parts[1:]).as_posix(), d) for n, d in members]
+    return members
+
+
+def _expand(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """(relative path, bytes) per uploaded file: a loose file by its base name, a zip member with its folders."""
     out = []
     for name, data in files:
         if name.lower().endswith(".zip"):
-            out += [(PurePosixPath(n).name, d) for n, d in _zip_members(name, data) if not _ignored(n)]
+            out += _unwrap([(n, d) for n, d in _zip_members(name, data) if not _ignored(n)])
         else:
             out.append((PurePosixPath(name.replace("\\", "/")).name, data))
     return out
@@ -208,37 +244,49 @@ def _flatten(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
 def _ignored(name: str) -> bool:
     """Zip tool litter that is neither data nor worth a rejection line (macOS resource forks, .DS_Store)."""
     parts = PurePosixPath(name).parts
-    return "__MACOSX" in parts or parts[-1] in (".DS_Store", "Thumbs.db")
+    return "__MACOSX" in parts or parts[-1] in (".DS_Store", "Thumbs.db") or parts[-1].startswith("._")
+
+
+def _name_problem(relative: str) -> str | None:
+    """Why a path cannot go into the dataset as it is named, or None."""
+    path = PurePosixPath(relative)
+    if is_hidden(path):
+        return "hidden name (starts with '.'): the trainers skip hidden files and folders; rename it to keep it"
+    if any(ord(c) < 32 for c in relative) or any(len(part.encode()) > 255 for part in path.parts):
+        return "file or folder name with control characters or over 255 bytes: rename it"
+    subset = kohya_folder(path.parts[0]) if len(path.parts) > 1 else None
+    if subset is not None and subset[0] == 0:
+        return f"kohya folder {path.parts[0]!r} asks for 0 repeats: the trainers skip its images"
+    return None
 
 
 def check_upload(
     files: list[tuple[str, bytes]],
 ) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]], UploadReport]:
-    """Splits an upload into (images, captions) that pass and a report of what was refused. Raises `DatasetError`
-    when the upload as a whole is refused (an unsafe zip, over the size limit)."""
+    """Splits an upload into (images, captions) that pass, by relative path, and a report of what was refused.
+    Raises `DatasetError` when the upload as a whole is refused (an unsafe zip, over the size limit)."""
     total = sum(len(data) for _, data in files)
     if total > MAX_UPLOAD_BYTES:
         raise DatasetError(
             f"upload of {total / 1024**2:.0f} MB is over the {MAX_UPLOAD_BYTES // 1024**2} MB limit; nothing written"
         )
     images, captions, report = [], [], UploadReport()
-    for name, data in _flatten(files):
-        suffix = Path(name).suffix.lower()
-        if suffix == CAPTION_EXTENSION:
+    for name, data in _expand(files):
+        suffix = PurePosixPath(name).suffix.lower()
+        reason = _name_problem(name)
+        if reason is None and suffix == CAPTION_EXTENSION:
             try:
-                captions.append((name, data.decode("utf-8").strip()))
+                captions.append((name, decode_caption(data).strip()))
             except UnicodeDecodeError:
-                report.rejected.append(Rejected(name, "caption file is not UTF-8 text"))
-        elif suffix in IMAGE_EXTENSIONS:
+                reason = "caption file is not UTF-8 text"
+        elif reason is None and suffix in IMAGE_EXTENSIONS:
             reason = check_image(data)
-            if reason:
-                report.rejected.append(Rejected(name, reason))
-            else:
+            if reason is None:
                 images.append((name, data))
-        else:
-            report.rejected.append(
-                Rejected(name, f"not an image: use {' '.join(IMAGE_EXTENSIONS)} (captions: same-name .txt)")
-            )
+        elif reason is None:
+            reason = f"not an image: use {' '.join(IMAGE_EXTENSIONS)} (captions: same-name .txt)"
+        if reason:
+            report.rejected.append(Rejected(name, reason))
     return images, captions, report
 
 
@@ -253,40 +301,83 @@ def create(name: str, home=None) -> Path:
     return folder
 
 
-def add_files(name: str, files: list[tuple[str, bytes]], home=None) -> UploadReport:
-    """Checks an upload (images, .txt captions, zips of them) and writes what passes into the dataset's work copy.
+def _stem_key(relative: str | PurePosixPath) -> tuple[str, str]:
+    """(folder, stem): images with the same key would share one caption file."""
+    path = PurePosixPath(relative)
+    return path.parent.as_posix(), path.stem
 
-    A caption uploaded without its image (in this upload or already in the dataset) is refused.
+
+def add_files(name: str, files: list[tuple[str, bytes]], home=None) -> UploadReport:
+    """Checks an upload (images, .txt captions, zips of them with their folders) and writes what passes into the
+    dataset's work copy, each under its relative path.
+
+    Refused with the reason, and named in the report: a second file at the same path in one upload, an image whose
+    name differs from another's in that folder only by extension (in this upload or already in the dataset), and a
+    caption without an image of the same name.
     """
     images, captions, report = check_upload(files)
     if not images and not captions:
         detail = "; ".join(f"{r.file}: {r.reason}" for r in report.rejected[:3]) or "no files"
         raise DatasetError(f"nothing usable in the upload ({detail}); nothing written")
     folder = create(name, home) / WORK / IMAGES
-    stems = {Path(n).stem for n, _ in images} | {p.stem for p in list_image_files(folder)}
-    for filename, data in images:
-        _write_new_version(folder / filename, data, report)
-        report.written.append(filename)
-    for filename, text in captions:
-        if Path(filename).stem not in stems:
-            report.rejected.append(Rejected(filename, "caption without an image of the same name"))
-            continue
-        _write_new_version(folder / filename, text.encode(), report)
-        report.captions.append(filename)
+    owners = _write_images(folder, images, report)
+    _write_captions(folder, captions, owners, report)
     return report
 
 
-def _write_new_version(path: Path, data: bytes, report: UploadReport):
-    """Writes `path`, noting in `report` when it replaces different content (an edited caption, another image)."""
-    if path.is_file() and path.read_bytes() != data:
-        report.replaced.append(path.name)
-    _write_atomic(path, data)
+def _write_images(folder: Path, images: list[tuple[str, bytes]], report: UploadReport) -> dict:
+    """Writes the images that clash with nothing; returns (folder, stem) -> the image that owns that caption name,
+    for the images already there and those written."""
+    owners = {_stem_key(p.relative_to(folder)): p.relative_to(folder).as_posix() for p in image_files(folder)}
+    written = set()
+    for filename, data in images:
+        owner = owners.setdefault(_stem_key(filename), filename)
+        if filename in written:
+            report.rejected.append(
+                Rejected(filename, "a second file at the same path in this upload (kept the first)")
+            )
+        elif owner != filename:
+            stem = PurePosixPath(filename).stem
+            reason = f"{owner} has the same name: the two would share one caption {stem}.txt; rename one of them"
+            report.rejected.append(Rejected(filename, reason))
+        elif _write_new_version(folder, filename, data, report):
+            written.add(filename)
+            report.written.append(filename)
+        else:
+            del owners[_stem_key(filename)]  # not written: its caption has no image
+    return owners
 
 
-def list_image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _write_captions(folder: Path, captions: list[tuple[str, str]], owners: dict, report: UploadReport):
+    """Writes each caption into its image's caption file (an `a.TXT` already there stays that file)."""
+    refused = {_stem_key(r.file) for r in report.rejected if is_image_name(r.file)}
+    for filename, text in captions:
+        owner = owners.get(_stem_key(filename))
+        if owner is None:
+            reason = "its image (refused)" if _stem_key(filename) in refused else "an image of the same name"
+            report.rejected.append(Rejected(filename, f"caption without {reason}"))
+            continue
+        existing = caption_file(folder / owner)
+        target = (existing if existing.is_file() else folder / filename).relative_to(folder).as_posix()
+        if target in report.captions:
+            report.rejected.append(Rejected(filename, f"a second caption for {owner} in this upload (kept the first)"))
+        elif _write_new_version(folder, target, text.encode(), report):
+            report.captions.append(target)
+
+
+def _write_new_version(folder: Path, relative: str, data: bytes, report: UploadReport) -> bool:
+    """Writes `folder/relative`, noting in `report` when it replaces different content (an edited caption, another
+    image), or why it could not be written (a file where the path needs a folder, a full disk)."""
+    path = folder / relative
+    try:
+        differs = path.is_file() and path.read_bytes() != data
+        _write_atomic(path, data)
+    except OSError as exc:
+        report.rejected.append(Rejected(relative, f"cannot be written ({exc.strerror or exc})"))
+        return False
+    if differs:
+        report.replaced.append(relative)
+    return True
 
 
 def list_datasets(home=None) -> list[dict]:
@@ -297,7 +388,8 @@ def list_datasets(home=None) -> list[dict]:
 
 
 def info(name: str, home=None) -> dict:
-    """Name, folder, image count, captioned count, the work copy's fingerprint and the versions."""
+    """Name, folder, image count, captioned count, the folders (subsets), the work copy's fingerprint and the
+    versions."""
     folder = work_dir(name, home)
     items = images(name, home)
     index = json.loads((folder.parent / INDEX).read_text()) if (folder.parent / INDEX).is_file() else {}
@@ -306,51 +398,111 @@ def info(name: str, home=None) -> dict:
         "work_dir": str(folder),
         "images": len(items),
         "captioned": sum(1 for item in items if item["caption"]),
-        "conditioning": len(list_image_files(folder / CONDITIONING)),
+        "folders": folders(items),
+        "conditioning": len(image_files(folder / CONDITIONING)),
         "latest": index.get("versions", [None])[-1] if index.get("versions") else None,
         "fingerprint": fingerprint(folder),
         "versions": index.get("versions", []),
     }
 
 
+def folders(items: list[dict]) -> list[dict]:
+    """Per top folder of `images(...)` ("" = images at the top): image and caption counts, and what the trainers
+    make of it: a kohya `N_concept` folder is repeated N times per epoch and "concept" captions its uncaptioned
+    images; any other folder takes `data.repeats` from the recipe (repeats None)."""
+    rows = {}
+    for item in items:
+        row = rows.setdefault(item["folder"], {"folder": item["folder"], "images": 0, "captioned": 0})
+        row["images"] += 1
+        row["captioned"] += bool(item["caption"])
+    for row in rows.values():
+        repeats, concept = kohya_folder(row["folder"]) or (None, "")
+        row.update(repeats=repeats, concept=concept)
+    return [rows[key] for key in sorted(rows)]
+
+
 def images(name: str, home=None) -> list[dict]:
-    """Every image of the work copy: file name, path, caption, and its conditioning image when one exists."""
+    """Every image of the work copy: file (its path relative to images/), folder (its top folder, "" at the top),
+    path, caption, caption_error (a caption file that cannot be read) and its conditioning image when one exists."""
     folder = work_dir(name, home)
-    conditions = {c.stem: c for c in list_image_files(folder / CONDITIONING)}
+    conditions = {
+        p.relative_to(folder / CONDITIONING).with_suffix("").as_posix(): p for p in image_files(folder / CONDITIONING)
+    }
     out = []
-    for path in list_image_files(folder / IMAGES):
-        caption_file = path.with_suffix(CAPTION_EXTENSION)
-        condition = conditions.get(path.stem)
+    for path in image_files(folder / IMAGES):
+        relative = path.relative_to(folder / IMAGES)
+        caption, error = _caption(path)
+        condition = conditions.get(relative.with_suffix("").as_posix())
         out.append(
             {
-                "file": path.name,
+                "file": relative.as_posix(),
+                "folder": relative.parts[0] if len(relative.parts) > 1 else "",
                 "path": str(path),
-                "caption": caption_file.read_text().strip() if caption_file.is_file() else "",
+                "caption": caption,
+                "caption_error": error,
                 "conditioning": str(condition) if condition else None,
             }
         )
     return out
 
 
+def _caption(image: Path) -> tuple[str, str | None]:
+    """(caption text, None), or ("", reason) when the caption file cannot be read: one bad file must not take the
+    page down."""
+    path = caption_file(image)
+    try:
+        return (read_caption(path).strip() if path.is_file() else ""), None
+    except UnicodeDecodeError:
+        return "", f"caption file {path.name} is not UTF-8 text (the trainers skip this image)"
+    except OSError as exc:
+        return "", f"caption file {path.name} is unreadable ({exc.strerror or exc})"
+
+
+def _image_path(name: str, filename: str, home=None) -> Path:
+    """The image `filename` (relative to images/) of the dataset; never a path outside it."""
+    root = work_dir(name, home) / IMAGES
+    relative = _safe_member(filename or "")
+    if relative is None or is_hidden(relative) or not is_image_name(relative.name) or not (root / relative).is_file():
+        raise DatasetError(f"{filename}: not an image of dataset {name!r}")
+    return root / relative
+
+
+def thumbnail(path: str | Path, max_side: int = THUMBNAIL_SIDE) -> bytes:
+    """A JPEG of the image as the trainers see it (`open_rgb`: EXIF-rotated, 16-bit grey scaled, alpha on white),
+    at most `max_side` pixels a side. Raises `DatasetError` with the reason when the file cannot be shown."""
+    try:
+        image = open_rgb(path, max_side)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        raise DatasetError(f"{Path(path).name}: cannot be shown ({type(exc).__name__}: {exc})") from None
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
 def remove_image(name: str, filename: str, home=None) -> None:
+    """Removes an image, its caption (unless another image of the same name still uses it) and its conditioning
+    image; a subfolder left empty goes too."""
+    path = _image_path(name, filename, home)
     folder = work_dir(name, home)
-    path = folder / IMAGES / PurePosixPath(filename).name
-    if not path.is_file():
-        raise DatasetError(f"{filename}: not in dataset {name!r}")
-    for extra in (path.with_suffix(CAPTION_EXTENSION), *list_image_files(folder / CONDITIONING)):
-        if extra.stem == path.stem and extra.is_file():
-            extra.unlink()
+    relative = path.relative_to(folder / IMAGES)
+    sharing = [p for p in path.parent.iterdir() if p != path and p.stem == path.stem and is_image_name(p.name)]
+    caption = caption_file(path)
+    if caption.is_file() and not sharing:
+        caption.unlink()
+    for extension in IMAGE_EXTENSIONS:
+        (folder / CONDITIONING / relative.with_suffix(extension)).unlink(missing_ok=True)
     path.unlink()
+    for parent in relative.parents[:-1]:  # the subfolders, deepest first; images/ itself stays
+        with contextlib.suppress(OSError):  # not empty: it still holds files
+            (folder / IMAGES / parent).rmdir()
 
 
 # -- captions -------------------------------------------------------------------------------------------------------
 
 
 def set_caption(name: str, filename: str, caption: str, home=None) -> None:
-    image = work_dir(name, home) / IMAGES / PurePosixPath(filename).name
-    if not image.is_file():
-        raise DatasetError(f"{filename}: not in dataset {name!r}")
-    _write_atomic(image.with_suffix(CAPTION_EXTENSION), caption.strip().encode())
+    """Writes the image's caption into its caption file (an existing `a.TXT` stays that file)."""
+    _write_atomic(caption_file(_image_path(name, filename, home)), caption.strip().encode())
 
 
 def add_trigger(caption: str, trigger: str) -> str:
@@ -375,11 +527,13 @@ def bulk_captions(
     name: str, *, trigger: str = "", find: str = "", replace: str = "", template: str = "", home=None
 ) -> int:
     """Edits every caption: the template first, then find/replace, then the trigger word. Returns how many
-    captions changed (each written atomically)."""
+    captions changed (each written atomically). A caption file that cannot be read is left as it is."""
     if template:
         apply_template("", template, "x", trigger)  # a bad template fails before any caption changes
     changed = 0
     for item in images(name, home):
+        if item["caption_error"]:
+            continue
         text = item["caption"]
         if template:
             text = apply_template(text, template, item["file"], trigger)
@@ -398,9 +552,10 @@ def bulk_captions(
 
 def fingerprint(folder: Path) -> str:
     """sha256 over the sorted (relative path, content sha256) of every file in `folder`: images, captions and
-    conditioning images. Changing a byte, a caption or a name changes it."""
+    conditioning images. Changing a byte, a caption or a name changes it. Hidden files and folders are left out,
+    as `snapshot` leaves them out of a version and the trainers out of a run."""
     rows = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not is_hidden(p.relative_to(folder))):
         rows.append((path.relative_to(folder).as_posix(), hashlib.sha256(path.read_bytes()).hexdigest()))
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
@@ -412,7 +567,7 @@ def snapshot(name: str, home=None) -> dict:
     never sees a later edit), else copied. Returns {"version", "path", "fingerprint", "images", "created_at"}.
     """
     folder = work_dir(name, home)
-    if not list_image_files(folder / IMAGES):
+    if not image_files(folder / IMAGES):
         raise DatasetError(f"dataset {name!r} has no images yet: upload some first")
     index_path = folder.parent / INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"name": name, "versions": []}
@@ -432,7 +587,7 @@ def snapshot(name: str, home=None) -> dict:
         "version": f"v{number}",
         "path": str(target),
         "fingerprint": current,
-        "images": len(list_image_files(target / IMAGES)),
+        "images": len(image_files(target / IMAGES)),
         "images_path": str(target / IMAGES),
         "created_at": time.time(),
     }

@@ -295,3 +295,50 @@ def test_upload_train_watch_vote_publish_in_a_browser(studio, browser, tmp_path,
     [folder] = (home / "studio" / "publish").glob("toy-purple-*")
     assert (folder / "README.md").is_file()
     print(f"screenshots: {shots}")
+
+
+def test_a_kohya_zip_with_a_16_bit_png_and_a_truncated_jpeg_in_a_browser(studio, browser, tmp_path):
+    """Upload a zip in kohya layout (`10_purple circle/001.png`, `5_purple square/001.png` ...) holding a 16-bit PNG
+    and a truncated JPEG: the page says what it kept, by folder with the repeats, and lists the JPEG as refused with
+    its reason; the 16-bit PNG shows as a thumbnail and the page keeps working."""
+    from test_datasets_store import KOHYA_ZIP, make_zip
+
+    url, home, log = studio
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    page = Page(browser, url, shots)
+    archive = tmp_path / "shapes.zip"
+    archive.write_bytes(make_zip(KOHYA_ZIP))
+    page.open("")
+    page.type("New dataset", "kohya")
+    page.click("Create")
+    page.wait_text("fingerprint")
+    browser.find_element("css selector", 'input[type="file"]').send_keys(str(archive))
+    page.wait_text("shapes.zip")
+    page.click("Add to dataset")
+    page.wait_text("added 3 images (into 10_purple circle, 5_purple square) and 2 captions")
+    page.wait_text("rejected 1 files")
+    page.wait_text("5_purple square/003.jpg")  # the refused file, in the table under the form, with its reason
+    page.wait_text("corrupt or truncated image")
+    page.wait_text("3 images in 2 folders")
+    page.shot("k1-kohya-upload")
+    folder = home / "datasets" / "kohya" / "work" / "images"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.*")) == [
+        "10_purple circle/001.png", "10_purple circle/001.txt",
+        "5_purple square/001.png", "5_purple square/001.txt", "5_purple square/002.png",
+    ]  # fmt: skip
+
+    browser.find_element("xpath", '//*[@role="tab"][normalize-space(.)="Captions"]').click()
+    page.wait_text("caption if none")  # the folder table: repeats and the concept of uncaptioned images
+    assert "purple square" in page.text()
+    page.choose("Folder", "5_purple square (2 images)")
+    page.wait_text("5_purple square/002.png")
+
+    def two_decoded_thumbnails():  # the 16-bit PNG among them, decoded by the browser (a broken image is 0 wide)
+        images = browser.find_elements("css selector", '[data-testid="stImage"] img')
+        return len(images) == 2 and all(image.get_attribute("naturalWidth") == "64" for image in images)
+
+    page.wait_for(two_decoded_thumbnails, 30, "the two thumbnails of 5_purple square")
+    assert "cannot be shown" not in page.text() and "OSError" not in page.text()
+    page.shot("k2-kohya-folders")
+    print(f"screenshots: {shots}")

@@ -146,6 +146,48 @@ def test_datasets_page_conditioning_preview(home):
     assert len(at.image) == 6 and captions.count("conditioning") == 2  # 2 thumbnails + 2 pairs in the preview
 
 
+def test_datasets_page_survives_a_16_bit_png_and_shows_a_broken_file_with_its_reason(home):
+    """A 16-bit PNG (mode I;16) shows as it trains; a file that cannot be decoded is a warning in its place, and
+    every tab still renders."""
+    from test_datasets_store import png16
+
+    api.upload_to_dataset("grey", [("a.png", png()), ("deep.png", png16())])
+    at = page("datasets")
+    assert not at.exception, at.exception  # was: OSError: cannot write mode I;16 as JPEG
+    assert [c for image in at.image for c in image.captions] == ["a.png", "deep.png"]
+    (home / "datasets/grey/work/images/broken.png").write_bytes(png()[:100])  # damaged on disk after the upload
+    at = at.run()
+    assert not at.exception, at.exception
+    assert [c for image in at.image for c in image.captions] == ["a.png", "deep.png"]
+    [warning] = texts(at, "warning")
+    assert warning.startswith("broken.png: cannot be shown (OSError:") and "truncated" in warning
+    at = button(at, "Freeze a version now").click().run()  # the Versions tab, below the grid, still works
+    assert any(s.startswith("v1: 3 images") for s in texts(at, "success"))
+
+
+def test_datasets_page_keeps_a_kohya_zip_and_shows_its_folders_and_refusals(home):
+    from test_datasets_store import KOHYA_ZIP, make_zip
+
+    api.create_dataset("shapes")
+    at = page("datasets")
+    at.file_uploader(key="upload-files").set_value([("shapes.zip", make_zip(KOHYA_ZIP), "application/zip")])
+    at = at.button(key="FormSubmitter:upload-Add to dataset").click().run()
+    assert "added 3 images (into 10_purple circle, 5_purple square) and 2 captions" in texts(at, "success")
+    [rejected] = [t.value for t in at.table if "file" in t.value.columns]
+    assert list(rejected["file"]) == ["5_purple square/003.jpg"]
+    assert "corrupt or truncated image" in rejected["reason"][0]
+    [folders] = [t.value for t in at.table if "repeats" in t.value.columns]
+    assert folders[["folder", "repeats", "images"]].values.tolist() == [
+        ["10_purple circle", "10", 1],
+        ["5_purple square", "5", 2],
+    ]
+    assert "3 images in 2 folders" in at.caption[0].value
+    at.selectbox(key="grid-folder-shapes").set_value("5_purple square")
+    at = at.run()
+    assert [c for image in at.image for c in image.captions] == ["5_purple square/001.png", "5_purple square/002.png"]
+    assert [t.value for t in at.text_area if t.label == "Caption"] == ["a purple square", ""]
+
+
 def test_train_page_validates_live_and_launch_queues_a_job_on_a_frozen_version(home):
     api.upload_to_dataset("purple", [("a.png", png()), ("a.txt", b"a purple circle")])
     at = page("train")
@@ -337,6 +379,18 @@ def test_registry_page_checks_then_imports_a_kohya_file_and_refuses_a_pickle(hom
     [error] = texts(at, "error")
     assert "old.pt" in error and "pickle" in error, error
     assert [a["name"] for a in api.list_adapters()] == ["golden_locon"]
+
+
+def test_registry_page_leaves_no_upload_behind(home):
+    """The uploaded file is staged for the importer only while Check or Import runs: a refused one is gone after."""
+    at = page("registry")
+    at.file_uploader(key="import-file").set_value([("junk.safetensors", b"not weights", "application/octet-stream")])
+    at = at.run()
+    for key in ("import-check", "import-go"):
+        at = at.button(key=key).click().run()
+        [error] = texts(at, "error")
+        assert "junk.safetensors: not a readable safetensors file" in error, error
+        assert not [p for p in (home / "studio").rglob("*") if p.is_file()]
 
 
 def test_registry_page_imports_a_controlnet_folder_by_path(home, controlnet_short_run):

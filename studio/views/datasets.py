@@ -1,9 +1,15 @@
 """Datasets page: upload images or zips, edit captions one by one or in bulk, preview buckets and the preflight,
-make ControlNet conditioning images, and freeze versions that jobs train on."""
+make ControlNet conditioning images, and freeze versions that jobs train on.
+
+Images are shown as thumbnails of what the trainers see (`api.dataset_thumbnail`); one that cannot be shown is a
+warning with its reason, never an error that takes the page down. Zips keep their folders: kohya `N_concept`
+subsets are listed with their repeats and picked in the caption grid.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 
 import streamlit as st
 
@@ -34,9 +40,10 @@ def render():
         st.session_state["dataset"] = names[0]
     name = pick.selectbox("Dataset", names, key="dataset")
     info = api.dataset_info(name)
+    in_folders = f" in {len(info['folders'])} folders" if len(info["folders"]) > 1 else ""
     st.caption(
-        f"{info['images']} images, {info['captioned']} captioned, {info['conditioning']} conditioning images | "
-        f"fingerprint {info['fingerprint'][:12]} | {info['work_dir']}"
+        f"{info['images']} images{in_folders}, {info['captioned']} captioned, {info['conditioning']} conditioning "
+        f"images | fingerprint {info['fingerprint'][:12]} | {info['work_dir']}"
     )
     upload_tab, captions_tab, preflight_tab, control_tab, versions_tab = st.tabs(
         ["Upload", "Captions", "Buckets & preflight", "ControlNet conditioning", "Versions"],
@@ -47,7 +54,7 @@ def render():
         _upload(name)
     with captions_tab:
         _bulk_tools(name)
-        _grid(name)
+        _grid(name, info)
     with preflight_tab:
         _preflight(name, info)
     with control_tab:
@@ -57,24 +64,36 @@ def render():
 
 
 def _upload(name: str):
-    st.write("Images (png, jpg, webp, bmp), same-name `.txt` captions, or a `.zip` of them.")
+    st.write(
+        "Images (png, jpg, webp, bmp), same-name `.txt` captions, or a `.zip` of them. A zip keeps its folders: "
+        "kohya's `10_concept/` folders are subsets trained 10 times per epoch."
+    )
     with st.form("upload", clear_on_submit=True):
         files = st.file_uploader("Files", accept_multiple_files=True, key="upload-files")
         submitted = st.form_submit_button("Add to dataset")
     if submitted and files:
         with shown_errors():
             report = api.upload_to_dataset(name, uploads(files))
-            message = f"added {len(report['written'])} images and {len(report['captions'])} captions"
-            if report["replaced"]:  # the frozen versions keep the old files
-                names = ", ".join(report["replaced"][:5]) + (" ..." if len(report["replaced"]) > 5 else "")
-                message += f"; {len(report['replaced'])} replaced a different file of the same name ({names})"
-            flash(message, "warning" if report["replaced"] else "success")
+            flash(_upload_message(report), "warning" if report["replaced"] else "success")
             st.session_state["upload-rejected"] = report["rejected"]
             st.rerun()  # the counts and the grid above change
     rejected = st.session_state.pop("upload-rejected", None)
     if rejected:
         st.warning(f"rejected {len(rejected)} files:")
         st.table([{"file": r["file"], "reason": r["reason"]} for r in rejected])
+
+
+def _upload_message(report: dict) -> str:
+    """What was written, counted from the files written, with the folders they went into."""
+    message = f"added {len(report['written'])} images"
+    folders = sorted({file.split("/")[0] for file in report["written"] if "/" in file})
+    if folders:
+        message += f" (into {', '.join(folders)})"
+    message += f" and {len(report['captions'])} captions"
+    if report["replaced"]:  # the frozen versions keep the old files
+        names = ", ".join(report["replaced"][:5]) + (" ..." if len(report["replaced"]) > 5 else "")
+        message += f"; {len(report['replaced'])} replaced a different file of the same name ({names})"
+    return message
 
 
 def _bulk_tools(name: str):
@@ -92,20 +111,28 @@ def _bulk_tools(name: str):
                     st.rerun()
 
 
-def _grid(name: str):
-    items = api.dataset_images(name)
-    if not items:
+def _grid(name: str, info: dict):
+    everything = api.dataset_images(name)
+    if not everything:
         st.info("No images yet: upload some in the Upload tab.")
         return
+    items, folder = everything, ""
+    if any(row["folder"] for row in info["folders"]):  # subfolders: one at a time
+        folder = _pick_folder(name, info["folders"])
+        items = [item for item in everything if item["folder"] == folder]
     pages = (len(items) - 1) // PER_PAGE + 1
-    page = st.number_input("Page", 1, pages, 1, key="grid-page") if pages > 1 else 1
+    # keyed per folder: a page number kept from a longer folder could lie past this one's end
+    page = st.number_input("Page", 1, pages, 1, key=f"grid-page-{name}-{folder}") if pages > 1 else 1
     shown = items[(page - 1) * PER_PAGE : page * PER_PAGE]
     with st.form("captions"):
         edited = {}
         for row in range(0, len(shown), COLUMNS):
             for column, item in zip(st.columns(COLUMNS), shown[row : row + COLUMNS]):
                 with column:
-                    st.image(item["path"], caption=item["file"], width="stretch")
+                    _show_image(item["path"], item["file"])
+                    if item["caption_error"]:
+                        st.warning(item["caption_error"])
+                        continue  # nothing to edit: saving would replace a file the page could not read
                     # The key follows the caption on disk, so a bulk edit shows at once.
                     key = f"cap-{name}-{item['file']}-{hashlib.md5(item['caption'].encode()).hexdigest()[:8]}"
                     edited[item["file"]] = (
@@ -120,7 +147,7 @@ def _grid(name: str):
                 flash(f"saved {len(changed)} captions")
                 st.rerun()
     with st.expander("Remove an image"):
-        file = st.selectbox("Image", [i["file"] for i in items], key="remove-file")
+        file = st.selectbox("Image", [i["file"] for i in everything], key="remove-file")
         if st.button("Remove image", key="remove-image"):
             with shown_errors():
                 api.remove_dataset_image(name, file)
@@ -157,8 +184,10 @@ def _conditioning(name: str):
         st.subheader("Preview: image | conditioning")
         for item in pairs[:4]:
             left, right = st.columns(2)
-            left.image(item["path"], caption=item["file"], width="stretch")
-            right.image(item["conditioning"], caption="conditioning", width="stretch")
+            with left:
+                _show_image(item["path"], item["file"])
+            with right:
+                _show_image(item["conditioning"], "conditioning")
 
 
 def _versions(name: str, info: dict):
@@ -180,3 +209,37 @@ def _versions(name: str, info: dict):
                 for v in reversed(info["versions"])
             ]
         )
+
+
+def _pick_folder(name: str, folders: list[dict]) -> str:
+    """Shows the folders as the trainers read them (repeats, the caption of uncaptioned images); returns the one
+    picked for the grid."""
+    st.table(  # a table, not a dataframe: plain text a user (and the browser test) can read and copy
+        [
+            {
+                "folder": row["folder"] or "(top level)",
+                "repeats": str(row["repeats"]) if row["repeats"] is not None else "the recipe's data.repeats",
+                "images": row["images"],
+                "captioned": row["captioned"],
+                "caption if none": row["concept"],
+            }
+            for row in folders
+        ]
+    )
+    labels = {row["folder"]: f"{row['folder'] or '(top level)'} ({row['images']} images)" for row in folders}
+    return st.selectbox("Folder", list(labels), format_func=labels.get, key=f"grid-folder-{name}")
+
+
+def _show_image(path: str, label: str):
+    """A thumbnail of the image as it trains, or a warning with the reason it cannot be shown."""
+    try:
+        stat = os.stat(path)
+        st.image(_thumbnail(path, stat.st_mtime_ns, stat.st_size), caption=label, width="stretch")
+    except (api.StudioError, OSError) as exc:
+        st.warning(f"{label}: {exc}" if isinstance(exc, OSError) else str(exc))
+
+
+@st.cache_data(max_entries=1024, show_spinner=False)
+def _thumbnail(path: str, mtime_ns: int, size: int) -> bytes:
+    """Cached per file version (mtime and size are part of the key): a rerun redraws the grid without decoding."""
+    return api.dataset_thumbnail(path)

@@ -3,8 +3,11 @@ report; tag; delete with confirmation; merge LoRAs (linear or SVD) with a previe
 
 from __future__ import annotations
 
-import os
+import contextlib
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import streamlit as st
@@ -119,29 +122,37 @@ def _import():
     if typed.strip():
         path = Path(typed.strip()).expanduser()
     elif upload is not None:
-        path = _staged(upload)
+        path = None  # staged only while a button's action runs (`_staged`)
     else:
         return
     check, register = st.columns(2)
     if check.button("Check", key="import-check"):
-        with shown_errors():
-            st.json(api.import_adapter(path, base=base, dry_run=True)["report"])
+        with shown_errors(), _staged(upload, path) as source:
+            st.json(api.import_adapter(source, base=base, dry_run=True)["report"])
     if register.button("Import", type="primary", key="import-go"):
-        with shown_errors():
-            result = api.import_adapter(path, base=base, name=name or None)
+        with shown_errors(), _staged(upload, path) as source:
+            result = api.import_adapter(source, base=base, name=name or None)
             st.success(f"imported {result['entry']['name']}")
             st.json(result["report"])
 
 
-def _staged(upload) -> Path:
-    """The upload as a file (the importer reads paths), under $SDTUNE_HOME/studio/uploads, written atomically."""
-    folder = jobs.sdtune_home() / "studio" / "uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / Path(upload.name).name
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(upload.getvalue())
-    os.replace(tmp, path)
-    return path
+@contextlib.contextmanager
+def _staged(upload, path: Path | None) -> Iterator[Path]:
+    """`path` when one was typed; else the upload as a file (the importer reads paths, and names the adapter after
+    the file) in a folder of its own under $SDTUNE_HOME/studio/uploads, removed when the action ends: the registry
+    keeps its own copy, and a refused upload leaves nothing behind."""
+    if path is not None:
+        yield path
+        return
+    root = jobs.sdtune_home() / "studio" / "uploads"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=root, prefix="import-"))
+    try:
+        staged = folder / Path(upload.name).name
+        staged.write_bytes(upload.getvalue())
+        yield staged
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _merge(loras: list[dict]):

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from sdtune.adapters import sampling
 from sdtune.adapters.base import base_hash, recommended_guidance
+from sdtune.adapters.images import image_files
 from sdtune.trainers.core.cache import default_cache_dir
-from sdtune.trainers.core.data import DataError, DatasetScan, _image_files, scan_dataset
+from sdtune.trainers.core.data import DataError, DatasetScan, scan_dataset
 from sdtune.trainers.core.recipe import DreamBoothMethod, Recipe
 
 
@@ -45,7 +46,7 @@ def scan_user_class_images(recipe: Recipe) -> DatasetScan | None:
     if not method.with_prior_preservation or method.class_data_dir is None:
         return None
     folder = Path(method.class_data_dir).expanduser()
-    if not folder.is_dir() or not _image_files(folder):
+    if not folder.is_dir() or not image_files(folder):
         return None  # nothing yet: every class image is generated
     scan = scan_dataset(class_data_config(recipe, folder))
     if scan.skipped:

@@ -51,10 +51,18 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from sdtune.adapters.images import (
+    IMAGE_EXTENSIONS,
+    caption_file,
+    decode_caption,
+    image_files,
+    kohya_folder,
+    open_rgb,
+    to_rgb,
+)
+
 from .recipe import DataConfig
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 PREFLIGHT_MAX_SKIPPED = 20
 
@@ -341,26 +349,17 @@ def _collect(record: ImageRecord | str, where: str, records: list, skipped: list
 # -- folders: plain, kohya, imagefolder -----------------------------------------------------------------------------
 
 
-def _image_files(root: Path) -> list[Path]:
-    """Every candidate image under `root`, recursively, sorted; hidden files and folders are not candidates."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(folder) / name)
-    return found
-
-
 def _read_caption(image_path: Path, extension: str) -> str | None:
-    """The caption file beside an image (`a.png` -> `a.txt`), lines joined by spaces; None if absent or empty.
+    """The caption file beside an image (`a.png` -> `a.txt`, or `a.TXT`), lines joined by spaces; None if absent or
+    empty.
 
     Raises UnicodeDecodeError for a caption that is not UTF-8 (the caller skips the image with that reason).
     """
-    caption_path = image_path.with_name(image_path.stem + extension)
+    caption_path = caption_file(image_path, extension)
     if not caption_path.is_file():
         return None
-    text = " ".join(line.strip() for line in caption_path.read_text(encoding="utf-8").splitlines() if line.strip())
+    lines = decode_caption(caption_path.read_bytes()).splitlines()
+    text = " ".join(line.strip() for line in lines if line.strip())
     return text or None
 
 
@@ -368,11 +367,10 @@ def _scan_folder(root: Path, cfg: DataConfig) -> tuple[list[ImageRecord], list[S
     """Plain and kohya layouts. Images under an `N_name` subfolder get N repeats and caption fallback "name"."""
     kohya = {}
     for child in sorted(root.iterdir()):
-        match = KOHYA_FOLDER.match(child.name)
-        if child.is_dir() and match:
-            kohya[child.name] = (int(match[1]), match[2])
+        if child.is_dir() and (parsed := kohya_folder(child.name)):
+            kohya[child.name] = parsed
     records, skipped = [], []
-    for path in _image_files(root):
+    for path in image_files(root):
         top = path.relative_to(root).parts[0]
         repeats, fallback, source = cfg.repeats, "", root
         if top in kohya:
@@ -452,7 +450,7 @@ def _scan_imagefolder(root: Path, cfg: DataConfig) -> tuple[list[ImageRecord], l
             fields = dict(path=str(path), index=None, caption=caption, repeats=cfg.repeats, source=str(root))
             record = _make_record(data, cfg, **fields)
             _collect(record, str(path), records, skipped)
-    for path in _image_files(root):
+    for path in image_files(root):
         if path.resolve() not in listed:
             skipped.append(
                 Skipped(str(path), "not listed in the metadata file (imagefolder trains listed files only)")
@@ -590,17 +588,6 @@ def scan_dataset(cfg: DataConfig) -> DatasetScan:
 # -- pixels ---------------------------------------------------------------------------------------------------------
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; transparency is composited on white (a transparent background must not train as black)."""
-    if image.mode.startswith("I;16"):  # 16-bit grey: PIL's convert clips at 255; keep the high byte instead
-        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image).convert("RGB")
-    return image.convert("RGB")
-
-
 def load_image(record: ImageRecord, cfg: DataConfig, dataset=None, column: str | None = None) -> Image.Image:
     """The source image of a record, EXIF-rotated, RGB (transparency composited on white), at its source size.
 
@@ -611,15 +598,12 @@ def load_image(record: ImageRecord, cfg: DataConfig, dataset=None, column: str |
         column: another image column of the same row (e.g. ControlNet's conditioning image).
     """
     if record.path is not None:
-        with Image.open(record.path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-        return _to_rgb(image)
+        return open_rgb(record.path)
     if dataset is None:
         raise ValueError(f"load_image: record is row {record.index} of an HF dataset; pass dataset=scan.dataset")
     value = dataset[record.index][column or cfg.image_column]
     image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(_row_bytes(value)))
-    return _to_rgb(ImageOps.exif_transpose(image))
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
@@ -797,8 +781,8 @@ def _pair_folder(root: Path, scan: DatasetScan) -> tuple[list, list[str]]:
             found.append(None)
             continue
         found.append(_check_condition(partner.read_bytes(), str(partner), record, path=str(partner), index=None))
-    stems = {path.relative_to(images).with_suffix("") for path in _image_files(images)}
-    for path in _image_files(conditions):
+    stems = {path.relative_to(images).with_suffix("") for path in image_files(images)}
+    for path in image_files(conditions):
         if path.relative_to(conditions).with_suffix("") not in stems:
             problems.append(f"{path}: no image with this name in {images}")
     return found, problems
@@ -908,10 +892,7 @@ def load_condition(scan: PairScan, index: int, cfg: DataConfig) -> Image.Image:
     """The conditioning image of `scan.records[index]`, RGB, fitted to the record's bucket with the image's crop."""
     record, condition = scan.records[index], scan.conditions[index]
     if condition.path is not None:
-        with Image.open(condition.path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-        image = _to_rgb(image)
+        image = open_rgb(condition.path)
     else:
         image = load_image(record, cfg, scan.dataset, column=scan.conditioning_column)
     return fit_to_bucket(image, record.bucket)
