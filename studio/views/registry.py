@@ -70,10 +70,10 @@ def _browse(adapters: list[dict]):
 
 
 def score_tables(scores: dict) -> tuple[list[dict], list[dict]]:
-    """adapter.json's toy-world `scores` as two small tables: one row per target prompt (the share of its images,
-    seeds x conditions, that show the asked colour and shape, for the base and the adapter; only where the trainer
-    measured each prompt), and one row per model over all targets (colour, shape, both, layout IoU for a ControlNet,
-    and the number of images)."""
+    """adapter.json's toy-world `scores` as two small tables: one row per target prompt (the share of its images, one
+    per seed, that show the asked colour and shape, for the base and the adapter; where the trainer measured each
+    prompt, i.e. LoRA and DreamBooth), and one row per model over all targets (colour, shape, both, a ControlNet's
+    layout IoU, and the number of images)."""
     per_prompt = scores.get("per_prompt") or {}
     prompts = [
         {
