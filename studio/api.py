@@ -776,3 +776,44 @@ def publish(
 
     options = pub.PublishOptions(private, dry_run, out_dir, token, update, license or pub.DEFAULT_LICENSE)
     return _publish_call(pub.publish, name, repo, options, _registry())
+
+
+# -- base models for a recipe ---------------------------------------------------------------------------------------
+
+
+def base_models(hub_cache: str | Path | None = None) -> list[dict]:
+    """The bases a recipe can name without a download, for the Train page's picker: the toy base, the registry's
+    full models (a fine-tune's diffusers folder, or its single file), and the diffusers pipelines in the local
+    Hugging Face cache (`hub_cache`, default the usual one): model repos whose snapshot holds a `model_index.json`.
+
+    Returns [{"value": what `base.pretrained_model_name_or_path` takes, "label": where it comes from}].
+    """
+    found = [{"value": "toy", "label": "toy: the bundled toy base (64 px, CPU)"}]
+    registry = _registry()
+    for entry in registry.list():
+        try:
+            files = registry.manifest(entry.name).files
+        except (OSError, ValueError):  # a damaged entry (`sdtune adapters check`) is no base; the page still works
+            continue
+        fmt = next((f for f in ("diffusers", "single_file") if f in files), None)
+        if fmt:
+            found.append({"value": str(registry.file(entry.name, fmt)), "label": f"registry: {entry.name}"})
+    found += [{"value": repo, "label": f"Hub cache: {repo}"} for repo in _cached_pipelines(hub_cache)]
+    return found
+
+
+def _cached_pipelines(hub_cache: str | Path | None) -> list[str]:
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:  # the cache folder is read at call time (scan_cache_dir's default is the one at its import)
+        repos = scan_cache_dir(hub_cache or constants.HF_HUB_CACHE).repos
+    except (CacheNotFound, OSError, ValueError):  # no cache yet, or the path is no cache folder
+        return []
+    pipelines = [
+        repo.repo_id
+        for repo in repos
+        if repo.repo_type == "model"
+        and any((rev.snapshot_path / "model_index.json").is_file() for rev in repo.revisions)
+    ]
+    return sorted(pipelines)

@@ -171,3 +171,19 @@ def test_cli_counts_and_sizes_must_be_positive(argv, capsys):
     with pytest.raises(SystemExit) as stopped:
         cli.main(argv)
     assert stopped.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["purple", "123", "1e5", "", " padded", "yes", 'say "hi"', "a: b", None, True, 0.0002, 1e-8, 16, [7, 8], ["a, b"]],
+)
+def test_override_text_reads_back_as_the_value(value):
+    """The studio's form writes its changes with override_text; a typed "123" stays the string "123" (quoted)."""
+    from sdtune.trainers.core.recipe import apply_overrides, override_text
+
+    assert apply_overrides({}, [override_text("data.trigger_word", value)]) == {"data": {"trigger_word": value}}
+
+
+def test_a_quoted_override_stays_a_string():
+    recipe = load_recipe(None, ['output.name="123"', "train.lr=2e-4", 'data.trigger_word="1e5"'])
+    assert (recipe.output.name, recipe.train.learning_rate, recipe.data.trigger_word) == ("123", 2e-4, "1e5")

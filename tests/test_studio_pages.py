@@ -203,8 +203,8 @@ def test_train_page_validates_live_and_launch_queues_a_job_on_a_frozen_version(h
     yaml_box = at.text_area(key="yaml-quickstart.yaml")
     yaml_box.set_value(yaml_box.value.replace("lerning_rate:", "learning_rate:"))
     at.selectbox(key="train-dataset").set_value("purple")
-    next(n for n in at.number_input if n.label == "Steps").set_value(3)
-    at = at.button(key="FormSubmitter:knobs-quickstart.yaml-Apply").click().run()
+    next(n for n in at.number_input if n.label == "Max train steps").set_value(3)
+    at = at.button(key="FormSubmitter:form-quickstart.yaml-Apply").click().run()
     at = button(at, "Preflight: data, time and memory").click().run()
     [report] = [c.value for c in at.code if c.value.startswith("data:")]
     assert report.startswith("data: 1 images (1 per epoch with repeats), layout folder")
@@ -224,21 +224,19 @@ def test_train_form_shows_the_yaml_it_trains_and_its_changes_win(home):
     yaml_box.set_value(yaml_box.value.replace("rank: 8", "rank: 4").replace("learning_rate: 1.0e-3", "lr: 5.0e-7"))
     at = at.run()
     knob = {widget.label: widget for widget in [*at.number_input, *at.text_input]}
-    assert knob["LoRA rank"].value == 4 and knob["Learning rate"].value == "5e-07"  # the YAML's values, no override
+    assert knob["Rank"].value == 4 and knob["Learning rate"].value == "5e-07"  # the YAML's values, no override
     assert not [c.value for c in at.code if "method.rank" in c.value]
-    knob["LoRA rank"].set_value(16)
+    knob["Rank"].set_value(16)
     knob["Learning rate"].set_value("2e-4")
-    at = at.button(key="FormSubmitter:knobs-quickstart.yaml-Apply").click().run()
+    at = at.button(key="FormSubmitter:form-quickstart.yaml-Apply").click().run()
     [shown] = [c.value for c in at.code if "method.rank" in c.value]
-    assert shown == "train.learning_rate=2e-4 method.rank=16"
-    # a full DreamBooth fine-tune has no rank to set; its prompts and prior preservation are knobs
+    assert shown == "method.rank=16 train.learning_rate=0.0002"
+    # a DreamBooth recipe's form has its method section: prompts, prior preservation, LoRA or the whole UNet
     at.selectbox(key="train-method").set_value("dreambooth")
     at = at.run()
     labels = {widget.label for widget in [*at.number_input, *at.text_input, *at.checkbox]}
-    assert {"Instance prompt", "Class prompt", "Prior preservation (class images)"} <= labels
-    assert (
-        "LoRA rank" not in labels and not next(c for c in at.checkbox if c.label.startswith("DreamBooth-LoRA")).value
-    )
+    assert {"Instance prompt", "Class prompt", "With prior preservation"} <= labels
+    assert not next(c for c in at.checkbox if c.label == "LoRA").value  # sd15-dreambooth-default: the whole UNet
 
 
 def test_train_launch_refuses_bad_data_and_a_second_click(home):

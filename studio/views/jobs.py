@@ -9,6 +9,7 @@ import datetime
 import streamlit as st
 
 from sdtune.studio import jobs
+from sdtune.studio.views.charts import training_chart
 from sdtune.studio.views.common import flash, show_flash, shown_errors
 
 REFRESH_SECONDS = 2.0
@@ -78,10 +79,8 @@ def _live(job: jobs.Job):
     _actions(job)
     chart, grid = st.columns(2)
     with chart:
-        st.caption("loss")
-        if progress["losses"]:
-            steps, losses = zip(*progress["losses"])
-            st.line_chart({"step": steps, "loss": losses}, x="step", y="loss")
+        st.caption("loss and learning rate")
+        training_chart(job.run_dir, f"job-{job_id}")
     with grid:
         st.caption("latest validation grid")
         if progress["latest_grid"]:

@@ -65,12 +65,50 @@ def _browse(adapters: list[dict]):
         st.image(str(path), caption=label, width="stretch")
     _downloads(folder, manifest["files"])
     if manifest.get("scores"):
-        st.subheader("Scores")
-        st.json(manifest["scores"], expanded=1)
+        _scores(manifest["scores"])
     with st.expander("Manifest (adapter.json)"):
         st.json(manifest)
     _tags(name, detail.get("tags", []))
     _delete(name)
+
+
+def score_tables(scores: dict) -> tuple[list[dict], list[dict]]:
+    """adapter.json's toy-world `scores` as two small tables: one row per target prompt (the share of its images, one
+    per seed, that show the asked colour and shape, for the base and the adapter; where the trainer measured each
+    prompt, i.e. LoRA and DreamBooth), and one row per model over all targets (colour, shape, both, a ControlNet's
+    layout IoU, and the number of images)."""
+    per_prompt = scores.get("per_prompt") or {}
+    prompts = [
+        {
+            "prompt": target["prompt"],
+            "asks for": " ".join(filter(None, (target.get("color"), target.get("shape")))) or "(anything)",
+            "base": per_prompt[target["prompt"]]["base"],
+            "adapter": per_prompt[target["prompt"]]["adapter"],
+        }
+        for target in scores.get("targets", [])
+        if target["prompt"] in per_prompt
+    ]
+    totals = []
+    for side in ("base", "adapter"):
+        measured = scores.get(side)
+        if isinstance(measured, dict):
+            row = {"model": side, **{k: measured[k] for k in ("color", "shape", "both", "iou") if k in measured}}
+            totals.append({**row, "images": measured.get("n")})
+    return prompts, totals
+
+
+def _scores(scores: dict):
+    prompts, totals = score_tables(scores)
+    st.subheader("Scores")
+    seeds = ", ".join(str(s) for s in scores.get("seeds", []))
+    st.caption(f"Toy-world scorer: the share of images (seeds {seeds}) showing what each prompt asks for.")
+    shares = {
+        k: st.column_config.NumberColumn(format="percent") for k in ("base", "adapter", "color", "shape", "both")
+    }
+    if prompts:
+        st.dataframe(prompts, hide_index=True, column_config=shares)
+    if totals:
+        st.dataframe(totals, hide_index=True, column_config=shares)
 
 
 def _tags(name: str, current: list[str]):

@@ -1,58 +1,54 @@
-"""Train page: a method and a recipe template, a form for the common knobs, the YAML validated live against the
-recipe schema (the CLI's messages), the preflight estimate, and Launch, which queues a job."""
+"""Train page: a method and a preset (a shipped `recipes/*.yaml`, or one saved here), the base model, a form with every
+recipe key, the YAML validated live against the recipe schema (the CLI's messages), the preflight estimate, and
+Launch, which queues a job.
+
+The form is generated from the schema (studio/recipe_form.py): a tab per section, the common keys open and the rest
+folded, each key's description as its help. It shows the values of the YAML it trains; a widget changed in it
+becomes a `section.key=value` override, which wins over the YAML.
+"""
 
 from __future__ import annotations
 
+from itertools import cycle
+
 import streamlit as st
 
-from sdtune.studio import api, jobs
-from sdtune.studio.views.common import shown_errors
+from sdtune.studio import api, jobs, presets, recipe_form
+from sdtune.studio.views.common import flash, show_flash, shown_errors
+from sdtune.trainers.core.recipe import override_text
 
-METHODS = ("lora", "dreambooth", "controlnet")
-TEMPLATE_DATA = "(the template's own data)"
+METHODS = tuple(recipe_form.method_models())
+TEMPLATE_DATA = "(the preset's own data)"
 ACTIVE = ("queued", "running")
-
-
-# The form's knobs: (recipe key, label, widget, shown for which recipes). The form shows the values of the YAML below
-# it; a knob set to anything else becomes a `key=value` override, which wins over the YAML.
-KNOBS = (
-    ("output.name", "Name", "text", "any"),
-    ("train.max_train_steps", "Steps", "int", "any"),
-    ("train.learning_rate", "Learning rate", "float", "any"),
-    ("train.train_batch_size", "Batch size", "int", "any"),
-    ("data.resolution", "Resolution", "int", "any"),
-    ("data.trigger_word", "Trigger word", "text", "any"),
-    ("train.checkpointing_steps", "Checkpoint every", "int", "any"),
-    ("validation.validation_steps", "Validation grid every", "int", "any"),
-    ("method.rank", "LoRA rank", "int", "lora"),
-    ("method.instance_prompt", "Instance prompt", "text", "dreambooth"),
-    ("method.class_prompt", "Class prompt", "text", "dreambooth"),
-    ("method.with_prior_preservation", "Prior preservation (class images)", "bool", "dreambooth"),
-    ("method.lora", "DreamBooth-LoRA (off: the whole UNet)", "bool", "dreambooth"),
-)
-INT_LIMITS = {"data.resolution": (8, 2048, 8), "validation.validation_steps": (0, 1_000_000, 1)}
+BASE_KEY = "base.pretrained_model_name_or_path"
+TABS = ("data", "method", "train", "validation", "output", "base")  # base last: its main key is the picker above
+PICKED = (BASE_KEY, "method.type")  # drawn above the form: the base picker and the Method selectbox
+OTHER_BASE = "(another hub id or path)"
 
 
 def render():
     st.title("Train")
+    show_flash()
+    if "train-template-next" in st.session_state:  # a preset was just saved: open it
+        st.session_state["train-template"] = st.session_state.pop("train-template-next")
     left, right = st.columns(2)
-    method = left.selectbox("Method", METHODS, key="train-method")
-    templates = list(api.recipe_templates(method))
-    if not templates:
-        st.error(f"no recipe template for {method} in recipes/")
+    method = left.selectbox("Method", METHODS, key="train-method", help=_method_help())
+    preset = _choose_preset(right, method)
+    if preset is None:
         return
-    default = "quickstart.yaml" if "quickstart.yaml" in templates else templates[0]
-    template = right.selectbox("Recipe template", templates, index=templates.index(default), key="train-template")
+    template = preset.id
     datasets = [TEMPLATE_DATA] + [d["name"] for d in api.list_datasets() if d["images"]]
     dataset = st.selectbox("Dataset (frozen as a version at launch)", datasets, key="train-dataset")
-    # The YAML as edited below (kept across pages); the form above it shows its values.
+    # The YAML as edited below (kept across pages); the form shows its values, or the preset's while it is invalid.
     yaml_key = f"yaml-{template}"
-    text = st.session_state.get(yaml_key) or st.session_state.get(f"kept-{yaml_key}") or api.recipe_text(template)
+    text = st.session_state.get(yaml_key) or st.session_state.get(f"kept-{yaml_key}") or _preset_text(template)
     shown = api.validate_recipe(text)
-    knobs = _knobs(
-        template, shown["recipe"] if shown["ok"] else api.validate_recipe(api.recipe_text(template))["recipe"]
-    )
-    with st.expander("Advanced: the recipe YAML", expanded=False):
+    recipe = (shown if shown["ok"] else api.validate_recipe(_preset_text(template))).get("recipe")
+    knobs = []
+    if recipe:
+        fields = recipe_form.form_fields(recipe["method"]["type"])
+        knobs = [*_base_picker(recipe["base"], fields), *_form(template, recipe, fields)]
+    with st.expander("The recipe YAML", expanded=False):
         text = st.text_area("Recipe", text, height=400, key=yaml_key)
     st.session_state[f"kept-{yaml_key}"] = text
     # Checked and previewed on the editable copy; Launch freezes a version and trains on that.
@@ -60,7 +56,7 @@ def render():
     overrides = ([_data_override(method, work)] if work else []) + knobs
     checked = api.validate_recipe(text, overrides)
     if checked["ok"]:
-        st.success(f"recipe valid: {method} '{checked['recipe']['output']['name']}'")
+        st.success(f"recipe valid: {checked['recipe']['method']['type']} '{checked['recipe']['output']['name']}'")
         if overrides:
             st.code(" ".join(overrides), language=None, wrap_lines=True)
     else:
@@ -72,6 +68,21 @@ def render():
     if col_b.button("Launch", type="primary", key="train-launch", disabled=not checked["ok"]):
         with shown_errors():
             _launch(text, overrides, knobs, method, dataset, work)
+    _presets(preset, text, knobs)
+
+
+def _choose_preset(column, method: str) -> presets.Preset | None:
+    """The preset selectbox: `method`'s shipped and saved presets, quickstart.yaml first where it is one of them."""
+    choices = {preset.id: preset for preset in presets.list_presets(method)}
+    if not choices:
+        st.error(f"no preset for {method} in recipes/ or {presets.presets_dir()}")
+        return None
+    if st.session_state.get("train-template") not in choices:
+        st.session_state["train-template"] = "quickstart.yaml" if "quickstart.yaml" in choices else next(iter(choices))
+    chosen = column.selectbox(
+        "Recipe preset", list(choices), key="train-template", format_func=lambda i: choices[i].label
+    )
+    return choices[chosen]
 
 
 def _launch(text: str, overrides: list[str], knobs: list[str], method: str, dataset: str, work: str | None):
@@ -96,37 +107,112 @@ def _data_override(method: str, root: str) -> str:
     return f"data.train_data_dir={root}" if method == "controlnet" else f"data.train_data_dir={root}/images"
 
 
-def _knobs(template: str, recipe: dict) -> list[str]:
-    """The form of common knobs, showing `recipe`'s values; returns the changed ones as `section.key=value`."""
-    method = recipe["method"]
-    lora = method["type"] == "lora" or bool(method.get("lora"))
-    shown = [k for k in KNOBS if k[3] == "any" or k[3] == method["type"] or (k[3] == "lora" and lora)]
+def _preset_text(preset_id: str) -> str:
+    try:
+        return presets.preset_text(preset_id)
+    except api.StudioError as exc:  # removed behind the page's back: an empty recipe, and why
+        st.error(str(exc))
+        return ""
+
+
+def _method_help() -> str:
+    models = recipe_form.method_models().values()
+    lines = [model.model_fields["type"].description for model in models]
+    return "\n\n".join([*lines, "Recipe key: `method.type`"])
+
+
+def _help(field: recipe_form.FormField) -> str:
+    return f"{field.help}\n\nRecipe key: `{field.path}`"
+
+
+# -- the base picker --------------------------------------------------------------------------------------------------
+
+
+def _base_picker(base: dict, fields: list[recipe_form.FormField]) -> list[str]:
+    """The base as a choice among the toy base, the registry's full models and the local Hub cache, or a typed hub
+    id or path; returns the override when it differs from the YAML's. (No widget keys: a widget's identity includes
+    the value it shows, so editing the YAML resets it to the new value.)"""
+    current = base["pretrained_model_name_or_path"]
+    known = {found["value"]: found["label"] for found in api.base_models()}
+    options = [*known, OTHER_BASE]
+    field = next(f for f in fields if f.path == BASE_KEY)
+    index = options.index(current) if current in known else len(options) - 1
+    left, right = st.columns(2)
+    pick = left.selectbox("Base model", options, index, format_func=lambda v: known.get(v, v), help=_help(field))
+    chosen = pick
+    if pick == OTHER_BASE:
+        typed = right.text_input(
+            "Hub id, diffusers folder or .safetensors file", "" if current in known else current, help=_help(field)
+        )
+        chosen = typed.strip()
+    return [override_text(BASE_KEY, chosen)] if chosen and chosen != current else []
+
+
+# -- the form -----------------------------------------------------------------------------------------------------
+
+
+def _form(template: str, recipe: dict, fields: list[recipe_form.FormField]) -> list[str]:
+    """Every recipe key of the recipe's method as a widget, a tab per section with the rarely changed keys folded;
+    returns the changed ones as `section.key=value` overrides."""
+    method = recipe["method"]["type"]
+    fields = [f for f in fields if f.path not in PICKED]
     overrides = []
-    with st.form(f"knobs-{template}"):
-        columns = st.columns(3)
-        for i, (key, label, kind, _) in enumerate(shown):
-            section, name = key.split(".")
-            current = recipe[section].get(name)
-            value = _knob_widget(columns[i % 3], key, label, kind, current)
-            if value != _knob_text(kind, current):
-                overrides.append(f"{key}={value}")
+    with st.form(f"form-{template}"):
+        titles = [f"Method: {method}" if s == "method" else s.capitalize() for s in TABS]
+        for tab, section in zip(st.tabs(titles), TABS):
+            mine = [f for f in fields if f.section == section]
+            more = [f for f in mine if not f.common]
+            with tab:
+                overrides += _widgets([f for f in mine if f.common], recipe[section])
+                if more:
+                    with st.expander(f"More {section} settings ({len(more)})"):
+                        overrides += _widgets(more, recipe[section])
         st.form_submit_button("Apply")
     return overrides
 
 
-def _knob_widget(column, key: str, label: str, kind: str, current):
-    """One knob, returning its value as override text (learning rates as text: 5e-7 would show as 0.000000)."""
-    if kind == "int":
-        low, high, step = INT_LIMITS.get(key, (1, 1_000_000, 1))
-        return str(int(column.number_input(label, low, high, int(current), step=step)))
-    if kind == "bool":
-        return str(column.checkbox(label, bool(current))).lower()
-    return column.text_input(label, _knob_text(kind, current))
+def _widgets(fields: list[recipe_form.FormField], values: dict) -> list[str]:
+    changed = []
+    for column, field in zip(cycle(st.columns(3)), fields):
+        value = field.read(_widget(column, field, field.shown(values[field.name])))
+        if value != values[field.name]:
+            changed.append(override_text(field.path, value))
+    return changed
 
 
-def _knob_text(kind: str, value) -> str:
-    if kind == "float":
-        return f"{float(value):g}"
-    if kind == "bool":
-        return str(bool(value)).lower()
-    return "" if value is None else str(value)
+def _widget(column, field: recipe_form.FormField, shown):
+    """The widget of one field, showing `shown`; returns its content."""
+    label, tip = field.label, _help(field)
+    if field.widget == "checkbox":
+        return column.checkbox(label, bool(shown), help=tip)
+    if field.widget == "select":
+        return column.selectbox(label, field.options, field.options.index(shown), help=tip)
+    if field.widget == "int":
+        return column.number_input(label, field.low, field.high, shown, step=1, help=tip)
+    if field.widget == "float":
+        return column.number_input(label, field.low, field.high, shown, format="%g", help=tip)
+    if field.widget == "list":
+        return column.text_area(label, shown, height=100, help=f"{tip} One per line.")
+    return column.text_input(label, shown, help=tip)
+
+
+# -- presets --------------------------------------------------------------------------------------------------------
+
+
+def _presets(preset: presets.Preset, text: str, knobs: list[str]):
+    """Save the form as a named preset (the YAML with the form's changes applied); delete the open saved one."""
+    with st.expander("Save as preset"):
+        with st.form("preset-save"):
+            name = st.text_input("Preset name", key="preset-name", placeholder="my-lora-fast")
+            replace = st.checkbox("Replace a saved preset of that name", key="preset-replace")
+            if st.form_submit_button("Save preset"):
+                with shown_errors():
+                    saved = presets.save_preset(name, text, knobs, replace=replace)
+                    st.session_state["train-template-next"] = saved.id
+                    flash(f"saved preset {saved.label}: {saved.path}")
+                    st.rerun()
+        if not preset.read_only and st.button(f"Delete preset {preset.label}", key="preset-delete"):
+            with shown_errors():
+                presets.delete_preset(preset.id.removeprefix(presets.SAVED))
+                flash(f"deleted preset {preset.label}")
+                st.rerun()

@@ -12,6 +12,7 @@ Command-line overrides use the same paths: `trainers/lora.py recipe.yaml train.l
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import types
 import typing
@@ -34,6 +35,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
 
 
+# Hints for the studio's Train form (studio/recipe_form.py), kept on the fields so that a new key reaches the form by
+# itself: a COMMON key is shown open, every other one is folded under its section's "more settings"; an AS_TEXT float
+# is typed as text, since a number box would show a learning rate of 5e-7 as 0.
+COMMON = {"common": True}
+AS_TEXT = {"as_text": True}
+
+
 # -- base: `BaseModelConfig`, imported above, lives with base loading in sdtune.adapters.base --------------------
 
 
@@ -47,6 +55,7 @@ class DataConfig(_Section):
         None,
         description="A folder of images with same-name caption files, kohya `N_concept` folders, or an HF "
         "imagefolder with metadata.jsonl.",
+        json_schema_extra=COMMON,
     )
     dataset_name: PathText | None = Field(
         None, description="A saved HF dataset folder (save_to_disk) or a hub dataset id."
@@ -54,25 +63,46 @@ class DataConfig(_Section):
     image_column: str = Field("image", description="Image column of an HF dataset.")
     caption_column: str = Field("text", description="Caption column of an HF dataset / metadata.jsonl.")
     caption_extension: str = Field(".txt", description="Extension of the caption file beside each image.")
-    trigger_word: str | None = Field(None, description="Word that calls up the trained concept, e.g. 'sks'.")
+    trigger_word: str | None = Field(
+        None, description="Word that calls up the trained concept, e.g. 'sks'.", json_schema_extra=COMMON
+    )
     caption_template: str = Field(
-        "{caption}", description="How a training caption is built; placeholders {caption} and {trigger}."
+        "{caption}",
+        description="How a training caption is built; placeholders {caption} and {trigger}.",
+        json_schema_extra=COMMON,
     )
-    shuffle_caption: bool = Field(False, description="Shuffle comma-separated tags each time a caption is used.")
-    keep_tokens: int = Field(0, ge=0, description="With shuffle_caption: leading tags that stay in place.")
+    shuffle_caption: bool = Field(
+        False, description="Shuffle comma-separated tags each time a caption is used.", json_schema_extra=COMMON
+    )
+    keep_tokens: int = Field(
+        0, ge=0, description="With shuffle_caption: leading tags that stay in place.", json_schema_extra=COMMON
+    )
     caption_dropout_rate: float = Field(
-        0.0, ge=0.0, le=1.0, description="Probability of training on an empty caption (helps guidance)."
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability of training on an empty caption (helps guidance).",
+        json_schema_extra=COMMON,
     )
-    resolution: int = Field(512, ge=8, description="Training resolution: buckets hold about resolution^2 pixels.")
-    enable_bucket: bool = Field(True, description="Aspect-ratio bucketing by pixel area instead of a square crop.")
+    resolution: int = Field(
+        512, ge=8, description="Training resolution: buckets hold about resolution^2 pixels.", json_schema_extra=COMMON
+    )
+    enable_bucket: bool = Field(
+        True, description="Aspect-ratio bucketing by pixel area instead of a square crop.", json_schema_extra=COMMON
+    )
     min_bucket_reso: int = Field(256, ge=8, description="Smallest bucket side in pixels.")
     max_bucket_reso: int = Field(1024, ge=8, description="Largest bucket side in pixels.")
     bucket_reso_steps: int = Field(64, ge=8, description="Bucket sides are multiples of this (64 for SD v1-5).")
     min_image_size: int | None = Field(
         None, ge=1, description="Images whose shorter side is smaller are skipped. Default: resolution / 2."
     )
-    random_flip: bool = Field(False, description="Randomly mirror images left-right.")
-    repeats: int = Field(1, ge=1, description="Times each image is seen per epoch (kohya folders set their own).")
+    random_flip: bool = Field(False, description="Randomly mirror images left-right.", json_schema_extra=COMMON)
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="Times each image is seen per epoch (kohya folders set their own).",
+        json_schema_extra=COMMON,
+    )
     cache_latents: bool = Field(True, description="Encode each image with the VAE once and cache the latents.")
     latent_sampling: Literal["sample", "mean"] = Field(
         "sample",
@@ -100,19 +130,27 @@ class DataConfig(_Section):
 class LoraParams(_Section):
     """LoRA settings shared by the LoRA trainer and LoRA DreamBooth (peft `LoraConfig` names)."""
 
-    rank: int = Field(16, ge=1, description="LoRA rank r: the width of the low-rank update.")
+    rank: int = Field(16, ge=1, description="LoRA rank r: the width of the low-rank update.", json_schema_extra=COMMON)
     lora_alpha: float | None = Field(
-        None, gt=0, description="LoRA scale numerator: the update is scaled by lora_alpha / rank. Default: rank."
+        None,
+        gt=0,
+        description="LoRA scale numerator: the update is scaled by lora_alpha / rank. Default: rank.",
+        json_schema_extra=COMMON,
     )
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     preset: Literal["attn", "attn+ff", "locon"] = Field(
         "attn",
         description="UNet layers to adapt: attn = to_q/k/v/out.0; attn+ff adds the feed-forward; locon adds convs.",
+        json_schema_extra=COMMON,
     )
     target_modules: list[str] | None = Field(None, description="Explicit peft target_modules; overrides preset.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA) through peft's use_dora.")
-    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder's attention.")
-    text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text-encoder LoRA.")
+    train_text_encoder: bool = Field(
+        False, description="Also train a LoRA on the text encoder's attention.", json_schema_extra=COMMON
+    )
+    text_encoder_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the text-encoder LoRA.", json_schema_extra={**COMMON, **AS_TEXT}
+    )
 
     @property
     def alpha(self) -> float:
@@ -122,7 +160,7 @@ class LoraParams(_Section):
 class LoraMethod(LoraParams):
     """LoRA over a frozen base (trainers/lora.py)."""
 
-    type: Literal["lora"] = "lora"
+    type: Literal["lora"] = Field("lora", description="lora: a LoRA over the frozen base (trainers/lora.py).")
 
 
 class DreamBoothMethod(LoraParams):
@@ -132,23 +170,38 @@ class DreamBoothMethod(LoraParams):
     the base's own images of the class ("a photo of dog") at the same time, so the class keeps its look.
     """
 
-    type: Literal["dreambooth"] = "dreambooth"
-    identifier: str = Field(
-        "sks", pattern=r"^\S+$", description="The rare token that names the subject; must appear in instance_prompt."
+    type: Literal["dreambooth"] = Field(
+        "dreambooth", description="dreambooth: one subject, as a full fine-tune or a LoRA (trainers/dreambooth.py)."
     )
-    instance_prompt: str = Field(..., description="Prompt with the identifier and class, e.g. 'a photo of sks dog'.")
+    identifier: str = Field(
+        "sks",
+        pattern=r"^\S+$",
+        description="The rare token that names the subject; must appear in instance_prompt.",
+        json_schema_extra=COMMON,
+    )
+    instance_prompt: str = Field(
+        ..., description="Prompt with the identifier and class, e.g. 'a photo of sks dog'.", json_schema_extra=COMMON
+    )
     use_captions: bool = Field(
         False,
         description="Train each instance image on its own caption (same-name .txt, or a kohya `N_sks dog` folder "
         "name) where it has one; images without one use instance_prompt.",
     )
-    class_prompt: str | None = Field(None, description="Prompt of the subject's class, e.g. 'a photo of dog'.")
+    class_prompt: str | None = Field(
+        None, description="Prompt of the subject's class, e.g. 'a photo of dog'.", json_schema_extra=COMMON
+    )
     class_data_dir: PathText | None = Field(
         None, description="Folder of class images, all used, never modified; the shortfall is generated and cached."
     )
-    with_prior_preservation: bool = Field(False, description="Add the class-image loss that keeps the class intact.")
-    prior_loss_weight: float = Field(1.0, ge=0.0, description="Weight of the prior-preservation loss.")
-    num_class_images: int = Field(100, ge=1, description="Class images to train with (generated if fewer exist).")
+    with_prior_preservation: bool = Field(
+        False, description="Add the class-image loss that keeps the class intact.", json_schema_extra=COMMON
+    )
+    prior_loss_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the prior-preservation loss.", json_schema_extra=COMMON
+    )
+    num_class_images: int = Field(
+        100, ge=1, description="Class images to train with (generated if fewer exist).", json_schema_extra=COMMON
+    )
     class_inference_steps: int = Field(25, ge=1, description="Sampling steps of each generated class image.")
     class_guidance_scale: float | None = Field(
         None, ge=0, description="Guidance of generated class images; default: the base's recommended scale."
@@ -158,6 +211,7 @@ class DreamBoothMethod(LoraParams):
         False,
         validation_alias=AliasChoices("lora", "use_lora"),
         description="true: train a LoRA (DreamBooth-LoRA); false: fine-tune the whole UNet (alias use_lora).",
+        json_schema_extra=COMMON,
     )
     text_encoder_steps: int | None = Field(
         None, ge=1, description="With train_text_encoder: train it for the first N steps only (default: all)."
@@ -191,16 +245,21 @@ class ControlNetMethod(_Section):
     with a `conditioning_image_file_name` per row; or the `conditioning_image_column` of an HF dataset.
     """
 
-    type: Literal["controlnet"] = "controlnet"
+    type: Literal["controlnet"] = Field(
+        "controlnet",
+        description="controlnet: a ControlNet that follows a conditioning image (trainers/controlnet.py).",
+    )
     controlnet_model_name_or_path: PathText | None = Field(
         None,
         description="ControlNet to continue: a diffusers folder or a single .safetensors file (diffusers or original "
         "control_model.* keys). Default: initialise from the base UNet's encoder (ControlNetModel.from_unet).",
+        json_schema_extra=COMMON,
     )
     conditioning: Literal["image", "canny"] = Field(
         "image",
         description="image: given conditioning images (see the layouts above); canny: edges computed from each "
         "training image with OpenCV (sdtune annotate --kind canny does the same offline).",
+        json_schema_extra=COMMON,
     )
     conditioning_image_column: str = Field(
         "conditioning_image", description="Column of the conditioning images in an HF dataset (diffusers' name)."
@@ -213,14 +272,19 @@ class ControlNetMethod(_Section):
         le=1.0,
         description="Share of captions replaced by '' (diffusers' name; kohya calls it data.caption_dropout_rate): "
         "the ControlNet learns to follow the condition without a prompt, which guess mode needs.",
+        json_schema_extra=COMMON,
     )
     conditioning_scale: float = Field(
-        1.0, ge=0.0, description="ControlNet strength in validation images (controlnet_conditioning_scale)."
+        1.0,
+        ge=0.0,
+        description="ControlNet strength in validation images (controlnet_conditioning_scale).",
+        json_schema_extra=COMMON,
     )
     validation_image: list[str] = Field(
         default_factory=list,
         description="Conditioning images for validation, paired with validation.prompts as in diffusers (one each, "
         "or one image for every prompt). Default: the conditions of the first training pairs.",
+        json_schema_extra=COMMON,
     )
 
     @model_validator(mode="after")
@@ -255,37 +319,59 @@ def trainer_for(method_type: str) -> str:
 class TrainConfig(_Section):
     """The optimisation: steps, batch, learning rate and schedule, optimizer, precision, checkpoints."""
 
-    max_train_steps: int = Field(1000, ge=1, description="Optimizer steps to train for.")
-    train_batch_size: int = Field(1, ge=1, description="Images per device per forward pass.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    max_train_steps: int = Field(1000, ge=1, description="Optimizer steps to train for.", json_schema_extra=COMMON)
+    train_batch_size: int = Field(1, ge=1, description="Images per device per forward pass.", json_schema_extra=COMMON)
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Forward passes per optimizer step.", json_schema_extra=COMMON
+    )
     learning_rate: float = Field(
-        1e-4, gt=0, validation_alias=AliasChoices("learning_rate", "lr"), description="Peak learning rate (alias lr)."
+        1e-4,
+        gt=0,
+        validation_alias=AliasChoices("learning_rate", "lr"),
+        description="Peak learning rate (alias lr).",
+        json_schema_extra={**COMMON, **AS_TEXT},
     )
     scale_lr: bool = Field(False, description="Multiply the lr by batch size x accumulation x processes.")
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-    ] = Field("constant", description="A diffusers learning-rate schedule.")
-    lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from 0 to the lr.")
+    ] = Field("constant", description="A diffusers learning-rate schedule.", json_schema_extra=COMMON)
+    lr_warmup_steps: int = Field(
+        0, ge=0, description="Steps of linear warmup from 0 to the lr.", json_schema_extra=COMMON
+    )
     lr_num_cycles: int = Field(1, ge=1, description="Hard restarts for cosine_with_restarts.")
     lr_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field(
-        "adamw", description="adamw (torch), adamw8bit (bitsandbytes: 4x smaller states), adafactor (transformers)."
+        "adamw",
+        description="adamw (torch), adamw8bit (bitsandbytes: 4x smaller states), adafactor (transformers).",
+        json_schema_extra=COMMON,
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
-    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.", json_schema_extra=AS_TEXT)
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="no = fp32; fp16 (with grad scaling) or bf16 hold the frozen base in half precision."
+        "no",
+        description="no = fp32; fp16 (with grad scaling) or bf16 hold the frozen base in half precision.",
+        json_schema_extra=COMMON,
     )
-    seed: int = Field(42, description="Seed of everything random: the same seed gives the same adapter.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, slower.")
+    seed: int = Field(
+        42, description="Seed of everything random: the same seed gives the same adapter.", json_schema_extra=COMMON
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, slower.", json_schema_extra=COMMON
+    )
     snr_gamma: float | None = Field(
-        None, gt=0, description="Min-SNR-gamma loss weighting (5.0 is usual); off if unset."
+        None,
+        gt=0,
+        description="Min-SNR-gamma loss weighting (5.0 is usual); off if unset.",
+        json_schema_extra=COMMON,
     )
     noise_offset: float = Field(
-        0.0, ge=0, description="Offset-noise strength (0.05-0.1 helps very dark/bright images)."
+        0.0,
+        ge=0,
+        description="Offset-noise strength (0.05-0.1 helps very dark/bright images).",
+        json_schema_extra=COMMON,
     )
     timestep_sampling: Literal["uniform", "cubic"] = Field(
         "uniform",
@@ -311,7 +397,9 @@ class TrainConfig(_Section):
         False, description="optimizer adamw only: torch's fused AdamW, one kernel updating every tensor at once."
     )
     allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
-    checkpointing_steps: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps.")
+    checkpointing_steps: int = Field(
+        500, ge=1, description="Save a resumable checkpoint every N steps.", json_schema_extra=COMMON
+    )
     checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep only the last K checkpoints.")
     resume: str | None = Field(None, description="'latest' or a checkpoint folder to resume from.")
 
@@ -330,23 +418,30 @@ class TrainConfig(_Section):
 class ToyTarget(_Section):
     """What the toy-world scorer should find for a prompt (toy base only): used to measure that a fine-tune learned."""
 
-    prompt: str
-    color: str | None = None
-    shape: str | None = None
+    prompt: str = Field(..., description="A prompt to render with the scorer's fixed seeds, e.g. 'a purple circle'.")
+    color: str | None = Field(None, description="The colour its images must show (unchecked if unset).")
+    shape: str | None = Field(None, description="The shape its images must show: circle, square or triangle.")
 
 
 class ValidationConfig(_Section):
     """Fixed prompts x fixed seeds, base vs adapter, rendered with the same code as `sdtune sample`."""
 
-    prompts: list[str] = Field(default_factory=list, description="Validation prompts.")
-    negative_prompt: str = Field("", description="Negative prompt for validation images.")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="One image per prompt and seed.")
+    prompts: list[str] = Field(default_factory=list, description="Validation prompts.", json_schema_extra=COMMON)
+    negative_prompt: str = Field("", description="Negative prompt for validation images.", json_schema_extra=COMMON)
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1], description="One image per prompt and seed.", json_schema_extra=COMMON
+    )
     num_inference_steps: int = Field(25, ge=1, description="Sampling steps.")
     guidance_scale: float | None = Field(
-        None, ge=0, description="Classifier-free guidance; default: the base's recommended (7.5 SD v1-5, 3 toy)."
+        None,
+        ge=0,
+        description="Classifier-free guidance; default: the base's recommended (7.5 SD v1-5, 3 toy).",
+        json_schema_extra=COMMON,
     )
     scheduler: SchedulerName = Field("default", description="Sampler; default = the base's own scheduler.")
-    validation_steps: int = Field(0, ge=0, description="Render a grid every N steps (0 = only at the end).")
+    validation_steps: int = Field(
+        0, ge=0, description="Render a grid every N steps (0 = only at the end).", json_schema_extra=COMMON
+    )
     toy_score: list[ToyTarget] = Field(
         default_factory=list, description="Toy base only: prompts whose samples the toy-world scorer checks."
     )
@@ -364,9 +459,17 @@ class OutputConfig(_Section):
     """Where the run writes, and what."""
 
     dir: PathText = Field(
-        "output", validation_alias=AliasChoices("dir", "output_dir"), description="Run folder (alias output_dir)."
+        "output",
+        validation_alias=AliasChoices("dir", "output_dir"),
+        description="Run folder (alias output_dir).",
+        json_schema_extra=COMMON,
     )
-    name: str = Field("sdtune-lora", pattern=r"^[A-Za-z0-9._-]+$", description="Adapter name, used for file names.")
+    name: str = Field(
+        "sdtune-lora",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Adapter name, used for file names.",
+        json_schema_extra=COMMON,
+    )
     report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="Where to log loss, lr and images.")
     save_precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="dtype of the saved adapter files.")
     export_kohya: bool = Field(True, description="Also write <name>.safetensors in kohya/A1111 format.")
@@ -447,8 +550,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise RecipeError(f"override {text!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    # YAML 1.1 reads "1e-4" as a string; a number the user meant is a number.
-    if isinstance(value, str):
+    # YAML 1.1 reads "1e-4" as a string; a number the user meant is a number (unless quoted: `name="123"`).
+    if isinstance(value, str) and not raw.strip().startswith(("'", '"')):
         try:
             value = float(value) if any(c in value for c in ".eE") else int(value)
         except ValueError:
@@ -475,6 +578,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node.pop(other, None)
         node[keys[-1]] = value
     return data
+
+
+def override_text(path: str, value: Any) -> str:
+    """`path=value` that `apply_overrides` reads back as exactly `value` (the studio's form writes its changes so):
+    JSON for numbers, lists, null and booleans, and a string as typed unless YAML would read it as something else
+    (`123`, `yes: no`, ` padded`), then quoted."""
+    if isinstance(value, str) and _parse_override(f"{path}={value}")[1] == value:
+        return f"{path}={value}"
+    return f"{path}={json.dumps(value, ensure_ascii=False)}"
 
 
 def _other_spellings(keys: list[str]) -> set[str]:
