@@ -442,16 +442,21 @@ def test_a_dead_worker_is_shown_gone_at_once_and_a_silent_one_within_seconds(hom
     assert [w["id"] for w in jobs.workers()] == [beating_worker.id]  # at once: this host checks the pid
     gone = [w for w in jobs.workers(include_gone=True) if not w["alive"]]
     assert len(gone) == 1 and gone[0]["pid"] == worker.pid
-    # elsewhere only the heartbeat tells; here too, a worker that stopped beating (frozen) is shown gone
-    silent = time.time() - jobs.GONE_AFTER_SECONDS - 1
+    # elsewhere only the heartbeat tells; here too, a live worker that stopped beating (frozen) is shown gone
+    silent, me = time.time() - jobs.GONE_AFTER_SECONDS - 1, (os.getpid(), run_files.process_start_time(os.getpid()))
     with jobs.connect(home) as conn:
         conn.execute("INSERT INTO workers VALUES ('far', 'elsewhere', 1, NULL, 1, 0, ?)", (silent,))
         conn.execute("INSERT INTO workers VALUES ('near', 'elsewhere', 1, NULL, 1, 0, ?)", (time.time(),))
-        conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (silent, beating_worker.id))
-        assert jobs.worker_alive(conn, beating_worker.id)  # alive all the same: its jobs are not taken from it
-    assert [w["id"] for w in jobs.workers()] == ["near"]
+        conn.execute("INSERT INTO workers VALUES ('frozen', ?, ?, ?, 1, 0, ?)", (socket.gethostname(), *me, silent))
+        assert jobs.worker_alive(conn, "frozen")  # alive all the same: its jobs are not taken from it
+        beat = conn.execute("SELECT heartbeat_at FROM workers WHERE id = ?", (beating_worker.id,)).fetchone()[0]
+    assert sorted(w["id"] for w in jobs.workers()) == sorted([beating_worker.id, "near"])
+
     # the heartbeat comes from its own thread: it goes on whatever the main loop does (here: this test)
-    wait_for(lambda: beating_worker.id in [w["id"] for w in jobs.workers()], 10, "the next heartbeat")
+    def heartbeat() -> float:
+        return next(w["heartbeat_at"] for w in jobs.workers() if w["id"] == beating_worker.id)
+
+    wait_for(lambda: heartbeat() > beat, 10, "the next heartbeat")
 
 
 def test_the_loop_stops_with_a_checkpoint_once_its_worker_is_gone(tmp_path, monkeypatch):
@@ -510,7 +515,10 @@ def test_a_finished_run_is_done_and_never_trained_or_registered_twice(home):
     settled = jobs.settle_abandoned()
     assert sorted((j.id, j.state, j.error) for j in settled) == [(1, "done", None), (2, "done", None)]
     assert jobs.settle_abandoned() == []
-    names = lambda: sorted(e.name for e in registry.list())  # noqa: E731
+
+    def names() -> list[str]:
+        return sorted(e.name for e in registry.list())
+
     assert names() == ["ui-run-1", "ui-run-1-2"] and registry.find_run(unregistered.run_dir).name == "ui-run-1-2"
     # a job the old worker had marked interrupted, resumed: done at once, no trainer started, nothing registered
     with jobs.connect(home) as conn:
