@@ -257,6 +257,7 @@ class Registry:
             write_json_atomic(staging / REGISTRY_SIDECAR, {"tags": sorted(set(tags)), "registered_at": _now()})
             with self._db(write=True) as db:  # the write lock: names are chosen and taken one process at a time
                 final = self._free_name(db, name, unique)
+                _name_files_after(staging, manifest, final)
                 manifest.name = final
                 write_json_atomic(staging / MANIFEST_NAME, manifest.to_dict())
                 target = self.adapters_dir / final
@@ -305,6 +306,23 @@ class Registry:
             return manifest
 
         return self.add(name or manifest.name, fill, unique=unique)
+
+    def find_run(self, run_dir: str | Path) -> Entry | None:
+        """The adapter registered from the finished run in `run_dir` (that folder, that run's `created_at`), or None.
+        A job worker asks before registering a run whose trainer was stopped near its end: never twice."""
+        run_dir = Path(run_dir).resolve()
+        created_at = read_manifest(run_dir).created_at
+        with self._db() as db:
+            rows = db.execute(_SELECT + " WHERE created_at = ?", (created_at,)).fetchall()
+            candidates = [self._entry(db, row) for row in rows]
+        for entry in candidates:
+            try:
+                origin = read_manifest(entry.folder).origin or {}
+            except ManifestError:
+                continue
+            if origin.get("run_dir") == str(run_dir) and "selected_by" not in origin:  # not a checkpoint A/B picked
+                return entry
+        return None
 
     # -- reading ----------------------------------------------------------------------------------------------------
 
@@ -450,6 +468,24 @@ class Registry:
 
 
 _SELECT = "SELECT name, method, base, base_hash, created_at, registered_at, origin FROM adapters"
+
+
+def _name_files_after(folder: Path, manifest: AdapterManifest, name: str) -> None:
+    """Weight files named after the run (its kohya LoRA `ui-run-1.safetensors`, a full model's single file) take the
+    registered name: `ui-run-1-2.safetensors` for `ui-run-1-2`. A1111 and ComfyUI list LoRAs by file name, so two
+    registered copies of one run would otherwise collide in their models/Lora folder. Files with fixed names
+    (`pytorch_lora_weights.safetensors`) stay as they are."""
+    old = manifest.name
+    if not old or old == name:
+        return
+    for fmt, file_name in manifest.files.items():
+        stem = Path(file_name).stem
+        if Path(file_name).name != file_name or not (stem == old or stem.startswith(f"{old}-")):
+            continue
+        renamed = name + file_name[len(old) :]
+        if not (folder / renamed).exists():
+            os.rename(folder / file_name, folder / renamed)
+        manifest.files[fmt] = renamed
 
 
 def copy_into(source: Path, target: Path) -> Path:

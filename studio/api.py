@@ -64,6 +64,7 @@ def sample_images(
 
     if not prompts:
         raise StudioError("give at least one prompt")
+    _size_threads()
     try:  # a folder, run folder or file, or a registered ControlNet's name, each optionally :SCALE
         refs = [sampling.split_number(c) for c in controlnets or []]
         controls = [sampling.ControlSpec(compose.resolve_controlnet(ref), scale) for ref, scale in refs]
@@ -118,6 +119,13 @@ def sample_images(
         written.append(out_dir / "grid.png")
         contact_sheet.save_grid(contact_sheet.samples_grid(samples, prompts, seeds, title), written[-1])
     return written
+
+
+def _size_threads():
+    """A render shares the CPU with the queue's running trainers: torch takes the cores they leave (threads.py)."""
+    from sdtune.studio.threads import size_torch_for_render
+
+    size_torch_for_render()
 
 
 def _check_controls(controls: list, images: list[str], start: float, end: float):
@@ -538,8 +546,9 @@ def _scan_data(text: str, overrides: list[str] | None):
         raise StudioError(str(exc)) from None
 
 
-def submit_job(text: str, overrides: list[str] | None = None) -> dict:
-    """Queues recipe YAML as a training job (the text is kept under $SDTUNE_HOME/studio/recipes/); returns the job."""
+def submit_job(text: str, overrides: list[str] | None = None, submission_key: str | None = None) -> dict:
+    """Queues recipe YAML as a training job (the text is kept under $SDTUNE_HOME/studio/recipes/); returns the job.
+    A `submission_key` already used returns that job instead (one Launch clicked twice queues one job)."""
     import os
     import time
 
@@ -555,7 +564,7 @@ def submit_job(text: str, overrides: list[str] | None = None) -> dict:
     tmp.write_text(text)
     os.replace(tmp, path)
     try:
-        return jobs.submit(path, overrides).to_dict()
+        return jobs.submit(path, overrides, submission_key=submission_key).to_dict()
     except jobs.JobError as exc:
         raise StudioError(str(exc)) from None
 
@@ -608,6 +617,7 @@ def ab_compare(
     from sdtune.adapters import ab
 
     settings = _ab_settings(prompts, seeds, steps, guidance, scheduler, size, negative_prompt)
+    _size_threads()
     return ab_get(_ab_call(ab.compare, a, b, settings, blind=blind, score=score))
 
 
@@ -720,6 +730,7 @@ def ab_checkpoints(
         _call(check_name, register)
         if register in _registry():
             raise StudioError(f"--register: an adapter named {register!r} is already registered; choose another")
+    _size_threads()
     comparison_id = _ab_call(ab.compare_checkpoints, run_dir, settings, score=score, base=base)
     if register:
         _ab_call(ab.register_best, ab.ABStore().get(comparison_id), register, _registry())

@@ -246,6 +246,7 @@ def _run_job_action(args) -> None:
         job = jobs.submit(args.recipe, args.overrides)
         print(f"job {job.id}: queued ({job.method}, {job.name}); run folder {job.run_dir}")
     elif args.action == "list":
+        jobs.settle_abandoned()  # a dead worker's jobs, their trainers stopped: interrupted (or done), not running
         print(f"{'id':>4}  {'state':<11} {'method':<10} {'name':<20} progress")
         for job in jobs.list_jobs(args.state):
             print(f"{job.id:>4}  {job.state:<11} {job.method:<10} {job.name:<20} {_progress_text(job)}")

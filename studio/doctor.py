@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sdtune.adapters.base import resolve_base
+from sdtune.studio import jobs, threads
 from sdtune.studio.versions import versions_section
 from sdtune.trainers.core.estimate import GB, estimate_run, size_text
 from sdtune.trainers.core.recipe import TRAINERS, RecipeError, load_recipe
@@ -64,6 +65,13 @@ def _memory_budget(device: str) -> tuple[float, str]:
     return pages, f"no GPU; {pages / GB:.1f} GB RAM, {os.cpu_count()} CPU cores"
 
 
+def _threads_lines() -> list[str]:
+    """CPU threads per trainer and per render, from the live workers' concurrency (1 when none runs)."""
+    workers = jobs.workers() if (jobs.sdtune_home() / jobs.DB_FILE).is_file() else []
+    concurrency = max([w["concurrency"] for w in workers], default=1)
+    return threads.report_lines(concurrency, threads.busy_threads())
+
+
 def recipe_fit_lines(device: str, budget: float) -> list[str]:
     lines = []
     for path in sorted(RECIPES.glob("*.yaml")):
@@ -100,6 +108,7 @@ def doctor_report() -> str:
         f"  SDPA          {_sdpa_status(device)}",
         f"  bf16          {_bf16_status(device)}",
         f"  free disk     {disk.free / GB:.1f} GB in {Path.cwd()}",
+        *_threads_lines(),
         f"Shipped recipes vs this machine's {'GPU' if device == 'cuda' else 'RAM'} ({budget / GB:.1f} GB):",
     ]
     return "\n".join(lines + recipe_fit_lines(device, budget) + versions_section())

@@ -15,9 +15,13 @@ States:
     resume   interrupted/cancelled/failed -> queued; the trainer continues from its last checkpoint (train.resume)
     retry    any finished job -> queued from scratch (the previous run folder is kept as run.attempt-N)
 
-A job found `running` whose worker is dead becomes `interrupted` (see `sdtune.studio.worker`). The queue is the
+A worker that dies takes its trainers with it: each stops at its next step with a checkpoint (it watches its worker,
+see `run_files.worker_gone`). A job found `running` whose worker is dead becomes `interrupted` once its trainer is
+gone (`settle_abandoned`, run by every worker, the Jobs page and `sdtune jobs list`), or `done` when its run folder
+holds a finished run (`adapter.json`): a finished run is never trained or registered twice. The queue is the
 database, so it survives a browser refresh, a studio restart and a worker restart; claims are single SQL
-transactions (BEGIN IMMEDIATE), so two workers never run one job twice.
+transactions (BEGIN IMMEDIATE), so two workers never run one job twice. A submission key makes a submit
+idempotent: two clicks on one Launch queue one job.
 
 Every function here takes and returns plain data (`Job` is a dataclass of strings and numbers; `progress` a dict)
 and imports no torch, for the CLI and the Streamlit pages alike. Mistakes raise `JobError` with one line.
@@ -28,12 +32,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from sdtune.studio.processes import group_runs
 from sdtune.trainers.core import run_files
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -60,7 +66,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts         INTEGER NOT NULL DEFAULT 0,
     resume           INTEGER NOT NULL DEFAULT 0,  -- next attempt continues from the last checkpoint
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    error            TEXT
+    error            TEXT,
+    submission_key   TEXT,                      -- one form submission: a second submit with it gets this job
+    threads          INTEGER                    -- CPU threads its trainer was given (studio/threads.py)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
 CREATE TABLE IF NOT EXISTS workers (
@@ -73,6 +81,10 @@ CREATE TABLE IF NOT EXISTS workers (
     heartbeat_at REAL NOT NULL
 );
 """
+# Columns added after the first release: (name, type), added to an older jobs.db when it is opened.
+ADDED_COLUMNS = (("submission_key", "TEXT"), ("threads", "INTEGER"))
+HEARTBEAT_SECONDS = 2.0  # a worker's heartbeat thread writes this often, whatever its main loop is doing
+GONE_AFTER_SECONDS = 10.0  # a worker silent this long is shown as gone (and, on another host, taken for dead)
 
 
 class JobError(ValueError):
@@ -102,6 +114,8 @@ class Job:
     resume: int
     cancel_requested: int
     error: str | None
+    submission_key: str | None = None
+    threads: int | None = None
 
     @property
     def recipe(self) -> Path:
@@ -143,9 +157,26 @@ def connect(home: str | Path | None = None) -> Iterator[sqlite3.Connection]:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.executescript(SCHEMA)
+        _add_columns(conn)
         yield conn
     finally:
         conn.close()
+
+
+def _add_columns(conn: sqlite3.Connection):
+    """Brings a jobs.db made by an older sdtune up to `SCHEMA` (new columns are NULL in old rows). Checked again
+    under the write lock: two processes opening the old file at once add each column once."""
+
+    def missing() -> list[tuple[str, str]]:
+        have = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+        return [(name, kind) for name, kind in ADDED_COLUMNS if name not in have]
+
+    if missing():
+        with transaction(conn):
+            for name, kind in missing():
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+    # NULLs are distinct in a UNIQUE index: only jobs submitted with a key are held to one job per key
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_submission_key ON jobs (submission_key)")
 
 
 @contextlib.contextmanager
@@ -174,12 +205,21 @@ def fetch(conn, job_id: int) -> Job:
 # -- submitting and reading -----------------------------------------------------------------------------------------
 
 
-def submit(recipe: str | Path, overrides: list[str] | None = None, *, home: str | Path | None = None) -> Job:
+def submit(
+    recipe: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    home: str | Path | None = None,
+    submission_key: str | None = None,
+) -> Job:
     """Validates `recipe` (+ `section.key=value` overrides) and queues it; returns the new job.
 
     The resolved recipe is written into the job's folder with `output.dir` pointing at the job's run folder, so
     a job never writes over another and records exactly what it trains. Relative paths in the recipe (the data)
     stay relative to the current directory, where the worker will run the trainer.
+
+    `submission_key` names one submission (a form's Launch): a submit with a key already used returns that job
+    instead of queueing another, however the two calls interleave (the check and the insert are one transaction).
     """
     import yaml
 
@@ -194,9 +234,12 @@ def submit(recipe: str | Path, overrides: list[str] | None = None, *, home: str 
     if method not in TRAINERS:
         raise JobError(f"{recipe}: method.type is {method!r}: {trainer_for(method)}")
     with connect(home) as conn, transaction(conn):
+        same = conn.execute("SELECT id FROM jobs WHERE submission_key = ?", (submission_key,)).fetchone()
+        if submission_key is not None and same is not None:
+            return fetch(conn, same["id"])
         cursor = conn.execute(
-            "INSERT INTO jobs (method, name, state, source, overrides, workdir, job_dir, created_at)"
-            " VALUES (?, ?, 'queued', ?, ?, ?, '', ?)",
+            "INSERT INTO jobs (method, name, state, source, overrides, workdir, job_dir, created_at, submission_key)"
+            " VALUES (?, ?, 'queued', ?, ?, ?, '', ?, ?)",
             (
                 method,
                 resolved.output.name,
@@ -204,6 +247,7 @@ def submit(recipe: str | Path, overrides: list[str] | None = None, *, home: str 
                 "\n".join(overrides),
                 os.getcwd(),
                 time.time(),
+                submission_key,
             ),
         )
         job_id = cursor.lastrowid
@@ -337,12 +381,89 @@ def progress(job_id: int, *, home: str | Path | None = None) -> dict:
     }
 
 
-def workers(*, home: str | Path | None = None) -> list[dict]:
-    """The workers registered on this queue, with seconds since each one's last heartbeat (a worker looks at the
-    queue every `--poll` seconds; one not seen for a minute is probably gone). [] means no worker runs the queue."""
+def workers(*, home: str | Path | None = None, include_gone: bool = False) -> list[dict]:
+    """The workers running this queue, each a dict of its row plus `seen_seconds_ago` and `alive`. [] means no
+    worker runs the queue. A worker is gone within seconds of dying: at once on this host (its pid is checked), after
+    `GONE_AFTER_SECONDS` without a heartbeat anywhere. `include_gone` lists the gone ones too (their rows stay until
+    a worker starts and clears them)."""
     with connect(home) as conn:
         rows = conn.execute("SELECT * FROM workers ORDER BY started_at").fetchall()
-    return [{**dict(row), "seen_seconds_ago": round(time.time() - row["heartbeat_at"], 1)} for row in rows]
+        found = [{**dict(row), "alive": worker_alive(conn, row["id"], fresh=True)} for row in rows]
+    for row in found:
+        row["seen_seconds_ago"] = round(time.time() - row["heartbeat_at"], 1)
+    return [row for row in found if include_gone or row["alive"]]
+
+
+def worker_alive(conn, worker_id: str | None, fresh: bool = False) -> bool:
+    """Whether the worker recorded as `worker_id` still runs: its row exists and, on this host, its pid is the same
+    process (same start time); on another host, its heartbeat is recent. With `fresh`, a worker of this host must
+    be heartbeating too (a frozen worker is shown gone, but its jobs are not taken from it while it lives)."""
+    row = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone() if worker_id else None
+    if row is None:
+        return False
+    recent = time.time() - row["heartbeat_at"] < GONE_AFTER_SECONDS
+    if row["host"] != socket.gethostname():
+        return recent
+    return run_files.process_alive(row["pid"], row["proc_start"]) and (recent or not fresh)
+
+
+# -- jobs whose worker died -------------------------------------------------------------------------------------------
+
+
+def settle_abandoned(*, home: str | Path | None = None) -> list[Job]:
+    """Running jobs whose worker is dead and whose trainer is gone too (it stops by itself at its next step): each
+    becomes `interrupted`, or `done` if its run finished. No signal is sent, so the studio and the CLI can call this
+    without a worker: a worker that starts later also stops what is left of a trainer (`Worker.recover_orphans`)."""
+    with connect(home) as conn:
+        running = [job_from_row(r) for r in conn.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()]
+        dead = [job for job in running if not worker_alive(conn, job.worker)]
+    settled = []
+    for job in dead:
+        if job.pgid and group_runs(job.pgid, job.recipe):
+            continue
+        note = f"its worker {job.worker} died; trainer stopped"
+        done = settle(job, note, adopter=f"{socket.gethostname()}:{os.getpid()}:settle", home=home)
+        settled += [done] if done is not None else []
+    return settled
+
+
+def settle(job: Job, note: str, *, adopter: str, home: str | Path | None = None) -> Job | None:
+    """Ends a `running` job whose trainer is gone: `done` if its run folder holds a finished run (registered now if
+    the trainer did not get to it), else `interrupted` with `note` and how to resume. The job is first taken over by
+    `adopter` with a conditional update, so of two settlers (a worker, the studio) only one acts; None for the other.
+    """
+    with connect(home) as conn:
+        adopt = "UPDATE jobs SET worker = ? WHERE id = ? AND worker IS ? AND state = 'running'"
+        if conn.execute(adopt, (adopter, job.id, job.worker)).rowcount != 1:
+            return None
+    if run_files.run_finished(job.run_dir):
+        state, error = "done", None
+        try:
+            register_finished(job, home=home)
+        except ValueError as exc:  # RegistryError, ManifestError: the run stays done, the reason is shown
+            error = f"the run finished, but registering it failed: {exc}"
+    else:
+        state, error = "interrupted", f"{note}; continue with: sdtune jobs resume {job.id}"
+    with connect(home) as conn:
+        conn.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, error = ?, cancel_requested = 0 WHERE id = ? AND worker = ?",
+            (state, time.time(), error, job.id, adopter),
+        )
+        return fetch(conn, job.id)
+
+
+def register_finished(job: Job, *, home: str | Path | None = None) -> str | None:
+    """Registers the finished run of `job` unless its recipe says `output.register: false` or the registry already
+    holds it (its trainer registered it before it was stopped). Returns the new name, None when nothing was added."""
+    import yaml
+
+    from sdtune.adapters.registry import Registry
+
+    recipe = (yaml.safe_load(job.recipe.read_text()) if job.recipe.is_file() else None) or {}
+    registry = Registry(sdtune_home(home))
+    if not (recipe.get("output") or {}).get("register", True) or registry.find_run(job.run_dir) is not None:
+        return None
+    return registry.register_run(job.run_dir).name
 
 
 def log_tail(job_id: int, lines: int = 40, *, home: str | Path | None = None) -> str:

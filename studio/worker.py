@@ -13,10 +13,20 @@ How it stays correct:
        (the `accelerate launch` wrapper and the training processes under it), never just the wrapper.
     3. Stopping is graceful first: SIGTERM makes the trainer finish its step, save a checkpoint and exit; after
        `--grace` seconds the group gets SIGKILL.
-    4. Each worker records itself (pid + process start time) in the database. A worker that finds a job `running`
-       under a worker that no longer exists (killed, crashed, machine rebooted) stops what is left of its trainer
-       and marks it `interrupted`; `sdtune jobs resume ID` continues it from its last checkpoint.
-    5. Ctrl-C / SIGTERM on the worker stops its trainers gracefully and leaves their jobs `interrupted`.
+    4. Each worker records itself (pid + process start time) in the database and heartbeats from a thread. A worker
+       that finds a job `running` under a worker that no longer exists (killed, crashed, machine rebooted) stops
+       what is left of its trainer and marks it `interrupted`; `sdtune jobs resume ID` continues it from its last
+       checkpoint. A job whose run folder holds a finished run (`adapter.json`) becomes `done` instead, registered
+       if its trainer did not get to it: a finished run is never trained or registered twice.
+    5. A trainer dies with its worker, even a worker killed with SIGKILL, which can clean nothing up: the worker's
+       pid is in the trainer's environment (SDTUNE_WORKER_PID), and the trainer's loop looks at it at every step
+       and stops as on Ctrl-C (a checkpoint, then exit) once the worker is gone. Why not a parent-death signal
+       (PR_SET_PDEATHSIG): it reaches only the worker's own child, the `accelerate launch` wrapper, which forwards
+       no signal to the trainer under it (the setting is not inherited either), and a signal could cut a trainer
+       short while it writes its final outputs; a check at a step boundary can do neither.
+    6. Ctrl-C / SIGTERM on the worker stops its trainers gracefully and leaves their jobs `interrupted`.
+    7. Each trainer gets its share of the CPU cores (studio/threads.py): cores // concurrency, less room for a
+       studio render, as OMP_NUM_THREADS/MKL_NUM_THREADS, so that torch processes side by side do not starve.
 """
 
 from __future__ import annotations
@@ -26,13 +36,16 @@ import os
 import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sdtune.studio import jobs
+from sdtune.studio import jobs, threads
+from sdtune.studio.processes import group_members, group_runs, process_start_time, stop_group
 from sdtune.trainers.core import run_files
 
 
@@ -56,85 +69,36 @@ class WorkerConfig:
             raise ValueError(f"--poll: seconds > 0, got {self.poll_seconds}")
 
 
-# -- processes ------------------------------------------------------------------------------------------------------
+# -- launching a trainer ---------------------------------------------------------------------------------------------
+
+# What `accelerate launch` guesses, with a warning block at the top of every job's log, when neither the command line
+# nor an accelerate config file says it (the Makefile's values). A recipe's train.mixed_precision still wins: the
+# trainer passes it to Accelerator itself.
+ACCELERATE_DEFAULTS = {
+    "--num_processes": "1",
+    "--num_machines": "1",
+    "--mixed_precision": "no",
+    "--dynamo_backend": "no",
+}
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (field 22 of /proc/<pid>/stat), None if there is no such live process;
-    with the pid it names a process uniquely, so a reused pid is not taken for a dead worker."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except OSError:
-        return ""
-    state, *rest = stat.rsplit(")", 1)[1].split()
-    return None if state in ("Z", "X") else rest[18]
+def accelerate_config_file() -> Path:
+    """Where `accelerate config` writes its answers (as accelerate.commands.config.config_args finds it, without
+    importing accelerate and torch into the worker)."""
+    cache = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(cache).expanduser() / "accelerate" / "default_config.yaml"
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group `pgid`. Read from /proc, because a zombie orphan that nobody
-    reaps still answers `killpg(pgid, 0)`."""
-    if not Path("/proc/self/stat").is_file():  # no procfs: ask the kernel
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return []
-        return [pgid]
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-        except OSError:
-            continue
-        if int(group) == pgid and state not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
-
-
-def group_runs(pgid: int, recipe: Path) -> bool:
-    """Whether process group `pgid` still runs the trainer of `recipe` (and is not a stranger that reused the id)."""
-    for pid in group_members(pgid):
-        try:
-            if str(recipe).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def stop_group(pgid: int, grace: float, leader: subprocess.Popen | None = None) -> str:
-    """SIGTERM to the whole group, up to `grace` seconds for it to exit, then SIGKILL.
-
-    Returns "gone" (nothing was running), "graceful" or "killed"."""
-
-    def wait_empty(seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while True:
-            if leader is not None:
-                leader.poll()  # reap our own child, or its zombie would count
-            if not group_members(pgid):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-
-    if not group_members(pgid):
-        return "gone"
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return "gone"
-    if wait_empty(grace):
-        return "graceful"
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    wait_empty(30)
-    return "killed"
+def launch_args(accelerate_args: list[str]) -> list[str]:
+    """The worker's `--accelerate-args`, plus `ACCELERATE_DEFAULTS` for what they leave out, unless the user
+    configured accelerate (a --config_file, or the file `accelerate config` writes): then accelerate reads it."""
+    given = {arg.split("=", 1)[0].replace("-", "_").replace("__", "--", 1) for arg in accelerate_args}
+    if "--config_file" in given or accelerate_config_file().is_file():
+        return list(accelerate_args)
+    missing = {flag: value for flag, value in ACCELERATE_DEFAULTS.items() if flag not in given}
+    if "--multi_gpu" in given:  # one process per GPU is accelerate's own (right) guess there
+        missing.pop("--num_processes", None)
+    return [*accelerate_args, *(part for pair in missing.items() for part in pair)]
 
 
 def trainer_command(job: jobs.Job, accelerate_args: list[str]) -> list[str]:
@@ -146,7 +110,7 @@ def trainer_command(job: jobs.Job, accelerate_args: list[str]) -> list[str]:
     from sdtune.trainers.core.recipe import TRAINERS
 
     script = Path(sdtune.trainers.__file__).parent / Path(TRAINERS[job.method]).relative_to("trainers")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *accelerate_args]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *launch_args(accelerate_args)]
     return [*launch, str(script), str(job.recipe), "train.resume=latest" if job.resume else "output.overwrite=true"]
 
 
@@ -202,30 +166,45 @@ class Worker:
         with jobs.connect(self.home) as conn:
             conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (time.time(), self.id))
 
+    def beat(self, stopped: threading.Event):
+        """The heartbeat, from its own thread until `stopped`: the main loop can be busy for a while (a cancelled
+        trainer has `--grace` seconds to save), and a worker whose heartbeat stops is shown as gone."""
+        while not stopped.wait(jobs.HEARTBEAT_SECONDS):
+            try:
+                self.heartbeat()
+            except sqlite3.Error:  # a locked database: the next beat
+                continue
+
     def unregister(self):
         with jobs.connect(self.home) as conn:
             conn.execute("DELETE FROM workers WHERE id = ?", (self.id,))
 
-    # 2) orphans: running jobs whose worker is gone become interrupted
+    # 2) orphans: running jobs whose worker is gone become interrupted (or done)
     def recover_orphans(self):
-        """Running jobs whose worker is gone: each is adopted first (a conditional UPDATE, so of two live workers
-        only one handles it and its trainer gets one SIGTERM, not two: a second one aborts without saving), then
-        what is left of its trainer is stopped cleanly, and the job becomes interrupted."""
+        """Running jobs whose worker is gone. A trainer still writing its final outputs (its loop took the last step)
+        is left to finish, and looked at again at the next poll. Otherwise the job is adopted first (a conditional
+        UPDATE, so of two live workers only one handles it and its trainer gets one SIGTERM, not two: a second one
+        aborts without saving), what is left of its trainer is stopped cleanly, and the job is settled: `done` if
+        its run finished, else `interrupted` (`jobs.settle`)."""
         with jobs.connect(self.home) as conn:
             running = conn.execute("SELECT * FROM jobs WHERE state = 'running' AND worker != ?", (self.id,))
-            orphans = [jobs.job_from_row(row) for row in running.fetchall() if not worker_alive(conn, row["worker"])]
-            adopt = "UPDATE jobs SET worker = ? WHERE id = ? AND worker = ? AND state = 'running'"
-            adopted = [job for job in orphans if conn.execute(adopt, (self.id, job.id, job.worker)).rowcount == 1]
+            rows = running.fetchall()
+            orphans = [jobs.job_from_row(row) for row in rows if not jobs.worker_alive(conn, row["worker"])]
             others = conn.execute("SELECT id FROM workers WHERE id != ?", (self.id,)).fetchall()
             for (worker_id,) in others:  # rows of workers that died without unregistering
-                if not worker_alive(conn, worker_id):
+                if not jobs.worker_alive(conn, worker_id):
                     conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
-        for job in adopted:
-            how = "gone"
-            if job.pgid and group_runs(job.pgid, job.recipe):  # its trainer outlived the worker: stop it cleanly
-                how = stop_group(job.pgid, self.config.grace_seconds)
+        adopt = "UPDATE jobs SET worker = ? WHERE id = ? AND worker = ? AND state = 'running'"
+        for job in orphans:
+            trainer_runs = bool(job.pgid) and group_runs(job.pgid, job.recipe)
+            if trainer_runs and run_files.loop_finished(job.run_dir):
+                continue
+            with jobs.connect(self.home) as conn:
+                if conn.execute(adopt, (self.id, job.id, job.worker)).rowcount != 1:
+                    continue
+            how = stop_group(job.pgid, self.config.grace_seconds) if trainer_runs else "gone"
             note = f"its worker {job.worker} died; trainer {how}"
-            self.finish(job.id, "interrupted", None, f"{note}; continue with: sdtune jobs resume {job.id}")
+            self.report(jobs.settle(replace(job, worker=self.id), note, adopter=self.id, home=self.home))
 
     # 3) claiming: at most `concurrency` running jobs over all workers, the oldest queued job first
     def claim(self) -> jobs.Job | None:
@@ -246,7 +225,15 @@ class Worker:
     def start(self, job: jobs.Job):
         command = trainer_command(job, self.config.accelerate_args)
         run_files.take_requests(job.run_dir)  # "sample/save now" left from an earlier attempt are stale
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SDTUNE_JOB_ID": str(job.id)}
+        sized = threads.trainer_env(self.config.concurrency)
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "SDTUNE_JOB_ID": str(job.id),
+            "SDTUNE_HOME": str(jobs.sdtune_home(self.home)),  # the trainer registers its adapter in this workspace
+            **run_files.worker_env(),  # the trainer stops once this worker is gone
+            **sized,
+        }
         with job.log.open("a") as log:
             log.write(f"\n=== attempt {job.attempts} ({time.strftime('%Y-%m-%d %H:%M:%S')}): {shlex.join(command)}\n")
             log.flush()
@@ -254,7 +241,10 @@ class Worker:
                 command, cwd=job.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         with jobs.connect(self.home) as conn:
-            conn.execute("UPDATE jobs SET pid = ?, pgid = ? WHERE id = ?", (process.pid, process.pid, job.id))
+            conn.execute(
+                "UPDATE jobs SET pid = ?, pgid = ?, threads = ? WHERE id = ?",
+                (process.pid, process.pid, int(sized["OMP_NUM_THREADS"]), job.id),
+            )
         self.running[job.id] = Running(job, process)
         print(f"job {job.id}: started ({job.method}, attempt {job.attempts}, pid {process.pid})", flush=True)
 
@@ -272,6 +262,11 @@ class Worker:
 
     def stop(self, entry: Running, reason: str):
         entry.stop_reason = reason
+        if run_files.loop_finished(entry.job.run_dir):  # writing its final outputs: a signal would cut them short
+            try:
+                entry.process.wait(timeout=self.config.grace_seconds)
+            except subprocess.TimeoutExpired:
+                pass
         how = stop_group(entry.process.pid, self.config.grace_seconds, entry.process)
         print(f"job {entry.job.id}: {reason} (trainer stopped: {how})", flush=True)
 
@@ -283,6 +278,10 @@ class Worker:
                 continue
             if group_members(entry.process.pid):  # the wrapper exited but something of the group lives on
                 stop_group(entry.process.pid, self.config.grace_seconds, entry.process)
+            del self.running[job_id]
+            if code != 0 and run_files.run_finished(entry.job.run_dir):  # stopped after its adapter.json: done
+                self.report(jobs.settle(entry.job, "", adopter=self.id, home=self.home))
+                continue
             if code == 0:  # finished, even if a cancel arrived as it did
                 state, error = "done", None
             elif entry.stop_reason == "cancelled":
@@ -292,7 +291,6 @@ class Worker:
             else:
                 state, error = "failed", last_error_line(entry.job.log) or f"exit code {code} (see {entry.job.log})"
             self.finish(job_id, state, code, error)
-            del self.running[job_id]
 
     def finish(self, job_id: int, state: str, code: int | None, error: str | None):
         with jobs.connect(self.home) as conn:
@@ -302,6 +300,10 @@ class Worker:
                 (state, code, time.time(), error, job_id, self.id),
             )
         print(f"job {job_id}: {state}" + (f" (exit code {code})" if code is not None else f": {error}"), flush=True)
+
+    def report(self, job: jobs.Job | None):
+        if job is not None:
+            print(f"job {job.id}: {job.state}" + (f": {job.error}" if job.error else ""), flush=True)
 
     def queue_empty(self) -> bool:
         with jobs.connect(self.home) as conn:
@@ -313,6 +315,9 @@ class Worker:
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.register()
+        stopped = threading.Event()
+        beating = threading.Thread(target=self.beat, args=(stopped,), name="heartbeat", daemon=True)
+        beating.start()
         print(
             f"worker {self.id}: queue {jobs.sdtune_home(self.home) / jobs.DB_FILE}, concurrency "
             f"{self.config.concurrency}",
@@ -320,7 +325,6 @@ class Worker:
         )
         try:
             while not self.stopping:
-                self.heartbeat()
                 self.recover_orphans()
                 self.handle_cancels()
                 self.reap()
@@ -328,6 +332,9 @@ class Worker:
                     job = self.claim()
                     if job is None:
                         break
+                    if job.resume and run_files.run_finished(job.run_dir):  # it finished before it was stopped
+                        self.report(jobs.settle(job, "", adopter=self.id, home=self.home))
+                        continue
                     try:
                         self.start(job)
                     except (OSError, KeyError, ValueError) as exc:  # no such workdir, a method this install lacks
@@ -339,21 +346,12 @@ class Worker:
                 self.stop(entry, "interrupted")
             self.reap()
         finally:
+            stopped.set()
+            beating.join()
             self.unregister()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return 0
-
-
-def worker_alive(conn, worker_id: str | None) -> bool:
-    """Whether the worker recorded as `worker_id` still runs: its row exists and, on this host, its pid is the
-    same process (same start time). Workers on other hosts count as alive while their heartbeat is recent."""
-    row = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone() if worker_id else None
-    if row is None:
-        return False
-    if row["host"] != socket.gethostname():
-        return time.time() - row["heartbeat_at"] < 120
-    return process_start_time(row["pid"]) == row["proc_start"]
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

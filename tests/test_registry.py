@@ -283,3 +283,28 @@ def test_atomic_writes_get_the_mode_open_gives(tmp_path):
     for name in ("a.safetensors", "a.png"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~UMASK, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a.safetensors"]  # no temp file left
+
+
+def test_registered_copies_of_a_run_name_their_kohya_file_after_themselves(registry, tmp_path):
+    """A1111 and ComfyUI list LoRAs by file name: `ui-run-1-2` and `-3` must not each bring another
+    `ui-run-1.safetensors` into one models/Lora folder (issue 20). Fixed names (the PEFT file) stay."""
+    run = fake_run(tmp_path / "run", name="ui-run-1")
+    names = [registry.register_run(run).name for _ in range(3)] + [registry.register_run(run, name="mine").name]
+    assert names == ["ui-run-1", "ui-run-1-2", "ui-run-1-3", "mine"]
+    for name in names:
+        kohya = registry.file(name, "kohya")
+        assert kohya.name == f"{name}.safetensors" and kohya.read_bytes() == b"kohya"
+        weights = {p.name for p in kohya.parent.glob("*.safetensors")}
+        assert weights == {f"{name}.safetensors", "pytorch_lora_weights.safetensors"}
+        assert registry.file(name, "peft").name == "pytorch_lora_weights.safetensors"
+    exported = [registry.export(name, f"{tmp_path}/Lora/", fmt="kohya")[0].name for name in names]
+    assert exported == [f"{name}.safetensors" for name in names]  # side by side in one folder
+    assert (tmp_path / "run" / "ui-run-1.safetensors").is_file() and registry.check().ok  # the run is untouched
+
+
+def test_find_run_names_the_adapter_registered_from_a_run_folder(registry, tmp_path):
+    run = fake_run(tmp_path / "run")
+    assert registry.find_run(run) is None
+    registry.register_run(run)
+    assert registry.find_run(run).name == "toy-purple"
+    assert registry.find_run(fake_run(tmp_path / "other")) is None  # the same manifest from another folder

@@ -141,6 +141,7 @@ def test_doctor_lists_machine_and_recipes(capsys):
     out = capsys.readouterr().out
     for word in ("torch", "CUDA", "bitsandbytes", "SDPA", "free disk", "sd15-lora-low-vram.yaml", "quickstart.yaml"):
         assert word in out
+    assert "CPU cores, shared by the torch processes" in out and "a trainer gets " in out  # issue 20: threads
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip().endswith(")") or ".yaml" in line}
     # every method has its trainer now: no recipe says it cannot run
     for name in ("sd15-lora-default.yaml", "quickstart.yaml", "sd15-dreambooth-default.yaml", "controlnet-toy.yaml"):

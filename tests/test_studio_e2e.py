@@ -342,3 +342,54 @@ def test_a_kohya_zip_with_a_16_bit_png_and_a_truncated_jpeg_in_a_browser(studio,
     assert "cannot be shown" not in page.text() and "OSError" not in page.text()
     page.shot("k2-kohya-folders")
     print(f"screenshots: {shots}")
+
+
+def test_a_worker_killed_mid_job_in_a_browser(studio, browser, tmp_path):
+    """Issue 20: `kill -9` the studio's worker mid-job. Its trainer stops by itself (no orphan trains on and
+    registers a copy); the Jobs page shows the worker gone and the job interrupted. A new worker and Resume on the
+    page finish the job, and the registry holds exactly one adapter, its kohya file named after it."""
+    import signal
+
+    from sdtune.adapters.registry import Registry
+    from sdtune.studio.processes import group_members
+
+    url, home, log = studio
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    page = Page(browser, url, shots)
+    small = [f"data.train_data_dir={DATA}", "train.train_batch_size=2", "train.max_train_steps=40",
+             "train.checkpointing_steps=5", "validation.validation_steps=0", "validation.toy_score=[]",
+             "output.report_to=none", "output.export_check=false"]  # fmt: skip
+    job = jobs.submit(ROOT / "recipes" / "quickstart.yaml", small)
+    page.open("jobs")
+    page.wait_for(lambda: jobs.progress(job.id)["step"] >= 2, TRAIN_TIMEOUT, "the trainer's first steps")
+    [worker] = jobs.workers()
+    pgid = jobs.get(job.id).pgid
+    os.kill(worker["pid"], signal.SIGKILL)
+
+    page.wait_text(f"Worker {worker['id']} is gone", 30)
+    page.wait_text("No worker runs this queue")
+    page.wait_text("interrupted: step", 120)  # once the trainer has stopped at its next step
+    assert group_members(pgid) == [], "the trainer outlived its worker"
+    stopped = jobs.progress(job.id)["events"][-1]
+    assert (stopped["event"], stopped["reason"]) == ("stopped", "its job worker is gone")
+    assert Registry(home).list() == []
+    page.shot("7-worker-killed")
+
+    command = [sys.executable, "-m", "sdtune.studio.worker", "--poll", "0.3", "--accelerate-args", ACCELERATE_ARGS]
+    with (tmp_path / "worker2.log").open("w") as out:
+        env = {**os.environ, "SDTUNE_HOME": str(home), "SDTUNE_CACHE": str(tmp_path / "cache")}
+        second = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        page.wait_for(lambda: "No worker runs this queue" not in page.text(), 60, "the new worker on the page")
+        page.click("Resume")
+        page.wait_text("done: step 40 / 40", timeout=TRAIN_TIMEOUT)
+        page.shot("7-worker-killed-resumed")
+        [entry] = Registry(home).list()
+        assert entry.name == "toy-purple" and Registry(home).file(entry.name, "kohya").name == "toy-purple.safetensors"
+        starts = [e for e in jobs.progress(job.id)["events"] if e["event"] == "start"]
+        assert [(s["resumed"], s["step"]) for s in starts] == [(False, 0), (True, stopped["step"])]
+    finally:
+        second.terminate()
+        second.wait(timeout=120)
+    print(f"screenshots: {shots}")

@@ -317,6 +317,26 @@ def test_jobs_page_sample_save_resume_retry_follow_the_state(home):
     worker.unregister()
 
 
+def test_jobs_page_shows_a_dead_worker_gone_and_its_job_interrupted(home):
+    """Issue 20: a worker killed mid-job used to stay listed, its job "running" and frozen. The page shows it gone
+    at once and, its trainer stopped, the job interrupted and resumable, with no worker running."""
+    from sdtune.studio.worker import Worker, WorkerConfig
+
+    job = jobs.submit(ROOT / "recipes" / "quickstart.yaml")
+    dead = subprocess.Popen([sys.executable, "-c", "from sdtune.studio.worker import Worker, WorkerConfig\n"
+                             f"w = Worker(WorkerConfig(home={str(home)!r})); w.register(); w.claim()"])  # fmt: skip
+    assert dead.wait(timeout=120) == 0  # registered, claimed the job, then gone without a word
+    at = page("jobs")
+    assert [e for e in texts(at, "error") if " is gone (last heartbeat" in e]
+    assert any("No worker runs this queue" in w for w in texts(at, "warning"))
+    assert jobs.get(job.id).state == "interrupted" and "interrupted: step 0" in at.get("progress")[0].proto.text
+    assert not button(at, "Resume").disabled
+    later = Worker(WorkerConfig(home=home))  # a worker started later clears the dead one's row
+    later.register()
+    later.recover_orphans()
+    assert not [e for e in texts(at.run(), "error") if " is gone" in e]
+
+
 def registered_fake(home: Path, name: str) -> None:
     """A run folder as a trainer leaves it, with a real grid PNG, registered (the page reads, tags, deletes)."""
     from test_registry import fake_run

@@ -24,9 +24,16 @@ def render():
 @st.fragment(run_every=REFRESH_SECONDS)
 def _page():
     """The whole view re-reads the queue every few seconds while the page is open (only this part reruns)."""
+    jobs.settle_abandoned()  # a dead worker's jobs become interrupted once their trainers have stopped
     listing = jobs.list_jobs()
-    if not jobs.workers():
+    known = jobs.workers(include_gone=True)
+    if not any(w["alive"] for w in known):
         st.warning("No worker runs this queue: start one with `sdtune worker` (or `sdtune studio --worker`).")
+    for gone in (w for w in known if not w["alive"]):
+        st.error(
+            f"Worker {gone['id']} is gone (last heartbeat {gone['seen_seconds_ago']:.0f} s ago). Its trainers stop "
+            "at their next step with a checkpoint, and their jobs become interrupted: Resume continues them."
+        )
     if not listing:
         st.info("No jobs yet: launch one on the Train page or with `sdtune jobs submit recipe.yaml`.")
         return

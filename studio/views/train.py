@@ -9,6 +9,8 @@ becomes a `section.key=value` override, which wins over the YAML.
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from itertools import cycle
 
 import streamlit as st
@@ -96,10 +98,23 @@ def _launch(text: str, overrides: list[str], knobs: list[str], method: str, data
         version = api.freeze_dataset(dataset)
         overrides_frozen = [_data_override(method, version["path"]), *knobs]
         st.info(f"dataset {dataset} {version['version']} (fingerprint {version['fingerprint'][:12]})")
-    job = api.submit_job(text, overrides_frozen if work else overrides)
+    key = _submission_key((text, overrides, dataset))
+    job = api.submit_job(text, overrides_frozen if work else overrides, submission_key=key)
     st.session_state["jobs-selected"] = job["id"]
-    st.session_state["train-launched"] = {"recipe": (text, overrides), "id": job["id"]}
+    st.session_state["train-launched"] = {"recipe": (text, overrides), "id": job["id"], "key": key}
     st.success(f"job {job['id']} queued: {job['name']} ({job['method']}). Follow it on the Jobs page.")
+
+
+def _submission_key(form: tuple) -> str:
+    """One key per submission of this form state, so that the queue, not the page, makes Launch idempotent: a second
+    click that lands while the first is still checking the data carries the same key and gets the first click's job
+    (`jobs.submit`). Once that job has ended, launching the same form again is a new submission (a new key)."""
+    digest = hashlib.sha256(repr(form).encode()).hexdigest()[:16]
+    nonce = st.session_state.setdefault("train-submission-nonce", uuid.uuid4().hex)
+    launched = st.session_state.get("train-launched") or {}
+    if launched.get("key") == f"{nonce}-{digest}" and jobs.get(launched["id"]).state not in ACTIVE:
+        nonce = st.session_state["train-submission-nonce"] = uuid.uuid4().hex
+    return f"{nonce}-{digest}"
 
 
 def _data_override(method: str, root: str) -> str:

@@ -35,11 +35,12 @@ from sdtune.trainers.core.batches import Batch, BatchBuilder
 from sdtune.trainers.core.checkpointing import StopRequest, TrainState, save_checkpoint
 from sdtune.trainers.core.progress import ProgressTracker, progress_event
 from sdtune.trainers.core.recipe import TrainConfig
-from sdtune.trainers.core.run_files import take_requests
+from sdtune.trainers.core.run_files import take_requests, worker_gone
 from sdtune.trainers.core.runtime import check_replicas_agree, step_seed
 
 LOG_INTERVAL_SECONDS = 2.0  # losses are read from the device and logged at most this often (and at each event)
 NONFINITE_STEPS_LIMIT = 10  # this many steps in a row with a NaN/inf loss: the weights are gone, stop
+WORKER_GONE = "worker gone"  # the job worker that started this trainer died: stop as on Ctrl-C (run_files.worker_gone)
 
 
 class TrainingDiverged(RuntimeError):
@@ -150,8 +151,8 @@ class RunLoop:
         self._unlogged.append((state.step, self.accelerator.gather(loss.detach()[None]).mean(), lr, time.time()))
         self.progress.update(1)
         finished = state.step >= self.train.max_train_steps
-        stop = self._stop is not None and self._stop.requested
         asked = self._take_requests()  # "save now" / "sample now"; the final save and grid come anyway
+        stop = (self._stop is not None and self._stop.requested) or WORKER_GONE in asked
         checkpoint_due = state.step % self.train.checkpointing_steps == 0 or stop or "save" in asked
         validation_due = self.validation_steps and state.step % self.validation_steps == 0
         if finished or checkpoint_due or validation_due or asked or now - self._logged_at >= LOG_INTERVAL_SECONDS:
@@ -165,8 +166,10 @@ class RunLoop:
                 with self.models_on_device():
                     self.on_validation(state.step)
         if stop and not finished:
-            self.accelerator.print(f"stopped at step {state.step}; resume with: train.resume=latest")
-            progress_event(self.accelerator, "stopped", state.step)
+            why = {"reason": "its job worker is gone"} if WORKER_GONE in asked else {}
+            because = f" ({why['reason']})" if why else ""
+            self.accelerator.print(f"stopped at step {state.step}{because}; resume with: train.resume=latest")
+            progress_event(self.accelerator, "stopped", state.step, **why)
             self.stopped_early = True
 
     def _log_losses(self):
@@ -207,8 +210,11 @@ class RunLoop:
 
     def _take_requests(self) -> set[str]:
         """The main process takes the run folder's requests; under DDP every process must act on the same ones
-        (a checkpoint is a collective), so they are broadcast."""
-        asked = take_requests(self.out_dir) if self.accelerator.is_main_process else set()
+        (a checkpoint is a collective), so they are broadcast. A dead job worker reads as one more request, "stop":
+        the trainer it started must not run on alone (nothing would watch it, and its job would be run again)."""
+        asked = set()
+        if self.accelerator.is_main_process:
+            asked = take_requests(self.out_dir) | ({WORKER_GONE} if worker_gone() else set())
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 

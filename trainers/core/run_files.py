@@ -6,6 +6,10 @@
                                  "sample now" (`sample`) or "save now" (`save`); the trainer takes it at the next
                                  step boundary, so a request is honoured once.
 
+A trainer started by the job worker also watches that worker (`worker_gone`, through SDTUNE_WORKER_PID): when the
+worker dies, the trainer stops at its next step as on Ctrl-C (a checkpoint, then exit), instead of running on alone.
+A run is finished once its `adapter.json` is written (`run_finished`): the worker never runs such a job again.
+
 This module imports no torch, so the studio's pages and the job worker can read and write these files cheaply. The
 writer side is `trainers/core/progress.py` (an Accelerate tracker) and `trainers/core/loop.py` (the requests).
 """
@@ -17,9 +21,12 @@ import os
 import time
 from pathlib import Path
 
+from sdtune.adapters.manifest import MANIFEST_NAME
+
 METRICS_FILE = "metrics.jsonl"
 REQUESTS_DIR = "requests"
 REQUEST_KINDS = ("sample", "save")  # "sample now": render a validation grid; "save now": write a checkpoint
+WORKER_ENV = "SDTUNE_WORKER_PID"  # "<pid>:<start time>" of the job worker that launched this trainer
 
 
 def append_line(path: str | Path, record: dict):
@@ -85,3 +92,60 @@ def take_requests(run_dir: str | Path) -> set[str]:
 def pending_requests(run_dir: str | Path) -> list[str]:
     """Requests written but not yet taken by the trainer."""
     return [kind for kind in REQUEST_KINDS if request_path(run_dir, kind).is_file()]
+
+
+# -- the trainer's worker, and a finished run -------------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (field 22 of /proc/<pid>/stat), None if there is no such live process, ""
+    if it cannot be read; with the pid it names a process uniquely, so a reused pid is not taken for another."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return ""
+    state, *rest = stat.rsplit(")", 1)[1].split()
+    return None if state in ("Z", "X") else rest[18]
+
+
+def process_alive(pid: int, start: str | None) -> bool:
+    """Whether process `pid`, started at `start` (from `process_start_time`), still runs. Without procfs (macOS)
+    the kernel is asked about the pid alone; an unreadable start time counts as alive (it cannot be told)."""
+    if not Path("/proc/self/stat").is_file():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: it exists
+            return True
+        return True
+    now = process_start_time(pid)
+    return now is not None and (now == "" or not start or now == start)
+
+
+def worker_env() -> dict[str, str]:
+    """What the job worker puts in its trainers' environment so that they can tell when it is gone."""
+    return {WORKER_ENV: f"{os.getpid()}:{process_start_time(os.getpid()) or ''}"}
+
+
+def worker_gone() -> bool:
+    """Whether this process was started by a job worker (SDTUNE_WORKER_PID) that no longer runs. False when run
+    by hand: then the user's terminal, not a worker, owns the run."""
+    value = os.environ.get(WORKER_ENV, "")
+    pid, _, start = value.partition(":")
+    return pid.isdigit() and not process_alive(int(pid), start)
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether the run folder holds a finished run: `adapter.json` is written last, after every weight file and the
+    final grid, and only by a run that trained all its steps (a stopped run writes none)."""
+    return (Path(run_dir) / MANIFEST_NAME).is_file()
+
+
+def loop_finished(run_dir: str | Path) -> bool:
+    """Whether the run's training loop took its last step and did not stop early: the trainer is writing its final
+    outputs (weights, grid, `adapter.json`, the registration), which a signal would cut short."""
+    steps = [r for r in read_metrics(run_dir) if "event" not in r]
+    return bool(steps) and bool(steps[-1].get("total_steps")) and steps[-1]["step"] >= steps[-1]["total_steps"]
