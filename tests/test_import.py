@@ -18,7 +18,7 @@ from sdtune.adapters.kohya import a1111_lora_hash
 from sdtune.adapters.lora_modules import base_shapes, module_table, read_kohya, read_peft
 from sdtune.adapters.manifest import read_manifest
 from sdtune.adapters.registry import Registry, RegistryError
-from sdtune.adapters.single_file import text_encoder_to_original, unet_to_original
+from sdtune.adapters.single_file_keys import text_encoder_to_original, unet_to_original
 
 # kohya module name (as sd-scripts' LoRANetwork names it: "lora_unet_" + diffusers path with "." -> "_") -> the
 # diffusers module, rank, alpha. Hand-written, not derived: this is the published key scheme the import must read.
