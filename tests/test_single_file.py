@@ -30,7 +30,7 @@ from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIP
 from sdtune.adapters import single_file as sf
 from sdtune.adapters import single_file_keys as sfk
 from sdtune.adapters.base import SD15_CONFIG
-from sdtune.trainers.pretrain_toy import TOY_TEXT_ENCODER, TOY_UNET, TOY_VAE
+from sdtune.adapters.toy_architecture import TOY_TEXT_ENCODER, TOY_UNET, TOY_VAE
 
 U, V, T = sfk.UNET_PREFIX, sfk.VAE_PREFIX, sfk.TEXT_PREFIX
 
