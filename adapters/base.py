@@ -148,7 +148,8 @@ def load_pipeline(spec: str | BaseModelConfig, torch_dtype=None):
     kwargs = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
     if source.kind == "toy" and not (TOY_BASE / "model_index.json").is_file():
         raise BaseLoadError(
-            f"base: toy base missing at {TOY_BASE}; rebuild it with trainers/pretrain_toy.py --out adapters/toy_base"
+            f"base: toy base missing at {TOY_BASE}; rebuild it with "
+            "python trainers/tools/pretrain_toy.py --out adapters/toy_base"
         )
     if source.kind == "single_file":
         from sdtune.adapters.single_file import load_single_file

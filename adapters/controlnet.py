@@ -5,7 +5,7 @@ people use (A1111's sd-webui-controlnet, ComfyUI) load the *original* layout of 
 one file whose keys all start with `control_model.`:
 
     control_model.time_embed.* / input_blocks.* / middle_block.*   the copied UNet encoder, named as in the SD
-                                                                    single file (see adapters/single_file.py)
+                                                                    single file (see adapters/single_file_keys.py)
     control_model.input_hint_block.{0,2,...,14}.*                   the conditioning-image encoder (convs between
                                                                     SiLUs: the even indices)
     control_model.zero_convs.N.0.*                                  one zero-initialised 1x1 conv per encoder output
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from sdtune.adapters.single_file import Row, _atomic_save_file, _invert, _rename_all, _strip, _unet_rows
+from sdtune.adapters.single_file import _atomic_save_file
+from sdtune.adapters.single_file_keys import Row, invert_rows, rename_all, strip_prefix, unet_rows
 
 CONTROL_PREFIX = "control_model."
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -34,7 +35,7 @@ RUN_SUBFOLDER = "controlnet"  # where a training run keeps its diffusers folder
 def _controlnet_rows(config: Mapping) -> list[Row]:
     """The ControlNet prefix table: the UNet encoder's rows, then the conditioning encoder and the zero convs."""
     encoder_only = {**config, "up_block_types": []}  # a ControlNet has no decoder
-    rows = _unet_rows(encoder_only)
+    rows = unet_rows(encoder_only)
     hint_blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
     rows.append(("controlnet_cond_embedding.conv_in.", "input_hint_block.0.", None))
     rows += [
@@ -58,15 +59,15 @@ def controlnet_to_original(state_dict: Mapping[str, torch.Tensor], config: Mappi
     Raises:
         ValueError: a key with no place in the SD v1 ControlNet layout.
     """
-    return _rename_all(state_dict, _controlnet_rows(config), CONTROL_PREFIX, "controlnet")
+    return rename_all(state_dict, _controlnet_rows(config), CONTROL_PREFIX, "controlnet")
 
 
 def controlnet_from_original(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
     """Inverse of `controlnet_to_original`. Files without the `control_model.` prefix (some are distributed so)
     are read too."""
     if any(key.startswith(CONTROL_PREFIX) for key in state_dict):
-        state_dict = _strip(state_dict, CONTROL_PREFIX)
-    return _rename_all(state_dict, _invert(_controlnet_rows(config)), "", "controlnet")
+        state_dict = strip_prefix(state_dict, CONTROL_PREFIX)
+    return rename_all(state_dict, invert_rows(_controlnet_rows(config)), "", "controlnet")
 
 
 def is_original_layout(keys) -> bool:

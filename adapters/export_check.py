@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sdtune.adapters import a1111_keys, contact_sheet, sampling
-from sdtune.adapters.single_file import text_encoder_to_original, unet_to_original
+from sdtune.adapters.single_file_keys import text_encoder_to_original, unet_to_original
 
 PIXEL_TOLERANCE = 2  # out of 255
 

@@ -309,7 +309,7 @@ def kohya_metadata(
         training_started_at / training_finished_at: unix times; the finish also dates `modelspec.date`.
         prediction_type: "epsilon" or "v_prediction" (diffusers' name; "v" accepted).
         base_model_legacy_hash: A1111's old 8-hex hash of the base file -> `ss_sd_model_hash` (see
-            `base_model_hashes`).
+            `legacy_model_hash`).
         bucket_counts: `{(width, height): images}` of the aspect-ratio buckets -> `ss_bucket_info` as sd-scripts
             writes it (`{"buckets": {"0": {"resolution": [w, h], "count": n}, ...}}`); A1111's Lora tab shows the
             training resolutions from it.
@@ -434,19 +434,6 @@ def legacy_model_hash(path: str | Path) -> str:
         return hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
 
 
-def base_model_hashes(path: str | Path) -> tuple[str, str]:
-    """A1111's hashes of a base checkpoint file, for `ss_sd_model_hash` (legacy) and `ss_new_sd_model_hash`.
-
-    Returns:
-        `(legacy_hash, sha256)`: 8 hex of the sha256 of the 64 KiB at offset 1 MiB, and the file's full sha256.
-    """
-    full = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            full.update(chunk)
-    return legacy_model_hash(path), full.hexdigest()
-
-
 def save_kohya_lora(
     path: str | Path,
     state_dict: Mapping[str, torch.Tensor],
@@ -490,7 +477,6 @@ def a1111_lora_hash(path: str | Path) -> str:
 
 __all__ = [
     "a1111_lora_hash",
-    "base_model_hashes",
     "kohya_alphas_from_lora_config",
     "kohya_metadata",
     "legacy_model_hash",

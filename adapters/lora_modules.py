@@ -10,7 +10,6 @@ key map. The same table validates an imported file (key coverage and shapes).
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -252,10 +251,6 @@ def summary_metadata(modules: LoraModules, title: str, base_name: str, extra: Ma
         metadata["ss_network_args"] = json.dumps({"dynamic_ranks": f"{min(ranks)}-{max(ranks)}"})
     metadata.update({key: str(value) for key, value in dict(extra).items()})
     return metadata
-
-
-def frobenius(modules: LoraModules) -> float:
-    return math.sqrt(sum(float(m.delta().pow(2).sum()) for m in modules.values()))
 
 
 __all__ = [

@@ -51,6 +51,29 @@ def test_toy_base_folder_has_sd15_layout(toy_base):
 
 
 @pytest.mark.parametrize(
+    "component,name",
+    [
+        ("unet/config.json", "TOY_UNET"),
+        ("vae/config.json", "TOY_VAE"),
+        ("text_encoder/config.json", "TOY_TEXT_ENCODER"),
+        ("scheduler/scheduler_config.json", "SD15_SCHEDULE"),
+    ],
+)
+def test_toy_architecture_is_the_bundled_toy_base(toy_base, component, name):
+    """Tests build tiny models from these dicts as "the toy architecture": they must be what the toy base is."""
+    import json
+
+    from sdtune.adapters import toy_architecture
+
+    saved = json.loads((toy_base / component).read_text())
+    config = getattr(toy_architecture, name)
+    # JSON has lists where the dicts have tuples
+    assert {key: list(v) if isinstance(v, tuple) else v for key, v in config.items()} == {
+        key: saved[key] for key in config
+    }
+
+
+@pytest.mark.parametrize(
     "spec,kind",
     [("toy", "toy"), ("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub"), ("runwayml/x", "hub")],
 )

@@ -22,7 +22,7 @@ from sdtune.adapters.controlnet import (
     load_controlnet,
     save_controlnet,
 )
-from sdtune.adapters.single_file import unet_to_original
+from sdtune.adapters.single_file_keys import unet_to_original
 
 GOLDEN = {
     "control_model.time_embed.0.weight": (1280, 320),

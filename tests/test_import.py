@@ -18,7 +18,7 @@ from sdtune.adapters.kohya import a1111_lora_hash
 from sdtune.adapters.lora_modules import base_shapes, module_table, read_kohya, read_peft
 from sdtune.adapters.manifest import read_manifest
 from sdtune.adapters.registry import Registry, RegistryError
-from sdtune.adapters.single_file import text_encoder_to_original, unet_to_original
+from sdtune.adapters.single_file_keys import text_encoder_to_original, unet_to_original
 
 # kohya module name (as sd-scripts' LoRANetwork names it: "lora_unet_" + diffusers path with "." -> "_") -> the
 # diffusers module, rank, alpha. Hand-written, not derived: this is the published key scheme the import must read.
@@ -141,9 +141,20 @@ def test_round_trip_kohya_to_peft_to_kohya(golden_file, registry, tmp_path):
             assert torch.equal(other.up, module.up), name
 
 
-def test_dry_run_reports_without_registering(golden_file, registry):
-    report = inspect(golden_file)
-    assert report.ok and registry.list() == []
+def test_dry_run_reports_without_registering(golden_file, tmp_path, monkeypatch, capsys):
+    """`sdtune adapters import --dry-run` prints the check and leaves the registry it would write to empty; the same
+    command without it registers there, so the empty list is not just another registry's."""
+    from sdtune.studio import cli
+
+    monkeypatch.setenv("SDTUNE_HOME", str(tmp_path / "home"))
+    registry = Registry(tmp_path / "home")
+    assert cli.main(["adapters", "import", str(golden_file), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("kohya (") and "match toy" in out and "registered" not in out
+    assert registry.list() == []
+    assert cli.main(["adapters", "import", str(golden_file)]) == 0
+    assert "registered as golden_locon" in capsys.readouterr().out
+    assert [entry.name for entry in registry.list()] == ["golden_locon"]
 
 
 def _sd15_lora(path):

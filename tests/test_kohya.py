@@ -42,8 +42,8 @@ from sdtune.adapters.kohya import (
     split_diffusers_lora,
     sshs_hashes,
 )
+from sdtune.adapters.toy_architecture import TOY_UNET
 from sdtune.trainers.core.lora_layers import TEXT_ENCODER_TARGETS, UNET_PRESETS
-from sdtune.trainers.pretrain_toy import TOY_UNET
 
 SD15_UNET = dict(
     sample_size=64,

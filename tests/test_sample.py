@@ -9,7 +9,8 @@ from PIL import Image
 from sdtune.adapters import contact_sheet
 from sdtune.adapters.sampling import AdapterSpec, SampleSettings, generate
 from sdtune.adapters.schedulers import SCHEDULERS
-from sdtune.studio import cli
+from sdtune.studio import cli, doctor
+from sdtune.trainers.core.estimate import estimate_run
 
 
 def _run(tmp_path, name, *extra):
@@ -142,12 +143,32 @@ def test_doctor_lists_machine_and_recipes(capsys):
     for word in ("torch", "CUDA", "bitsandbytes", "SDPA", "free disk", "sd15-lora-low-vram.yaml", "quickstart.yaml"):
         assert word in out
     assert "CPU cores, shared by the torch processes" in out and "a trainer gets " in out  # issue 20: threads
-    lines = {line.split()[0]: line for line in out.splitlines() if line.strip().endswith(")") or ".yaml" in line}
-    # every method has its trainer now: no recipe says it cannot run
-    for name in ("sd15-lora-default.yaml", "quickstart.yaml", "sd15-dreambooth-default.yaml", "controlnet-toy.yaml"):
-        assert "trainer yet" not in lines[name], lines[name]
-    assert "trainer yet" not in lines["sd15-controlnet-low-vram.yaml"]
+    lines = {line.split()[0]: line for line in out.splitlines() if ".yaml" in line}
+    assert sorted(lines) == sorted(path.name for path in doctor.RECIPES.glob("*.yaml"))
     assert lines["controlnet-toy.yaml"].endswith("fits")
+
+
+SD15_ON_CPU = "needs a CUDA GPU (SD v1-5 on a CPU would take days)"
+
+
+@pytest.mark.parametrize(
+    "device,budget,toy,sd15",
+    [
+        ("cpu", 1e15, "fits", SD15_ON_CPU),  # an SD v1-5 recipe on a CPU is refused whatever the RAM
+        ("cpu", 1.0, "too big", SD15_ON_CPU),
+        ("cuda", 1e15, "fits", "fits"),
+        ("cuda", 1.0, "too big", "too big"),
+    ],
+)
+def test_doctor_verdict_per_recipe(monkeypatch, device, budget, toy, sd15):
+    """Every shipped recipe is estimated and gets one verdict, from the device and the memory budget alone."""
+    # The estimate times a matmul on `device`; the verdict only compares its memory to the budget, so the CUDA rows
+    # run here with the estimate taken on the CPU.
+    monkeypatch.setattr(doctor, "estimate_run", lambda recipe, device: estimate_run(recipe, device="cpu"))
+    lines = {line.split()[0]: line for line in doctor.recipe_fit_lines(device, budget)}
+    assert sorted(lines) == sorted(path.name for path in doctor.RECIPES.glob("*.yaml"))
+    for name, line in lines.items():
+        assert line.endswith(sd15 if name.startswith("sd15-") else toy), line
 
 
 def test_convert_round_trip_through_cli(tmp_path, toy_base):

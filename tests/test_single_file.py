@@ -28,10 +28,11 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.adapters import single_file as sf
+from sdtune.adapters import single_file_keys as sfk
 from sdtune.adapters.base import SD15_CONFIG
-from sdtune.trainers.pretrain_toy import TOY_TEXT_ENCODER, TOY_UNET, TOY_VAE
+from sdtune.adapters.toy_architecture import TOY_TEXT_ENCODER, TOY_UNET, TOY_VAE
 
-U, V, T = sf.UNET_PREFIX, sf.VAE_PREFIX, sf.TEXT_PREFIX
+U, V, T = sfk.UNET_PREFIX, sfk.VAE_PREFIX, sfk.TEXT_PREFIX
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------------
@@ -51,9 +52,9 @@ def sd15():
 def sd15_original(sd15):
     unet, vae, text_encoder = sd15
     return {
-        "unet": sf.unet_to_original(unet.state_dict(), unet.config),
-        "vae": sf.vae_to_original(vae.state_dict()),
-        "text_encoder": sf.text_encoder_to_original(text_encoder.state_dict()),
+        "unet": sfk.unet_to_original(unet.state_dict(), unet.config),
+        "vae": sfk.vae_to_original(vae.state_dict()),
+        "text_encoder": sfk.text_encoder_to_original(text_encoder.state_dict()),
     }
 
 
@@ -240,7 +241,7 @@ TOY_GOLDEN = [  # the toy UNet: (CrossAttnDown, Down) / (Up, CrossAttnUp), 2 lay
 
 def test_toy_golden_keys(toy_folder):
     unet = load_file(toy_folder / "unet" / "diffusion_pytorch_model.safetensors")
-    original = sf.unet_to_original(unet, json.loads((toy_folder / "unet" / "config.json").read_text()))
+    original = sfk.unet_to_original(unet, json.loads((toy_folder / "unet" / "config.json").read_text()))
     assert set(TOY_GOLDEN) <= set(original)
     assert not any(k.startswith(U + "input_blocks.4.1") or k.startswith(U + "output_blocks.2.2") for k in original)
     assert len(original) == len(unet)
@@ -273,16 +274,16 @@ def test_diffusers_reader_inverts_sd15_conversion(sd15, sd15_original):
 
 def test_own_inverse_matches_diffusers_keys(sd15, sd15_original):
     unet, vae, text_encoder = sd15
-    assert set(sf.unet_from_original(sd15_original["unet"], unet.config)) == set(unet.state_dict())
-    back = sf.vae_from_original(sd15_original["vae"])
+    assert set(sfk.unet_from_original(sd15_original["unet"], unet.config)) == set(unet.state_dict())
+    back = sfk.vae_from_original(sd15_original["vae"])
     assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    assert set(sf.text_encoder_from_original(sd15_original["text_encoder"])) == set(text_encoder.state_dict())
+    assert set(sfk.text_encoder_from_original(sd15_original["text_encoder"])) == set(text_encoder.state_dict())
 
 
 def test_text_encoder_accepts_both_transformers_layouts():
     weight = torch.randn(77, 8)
-    flat = sf.text_encoder_to_original({"embeddings.position_embedding.weight": weight})
-    nested = sf.text_encoder_to_original(
+    flat = sfk.text_encoder_to_original({"embeddings.position_embedding.weight": weight})
+    nested = sfk.text_encoder_to_original(
         {
             "text_model.embeddings.position_embedding.weight": weight,
             "text_model.embeddings.position_ids": torch.zeros(1, 77),
@@ -297,8 +298,8 @@ def test_vae_accepts_deprecated_attention_names():
     new = {"encoder.mid_block.attentions.0.to_q.weight": torch.randn(4, 4)}
     old = {"encoder.mid_block.attentions.0.query.weight": new["encoder.mid_block.attentions.0.to_q.weight"]}
     assert torch.equal(
-        sf.vae_to_original(old)[V + "encoder.mid.attn_1.q.weight"],
-        sf.vae_to_original(new)[V + "encoder.mid.attn_1.q.weight"],
+        sfk.vae_to_original(old)[V + "encoder.mid.attn_1.q.weight"],
+        sfk.vae_to_original(new)[V + "encoder.mid.attn_1.q.weight"],
     )
 
 
@@ -395,7 +396,7 @@ def _bad(tmp_path: Path, toy_folder: Path, case: str):
         "config of another size": lambda: sf.load_single_file(
             sf.save_single_file(toy_folder, tmp_path / "full.safetensors"), SD15_CONFIG
         ),
-        "sdxl unet key": lambda: sf.unet_to_original(
+        "sdxl unet key": lambda: sfk.unet_to_original(
             {"add_embedding.linear_1.weight": torch.zeros(1)},
             {"layers_per_block": 2, "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"]},
         ),

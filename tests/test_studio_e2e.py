@@ -130,7 +130,14 @@ class Page:
     def open(self, path: str):
         self.driver.get(f"{self.url}/{path}")
         self.wait_for(lambda: self.driver.find_elements("css selector", "h1"), 60, f"the {path or 'main'} page")
-        time.sleep(1.0)
+        self.idle()
+
+    def idle(self, timeout: float = 120):
+        """Waits for the script run a page load or a widget started to end. Streamlit marks its root with the run
+        state (`data-test-script-state`, as its own browser tests read it); typing into a page whose run is still
+        going can be undone when the run ends and its widgets are redrawn, which a fixed sleep missed under load."""
+        done = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+        self.wait_for(lambda: self.driver.find_elements("css selector", done), timeout, "the page's run to end")
 
     def wait_for(self, condition, timeout: float, what: str):
         deadline = time.time() + timeout
@@ -164,7 +171,7 @@ class Page:
         self.wait_for(element.is_enabled, 30, f"button {label!r} enabled")
         self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
         element.click()
-        time.sleep(0.5)
+        self.idle()
 
     def field(self, label: str):
         selector = f'input[aria-label="{label}"], textarea[aria-label="{label}"]'
@@ -185,14 +192,14 @@ class Page:
         found[0].click()
         options = f'//*[@role="option"][normalize-space(.)="{option}"]'
         self.wait_for(lambda: self.driver.find_elements("xpath", options), 30, f"option {option!r}")[0].click()
-        time.sleep(1.0)
+        self.idle()
 
     def untick(self, label: str):
         box = f'//*[@data-testid="stCheckbox"][.//*[normalize-space(text())="{label}"]]'
         element = self.wait_for(lambda: self.driver.find_elements("xpath", box), 30, f"checkbox {label!r}")[0]
         if element.find_element("css selector", "input").is_selected():
             element.find_element("css selector", "label").click()
-            time.sleep(0.5)
+            self.idle()
         assert not element.find_element("css selector", "input").is_selected(), f"checkbox {label!r} still ticked"
 
     def shot(self, name: str) -> Path:

@@ -1,8 +1,8 @@
 """Pretrains the bundled toy base: a small model in the exact SD v1-5 folder layout, on the toy world.
 
 Usage:
-    python trainers/pretrain_toy.py --out adapters/toy_base            # everything, seeded, ~1 h on 2 CPU cores
-    python trainers/pretrain_toy.py --out /tmp/toy --unet-steps 500    # a quick, weaker one
+    python trainers/tools/pretrain_toy.py --out adapters/toy_base            # everything, seeded, ~1 h on 2 CPU cores
+    python trainers/tools/pretrain_toy.py --out /tmp/toy --unet-steps 500    # a quick, weaker one
 
 What it builds, in order (each stage is cached under --work, so a rerun resumes after the last finished one):
     1. tokenizer/    the real CLIP BPE tokenizer, from `clip_bpe_simple_vocab_16e6.txt.gz` (MIT, OpenAI CLIP);
@@ -43,50 +43,10 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.adapters import toyworld
+from sdtune.adapters.toy_architecture import SD15_SCHEDULE, TOY_TEXT_ENCODER, TOY_UNET, TOY_VAE
 from sdtune.trainers.core.diffusion import denoising_step_loss
 
-DEFAULT_BPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
-
-# The toy architectures: the SD v1-5 model families, scaled down for 64 px images and a CPU.
-TOY_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(64, 128),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
-TOY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    sample_size=64,
-    layers_per_block=1,
-    norm_num_groups=32,
-    block_out_channels=(32, 64, 64, 64),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-)
-TOY_TEXT_ENCODER = dict(
-    vocab_size=49408,
-    hidden_size=64,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=64,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=1,
-)
-
-# The SD v1-5 noise schedule, scheduler and pipeline settings, so that the toy base behaves like the real one.
-SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+DEFAULT_BPE = Path(__file__).resolve().parents[3] / "shared" / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
 
 
 def parse_args(argv=None):
@@ -345,12 +305,12 @@ def write_model_card(out: Path, args, results: dict[float, dict], best: float, r
     rows = "\n".join(f"| {g} | {r['color']:.0%} | {r['shape']:.0%} | {r['both']:.0%} |" for g, r in results.items())
     (out / "README.md").write_text(f"""# sdtune toy base
 
-A small model in the exact Stable Diffusion v1-5 folder layout, pretrained by `trainers/pretrain_toy.py` on the
+A small model in the exact Stable Diffusion v1-5 folder layout, pretrained by `trainers/tools/pretrain_toy.py` on the
 toy world (`sdtune.adapters.toyworld`): one flat red, green, blue or yellow circle, square or triangle on a
 light background, 64 x 64 px, captioned "a {{color}} {{shape}}". Purple, orange, cyan and stars are held out, so
 fine-tunes have something new to learn.
 
-Command: `python trainers/pretrain_toy.py --out {out} --seed {args.seed} --images {args.images} \
+Command: `python trainers/tools/pretrain_toy.py --out {out} --seed {args.seed} --images {args.images} \
 --vae-steps {args.vae_steps} --decoder-steps {args.decoder_steps} --unet-steps {args.unet_steps} --unet-batch {args.unet_batch} --unet-lr {args.unet_lr}`
 
 Recommended guidance: {best} (in `sdtune.json`; `sdtune sample` and validation use it unless told otherwise).
