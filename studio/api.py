@@ -729,11 +729,13 @@ def _toy_score_prompts(run_dir) -> list[str]:
 # -- publishing to the Hub ------------------------------------------------------------------------------------------
 
 
-def _publish_call(function, *args, **kwargs):
-    from sdtune.adapters.publish import PublishError
+def _publish_call(function, *args, retry: str | None = None, **kwargs):
+    from sdtune.adapters.publish import NetworkFailure, PublishError
 
     try:
         return function(*args, **kwargs)
+    except NetworkFailure as exc:  # how to try again, in the caller's words when it gives them
+        raise StudioError(exc.message(retry) if retry else str(exc)) from None
     except (PublishError, *_studio_errors()) as exc:
         raise StudioError(str(exc)) from None
 
@@ -756,13 +758,15 @@ def publish(
     token: str | None = None,
     update: bool = False,
     license: str | None = None,
+    retry: str | None = None,
 ) -> dict:
     """Publishes a registered adapter to the Hub repo `repo` (USER/NAME): model card, both LoRA formats (or the
     ControlNet / full model files) and sample images; `dry_run` writes the exact repo folder into `out_dir` instead.
     The token comes from `token`, HF_TOKEN or `hf auth login`, and is never written anywhere. An existing repo is
-    refused unless `update` (or this adapter's unfinished publish to it is being resumed).
+    refused unless `update` (or this adapter's unfinished publish to it is being resumed). `retry`: how the caller's
+    user tries again after a network failure, in its words (default: the CLI's "run the same command again").
     Returns {repo, folder, files, card, url, commit, dry_run}."""
     from sdtune.adapters import publish as pub
 
     options = pub.PublishOptions(private, dry_run, out_dir, token, update, license or pub.DEFAULT_LICENSE)
-    return _publish_call(pub.publish, name, repo, options, _registry())
+    return _publish_call(pub.publish, name, repo, options, _registry(), retry=retry)

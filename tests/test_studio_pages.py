@@ -499,3 +499,22 @@ def test_publish_page_card_dry_run_and_token_rules(home, quickstart_run):
     at = at.selectbox(key="pub-name").set_value("other").run()
     assert at.text_input(key="pub-repo-other").value == "your-name/other"
     assert any('load_lora_weights("your-name/other"' in m.value for m in at.markdown)
+
+
+def test_publish_page_network_failure_says_what_to_do_on_the_page(home, quickstart_run, monkeypatch):
+    """The push's network error names the page's button, not the CLI's "run the same command again"."""
+    from sdtune.adapters import publish as pub
+    from sdtune.adapters.registry import Registry
+
+    def dropped(name, repo, options, registry):
+        raise pub._network_error(ConnectionResetError(), repo)
+
+    Registry().register_run(quickstart_run[0])
+    monkeypatch.setattr(pub, "publish", dropped)
+    at = page("publish")
+    next(t for t in at.text_input if t.label.startswith("Hugging Face token")).set_value("hf_" + "x" * 34)
+    at = at.button(key="FormSubmitter:pub-push-Push to the Hub").click().run()
+    assert texts(at, "error") == [
+        "network failure while uploading to your-name/toy-purple (ConnectionResetError); paste the token and press "
+        "“Push to the Hub” again to resume: files already on the Hub are not sent again"
+    ]
