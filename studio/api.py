@@ -603,7 +603,8 @@ def ab_compare(
 
 def ab_vote(comparison_id: str, pair: int, choice: str) -> dict:
     """One vote on one pair: `left`, `right` or `tie` as shown (`a`/`b` too when not blind); voting a pair again
-    replaces its vote. Returns the tally (as `ab_tally`)."""
+    replaces its vote (both are kept in the pair's `votes`) until every pair of a blind comparison is voted: it is
+    revealed then, and its votes are final. Returns the tally (as `ab_tally`)."""
     from sdtune.adapters import ab
 
     return _ab_call(ab.ABStore().vote, comparison_id, int(pair), choice)
@@ -619,7 +620,8 @@ def ab_tally(comparison_id: str) -> dict:
 
 def ab_get(comparison_id: str) -> dict:
     """A stored comparison: id, kind, a, b, settings, blind, score, folder, grid, scores, pairs (pair, prompt, seed,
-    left, right image paths, vote, left_is, right_is, score_left, score_right) and the tally. A checkpoint
+    left, right image paths, vote, votes (every vote cast), left_is, right_is, score_left, score_right), revealed
+    (an open comparison, or a blind one with every pair voted: its votes are final) and the tally. A checkpoint
     comparison has run_dir, candidates (label, step, path, score), best and registered instead of pairs."""
     from sdtune.adapters import ab
 

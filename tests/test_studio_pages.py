@@ -518,3 +518,30 @@ def test_publish_page_network_failure_says_what_to_do_on_the_page(home, quicksta
         "network failure while uploading to your-name/toy-purple (ConnectionResetError); paste the token and press "
         "“Push to the Hub” again to resume: files already on the Hub are not sent again"
     ]
+
+
+def test_ab_page_shows_no_vote_buttons_once_the_comparison_is_revealed(home):
+    """Blind votes change until every pair is voted; then the sides are shown and the buttons go (votes are final)."""
+    from sdtune.adapters import ab
+
+    def fill(folder):
+        for name in ("000-left.png", "000-right.png", "001-left.png", "001-right.png"):
+            (folder / name).write_bytes(png())
+        rows = [ab.PairRow(i, "a purple circle", i, "ab"[i], f"00{i}-left.png", f"00{i}-right.png") for i in (0, 1)]
+        return ab.NewComparison("ab", {"a": "toy", "b": "toy+x"}, {}, True, None, pairs=rows)
+
+    cid = ab.ABStore().add(fill)
+    at = AppTest.from_string("from sdtune.studio.views import ab\nab.render()\n", default_timeout=120)
+    at.session_state["ab-current"] = cid
+    at = at.run()
+    at = at.button(key=f"vote-{cid}-0-left").click().run()
+    at = at.button(key=f"vote-{cid}-0-right").click().run()  # changed before the reveal
+    assert {b.key for b in at.button if b.key.startswith("vote-")} == {
+        f"vote-{cid}-{pair}-{choice}" for pair in (0, 1) for choice in ("left", "tie", "right")
+    }
+    at = at.button(key=f"vote-{cid}-1-tie").click().run()
+    assert not [b.key for b in at.button if b.key.startswith("vote-")]
+    captions = texts(at, "caption")
+    assert "Every pair is voted: the sides are revealed and the votes are final." in captions
+    assert "voted right (changed from left)" in captions and "voted tie" in captions
+    assert api.ab_get(cid)["pairs"][0]["votes"] == ["left", "right"]
