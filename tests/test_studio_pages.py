@@ -53,7 +53,11 @@ def button(at: AppTest, label: str):
 
 
 def test_the_app_has_the_six_pages():
-    at = AppTest.from_file(str(ROOT / "studio" / "app.py"), default_timeout=60).run()
+    from sdtune.studio import access
+
+    at = AppTest.from_file(str(ROOT / "studio" / "app.py"), default_timeout=60)
+    at.query_params["token"] = access.studio_token()  # tests/test_studio_access.py: without it, a refusal
+    at = at.run()
     assert not at.exception
     assert at.title[0].value == "Datasets"  # the default page
     app_source = (ROOT / "studio" / "app.py").read_text()
@@ -68,7 +72,7 @@ def test_sdtune_studio_binds_locally_unless_exposed_with_a_warning(flags, host, 
     started = []
 
     class Recorder:
-        def __init__(self, command, cwd):
+        def __init__(self, command, cwd, env=None):
             started.append(command)
 
         def wait(self):
