@@ -284,11 +284,15 @@ def import_adapter(
     allow_pickle: bool = False,
     tags: list[str] | None = None,
     dry_run: bool = False,
+    confined: bool = False,
 ) -> dict:
     """Detects, validates against `base` and registers a LoRA / ControlNet / full model; returns the check report
-    (and the entry unless `dry_run`)."""
+    (and the entry unless `dry_run`). `confined` (the studio): `path` must lie in the folders studio/confine.py
+    allows, checked before anything reads it."""
     from sdtune.adapters import importer
 
+    if confined:
+        _confined(lambda confine: confine.check_path(path, "path"))
     if dry_run:
         return {"report": _call(importer.inspect, path, base=base, allow_pickle=allow_pickle).to_dict()}
     entry, report = _call(
@@ -521,6 +525,7 @@ def _scan_data(text: str, overrides: list[str] | None):
     checked = validate_recipe(text, overrides)
     if not checked["ok"]:
         raise StudioError(checked["error"])
+    _confined(lambda confine: confine.check_recipe(checked["recipe"]))  # the scan reads the data folders
     recipe = recipe_from_dict(checked["recipe"])
     try:
         return recipe, scan_dataset(recipe.data)
@@ -528,8 +533,20 @@ def _scan_data(text: str, overrides: list[str] | None):
         raise StudioError(str(exc)) from None
 
 
+def _confined(check) -> None:
+    """Runs `check(studio.confine)`; its refusal (one line naming the key) as a StudioError."""
+    from sdtune.studio import confine
+
+    try:
+        check(confine)
+    except confine.ConfineError as exc:
+        raise StudioError(str(exc)) from None
+
+
 def submit_job(text: str, overrides: list[str] | None = None) -> dict:
-    """Queues recipe YAML as a training job (the text is kept under $SDTUNE_HOME/studio/recipes/); returns the job."""
+    """Queues recipe YAML as a training job (the text is kept under $SDTUNE_HOME/studio/recipes/); returns the job.
+    The studio's jobs are confined: every path key must lie in the folders studio/confine.py allows (the CLI queues
+    with `jobs.submit`, which is not)."""
     import os
     import time
 
@@ -538,6 +555,7 @@ def submit_job(text: str, overrides: list[str] | None = None) -> dict:
     checked = validate_recipe(text, overrides)
     if not checked["ok"]:
         raise StudioError(checked["error"])
+    _confined(lambda confine: confine.check_recipe(checked["recipe"]))
     folder = jobs.sdtune_home() / "studio" / "recipes"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}.yaml"

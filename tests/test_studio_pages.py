@@ -343,8 +343,9 @@ def test_registry_page_checks_then_imports_a_kohya_file_and_refuses_a_pickle(hom
     assert [a["name"] for a in api.list_adapters()] == ["golden_locon"]
 
 
-def test_registry_page_imports_a_controlnet_folder_by_path(home, controlnet_short_run):
-    """A folder cannot be uploaded: typed as a path, a diffusers ControlNet folder is checked and imported."""
+def test_registry_page_imports_a_controlnet_folder_by_path(home, controlnet_short_run, monkeypatch):
+    """A folder cannot be uploaded: typed as a path, a diffusers ControlNet folder is checked and imported, once
+    it lies where the studio may read (the run is outside $SDTUNE_HOME: the operator lists its folder)."""
     folder = controlnet_short_run[1] / "controlnet"
     at = page("registry")
     at.text_input(key="import-path").set_value(str(home / "nowhere"))
@@ -353,6 +354,12 @@ def test_registry_page_imports_a_controlnet_folder_by_path(home, controlnet_shor
     [error] = texts(at, "error")
     assert "nowhere" in error and "\n" not in error, error
     at.text_input(key="import-path").set_value(str(folder))
+    at = at.run()
+    at = at.button(key="import-check").click().run()
+    assert texts(at, "error") == [f"path: {folder} is outside the folders the studio may read ($SDTUNE_HOME, the "
+                                  "repository's datasets/ or a folder listed in SDTUNE_ALLOWED_DIRS or "
+                                  "$SDTUNE_HOME/studio/allowed_dirs); use the CLI for other places"]  # fmt: skip
+    monkeypatch.setenv("SDTUNE_ALLOWED_DIRS", str(controlnet_short_run[1]))
     at.text_input(key="import-name").set_value("masks")
     at = at.run()
     at = at.button(key="import-check").click().run()
