@@ -64,5 +64,4 @@ def main():
         st.navigation([START, *PAGES]).run()
 
 
-if __name__ == "__main__":  # how Streamlit runs the script; importing it (tests) defines the pages only
-    main()
+main()

@@ -66,13 +66,15 @@ def test_the_studio_folders_and_the_repository_data_are_allowed(home, tmp_path, 
     with pytest.raises(confine.ConfineError, match=r"^data.cache_dir: datasets/cache is outside the folders the "
                                                    r"studio may write \(\$SDTUNE_HOME or a folder listed in"):  # fmt: skip
         confine.check_recipe(recipe(data__cache_dir="datasets/cache"))
-    outside = tmp_path / "scratch"
-    monkeypatch.setenv(confine.ALLOWED_ENV, os.pathsep.join(["/nonexistent", str(outside)]))
-    confine.check_recipe(recipe(data__cache_dir=str(outside / "latents")))
+    scratch = recipe(data__cache_dir=str(tmp_path / "scratch" / "latents"))
+    with pytest.raises(confine.ConfineError, match="^data.cache_dir: "):
+        confine.check_recipe(scratch)
+    monkeypatch.setenv(confine.ALLOWED_ENV, os.pathsep.join(["/nonexistent", str(tmp_path / "scratch")]))
+    confine.check_recipe(scratch)  # the operator's setting
     monkeypatch.delenv(confine.ALLOWED_ENV)
     (home / "studio").mkdir()
-    (home / "studio" / "allowed_dirs").write_text(f"# scratch space\n{outside}  # fast disk\n")
-    confine.check_recipe(recipe(data__cache_dir=str(outside / "latents")))
+    (home / "studio" / "allowed_dirs").write_text(f"# scratch space\n{tmp_path / 'scratch'}  # fast disk\n")
+    confine.check_recipe(scratch)  # or the file in the workspace
 
 
 @pytest.mark.parametrize(
