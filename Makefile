@@ -17,12 +17,14 @@ PIP    := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
 setup: $(VENV)/.installed
 
+# PYTHONWARNINGS: setuptools' note on every editable install ("be careful with folders named like your package") has
+# nothing to say here; pyproject.toml's include-package-data = false keeps its package-discovery warnings away.
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(if $(CUDA),grep -v '^torch==' $(LOCK),cat $(LOCK)) > $(VENV)/constraints.txt
 	$(PIP) install -c $(VENV)/constraints.txt pip setuptools wheel
 	$(PIP) install -c $(VENV)/constraints.txt "$(TORCH)"
-	$(PIP) install -c $(VENV)/constraints.txt --no-build-isolation -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -c $(VENV)/constraints.txt --no-build-isolation -e ".[dev]"
 	$(BIN)/python -m sdtune.studio.versions --check $(LOCK) $(if $(CUDA),--ignore torch)
 	touch $@
 

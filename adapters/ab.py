@@ -13,7 +13,8 @@ A side is a SPEC, a base plus registry adapters (or LoRA files, run folders) wit
 Each comparison lives in the registry workspace (`$SDTUNE_HOME`):
 
     ab.sqlite                 WAL index: comparisons (specs, settings, scores), pairs (prompt, seed, which side is
-                              shown left, images, toy scores), votes (one per pair; voting again replaces it)
+                              shown left, images, toy scores), votes (one per pair; voting again replaces it until
+                              the comparison is revealed) and vote_history (every vote cast, changed ones too)
     ab/<id>/                  the images and grids of one comparison, renamed into place when complete, and a
                               copy of each control image (`control-<sha256 prefix>.png`: a copy, so the comparison
                               still shows what steered it after the original file changes or goes)
@@ -23,6 +24,8 @@ A pair is one (prompt, seed) rendered by both sides. In blind mode each pair's s
 recorded), its images are named `NNN-left.png` / `NNN-right.png`, and which side was left is revealed only once the
 pair is voted; per-pair toy scores are hidden until then too, so they cannot give the sides away. Control images
 are shown while voting only when both sides steer by the same ones (then they tell nothing about the sides).
+A blind comparison is revealed once every pair is voted (the sides' scores and control images show then): from
+there its votes are final, since a vote changed after seeing which side is which is no blind vote.
 
 The tally counts votes for A, for B and ties. The share of A and its 95% Wilson score interval are computed over
 the decisive votes only (a + b): a tie says neither side won, so, as in the sign test, it is reported but is no
@@ -83,6 +86,13 @@ CREATE TABLE IF NOT EXISTS votes (
     side TEXT NOT NULL,          -- a, b or tie
     voted_at TEXT NOT NULL,
     PRIMARY KEY (comparison_id, pair)
+);
+CREATE TABLE IF NOT EXISTS vote_history (   -- append-only: a changed vote keeps its earlier one here
+    comparison_id TEXT NOT NULL,
+    pair INTEGER NOT NULL,
+    choice TEXT NOT NULL,
+    side TEXT NOT NULL,
+    voted_at TEXT NOT NULL
 );
 """
 
@@ -329,6 +339,11 @@ class Renderer:
         return sampling.generate(pipe, each, model_name=resolve_base(base).name, extra_parameters=extra)
 
 
+def _all_voted(db, cid: str) -> bool:
+    voted = db.execute("SELECT COUNT(*) FROM votes WHERE comparison_id = ?", (cid,)).fetchone()[0]
+    return voted == db.execute("SELECT COUNT(*) FROM pairs WHERE comparison_id = ?", (cid,)).fetchone()[0]
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -414,13 +429,16 @@ class ABStore:
         return row
 
     def vote(self, cid: str, pair: int, choice: str) -> dict:
-        """Records (or replaces) the vote on one pair: left / right / tie as shown, or a / b when not blind."""
+        """Records (or replaces) the vote on one pair: left / right / tie as shown, or a / b when not blind. Every
+        vote is kept in vote_history too. A revealed blind comparison refuses: its votes are final."""
         choice = choice.strip().lower()
         with self._db(write=True) as db:
             blind = bool(self._row(db, cid)[5])
             allowed = CHOICES if blind else (*CHOICES, "a", "b")
             if choice not in allowed:
                 raise ABError(f"vote {choice!r}: choose {', '.join(allowed)}")
+            if blind and _all_voted(db, cid):  # checked inside the write transaction: no vote slips in after it
+                raise ABError(f"comparison {cid} is revealed (every pair voted, the sides shown): its votes are final")
             found = db.execute(
                 "SELECT left_side FROM pairs WHERE comparison_id = ? AND pair = ?", (cid, pair)
             ).fetchone()
@@ -429,7 +447,9 @@ class ABStore:
                 raise ABError(f"comparison {cid}: no pair {pair} (pairs are 0..{count - 1})")
             left = found[0]
             side = {"left": left, "right": "b" if left == "a" else "a"}.get(choice, choice)
-            db.execute("INSERT OR REPLACE INTO votes VALUES (?, ?, ?, ?, ?)", (cid, pair, choice, side, _now()))
+            row = (cid, pair, choice, side, _now())
+            db.execute("INSERT OR REPLACE INTO votes VALUES (?, ?, ?, ?, ?)", row)
+            db.execute("INSERT INTO vote_history VALUES (?, ?, ?, ?, ?)", row)
         return self.tally(cid)
 
     def tally(self, cid: str) -> dict:
@@ -441,7 +461,9 @@ class ABStore:
         return {"id": cid, **tally, "pairs": pairs, "remaining": pairs - tally["n"]}
 
     def get(self, cid: str) -> dict:
-        """The comparison as plain data; in blind mode a pair's sides and scores show only once it is voted."""
+        """The comparison as plain data; in blind mode a pair's sides and scores show only once it is voted, and
+        `revealed` (every pair voted: the votes are final) says the whole comparison is. Each pair's `votes` lists
+        every vote cast on it, in order; `vote` is the one that counts."""
         with self._db() as db:
             row = self._row(db, cid)
             pair_rows = db.execute(
@@ -450,6 +472,9 @@ class ABStore:
                 (cid,),
             ).fetchall()
             votes = dict(db.execute("SELECT pair, choice FROM votes WHERE comparison_id = ?", (cid,)))
+            history = db.execute(
+                "SELECT pair, choice FROM vote_history WHERE comparison_id = ? ORDER BY rowid", (cid,)
+            ).fetchall()
         folder = self.root / cid
         blind = bool(row[5])
         all_voted = len(votes) == len(pair_rows)
@@ -472,11 +497,12 @@ class ABStore:
                 "left": str(folder / p.image_left), "right": str(folder / p.image_right), "vote": votes.get(p.pair),
                 "left_is": p.left_side if shown else None, "right_is": right if shown else None,
                 "score_left": scores[p.left_side] if shown else None, "score_right": scores[right] if shown else None,
+                "votes": [choice for number, choice in history if number == p.pair],
             })  # fmt: skip
         sides = json.loads(row[3])
         return {"id": cid, "kind": row[1], "created_at": row[2], **sides, "sides": sides,
                 "settings": json.loads(row[4]), "blind": blind, "score": row[6], "folder": str(folder),
-                **result, "pairs": pairs, "tally": self.tally(cid)}  # fmt: skip
+                "revealed": not blind or all_voted, **result, "pairs": pairs, "tally": self.tally(cid)}  # fmt: skip
 
     def history(self, limit: int = 50) -> list[dict]:
         """Comparisons, newest first, with their tallies."""

@@ -42,3 +42,25 @@ def replace_readable(written: str | Path, path: str | Path):
     library wrote into a temp folder (diffusers' `save_lora_weights` writes 0600)."""
     os.chmod(written, 0o666 & ~UMASK)
     os.replace(written, path)
+
+
+def write_private(path: Path, data: bytes, *, replace: bool = True) -> bool:
+    """Writes a secret (the studio's token) that only its owner can read: mkstemp's 0600 is kept, so no moment
+    exists where another account could open it. With `replace=False` an existing `path` is left as it is and False
+    is returned: two processes that both found no file agree on the one written first (a hard link never replaces).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -36,7 +36,15 @@ def _not_empty(value: str | None) -> str | None:
     return value
 
 
-PathText = Annotated[str, AfterValidator(_not_empty)]  # a path or hub id in a recipe: never ""
+@dataclass(frozen=True)
+class LocalPath:
+    """Marks a recipe key that may name a file or folder on this machine; `writes`: a run writes into it. The
+    studio confines every key so marked (studio/confine.py finds them in the schema by this mark)."""
+
+    writes: bool = False
+
+
+PathText = Annotated[str, AfterValidator(_not_empty), LocalPath()]  # a path or hub id in a recipe: never ""
 
 
 class BaseModelConfig(BaseModel):

@@ -63,7 +63,18 @@ class PublishError(ValueError):
 
 
 class NetworkFailure(PublishError):
-    """The connection to the Hub failed or dropped: trying again may get through."""
+    """The connection to the Hub failed or dropped: trying again may get through. The message says how to try again
+    in the CLI's words; a front end with other words (the studio's button) asks for `message(retry)`."""
+
+    def __init__(self, repo: str, cause: str, retry: str = "run the same command again"):
+        self.repo, self.cause = repo, cause
+        super().__init__(self.message(retry))
+
+    def message(self, retry: str) -> str:
+        return (
+            f"network failure while uploading to {self.repo} ({self.cause}); {retry} to resume: files already on "
+            "the Hub are not sent again"
+        )
 
 
 @dataclass
@@ -400,10 +411,7 @@ def _hub_error(exc, repo: str, private: bool) -> PublishError:
 
 
 def _network_error(exc, repo: str) -> NetworkFailure:
-    return NetworkFailure(
-        f"network failure while uploading to {repo} ({type(exc).__name__}); run the same command again to resume: "
-        "files already on the Hub are not sent again"
-    )
+    return NetworkFailure(repo, type(exc).__name__)
 
 
 def _is_network_error(exc: BaseException) -> bool:

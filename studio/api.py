@@ -292,11 +292,15 @@ def import_adapter(
     allow_pickle: bool = False,
     tags: list[str] | None = None,
     dry_run: bool = False,
+    confined: bool = False,
 ) -> dict:
     """Detects, validates against `base` and registers a LoRA / ControlNet / full model; returns the check report
-    (and the entry unless `dry_run`)."""
+    (and the entry unless `dry_run`). `confined` (the studio): `path` must lie in the folders studio/confine.py
+    allows, checked before anything reads it."""
     from sdtune.adapters import importer
 
+    if confined:
+        _confined(lambda confine: confine.check_path(path, "path"))
     if dry_run:
         return {"report": _call(importer.inspect, path, base=base, allow_pickle=allow_pickle).to_dict()}
     entry, report = _call(
@@ -539,6 +543,7 @@ def _scan_data(text: str, overrides: list[str] | None):
     checked = validate_recipe(text, overrides)
     if not checked["ok"]:
         raise StudioError(checked["error"])
+    _confined(lambda confine: confine.check_recipe(checked["recipe"]))  # the scan reads the data folders
     recipe = recipe_from_dict(checked["recipe"])
     try:
         return recipe, scan_dataset(recipe.data)
@@ -546,9 +551,21 @@ def _scan_data(text: str, overrides: list[str] | None):
         raise StudioError(str(exc)) from None
 
 
+def _confined(check) -> None:
+    """Runs `check(studio.confine)`; its refusal (one line naming the key) as a StudioError."""
+    from sdtune.studio import confine
+
+    try:
+        check(confine)
+    except confine.ConfineError as exc:
+        raise StudioError(str(exc)) from None
+
+
 def submit_job(text: str, overrides: list[str] | None = None, submission_key: str | None = None) -> dict:
     """Queues recipe YAML as a training job (the text is kept under $SDTUNE_HOME/studio/recipes/); returns the job.
-    A `submission_key` already used returns that job instead (one Launch clicked twice queues one job)."""
+    The studio's jobs are confined: every path key must lie in the folders studio/confine.py allows (the CLI queues
+    with `jobs.submit`, which is not). A `submission_key` already used returns that job instead (one Launch
+    clicked twice queues one job)."""
     import os
     import time
 
@@ -557,6 +574,7 @@ def submit_job(text: str, overrides: list[str] | None = None, submission_key: st
     checked = validate_recipe(text, overrides)
     if not checked["ok"]:
         raise StudioError(checked["error"])
+    _confined(lambda confine: confine.check_recipe(checked["recipe"]))
     folder = jobs.sdtune_home() / "studio" / "recipes"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}.yaml"
@@ -623,7 +641,8 @@ def ab_compare(
 
 def ab_vote(comparison_id: str, pair: int, choice: str) -> dict:
     """One vote on one pair: `left`, `right` or `tie` as shown (`a`/`b` too when not blind); voting a pair again
-    replaces its vote. Returns the tally (as `ab_tally`)."""
+    replaces its vote (both are kept in the pair's `votes`) until every pair of a blind comparison is voted: it is
+    revealed then, and its votes are final. Returns the tally (as `ab_tally`)."""
     from sdtune.adapters import ab
 
     return _ab_call(ab.ABStore().vote, comparison_id, int(pair), choice)
@@ -639,7 +658,8 @@ def ab_tally(comparison_id: str) -> dict:
 
 def ab_get(comparison_id: str) -> dict:
     """A stored comparison: id, kind, a, b, settings, blind, score, folder, grid, scores, pairs (pair, prompt, seed,
-    left, right image paths, vote, left_is, right_is, score_left, score_right) and the tally. A checkpoint
+    left, right image paths, vote, votes (every vote cast), left_is, right_is, score_left, score_right), revealed
+    (an open comparison, or a blind one with every pair voted: its votes are final) and the tally. A checkpoint
     comparison has run_dir, candidates (label, step, path, score), best and registered instead of pairs."""
     from sdtune.adapters import ab
 
@@ -750,11 +770,13 @@ def _toy_score_prompts(run_dir) -> list[str]:
 # -- publishing to the Hub ------------------------------------------------------------------------------------------
 
 
-def _publish_call(function, *args, **kwargs):
-    from sdtune.adapters.publish import PublishError
+def _publish_call(function, *args, retry: str | None = None, **kwargs):
+    from sdtune.adapters.publish import NetworkFailure, PublishError
 
     try:
         return function(*args, **kwargs)
+    except NetworkFailure as exc:  # how to try again, in the caller's words when it gives them
+        raise StudioError(exc.message(retry) if retry else str(exc)) from None
     except (PublishError, *_studio_errors()) as exc:
         raise StudioError(str(exc)) from None
 
@@ -777,16 +799,18 @@ def publish(
     token: str | None = None,
     update: bool = False,
     license: str | None = None,
+    retry: str | None = None,
 ) -> dict:
     """Publishes a registered adapter to the Hub repo `repo` (USER/NAME): model card, both LoRA formats (or the
     ControlNet / full model files) and sample images; `dry_run` writes the exact repo folder into `out_dir` instead.
     The token comes from `token`, HF_TOKEN or `hf auth login`, and is never written anywhere. An existing repo is
-    refused unless `update` (or this adapter's unfinished publish to it is being resumed).
+    refused unless `update` (or this adapter's unfinished publish to it is being resumed). `retry`: how the caller's
+    user tries again after a network failure, in its words (default: the CLI's "run the same command again").
     Returns {repo, folder, files, card, url, commit, dry_run}."""
     from sdtune.adapters import publish as pub
 
     options = pub.PublishOptions(private, dry_run, out_dir, token, update, license or pub.DEFAULT_LICENSE)
-    return _publish_call(pub.publish, name, repo, options, _registry())
+    return _publish_call(pub.publish, name, repo, options, _registry(), retry=retry)
 
 
 # -- base models for a recipe ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The `sdtune` command.
 
 Usage:
-    sdtune studio [--worker] [--port 8501] [--expose]                   # the Streamlit studio (127.0.0.1)
+    sdtune studio [--worker] [--port 8501] [--expose] [--no-token]      # the Streamlit studio (127.0.0.1, a token)
     sdtune sample --prompt "a red circle" --seed 0 --seed 1 --out samples/ --grid
     sdtune sample --base runs/quickstart/... --adapter runs/quickstart:0.8 --prompts-file prompts.txt
     sdtune sample --prompt "a red circle" --controlnet runs/cn:0.9 --control-image edges.png --adapter runs/q

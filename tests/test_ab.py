@@ -269,29 +269,53 @@ def test_blind_order_votes_and_restart(tmp_path, purple_lora, renderer):
         assert np.array_equal(_pixels(p["left"]), _pixels(ref["left" if p["left_is"] == "a" else "right"]))
         assert "parameters" not in Image.open(p["left"]).info  # the PNG text would name the LoRA
 
-    # a new process sees the votes, changes one, and this process sees the change
+    # a new process sees the votes; every pair is voted, so the comparison is revealed and its votes are final
     code = (
         "import json, sys; from sdtune.adapters import ab; s = ab.ABStore(sys.argv[1]); "
-        "print(json.dumps(s.tally(sys.argv[2]))); print(json.dumps(s.vote(sys.argv[2], 0, 'tie')))"
+        "print(json.dumps(s.tally(sys.argv[2]))); s.vote(sys.argv[2], 0, 'tie')"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), blind], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    before, after = (json.loads(line) for line in proc.stdout.splitlines())
-    assert before == revealed["tally"]
-    assert after["tie"] == 1 and after["n"] == len(PROMPTS) * len(SEEDS)
-    assert ab.ABStore(tmp_path).tally(blind) == after
+    assert proc.returncode != 0 and "its votes are final" in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout) == revealed["tally"] == ab.ABStore(tmp_path).tally(blind)
 
-    # the command a user types: one vote, then the listing with every side revealed
+    # the commands a user types: a vote refused in one line, then the listing with every side revealed
     env = {**os.environ, "SDTUNE_HOME": str(tmp_path)}
     cli = [sys.executable, "-m", "sdtune.studio.cli", "ab"]
     proc = subprocess.run([*cli, "vote", blind, "0", "right"], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    final = ab.ABStore(tmp_path).tally(blind)
-    assert final["tie"] == 0 and final["a"] + final["b"] == len(PROMPTS) * len(SEEDS)
-    ahead = "A" if final["a"] >= final["b"] else "B"
-    assert proc.stdout.startswith(f"A {final['a']}, B {final['b']}, tie 0: {ahead} preferred in")
+    assert proc.returncode != 0 and proc.stderr.strip() == (
+        f"sdtune ab: comparison {blind} is revealed (every pair voted, the sides shown): its votes are final"
+    )
+    assert ab.ABStore(tmp_path).tally(blind) == revealed["tally"]
     proc = subprocess.run([*cli, "show", blind], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0 and "? | ?" not in proc.stdout and "vote: right" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "? | ?" not in proc.stdout and "vote: left" in proc.stdout, proc.stderr
+
+
+def _blind_comparison(store: ab.ABStore, pairs: int) -> str:
+    """A blind comparison in the store without rendering: votes and reveals need only the rows."""
+
+    def fill(folder):
+        rows = [ab.PairRow(i, "a purple circle", i, "ab"[i % 2], f"{i:03d}-left.png", f"{i:03d}-right.png")
+                for i in range(pairs)]  # fmt: skip
+        return ab.NewComparison("ab", {"a": "toy", "b": "toy+x"}, {}, True, None, pairs=rows)
+
+    return store.add(fill)
+
+
+def test_a_vote_changes_until_the_reveal_then_is_final_and_every_vote_is_kept(tmp_path):
+    store = ab.ABStore(tmp_path)
+    cid = _blind_comparison(store, 2)  # pair 0 shows A left, pair 1 shows B left
+    store.vote(cid, 0, "left")
+    assert store.vote(cid, 0, "right")["b"] == 1  # changed before the reveal: the new vote counts
+    assert not store.get(cid)["revealed"]
+    tally = store.vote(cid, 1, "tie")  # the last pair: the comparison is revealed
+    assert (tally["a"], tally["b"], tally["tie"]) == (0, 1, 1)
+    with pytest.raises(ab.ABError, match=f"^comparison {cid} is revealed .*: its votes are final$"):
+        store.vote(cid, 0, "left")
+    with pytest.raises(ab.ABError, match="its votes are final"):
+        ab.ABStore(tmp_path).vote(cid, 1, "left")  # another store (another studio tab) too
+    shown = store.get(cid)
+    assert shown["revealed"] and shown["tally"] == tally
+    assert [(p["vote"], p["votes"]) for p in shown["pairs"]] == [("right", ["left", "right"]), ("tie", ["tie"])]
 
 
 def test_interactive_vote_asks_pair_by_pair_and_reveals_each(tmp_path, purple_lora, renderer):

@@ -58,7 +58,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def studio(tmp_path, monkeypatch):
-    """`sdtune studio --worker` on a free port with its own SDTUNE_HOME; yields (url, home, log)."""
+    """`sdtune studio --worker` on a free port with its own SDTUNE_HOME; yields (url, home, log, token): the
+    token as the printed URL carries it (`sdtune studio: http://127.0.0.1:PORT/?token=...`)."""
     browser_or_skip()
     home, port, log = tmp_path / "home", free_port(), tmp_path / "studio.log"
     monkeypatch.setenv("SDTUNE_HOME", str(home))
@@ -81,7 +82,9 @@ def studio(tmp_path, monkeypatch):
                 pass
             assert time.time() < deadline, "the studio did not answer within 60 s:\n" + log.read_text()[-3000:]
             time.sleep(0.5)
-        yield url, home, log
+        [printed] = [line for line in log.read_text().splitlines() if line.startswith("sdtune studio: ")]
+        assert printed.startswith(f"sdtune studio: {url}/?token="), printed
+        yield url, home, log, printed.split("?token=", 1)[1]
     finally:
         children = child_pids(process.pid)
         process.terminate()  # the CLI stops the studio and its worker (SIGTERM: trainers save and stop)
@@ -124,11 +127,11 @@ def browser(tmp_path):
 class Page:
     """Small Selenium helpers for Streamlit's markup (widgets carry their label as aria-label or a <p>)."""
 
-    def __init__(self, driver, url: str, shots: Path):
-        self.driver, self.url, self.shots = driver, url, shots
+    def __init__(self, driver, url: str, shots: Path, query: str = ""):
+        self.driver, self.url, self.shots, self.query = driver, url, shots, query
 
     def open(self, path: str):
-        self.driver.get(f"{self.url}/{path}")
+        self.driver.get(f"{self.url}/{path}{self.query}")
         self.wait_for(lambda: self.driver.find_elements("css selector", "h1"), 60, f"the {path or 'main'} page")
         self.idle()
 
@@ -214,13 +217,23 @@ class Page:
 
 
 def test_upload_train_watch_vote_publish_in_a_browser(studio, browser, tmp_path, controlnet_short_run):
-    url, home, log = studio
+    url, home, log, token = studio
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    page = Page(browser, url, shots)
+    page = Page(browser, url, shots, f"?token={token}")
 
-    # 1) Datasets: create one, upload the 16 purple shapes and their captions
-    page.open("")  # the default page: Datasets
+    # 0) Without the studio's token (or with a wrong one) a browser gets one line of refusal and nothing else
+    from sdtune.studio.access import REFUSAL
+
+    for query in ("", "?token=" + "x" * len(token)):
+        browser.get(f"{url}/datasets{query}")
+        page.wait_text(REFUSAL.split(":")[0])
+        assert page.text().strip() == REFUSAL
+        assert not browser.find_elements("css selector", 'h1, input, textarea, [data-testid="stSidebarNav"]')
+    page.shot("0-refused")
+
+    # 1) Datasets, opened at its own URL: create one, upload the 16 purple shapes and their captions
+    page.open("datasets")
     page.type("New dataset", "purple")
     page.click("Create")
     page.wait_text("fingerprint")

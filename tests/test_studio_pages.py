@@ -54,7 +54,11 @@ def button(at: AppTest, label: str):
 
 def test_the_app_has_the_six_pages(home):
     """The menu the app renders lists the six pages in order, and each one, opened from it, renders its title."""
-    at = AppTest.from_file(str(ROOT / "studio" / "app.py"), default_timeout=600).run()  # 600: a loaded machine
+    from sdtune.studio import access
+
+    at = AppTest.from_file(str(ROOT / "studio" / "app.py"), default_timeout=600)  # 600: a loaded machine
+    at.query_params["token"] = access.studio_token()  # tests/test_studio_access.py: without it, a refusal
+    at = at.run()
     assert not at.exception
     assert at.title[0].value == "Datasets"  # the default page
     # AppTest has no public view of st.navigation's menu: `_registered_pages` is its record of the pages the last
@@ -75,7 +79,7 @@ def test_sdtune_studio_binds_locally_unless_exposed_with_a_warning(flags, host, 
     started = []
 
     class Recorder:
-        def __init__(self, command, cwd):
+        def __init__(self, command, cwd, env=None):
             started.append(command)
 
         def wait(self):
@@ -416,11 +420,12 @@ def test_registry_page_leaves_no_upload_behind(home):
         at = at.button(key=key).click().run()
         [error] = texts(at, "error")
         assert "junk.safetensors: not a readable safetensors file" in error, error
-        assert not [p for p in (home / "studio").rglob("*") if p.is_file()]
+        assert not [p for p in (home / "studio" / "uploads").rglob("*") if p.is_file()]
 
 
-def test_registry_page_imports_a_controlnet_folder_by_path(home, controlnet_short_run):
-    """A folder cannot be uploaded: typed as a path, a diffusers ControlNet folder is checked and imported."""
+def test_registry_page_imports_a_controlnet_folder_by_path(home, controlnet_short_run, monkeypatch):
+    """A folder cannot be uploaded: typed as a path, a diffusers ControlNet folder is checked and imported, once
+    it lies where the studio may read (the run is outside $SDTUNE_HOME: the operator lists its folder)."""
     folder = controlnet_short_run[1] / "controlnet"
     at = page("registry")
     at.text_input(key="import-path").set_value(str(home / "nowhere"))
@@ -429,6 +434,12 @@ def test_registry_page_imports_a_controlnet_folder_by_path(home, controlnet_shor
     [error] = texts(at, "error")
     assert "nowhere" in error and "\n" not in error, error
     at.text_input(key="import-path").set_value(str(folder))
+    at = at.run()
+    at = at.button(key="import-check").click().run()
+    assert texts(at, "error") == [f"path: {folder} is outside the folders the studio may read ($SDTUNE_HOME, the "
+                                  "repository's datasets/ or a folder listed in SDTUNE_ALLOWED_DIRS or "
+                                  "$SDTUNE_HOME/studio/allowed_dirs); use the CLI for other places"]  # fmt: skip
+    monkeypatch.setenv("SDTUNE_ALLOWED_DIRS", str(controlnet_short_run[1]))
     at.text_input(key="import-name").set_value("masks")
     at = at.run()
     at = at.button(key="import-check").click().run()
@@ -579,3 +590,49 @@ def test_publish_page_card_dry_run_and_token_rules(home, quickstart_run):
     at = at.selectbox(key="pub-name").set_value("other").run()
     assert at.text_input(key="pub-repo-other").value == "your-name/other"
     assert any('load_lora_weights("your-name/other"' in m.value for m in at.markdown)
+
+
+def test_publish_page_network_failure_says_what_to_do_on_the_page(home, quickstart_run, monkeypatch):
+    """The push's network error names the page's button, not the CLI's "run the same command again"."""
+    from sdtune.adapters import publish as pub
+    from sdtune.adapters.registry import Registry
+
+    def dropped(name, repo, options, registry):
+        raise pub._network_error(ConnectionResetError(), repo)
+
+    Registry().register_run(quickstart_run[0])
+    monkeypatch.setattr(pub, "publish", dropped)
+    at = page("publish")
+    next(t for t in at.text_input if t.label.startswith("Hugging Face token")).set_value("hf_" + "x" * 34)
+    at = at.button(key="FormSubmitter:pub-push-Push to the Hub").click().run()
+    assert texts(at, "error") == [
+        "network failure while uploading to your-name/toy-purple (ConnectionResetError); paste the token and press "
+        "“Push to the Hub” again to resume: files already on the Hub are not sent again"
+    ]
+
+
+def test_ab_page_shows_no_vote_buttons_once_the_comparison_is_revealed(home):
+    """Blind votes change until every pair is voted; then the sides are shown and the buttons go (votes are final)."""
+    from sdtune.adapters import ab
+
+    def fill(folder):
+        for name in ("000-left.png", "000-right.png", "001-left.png", "001-right.png"):
+            (folder / name).write_bytes(png())
+        rows = [ab.PairRow(i, "a purple circle", i, "ab"[i], f"00{i}-left.png", f"00{i}-right.png") for i in (0, 1)]
+        return ab.NewComparison("ab", {"a": "toy", "b": "toy+x"}, {}, True, None, pairs=rows)
+
+    cid = ab.ABStore().add(fill)
+    at = AppTest.from_string("from sdtune.studio.views import ab\nab.render()\n", default_timeout=120)
+    at.session_state["ab-current"] = cid
+    at = at.run()
+    at = at.button(key=f"vote-{cid}-0-left").click().run()
+    at = at.button(key=f"vote-{cid}-0-right").click().run()  # changed before the reveal
+    assert {b.key for b in at.button if b.key.startswith("vote-")} == {
+        f"vote-{cid}-{pair}-{choice}" for pair in (0, 1) for choice in ("left", "tie", "right")
+    }
+    at = at.button(key=f"vote-{cid}-1-tie").click().run()
+    assert not [b.key for b in at.button if b.key.startswith("vote-")]
+    captions = texts(at, "caption")
+    assert "Every pair is voted: the sides are revealed and the votes are final." in captions
+    assert "voted right (changed from left)" in captions and "voted tie" in captions
+    assert api.ab_get(cid)["pairs"][0]["votes"] == ["left", "right"]

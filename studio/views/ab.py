@@ -113,13 +113,15 @@ def _comparison(comparison_id: str):
         st.caption(f"A = {data['a']}   |   B = {data['b']}")
         if data["blind"]:  # votes are for blind comparisons; an open one shows its scores instead
             _tally(api.ab_tally(comparison_id))
+            if data["revealed"]:
+                st.caption("Every pair is voted: the sides are revealed and the votes are final.")
         else:
             _mean_scores(data["pairs"])
         _control_images(data.get("control_images"))
         if not data["blind"] and data.get("grid"):
             st.image(data["grid"], caption="A | B", width="stretch")
         for pair in data["pairs"]:
-            _pair(comparison_id, pair, data["blind"])
+            _pair(comparison_id, pair, data["blind"], data["revealed"])
 
 
 def _control_images(controls: dict | None):
@@ -155,7 +157,7 @@ def _mean_scores(pairs: list[dict]):
             column.metric(f"{name}: mean score", f"{sum(scores) / len(scores):.2f}", help=f"over {len(scores)} images")
 
 
-def _pair(comparison_id: str, pair: dict, blind: bool):
+def _pair(comparison_id: str, pair: dict, blind: bool, final: bool):
     number = pair["pair"] + 1  # pairs are numbered from 0 in the store, from 1 on screen
     st.markdown(f"**{number}. {pair['prompt']}** (seed {pair['seed']})")
     left, right = st.columns(2)
@@ -169,6 +171,10 @@ def _pair(comparison_id: str, pair: dict, blind: bool):
     if not blind:
         return
     voted = pair.get("vote")
+    if final:  # the comparison is revealed: no buttons, a vote changed after seeing the sides would not be blind
+        earlier = f" (changed from {', '.join(pair['votes'][:-1])})" if len(pair["votes"]) > 1 else ""
+        st.caption(f"voted {voted}{earlier}")
+        return
     for column, (label, choice) in zip(st.columns(len(VOTES)), VOTES):
         kind = "primary" if voted == choice else "secondary"
         if column.button(label, key=f"vote-{comparison_id}-{pair['pair']}-{choice}", type=kind):

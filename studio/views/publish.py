@@ -11,6 +11,8 @@ import streamlit as st
 from sdtune.studio import api, jobs
 from sdtune.studio.views.common import shown_errors
 
+PUSH_AGAIN = "paste the token and press “Push to the Hub” again"  # after a network failure (the token field clears)
+
 
 def render():
     st.title("Publish")
@@ -40,7 +42,9 @@ def render():
         with shown_errors(), st.spinner(f"uploading to {repo} ..."):
             if not token:
                 raise api.StudioError("token: paste a Hugging Face write token to push (or use the dry run)")
-            result = api.publish(name, repo, private=private, dry_run=False, out_dir=None, token=token)
+            result = api.publish(
+                name, repo, private=private, dry_run=False, out_dir=None, token=token, retry=PUSH_AGAIN
+            )
             st.success(f"published: {result.get('url') or repo}")
         del token
 

@@ -151,8 +151,10 @@ def _import():
     typed = st.text_input(
         "...or a file or folder on this machine",
         key="import-path",
-        placeholder="~/loras/style.safetensors, runs/masks/controlnet, runs/db/diffusers",
-        help="Read where it is, nothing uploaded: for folders (a diffusers ControlNet or full model) and large files.",
+        placeholder="~/.sdtune/jobs/3/run, /data/loras/style.safetensors",
+        help="Read where it is, nothing uploaded: for folders (a diffusers ControlNet or full model) and large files. "
+        "Only inside $SDTUNE_HOME or a folder the operator lists in SDTUNE_ALLOWED_DIRS (see the README); "
+        "`sdtune adapters import` takes any path.",
     )
     left, right = st.columns(2)
     base = left.text_input("Base", "toy", key="import-base")
@@ -166,10 +168,10 @@ def _import():
     check, register = st.columns(2)
     if check.button("Check", key="import-check"):
         with shown_errors(), _staged(upload, path) as source:
-            st.json(api.import_adapter(source, base=base, dry_run=True)["report"])
+            st.json(api.import_adapter(source, base=base, dry_run=True, confined=True)["report"])
     if register.button("Import", type="primary", key="import-go"):
         with shown_errors(), _staged(upload, path) as source:
-            result = api.import_adapter(source, base=base, name=name or None)
+            result = api.import_adapter(source, base=base, name=name or None, confined=True)
             st.success(f"imported {result['entry']['name']}")
             st.json(result["report"])
 

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sdtune.adapters.base import BaseModelConfig, PathText
+from sdtune.adapters.base import BaseModelConfig, LocalPath, PathText
 from sdtune.adapters.schedulers import SchedulerName
 
 
@@ -109,7 +109,7 @@ class DataConfig(_Section):
         description="sample: a fresh draw from the VAE posterior each step (diffusers, kohya); mean: its mean, for a "
         "base pretrained on means (the toy base: its VAE's posterior std is ~0.3, SD v1-5's ~0.01).",
     )
-    cache_dir: str | None = Field(
+    cache_dir: Annotated[str | None, LocalPath(writes=True)] = Field(
         None,
         description="On-disk cache of VAE latents (text embeddings are computed once per run and kept in memory). "
         "Default: $SDTUNE_CACHE or ~/.cache/sdtune.",
@@ -280,7 +280,7 @@ class ControlNetMethod(_Section):
         description="ControlNet strength in validation images (controlnet_conditioning_scale).",
         json_schema_extra=COMMON,
     )
-    validation_image: list[str] = Field(
+    validation_image: list[Annotated[str, LocalPath()]] = Field(
         default_factory=list,
         description="Conditioning images for validation, paired with validation.prompts as in diffusers (one each, "
         "or one image for every prompt). Default: the conditions of the first training pairs.",
@@ -401,7 +401,9 @@ class TrainConfig(_Section):
         500, ge=1, description="Save a resumable checkpoint every N steps.", json_schema_extra=COMMON
     )
     checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep only the last K checkpoints.")
-    resume: str | None = Field(None, description="'latest' or a checkpoint folder to resume from.")
+    resume: Annotated[str | None, LocalPath()] = Field(
+        None, description="'latest' or a checkpoint folder to resume from."
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -458,7 +460,7 @@ warnings.filterwarnings("ignore", message='Field name "register" in "OutputConfi
 class OutputConfig(_Section):
     """Where the run writes, and what."""
 
-    dir: PathText = Field(
+    dir: Annotated[PathText, LocalPath(writes=True)] = Field(
         "output",
         validation_alias=AliasChoices("dir", "output_dir"),
         description="Run folder (alias output_dir).",
