@@ -40,6 +40,8 @@ class SampleSettings:
     control_scales: tuple[float, ...] = ()
     control_guidance_start: float = 0.0
     control_guidance_end: float = 1.0
+    # A model trained with `train.zero_terminal_snr` samples with the rescaled schedule (`zero_terminal_snr_sampler`).
+    zero_terminal_snr: bool = False
 
 
 @dataclass
@@ -139,17 +141,34 @@ def control_parameters(s: SampleSettings) -> dict:
     }
 
 
-def set_scheduler(pipe, name: str):
-    """Swaps the pipeline's sampler, keeping the base's noise schedule (betas, prediction type...)."""
-    if name == "default":
-        return pipe
-    if name not in SCHEDULERS:
+def set_scheduler(pipe, name: str, zero_terminal_snr: bool = False):
+    """Swaps the pipeline's sampler, keeping the base's noise schedule (betas, prediction type...), or with
+    `zero_terminal_snr` that schedule rescaled."""
+    if name not in SCHEDULER_NAMES:
         raise ValueError(f"--scheduler: unknown scheduler {name!r}; choose from {', '.join(SCHEDULER_NAMES)}")
     import diffusers
 
-    class_name, extra, _ = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
+    if name != "default":
+        class_name, extra, _ = SCHEDULERS[name]
+        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
+    if zero_terminal_snr:
+        pipe.scheduler = zero_terminal_snr_sampler(pipe.scheduler)
     return pipe
+
+
+def zero_terminal_snr_sampler(scheduler):
+    """`scheduler` on the zero-terminal-SNR schedule a `train.zero_terminal_snr` model learned (Lin et al. 2024,
+    https://arxiv.org/abs/2305.08891): the rescaled betas, and "trailing" timesteps so that sampling starts at
+    t = T, the pure noise it starts from. A sampler without that schedule (PNDM, SD v1-5's default) gives way to
+    DDIM, the paper's sampler; the PNG's parameters name the sampler used."""
+    import inspect
+
+    import diffusers
+
+    cls = type(scheduler)
+    if "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+        cls = diffusers.DDIMScheduler
+    return cls.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 def native_size(pipe) -> int:
@@ -208,10 +227,10 @@ def generate(pipe, settings: list[SampleSettings], model_name: str = "base", ext
     original = pipe.scheduler
     try:
         for s in settings:
-            if s.scheduler != current_scheduler:
+            if (s.scheduler, s.zero_terminal_snr) != current_scheduler:
                 pipe.scheduler = original
-                set_scheduler(pipe, s.scheduler)
-                current_scheduler = s.scheduler
+                set_scheduler(pipe, s.scheduler, s.zero_terminal_snr)
+                current_scheduler = (s.scheduler, s.zero_terminal_snr)
             width, height = s.width or native_size(pipe), s.height or native_size(pipe)
             generator = torch.Generator("cpu").manual_seed(s.seed)
             image = pipe(
@@ -225,7 +244,8 @@ def generate(pipe, settings: list[SampleSettings], model_name: str = "base", ext
                 **_control_arguments(pipe, s, width, height),
             ).images[0]
             extra = {**(extra_parameters or {}), **control_parameters(s)}
-            sampler = {"Sampler": a1111_sampler_name(s.scheduler, type(pipe.scheduler).__name__)}
+            named = "default" if s.zero_terminal_snr else s.scheduler  # by class: PNDM may have become DDIM
+            sampler = {"Sampler": a1111_sampler_name(named, type(pipe.scheduler).__name__)}
             samples.append(Sample(image, s, a1111_parameters(s, width, height, model_name, {**sampler, **extra})))
     finally:
         pipe.scheduler = original

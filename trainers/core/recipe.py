@@ -378,6 +378,46 @@ class TrainConfig(_Section):
         description="uniform over [0, T); cubic: t = (1 - u^3) T, mostly high noise, where layout is decided "
         "(diffusers' T2I-Adapter example; speeds up structure-following adapters such as ControlNets).",
     )
+    # Losses and noise, under sd-scripts' names (trainers/core/diffusion.py has the math). Every default leaves the
+    # step as it was: plain noise, every timestep, the MSE.
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
+        "l2",
+        description="l2: MSE; l1; huber: pseudo-Huber 2c(sqrt(d^2 + c^2) - c), MSE-like below c and L1-like above, "
+        "robust to outlier images; smooth_l1: the same divided by c.",
+    )
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+        "snr",
+        description="huber/smooth_l1: how c varies with the timestep: constant huber_c; exponential from huber_scale "
+        "at t=0 down to huber_c x huber_scale at t=T; snr (sd-scripts' default) from 1 at low noise to huber_c.",
+    )
+    huber_c: float = Field(0.1, gt=0, description="huber/smooth_l1: the threshold c (see huber_schedule).")
+    huber_scale: float = Field(1.0, gt=0, description="huber/smooth_l1: multiplies c (constant and exponential).")
+    debiased_estimation_loss: bool = Field(
+        False,
+        description="Weigh each timestep's loss by 1/sqrt(SNR) (epsilon) or 1/(SNR+1) (v-prediction), as sd-scripts "
+        "(Yu et al. 2024); composes with snr_gamma.",
+    )
+    multires_noise_iterations: int = Field(
+        0, ge=0, description="Multi-resolution (pyramid) noise with this many levels (6-10 usual); 0 = off."
+    )
+    multires_noise_discount: float = Field(
+        0.3, gt=0, le=1, description="Multires noise: level i is weighted discount^i (sd-scripts' default 0.3)."
+    )
+    ip_noise_gamma: float = Field(
+        0.0, ge=0, description="Input-perturbation noise (Ning et al. 2023): extra noise on the input only; ~0.1."
+    )
+    ip_noise_gamma_random_strength: bool = Field(
+        False, description="Input perturbation at a random strength in [0, ip_noise_gamma) each step."
+    )
+    min_timestep: int = Field(0, ge=0, le=999, description="Train on timesteps from this one (0 = the least noise).")
+    max_timestep: int | None = Field(
+        None, ge=1, le=1000, description="Train on timesteps below this one (exclusive); default: all (1000)."
+    )
+    zero_terminal_snr: bool = Field(
+        False,
+        description="Rescale the noise schedule so its last step is pure noise (Lin et al. 2024); validation samples "
+        "with the same schedule. Needs a v-prediction base: with epsilon the last step has nothing to learn.",
+    )
     torch_compile: bool = Field(
         False,
         description="torch.compile the trained model: the UNet (LoRA, DreamBooth) or the ControlNet (slow first "
@@ -411,6 +451,17 @@ class TrainConfig(_Section):
             raise ValueError(f"fused_optimizer is torch's fused AdamW: set optimizer: adamw (not {self.optimizer})")
         if self.torch_compile_mode != "default" and not self.torch_compile:
             raise ValueError("torch_compile_mode applies only with torch_compile: true")
+        return self
+
+    @model_validator(mode="after")
+    def _check_loss_and_noise(self):
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(
+                f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep}): timesteps are "
+                "drawn from [min_timestep, max_timestep)"
+            )
+        if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
+            raise ValueError("ip_noise_gamma_random_strength needs ip_noise_gamma > 0 (its largest strength)")
         return self
 
 

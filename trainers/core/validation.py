@@ -86,6 +86,7 @@ class Validator:
             steps=v.num_inference_steps,
             guidance=self.guidance,
             scheduler=v.scheduler,
+            zero_terminal_snr=recipe.train.zero_terminal_snr,
         )
         self._base_samples = None
         self._base_scores = None
@@ -200,6 +201,7 @@ class ControlValidator:
         self.seeds, self.conditions = list(v.seeds), conditions
         common = dict(negative_prompt=v.negative_prompt, steps=v.num_inference_steps, guidance=self.guidance)
         common["scheduler"] = v.scheduler
+        common["zero_terminal_snr"] = recipe.train.zero_terminal_snr
         self.base_settings = [sampling.SampleSettings(p, s, **common) for p, _ in self.pairs for s in self.seeds]
         self.control_settings = [
             sampling.SampleSettings(p, s, control_images=(c,), control_scales=(self.scale,), **common)
