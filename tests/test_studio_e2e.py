@@ -280,7 +280,7 @@ def test_upload_train_watch_vote_publish_in_a_browser(studio, browser, tmp_path,
     page.open("ab")
     page.type("Seeds", "0 1")
     page.click("Render A and B")
-    page.wait_text("Left is better", timeout=180)
+    page.wait_text("Left is better", timeout=600)
     page.click("Left is better")
     page.wait_text("pair 1: voted left")
     [comparison] = api.ab_history(5)
@@ -323,10 +323,10 @@ def test_a_kohya_zip_with_a_16_bit_png_and_a_truncated_jpeg_in_a_browser(studio,
     its reason; the 16-bit PNG shows as a thumbnail and the page keeps working."""
     from test_datasets_store import KOHYA_ZIP, make_zip
 
-    url, home, log = studio
+    url, home, log, token = studio
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    page = Page(browser, url, shots)
+    page = Page(browser, url, shots, f"?token={token}")
     archive = tmp_path / "shapes.zip"
     archive.write_bytes(make_zip(KOHYA_ZIP))
     page.open("")
@@ -373,10 +373,10 @@ def test_a_worker_killed_mid_job_in_a_browser(studio, browser, tmp_path):
     from sdtune.adapters.registry import Registry
     from sdtune.studio.processes import group_members
 
-    url, home, log = studio
+    url, home, log, token = studio
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    page = Page(browser, url, shots)
+    page = Page(browser, url, shots, f"?token={token}")
     small = [f"data.train_data_dir={DATA}", "train.train_batch_size=2", "train.max_train_steps=40",
              "train.checkpointing_steps=5", "validation.validation_steps=0", "validation.toy_score=[]",
              "output.report_to=none", "output.export_check=false"]  # fmt: skip
