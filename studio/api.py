@@ -300,7 +300,9 @@ def import_adapter(
     from sdtune.adapters import importer
 
     if confined:
-        _confined(lambda confine: confine.check_path(path, "path"))
+        from sdtune.studio import confine
+
+        confine.check_path(path, "path")
     if dry_run:
         return {"report": _call(importer.inspect, path, base=base, allow_pickle=allow_pickle).to_dict()}
     entry, report = _call(
@@ -537,27 +539,18 @@ def check_data(text: str, overrides: list[str] | None = None) -> int:
 
 
 def _scan_data(text: str, overrides: list[str] | None):
+    from sdtune.studio import confine
     from sdtune.trainers.core.data import DataError, scan_dataset
     from sdtune.trainers.core.recipe import recipe_from_dict
 
     checked = validate_recipe(text, overrides)
     if not checked["ok"]:
         raise StudioError(checked["error"])
-    _confined(lambda confine: confine.check_recipe(checked["recipe"]))  # the scan reads the data folders
+    confine.check_recipe(checked["recipe"])  # the scan reads the data folders
     recipe = recipe_from_dict(checked["recipe"])
     try:
         return recipe, scan_dataset(recipe.data)
     except DataError as exc:
-        raise StudioError(str(exc)) from None
-
-
-def _confined(check) -> None:
-    """Runs `check(studio.confine)`; its refusal (one line naming the key) as a StudioError."""
-    from sdtune.studio import confine
-
-    try:
-        check(confine)
-    except confine.ConfineError as exc:
         raise StudioError(str(exc)) from None
 
 
@@ -569,12 +562,12 @@ def submit_job(text: str, overrides: list[str] | None = None, submission_key: st
     import os
     import time
 
-    from sdtune.studio import jobs
+    from sdtune.studio import confine, jobs
 
     checked = validate_recipe(text, overrides)
     if not checked["ok"]:
         raise StudioError(checked["error"])
-    _confined(lambda confine: confine.check_recipe(checked["recipe"]))
+    confine.check_recipe(checked["recipe"])
     folder = jobs.sdtune_home() / "studio" / "recipes"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}.yaml"

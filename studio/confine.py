@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from sdtune.adapters.base import LocalPath
 from sdtune.adapters.registry import sdtune_home
+from sdtune.studio.api import StudioError
 
 ALLOWED_ENV = "SDTUNE_ALLOWED_DIRS"
 ALLOWED_FILE = Path("studio") / "allowed_dirs"  # under $SDTUNE_HOME
@@ -40,8 +41,9 @@ SET_BY_THE_QUEUE = ("output.dir",)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?$")
 
 
-class ConfineError(ValueError):
-    """A path outside the folders the studio may use; the message is one line naming the key."""
+class ConfineError(StudioError):
+    """A path outside the folders the studio may use; the message is one line naming the key (a StudioError: the
+    pages show it as any other)."""
 
 
 def allowed_dirs(home: str | Path | None = None) -> list[Path]:
