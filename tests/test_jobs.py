@@ -117,9 +117,8 @@ def test_progress_tracker_lines_eta_and_final_entry(tmp_path):
 
     tracker = ProgressTracker(tmp_path, total_steps=10)
     tracker.start()
-    for step in range(1, 5):
-        tracker.log({"loss": 0.1 * step, "lr": 1e-3, "nan": float("nan")}, step=step)
-        time.sleep(0.05)
+    for step in range(1, 5):  # each step ends 0.05 s after the one before (`at`: no sleep, no wall-clock window)
+        tracker.log({"loss": 0.1 * step, "lr": 1e-3, "nan": float("nan")}, step=step, at=tracker.started + 0.05 * step)
     tracker.event("checkpoint saved", path=tmp_path / "checkpoints" / "checkpoint-4")
     (tmp_path / "adapter.json").write_text("{}")
     tracker.finish()
@@ -127,10 +126,7 @@ def test_progress_tracker_lines_eta_and_final_entry(tmp_path):
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 4, 4]
     last_step = lines[3]
     assert last_step["loss"] == pytest.approx(0.4) and last_step["total_steps"] == 10 and "nan" not in last_step
-    # 6 steps left at ~0.05 s each
-    assert 0.04 <= last_step["seconds_per_step"] <= 0.5 and last_step["eta"] == pytest.approx(
-        6 * last_step["seconds_per_step"], abs=0.1
-    )
+    assert last_step["seconds_per_step"] == pytest.approx(0.05) and last_step["eta"] == pytest.approx(0.3)  # 6 left
     assert lines[4]["event"] == "checkpoint saved" and lines[4]["path"] == "checkpoints/checkpoint-4"
     assert lines[5]["event"] == "done" and lines[5]["manifest"] == "adapter.json"
 
@@ -166,16 +162,17 @@ def test_the_loop_reads_losses_off_the_device_in_batches_and_logs_every_step(tmp
     accelerator.init_trackers("test")
     train = TrainConfig(max_train_steps=7, checkpointing_steps=1000)
     run = loop_module.RunLoop(accelerator, train, TrainState(), ThreeBatches(), tmp_path)
+    clock = iter(range(1000))  # a step ends every 0.02 s of this clock, however loaded the machine
+    monkeypatch.setattr(loop_module.time, "time", lambda: 1000.0 + 0.02 * next(clock))
     for i, _ in enumerate(run.micro_batches()):
         run.after_micro_batch(torch.tensor(0.5 - 0.01 * i), lr=1e-3)
-        time.sleep(0.02)
     assert reads == ["tolist"]  # one read of all seven losses, at the end
     steps = [line for line in run_files.read_metrics(tmp_path) if "event" not in line]
     assert [line["step"] for line in steps] == [1, 2, 3, 4, 5, 6, 7]
     assert [line["loss"] for line in steps] == pytest.approx([0.5 - 0.01 * i for i in range(7)])
     assert all(line["lr"] == 1e-3 for line in steps)
-    assert all(b["time"] - a["time"] >= 0.015 for a, b in zip(steps, steps[1:]))  # when each step ended
-    assert 0.015 <= steps[-1]["seconds_per_step"] <= 0.5
+    assert [b["time"] - a["time"] for a, b in zip(steps, steps[1:])] == pytest.approx([0.02] * 6)  # each step's end
+    assert steps[-1]["seconds_per_step"] == pytest.approx(0.02)
     assert run.state.last_loss == pytest.approx(0.47, abs=0.03)
 
 
