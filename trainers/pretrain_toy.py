@@ -43,6 +43,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.adapters import toyworld
+from sdtune.adapters.errors import NotFoundError
 from sdtune.trainers.core.diffusion import denoising_step_loss
 
 DEFAULT_BPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
@@ -125,7 +126,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def build_clip_tokenizer(bpe_path: Path, out_dir: Path) -> CLIPTokenizer:
     """Writes vocab.json + merges.txt exactly as OpenAI CLIP derives them (49,408 tokens) and loads them."""
     if not bpe_path.is_file():
-        raise FileNotFoundError(f"--bpe: {bpe_path} not found; it ships in ../shared/data/ beside the checkout")
+        raise NotFoundError(f"--bpe: {bpe_path} not found; it ships in ../shared/data/ beside the checkout")
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     alphabet = list(_bytes_to_unicode().values())

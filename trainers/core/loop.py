@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sdtune.adapters.errors import SdtuneError
 from sdtune.trainers.core.batches import Batch, BatchBuilder
 from sdtune.trainers.core.checkpointing import StopRequest, TrainState, save_checkpoint
 from sdtune.trainers.core.progress import ProgressTracker, progress_event
@@ -42,7 +43,7 @@ LOG_INTERVAL_SECONDS = 2.0  # losses are read from the device and logged at most
 NONFINITE_STEPS_LIMIT = 10  # this many steps in a row with a NaN/inf loss: the weights are gone, stop
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(SdtuneError, RuntimeError):
     """The loss went NaN/inf: nothing more is saved (the last checkpoint stays the last good one)."""
 
 

@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from sdtune.adapters.errors import SdtuneError
 from sdtune.trainers.core.progress import ProgressTracker
 from sdtune.trainers.core.recipe import Recipe, RecipeError, TrainConfig
 
@@ -284,16 +285,12 @@ def parse_args(doc: str, argv=None):
 
 
 def run_cli(main, argv=None) -> int:
-    """Runs a trainer's `main`, turning what the user can fix into one `error:` line and exit status 2."""
+    """Runs a trainer's `main`, turning what the user can fix (any `SdtuneError`: a recipe key, the data, the base, a
+    diverged run, a failed export check) into one `error:` line and exit status 2."""
     import sys
-
-    from sdtune.adapters.base import BaseLoadError
-    from sdtune.adapters.export_check import ExportCheckError
-    from sdtune.trainers.core.data import DataError
-    from sdtune.trainers.core.loop import TrainingDiverged
 
     try:
         return main(argv)
-    except (RecipeError, DataError, BaseLoadError, FileNotFoundError, ExportCheckError, TrainingDiverged) as exc:
+    except SdtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
