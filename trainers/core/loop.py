@@ -203,7 +203,11 @@ class RunLoop:
     def _checkpoint(self, step: int, requested: bool):
         path = save_checkpoint(self.accelerator, self.out_dir, step, self.train.checkpoints_total_limit)
         if self.on_checkpoint is not None and self.accelerator.is_main_process:
-            self.on_checkpoint(path, step)
+            try:
+                self.on_checkpoint(path, step)  # the writer's save: a failed export check stops the run here
+            except BaseException:
+                self.progress.close()  # the error goes on a line of its own
+                raise
         progress_event(self.accelerator, "checkpoint saved", step, path=path, requested=requested)
 
     def _take_requests(self) -> set[str]:
