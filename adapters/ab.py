@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sdtune.adapters.atomic import write_bytes_atomic
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.registry import open_db, sdtune_home
 
 if TYPE_CHECKING:
@@ -97,7 +99,7 @@ CREATE TABLE IF NOT EXISTS vote_history (   -- append-only: a changed vote keeps
 """
 
 
-class ABError(ValueError):
+class ABError(SdtuneError, ValueError):
     """A comparison that cannot be made or a vote that cannot be taken; the message is one line."""
 
 
@@ -597,9 +599,7 @@ def _keep_control_image(path: str, folder: Path) -> str:
     data = Path(path).read_bytes()
     name = f"control-{hashlib.sha256(data).hexdigest()[:12]}{Path(path).suffix.lower() or '.png'}"
     if not (folder / name).exists():
-        tmp = folder / f".tmp-{name}"
-        tmp.write_bytes(data)
-        os.replace(tmp, folder / name)
+        write_bytes_atomic(folder / name, data)
     return name
 
 

@@ -18,17 +18,18 @@ OpenCV is imported lazily: importing this module stays cheap.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from sdtune.adapters.atomic import atomic_path
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.images import IMAGE_EXTENSIONS, image_files, open_rgb, to_rgb
 
 
-class AnnotateError(ValueError):
+class AnnotateError(SdtuneError, ValueError):
     """Input the user can fix (unknown kind, missing weights, bad folder); the message is one line."""
 
 
@@ -179,9 +180,7 @@ def annotate_folder(in_dir, out_dir, kind: str, options: AnnotateOptions = Annot
         except OSError as exc:
             raise AnnotateError(f"{source}: not a readable image ({exc})") from None
         target = out_dir / source.relative_to(in_dir).with_suffix(".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-        result.save(tmp, format="PNG")
-        os.replace(tmp, target)
+        with atomic_path(target, ".png") as tmp:
+            result.save(tmp, format="PNG")
         written.append(target)
     return written

@@ -21,6 +21,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from sdtune.adapters.atomic import write_text_atomic
+from sdtune.adapters.errors import SdtuneError
+
 # The bundled model folders (package data of sdtune.adapters): the toy base, and SD v1-5's configs without weights,
 # which describe any SD v1 single-file checkpoint offline. Keyed by the names `detect_config` returns.
 TOY_BASE = Path(__file__).resolve().parent / "toy_base"
@@ -76,7 +79,7 @@ class BaseModelConfig(BaseModel):
         return {"pretrained_model_name_or_path": value} if isinstance(value, str) else value
 
 
-class BaseLoadError(RuntimeError):
+class BaseLoadError(SdtuneError, RuntimeError):
     """The base model cannot be loaded; the message says why and what to do, in one line."""
 
 
@@ -220,8 +223,5 @@ def base_hash(spec: str | BaseModelConfig) -> str:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
         known[key] = digest.hexdigest()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
+        write_text_atomic(cache, json.dumps(known))
     return known[key]

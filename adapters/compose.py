@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtune.adapters.a1111_keys import kohya_to_compvis_module
+from sdtune.adapters.errors import SdtuneError
 
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 
 
-class ComposeError(ValueError):
+class ComposeError(SdtuneError, ValueError):
     """A spec that cannot be built (unknown adapter, bad block weights...); the message is one line."""
 
 

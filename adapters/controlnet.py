@@ -18,12 +18,14 @@ reads a folder, a run folder or a single file of either layout.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from sdtune.adapters.atomic import atomic_folder
+from sdtune.adapters.errors import NotFoundError
 from sdtune.adapters.single_file import _atomic_save_file
 from sdtune.adapters.single_file_keys import Row, invert_rows, rename_all, strip_prefix, unet_rows
 
@@ -79,20 +81,10 @@ def save_controlnet(controlnet, out_dir: str | Path, name: str, dtype: torch.dty
     (original `control_model.*` layout, for A1111 and ComfyUI). Both writes are atomic. Returns {format: path}."""
     out_dir = Path(out_dir)
     folder = out_dir / RUN_SUBFOLDER
-    tmp = out_dir / f".tmp-{RUN_SUBFOLDER}-{os.getpid()}"
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in controlnet.state_dict().items()}
-    tmp.mkdir(parents=True, exist_ok=True)
-    _atomic_save_file(state, tmp / DIFFUSERS_WEIGHTS)
-    (tmp / "config.json").write_text(controlnet.to_json_string())  # with _class_name, as save_pretrained writes
-    if folder.exists():
-        old = out_dir / f".old-{RUN_SUBFOLDER}-{os.getpid()}"
-        folder.rename(old)
-        tmp.rename(folder)
-        for path in old.iterdir():
-            path.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        save_file(state, str(tmp / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(controlnet.to_json_string())  # with _class_name, as save_pretrained writes
     single = out_dir / f"{name}.safetensors"
     _atomic_save_file(controlnet_to_original(state, controlnet.config), single)
     return {"diffusers": folder, "original": single}
@@ -116,7 +108,7 @@ def load_controlnet(path: str | Path, unet=None, torch_dtype: torch.dtype | None
         torch_dtype: the dtype to load in.
 
     Raises:
-        FileNotFoundError: nothing at `path`, or a folder without a ControlNet config.
+        NotFoundError (a FileNotFoundError): nothing at `path`, or a folder without a ControlNet config.
         ValueError: a pickle file, or a file whose keys do not fit this base's ControlNet.
     """
     from diffusers import ControlNetModel
@@ -126,12 +118,10 @@ def load_controlnet(path: str | Path, unet=None, torch_dtype: torch.dtype | None
     if path.is_dir():
         folder = _weights_file(path)
         if folder is None:
-            raise FileNotFoundError(
-                f"{path}: no ControlNet here (expected config.json or {RUN_SUBFOLDER}/config.json)"
-            )
+            raise NotFoundError(f"{path}: no ControlNet here (expected config.json or {RUN_SUBFOLDER}/config.json)")
         return ControlNetModel.from_pretrained(str(folder), torch_dtype=torch_dtype)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such ControlNet file or folder")
+        raise NotFoundError(f"{path}: no such ControlNet file or folder")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors ControlNets are read (pickle files can run code when loaded)")
     if unet is None:

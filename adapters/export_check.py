@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from sdtune.adapters import a1111_keys, contact_sheet, sampling
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.single_file_keys import text_encoder_to_original, unet_to_original
 
 PIXEL_TOLERANCE = 2  # out of 255
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(SdtuneError, RuntimeError):
     """An exported file does not reproduce the trained adapter; the message says which and by how much."""
 
 

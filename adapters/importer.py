@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdtune.adapters.base import PICKLE_SUFFIXES, base_hash, resolve_base
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.manifest import AdapterManifest, BaseRef
 from sdtune.adapters.registry import Entry, Registry, check_name, copy_into
 
@@ -42,7 +43,7 @@ CLAIM_KEYS = (
 )
 
 
-class ImportRefused(ValueError):
+class ImportRefused(SdtuneError, ValueError):
     """A file that is not imported: unreadable, a pickle, an unsupported format or a LoRA for another model."""
 
 

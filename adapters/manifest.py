@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.adapters.atomic import atomic_path
+from sdtune.adapters.errors import SdtuneError
 
 MANIFEST_NAME = "adapter.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(SdtuneError, ValueError):
     """An `adapter.json` that cannot be read; the message names the file and the key."""
 
 

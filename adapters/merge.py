@@ -30,12 +30,14 @@ from pathlib import Path
 import torch
 
 from sdtune.adapters import lowrank
+from sdtune.adapters.atomic import atomic_folder
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.lora_modules import LoraModule, LoraModules, read_kohya, read_peft
 
 MERGE_METHODS = ("linear", "concat", "svd")
 
 
-class MergeError(ValueError):
+class MergeError(SdtuneError, ValueError):
     """Parents that cannot be merged this way (ranks differ for linear, nothing in common...); one line."""
 
 
@@ -290,12 +292,11 @@ def bake(base: str, adapters: list, out_folder: str | Path, single_file: str | P
     composer = build(PipelineSpec(base=base, adapters=adapters, device="cpu", dtype="fp32", fuse=True))
     pipe = composer.pipe
     pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers: a plain model to save
-    tmp = out_folder.with_name(f".tmp-{out_folder.name}")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    guidance = recommended_guidance(resolve_base_ref(base))
-    if guidance != DEFAULT_GUIDANCE:  # the base's own sampling advice holds for the baked model too (toy: 3.0)
-        (tmp / "sdtune.json").write_text(json.dumps({"guidance_scale": guidance}, indent=2) + "\n")
-    tmp.rename(out_folder)
+    with atomic_folder(out_folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        guidance = recommended_guidance(resolve_base_ref(base))
+        if guidance != DEFAULT_GUIDANCE:  # the base's own sampling advice holds for the baked model too (toy: 3.0)
+            (tmp / "sdtune.json").write_text(json.dumps({"guidance_scale": guidance}, indent=2) + "\n")
     written = [out_folder]
     if single_file is not None:
         written.append(Path(convert(out_folder, Path(single_file))))

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.manifest import control_pairs
 
 CARD = "README.md"
@@ -58,7 +59,7 @@ PATH_PATTERNS = (
 )
 
 
-class PublishError(ValueError):
+class PublishError(SdtuneError, ValueError):
     """A publish that cannot go ahead (no token, repo exists, a leak found, the network failed); one line."""
 
 

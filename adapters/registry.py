@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdtune.adapters.atomic import copy_atomic
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.manifest import MANIFEST_NAME, AdapterManifest, ManifestError, read_manifest, write_json_atomic
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -90,7 +92,7 @@ def open_db(path: Path, schema: str, write: bool = False):
         db.close()
 
 
-class RegistryError(ValueError):
+class RegistryError(SdtuneError, ValueError):
     """A registry operation that cannot be done (unknown name, name clash, bad name); the message is one line."""
 
 
@@ -492,14 +494,7 @@ def copy_into(source: Path, target: Path) -> Path:
     """Copies a file or folder to `target` through a temp name in the same folder (readers never see half)."""
     if not source.exists():
         raise RegistryError(f"{source}: not found (listed in its adapter.json)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
-    if source.is_dir():
-        shutil.copytree(source, tmp)
-    else:
-        shutil.copy2(source, tmp)
-    os.replace(tmp, target)
-    return target
+    return copy_atomic(source, target)
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdtune.adapters.atomic import atomic_path
 from sdtune.adapters.compose import split_number
+from sdtune.adapters.errors import NotFoundError
 from sdtune.adapters.schedulers import SCHEDULER_NAMES, SCHEDULERS, a1111_sampler_name
 
 
@@ -53,7 +54,7 @@ class Sample:
 
 def existing(path: str, option: str, expected: str) -> str:
     if not Path(path).exists():
-        raise FileNotFoundError(f"{option}: {path} not found (expected {expected})")
+        raise NotFoundError(f"{option}: {path} not found (expected {expected})")
     return path
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sdtune.adapters.atomic import atomic_folder, atomic_path
 from sdtune.adapters.base import BUNDLED_CONFIGS, PICKLE_SUFFIXES
+from sdtune.adapters.errors import NotFoundError
 from sdtune.adapters.single_file_keys import (
     TEXT_PREFIX,
     UNET_PREFIX,
@@ -61,21 +62,17 @@ def _read_component(folder: Path, name: str) -> dict[str, torch.Tensor]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(sub / shard).items()}
     if not sub.is_dir():
-        raise FileNotFoundError(f"{folder}: no {name}/ folder; expected a diffusers SD v1 pipeline folder")
+        raise NotFoundError(f"{folder}: no {name}/ folder; expected a diffusers SD v1 pipeline folder")
     found = sorted(p.name for p in sub.iterdir() if p.is_file())
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"{sub}: no {stem}.safetensors (found {found}); only safetensors weights are read, re-save the model "
         "with save_pretrained()"
     )
 
 
 def _atomic_save_file(tensors: dict[str, torch.Tensor], out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_single_file(
@@ -91,10 +88,10 @@ def save_single_file(
         overwrite: replace an existing `out_path`.
 
     Returns:
-        `out_path` as a `Path`. The write is atomic: a temp file beside it, then `os.replace`.
+        `out_path` as a `Path`. The write is atomic (`sdtune.adapters.atomic`): a temp file beside it, then a rename.
 
     Raises:
-        FileNotFoundError: the folder or one of its components/weight files is missing.
+        NotFoundError (a FileNotFoundError): the folder or one of its components/weight files is missing.
         FileExistsError: `out_path` exists and `overwrite` is False.
         ValueError: a wrong output extension, a folder that is not a diffusers pipeline, or weights outside the
             SD v1 layout.
@@ -105,12 +102,12 @@ def save_single_file(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
+        raise NotFoundError(f"{folder}: no such folder")
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     unet_config_file = folder / "unet" / "config.json"
     if not unet_config_file.is_file():
-        raise FileNotFoundError(f"{unet_config_file}: missing; expected a diffusers SD v1 pipeline folder")
+        raise NotFoundError(f"{unet_config_file}: missing; expected a diffusers SD v1 pipeline folder")
     tensors = unet_to_original(_read_component(folder, "unet"), json.loads(unet_config_file.read_text()))
     tensors |= vae_to_original(_read_component(folder, "vae"))
     tensors |= text_encoder_to_original(_read_component(folder, "text_encoder"))
@@ -124,7 +121,7 @@ def save_single_file(
 def _read_shapes(path: Path, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a checkpoint file; for safetensors only the header is read."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise NotFoundError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         with safe_open(path, framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
@@ -189,7 +186,7 @@ def bundled_config(name: str) -> Path:
         raise ValueError(f"config: unknown name {name!r}; expected one of {sorted(BUNDLED_CONFIGS)} or a folder")
     folder = BUNDLED_CONFIGS[name]
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{folder}: bundled '{name}' config missing (no model_index.json)")
+        raise NotFoundError(f"{folder}: bundled '{name}' config missing (no model_index.json)")
     return folder
 
 
@@ -205,12 +202,12 @@ def _resolve_config(config: str | os.PathLike) -> Path:
         try:  # configs only, from the local cache: never a download
             folder = Path(snapshot_download(str(config), local_files_only=True, allow_patterns=["*.json", "*.txt"]))
         except LocalEntryNotFoundError:
-            raise FileNotFoundError(f"config: {config} is not a local folder nor a cached hub repo") from None
+            raise NotFoundError(f"config: {config} is not a local folder nor a cached hub repo") from None
     if not folder.is_dir():
-        raise FileNotFoundError(f"config: {folder}: no such folder")
+        raise NotFoundError(f"config: {folder}: no such folder")
     for needed in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"):
         if not (folder / needed).is_file():
-            raise FileNotFoundError(f"config: {folder / needed} missing; a config folder is a diffusers SD v1 folder")
+            raise NotFoundError(f"config: {folder / needed} missing; a config folder is a diffusers SD v1 folder")
     return folder
 
 
@@ -232,21 +229,8 @@ def save_pipeline_folder(pipe, out: Path, overwrite: bool) -> None:
     """`pipe.save_pretrained(out)`, atomically: a temp folder beside `out`, swapped in by renames."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    tmp, old = out.with_name(f".{out.name}.{os.getpid()}.tmp"), out.with_name(f".{out.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:  # an earlier folder is swapped out in two renames, never half-written
         pipe.save_pretrained(tmp)
-        if out.exists():  # swap in two renames, so `out` is never a half-written folder
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        if old.exists() and not out.exists():  # put the previous folder back
-            os.replace(old, out)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_single_file(
@@ -276,14 +260,14 @@ def load_single_file(
         The `StableDiffusionPipeline`, on the CPU.
 
     Raises:
-        FileNotFoundError / FileExistsError / ValueError: with one line naming the file or folder.
+        NotFoundError / FileExistsError / ValueError: with one line naming the file or folder.
     """
     from diffusers import StableDiffusionPipeline
 
     path, config = Path(path), _resolve_config(config_folder)
     _check_fits(_read_shapes(path, allow_pickle), config, path)
     if not (config / "tokenizer").is_dir():
-        raise FileNotFoundError(f"config: {config / 'tokenizer'} missing; copy the CLIP tokenizer files there")
+        raise NotFoundError(f"config: {config / 'tokenizer'} missing; copy the CLIP tokenizer files there")
     if out_folder is not None and Path(out_folder).exists() and not overwrite:
         raise FileExistsError(f"{out_folder} already exists; pass overwrite=True (--overwrite) to replace it")
     # With the default dtype, pass None: the models are built in it anyway, and diffusers' extra `.to(dtype)` only
@@ -332,7 +316,7 @@ def convert(
             raise ValueError(f"{src}: --config applies to a single-file source, not to a folder")
         return save_single_file(src, dst, half=half, overwrite=overwrite)
     if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
+        raise NotFoundError(f"{src}: no such file or folder")
     if src.suffix != ".safetensors":
         raise ValueError(
             f"{src}: expected a diffusers folder or a .safetensors checkpoint (pickle files are not read: they can run "

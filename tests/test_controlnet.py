@@ -9,6 +9,7 @@ Training must take it from the base's chance level to >= 0.6 while colour and sh
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,10 +25,13 @@ from safetensors.torch import load_file
 
 from sdtune.adapters import annotate, scoring, toyworld
 from sdtune.adapters.base import load_pipeline
+from sdtune.adapters.export_check import ExportCheckError
 from sdtune.adapters.manifest import pair_prompts
 from sdtune.adapters.sampling import AdapterSpec, ControlSpec, load_adapters, load_controlnets
 from sdtune.studio import cli
+from sdtune.trainers import controlnet as controlnet_trainer
 from sdtune.trainers.core.cache import CachedLatent
+from sdtune.trainers.core.controlnet_writer import ControlNetWriter
 from sdtune.trainers.core.data import DataError, condition_tensor, scan_pairs
 from sdtune.trainers.core.recipe import DataConfig, RecipeError, recipe_from_dict
 
@@ -277,25 +281,57 @@ def test_annotate_refusals_are_one_line(tmp_path, args, message):
 # -- the trainer, run for real --------------------------------------------------------------------------------------
 
 
-def test_trainer_refuses_a_recipe_of_another_method(tmp_path):
-    proc = run_trainer([str(ROOT / "recipes" / "quickstart.yaml"), f"output.dir={tmp_path}"], tmp_path / "cache")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+def test_trainer_refuses_a_recipe_of_another_method(tmp_path, capsys):
+    assert controlnet_trainer.cli([str(ROOT / "recipes" / "quickstart.yaml"), f"output.dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {ROOT / 'recipes' / 'quickstart.yaml'}: method.type is 'lora': run trainers/lora.py"
-    )
+    ]
 
 
-def test_trainer_stops_on_bad_pairs_before_loading_a_model(tmp_path):
+def test_trainer_stops_on_bad_pairs_before_loading_a_model(tmp_path, capsys):
     toyworld.write_control_dataset(tmp_path / "data", 4, seed=8)
     _break_small(tmp_path / "data")
-    proc = run_trainer(
-        [str(TOY_RECIPE), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={tmp_path / 'o'}"], tmp_path / "c"
-    )
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: data.train_data_dir: 1 image/condition pairs do not match")
-    assert str(tmp_path / "data" / "conditioning" / "0002.png") in last
-    assert "latents:" not in proc.stdout  # stopped before the VAE ran
+    args = [str(TOY_RECIPE), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={tmp_path / 'o'}"]
+    assert controlnet_trainer.cli(args) == 2
+    out, err = capsys.readouterr()
+    [line] = err.strip().splitlines()
+    assert line.startswith("error: data.train_data_dir: 1 image/condition pairs do not match")
+    assert str(tmp_path / "data" / "conditioning" / "0002.png") in line
+    assert "latents:" not in out  # stopped before the VAE ran
+
+
+def _diverge(monkeypatch):
+    real = controlnet_trainer.batch_loss
+    monkeypatch.setattr(controlnet_trainer, "batch_loss", lambda *args, **kwargs: real(*args, **kwargs) * math.nan)
+
+
+def _fail_export_check(monkeypatch):
+    def save(self, out_dir, step):
+        raise ExportCheckError(f"{out_dir}: export check FAILED: trained-vs-original 9/255")
+
+    monkeypatch.setattr(ControlNetWriter, "save", save)
+
+
+@pytest.mark.parametrize(
+    "failure,message",
+    [
+        (_diverge, "error: training diverged: the loss is NaN/inf since step 1 (step 2 now), nothing saved"),
+        (_fail_export_check, "error: {out}/checkpoints/checkpoint-2: export check FAILED: trained-vs-original 9/255"),
+    ],
+    ids=["diverged", "export-check"],
+)
+def test_a_failed_run_ends_in_one_error_line(failure, message, tmp_path, monkeypatch, capsys):
+    """As with the other trainers (`runtime.run_cli`): a run whose loss turns NaN, or whose save fails its export
+    check, ends in one `error:` line and exit status 2, not a traceback."""
+    toyworld.write_control_dataset(tmp_path / "data", 4, seed=12)
+    failure(monkeypatch)
+    out = tmp_path / "run"
+    args = [str(TOY_RECIPE), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={out}", *CONTROLNET_SHORT]
+    assert controlnet_trainer.cli(args) == 2
+    err = capsys.readouterr().err.replace("\r", "\n")  # the error comes after the progress bar's last redraw
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")] or [err[-1000:]]
+    assert line.startswith(message.format(out=out)) and "Traceback" not in err, err[-1000:]
+    assert not list(out.glob("*.safetensors")) and not (out / "adapter.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -479,7 +515,7 @@ def test_lora_stacked_with_controlnet_keeps_both(toy_run, tmp_path):
     assert both.iou >= 0.5, both.as_dict()  # the ControlNet's: where the mask says
 
 
-def test_trainer_refuses_validation_prompt_image_mismatch_before_loading(tmp_path):
+def test_trainer_refuses_validation_prompt_image_mismatch_before_loading(tmp_path, capsys):
     toyworld.write_control_dataset(tmp_path / "data", 2, seed=10)
     extra = [
         "validation.prompts=[a, b]",
@@ -487,13 +523,13 @@ def test_trainer_refuses_validation_prompt_image_mismatch_before_loading(tmp_pat
         f"{VALIDATION / 'square-mask.png'}, {VALIDATION / 'triangle-mask.png'}]",
     ]
     args = [str(TOY_RECIPE), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={tmp_path / 'o'}", *extra]
-    proc = run_trainer(args, tmp_path / "c")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert controlnet_trainer.cli(args) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [
         "error: method.validation_image: 3 images for 2 validation.prompts; give one image per prompt, one image, "
         "or one prompt"
-    )
-    assert "latents:" not in proc.stdout
+    ]
+    assert "latents:" not in out
 
 
 def test_memory_options_train_and_save(tmp_path):

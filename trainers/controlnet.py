@@ -29,23 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
 from sdtune.adapters import annotate
-from sdtune.adapters.base import BaseLoadError, BaseSource, base_hash
-from sdtune.adapters.controlnet import load_controlnet, save_controlnet
-from sdtune.adapters.manifest import BaseRef, condition_file, pair_prompts
+from sdtune.adapters.controlnet import load_controlnet
+from sdtune.adapters.manifest import condition_file, pair_prompts
 from sdtune.adapters.sampling import save_png_atomic
-from sdtune.trainers.core import export, runtime
+from sdtune.trainers.core import runtime
 from sdtune.trainers.core.batches import idle_during_steps, make_batches
 from sdtune.trainers.core.cache import text_states
-from sdtune.trainers.core.checkpointing import (
-    TrainState,
-    register_trainable_state_hooks,
-    restore_checkpoint,
-)
+from sdtune.trainers.core.checkpointing import start_or_resume
+from sdtune.trainers.core.controlnet_writer import ControlNetWriter
 from sdtune.trainers.core.data import (
-    DataError,
     PairScan,
     condition_tensor,
     fit_to_bucket,
@@ -56,6 +50,7 @@ from sdtune.trainers.core.data import (
 from sdtune.trainers.core.diffusion import batch_loss, host_to_device
 from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
+from sdtune.trainers.core.outputs import RunOutputs
 from sdtune.trainers.core.recipe import ControlNetMethod, DataConfig, Recipe, RecipeError
 from sdtune.trainers.core.validation import ControlValidator
 
@@ -141,6 +136,7 @@ def init_controlnet(method: ControlNetMethod, unet):
     else:
         controlnet = ControlNetModel.from_unet(unet).to(torch.float32)
     controlnet.requires_grad_(True)
+    controlnet.train()
     return controlnet.to(unet.device)
 
 
@@ -168,52 +164,6 @@ def controlled_unet(controlnet, unet, conditions: torch.Tensor, dtype: torch.dty
     return forward
 
 
-# -- outputs --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ControlNetWriter:
-    """Saving the ControlNet: every checkpoint and the final save go through `save`."""
-
-    recipe: Recipe
-    controlnet: torch.nn.Module
-    accelerator: Accelerator
-
-    def save(self, out_dir: Path, step: int) -> dict:
-        model = self.accelerator.unwrap_model(self.controlnet, keep_torch_compile=False)
-        dtype = runtime.SAVE_DTYPES[self.recipe.output.save_precision]
-        return save_controlnet(model, out_dir, self.recipe.output.name, dtype)
-
-
-@dataclass
-class OutputsContext:
-    """What the end of the run needs to write the final ControlNet, its grid, scores and manifest."""
-
-    recipe: Recipe
-    writer: ControlNetWriter
-    validator: ControlValidator
-    scan: PairScan
-    base: BaseSource
-    state: TrainState
-    started_at: float
-
-    def write(self, speed: dict):
-        recipe = self.recipe
-        export.finish_run(
-            recipe,
-            method="controlnet",
-            base=BaseRef(recipe.base.pretrained_model_name_or_path, self.base.kind, base_hash(recipe.base)),
-            scan=self.scan,
-            state=self.state,
-            files=self.writer.save(Path(recipe.output.dir), self.state.step),
-            validator=self.validator,
-            export_check=None,  # no reload check for ControlNets yet; tests/test_controlnet_format.py reloads both
-            started_at=self.started_at,
-            speed=speed,
-            log=self.writer.accelerator.print,
-        )
-
-
 # -- main -----------------------------------------------------------------------------------------------------------
 
 
@@ -222,7 +172,7 @@ def main(argv=None) -> int:
 
     # 1) Recipe and preflight: every image/condition pair is checked here, before a model loads.
     run = runtime.start_run(args.recipe, args.overrides, "controlnet")
-    recipe, base, resume_from, started_at = run.recipe, run.base, run.resume_from, run.started_at
+    recipe, base = run.recipe, run.base
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
     data = data_config(recipe)
     if method.conditioning == "canny":
@@ -241,58 +191,43 @@ def main(argv=None) -> int:
         scan, data, train, accelerator, frozen.vae, frozen.tokenizer, frozen.text_encoder, True, conditions
     )
 
-    # 3) The ControlNet (fp32), optimizer and schedule. Gradient checkpointing recomputes activations of both
-    # networks: the loss reaches the ControlNet through the frozen UNet's decoder.
+    # 3) The ControlNet (fp32), optimizer and schedule. The loss reaches the ControlNet through the frozen UNet's
+    # decoder, so the UNet goes along: channels_last, and gradient checkpointing of both networks if asked.
     controlnet = init_controlnet(method, unet)
-    controlnet.train()
-    if train.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-        unet.enable_gradient_checkpointing()
-        unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout and stays frozen
-    optimizer = runtime.make_optimizer(
-        [{"params": list(controlnet.parameters()), "lr": runtime.scaled_lr(train, accelerator.num_processes)}], train
-    )
-    lr_scheduler = runtime.make_lr_scheduler(optimizer, train, accelerator.num_processes)
-    trained = runtime.apply_speed_settings(train, controlnet, unet)  # channels_last for both; compile the ControlNet
-    controlnet_t, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    opt = runtime.prepare_optimization([runtime.Trained(controlnet)], recipe, accelerator, frozen=(unet,))
 
     # 4) Checkpoints hold the ControlNet, optimizer, scheduler and where the loop stands; resume restores them.
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    register_trainable_state_hooks(accelerator, [controlnet])
-    restore_checkpoint(accelerator, resume_from, train.resume, out_dir, state)
+    state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir)
+
+    # 5) What the run writes: the ControlNet in both layouts (every checkpoint too), then grid, scores and manifest.
     validator = ControlValidator(recipe, frozen.pipe, controlnet, accelerator, validation_images, base.name)
-    writer = ControlNetWriter(recipe, controlnet_t, accelerator)
+    outputs = RunOutputs.for_run(run, scan, accelerator, validator, dtype)
+    writer = ControlNetWriter(outputs, opt.model)
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune-controlnet", config=runtime.tracker_config(recipe))
 
-    # 5) The loop. Each micro-batch draws its noise and timesteps from its own seed (exact resume).
+    # 6) The loop. Each micro-batch draws its noise and timesteps from its own seed (exact resume).
     idle = idle_during_steps(data, text_cache, frozen.vae, frozen.text_encoder)  # on the CPU while it steps
     loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator, idle)
     for batch in loop.micro_batches():
-        with accelerator.accumulate(controlnet_t), accelerator.autocast():
+        with accelerator.accumulate(*opt.models), accelerator.autocast():
             states = text_states(text_cache, frozen.tokenizer, frozen.text_encoder, batch.captions, device)
             # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps; ControlNet(x_t, t, prompt, condition) -> residuals;
             # frozen UNet(x_t, t, prompt) + residuals -> eps (or v); MSE to the target
-            model = controlled_unet(controlnet_t, unet, host_to_device(batch.conditions, device).to(dtype), dtype)
+            model = controlled_unet(opt.model, unet, host_to_device(batch.conditions, device).to(dtype), dtype)
             loss = batch_loss(model, frozen.noise_scheduler, batch, states, train, dtype)
-            runtime.optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, train.max_grad_norm)
-        loop.after_micro_batch(loss, lr_scheduler.get_last_lr()[0])
+            step_args = (opt.trainable, opt.optimizer, opt.lr_scheduler, train.max_grad_norm)
+            runtime.optimizer_step(accelerator, loss, *step_args)
+        loop.after_micro_batch(loss, opt.lr_scheduler.get_last_lr()[0])
 
-    # 6) The ControlNet in both layouts, the grid, the scores and the manifest (130 instead, if Ctrl-C stopped the
+    # 7) The ControlNet in both layouts, the grid, the scores and the manifest (130 instead, if Ctrl-C stopped the
     # run: its checkpoint is saved).
-    outputs = OutputsContext(recipe, writer, validator, scan, base, state, started_at)
-    return loop.finish(trainable, outputs.write)
+    return loop.finish(opt.trainable, lambda speed: outputs.finish(writer, state, speed))
 
 
 def cli(argv=None) -> int:
     """Entry point with one-line errors for bad input (no traceback for what the user can fix)."""
-    try:
-        return main(argv)
-    except (RecipeError, DataError, BaseLoadError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return runtime.run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,17 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from sdtune.trainers.core import class_images, export, full_model, lora_layers, runtime
+from sdtune.trainers.core import class_images, lora_layers, runtime
 from sdtune.trainers.core.batches import idle_during_steps, make_batches
 from sdtune.trainers.core.cache import text_states
 from sdtune.trainers.core.checkpointing import start_or_resume
 from sdtune.trainers.core.data import DatasetScan, scan_dataset
 from sdtune.trainers.core.diffusion import batch_loss, prior_preservation_loss
 from sdtune.trainers.core.estimate import preflight
+from sdtune.trainers.core.export import LoraWriter
+from sdtune.trainers.core.full_model import full_model_writer
 from sdtune.trainers.core.loop import RunLoop
+from sdtune.trainers.core.outputs import RunOutputs, Writer
 from sdtune.trainers.core.recipe import DreamBoothMethod, Recipe
 from sdtune.trainers.core.validation import Validator
 
@@ -109,6 +112,29 @@ def prior_class_images(recipe: Recipe, pipe, user: DatasetScan | None, accelerat
     return class_images.class_image_scan(recipe, user, generated, shortfall)
 
 
+def instance_and_class_batches(
+    recipe: Recipe, scan: DatasetScan, class_scan: DatasetScan | None, accelerator, frozen: runtime.FrozenBase
+):
+    """The batches of instance images; with prior preservation every micro-batch is followed by as many class
+    images (their own noise: seed + 1). Returns the batches and the text cache (see `make_batches`)."""
+    class_data = None
+    if class_scan is not None:
+        class_data = (class_scan, class_images.class_data_config(recipe, recipe.method.class_data_dir or "."))
+    frozen_text = not recipe.method.train_text_encoder
+    return make_batches(
+        scan,
+        recipe.data,
+        recipe.train,
+        accelerator,
+        frozen.vae,
+        frozen.tokenizer,
+        frozen.text_encoder,
+        frozen_text,
+        None,
+        class_data,
+    )
+
+
 def run_facts(method: DreamBoothMethod, class_scan: DatasetScan | None) -> dict:
     """DreamBooth's own settings, for the manifest's `training`."""
     return {
@@ -143,23 +169,7 @@ def main(argv=None) -> int:
         class_scan = prior_class_images(recipe, pipe, user_class_images, accelerator)
 
     # 3) Caches: the VAE runs once per instance and class image, the text encoder once per prompt if it is frozen.
-    # With prior preservation every micro-batch is followed by as many class images (their own noise: seed + 1).
-    class_data = None
-    if class_scan is not None:
-        class_data = (class_scan, class_images.class_data_config(recipe, method.class_data_dir or "."))
-    frozen_text = not method.train_text_encoder
-    batches, text_cache = make_batches(
-        scan,
-        recipe.data,
-        train,
-        accelerator,
-        frozen.vae,
-        frozen.tokenizer,
-        text_encoder,
-        frozen_text,
-        None,
-        class_data,
-    )
+    batches, text_cache = instance_and_class_batches(recipe, scan, class_scan, accelerator, frozen)
 
     # 4) What trains (seeded: same seed, same start), the optimizer and schedule; a full fine-tune overwrites the
     # base's own weights, so the base's grids and scores are taken first.
@@ -168,18 +178,18 @@ def main(argv=None) -> int:
         validator.capture_base()
     set_seed(train.seed)
     lora_configs = setup_trainable(unet, text_encoder, method)
-    opt = runtime.prepare_optimization(unet, text_encoder, recipe, accelerator)
+    opt = runtime.prepare_optimization(runtime.unet_and_text_encoder(unet, text_encoder, method), recipe, accelerator)
     ema = make_ema(method, opt.trainable)
 
     # 5) Checkpoints hold the trained tensors (the whole UNet in full mode), optimizer, schedule, EMA, position.
-    models = [unet, text_encoder] if method.train_text_encoder else [unet]
-    state = start_or_resume(accelerator, models, run.resume_from, train.resume, out_dir, [ema] if ema else [])
+    state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir, [ema] if ema else [])
     if ema is not None:  # Accelerate restores custom state on the CPU; the EMA steps against the device's weights
         ema.to(device=accelerator.device)
-    trained = dict(unet=unet, text_encoder=text_encoder, lora_configs=lora_configs, trainable=opt.trainable)
-    lora_writer = export.adapter_writer(recipe, scan, base, run.started_at, accelerator, validator, dtype, **trained)
-    writer = (
-        lora_writer if method.lora else full_model.FullModelWriter(pipe, lora_writer, base_folder=Path(base.location))
+    outputs = RunOutputs.for_run(run, scan, accelerator, validator, dtype, facts=run_facts(method, class_scan))
+    writer: Writer = (
+        LoraWriter(outputs, unet, text_encoder, lora_configs, opt.trainable)
+        if method.lora
+        else full_model_writer(outputs, pipe, base_folder=Path(base.location))
     )
 
     def save(path: Path, step: int):
@@ -197,9 +207,9 @@ def main(argv=None) -> int:
         grad_to_text = text_encoder_active(method, state.step)
         with accelerator.accumulate(*opt.models), accelerator.autocast():
             with contextlib.nullcontext() if grad_to_text else torch.no_grad():
-                states = text_states(text_cache, frozen.tokenizer, opt.text_encoder, batch.captions, device)
+                states = text_states(text_cache, frozen.tokenizer, opt.prepared(text_encoder), batch.captions, device)
             # noise at random timesteps, predict the noise (or v); per-image MSE, so instance and class weigh apart
-            per_image = batch_loss(opt.unet, frozen.noise_scheduler, batch, states, train, dtype, per_sample=True)
+            per_image = batch_loss(opt.model, frozen.noise_scheduler, batch, states, train, dtype, per_sample=True)
             loss = prior_preservation_loss(per_image, batch.num_prior, method.prior_loss_weight)
             step_args = (opt.trainable, opt.optimizer, opt.lr_scheduler, train.max_grad_norm)
             runtime.optimizer_step(accelerator, loss, *step_args)
@@ -207,14 +217,11 @@ def main(argv=None) -> int:
             ema.step(opt.trainable)
         loop.after_micro_batch(loss, opt.lr_scheduler.get_last_lr()[0])
 
-    # 7) The mode's outputs, the export check, A/B grid, scores and manifest; with EMA on, the EMA is saved (130
-    # instead, if Ctrl-C stopped the run: its checkpoint is saved).
-    def write_outputs(speed: dict):
-        if ema is not None:
-            ema.copy_to(opt.trainable)
-        lora_writer.finish(state, speed, save=writer.save, facts=run_facts(method, class_scan))
-
-    return loop.finish(opt.trainable, write_outputs)
+    # 7) The mode's outputs, the export check, A/B grid, scores and manifest; with EMA on, the EMA is what is
+    # saved, shown and scored (130 instead, if Ctrl-C stopped the run: its checkpoint is saved).
+    if ema is not None:
+        ema.copy_to(opt.trainable)
+    return loop.finish(opt.trainable, lambda speed: outputs.finish(writer, state, speed))
 
 
 def cli(argv=None) -> int:

@@ -24,15 +24,16 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from sdtune.trainers.core import export
 from sdtune.trainers.core.batches import idle_during_steps, make_batches
 from sdtune.trainers.core.cache import text_states
 from sdtune.trainers.core.checkpointing import start_or_resume
 from sdtune.trainers.core.data import scan_dataset
 from sdtune.trainers.core.diffusion import batch_loss
 from sdtune.trainers.core.estimate import preflight
+from sdtune.trainers.core.export import LoraWriter
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.lora_layers import add_lora
+from sdtune.trainers.core.outputs import RunOutputs
 from sdtune.trainers.core.runtime import (
     load_frozen_base,
     make_accelerator,
@@ -42,6 +43,7 @@ from sdtune.trainers.core.runtime import (
     run_cli,
     start_run,
     tracker_config,
+    unet_and_text_encoder,
 )
 from sdtune.trainers.core.validation import Validator
 
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
 
     # 1) Recipe and preflight: everything that can be wrong with the inputs fails here, before a model loads.
     run = start_run(args.recipe, args.overrides, "lora")
-    recipe, base, resume_from, started_at = run.recipe, run.base, run.resume_from, run.started_at
+    recipe, base = run.recipe, run.base
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
     scan = scan_dataset(recipe.data)
     accelerator = make_accelerator(recipe)
@@ -71,43 +73,32 @@ def main(argv=None) -> int:
     # 4) LoRA layers (their random init is seeded: same seed, same starting LoRA), optimizer, schedule.
     set_seed(train.seed)
     lora_configs = add_lora(unet, text_encoder, method)
-    opt = prepare_optimization(unet, text_encoder, recipe, accelerator)
+    opt = prepare_optimization(unet_and_text_encoder(unet, text_encoder, method), recipe, accelerator)
 
     # 5) Checkpoints hold the LoRA tensors, optimizer, scheduler and where the loop stands; resume restores them.
-    models = [unet, text_encoder] if method.train_text_encoder else [unet]
-    state = start_or_resume(accelerator, models, resume_from, train.resume, out_dir)
+    state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir)
 
+    # 6) What the run writes: the LoRA in both formats (every checkpoint too), then grid, scores and manifest.
     validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
-    writer = export.adapter_writer(
-        recipe,
-        scan,
-        base,
-        started_at,
-        accelerator,
-        validator,
-        dtype,
-        unet=unet,
-        text_encoder=text_encoder,
-        lora_configs=lora_configs,
-        trainable=opt.trainable,
-    )
+    outputs = RunOutputs.for_run(run, scan, accelerator, validator, dtype)
+    writer = LoraWriter(outputs, unet, text_encoder, lora_configs, opt.trainable)
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune-lora", config=tracker_config(recipe))
 
-    # 6) The loop. A step = gradient_accumulation_steps micro-batches; each draws its noise from its own seed.
+    # 7) The loop. A step = gradient_accumulation_steps micro-batches; each draws its noise from its own seed.
     idle = idle_during_steps(recipe.data, text_cache, frozen.vae, text_encoder)  # on the CPU while it steps
     loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator, idle)
     for batch in loop.micro_batches():
         with accelerator.accumulate(*opt.models), accelerator.autocast():
-            states = text_states(text_cache, tokenizer, opt.text_encoder, batch.captions, device)
+            states = text_states(text_cache, tokenizer, opt.prepared(text_encoder), batch.captions, device)
             # noise the latents at random timesteps, predict the noise (or v), MSE with optional min-SNR weights
-            loss = batch_loss(opt.unet, noise_scheduler, batch, states, train, dtype)
+            loss = batch_loss(opt.model, noise_scheduler, batch, states, train, dtype)
             optimizer_step(accelerator, loss, opt.trainable, opt.optimizer, opt.lr_scheduler, train.max_grad_norm)
         loop.after_micro_batch(loss, opt.lr_scheduler.get_last_lr()[0])
 
-    # 7) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest (130 instead, if
+    # 8) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest (130 instead, if
     # Ctrl-C stopped the run: its checkpoint is saved).
-    return loop.finish(opt.trainable, lambda speed: writer.finish(state, speed))
+    return loop.finish(opt.trainable, lambda speed: outputs.finish(writer, state, speed))
 
 
 def cli(argv=None) -> int:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdtune.adapters.atomic import replace_folder
+from sdtune.adapters.errors import NotFoundError
 from sdtune.adapters.run_folder import CHECKPOINT_RE, checkpoints_dir, list_checkpoints  # noqa: F401 - re-exported
 
 
@@ -104,9 +106,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int | 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_folder(tmp, final)  # its name is the same in every process (all wrote into it), so not atomic_folder
         if keep is not None:
             for old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -123,9 +123,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "trainable_0.safetensors").is_file():
-        raise FileNotFoundError(
-            f"train.resume: {resume} is not a checkpoint folder (expected checkpoints/checkpoint-N)"
-        )
+        raise NotFoundError(f"train.resume: {resume} is not a checkpoint folder (expected checkpoints/checkpoint-N)")
     return path
 
 

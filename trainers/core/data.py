@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.images import (
     IMAGE_EXTENSIONS,
     caption_file,
@@ -67,7 +68,7 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 PREFLIGHT_MAX_SKIPPED = 20
 
 
-class DataError(ValueError):
+class DataError(SdtuneError, ValueError):
     """Training data that cannot be used; the message is one line naming the `data.` key and what to do."""
 
 

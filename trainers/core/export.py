@@ -1,4 +1,4 @@
-"""Writing a trained LoRA in both ecosystem formats, proving both load, and recording what was made.
+"""Writing a LoRA in both ecosystem formats and proving both load: `LoraWriter`, the writer of a trained LoRA.
 
 The check itself (reload, render, compare, key coverage) is inference-side and lives in
 `sdtune.adapters.export_check`, where merges and resizes use it too; this module gives it the trained reference.
@@ -19,27 +19,32 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from sdtune.adapters import kohya, sampling
-from sdtune.adapters.base import base_hash, recommended_guidance
+from sdtune.adapters import kohya
 from sdtune.adapters.export_check import PIXEL_TOLERANCE, ExportCheck, ExportChecker, ExportCheckError
-from sdtune.adapters.manifest import AdapterManifest, BaseRef, write_manifest
 from sdtune.trainers.core.lora_layers import lora_state_dicts, save_peft_lora
+from sdtune.trainers.core.outputs import RunOutputs, trigger_words
 from sdtune.trainers.core.runtime import SAVE_DTYPES
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+    from sdtune.adapters.sampling import Sample
+    from sdtune.trainers.core.recipe import Recipe
 
 __all__ = [
     "PIXEL_TOLERANCE",
-    "AdapterWriter",
     "ExportCheck",
     "ExportCheckError",
     "ExportChecker",
-    "finish_run",
-    "manifest",
-    "save_lora_files",
+    "LoraWriter",
+    "save_checked_lora",
     "write_lora_files",
 ]
 
@@ -66,129 +71,68 @@ def write_lora_files(
     return files
 
 
-def save_lora_files(
-    out_dir: Path, name: str, unet, text_encoder, unet_config, te_config, dtype, metadata, write_kohya: bool = True
-) -> dict:
-    """`write_lora_files` of the LoRA layers trained in `unet` (and `text_encoder`, when `te_config` is set)."""
-    unet_sd, te_sd = lora_state_dicts(unet, text_encoder, te_config is not None)
-    return write_lora_files(out_dir, name, unet_sd, te_sd, unet_config, te_config, dtype, metadata, write_kohya)
-
-
-def trigger_words(recipe) -> list[str]:
-    """What calls up the trained concept: DreamBooth's instance prompt, or the data's trigger word."""
-    if recipe.method.type == "dreambooth":
-        return [recipe.method.instance_prompt]
-    return [recipe.data.trigger_word] if recipe.data.trigger_word else []
-
-
-def check_settings(recipe) -> sampling.SampleSettings:
-    """The one image the export check renders per format: the first validation prompt (else the trigger), seed 0."""
-    v = recipe.validation
-    prompt = v.prompts[0] if v.prompts else (trigger_words(recipe) or ["a photo"])[0]
-    return sampling.SampleSettings(
-        prompt=prompt,
-        seed=0,
-        negative_prompt=v.negative_prompt,
-        steps=v.num_inference_steps,
-        guidance=v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base),
-        scheduler=v.scheduler,
-    )
-
-
 @dataclass
-class AdapterWriter:
-    """What saving a LoRA needs, gathered once: every checkpoint and the final save go through `save` (a trained
-    LoRA) or `save_state_dicts` (LoRA tensors made otherwise, e.g. extracted from a full fine-tune)."""
+class LoraWriter:
+    """The writer (see trainers/core/outputs.py) of a LoRA trained in `unet` (and `text_encoder`): both formats,
+    export-checked against the adapter as it sits in training."""
 
-    recipe: object  # Recipe
-    scan: object  # DatasetScan
-    base: object  # sdtune.adapters.base.BaseSource
-    started_at: float
-    accelerator: object  # accelerate.Accelerator
-    unet: torch.nn.Module | None
-    text_encoder: torch.nn.Module | None
-    lora_configs: tuple  # peft LoraConfig of the UNet and of the text encoder (None when it is not trained)
-    trainable: list[torch.nn.Parameter] | None
-    validator: object  # trainers.core.validation.Validator
-    checker: ExportChecker
+    outputs: RunOutputs
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    lora_configs: tuple[LoraConfig, LoraConfig | None]  # of the UNet and of the text encoder (None: not trained)
+    trainable: list[torch.nn.Parameter]
 
-    def save(self, out_dir: Path, step: int) -> tuple[dict, ExportCheck | None]:
-        """Writes the trained LoRA in both formats into `out_dir` and, if asked, runs the export check on them."""
+    def save(self, out_dir: Path, step: int) -> tuple[dict[str, Path], ExportCheck | None]:
         unet_sd, te_sd = lora_state_dicts(self.unet, self.text_encoder, self.lora_configs[1] is not None)
-        dtype = SAVE_DTYPES[self.recipe.output.save_precision]
+        dtype = SAVE_DTYPES[self.outputs.recipe.output.save_precision]
 
         def reference():  # the adapter as just saved
             with rounded_to(self.trainable, dtype):
-                return self.validator.render_one(self.checker.settings)
+                return self.outputs.validator.render_one(self.outputs.checker.settings)
 
-        return self.save_state_dicts(out_dir, step, unet_sd, te_sd, self.lora_configs, reference)
-
-    def save_state_dicts(self, out_dir: Path, step: int, unet_sd, te_sd, configs, reference, name=None):
-        """Writes peft-named LoRA tensors as both formats, then checks them against `reference()`'s image."""
-        recipe = self.recipe
-        dtype = SAVE_DTYPES[recipe.output.save_precision]
-        metadata = kohya_metadata(recipe, self.scan, self.base, step, self.started_at, configs[0])
-        files = write_lora_files(
-            out_dir,
-            name or recipe.output.name,
-            unet_sd,
-            te_sd,
-            *configs,
-            dtype,
-            metadata,
-            write_kohya=recipe.output.export_kohya,
-        )
-        if not recipe.output.export_check:
-            return files, None
-        report = self.checker.check(files, reference(), out_dir)
-        self.accelerator.print(report.summary())
-        if not report.ok:
-            raise ExportCheckError(f"{out_dir}: {report.summary()} (see {out_dir / 'export_check.png'})")
-        return files, report
-
-    def finish(self, state, speed: dict, save=None, facts: dict | None = None) -> Path:
-        """The run's end (main process): the final files through `save` (default: this LoRA's `save`), then
-        `finish_run` with `facts` (the method's own settings) added to the manifest's `training`."""
-        recipe = self.recipe
-        files, report = (save or self.save)(Path(recipe.output.dir), state.step)
-        return finish_run(
-            recipe,
-            method=recipe.method.type,
-            base=BaseRef(recipe.base.pretrained_model_name_or_path, self.base.kind, base_hash(recipe.base)),
-            scan=self.scan,
-            state=state,
-            files=files,
-            validator=self.validator,
-            export_check=report,
-            started_at=self.started_at,
-            speed=speed | (facts or {}),
-            log=self.accelerator.print,
-        )
+        return save_checked_lora(self.outputs, out_dir, step, unet_sd, te_sd, self.lora_configs, reference)
 
 
-def adapter_writer(recipe, scan, base, started_at: float, accelerator, validator, dtype, **trained) -> AdapterWriter:
-    """An `AdapterWriter` whose export check loads a clean copy of the base (in `dtype`) when it first runs;
-    `trained`: unet, text_encoder, lora_configs, trainable (absent: tensors come through `save_state_dicts`)."""
-    from sdtune.adapters.base import load_pipeline
+def save_checked_lora(
+    outputs: RunOutputs,
+    out_dir: Path,
+    step: int,
+    unet_sd: dict[str, torch.Tensor],
+    te_sd: dict[str, torch.Tensor] | None,
+    configs: tuple[LoraConfig, LoraConfig | None],
+    reference: Callable[[], Sample],
+    name: str | None = None,
+) -> tuple[dict[str, Path], ExportCheck | None]:
+    """Writes peft-named LoRA tensors (trained or extracted) as both formats, named `name` (default: the run's),
+    then, unless `output.export_check` is off, checks them against `reference()`'s image.
 
-    checker = ExportChecker(
-        lambda: load_pipeline(recipe.base, torch_dtype=dtype),
-        accelerator.device,
-        check_settings(recipe),
-        accelerator.autocast,
-    )
-    trained = {"unet": None, "text_encoder": None, "lora_configs": (None, None), "trainable": None} | trained
-    return AdapterWriter(recipe, scan, base, started_at, accelerator, validator=validator, checker=checker, **trained)
+    Raises:
+        ExportCheckError: a file does not reproduce the reference.
+    """
+    recipe = outputs.recipe
+    dtype = SAVE_DTYPES[recipe.output.save_precision]
+    metadata = kohya_metadata(outputs, step, configs[0])
+    name = name or recipe.output.name
+    write_kohya = recipe.output.export_kohya
+    files = write_lora_files(out_dir, name, unet_sd, te_sd, *configs, dtype, metadata, write_kohya=write_kohya)
+    if not recipe.output.export_check:
+        return files, None
+    report = outputs.checker.check(files, reference(), out_dir)
+    outputs.accelerator.print(report.summary())
+    if not report.ok:
+        raise ExportCheckError(f"{out_dir}: {report.summary()} (see {out_dir / 'export_check.png'})")
+    return files, report
 
 
-def kohya_metadata(recipe, scan, base, step: int, started_at: float, unet_config) -> dict[str, str]:
+def kohya_metadata(outputs: RunOutputs, step: int, unet_config: LoraConfig) -> dict[str, str]:
     """sd-scripts' `ss_*` metadata of this run, for the kohya file of the LoRA `unet_config` describes."""
     from sdtune.adapters.kohya import kohya_metadata as build
 
+    recipe, scan = outputs.recipe, outputs.scan
     method, train = recipe.method, recipe.train
     res = recipe.data.resolution
     images = max(sum(r.repeats for r in scan.records), 1)
-    base_model_name, new_hash, legacy_hash = base_metadata(recipe, base)
+    base_model_name, new_hash, legacy_hash = base_metadata(outputs)
     return build(
         base_model_name=base_model_name,
         base_model_hash=new_hash,
@@ -217,12 +161,12 @@ def kohya_metadata(recipe, scan, base, step: int, started_at: float, unet_config
         output_name=recipe.output.name,
         network_dropout=method.lora_dropout,
         prediction_type=recipe_prediction_type(recipe),
-        training_started_at=started_at,
+        training_started_at=outputs.started_at,
         training_finished_at=time.time(),
     )
 
 
-def base_metadata(recipe, base) -> tuple[str, str | None, str | None]:
+def base_metadata(outputs: RunOutputs) -> tuple[str, str | None, str | None]:
     """`ss_sd_model_name`, `ss_new_sd_model_hash`, `ss_sd_model_hash` of the base, never a local path.
 
     A single file gets A1111's own hashes (sha256 of the file, and the old 8-hex hash); a diffusers folder (and the
@@ -231,15 +175,16 @@ def base_metadata(recipe, base) -> tuple[str, str | None, str | None]:
     """
     from sdtune.adapters.kohya import legacy_model_hash
 
+    base = outputs.base
     if base.kind == "hub":
         return base.location, None, None
-    digest = base_hash(recipe.base)
+    digest = outputs.base_ref.hash
     if base.kind == "single_file":
         return Path(base.location).name, digest, legacy_model_hash(base.location)
     return base.name, digest, digest[:8]
 
 
-def recipe_prediction_type(recipe) -> str:
+def recipe_prediction_type(recipe: Recipe) -> str:
     import json
 
     from sdtune.trainers.core.estimate import base_config_folder
@@ -265,108 +210,3 @@ def rounded_to(params, dtype: torch.dtype):
         with torch.no_grad():
             for p, data in zip(params, kept):
                 p.data.copy_(data)
-
-
-def manifest(
-    *,
-    name: str,
-    method: str,
-    base: BaseRef,
-    recipe,
-    scan,
-    trigger_words: list[str],
-    steps: int,
-    final_loss: float | None,
-    files: dict,
-    samples: dict[str, str],
-    scores: dict | None,
-    export_check: ExportCheck | None,
-    started_at: float,
-) -> AdapterManifest:
-    """The run's `adapter.json` (see sdtune.adapters.manifest): the trainer's side of the contract."""
-    return AdapterManifest(
-        name=name,
-        method=method,
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        base=base,
-        trigger_words=trigger_words,
-        dataset={
-            "fingerprint": scan.fingerprint(),
-            "kind": scan.kind,
-            "images": len(scan.records),
-            "images_with_repeats": sum(r.repeats for r in scan.records),
-            "skipped": [asdict(s) for s in scan.skipped],
-            "buckets": {f"{w}x{h}": n for (w, h), n in sorted(scan.bucket_counts().items())},
-        },
-        training={"steps": steps, "final_loss": final_loss, "seconds": round(time.time() - started_at, 1)},
-        files={fmt: Path(p).name for fmt, p in files.items()},
-        samples=samples,
-        scores=scores,
-        export_check=None if export_check is None else {**asdict(export_check), "ok": export_check.ok},
-        recipe=recipe.to_dict(),
-    )
-
-
-def finish_run(
-    recipe,
-    *,
-    method: str,
-    base: BaseRef,
-    scan,
-    state,
-    files: dict,
-    validator,
-    export_check: ExportCheck | None,
-    started_at: float,
-    speed: dict,
-    log=print,
-) -> Path:
-    """The end of every trainer's run, after its files are written: the final grid (`ab_grid.png`), the toy-world
-    scores, and `adapter.json` (with the run's speed and memory) beside the files. Returns the manifest's path.
-
-    Every trainer ends here, so whatever must happen to each finished run (e.g. registering it) belongs here too.
-
-    Args:
-        validator: the trainer's validator (`enabled`, `grid(step, path)`, `toy_scores()`, `keep_conditions(dir)`).
-    """
-    out_dir = Path(recipe.output.dir)
-    samples = {}
-    if validator.enabled:
-        validator.grid(state.step, out_dir / "ab_grid.png")
-        samples["ab_grid"] = "ab_grid.png"
-    samples.update(validator.keep_conditions(out_dir))
-    scores = validator.toy_scores()
-    if scores:
-        log(f"toy scores: base {scores['base']}  adapter {scores['adapter']}")
-    info = manifest(
-        name=recipe.output.name,
-        method=method,
-        base=base,
-        recipe=recipe,
-        scan=scan,
-        trigger_words=trigger_words(recipe),
-        steps=state.step,
-        final_loss=state.last_loss,
-        files=files,
-        samples=samples,
-        scores=scores,
-        export_check=export_check,
-        started_at=started_at,
-    )
-    info.training.update(speed)
-    manifest_file = write_manifest(out_dir, info)
-    written = [out_dir / name for name in [*info.files.values(), *info.samples.values()]]
-    log(f"done: {', '.join(str(p) for p in [*written, manifest_file])}")
-    if recipe.output.register:
-        register_run(out_dir, log)
-    return manifest_file
-
-
-def register_run(out_dir: Path, log=print):
-    """Adds a finished run to the registry (`output.register: false` skips it), as `name`, or `name-2`... when a
-    run of that name is already there."""
-    from sdtune.adapters.registry import Registry
-
-    registry = Registry()
-    entry = registry.register_run(out_dir)
-    log(f"registered as {entry.name!r} in {registry.home} (sdtune adapters show {entry.name})")

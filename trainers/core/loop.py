@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sdtune.adapters.errors import SdtuneError
 from sdtune.trainers.core.batches import Batch, BatchBuilder
 from sdtune.trainers.core.checkpointing import StopRequest, TrainState, save_checkpoint
 from sdtune.trainers.core.progress import ProgressTracker, progress_event
@@ -43,7 +44,7 @@ NONFINITE_STEPS_LIMIT = 10  # this many steps in a row with a NaN/inf loss: the 
 WORKER_GONE = "worker gone"  # the job worker that started this trainer died: stop as on Ctrl-C (run_files.worker_gone)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(SdtuneError, RuntimeError):
     """The loss went NaN/inf: nothing more is saved (the last checkpoint stays the last good one)."""
 
 
@@ -205,7 +206,11 @@ class RunLoop:
     def _checkpoint(self, step: int, requested: bool):
         path = save_checkpoint(self.accelerator, self.out_dir, step, self.train.checkpoints_total_limit)
         if self.on_checkpoint is not None and self.accelerator.is_main_process:
-            self.on_checkpoint(path, step)
+            try:
+                self.on_checkpoint(path, step)  # the writer's save: a failed export check stops the run here
+            except BaseException:
+                self.progress.close()  # the error goes on a line of its own
+                raise
         progress_event(self.accelerator, "checkpoint saved", step, path=path, requested=requested)
 
     def _take_requests(self) -> set[str]:

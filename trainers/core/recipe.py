@@ -24,10 +24,11 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdtune.adapters.base import BaseModelConfig, LocalPath, PathText
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.schedulers import SchedulerName
 
 
-class RecipeError(ValueError):
+class RecipeError(SdtuneError, ValueError):
     """A recipe that cannot run; the message is one line naming the file, key path and what to do."""
 
 

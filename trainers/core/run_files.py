@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+from sdtune.adapters.atomic import write_text_atomic
 from sdtune.adapters.manifest import MANIFEST_NAME
 
 METRICS_FILE = "metrics.jsonl"
@@ -69,12 +70,7 @@ def request_path(run_dir: str | Path, kind: str) -> Path:
 
 def write_request(run_dir: str | Path, kind: str) -> Path:
     """Asks the trainer of `run_dir` for `kind` ("sample" or "save") at its next step boundary (temp + rename)."""
-    path = request_path(run_dir, kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{kind}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"requested_at": time.time()}))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(request_path(run_dir, kind), json.dumps({"requested_at": time.time()}))
 
 
 def take_requests(run_dir: str | Path) -> set[str]:

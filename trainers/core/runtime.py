@@ -12,6 +12,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from sdtune.adapters.base import BaseSource
+from sdtune.adapters.errors import SdtuneError
 from sdtune.trainers.core.progress import ProgressTracker
 from sdtune.trainers.core.recipe import Recipe, RecipeError, TrainConfig
 
@@ -185,8 +187,8 @@ class RunStart:
     """What a trainer knows before it touches data or models: its checked recipe, base and resume point."""
 
     recipe: Recipe
-    base: object  # sdtune.adapters.base.BaseSource
-    resume_from: object  # Path of the checkpoint to resume, or None
+    base: BaseSource
+    resume_from: Path | None  # the checkpoint to resume
     started_at: float
 
 
@@ -215,50 +217,82 @@ def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunSt
     return RunStart(recipe, resolve_base(recipe.base), resume_from, started_at)
 
 
-def param_groups(unet, text_encoder, method, lr: float) -> list[dict]:
-    """What trains in the UNet at the run's lr; in the text encoder (if trained) at `method.text_encoder_lr`
-    (kohya's split)."""
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
+@dataclass
+class Trained:
+    """A model that trains, at `lr` (None: the run's `train.learning_rate`, scaled if `train.scale_lr`)."""
+
+    module: torch.nn.Module
+    lr: float | None = None
+
+
+def unet_and_text_encoder(unet, text_encoder, method) -> list[Trained]:
+    """What trains in a LoRA or DreamBooth run: the UNet at the run's lr; the text encoder, if asked, at
+    `method.text_encoder_lr` (kohya's split)."""
+    trained = [Trained(unet)]
     if method.train_text_encoder:
-        te_lr = method.text_encoder_lr or lr
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
-    return groups
+        trained.append(Trained(text_encoder, method.text_encoder_lr or None))
+    return trained
 
 
 @dataclass
 class Optimization:
-    """What `prepare_optimization` hands back: the models to call, optimizer, schedule, what to clip."""
+    """What `prepare_optimization` hands back: the trained models as the loop calls them, optimizer, schedule, what to
+    clip."""
 
-    unet: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped, compiled): call this one in the loop
-    text_encoder: torch.nn.Module
+    models: list[torch.nn.Module]  # as prepared by Accelerate (DDP-wrapped, the first compiled), in the order given
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    models: list  # what `accelerator.accumulate` watches
     trainable: list[torch.nn.Parameter]
+    originals: list[torch.nn.Module]  # the same models as they were given
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The first trained model, prepared: the one the loop calls."""
+        return self.models[0]
+
+    def prepared(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` as the loop calls it: prepared if it trains, else itself (e.g. a frozen text encoder)."""
+        return next((m for m, o in zip(self.models, self.originals) if o is module), module)
 
 
-def prepare_optimization(unet, text_encoder, recipe: Recipe, accelerator: Accelerator) -> Optimization:
-    """Gradient checkpointing if asked, the optimizer over what requires grad (text encoder at its own lr), the LR
-    schedule, and Accelerate's preparation of all of it (after `apply_speed_settings`)."""
-    method, train = recipe.method, recipe.train
+def prepare_optimization(
+    trained: list[Trained], recipe: Recipe, accelerator: Accelerator, frozen: tuple[torch.nn.Module, ...] = ()
+) -> Optimization:
+    """Gradient checkpointing if asked, the optimizer over what requires grad in `trained` (one parameter group
+    each, at its lr), the LR schedule, the speed settings, and Accelerate's preparation of all of it.
+
+    Args:
+        trained: what trains; the first is the model the loop calls, which `apply_speed_settings` compiles.
+        frozen: models the first one runs through that do not train (ControlNet's UNet): channels_last like it, and
+            gradient checkpointing too, which diffusers does only in training mode (they have no dropout).
+    """
+    train = recipe.train
     if train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if method.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        for model in [t.module for t in trained] + list(frozen):
+            enable_gradient_checkpointing(model)
+        for model in frozen:
+            model.train()
     lr = scaled_lr(train, accelerator.num_processes)
-    optimizer = make_optimizer(param_groups(unet, text_encoder, method, lr), train)
+    groups = [
+        {"params": [p for p in t.module.parameters() if p.requires_grad], "lr": lr if t.lr is None else t.lr}
+        for t in trained
+    ]
+    optimizer = make_optimizer(groups, train)
     lr_scheduler = make_lr_scheduler(optimizer, train, accelerator.num_processes)
-    trained_unet = apply_speed_settings(train, unet)
-    if method.train_text_encoder:
-        trained_unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
-            trained_unet, text_encoder, optimizer, lr_scheduler
-        )
-        models = [trained_unet, text_encoder]
-    else:
-        trained_unet, optimizer, lr_scheduler = accelerator.prepare(trained_unet, optimizer, lr_scheduler)
-        models = [trained_unet]
+    first = apply_speed_settings(train, trained[0].module, *frozen)
+    *models, optimizer, lr_scheduler = accelerator.prepare(
+        first, *[t.module for t in trained[1:]], optimizer, lr_scheduler
+    )
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    return Optimization(trained_unet, text_encoder, optimizer, lr_scheduler, models, trainable)
+    return Optimization(models, optimizer, lr_scheduler, trainable, [t.module for t in trained])
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module):
+    """diffusers models name it `enable_gradient_checkpointing`, transformers models `gradient_checkpointing_enable`."""
+    if hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    else:
+        model.gradient_checkpointing_enable()
 
 
 def apply_speed_settings(train: TrainConfig, trained: torch.nn.Module, *frozen: torch.nn.Module) -> torch.nn.Module:
@@ -284,16 +318,12 @@ def parse_args(doc: str, argv=None):
 
 
 def run_cli(main, argv=None) -> int:
-    """Runs a trainer's `main`, turning what the user can fix into one `error:` line and exit status 2."""
+    """Runs a trainer's `main`, turning what the user can fix (any `SdtuneError`: a recipe key, the data, the base, a
+    diverged run, a failed export check) into one `error:` line and exit status 2."""
     import sys
-
-    from sdtune.adapters.base import BaseLoadError
-    from sdtune.adapters.export_check import ExportCheckError
-    from sdtune.trainers.core.data import DataError
-    from sdtune.trainers.core.loop import TrainingDiverged
 
     try:
         return main(argv)
-    except (RecipeError, DataError, BaseLoadError, FileNotFoundError, ExportCheckError, TrainingDiverged) as exc:
+    except SdtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

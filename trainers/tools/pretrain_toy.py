@@ -43,6 +43,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.adapters import toyworld
+from sdtune.adapters.errors import NotFoundError
 from sdtune.adapters.toy_architecture import SD15_SCHEDULE, TOY_TEXT_ENCODER, TOY_UNET, TOY_VAE
 from sdtune.trainers.core.diffusion import denoising_step_loss
 
@@ -85,7 +86,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def build_clip_tokenizer(bpe_path: Path, out_dir: Path) -> CLIPTokenizer:
     """Writes vocab.json + merges.txt exactly as OpenAI CLIP derives them (49,408 tokens) and loads them."""
     if not bpe_path.is_file():
-        raise FileNotFoundError(f"--bpe: {bpe_path} not found; it ships in ../shared/data/ beside the checkout")
+        raise NotFoundError(f"--bpe: {bpe_path} not found; it ships in ../shared/data/ beside the checkout")
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     alphabet = list(_bytes_to_unicode().values())

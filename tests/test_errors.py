@@ -1,0 +1,146 @@
+"""One base for every error a user can fix (`sdtune.adapters.errors`), and one home for atomic writes.
+
+A front end catches `SdtuneError` alone, so an error class outside it would reach the user as a traceback; and
+every temp-then-rename write goes through `sdtune.adapters.atomic`, so the rules (same folder, readable mode, the
+old version kept until the new one is whole) hold everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+
+from sdtune.adapters import atomic
+from sdtune.adapters.errors import NotFoundError, SdtuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def error_classes(package: str) -> list[type]:
+    """Every exception class defined in the modules of `package` (imported, so inherited bases count)."""
+    root = importlib.import_module(package)
+    found = []
+    for info in pkgutil.walk_packages(root.__path__, package + "."):
+        module = importlib.import_module(info.name)
+        found += [
+            cls
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, BaseException) and cls.__module__ == module.__name__
+        ]
+    return found
+
+
+@pytest.mark.parametrize("package", ["sdtune.adapters", "sdtune.trainers"])
+def test_every_error_class_is_a_sdtune_error(package):
+    classes = error_classes(package)
+    assert len(classes) >= 3, classes  # the walk found the modules (RecipeError, DataError, TrainingDiverged...)
+    assert [f"{c.__module__}.{c.__name__}" for c in classes if not issubclass(c, SdtuneError)] == []
+
+
+def test_error_classes_keep_their_builtin_base():
+    """Code that caught the built-in type (a `ValueError`, a `FileNotFoundError`) still does."""
+    from sdtune.adapters.export_check import ExportCheckError
+    from sdtune.adapters.registry import RegistryError
+    from sdtune.trainers.core.loop import TrainingDiverged
+    from sdtune.trainers.core.recipe import RecipeError
+
+    assert issubclass(RecipeError, ValueError) and issubclass(RegistryError, ValueError)
+    assert issubclass(ExportCheckError, RuntimeError) and issubclass(TrainingDiverged, RuntimeError)
+    assert issubclass(NotFoundError, FileNotFoundError)
+    assert (
+        str(NotFoundError("train.resume: x is not a checkpoint folder"))
+        == "train.resume: x is not a checkpoint folder"
+    )
+
+
+def test_run_cli_turns_a_sdtune_error_into_one_line_and_lets_a_bug_through(capsys):
+    from sdtune.trainers.core.runtime import run_cli
+
+    def main(error):
+        raise error
+
+    assert run_cli(main, NotFoundError("base: x.safetensors not found")) == 2
+    assert capsys.readouterr().err == "error: base: x.safetensors not found\n"
+    with pytest.raises(KeyError):  # not the user's to fix: the traceback shows
+        run_cli(main, KeyError("unet"))
+
+
+# -- atomic writes ---------------------------------------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_atomic_folder_swaps_a_whole_folder_in_and_keeps_the_old_one_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with atomic.atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+        assert not target.exists()  # nothing at the name until the folder is whole
+    assert (target / "a.txt").read_text() == "first" and mode(target) == 0o777 & ~atomic.UMASK
+    with pytest.raises(RuntimeError), atomic.atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("second")
+        raise RuntimeError("the save failed halfway")
+    with atomic.atomic_folder(target) as tmp:
+        (tmp / "b.txt").write_text("third")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old folder left
+
+
+def test_replace_folder_puts_the_old_folder_back_when_the_new_one_cannot_go_in(tmp_path, monkeypatch):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "old").write_text("kept")
+    (tmp_path / ".tmp-checkpoint-2").mkdir()
+    real, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append(Path(src).name)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="disk full"):
+        atomic.replace_folder(tmp_path / ".tmp-checkpoint-2", tmp_path / "checkpoint-2")
+    assert (tmp_path / "checkpoint-2" / "old").read_text() == "kept"
+
+
+def test_small_files_and_copies_are_written_whole_with_the_mode_open_gives(tmp_path):
+    atomic.write_text_atomic(tmp_path / "a" / "request", "{}")
+    atomic.write_bytes_atomic(tmp_path / "b.png", b"png")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "w.safetensors").write_bytes(b"w")
+    atomic.copy_atomic(tmp_path / "src", tmp_path / "copy")
+    atomic.copy_atomic(tmp_path / "b.png", tmp_path / "copy" / "c.png")
+    assert (tmp_path / "a" / "request").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["c.png", "w.safetensors"]
+    for path in (tmp_path / "a" / "request", tmp_path / "b.png", tmp_path / "copy" / "c.png"):
+        assert mode(path) == 0o666 & ~atomic.UMASK, path
+    assert not [p for p in tmp_path.rglob(".*")]  # no temp file left
+
+
+# Hand-written renames outside sdtune.adapters.atomic. The registry's and the A/B store's are not writes: each moves
+# a finished staging folder to the name it took inside a database transaction, and moves it back if the index fails.
+RENAMES_ALLOWED = {
+    "adapters/registry.py": 3,
+    "adapters/ab.py": 1,
+}
+
+
+@pytest.mark.parametrize("folder", ["adapters", "trainers"])
+def test_temp_then_rename_writes_go_through_the_atomic_module(folder):
+    found = {}
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        if path == ROOT / "adapters" / "atomic.py":
+            continue
+        text = path.read_text()
+        count = len(re.findall(r"(?:os\.replace|os\.rename|\.rename|mkstemp)\(", text))
+        if count:
+            found[str(path.relative_to(ROOT))] = count
+    assert found == {k: v for k, v in RENAMES_ALLOWED.items() if k.startswith(folder)}
