@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.schedulers import SCHEDULER_NAMES
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
-class StudioError(ValueError):
+class StudioError(SdtuneError, ValueError):
     """Input the user can fix (a missing file, a bad base); the message is one line."""
 
 
@@ -253,14 +254,7 @@ def _registry():
 
 def _studio_errors():
     """The registry's, importer's, merger's and base loader's one-line errors, as `StudioError`."""
-    from sdtune.adapters.base import BaseLoadError
-    from sdtune.adapters.compose import ComposeError
-    from sdtune.adapters.export_check import ExportCheckError
-    from sdtune.adapters.importer import ImportRefused
-    from sdtune.adapters.merge import MergeError
-    from sdtune.adapters.registry import RegistryError
-
-    return (RegistryError, ImportRefused, MergeError, ComposeError, ExportCheckError, FileNotFoundError, BaseLoadError)
+    return (SdtuneError, FileNotFoundError)  # every one-line error derives from SdtuneError (adapters/errors.py)
 
 
 def _call(function, *args, **kwargs):

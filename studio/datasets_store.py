@@ -49,6 +49,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, UnidentifiedImageError
 
 from sdtune.adapters.atomic import atomic_path
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.images import (
     IMAGE_EXTENSIONS,
     caption_file,
@@ -74,7 +75,7 @@ WORK, VERSIONS, INDEX = "work", "versions", "dataset.json"
 IMAGES, CONDITIONING = "images", "conditioning"  # the ControlNet trainer's paired-folder names
 
 
-class DatasetError(ValueError):
+class DatasetError(SdtuneError, ValueError):
     """A request the workspace refuses (bad name, unsafe zip, nothing usable); the message is one line."""
 
 

@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from sdtune.adapters.errors import SdtuneError
 from sdtune.studio.processes import group_runs
 from sdtune.trainers.core import run_files
 
@@ -87,7 +88,7 @@ HEARTBEAT_SECONDS = 2.0  # a worker's heartbeat thread writes this often, whatev
 GONE_AFTER_SECONDS = 10.0  # a worker silent this long is shown as gone (and, on another host, taken for dead)
 
 
-class JobError(ValueError):
+class JobError(SdtuneError, ValueError):
     """A request the queue cannot honour (no such job, wrong state, bad recipe); the message is one line."""
 
 

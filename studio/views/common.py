@@ -7,16 +7,16 @@ from collections.abc import Iterator
 
 import streamlit as st
 
-from sdtune.studio import jobs
-from sdtune.studio.api import StudioError
+from sdtune.adapters.errors import SdtuneError
 
 
 @contextlib.contextmanager
 def shown_errors() -> Iterator[None]:
-    """Turns a user-fixable error (StudioError, JobError) into `st.error` with its one line."""
+    """Turns a user-fixable error (any SdtuneError: StudioError, JobError, DatasetError...) into `st.error`, one
+    line."""
     try:
         yield
-    except (StudioError, jobs.JobError) as exc:
+    except SdtuneError as exc:
         st.error(str(exc))
 
 
