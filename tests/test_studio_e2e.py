@@ -256,6 +256,7 @@ def test_upload_train_watch_vote_publish_in_a_browser(studio, browser, tmp_path,
     # 2) Train: the quickstart template on that dataset, 4 steps; Launch queues job 1
     page.open("train")
     page.choose("Dataset (frozen as a version at launch)", "purple")
+    browser.find_element("xpath", '//*[@role="tab"][normalize-space(.)="Train"]').click()  # the form's train tab
     page.type("Max train steps", "4")
     page.click("Apply")
     page.wait_text("train.max_train_steps=4")
