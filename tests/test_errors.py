@@ -125,6 +125,17 @@ def test_small_files_and_copies_are_written_whole_with_the_mode_open_gives(tmp_p
     assert not [p for p in tmp_path.rglob(".*")]  # no temp file left
 
 
+def test_a_single_file_checkpoint_gets_the_mode_open_gives(tmp_path):
+    """Written through its own temp-then-rename, a single-file checkpoint (and ControlNet's original-layout file)
+    was 0600: an A1111 or ComfyUI running as another account could not read it."""
+    from sdtune.adapters.base import TOY_BASE
+    from sdtune.adapters.single_file import save_single_file
+
+    out = save_single_file(TOY_BASE, tmp_path / "toy.safetensors", half=True)
+    assert mode(out) == 0o666 & ~atomic.UMASK
+    assert [p.name for p in tmp_path.iterdir()] == ["toy.safetensors"]
+
+
 # Hand-written renames outside sdtune.adapters.atomic. The registry's and the A/B store's are not writes: each moves
 # a finished staging folder to the name it took inside a database transaction, and moves it back if the index fails;
 # the registry's fourth renames a run-named file inside the staging folder, before anyone can see it.
