@@ -37,7 +37,7 @@ studio: setup
 	$(BIN)/sdtune studio --worker
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -480,9 +480,10 @@ def test_zero_terminal_snr_on_an_epsilon_base_stops_in_one_line(tmp_path):
     out = tmp_path / "run"
     proc = run_trainer([str(QUICKSTART), f"output.dir={out}", *SHORT, "train.zero_terminal_snr=true"], tmp_path)
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
-    # one line (printed after the progress bar's last redraw, on its line), no traceback
+    # one line of its own, no traceback: refused as the base loads, before a progress bar or a step
     assert re.search(
-        r"error: train\.zero_terminal_snr: this base predicts epsilon[^\n]*v_prediction base\n", proc.stderr
+        r"^error: train\.zero_terminal_snr: this base predicts epsilon[^\n]*v_prediction base\n", proc.stderr, re.M
     )
+    assert "steps" not in proc.stderr.split("error:")[0]
     assert "Traceback" not in proc.stderr
     assert not list(out.glob("*.safetensors"))

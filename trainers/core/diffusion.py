@@ -154,6 +154,12 @@ def training_schedule(scheduler: DDPMScheduler, zero_terminal_snr: bool = False)
     return _zero_terminal_snr(scheduler)
 
 
+def check_schedule(train: TrainConfig, scheduler: DDPMScheduler) -> None:
+    """Refuses, when the base is loaded rather than at the first step, the schedule options this base cannot take."""
+    training_schedule(scheduler, train.zero_terminal_snr)
+    sample_timesteps(1, scheduler, "cpu", None, train.timestep_sampling, train.min_timestep, train.max_timestep)
+
+
 @functools.lru_cache(maxsize=4)
 def _zero_terminal_snr(scheduler: DDPMScheduler) -> DDPMScheduler:
     """The rescaled twin of a run's scheduler, built once (schedulers hash by identity)."""

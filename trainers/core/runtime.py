@@ -153,12 +153,14 @@ def load_frozen_base(recipe: Recipe, accelerator: Accelerator) -> FrozenBase:
     from diffusers import DDPMScheduler
 
     from sdtune.adapters.base import load_pipeline
+    from sdtune.trainers.core.diffusion import check_schedule
 
     dtype = weight_dtype(accelerator)
     pipe = load_pipeline(recipe.base, torch_dtype=dtype).to(accelerator.device)
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # keeps the base's prediction_type
+    check_schedule(recipe.train, noise_scheduler)
     return FrozenBase(pipe, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, noise_scheduler, dtype)
 
 
