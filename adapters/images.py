@@ -1,7 +1,7 @@
 """Image files as every part of sdtune reads them: which files of a folder are images, the caption file beside an
 image, kohya's `N_name` folders, and pixels normalised to 8-bit RGB.
 
-The trainers (trainers/core/data.py), the annotators and the studio's Datasets page all go through these, so what the
+The trainers (trainers/core/data/), the annotators and the studio's Datasets page all go through these, so what the
 page shows and counts is what a run trains on, and a 16-bit PNG looks on the page as it trains.
 
 >>> from sdtune.adapters.images import image_files, open_rgb

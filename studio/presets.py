@@ -16,7 +16,7 @@ import yaml
 
 from sdtune.adapters.atomic import atomic_path
 from sdtune.studio import api, jobs
-from sdtune.trainers.core.recipe import _yaml, apply_overrides
+from sdtune.trainers.core.recipe import apply_overrides, read_yaml
 
 SAVED = "saved:"  # the id prefix of a saved preset; a shipped one's id is its file name
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -71,7 +71,7 @@ def save_preset(name: str, text: str, overrides: list[str], *, replace: bool = F
     path = presets_dir() / f"{name}.yaml"
     if path.exists() and not replace:
         raise api.StudioError(f"preset {name} already exists: tick 'Replace' to overwrite it, or choose another name")
-    data = apply_overrides(_yaml(text) or {}, list(overrides))
+    data = apply_overrides(read_yaml(text) or {}, list(overrides))
     header = f"# sdtune preset {name}, saved from the studio's Train form on {time.strftime('%Y-%m-%d %H:%M')}.\n"
     with atomic_path(path, suffix=".yaml") as tmp:
         Path(tmp).write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -96,7 +96,7 @@ def _checked(name: str) -> str:
 
 def _method_of(path: Path) -> str | None:
     try:
-        data = _yaml(path.read_text(encoding="utf-8"))
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict):

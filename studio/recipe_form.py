@@ -1,4 +1,4 @@
-"""The Train form, described from the recipe schema (trainers/core/recipe.py), so it never lists knobs by hand.
+"""The Train form, described from the recipe schema (trainers/core/recipe/), so it never lists knobs by hand.
 
 Every key of every section becomes one `FormField`: its label from the key's name, its help from the field's
 description, its widget from its type (bool -> checkbox, Literal -> select, int/float -> number, a float marked

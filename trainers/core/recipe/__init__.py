@@ -1,0 +1,57 @@
+"""Recipes: one YAML file says everything about a run; it becomes one typed, validated `Recipe`.
+
+A recipe has six sections: `base`, `data`, `method`, `train`, `validation` and `output`. Keys take the upstream
+names (diffusers examples, peft, kohya) where one exists. Anything unknown or mistyped is refused with one line
+that names the key path, the bad value, and for a typo the closest valid key:
+
+    recipe.yaml: train.lerning_rate: unknown key (did you mean 'learning_rate'?)
+
+Command-line overrides use the same paths: `trainers/lora.py recipe.yaml train.lr=1e-4 output.dir=/tmp/x`.
+
+The schema is `sections.py` (data, train, validation, output), `methods.py` (the `method` section and the script of
+each method) and `schema.py` (the whole `Recipe`); `loader.py` reads YAML, applies overrides and words the errors.
+Import every name from here: `from sdtune.trainers.core.recipe import Recipe, load_recipe`.
+"""
+
+from .loader import apply_overrides, load_recipe, override_text, read_yaml, recipe_from_dict
+from .methods import TRAINERS, ControlNetMethod, DreamBoothMethod, LoraMethod, LoraParams, Method, trainer_for
+from .schema import Recipe
+from .sections import (
+    AS_TEXT,
+    COMMON,
+    DataConfig,
+    OutputConfig,
+    RecipeError,
+    Section,
+    ToyTarget,
+    TrainConfig,
+    ValidationConfig,
+)
+
+# The name studio/api.py imports from before `read_yaml` was public; it goes once that import reads `read_yaml`.
+_yaml = read_yaml
+
+__all__ = [
+    "AS_TEXT",
+    "COMMON",
+    "TRAINERS",
+    "ControlNetMethod",
+    "DataConfig",
+    "DreamBoothMethod",
+    "LoraMethod",
+    "LoraParams",
+    "Method",
+    "OutputConfig",
+    "Recipe",
+    "RecipeError",
+    "Section",
+    "ToyTarget",
+    "TrainConfig",
+    "ValidationConfig",
+    "apply_overrides",
+    "load_recipe",
+    "override_text",
+    "read_yaml",
+    "recipe_from_dict",
+    "trainer_for",
+]

@@ -1,0 +1,335 @@
+"""The recipe's sections other than `method`: data, train, validation, output, and what they all share.
+
+Every section is a `Section`: unknown keys are refused, values are checked on assignment too, and every field carries
+one help string (`description=`), which the studio's Train form shows. `base` is `adapters.base.BaseModelConfig`,
+with base loading; `method` is in `methods.py`; the whole recipe, with its checks across sections, in `schema.py`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+from sdtune.adapters.base import LocalPath, PathText
+from sdtune.adapters.errors import SdtuneError
+from sdtune.adapters.schedulers import SchedulerName
+
+
+class RecipeError(SdtuneError, ValueError):
+    """A recipe that cannot run; the message is one line naming the file, key path and what to do."""
+
+
+class Section(BaseModel):
+    """A recipe section: strict (unknown keys and bad values refused, on assignment too), no inf or NaN."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
+
+
+# Hints for the studio's Train form (studio/recipe_form.py), kept on the fields so that a new key reaches the form by
+# itself: a COMMON key is shown open, every other one is folded under its section's "more settings"; an AS_TEXT float
+# is typed as text, since a number box would show a learning rate of 5e-7 as 0.
+COMMON = {"common": True}
+AS_TEXT = {"as_text": True}
+
+# -- data -----------------------------------------------------------------------------------------------------------
+
+
+class DataConfig(Section):
+    """Where the training images and captions come from, and how they are prepared."""
+
+    train_data_dir: PathText | None = Field(
+        None,
+        description="A folder of images with same-name caption files, kohya `N_concept` folders, or an HF "
+        "imagefolder with metadata.jsonl.",
+        json_schema_extra=COMMON,
+    )
+    dataset_name: PathText | None = Field(
+        None, description="A saved HF dataset folder (save_to_disk) or a hub dataset id."
+    )
+    image_column: str = Field("image", description="Image column of an HF dataset.")
+    caption_column: str = Field("text", description="Caption column of an HF dataset / metadata.jsonl.")
+    caption_extension: str = Field(".txt", description="Extension of the caption file beside each image.")
+    trigger_word: str | None = Field(
+        None, description="Word that calls up the trained concept, e.g. 'sks'.", json_schema_extra=COMMON
+    )
+    caption_template: str = Field(
+        "{caption}",
+        description="How a training caption is built; placeholders {caption} and {trigger}.",
+        json_schema_extra=COMMON,
+    )
+    shuffle_caption: bool = Field(
+        False, description="Shuffle comma-separated tags each time a caption is used.", json_schema_extra=COMMON
+    )
+    keep_tokens: int = Field(
+        0, ge=0, description="With shuffle_caption: leading tags that stay in place.", json_schema_extra=COMMON
+    )
+    caption_dropout_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability of training on an empty caption (helps guidance).",
+        json_schema_extra=COMMON,
+    )
+    resolution: int = Field(
+        512, ge=8, description="Training resolution: buckets hold about resolution^2 pixels.", json_schema_extra=COMMON
+    )
+    enable_bucket: bool = Field(
+        True, description="Aspect-ratio bucketing by pixel area instead of a square crop.", json_schema_extra=COMMON
+    )
+    min_bucket_reso: int = Field(256, ge=8, description="Smallest bucket side in pixels.")
+    max_bucket_reso: int = Field(1024, ge=8, description="Largest bucket side in pixels.")
+    bucket_reso_steps: int = Field(64, ge=8, description="Bucket sides are multiples of this (64 for SD v1-5).")
+    min_image_size: int | None = Field(
+        None, ge=1, description="Images whose shorter side is smaller are skipped. Default: resolution / 2."
+    )
+    random_flip: bool = Field(False, description="Randomly mirror images left-right.", json_schema_extra=COMMON)
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="Times each image is seen per epoch (kohya folders set their own).",
+        json_schema_extra=COMMON,
+    )
+    cache_latents: bool = Field(True, description="Encode each image with the VAE once and cache the latents.")
+    latent_sampling: Literal["sample", "mean"] = Field(
+        "sample",
+        description="sample: a fresh draw from the VAE posterior each step (diffusers, kohya); mean: its mean, for a "
+        "base pretrained on means (the toy base: its VAE's posterior std is ~0.3, SD v1-5's ~0.01).",
+    )
+    cache_dir: Annotated[str | None, LocalPath(writes=True)] = Field(
+        None,
+        description="On-disk cache of VAE latents (text embeddings are computed once per run and kept in memory). "
+        "Default: $SDTUNE_CACHE or ~/.cache/sdtune.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
+        if self.keep_tokens and not self.shuffle_caption:
+            raise ValueError("keep_tokens only applies with shuffle_caption: true")
+        return self
+
+
+# -- train ----------------------------------------------------------------------------------------------------------
+
+
+class TrainConfig(Section):
+    """The optimisation: steps, batch, learning rate and schedule, optimizer, precision, checkpoints."""
+
+    max_train_steps: int = Field(1000, ge=1, description="Optimizer steps to train for.", json_schema_extra=COMMON)
+    train_batch_size: int = Field(1, ge=1, description="Images per device per forward pass.", json_schema_extra=COMMON)
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Forward passes per optimizer step.", json_schema_extra=COMMON
+    )
+    learning_rate: float = Field(
+        1e-4,
+        gt=0,
+        validation_alias=AliasChoices("learning_rate", "lr"),
+        description="Peak learning rate (alias lr).",
+        json_schema_extra={**COMMON, **AS_TEXT},
+    )
+    scale_lr: bool = Field(False, description="Multiply the lr by batch size x accumulation x processes.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="A diffusers learning-rate schedule.", json_schema_extra=COMMON)
+    lr_warmup_steps: int = Field(
+        0, ge=0, description="Steps of linear warmup from 0 to the lr.", json_schema_extra=COMMON
+    )
+    lr_num_cycles: int = Field(1, ge=1, description="Hard restarts for cosine_with_restarts.")
+    lr_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field(
+        "adamw",
+        description="adamw (torch), adamw8bit (bitsandbytes: 4x smaller states), adafactor (transformers).",
+        json_schema_extra=COMMON,
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.", json_schema_extra=AS_TEXT)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no",
+        description="no = fp32; fp16 (with grad scaling) or bf16 hold the frozen base in half precision.",
+        json_schema_extra=COMMON,
+    )
+    seed: int = Field(
+        42, description="Seed of everything random: the same seed gives the same adapter.", json_schema_extra=COMMON
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, slower.", json_schema_extra=COMMON
+    )
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="Min-SNR-gamma loss weighting (5.0 is usual); off if unset.",
+        json_schema_extra=COMMON,
+    )
+    noise_offset: float = Field(
+        0.0,
+        ge=0,
+        description="Offset-noise strength (0.05-0.1 helps very dark/bright images).",
+        json_schema_extra=COMMON,
+    )
+    timestep_sampling: Literal["uniform", "cubic"] = Field(
+        "uniform",
+        description="uniform over [0, T); cubic: t = (1 - u^3) T, mostly high noise, where layout is decided "
+        "(diffusers' T2I-Adapter example; speeds up structure-following adapters such as ControlNets).",
+    )
+    # Losses and noise, under sd-scripts' names (trainers/core/diffusion.py has the math). Every default leaves the
+    # step as it was: plain noise, every timestep, the MSE.
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
+        "l2",
+        description="l2: MSE; l1; huber: pseudo-Huber 2c(sqrt(d^2 + c^2) - c), MSE-like below c and L1-like above, "
+        "robust to outlier images; smooth_l1: the same divided by c.",
+    )
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+        "snr",
+        description="huber/smooth_l1: how c varies with the timestep: constant huber_c; exponential from huber_scale "
+        "at t=0 down to huber_c x huber_scale at t=T; snr (sd-scripts' default) from 1 at low noise to huber_c.",
+    )
+    huber_c: float = Field(0.1, gt=0, description="huber/smooth_l1: the threshold c (see huber_schedule).")
+    huber_scale: float = Field(1.0, gt=0, description="huber/smooth_l1: multiplies c (constant and exponential).")
+    debiased_estimation_loss: bool = Field(
+        False,
+        description="Weigh each timestep's loss by 1/sqrt(SNR) (epsilon) or 1/(SNR+1) (v-prediction), as sd-scripts "
+        "(Yu et al. 2024); composes with snr_gamma.",
+    )
+    multires_noise_iterations: int = Field(
+        0, ge=0, description="Multi-resolution (pyramid) noise with this many levels (6-10 usual); 0 = off."
+    )
+    multires_noise_discount: float = Field(
+        0.3, gt=0, le=1, description="Multires noise: level i is weighted discount^i (sd-scripts' default 0.3)."
+    )
+    ip_noise_gamma: float = Field(
+        0.0, ge=0, description="Input-perturbation noise (Ning et al. 2023): extra noise on the input only; ~0.1."
+    )
+    ip_noise_gamma_random_strength: bool = Field(
+        False, description="Input perturbation at a random strength in [0, ip_noise_gamma) each step."
+    )
+    min_timestep: int = Field(0, ge=0, le=999, description="Train on timesteps from this one (0 = the least noise).")
+    max_timestep: int | None = Field(
+        None, ge=1, le=1000, description="Train on timesteps below this one (exclusive); default: all (1000)."
+    )
+    zero_terminal_snr: bool = Field(
+        False,
+        description="Rescale the noise schedule so its last step is pure noise (Lin et al. 2024); validation samples "
+        "with the same schedule. Needs a v-prediction base: with epsilon the last step has nothing to learn.",
+    )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the trained model: the UNet (LoRA, DreamBooth) or the ControlNet (slow first "
+        "step, faster after).",
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default",
+        description="torch.compile mode: reduce-overhead also captures CUDA graphs (needs fixed shapes: one bucket, "
+        "no gradient accumulation remainder); max-autotune searches kernels (minutes of compiling).",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Hold the UNet (and ControlNet) in channels_last memory format: faster convolutions on "
+        "tensor-core GPUs.",
+    )
+    fused_optimizer: bool = Field(
+        False, description="optimizer adamw only: torch's fused AdamW, one kernel updating every tensor at once."
+    )
+    allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
+    checkpointing_steps: int = Field(
+        500, ge=1, description="Save a resumable checkpoint every N steps.", json_schema_extra=COMMON
+    )
+    checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep only the last K checkpoints.")
+    resume: Annotated[str | None, LocalPath()] = Field(
+        None, description="'latest' or a checkpoint folder to resume from."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.fused_optimizer and self.optimizer != "adamw":
+            raise ValueError(f"fused_optimizer is torch's fused AdamW: set optimizer: adamw (not {self.optimizer})")
+        if self.torch_compile_mode != "default" and not self.torch_compile:
+            raise ValueError("torch_compile_mode applies only with torch_compile: true")
+        return self
+
+    @model_validator(mode="after")
+    def _check_loss_and_noise(self):
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(
+                f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep}): timesteps are "
+                "drawn from [min_timestep, max_timestep)"
+            )
+        if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
+            raise ValueError("ip_noise_gamma_random_strength needs ip_noise_gamma > 0 (its largest strength)")
+        return self
+
+
+# -- validation -----------------------------------------------------------------------------------------------------
+
+
+class ToyTarget(Section):
+    """What the toy-world scorer should find for a prompt (toy base only): used to measure that a fine-tune learned."""
+
+    prompt: str = Field(..., description="A prompt to render with the scorer's fixed seeds, e.g. 'a purple circle'.")
+    color: str | None = Field(None, description="The colour its images must show (unchecked if unset).")
+    shape: str | None = Field(None, description="The shape its images must show: circle, square or triangle.")
+
+
+class ValidationConfig(Section):
+    """Fixed prompts x fixed seeds, base vs adapter, rendered with the same code as `sdtune sample`."""
+
+    prompts: list[str] = Field(default_factory=list, description="Validation prompts.", json_schema_extra=COMMON)
+    negative_prompt: str = Field("", description="Negative prompt for validation images.", json_schema_extra=COMMON)
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1], description="One image per prompt and seed.", json_schema_extra=COMMON
+    )
+    num_inference_steps: int = Field(25, ge=1, description="Sampling steps.")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        description="Classifier-free guidance; default: the base's recommended (7.5 SD v1-5, 3 toy).",
+        json_schema_extra=COMMON,
+    )
+    scheduler: SchedulerName = Field("default", description="Sampler; default = the base's own scheduler.")
+    validation_steps: int = Field(
+        0, ge=0, description="Render a grid every N steps (0 = only at the end).", json_schema_extra=COMMON
+    )
+    toy_score: list[ToyTarget] = Field(
+        default_factory=list, description="Toy base only: prompts whose samples the toy-world scorer checks."
+    )
+
+
+# -- output ---------------------------------------------------------------------------------------------------------
+
+# `register` is the natural key name, and it shadows only ABCMeta.register (unused on recipe sections): pydantic's
+# notice about it says nothing to a user, so it is silenced for this one class.
+warnings.filterwarnings("ignore", message='Field name "register" in "OutputConfig" shadows', category=UserWarning)
+
+
+class OutputConfig(Section):
+    """Where the run writes, and what."""
+
+    dir: Annotated[PathText, LocalPath(writes=True)] = Field(
+        "output",
+        validation_alias=AliasChoices("dir", "output_dir"),
+        description="Run folder (alias output_dir).",
+        json_schema_extra=COMMON,
+    )
+    name: str = Field(
+        "sdtune-lora",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Adapter name, used for file names.",
+        json_schema_extra=COMMON,
+    )
+    report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="Where to log loss, lr and images.")
+    save_precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="dtype of the saved adapter files.")
+    export_kohya: bool = Field(True, description="Also write <name>.safetensors in kohya/A1111 format.")
+    export_check: bool = Field(True, description="After each save, reload every format and compare images.")
+    register: bool = Field(
+        True, description="At the end, add the adapter to the registry ($SDTUNE_HOME, `sdtune adapters list`)."
+    )
+    overwrite: bool = Field(
+        False,
+        description="Start afresh in a dir that holds an earlier run, removing its checkpoints, samples, logs and "
+        "manifest (otherwise refused, so two runs never mix; train.resume continues one instead).",
+    )
