@@ -218,3 +218,31 @@ def test_translated_recipe_trains_two_steps_on_the_toy_base(golden, config, data
     proc = run_trainer([str(out), f"output.dir={run}", *TOY, *extra], golden / "cache", script=script)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert json.loads((run / "adapter.json").read_text())["training"]["steps"] == 2
+
+
+def test_subsets_become_data_subsets_once_the_schema_has_them(golden, monkeypatch):
+    """The path that `data.subsets` (a parallel change) switches on: each subset under kohya's own key names."""
+    from typing import Any
+
+    from pydantic.fields import FieldInfo
+
+    real = kohya_import.schema_field
+
+    def with_subsets(dotted, method_type):
+        if dotted.startswith("data.subsets."):
+            return FieldInfo.from_annotation(Any)
+        return real(dotted, method_type)
+
+    monkeypatch.setattr(kohya_import, "schema_field", with_subsets)
+    monkeypatch.setattr(kohya_import, "_validate", lambda tr, source: None)  # today's Recipe has no data.subsets
+    tr = translate(read_config(golden / "train_network.sh"), golden / "datasets.toml")
+    subsets = tr.recipe["data"]["subsets"]
+    assert [(s["image_dir"], s["num_repeats"]) for s in subsets] == [
+        (str(golden / "data" / name), repeats) for name, repeats in (("purple", 2), ("squares", 1), ("reg", 1))
+    ]
+    assert subsets[2]["is_reg"] is True and subsets[1]["caption_dropout_rate"] == 0.1
+    assert all(s["shuffle_caption"] is True and s["keep_tokens"] == 1 for s in subsets)  # from [general]
+    assert tr.recipe["method"]["type"] == "lora"  # the reg subset stays a subset
+    assert ("datasets[0].subsets[2].is_reg", "data.subsets[2].is_reg") in tr.mapped
+    text = kohya_import.render(tr, ["x"])
+    assert yaml.safe_load(text)["data"]["subsets"] == subsets

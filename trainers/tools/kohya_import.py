@@ -607,7 +607,7 @@ def _defaults(tr: Translation, args: dict, network: bool, source: str):
             continue
         rule = rule_for(key, gui=False)
         target = rule.to[0]
-        if target.startswith("data.") and "subsets" in tr.recipe.get("data", {}):
+        if key == "caption_extension" and "subsets" in tr.recipe.get("data", {}):  # each subset has its own
             continue
         tr.put(key, target, rule.convert(value), f"sd-scripts' default ({source} leaves {key} out)", record=False)
     if "method.train_text_encoder" not in tr.origin and tr.method_type in ("lora", "dreambooth"):
