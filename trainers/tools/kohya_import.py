@@ -448,20 +448,28 @@ def _single_folder(tr: Translation, subsets: list[Subset], source: str) -> tuple
 # -- DreamBooth: the prompts kohya takes from class_tokens or `N_sks dog` folder names ------------------------------
 
 
-def _folder_tokens(folder) -> str | None:
-    """The tokens of the first kohya `N_tokens` folder in `folder` (a DreamBooth train or reg dir), if it exists."""
+def _look(folder, may_read) -> Path | None:
+    """`folder` if it is one; `may_read(path)` raises for a folder the caller must not read (the studio's rule)."""
+    if may_read is not None:
+        may_read(str(folder))
     root = Path(str(folder)).expanduser()
-    if not root.is_dir():
+    return root if root.is_dir() else None
+
+
+def _folder_tokens(folder, may_read) -> str | None:
+    """The tokens of the first kohya `N_tokens` folder in `folder` (a DreamBooth train or reg dir), if it exists."""
+    root = _look(folder, may_read)
+    if root is None:
         return None
     names = sorted(child.name for child in root.iterdir() if child.is_dir() and kohya_folder(child.name))
     return kohya_folder(names[0])[1] if names else None
 
 
-def _dreambooth(tr: Translation, train_dir, tokens: tuple, reg: tuple, source: str, full: bool):
+def _dreambooth(tr: Translation, train_dir, tokens: tuple, reg: tuple, source: str, full: bool, may_read=None):
     """instance_prompt (+ identifier), class prompt and folder, and prior preservation, as kohya's DreamBooth.
     `tokens` is (class_tokens, its label) of the instance subset or (None, None); `reg` is (folder, class_tokens)."""
     class_tokens, label = tokens
-    prompt = class_tokens or (train_dir and _folder_tokens(train_dir))
+    prompt = class_tokens or (train_dir and _folder_tokens(train_dir, may_read))
     if not prompt:
         raise KohyaImportError(
             f"{source}: train_data_dir: DreamBooth needs the subject's tokens: a `N_sks dog` folder in it, or "
@@ -476,9 +484,9 @@ def _dreambooth(tr: Translation, train_dir, tokens: tuple, reg: tuple, source: s
     ]
     folder, reg_tokens = reg
     if folder:
-        class_prompt = reg_tokens or _folder_tokens(folder) or " ".join(prompt.split()[1:]) or prompt
-        root = Path(str(folder)).expanduser()
-        count = len(image_files(root)) if root.is_dir() else 0
+        class_prompt = reg_tokens or _folder_tokens(folder, may_read) or " ".join(prompt.split()[1:]) or prompt
+        root = _look(folder, may_read)
+        count = len(image_files(root)) if root else 0
         settings += [
             ("method.with_prior_preservation", True, "kohya trains the regularization images at prior_loss_weight"),
             ("method.class_prompt", class_prompt, "the regularization folder's class tokens"),
@@ -646,8 +654,9 @@ def _containers(args: dict, tr: Translation, gui: bool, source: str):
             apply_rule(tr, "sample_prompts", args["sample_prompts"], rule_for("sample_prompts", False), source)
 
 
-def translate(src: Source, dataset_file: str | Path | None = None) -> Translation:
-    """One kohya config (and its dataset config) as a validated recipe dict, with its report."""
+def translate(src: Source, dataset_file: str | Path | None = None, may_read=None) -> Translation:
+    """One kohya config (and its dataset config) as a validated recipe dict, with its report. DreamBooth reads the
+    `N_name` folder names and counts the class images on disk; `may_read(path)` may refuse a folder first."""
     tr = Translation()
     source = str(src.file)
     args = _expand_gui(src, tr)
@@ -668,7 +677,7 @@ def translate(src: Source, dataset_file: str | Path | None = None) -> Translatio
         train_dir = main.get("image_dir") if main else args.get("train_data_dir")
         tokens = main.keys.get("class_tokens", (None, None)) if main else (None, None)
         reg_tokens = (reg_dir, reg.get("class_tokens") if reg else None)
-        _dreambooth(tr, train_dir, tokens, reg_tokens, dsource if main else source, not network)
+        _dreambooth(tr, train_dir, tokens, reg_tokens, dsource if main else source, not network, may_read)
     if reg:
         tr.put(reg.keys["image_dir"][1], "method.class_data_dir", reg_dir, dsource, record=False)
     for key in sorted(args, key=lambda k: k == "unet_lr"):  # unet_lr wins over learning_rate for the U-Net
@@ -717,9 +726,9 @@ def _block(name: str, value, comment_of, indent: str) -> list[str]:
     return lines + [f"{indent}{name}: {_scalar(value)}"]
 
 
-def render(tr: Translation, inputs: list[str]) -> str:
-    """The recipe as YAML: the report at the top, and above each key where its value came from."""
-    out = [f"# Translated by `sdtune recipe from-kohya` from {', '.join(inputs)}.",
+def render(tr: Translation, inputs: list[str], shown_as: list[str] | None = None) -> str:
+    """The recipe as YAML: the report at the top, and above each key where its value came from (by file name)."""
+    out = [f"# Translated by `sdtune recipe from-kohya` from {', '.join(shown_as or inputs)}.",
            "# Check the lists below: these settings of the kohya config are not in this recipe.", "#"]  # fmt: skip
     out += [f"# {line}" for line in report_lines(tr)] + [""]
     for section in ("base", "data", "method", "train", "validation", "output"):
@@ -736,15 +745,26 @@ def render(tr: Translation, inputs: list[str]) -> str:
                 continue
             out += _block(key, value, lambda n, s=section: tr.origin.get(f"{s}.{n}"), "  ")
         out.append("")
-    return "\n".join(out)
+    text = "\n".join(out)
+    for path in inputs:
+        text = text.replace(f"# {path}: ", f"# {Path(path).name}: ")
+    return text
 
 
-def import_kohya(config: str | Path, output: str | Path, dataset_config: str | Path | None = None) -> list[str]:
+def import_kohya(
+    config: str | Path,
+    output: str | Path,
+    dataset_config: str | Path | None = None,
+    shown_as: list[str] | None = None,
+    may_read=None,
+) -> list[str]:
     """Translates `config` (+ `dataset_config`), writes the commented recipe to `output` atomically, and returns
-    the report lines. Raises `KohyaImportError` (one line naming the file and key) for input it cannot read."""
-    tr = translate(read_config(config), dataset_config)
+    the report lines. Raises `KohyaImportError` (one line naming the file and key) for input it cannot read.
+    `shown_as`: the inputs' names in the recipe's first line (an upload's own name, not its temp path); `may_read`:
+    see `translate`."""
+    tr = translate(read_config(config), dataset_config, may_read)
     inputs = [str(config)] + ([str(dataset_config)] if dataset_config else [])
-    text = render(tr, inputs)
+    text = render(tr, inputs, shown_as)
     try:
         parsed = yaml.safe_load(text)
     except yaml.YAMLError as exc:  # a bug here, never the user's: say so in one line
