@@ -75,6 +75,8 @@ def test_every_key_of_the_golden_files_is_mapped_or_listed(golden, config, datas
     assert not missing, f"keys dropped without a word: {sorted(missing)}"
     for line in tr.unsupported + tr.ignored:  # each with its reason
         assert line.endswith(")") and " (" in line, line
+    listed = [line.split(" ", 1)[0] for line in tr.unsupported + tr.ignored]
+    assert len(listed) == len(set(listed)), f"listed twice: {sorted(k for k in listed if listed.count(k) > 1)}"
 
 
 def test_lora_preset_translates_to_what_the_gui_would_train(golden):
@@ -130,8 +132,11 @@ def test_flags_and_dataset_config(golden):
 
 def test_a_key_the_schema_lacks_is_not_supported_until_it_lands(tmp_path):
     config = tmp_path / "c.toml"
-    config.write_text('network_module = "networks.lora"\nclip_skip = 2\nnoise_offset = 0.1\nmy_new_flag = 1\n')
+    config.write_text('network_module = "networks.lora"\nclip_skip = 2\nnoise_offset = 0.1\nmy_new_flag = 1\n'
+                      "unet_lr = 3e-4\n")  # fmt: skip
     tr = translate(read_config(config))
+    assert tr.recipe["train"]["learning_rate"] == 3e-4  # not sd-scripts' default learning_rate (2e-6)
+    assert (tr.recipe["method"]["rank"], tr.recipe["method"]["lora_alpha"]) == (4, 1)  # sd-scripts' defaults
     assert "clip_skip (sdtune has no train.clip_skip yet)" in tr.unsupported
     assert "my_new_flag (unknown to sdtune's importer)" in tr.unsupported
     assert tr.recipe["train"]["noise_offset"] == 0.1

@@ -560,11 +560,13 @@ def _warmup(args: dict, tr: Translation, source: str):
         note = f"{value} of {steps} steps" if 0 < value < 1 else ""
         tr.put("lr_warmup_steps", "train.lr_warmup_steps", round(value * steps) if note else int(value), source, note,
                shown=given)  # fmt: skip
-    elif "lr_warmup_steps" in args:
+    elif "lr_warmup_steps" in args and "lr_warmup_steps" not in tr.reported():
         tr.skip("lr_warmup_steps", "ignored", "empty: left unset")
     percent = args.get("lr_warmup")
     if _empty(percent):
-        return tr.skip("lr_warmup", "ignored", "empty: left unset") if "lr_warmup" in args else None
+        if "lr_warmup" in args and "lr_warmup" not in tr.reported():
+            tr.skip("lr_warmup", "ignored", "empty: left unset")
+        return
     if not _empty(given):
         return tr.skip("lr_warmup", "ignored", "lr_warmup_steps is set and wins, as in the GUI")
     tr.put("lr_warmup", "train.lr_warmup_steps", round(float(percent) * steps / 100), source,
@@ -615,6 +617,8 @@ def _defaults(tr: Translation, args: dict, network: bool, source: str):
             continue
         rule = rule_for(key, gui=False)
         target = rule.to[0]
+        if target in tr.origin:  # set by another key (unet_lr sets the learning rate)
+            continue
         if key == "caption_extension" and "subsets" in tr.recipe.get("data", {}):  # each subset has its own
             continue
         tr.put(key, target, rule.convert(value), f"sd-scripts' default ({source} leaves {key} out)", record=False)
