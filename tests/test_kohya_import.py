@@ -97,7 +97,8 @@ def test_lora_preset_translates_to_what_the_gui_would_train(golden):
     assert recipe.train.noise_offset == 0.05 and recipe.train.multires_noise_iterations == 0  # noise_offset_type
     assert recipe.validation.prompts == ["a purple circle", "a purple square"]
     assert recipe.data.resolution == 512 and recipe.data.random_flip and recipe.train.seed == 1234
-    assert "ignored: learning_rate (unet_lr sets train.learning_rate and wins, as in sd-scripts)" in lines
+    if not any(kohya_import.schema_field(key, "lora") for key in ("method.unet_lr", "train.unet_lr")):
+        assert "ignored: learning_rate (unet_lr sets train.learning_rate and wins, as in sd-scripts)" in lines
     assert "ignored: wandb_api_key (empty: left unset)" in lines
     text = out.read_text()
     assert "# not supported: epoch (sdtune counts optimizer steps" in text  # the report heads the recipe
@@ -154,6 +155,7 @@ def test_lycoris_loha_is_a_method_once_sdtune_has_it(tmp_path):
         assert (
             "network_module (sdtune has no method.type loha yet: this recipe trains a LoRA instead)" in tr.unsupported
         )
+        assert "network_args.conv_dim (sdtune has no method.conv_dim yet)" in tr.unsupported
 
 
 BAD = [
@@ -251,3 +253,23 @@ def test_subsets_become_data_subsets_once_the_schema_has_them(golden, monkeypatc
     assert ("datasets[0].subsets[2].is_reg", "data.subsets[2].is_reg") in tr.mapped
     text = kohya_import.render(tr, ["x"])
     assert yaml.safe_load(text)["data"]["subsets"] == subsets
+
+
+def test_prodigy_learning_rate_is_not_kept_for_adamw(tmp_path):
+    """Prodigy's lr 1.0 under AdamW (what trains while sdtune lacks Prodigy) would diverge: it is listed, not kept."""
+    config = tmp_path / "c.toml"
+    config.write_text('network_module = "networks.lora"\noptimizer_type = "Prodigy"\nlearning_rate = 1.0\n')
+    tr = translate(read_config(config))
+    if "train.optimizer" in tr.origin:  # sdtune has Prodigy
+        assert (tr.recipe["train"]["optimizer"], tr.recipe["train"]["learning_rate"]) == ("prodigy", 1.0)
+    else:
+        assert "learning_rate (set for an optimizer sdtune lacks; too high for AdamW)" in tr.unsupported
+        assert "learning_rate" not in tr.recipe["train"]
+
+
+def test_keep_tokens_without_shuffle_is_ignored_as_in_sd_scripts(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"LoRA_type": "Standard", "keep_tokens": "2", "shuffle_caption": False}))
+    tr = translate(read_config(config))
+    assert "keep_tokens (it only acts with shuffle_caption, which is off)" in tr.ignored
+    assert "keep_tokens" not in tr.recipe["data"]

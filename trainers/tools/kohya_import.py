@@ -52,7 +52,7 @@ GUI_ZERO_IS_UNSET = {
     "vae_batch_size", "lr_warmup_steps", "lr_warmup", "adaptive_noise_scale", "lr_scheduler_num_cycles",
     "lr_scheduler_power", "conv_dim", "conv_alpha", "network_dropout", "caption_dropout_every_n_epochs",
 }  # fmt: skip
-LYCORIS_METHODS = {"loha": "loha", "lokr": "lokr", "networks.loha": "loha", "networks.lokr": "lokr"}
+KOHYA_MODULES = {"networks.lora": "lora", "networks.loha": "loha", "networks.lokr": "lokr"}  # sd-scripts' own
 GUI_TYPES = {"Standard": "lora", "Kohya LoCon": "locon", "LoCon": "locon", "LyCORIS/LoCon": "locon",
              "LyCORIS/LoHa": "loha", "Kohya LoHa": "loha", "LyCORIS/LoKr": "lokr", "Kohya LoKr": "lokr"}  # fmt: skip
 
@@ -205,6 +205,15 @@ class Translation:
         """Every input key that got a word (its first word is the key)."""
         return {key for key, _ in self.mapped} | {line.split(" ", 1)[0] for line in self.unsupported + self.ignored}
 
+    def drop(self, dotted: str, why: str, kind: str = "ignored"):
+        """Takes a mapped key back out of the recipe and lists what set it as `kind` ("ignored": no effect here)."""
+        section, key = dotted.split(".")
+        self.recipe.get(section, {}).pop(key, None)
+        self.origin.pop(dotted, None)
+        for label in [k for k, d in self.mapped if d == dotted]:
+            self.mapped.remove((label, dotted))
+            self.skip(label, kind, why)
+
     def skip(self, key: str, kind: str, why: str):
         (self.ignored if kind == "ignored" else self.unsupported).append(f"{key} ({why})")
 
@@ -300,13 +309,12 @@ def _network_kind(args: dict, tr: Translation, source: str) -> tuple[str, dict[s
         tr.mapped.append(("LoRA_type", "method.type"))
     else:
         module = str(args.get("network_module", "networks.lora"))
-        kind = {"networks.lora": "lora"}.get(module) or LYCORIS_METHODS.get(module)
-        if module == "lycoris.kohya":
-            kind = net_args.pop("algo", "lora")
-            kind = {"lora": "locon", "locon": "locon"}.get(kind, kind)
-            if "algo" in str(args.get("network_args")):
+        kind = KOHYA_MODULES.get(module, module)
+        if module == "lycoris.kohya":  # LyCORIS's algo=lora is its LoCon (linear and conv layers)
+            if "algo" in net_args:
                 tr.mapped.append(("network_args.algo", "method.type"))
-        kind = kind or module
+            kind = {"lora": "locon"}.get(net_args.get("algo", "lora"), net_args.pop("algo", "lora"))
+            net_args.pop("algo", None)
         if kind == "lora" and "conv_dim" in net_args:  # networks.lora with conv_dim is kohya's LoCon (C3Lier)
             kind = "locon"
         if "network_module" in args:
@@ -333,10 +341,10 @@ def _network_args(net_args: dict, kind: str, args: dict, tr: Translation, source
     conv_alpha = net_args.pop("conv_alpha", args.get("conv_alpha"))
     where = "network_args." if "LoRA_type" not in args else ""
     label = "network_module" if "network_module" in args else "LoRA_type"
-    if kind not in ("lora", "locon"):  # a LyCORIS method of its own (or a LoRA standing in for it): its own args
+    if kind not in ("lora", "locon"):  # a method of its own: its args under their names, where the schema has them
         for name, value in (("conv_dim", conv_dim), ("conv_alpha", conv_alpha)):
             if value is not None:
-                tr.skip(where + name, "ignored", f"a {kind} setting; sdtune's {tr.method_type} has its own")
+                apply_rule(tr, name, _literal(str(value)), Map((f"method.{name}",)), source, label=where + name)
     elif kind == "locon":
         tr.put(label, "method.preset", "locon", source,
                "LoRA on the attention, feed-forward and conv layers", shown=args.get(label))  # fmt: skip
@@ -355,7 +363,7 @@ def _network_args(net_args: dict, kind: str, args: dict, tr: Translation, source
             if value is not None and name in args:
                 tr.skip(name, "ignored", f"LoRA_type {args.get('LoRA_type')} has no conv layers")
     for name, value in net_args.items():
-        rule = NETWORK_ARGS.get(name) or (Ignore("a LyCORIS setting, read with algo") if kind != "lora" else None)
+        rule = NETWORK_ARGS.get(name) or (Map((f"method.{name}",)) if kind not in ("lora", "locon") else None)
         apply_rule(tr, name, _literal(value), rule, source, label=f"network_args.{name}")
 
 
@@ -704,6 +712,15 @@ def translate(src: Source, dataset_file: str | Path | None = None, may_read=None
     for label in extra:
         tr.skip(label, "not supported", "sdtune trains on one dataset: put its folders in the first one")
     _defaults(tr, args, network, source)
+    data, train = tr.recipe.get("data", {}), tr.recipe.get("train", {})
+    if data.get("keep_tokens") and not data.get("shuffle_caption"):  # sdtune refuses it; kohya lets it do nothing
+        tr.drop("data.keep_tokens", "it only acts with shuffle_caption, which is off")
+    chosen = any(
+        not _empty(args.get(k)) for k in ("optimizer_type", "optimizer", "use_8bit_adam", "use_lion_optimizer")
+    )
+    if chosen and "train.optimizer" not in tr.origin and train.get("learning_rate", 0) >= 0.1:
+        # Prodigy and D-Adaptation take lr ~1; AdamW, sdtune's default in their place, would diverge at it
+        tr.drop("train.learning_rate", "set for an optimizer sdtune lacks; too high for AdamW", "not supported")
     _validate(tr, source)
     return tr
 

@@ -190,9 +190,10 @@ SD_SCRIPTS: dict[str, Rule] = {
     "use_8bit_adam": Map(("train.optimizer",), lambda v: "adamw8bit" if to_bool(v) else _off()),
     "use_lion_optimizer": Map(("train.optimizer",), lambda v: "lion" if to_bool(v) else _off()),
     "learning_rate": Map(("train.learning_rate",), to_float),
-    "unet_lr": Map(("train.learning_rate",), to_float, "the U-Net's lr: sdtune's train.learning_rate"),
-    "text_encoder_lr": Map(("method.text_encoder_lr",), first_float),
-    "learning_rate_te": Map(("method.text_encoder_lr",), to_float),
+    # unet_lr: its own key where the schema has one, else the learning rate (which in sdtune is the U-Net's)
+    "unet_lr": Map(("method.unet_lr", "train.unet_lr", "train.learning_rate"), to_float, "the U-Net's lr"),
+    "text_encoder_lr": Map(("method.text_encoder_lr", "train.text_encoder_lr"), first_float),
+    "learning_rate_te": Map(("method.text_encoder_lr", "train.text_encoder_lr"), to_float),
     "max_grad_norm": Map(("train.max_grad_norm",), to_float),
     "optimizer_args": Map(("train.optimizer_args",)),  # expanded key by key in kohya_import
     "lr_scheduler": Map(("train.lr_scheduler",), str),
@@ -250,7 +251,7 @@ SD_SCRIPTS: dict[str, Rule] = {
     "scale_v_pred_loss_like_noise_pred": Map((), only_off("v-prediction loss rescaling")),
     "v_pred_like_loss": Map(("train.v_pred_like_loss",), to_float),
     "weighted_captions": Map((), only_off("prompt weighting `(word:1.2)` in training captions")),
-    "masked_loss": Map(("data.masked_loss",), to_bool),
+    "masked_loss": Map(("data.masked_loss", "train.masked_loss"), to_bool),
     "alpha_mask": Map(("data.alpha_mask",), to_bool),
     "conditioning_data_dir": Map(("data.mask_dir",), str, "with masked_loss: the folder of masks"),
     # checkpoints, output, logs
@@ -300,7 +301,9 @@ SD_SCRIPTS: dict[str, Rule] = {
     # the dataset (also the keys of a dataset config's [general], [[datasets]] and [[datasets.subsets]])
     "train_data_dir": Map(("data.train_data_dir",), str),
     "reg_data_dir": Map(("method.class_data_dir",), str),
-    "prior_loss_weight": Map(("method.prior_loss_weight",), to_float),
+    "prior_loss_weight": Map(
+        ("method.prior_loss_weight", "data.prior_loss_weight", "train.prior_loss_weight"), to_float
+    ),
     "in_json": Unsupported("sd-scripts' fine-tuning metadata; use captions beside the images or metadata.jsonl"),
     "dataset_repeats": Map(("data.repeats",), to_int),
     "resolution": Map(("data.resolution",), resolution),
@@ -467,6 +470,36 @@ GUI: dict[str, Rule] = {
     "ggpo_beta": Ignore("a GGPO setting"),
     "lowvram": Ignore("sdtune loads the base once, straight to the device"),
     "save_every_n_epochs": SD_SCRIPTS["save_every_n_epochs"],
+    "lora_network_weights": SD_SCRIPTS["network_weights"],
+    "conv_block_dims": NETWORK_ARGS["conv_block_dims"],
+    "conv_block_alphas": NETWORK_ARGS["conv_block_alphas"],
+    "stop_text_encoder_training_pct": Unsupported("a percent of the steps: set method.text_encoder_steps"),
+    "train_on_input": Ignore("an iA3 setting, read with LoRA_type"),
+    "constrain": Ignore("a Diag-OFT setting, read with LoRA_type"),
+    "rescaled": Ignore("a Diag-OFT setting, read with LoRA_type"),
+    "save_as_bool": Ignore("the state of the GUI's Save-as button"),
+    **dict.fromkeys(
+        (
+            "sdxl_cache_text_encoder_outputs",
+            "sdxl_no_half_vae",
+            "ae",
+            "clip_l",
+            "clip_g",
+            "t5xxl",
+            "apply_t5_attn_mask",
+            "discrete_flow_shift",
+            "flux1_cache_text_encoder_outputs",
+            "flux1_cache_text_encoder_outputs_to_disk",
+            "guidance_scale",
+            "mem_eff_save",
+            "model_prediction_type",
+            "split_mode",
+            "t5xxl_max_token_length",
+            "timestep_sampling",
+            "train_blocks",
+        ),
+        _NOT_SD15,
+    ),  # fmt: skip
 }
 
 
