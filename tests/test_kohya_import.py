@@ -273,3 +273,11 @@ def test_keep_tokens_without_shuffle_is_ignored_as_in_sd_scripts(tmp_path):
     tr = translate(read_config(config))
     assert "keep_tokens (it only acts with shuffle_caption, which is off)" in tr.ignored
     assert "keep_tokens" not in tr.recipe["data"]
+
+
+def test_a_command_line_reads_its_config_file_and_its_flags_win(tmp_path):
+    (tmp_path / "base.toml").write_text('[training]\nnetwork_module = "networks.lora"\nnetwork_dim = 8\nseed = 3\n')
+    (tmp_path / "run.sh").write_text("accelerate launch train_network.py --config_file base.toml --network_dim 32\n")
+    tr = translate(read_config(tmp_path / "run.sh"))
+    assert (tr.recipe["method"]["rank"], tr.recipe["train"]["seed"]) == (32, 3)
+    assert ("config_file", "its entries, each listed by its own name") in tr.mapped

@@ -135,6 +135,12 @@ def read_config(path: str | Path) -> Source:
         return Source(path, "gui", data)
     if suffix in (".sh", ".txt", ".bat", ".ps1", ".cmd"):
         script, args = parse_flags(_read_text(path), path)
+        if isinstance(
+            args.get("config_file"), str
+        ):  # its keys under the flags: the command line wins, as in sd-scripts
+            named = Path(args["config_file"]).expanduser()
+            named = named if named.is_absolute() else path.parent / named
+            args = {**read_config(named.with_suffix(".toml")).args, **args}
         return Source(path, "flags", args, script)
     raise KohyaImportError(f"{path}: expected an sd-scripts .toml, a command line (.sh/.txt) or a kohya_ss .json")
 
@@ -510,7 +516,7 @@ def _dreambooth(tr: Translation, train_dir, tokens: tuple, reg: tuple, source: s
 
 # Keys read by the steps above or below, never through the table alone.
 _SPECIAL = {"network_module", "network_args", "LoRA_type", "conv_dim", "conv_alpha", "optimizer_args", "lr_warmup",
-            "lr_warmup_steps", "additional_parameters", "reg_data_dir", "sample_prompts"}  # fmt: skip
+            "lr_warmup_steps", "additional_parameters", "reg_data_dir", "sample_prompts", "config_file"}  # fmt: skip
 
 
 def _expand_gui(src: Source, tr: Translation) -> dict:
@@ -652,7 +658,7 @@ def _validate(tr: Translation, source: str) -> Recipe:
 
 def _containers(args: dict, tr: Translation, gui: bool, source: str):
     """Keys that hold other keys (each entry is reported by its own name) and a GUI preset's prompt text."""
-    for name in ("additional_parameters", "network_args", "optimizer_args"):
+    for name in ("additional_parameters", "network_args", "optimizer_args", "config_file"):
         if name in args and _empty(args[name]):
             tr.skip(name, "ignored", "empty: left unset")
         elif name in args:

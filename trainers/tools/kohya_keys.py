@@ -295,7 +295,7 @@ SD_SCRIPTS: dict[str, Rule] = {
     "sample_prompts": Map(("validation.prompts_file",), str),
     "sample_sampler": Map(("validation.scheduler",), sampler),
     # files sd-scripts reads beside this one
-    "config_file": Ignore("read it with `sdtune recipe from-kohya CONFIG.toml`"),
+    "config_file": Map(()),  # a command line's: its keys are read with the flags (kohya_import.read_config)
     "output_config": Ignore("a command of sd-scripts, not a setting"),
     "dataset_config": Ignore("pass it with --dataset-config"),
     # the dataset (also the keys of a dataset config's [general], [[datasets]] and [[datasets.subsets]])
