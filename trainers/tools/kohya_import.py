@@ -135,9 +135,8 @@ def read_config(path: str | Path) -> Source:
         return Source(path, "gui", data)
     if suffix in (".sh", ".txt", ".bat", ".ps1", ".cmd"):
         script, args = parse_flags(_read_text(path), path)
-        if isinstance(
-            args.get("config_file"), str
-        ):  # its keys under the flags: the command line wins, as in sd-scripts
+        # --config_file: its keys under the flags (the command line wins, as in sd-scripts)
+        if isinstance(args.get("config_file"), str):
             named = Path(args["config_file"]).expanduser()
             named = named if named.is_absolute() else path.parent / named
             args = {**read_config(named.with_suffix(".toml")).args, **args}
@@ -352,19 +351,35 @@ def _network_args(net_args: dict, kind: str, args: dict, tr: Translation, source
             if value is not None:
                 apply_rule(tr, name, _literal(str(value)), Map((f"method.{name}",)), source, label=where + name)
     elif kind == "locon":
-        tr.put(label, "method.preset", "locon", source,
-               "LoRA on the attention, feed-forward and conv layers", shown=args.get(label))  # fmt: skip
+        tr.put(
+            label,
+            "method.preset",
+            "locon",
+            source,
+            "LoRA on the attention, feed-forward and conv layers",
+            shown=args.get(label),
+        )
         rank = to_float(args.get("network_dim", KOHYA_DEFAULTS["network_dim"]))
         for name, value in (("conv_dim", conv_dim), ("conv_alpha", conv_alpha)):
             if value is None:
                 continue
             same = to_float(value) == to_float(args.get(name.replace("conv", "network"), rank))
-            tr.skip(where + name, "ignored" if same else "not supported",
-                    "equal to the LoRA's own, which sdtune's locon preset uses" if same
-                    else "sdtune's locon preset gives the convs the LoRA's own rank and alpha")  # fmt: skip
+            tr.skip(
+                where + name,
+                "ignored" if same else "not supported",
+                "equal to the LoRA's own, which sdtune's locon preset uses"
+                if same
+                else "sdtune's locon preset gives the convs the LoRA's own rank and alpha",
+            )
     else:
-        tr.put(label, "method.preset", "attn+ff", source,
-               "networks.lora adapts every linear layer of the transformer blocks", shown=args.get(label))  # fmt: skip
+        tr.put(
+            label,
+            "method.preset",
+            "attn+ff",
+            source,
+            "networks.lora adapts every linear layer of the transformer blocks",
+            shown=args.get(label),
+        )
         for name, value in (("conv_dim", conv_dim), ("conv_alpha", conv_alpha)):
             if value is not None and name in args:
                 tr.skip(name, "ignored", f"LoRA_type {args.get('LoRA_type')} has no conv layers")
@@ -377,9 +392,22 @@ def _network_args(net_args: dict, kind: str, args: dict, tr: Translation, source
 
 # Keys of a [[datasets]] entry that apply to the whole dataset (sd-scripts' DATASET_ASCENDABLE_SCHEMA); every other
 # key of [general] or [[datasets]] is inherited by each subset.
-DATASET_KEYS = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
-                "bucket_reso_steps", "bucket_no_upscale", "network_multiplier", "validation_seed", "validation_split",
-                "resize_interpolation", "prior_loss_weight", "debug_dataset", "max_token_length"}  # fmt: skip
+DATASET_KEYS = {
+    "resolution",
+    "batch_size",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
+    "network_multiplier",
+    "validation_seed",
+    "validation_split",
+    "resize_interpolation",
+    "prior_loss_weight",
+    "debug_dataset",
+    "max_token_length",
+}
 
 
 @dataclass
@@ -400,8 +428,9 @@ class Subset:
         return bool(self.get("is_reg", False))
 
 
-def read_dataset_config(path: str | Path) -> tuple[dict[str, tuple[Any, str]], list[Subset], list[str]]:
-    """(dataset-wide keys, subsets with their inherited keys, labels of what cannot be read: further datasets)."""
+def read_dataset_config(path: str | Path) -> tuple[dict, list[Subset], list[str], list[str]]:
+    """(dataset-wide keys, subsets with their inherited keys, labels of what sdtune cannot read (further datasets),
+    labels of [general]/[[datasets]] keys that every subset sets for itself)."""
     path = Path(path)
     data = _read_toml(path)
     datasets = data.get("datasets")
@@ -421,7 +450,9 @@ def read_dataset_config(path: str | Path) -> tuple[dict[str, tuple[Any, str]], l
             raise KohyaImportError(f"{path}: datasets[0].subsets[{i}].image_dir: required (the subset's folder)")
     if not subsets:
         raise KohyaImportError(f"{path}: datasets[0].subsets: expected at least one [[datasets.subsets]] table")
-    return wide, subsets, unknown
+    used = {label for subset in subsets for _, label in subset.keys.values()}
+    shadowed = [label for key, (_, label) in inherited.items() if key not in DATASET_KEYS and label not in used]
+    return wide, subsets, unknown, shadowed
 
 
 def _subsets_in_schema() -> bool:
@@ -432,17 +463,17 @@ def _apply_subsets(tr: Translation, subsets: list[Subset], source: str):
     """Each subset as a `data.subsets` entry, its keys under their kohya names (the schema decides which exist)."""
     entries = []
     for i, subset in enumerate(subsets):
-        scratch = Translation(method_type=tr.method_type)
+        scratch = Translation(method_type=tr.method_type)  # one entry's keys, as data.subsets.KEY
         for key, (value, label) in subset.keys.items():
             rule = rule_for(key, gui=False)
-            if isinstance(rule, Map):
-                rule = Map((f"data.subsets.{key}",) if key != "flip_aug" else ("data.subsets.random_flip",),
-                           rule.convert, rule.note)  # fmt: skip
+            if isinstance(rule, Map):  # a subset key keeps kohya's name (flip_aug is random_flip, as in data:)
+                rule = Map((f"data.subsets.{'random_flip' if key == 'flip_aug' else key}",), rule.convert, rule.note)
             apply_rule(scratch, key, value, rule, source, label=label)
-        entries.append({dotted.split(".")[-1]: scratch.recipe["data"]["subsets"][dotted.split(".")[-1]]
-                        for _, dotted in scratch.mapped})  # fmt: skip
-        tr.mapped += [(label, f"data.subsets[{i}].{dotted.split('.')[-1]}") for label, dotted in scratch.mapped]
-        tr.origin.update({f"data.subsets[{i}].{d.split('.')[-1]}": scratch.origin[d] for _, d in scratch.mapped})
+        entries.append(scratch.recipe.get("data", {}).get("subsets", {}))
+        for label, dotted in scratch.mapped:
+            name = dotted.rsplit(".", 1)[-1]
+            tr.mapped.append((label, f"data.subsets[{i}].{name}"))
+            tr.origin[f"data.subsets[{i}].{name}"] = scratch.origin[dotted]
         tr.unsupported += scratch.unsupported
         tr.ignored += scratch.ignored
     tr.recipe.setdefault("data", {})["subsets"] = entries
@@ -453,9 +484,14 @@ def _single_folder(tr: Translation, subsets: list[Subset], source: str) -> tuple
     DreamBooth prior preservation (kohya's is_reg: images of the class, trained at prior_loss_weight)."""
     main = [s for s in subsets if not s.is_reg]
     reg = [s for s in subsets if s.is_reg]
+    why = "sdtune has no data.subsets yet: one image folder and one class folder"
     for extra in main[1:] + reg[1:]:
         for _, label in extra.own():
-            tr.skip(label, "not supported", "sdtune has no data.subsets yet: one image folder and one class folder")
+            tr.skip(label, "not supported", why)
+    kept = {label for _, label in main[0].keys.values()} if main else set()
+    inherited = {label for s in main[1:] + reg for _, label in s.keys.values() if ".subsets[" not in label}
+    for label in sorted(inherited - kept):  # set above, overridden by the one folder that trains
+        tr.skip(label, "not supported", why)
     return (main[0] if main else None), (reg[0] if reg else None)
 
 
@@ -515,8 +551,20 @@ def _dreambooth(tr: Translation, train_dir, tokens: tuple, reg: tuple, source: s
 # -- one config (and its dataset config) into one recipe ------------------------------------------------------------
 
 # Keys read by the steps above or below, never through the table alone.
-_SPECIAL = {"network_module", "network_args", "LoRA_type", "conv_dim", "conv_alpha", "optimizer_args", "lr_warmup",
-            "lr_warmup_steps", "additional_parameters", "reg_data_dir", "sample_prompts", "config_file"}  # fmt: skip
+_SPECIAL = {
+    "network_module",
+    "network_args",
+    "LoRA_type",
+    "conv_dim",
+    "conv_alpha",
+    "optimizer_args",
+    "lr_warmup",
+    "lr_warmup_steps",
+    "additional_parameters",
+    "reg_data_dir",
+    "sample_prompts",
+    "config_file",
+}
 
 
 def _expand_gui(src: Source, tr: Translation) -> dict:
@@ -572,8 +620,14 @@ def _warmup(args: dict, tr: Translation, source: str):
     if not _empty(given):
         value = float(given)
         note = f"{value} of {steps} steps" if 0 < value < 1 else ""
-        tr.put("lr_warmup_steps", "train.lr_warmup_steps", round(value * steps) if note else int(value), source, note,
-               shown=given)  # fmt: skip
+        tr.put(
+            "lr_warmup_steps",
+            "train.lr_warmup_steps",
+            round(value * steps) if note else int(value),
+            source,
+            note,
+            shown=given,
+        )
     elif "lr_warmup_steps" in args and "lr_warmup_steps" not in tr.reported():
         tr.skip("lr_warmup_steps", "ignored", "empty: left unset")
     percent = args.get("lr_warmup")
@@ -583,8 +637,14 @@ def _warmup(args: dict, tr: Translation, source: str):
         return
     if not _empty(given):
         return tr.skip("lr_warmup", "ignored", "lr_warmup_steps is set and wins, as in the GUI")
-    tr.put("lr_warmup", "train.lr_warmup_steps", round(float(percent) * steps / 100), source,
-           f"{percent}% of {steps} steps", shown=percent)  # fmt: skip
+    tr.put(
+        "lr_warmup",
+        "train.lr_warmup_steps",
+        round(float(percent) * steps / 100),
+        source,
+        f"{percent}% of {steps} steps",
+        shown=percent,
+    )
 
 
 def _gui_prompts(value, tr: Translation, source: str):
@@ -615,8 +675,11 @@ def _apply_dataset(tr: Translation, wide: dict, main: Subset | None, reg: Subset
     for key, (_value, label) in (reg.keys if reg else {}).items():
         if ".subsets[" not in label:
             continue  # inherited from [general] or [[datasets]]: reported with the instance subset
-        targets = {"image_dir": "method.class_data_dir", "is_reg": "method.with_prior_preservation",
-                   "class_tokens": "method.class_prompt"}  # fmt: skip
+        targets = {
+            "image_dir": "method.class_data_dir",
+            "is_reg": "method.with_prior_preservation",
+            "class_tokens": "method.class_prompt",
+        }
         if key in targets:
             tr.mapped.append((label, targets[key]))
         else:
@@ -637,8 +700,13 @@ def _defaults(tr: Translation, args: dict, network: bool, source: str):
             continue
         tr.put(key, target, rule.convert(value), f"sd-scripts' default ({source} leaves {key} out)", record=False)
     if "method.train_text_encoder" not in tr.origin and tr.method_type in ("lora", "dreambooth"):
-        tr.put("network_train_unet_only" if network else "stop_text_encoder_training", "method.train_text_encoder",
-               True, source, record=False)  # fmt: skip
+        tr.put(
+            "network_train_unet_only" if network else "stop_text_encoder_training",
+            "method.train_text_encoder",
+            True,
+            source,
+            record=False,
+        )
         tr.origin["method.train_text_encoder"] = (
             "sd-scripts' default: it trains the text encoder too unless told not to"
         )
@@ -679,7 +747,7 @@ def translate(src: Source, dataset_file: str | Path | None = None, may_read=None
     source = str(src.file)
     args = _expand_gui(src, tr)
     network = _script_is_network(src)
-    wide, subsets, extra = read_dataset_config(dataset_file) if dataset_file else ({}, [], [])
+    wide, subsets, extra, shadowed = read_dataset_config(dataset_file) if dataset_file else ({}, [], [], [])
     dsource = str(dataset_file)
     use_subsets = bool(subsets) and _subsets_in_schema()
     main, reg = _single_folder(tr, subsets, dsource) if subsets and not use_subsets else (None, None)
@@ -717,6 +785,8 @@ def translate(src: Source, dataset_file: str | Path | None = None, may_read=None
         _apply_dataset(tr, wide, main, reg, dsource)
     for label in extra:
         tr.skip(label, "not supported", "sdtune trains on one dataset: put its folders in the first one")
+    for label in shadowed:
+        tr.skip(label, "ignored", "every subset sets its own")
     _defaults(tr, args, network, source)
     data, train = tr.recipe.get("data", {}), tr.recipe.get("train", {})
     if data.get("keep_tokens") and not data.get("shuffle_caption"):  # sdtune refuses it; kohya lets it do nothing
@@ -755,8 +825,11 @@ def _block(name: str, value, comment_of, indent: str) -> list[str]:
 
 def render(tr: Translation, inputs: list[str], shown_as: list[str] | None = None) -> str:
     """The recipe as YAML: the report at the top, and above each key where its value came from (by file name)."""
-    out = [f"# Translated by `sdtune recipe from-kohya` from {', '.join(shown_as or inputs)}.",
-           "# Check the lists below: these settings of the kohya config are not in this recipe.", "#"]  # fmt: skip
+    out = [
+        f"# Translated by `sdtune recipe from-kohya` from {', '.join(shown_as or inputs)}.",
+        "# Check the lists below: these settings of the kohya config are not in this recipe.",
+        "#",
+    ]
     out += [f"# {line}" for line in report_lines(tr)] + [""]
     for section in ("base", "data", "method", "train", "validation", "output"):
         if section not in tr.recipe:
