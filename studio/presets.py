@@ -128,7 +128,7 @@ def import_kohya(
         try:
             # the folders it names are read (kohya folder names, class images) only where the studio may read
             report = translate_file(files[0], path, files[1] if dataset else None, [n for n, _ in uploads],
-                                    lambda folder: confine.check_path(folder, f"{config[0]}: a folder it names"))  # fmt: skip
+                                    lambda folder: confine.check_path(folder, f"{config[0]}: a path it names"))  # fmt: skip
         except KohyaImportError as exc:
             message = str(exc)
             for file in files:

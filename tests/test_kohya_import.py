@@ -281,3 +281,11 @@ def test_a_command_line_reads_its_config_file_and_its_flags_win(tmp_path):
     tr = translate(read_config(tmp_path / "run.sh"))
     assert (tr.recipe["method"]["rank"], tr.recipe["train"]["seed"]) == (32, 3)
     assert ("config_file", "its entries, each listed by its own name") in tr.mapped
+
+
+def test_the_dataset_config_a_command_line_names_is_read(golden):
+    tr = translate(read_config(golden / "train_network.sh"))  # --dataset_config, no --dataset-config
+    assert ("dataset_config", "read as the dataset config") in tr.mapped
+    assert tr.recipe["train"]["train_batch_size"] == 2 and tr.recipe["data"]["shuffle_caption"] is True
+    given = translate(read_config(golden / "train_network.sh"), golden / "datasets.toml")
+    assert f"dataset_config (--dataset-config {golden / 'datasets.toml'} is read instead)" in given.ignored

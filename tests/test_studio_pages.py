@@ -659,7 +659,7 @@ def test_train_page_imports_a_kohya_preset_into_the_form(home):
     at.text_input(key="kohya-name").set_value("db")
     at = at.button(key="FormSubmitter:kohya-import-Import").click().run()
     assert texts(at, "error") == [
-        "db.toml: a folder it names: /etc is outside the folders the studio may read ($SDTUNE_HOME, the repository's "
+        "db.toml: a path it names: /etc is outside the folders the studio may read ($SDTUNE_HOME, the repository's "
         "datasets/ or a folder listed in SDTUNE_ALLOWED_DIRS or $SDTUNE_HOME/studio/allowed_dirs); use the CLI for other "
         "places"
     ]

@@ -564,6 +564,7 @@ _SPECIAL = {
     "reg_data_dir",
     "sample_prompts",
     "config_file",
+    "dataset_config",
 }
 
 
@@ -740,6 +741,22 @@ def _containers(args: dict, tr: Translation, gui: bool, source: str):
             apply_rule(tr, "sample_prompts", args["sample_prompts"], rule_for("sample_prompts", False), source)
 
 
+def _dataset_file(src: Source, args: dict, given, tr: Translation, may_read) -> Path | None:
+    """The dataset config: --dataset-config, else the one the config names (`dataset_config`, beside it)."""
+    named = args.get("dataset_config")
+    if _empty(named) or not isinstance(named, str):
+        return Path(given) if given else None
+    if given:
+        tr.skip("dataset_config", "ignored", f"--dataset-config {given} is read instead")
+        return Path(given)
+    path = Path(named).expanduser()
+    path = path if path.is_absolute() else src.file.parent / path
+    if may_read is not None:
+        may_read(str(path))
+    tr.mapped.append(("dataset_config", "read as the dataset config"))
+    return path
+
+
 def translate(src: Source, dataset_file: str | Path | None = None, may_read=None) -> Translation:
     """One kohya config (and its dataset config) as a validated recipe dict, with its report. DreamBooth reads the
     `N_name` folder names and counts the class images on disk; `may_read(path)` may refuse a folder first."""
@@ -747,6 +764,7 @@ def translate(src: Source, dataset_file: str | Path | None = None, may_read=None
     source = str(src.file)
     args = _expand_gui(src, tr)
     network = _script_is_network(src)
+    dataset_file = _dataset_file(src, args, dataset_file, tr, may_read)
     wide, subsets, extra, shadowed = read_dataset_config(dataset_file) if dataset_file else ({}, [], [], [])
     dsource = str(dataset_file)
     use_subsets = bool(subsets) and _subsets_in_schema()

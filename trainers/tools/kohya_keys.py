@@ -297,7 +297,7 @@ SD_SCRIPTS: dict[str, Rule] = {
     # files sd-scripts reads beside this one
     "config_file": Map(()),  # a command line's: its keys are read with the flags (kohya_import.read_config)
     "output_config": Ignore("a command of sd-scripts, not a setting"),
-    "dataset_config": Ignore("pass it with --dataset-config"),
+    "dataset_config": Map(()),  # read as the dataset config unless --dataset-config names another (kohya_import)
     # the dataset (also the keys of a dataset config's [general], [[datasets]] and [[datasets.subsets]])
     "train_data_dir": Map(("data.train_data_dir",), str),
     "reg_data_dir": Map(("method.class_data_dir",), str),
