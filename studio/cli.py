@@ -20,6 +20,7 @@ Usage:
     sdtune ab --a toy --b toy+toy-purple:0.8 --prompt "a purple circle" --seed 0 [--blind] [--score toy]
     sdtune ab vote ID [PAIR left|right|tie] | show ID | list | --checkpoints RUN_DIR [--register NAME]
     sdtune publish NAME --repo user/name [--private] [--update] [--dry-run [DIR]]
+    sdtune recipe from-kohya CONFIG [--dataset-config DATASET.toml] -o recipe.yaml   # sd-scripts / kohya_ss config
 
 Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README). Every command calls
 `sdtune.studio.api`, the same functions the Streamlit studio uses; this module only parses arguments and prints.
@@ -432,12 +433,38 @@ def _bake_parser(sub):
     )
 
 
+def _recipe_parser(sub):
+    p = sub.add_parser("recipe", help="Recipes from other tools: from-kohya (sd-scripts TOML/flags, kohya_ss JSON).")
+    cmds = p.add_subparsers(dest="recipe_command", required=True, metavar="{from-kohya}")
+    c = cmds.add_parser(
+        "from-kohya",
+        help="An sd-scripts training TOML, its command line (.sh/.txt) or a kohya_ss GUI preset (.json) -> a "
+        "commented sdtune recipe; every key is mapped or listed as not supported / ignored.",
+    )
+    c.add_argument("config", type=Path, help="The kohya config: .toml, .json, or .sh/.txt with the command line.")
+    c.add_argument("--dataset-config", type=Path, help="sd-scripts' dataset config ([[datasets]], subsets).")
+    c.add_argument("-o", "--output", type=Path, required=True, help="The recipe YAML to write.")
+    c.set_defaults(run=run_recipe_from_kohya)
+
+
+def run_recipe_from_kohya(args) -> int:
+    from sdtune.trainers.tools.kohya_import import KohyaImportError, import_kohya
+
+    try:
+        lines = import_kohya(args.config, args.output, args.dataset_config)
+    except KohyaImportError as exc:
+        raise SystemExit(f"sdtune recipe from-kohya: {exc}") from None
+    print("\n".join(lines))
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.split("\n")[0], epilog=EPILOG)
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker}",
+        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker,recipe}",
     )
     _studio_parser(sub)
     _sample_parser(sub)
@@ -451,12 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
     _doctor_parser(sub)
     _jobs_parser(sub)
     _worker_parser(sub)
+    _recipe_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("jobs", "worker", "studio"):  # these load no model: skip importing diffusers/transformers
+    if args.command not in (
+        "jobs",
+        "worker",
+        "studio",
+        "recipe",
+    ):  # these load no model: skip importing diffusers/transformers
         quiet_libraries()
     try:
         return args.run(args) or 0

@@ -8,6 +8,7 @@ recipe schema first, written atomically. Loading one is choosing it on the Train
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from sdtune.adapters.atomic import atomic_path
-from sdtune.studio import api, jobs
+from sdtune.studio import api, confine, jobs
 from sdtune.trainers.core.recipe import apply_overrides, read_yaml
 
 SAVED = "saved:"  # the id prefix of a saved preset; a shipped one's id is its file name
@@ -103,3 +104,34 @@ def _method_of(path: Path) -> str | None:
         return None
     method = data.get("method") or {}  # no method section: the recipe's default, LoRA
     return method.get("type", "lora") if isinstance(method, dict) else None
+
+
+def import_kohya(
+    name: str, config: tuple[str, bytes], dataset: tuple[str, bytes] | None = None, *, replace: bool = False
+) -> tuple[Preset, list[str]]:
+    """An uploaded kohya config ((file name, bytes): sd-scripts .toml, .sh/.txt flags or a kohya_ss .json, and an
+    optional dataset config), translated as `sdtune recipe from-kohya` does and saved, comments and all, as preset
+    `name`. Returns the preset and the importer's report lines; a refusal is one line naming the upload and key."""
+    from sdtune.trainers.tools.kohya_import import KohyaImportError
+    from sdtune.trainers.tools.kohya_import import import_kohya as translate_file
+
+    name = _checked(name.strip())
+    path = presets_dir() / f"{name}.yaml"
+    if path.exists() and not replace:
+        raise api.StudioError(f"preset {name} already exists: tick 'Replace' to overwrite it, or choose another name")
+    uploads = [config] + ([dataset] if dataset else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [Path(tmp) / str(i) / Path(upload_name).name for i, (upload_name, _) in enumerate(uploads)]
+        for file, (_, data) in zip(files, uploads, strict=True):
+            file.parent.mkdir()
+            file.write_bytes(data)
+        try:
+            # the folders it names are read (kohya folder names, class images) only where the studio may read
+            report = translate_file(files[0], path, files[1] if dataset else None, [n for n, _ in uploads],
+                                    lambda folder: confine.check_path(folder, f"{config[0]}: a path it names"))  # fmt: skip
+        except KohyaImportError as exc:
+            message = str(exc)
+            for file in files:
+                message = message.replace(str(file), file.name)
+            raise api.StudioError(message) from None
+    return Preset(SAVED + name, _method_of(path), path, False), report

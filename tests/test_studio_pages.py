@@ -637,3 +637,29 @@ def test_ab_page_shows_no_vote_buttons_once_the_comparison_is_revealed(home):
     assert "Every pair is voted: the sides are revealed and the votes are final." in captions
     assert "voted right (changed from left)" in captions and "voted tie" in captions
     assert api.ab_get(cid)["pairs"][0]["votes"] == ["left", "right"]
+
+
+def test_train_page_imports_a_kohya_preset_into_the_form(home):
+    """The Train page's "Import a kohya config": the kohya_ss preset becomes a saved preset, opened in the form, with
+    the importer's report; a DreamBooth config naming a folder outside the studio's is refused in one line."""
+    golden = (ROOT / "tests" / "data" / "kohya" / "lora_preset.json").read_bytes()
+    at = page("train")
+    at.file_uploader(key="kohya-config").set_value(("my preset.json", golden, "application/json"))
+    at.text_input(key="kohya-name").set_value("from-kohya")
+    at = at.button(key="FormSubmitter:kohya-import-Import").click().run()
+    assert not at.exception and not texts(at, "error"), texts(at, "error")
+    assert at.selectbox(key="train-template").value == "saved:from-kohya"
+    assert any(s.startswith("recipe valid: lora 'purple-lora'") for s in texts(at, "success"))
+    [report] = [c for c in texts(at, "code") if c.startswith("mapped:")]
+    assert "not supported: epoch (sdtune counts optimizer steps" in report
+    saved = (home / "presets" / "from-kohya.yaml").read_text()
+    assert saved.startswith("# Translated by `sdtune recipe from-kohya` from my preset.json.")
+    db = b'train_data_dir = "/etc"\n'
+    at.file_uploader(key="kohya-config").set_value(("db.toml", db, "application/toml"))
+    at.text_input(key="kohya-name").set_value("db")
+    at = at.button(key="FormSubmitter:kohya-import-Import").click().run()
+    assert texts(at, "error") == [
+        "db.toml: a path it names: /etc is outside the folders the studio may read ($SDTUNE_HOME, the repository's "
+        "datasets/ or a folder listed in SDTUNE_ALLOWED_DIRS or $SDTUNE_HOME/studio/allowed_dirs); use the CLI for other "
+        "places"
+    ]

@@ -31,6 +31,8 @@ OTHER_BASE = "(another hub id or path)"
 def render():
     st.title("Train")
     show_flash()
+    if "train-method-next" in st.session_state:  # an imported preset of another method: switch to it
+        st.session_state["train-method"] = st.session_state.pop("train-method-next")
     if "train-template-next" in st.session_state:  # a preset was just saved: open it
         st.session_state["train-template"] = st.session_state.pop("train-template-next")
     left, right = st.columns(2)
@@ -71,6 +73,7 @@ def render():
         with shown_errors():
             _launch(text, overrides, knobs, method, dataset, work)
     _presets(preset, text, knobs)
+    _import_kohya()
 
 
 def _choose_preset(column, method: str) -> presets.Preset | None:
@@ -231,3 +234,30 @@ def _presets(preset: presets.Preset, text: str, knobs: list[str]):
                 presets.delete_preset(preset.id.removeprefix(presets.SAVED))
                 flash(f"deleted preset {preset.label}")
                 st.rerun()
+
+
+def _import_kohya():
+    """An sd-scripts / kohya_ss config becomes a saved preset (as `sdtune recipe from-kohya`), opened in the form."""
+    with st.expander("Import a kohya config"):
+        if report := st.session_state.get("train-kohya-report"):
+            st.code("\n".join(report), language=None, wrap_lines=True)
+        with st.form("kohya-import", clear_on_submit=True):
+            config = st.file_uploader(
+                "sd-scripts .toml, its command line (.sh/.txt) or a kohya_ss .json preset",
+                type=["toml", "json", "sh", "txt"],
+                key="kohya-config",
+            )
+            dataset = st.file_uploader("Dataset config (.toml, optional)", type=["toml"], key="kohya-dataset")
+            name = st.text_input("Preset name", key="kohya-name", placeholder="my-kohya-lora")
+            replace = st.checkbox("Replace a saved preset of that name", key="kohya-replace")
+            if st.form_submit_button("Import") and config is not None:
+                with shown_errors():
+                    upload = (dataset.name, dataset.getvalue()) if dataset is not None else None
+                    saved, report = presets.import_kohya(
+                        name, (config.name, config.getvalue()), upload, replace=replace
+                    )
+                    st.session_state["train-kohya-report"] = report
+                    st.session_state["train-method-next"] = saved.method
+                    st.session_state["train-template-next"] = saved.id
+                    flash(f"imported {config.name} as preset {saved.label}: {saved.path}")
+                    st.rerun()

@@ -1,1 +1,2 @@
-"""Tools that build what the trainers start from, not training methods: `pretrain_toy.py` builds the toy base."""
+"""Tools beside the trainers, not training methods: `pretrain_toy.py` builds the toy base; `kohya_import.py` (its key
+table in `kohya_keys.py`) turns sd-scripts / kohya_ss configs into recipes (`sdtune recipe from-kohya`)."""
