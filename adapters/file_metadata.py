@@ -270,12 +270,13 @@ def legacy_model_hash(path: str | Path) -> str:
 
 
 def prediction_type(folder: str | Path) -> str:
-    """What a diffusers folder's scheduler predicts ("epsilon" when it does not say)."""
+    """What a diffusers folder's scheduler predicts, as the model spec can say it: "v_prediction", else "epsilon"
+    (also when the folder does not say; SD v1 models predict the noise)."""
     try:
         config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
     except OSError:
         return "epsilon"
-    return config.get("prediction_type", "epsilon")
+    return "v_prediction" if config.get("prediction_type") == "v_prediction" else "epsilon"
 
 
 def folder_facts(folder: str | Path, title: str) -> ModelFacts:

@@ -253,3 +253,14 @@ def test_controlnet_files_carry_the_model_spec(toy_pipe, tmp_path):
         assert metadata["modelspec.architecture"] == "stable-diffusion-v1/controlnet"
         assert (metadata["modelspec.implementation"], metadata["modelspec.resolution"]) == (implementation, "64x64")
         assert metadata["modelspec.trigger_phrase"] == "masks" and metadata["format"] == "pt"
+
+
+@pytest.mark.parametrize("config, said", [({"prediction_type": "v_prediction"}, "v_prediction"), ({}, "epsilon")])
+def test_a_folders_prediction_type_is_what_the_model_spec_can_say(config, said, tmp_path):
+    from sdtune.adapters.file_metadata import prediction_type
+
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    assert prediction_type(tmp_path) == said
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "sample"}))
+    assert prediction_type(tmp_path) == "epsilon"  # modelspec says epsilon or v; a checkpoint still converts
