@@ -31,8 +31,7 @@ from pathlib import Path
 
 from sdtune.adapters.a1111_keys import kohya_to_compvis_module
 from sdtune.adapters.errors import SdtuneError
-
-PEFT_FILE = "pytorch_lora_weights.safetensors"
+from sdtune.adapters.lora_files import PEFT_FILE
 
 
 class ComposeError(SdtuneError, ValueError):

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from sdtune.adapters.atomic import atomic_folder
 from sdtune.adapters.errors import NotFoundError
+from sdtune.adapters.file_metadata import ModelFacts, controlnet_metadata
 from sdtune.adapters.single_file import _atomic_save_file
 from sdtune.adapters.single_file_keys import Row, invert_rows, rename_all, strip_prefix, unet_rows
 
@@ -76,17 +77,21 @@ def is_original_layout(keys) -> bool:
     return any(key.startswith(CONTROL_PREFIX) or key.startswith("input_hint_block.") for key in keys)
 
 
-def save_controlnet(controlnet, out_dir: str | Path, name: str, dtype: torch.dtype = torch.float16) -> dict[str, Path]:
-    """Writes a ControlNet twice: `out_dir/controlnet/` (diffusers folder) and `out_dir/<name>.safetensors`
-    (original `control_model.*` layout, for A1111 and ComfyUI). Both writes are atomic. Returns {format: path}."""
+def save_controlnet(
+    controlnet, out_dir: str | Path, facts: ModelFacts, dtype: torch.dtype = torch.float16
+) -> dict[str, Path]:
+    """Writes a ControlNet twice: `out_dir/controlnet/` (diffusers folder) and `out_dir/<facts.title>.safetensors`
+    (original `control_model.*` layout, for A1111 and ComfyUI), each with the SAI model spec of its layout in its
+    header (`facts`: title, training resolution, prediction type). Both writes are atomic. Returns {format: path}."""
     out_dir = Path(out_dir)
     folder = out_dir / RUN_SUBFOLDER
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in controlnet.state_dict().items()}
     with atomic_folder(folder) as tmp:
-        save_file(state, str(tmp / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
+        save_file(state, str(tmp / DIFFUSERS_WEIGHTS), metadata=controlnet_metadata(facts, original=False))
         (tmp / "config.json").write_text(controlnet.to_json_string())  # with _class_name, as save_pretrained writes
-    single = out_dir / f"{name}.safetensors"
-    _atomic_save_file(controlnet_to_original(state, controlnet.config), single)
+    single = out_dir / f"{facts.title}.safetensors"
+    original = controlnet_to_original(state, controlnet.config)
+    _atomic_save_file(original, single, controlnet_metadata(facts, original=True))
     return {"diffusers": folder, "original": single}
 
 

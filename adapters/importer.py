@@ -454,22 +454,23 @@ def import_adapter(
 def _write_files(staging: Path, path: Path, report: ImportReport, payload: dict, name: str) -> dict[str, str]:
     """The registered copy: both formats of a LoRA (the original file kept byte for byte), or the model as given."""
     if report.format in ("kohya", "peft"):
-        from sdtune.adapters.kohya import save_kohya_lora
-        from sdtune.adapters.lora_modules import PEFT_FILE, save_peft, summary_metadata, to_kohya
+        from sdtune.adapters.file_metadata import facts_of_base, kohya_metadata
+        from sdtune.adapters.lora_files import PEFT_FILE, kohya_path, save_kohya, save_modules_peft, summary_facts
+        from sdtune.adapters.lora_modules import to_kohya
 
         modules, table = payload["modules"], payload["table"]
         dtype = next(iter(modules.values())).up.dtype
-        if report.format == "peft":
+        if report.format == "peft":  # its kohya twin is written with the facts of the base it was checked on
             copy_into(path, staging / PEFT_FILE)
-            metadata = summary_metadata(modules, name, report.claimed_base.get("ss_sd_model_name", report.base))
-            save_kohya_lora(staging / f"{name}.safetensors", to_kohya(modules), metadata, dtype=dtype)
-            return {"peft": PEFT_FILE, "kohya": f"{name}.safetensors"}
-        kohya_name = path.name if path.suffix == ".safetensors" else f"{name}.safetensors"
+            facts = summary_facts(modules, *facts_of_base(report.base, name))
+            save_kohya(kohya_path(staging, name), to_kohya(modules), kohya_metadata(facts), dtype=dtype)
+            return {"peft": PEFT_FILE, "kohya": kohya_path(staging, name).name}
+        kohya_name = path.name if path.suffix == ".safetensors" else kohya_path(staging, name).name
         if path.suffix == ".safetensors" and not any(k.startswith("lora_te1_") for k in payload["tensors"]):
             copy_into(path, staging / kohya_name)  # as published: its hashes stay what other tools computed
         else:
-            save_kohya_lora(staging / kohya_name, to_kohya(modules), payload["metadata"], dtype=dtype)
-        save_peft(staging, modules, table, dtype)
+            save_kohya(staging / kohya_name, to_kohya(modules), payload["metadata"], dtype=dtype)
+        save_modules_peft(staging, modules, table, dtype)
         return {"peft": PEFT_FILE, "kohya": kohya_name}
     fmt = {"controlnet": "controlnet", "dreambooth": "diffusers" if path.is_dir() else "single_file"}[report.format]
     if path.is_file() and payload.get("metadata") is not None and path.suffix != ".safetensors":

@@ -19,12 +19,11 @@ Usage:
 
     unet_lora, te_lora = split_diffusers_lora(safetensors.torch.load_file("pytorch_lora_weights.safetensors"))
     kohya = peft_to_kohya(unet_lora, te_lora, unet_alpha=8.0, text_encoder_alpha=8.0)
-    save_kohya_lora("my_lora.safetensors", kohya, kohya_metadata(...))
+    save_kohya("my_lora.safetensors", kohya, kohya_metadata(facts))   # adapters/lora_files.py, file_metadata.py
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
@@ -36,12 +35,9 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from sdtune.adapters.atomic import atomic_path
-
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"  # SD v1/v2; SDXL uses lora_te1_/lora_te2_.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfigs
-SAI_MODEL_SPEC_VERSION = "1.0.1"  # the current SAI model spec, as sd-scripts writes it since Aug 2025 (1.0.0 before).
 
 # peft key = <module path>.<part>; parts get_peft_model_state_dict writes for a LoRA layer.
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
@@ -242,170 +238,7 @@ def lora_configs_from_diffusers_metadata(metadata: Mapping[str, str] | None) -> 
     return configs
 
 
-# -- metadata -------------------------------------------------------------------------------------------------------
-
-
-def kohya_metadata(
-    *,
-    base_model_name: str,
-    base_model_hash: str | None,
-    trigger_words: list[str],
-    resolution: tuple[int, int],
-    steps: int,
-    epochs: int,
-    rank: int,
-    alpha: float,
-    learning_rate: float,
-    text_encoder_lr: float | None,
-    unet_lr: float | None,
-    seed: int,
-    mixed_precision: str,
-    optimizer: str,
-    lr_scheduler: str,
-    batch_size: int,
-    num_train_images: int,
-    dataset_dirs: dict[str, dict],
-    tag_frequency: dict[str, dict[str, int]],
-    title: str,
-    network_module: str = "networks.lora",
-    network_args: dict | None = None,
-    training_started_at: float,
-    training_finished_at: float,
-    prediction_type: str = "epsilon",
-    base_model_legacy_hash: str | None = None,
-    bucket_counts: Mapping[tuple[int, int], int] | None = None,
-    output_name: str | None = None,
-    max_train_steps: int | None = None,
-    num_reg_images: int = 0,
-    gradient_accumulation_steps: int = 1,
-    clip_skip: int | None = None,
-    network_dropout: float | None = None,
-    author: str | None = None,
-    description: str | None = None,
-    license: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, str]:
-    """The `ss_*` training metadata of sd-scripts' `train_network.py` plus the SAI model spec `modelspec.*` keys.
-
-    Values are strings formatted as sd-scripts formats them (`str()` of the Python value, JSON for nested data), so
-    A1111's Lora tab, the civitai uploader and metadata viewers read them as they read a kohya-trained LoRA.
-
-    Args:
-        base_model_name: file name of the base checkpoint (sd-scripts writes the basename) or its hub id.
-        base_model_hash: sha256 hex of the base checkpoint file (A1111's "new" hash) -> `ss_new_sd_model_hash`.
-        trigger_words: words that call up the concept -> `modelspec.trigger_phrase` (comma-joined).
-        resolution: training (width, height) -> `ss_resolution` "(512, 512)", `modelspec.resolution` "512x512".
-        steps / epochs: optimizer steps and epochs done at save time (`ss_steps`, `ss_epoch`).
-        rank / alpha: LoRA rank and the TRUE lora_alpha (`ss_network_dim`, `ss_network_alpha`).
-        learning_rate / text_encoder_lr / unet_lr: as sd-scripts' --learning_rate, --text_encoder_lr, --unet_lr.
-        seed / mixed_precision / optimizer / lr_scheduler / batch_size: the run's settings; `optimizer` as sd-scripts
-            writes it, e.g. "torch.optim.adamw.AdamW" or "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.01)".
-        num_train_images: images x repeats (sd-scripts counts repeats).
-        dataset_dirs: `{folder name: {"n_repeats": int, "img_count": int}}`.
-        tag_frequency: `{folder name: {tag: count}}` of the captions.
-        title: model title -> `modelspec.title` (and `ss_output_name` unless `output_name` is given).
-        network_module / network_args: `ss_network_module`, and `ss_network_args` (written only when given; values
-            become strings as sd-scripts parses `key=value`), e.g. {"conv_dim": 4, "conv_alpha": 8} for LoCon.
-        training_started_at / training_finished_at: unix times; the finish also dates `modelspec.date`.
-        prediction_type: "epsilon" or "v_prediction" (diffusers' name; "v" accepted).
-        base_model_legacy_hash: A1111's old 8-hex hash of the base file -> `ss_sd_model_hash` (see
-            `legacy_model_hash`).
-        bucket_counts: `{(width, height): images}` of the aspect-ratio buckets -> `ss_bucket_info` as sd-scripts
-            writes it (`{"buckets": {"0": {"resolution": [w, h], "count": n}, ...}}`); A1111's Lora tab shows the
-            training resolutions from it.
-        output_name: `ss_output_name`, which A1111 shows as the LoRA's alias; defaults to `title`.
-        max_train_steps: planned steps (`ss_max_train_steps`); defaults to `steps`.
-        extra: further `ss_*` keys (e.g. {"ss_noise_offset": 0.05}), stringified.
-
-    Returns:
-        metadata for `save_kohya_lora`, all values `str`.
-    """
-    if len(resolution) != 2 or any(int(side) <= 0 for side in resolution):
-        raise ValueError(f"kohya_metadata: resolution must be (width, height), got {resolution!r}")
-    if prediction_type not in ("epsilon", "v_prediction", "v"):
-        raise ValueError(
-            f"kohya_metadata: prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}"
-        )
-    if mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"kohya_metadata: mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
-    v_param = prediction_type != "epsilon"
-    width, height = int(resolution[0]), int(resolution[1])
-    metadata: dict[str, Any] = {
-        "ss_training_started_at": training_started_at,
-        "ss_training_finished_at": training_finished_at,
-        "ss_output_name": output_name if output_name is not None else title,
-        "ss_learning_rate": learning_rate,
-        "ss_text_encoder_lr": text_encoder_lr,
-        "ss_unet_lr": unet_lr,
-        "ss_num_train_images": num_train_images,
-        "ss_num_reg_images": num_reg_images,
-        "ss_num_epochs": epochs,
-        "ss_epoch": epochs,
-        "ss_steps": steps,
-        "ss_max_train_steps": max_train_steps if max_train_steps is not None else steps,
-        "ss_gradient_accumulation_steps": gradient_accumulation_steps,
-        "ss_lr_scheduler": lr_scheduler,
-        "ss_network_module": network_module,
-        "ss_network_dim": int(rank),
-        "ss_network_alpha": float(alpha),  # sd-scripts' --network_alpha is a float: "8.0"
-        "ss_network_dropout": network_dropout,
-        "ss_mixed_precision": mixed_precision,
-        "ss_v2": False,
-        "ss_base_model_version": "sd_v1_v" if v_param else "sd_v1",
-        "ss_clip_skip": clip_skip,
-        "ss_seed": seed,
-        "ss_optimizer": optimizer,
-        "ss_batch_size_per_device": batch_size,
-        "ss_total_batch_size": batch_size * gradient_accumulation_steps,
-        "ss_resolution": (width, height),  # str((512, 512)) == "(512, 512)", as sd-scripts writes its args tuple
-        "ss_dataset_dirs": json.dumps(dataset_dirs),
-        "ss_reg_dataset_dirs": json.dumps({}),
-        "ss_tag_frequency": json.dumps(tag_frequency),
-        "ss_sd_model_name": base_model_name,
-    }
-    if bucket_counts:
-        buckets = {str(i): {"resolution": [w, h], "count": n} for i, ((w, h), n) in enumerate(bucket_counts.items())}
-        metadata["ss_bucket_info"] = json.dumps({"buckets": buckets})
-    if network_args:
-        metadata["ss_network_args"] = json.dumps({key: str(value) for key, value in network_args.items()})
-    if base_model_hash is not None:
-        metadata["ss_new_sd_model_hash"] = base_model_hash
-    if base_model_legacy_hash is not None:
-        metadata["ss_sd_model_hash"] = base_model_legacy_hash
-    for key, value in (extra or {}).items():
-        if not key.startswith("ss_"):
-            raise ValueError(
-                f"kohya_metadata: extra key {key!r} must start with 'ss_' (modelspec keys are built here)"
-            )
-        metadata[key] = value
-    metadata = {key: str(value) for key, value in metadata.items()}
-    metadata.update(_model_spec(title, width, height, v_param, training_finished_at, trigger_words, clip_skip))
-    for key, value in (("author", author), ("description", description), ("license", license)):
-        if value is not None:
-            metadata[f"modelspec.{key}"] = str(value)
-    return metadata
-
-
-def _model_spec(title, width, height, v_param, timestamp, trigger_words, clip_skip) -> dict[str, str]:
-    # sd-scripts' library/sai_model_spec.build_metadata for an SD v1 LoRA: LoRA of a v1/v2 model -> "diffusers"
-    # implementation; date = local ISO-8601 of the save time without microseconds.
-    spec = {
-        "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": title,
-        "modelspec.resolution": f"{width}x{height}",
-        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
-        "modelspec.prediction_type": "v" if v_param else "epsilon",
-    }
-    if trigger_words:
-        spec["modelspec.trigger_phrase"] = ", ".join(trigger_words)
-    if clip_skip is not None:
-        spec["modelspec.encoder_layer"] = str(clip_skip)
-    return spec
-
-
-# -- hashes and saving ----------------------------------------------------------------------------------------------
+# -- hashes ---------------------------------------------------------------------------------------------------------
 
 
 def sshs_hashes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
@@ -427,46 +260,6 @@ def sshs_hashes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     return model_hash, legacy_hash
 
 
-def legacy_model_hash(path: str | Path) -> str:
-    """A1111's old 8-hex model hash (`ss_sd_model_hash`): sha256 of the 64 KiB at offset 1 MiB of the file."""
-    with open(path, "rb") as file:
-        file.seek(0x100000)
-        return hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
-
-
-def save_kohya_lora(
-    path: str | Path,
-    state_dict: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str],
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Writes a kohya LoRA `.safetensors` atomically, with its metadata and the `sshs_*` hashes sd-scripts adds.
-
-    Args:
-        path: target file; must end in `.safetensors`.
-        state_dict: `peft_to_kohya` output.
-        metadata: `kohya_metadata` output (string values); `sshs_model_hash` / `sshs_legacy_hash` are added.
-        dtype: cast every tensor (alphas included, as sd-scripts' save_dtype does), e.g. torch.float16.
-
-    Returns:
-        the written path.
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"save_kohya_lora: {path} must end in .safetensors (A1111/ComfyUI read LoRAs from it)")
-    bad = [key for key, value in metadata.items() if not isinstance(value, str)]
-    if bad:
-        raise ValueError(f"save_kohya_lora: metadata values must be strings (safetensors header); not: {bad}")
-    tensors = {
-        key: (t.to(dtype) if dtype is not None else t).detach().cpu().contiguous() for key, t in state_dict.items()
-    }
-    metadata = dict(metadata)
-    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(tensors, metadata)
-    with atomic_path(path, ".safetensors") as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-    return path
-
-
 def a1111_lora_hash(path: str | Path) -> str:
     """The hash A1111 computes for a LoRA file (`hashes.sha256(..., use_addnet_hash=True)`): sha256 of the bytes
     after the safetensors header. Equal to the file's `sshs_model_hash` when the export is right."""
@@ -478,11 +271,8 @@ def a1111_lora_hash(path: str | Path) -> str:
 __all__ = [
     "a1111_lora_hash",
     "kohya_alphas_from_lora_config",
-    "kohya_metadata",
-    "legacy_model_hash",
     "lora_configs_from_diffusers_metadata",
     "peft_to_kohya",
-    "save_kohya_lora",
     "split_diffusers_lora",
     "sshs_hashes",
 ]

@@ -1,4 +1,4 @@
-"""A LoRA as plain modules: {kohya module name: (down, up, alpha)}, and the two file formats written from it.
+"""A LoRA as plain modules: {kohya module name: (down, up, alpha)}; adapters/lora_files.py reads and writes them.
 
 The kohya name (`lora_unet_down_blocks_0_..._to_q`, `lora_te_text_model_encoder_layers_0_self_attn_q_proj`) is the
 key because it is what every tool agrees on and what merges in sd-scripts work on. Going back to peft module paths
@@ -9,7 +9,6 @@ key map. The same table validates an imported file (key coverage and shapes).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,9 +17,7 @@ from pathlib import Path
 import torch
 
 from sdtune.adapters import kohya
-from sdtune.adapters.atomic import replace_readable
 
-PEFT_FILE = "pytorch_lora_weights.safetensors"
 _PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
@@ -99,7 +96,7 @@ def to_kohya(modules: LoraModules) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# -- the base's modules under kohya names -----------------------------------------------------------------------------
+# -- the base's modules under kohya names ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -160,7 +157,7 @@ def shape_problem(module: LoraModule, base: BaseModule) -> str | None:
     return None
 
 
-# -- writing both formats -------------------------------------------------------------------------------------------
+# -- the peft form (adapters/lora_files.py writes it) ---------------------------------------------------------------
 
 
 def lora_config_dict(modules: dict[str, LoraModule], table: Mapping[str, BaseModule]) -> dict:
@@ -182,75 +179,21 @@ def lora_config_dict(modules: dict[str, LoraModule], table: Mapping[str, BaseMod
     return config.to_dict()
 
 
-def save_peft(out_dir: Path, modules: LoraModules, table: Mapping[str, BaseModule], dtype=torch.float16) -> Path:
-    """Writes `pytorch_lora_weights.safetensors` with its LoraConfigs in the header (true alphas, per-module ranks)."""
-    import tempfile
-
-    from diffusers import StableDiffusionPipeline
-
-    missing = sorted(set(modules) - set(table))
-    if missing:
-        raise ValueError(f"{len(missing)} LoRA modules are not layers of the base, e.g. {missing[0]}")
+def peft_layers(modules: LoraModules, table: Mapping[str, BaseModule]) -> tuple[dict, dict]:
+    """The modules as diffusers' `save_lora_weights` takes them: per component (unet, text_encoder), the peft-named
+    tensors (`<path>.lora_A.weight` = down, `.lora_B.weight` = up) and a `LoraConfig.to_dict()`; see
+    `lora_files.save_modules_peft`."""
     layers, configs = {}, {}
     for component in ("unet", "text_encoder"):
         part = {n: m for n, m in modules.items() if table[n].component == component}
         if part:
             layers[component] = {
-                f"{table[n].path}.{ab}.weight": t.to(dtype).contiguous()
+                f"{table[n].path}.{ab}.weight": t
                 for n, m in part.items()
                 for ab, t in (("lora_A", m.down), ("lora_B", m.up))
             }
             configs[component] = lora_config_dict(part, table)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-lora-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=layers.get("unet"),
-            text_encoder_lora_layers=layers.get("text_encoder"),
-            unet_lora_adapter_metadata=configs.get("unet"),
-            text_encoder_lora_adapter_metadata=configs.get("text_encoder"),
-            weight_name=PEFT_FILE,
-        )
-        replace_readable(Path(tmp) / PEFT_FILE, out_dir / PEFT_FILE)
-    return out_dir / PEFT_FILE
-
-
-def save_both(
-    out_dir: Path,
-    name: str,
-    modules: LoraModules,
-    table: Mapping[str, BaseModule],
-    metadata: Mapping[str, str],
-    dtype=torch.float16,
-) -> dict[str, Path]:
-    """Both formats of one LoRA: the PEFT file for diffusers, `<name>.safetensors` (kohya) for A1111/ComfyUI."""
-    return {
-        "peft": save_peft(out_dir, modules, table, dtype),
-        "kohya": kohya.save_kohya_lora(out_dir / f"{name}.safetensors", to_kohya(modules), metadata, dtype=dtype),
-    }
-
-
-def summary_metadata(modules: LoraModules, title: str, base_name: str, extra: Mapping[str, object] = ()) -> dict:
-    """The `ss_*` / `modelspec.*` header of a LoRA that was not trained here (merged, resized, imported)."""
-    ranks = Counter(m.rank for m in modules.values())
-    alphas = Counter(m.alpha for m in modules.values())
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks.most_common(1)[0][0]),
-        "ss_network_alpha": str(float(alphas.most_common(1)[0][0])),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
-        "ss_sd_model_name": base_name,
-        "ss_output_name": title,
-        "modelspec.sai_model_spec": kohya.SAI_MODEL_SPEC_VERSION,
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": title,
-    }
-    if len(ranks) > 1:  # sd-scripts' resize_lora writes the spread of ranks it chose
-        metadata["ss_network_args"] = json.dumps({"dynamic_ranks": f"{min(ranks)}-{max(ranks)}"})
-    metadata.update({key: str(value) for key, value in dict(extra).items()})
-    return metadata
+    return layers, configs
 
 
 __all__ = [
@@ -259,11 +202,9 @@ __all__ = [
     "LoraModules",
     "base_shapes",
     "module_table",
+    "peft_layers",
     "read_kohya",
     "read_peft",
-    "save_both",
-    "save_peft",
     "shape_problem",
-    "summary_metadata",
     "to_kohya",
 ]

@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ import torch
 from sdtune.adapters import lowrank
 from sdtune.adapters.atomic import atomic_folder
 from sdtune.adapters.errors import SdtuneError
-from sdtune.adapters.lora_modules import LoraModule, LoraModules, read_kohya, read_peft
+from sdtune.adapters.lora_files import LoraFileError, lora_header, read_lora
+from sdtune.adapters.lora_modules import LoraModule, LoraModules
 
 MERGE_METHODS = ("linear", "concat", "svd")
 
@@ -43,15 +45,20 @@ class MergeError(SdtuneError, ValueError):
 
 def load_modules(ref: str, registry=None) -> LoraModules:
     """The modules of a LoRA given by registry name, run folder or file (either format)."""
+    return load_lora(ref, registry)[0]
+
+
+def load_lora(ref: str, registry=None) -> tuple[LoraModules, dict[str, str]]:
+    """The modules of a LoRA given by registry name, run folder or file, and the kohya header that says its facts
+    (resolution, prediction type, base), which a merge or resize inherits ({} when none says them)."""
     from sdtune.adapters.compose import resolve_adapter
-    from sdtune.adapters.importer import detect_format, read_tensors
 
     path = resolve_adapter(ref, registry)
-    tensors, metadata = read_tensors(path)
-    fmt = detect_format(tensors, metadata)
-    if fmt not in ("kohya", "peft"):
-        raise MergeError(f"{ref}: a {fmt} file is not a LoRA to merge")
-    return read_kohya(tensors) if fmt == "kohya" else read_peft(tensors, metadata)
+    try:
+        modules, header = read_lora(path)
+    except LoraFileError as exc:
+        raise MergeError(f"{ref}: {exc} to merge") from None
+    return modules, lora_header(path, header)
 
 
 def _check_weights(parents: Sequence[LoraModules], weights: Sequence[float]) -> None:
@@ -147,8 +154,10 @@ def register_lora(
     registry=None,
     dtype: torch.dtype = torch.float16,
     tags: Sequence[str] = (),
+    parents: Sequence[Mapping[str, str]] = (),
 ):
-    """Writes `modules` in both formats, runs the export check on a fresh base, and registers the result.
+    """Writes `modules` in both formats, runs the export check on a fresh base, and registers the result. The kohya
+    file's facts (resolution, prediction type, base) are its `parents`' (their kohya headers), else `base`'s.
 
     Raises:
         ExportCheckError: a file does not render what the arithmetic says (nothing is registered then).
@@ -156,7 +165,9 @@ def register_lora(
     from sdtune.adapters import sampling
     from sdtune.adapters.base import base_hash, load_pipeline, recommended_guidance, resolve_base
     from sdtune.adapters.export_check import ExportCheckError, check_lora_files
-    from sdtune.adapters.lora_modules import base_shapes, module_table, save_both, summary_metadata
+    from sdtune.adapters.file_metadata import facts_of_base, inherited_facts
+    from sdtune.adapters.lora_files import save_modules, summary_facts
+    from sdtune.adapters.lora_modules import base_shapes, module_table
     from sdtune.adapters.manifest import AdapterManifest, BaseRef
     from sdtune.adapters.registry import Registry, check_name
 
@@ -168,9 +179,13 @@ def register_lora(
     table = module_table(*base_shapes(pipe))
     settings = sampling.SampleSettings(prompt=prompt, seed=0, guidance=recommended_guidance(base))
 
+    model, made_on = inherited_facts(parents, *facts_of_base(base, name))
+    trigger_words = origin.pop("trigger_words", [])
+    model = replace(model, trigger_words=tuple(trigger_words))
+    facts = summary_facts(modules, model, made_on, {"ss_merge": origin.get("merge_method", "")})
+
     def fill(staging: Path) -> AdapterManifest:
-        metadata = summary_metadata(modules, name, source.name, {"ss_merge": origin.get("merge_method", "")})
-        files = save_both(staging, name, modules, table, metadata, dtype)
+        files = save_modules(staging, name, modules, table, facts, dtype)
         report = check_lora_files(pipe, files, modules, table, settings, staging, dtype)
         if not report.ok:
             raise ExportCheckError(f"{name}: {report.summary()}")
@@ -180,7 +195,7 @@ def register_lora(
             method="lora",
             created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             base=BaseRef(base, source.kind, base_hash(base)),
-            trigger_words=origin.pop("trigger_words", []),
+            trigger_words=trigger_words,
             dataset={},
             training={"modules": len(modules), "ranks": ranks},
             files={fmt: Path(p).name for fmt, p in files.items()},
@@ -211,7 +226,8 @@ def merge_into_registry(
         raise MergeError(f"merge method {method!r}: choose {', '.join(MERGE_METHODS)}")
     if method == "svd" and not rank:
         raise MergeError("svd merge needs a target rank (--rank)")
-    loaded = [load_modules(p, registry) for p in parents]
+    pairs = [load_lora(p, registry) for p in parents]
+    loaded, headers = [modules for modules, _ in pairs], [header for _, header in pairs]
     if method == "linear":
         modules = merge_linear(loaded, weights)
     elif method == "concat":
@@ -226,7 +242,7 @@ def merge_into_registry(
         "params": {"rank": rank, "conv_rank": conv_rank} if method == "svd" else {},
         "trigger_words": _parent_triggers(parents, registry),
     }
-    return register_lora(name, modules, base=base, origin=origin, prompt=prompt, registry=registry)
+    return register_lora(name, modules, base=base, origin=origin, prompt=prompt, registry=registry, parents=headers)
 
 
 def resize_into_registry(
@@ -241,8 +257,9 @@ def resize_into_registry(
     registry=None,
 ):
     """Resizes a LoRA (sd-scripts resize_lora semantics) into a new registered LoRA."""
+    loaded, header = load_lora(parent, registry)
     try:
-        modules, stats = resize(load_modules(parent, registry), max_rank, dynamic, param)
+        modules, stats = resize(loaded, max_rank, dynamic, param)
     except MergeError:
         raise
     except ValueError as exc:  # lowrank's checks of the rank and the dynamic method, as one line
@@ -255,7 +272,7 @@ def resize_into_registry(
         "params": {"max_rank": max_rank, "dynamic": dynamic, "param": param, **stats},
         "trigger_words": _parent_triggers([parent], registry),
     }
-    return register_lora(name, modules, base=base, origin=origin, prompt=prompt, registry=registry)
+    return register_lora(name, modules, base=base, origin=origin, prompt=prompt, registry=registry, parents=[header])
 
 
 def _parent_triggers(parents: Sequence[str], registry) -> list[str]:
@@ -307,6 +324,7 @@ __all__ = [
     "MERGE_METHODS",
     "MergeError",
     "bake",
+    "load_lora",
     "load_modules",
     "merge_concat",
     "merge_into_registry",

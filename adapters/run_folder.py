@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sdtune.adapters.lora_files import PEFT_FILE
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-PEFT_FILE = "pytorch_lora_weights.safetensors"
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

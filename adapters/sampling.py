@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from sdtune.adapters.atomic import atomic_path
 from sdtune.adapters.compose import split_number
 from sdtune.adapters.errors import NotFoundError
+from sdtune.adapters.lora_files import PEFT_FILE
 from sdtune.adapters.schedulers import SCHEDULER_NAMES, SCHEDULERS, a1111_sampler_name
 
 
@@ -183,7 +184,7 @@ def load_lora_file(pipe, path: str | Path, adapter_name: str):
     peft warns "Already found a `peft_config` attribute ... multiple adapters" for every LoRA after the first:
     stacking is what the caller asked for, so that one warning is dropped."""
     path = Path(path)
-    folder, weight_name = (path, "pytorch_lora_weights.safetensors") if path.is_dir() else (path.parent, path.name)
+    folder, weight_name = (path, PEFT_FILE) if path.is_dir() else (path.parent, path.name)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from sdtune.adapters.atomic import atomic_folder, atomic_path
 from sdtune.adapters.base import BUNDLED_CONFIGS, PICKLE_SUFFIXES
 from sdtune.adapters.errors import NotFoundError
+from sdtune.adapters.file_metadata import checkpoint_metadata, folder_facts
 from sdtune.adapters.single_file_keys import (
     TEXT_PREFIX,
     UNET_PREFIX,
@@ -70,9 +71,9 @@ def _read_component(folder: Path, name: str) -> dict[str, torch.Tensor]:
     )
 
 
-def _atomic_save_file(tensors: dict[str, torch.Tensor], out: Path) -> None:
+def _atomic_save_file(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
     with atomic_path(out, ".safetensors") as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def save_single_file(
@@ -89,6 +90,8 @@ def save_single_file(
 
     Returns:
         `out_path` as a `Path`. The write is atomic (`sdtune.adapters.atomic`): a temp file beside it, then a rename.
+        Its header carries the SAI model spec (`modelspec.*`: title = the file's stem, the folder's native
+        resolution and prediction type), as sd-scripts writes it for a checkpoint.
 
     Raises:
         NotFoundError (a FileNotFoundError): the folder or one of its components/weight files is missing.
@@ -114,7 +117,8 @@ def save_single_file(
     if half:  # integer tensors (position_ids) stay int64
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    metadata = checkpoint_metadata(folder_facts(folder, out.stem))
+    _atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, out, metadata)
     return out
 
 

@@ -76,7 +76,8 @@ def random_lora(base: str, out: Path, seed: int) -> Path:
     import torch
 
     from sdtune.adapters.base import resolve_base
-    from sdtune.adapters.lora_modules import LoraModule, base_shapes, module_table, save_peft
+    from sdtune.adapters.lora_files import save_modules_peft
+    from sdtune.adapters.lora_modules import LoraModule, base_shapes, module_table
 
     table = module_table(*base_shapes(resolve_base(base).location))
     generator = torch.Generator().manual_seed(seed)
@@ -88,7 +89,7 @@ def random_lora(base: str, out: Path, seed: int) -> Path:
             up = torch.randn(out_dim, RANK, generator=generator) * 0.01
             modules[name] = LoraModule(down, up, float(RANK))
     out.mkdir(parents=True, exist_ok=True)
-    return save_peft(out, modules, table)
+    return save_modules_peft(out, modules, table, torch.float16)
 
 
 def time_image(pipe, steps: int, seed: int, size: int, batch: int = 1) -> float:

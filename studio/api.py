@@ -189,8 +189,7 @@ def extract_lora(base: str, tuned: str, rank: int, out: str | Path, *, dtype: st
     (kohya/A1111). Returns {format: path}."""
     from sdtune.adapters.base import BaseLoadError, load_pipeline
     from sdtune.adapters.extract import extract_lora as extract
-    from sdtune.trainers.core.export import write_lora_files
-    from sdtune.trainers.core.runtime import SAVE_DTYPES
+    from sdtune.adapters.lora_files import save_extracted
 
     if rank < 1:
         raise StudioError(f"--rank must be at least 1, got {rank}")
@@ -209,20 +208,9 @@ def extract_lora(base: str, tuned: str, rank: int, out: str | Path, *, dtype: st
             tuned_pipe.text_encoder.state_dict(),
             device="cuda" if torch.cuda.is_available() else "cpu",  # the SVDs on a GPU when there is one
         )
+        files = save_extracted(Path(out), lora, base=base, tuned=tuned, precision=dtype)
     except ValueError as exc:
         raise StudioError(str(exc)) from None
-    out = Path(out)
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(rank),
-        "ss_base_model_version": "sd_v1",
-        "sdtune_extracted_from": f"{tuned} - {base}",
-    }
-    te_config = lora.lora_config("text_encoder") if lora.text_encoder else None
-    files = write_lora_files(
-        out, out.name, lora.unet, lora.text_encoder, lora.lora_config("unet"), te_config, SAVE_DTYPES[dtype], metadata
-    )
     return {fmt: str(path) for fmt, path in files.items()}
 
 

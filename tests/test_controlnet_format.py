@@ -22,6 +22,7 @@ from sdtune.adapters.controlnet import (
     load_controlnet,
     save_controlnet,
 )
+from sdtune.adapters.file_metadata import ModelFacts
 from sdtune.adapters.single_file_keys import unet_to_original
 
 GOLDEN = {
@@ -120,7 +121,7 @@ def test_saved_files_reload_identically_through_diffusers_and_sdtune(toy_pipe, t
     with torch.no_grad():  # non-zero zero convs, so a mix-up of zero convs would show
         for p in controlnet.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    files = save_controlnet(controlnet, tmp_path, "toy-cn", torch.float32)
+    files = save_controlnet(controlnet, tmp_path, ModelFacts("toy-cn", (64, 64)), torch.float32)
     assert sorted(p.name for p in files["diffusers"].iterdir()) == [
         "config.json",
         "diffusion_pytorch_model.safetensors",

@@ -32,16 +32,16 @@ from sdtune.adapters.a1111_keys import (
     kohya_to_compvis_module,
     unmatched_kohya_keys,
 )
+from sdtune.adapters.file_metadata import BaseFacts, LoraFacts, ModelFacts, TrainingFacts, kohya_metadata
 from sdtune.adapters.kohya import (
     a1111_lora_hash,
     kohya_alphas_from_lora_config,
-    kohya_metadata,
     lora_configs_from_diffusers_metadata,
     peft_to_kohya,
-    save_kohya_lora,
     split_diffusers_lora,
     sshs_hashes,
 )
+from sdtune.adapters.lora_files import save_kohya
 from sdtune.adapters.toy_architecture import TOY_UNET
 from sdtune.trainers.core.lora_layers import TEXT_ENCODER_TARGETS, UNET_PRESETS
 
@@ -416,7 +416,7 @@ def test_saved_file_loads_through_diffusers(bases, inputs, tmp_path):
     unet, text_encoder, _, _ = trained(bases, "attn")
     unet_sd, te_sd = get_peft_model_state_dict(unet), get_peft_model_state_dict(text_encoder)
     kohya = peft_to_kohya(unet_sd, te_sd, unet_alpha=ALPHA, text_encoder_alpha=ALPHA)
-    path = save_kohya_lora(tmp_path / "toy_lora.safetensors", kohya, {"ss_network_alpha": "8.0"})
+    path = save_kohya(tmp_path / "toy_lora.safetensors", kohya, {"ss_network_alpha": "8.0"})
     loaded = load_with_diffusers(bases, str(tmp_path), weight_name=path.name)
     for got, want in zip(outputs(*loaded, inputs), outputs(unet, text_encoder, inputs)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -576,16 +576,14 @@ def test_metadata_without_adapter_config_is_refused():
 STARTED, FINISHED = 1_700_000_000.25, 1_700_003_600.75
 
 
-def sample_metadata(**overrides) -> dict[str, str]:
-    kwargs = dict(
-        base_model_name="v1-5-pruned-emaonly.safetensors",
-        base_model_hash="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
-        trigger_words=["sks dog", "sks"],
-        resolution=(512, 512),
+def sample_facts(model=None, training=None, **overrides) -> LoraFacts:
+    """The facts of a kohya-style run: sks dog, 1500 steps, on SD v1-5's single file."""
+    model = {"title": "sks-dog", "resolution": (512, 512), "date": FINISHED, "trigger_words": ("sks dog", "sks")} | (
+        model or {}
+    )
+    training = dict(
         steps=1500,
         epochs=10,
-        rank=RANK,
-        alpha=ALPHA,
         learning_rate=1e-4,
         text_encoder_lr=5e-5,
         unet_lr=None,
@@ -597,11 +595,18 @@ def sample_metadata(**overrides) -> dict[str, str]:
         num_train_images=150,
         dataset_dirs={"10_sks dog": {"n_repeats": 10, "img_count": 15}},
         tag_frequency={"10_sks dog": {"sks dog": 15, "grass": 3}},
-        title="sks-dog",
-        training_started_at=STARTED,
-        training_finished_at=FINISHED,
+        started_at=STARTED,
+        finished_at=FINISHED,
+    ) | (training or {})
+    base = BaseFacts(
+        "v1-5-pruned-emaonly.safetensors", "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
     )
-    return kohya_metadata(**{**kwargs, **overrides})
+    kwargs = dict(model=ModelFacts(**model), base=base, rank=RANK, alpha=ALPHA, training=TrainingFacts(**training))
+    return LoraFacts(**{**kwargs, **overrides})
+
+
+def sample_metadata(model=None, training=None, **overrides) -> dict[str, str]:
+    return kohya_metadata(sample_facts(model, training, **overrides))
 
 
 METADATA_GOLDEN = [
@@ -653,9 +658,8 @@ def test_metadata_is_all_strings_and_optional_keys():
     assert all(isinstance(value, str) for value in metadata.values())
     assert "ss_network_args" not in metadata and "ss_sd_model_hash" not in metadata  # only when known
     locon = sample_metadata(
+        model={"prediction_type": "v_prediction", "clip_skip": 2},
         network_args={"conv_dim": 4, "conv_alpha": 8},
-        prediction_type="v_prediction",
-        clip_skip=2,
         extra={"ss_noise_offset": 0.05},
     )
     assert json.loads(locon["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "8"}
@@ -664,7 +668,8 @@ def test_metadata_is_all_strings_and_optional_keys():
 
 
 def test_bucket_info_is_what_a1111_reads_resolutions_from():
-    metadata = sample_metadata(bucket_counts={(512, 512): 10, (448, 576): 5}, base_model_legacy_hash="1a2b3c4d")
+    base = BaseFacts("v1-5-pruned-emaonly.safetensors", "6ce0", "1a2b3c4d")
+    metadata = sample_metadata(training={"bucket_counts": {(512, 512): 10, (448, 576): 5}}, base=base)
     info = json.loads(metadata["ss_bucket_info"])
     # A1111 (ui_edit_user_metadata.py) sums bucket["count"] per f"{resolution[1]}x{resolution[0]}"
     shown = {f"{b['resolution'][1]}x{b['resolution'][0]}": b["count"] for b in info["buckets"].values()}
@@ -674,9 +679,9 @@ def test_bucket_info_is_what_a1111_reads_resolutions_from():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(resolution=(512,)), "resolution"),
-        (dict(prediction_type="sample"), "prediction_type"),
-        (dict(mixed_precision="fp32"), "mixed_precision"),
+        (dict(model={"resolution": (512,)}), "resolution"),
+        (dict(model={"prediction_type": "sample"}), "prediction_type"),
+        (dict(training={"mixed_precision": "fp32"}), "mixed_precision"),
         (dict(extra={"modelspec.title": "x"}), "must start with 'ss_'"),
     ],
 )
@@ -687,7 +692,7 @@ def test_metadata_bad_inputs(overrides, message):
 
 def test_save_writes_metadata_and_the_hash_a1111_computes(toy_locon, tmp_path):
     metadata = sample_metadata()
-    path = save_kohya_lora(tmp_path / "sks-dog.safetensors", toy_locon, metadata, dtype=torch.float16)
+    path = save_kohya(tmp_path / "sks-dog.safetensors", toy_locon, metadata, dtype=torch.float16)
     assert [p.name for p in tmp_path.iterdir()] == ["sks-dog.safetensors"]  # no temp file left behind
     with safetensors.safe_open(path, "pt") as file:
         header = file.metadata()
@@ -715,4 +720,4 @@ def test_legacy_hash_covers_only_ss_metadata():
 )
 def test_save_bad_inputs(toy_locon, tmp_path: Path, name, metadata, message):
     with pytest.raises(ValueError, match=message):
-        save_kohya_lora(tmp_path / name, toy_locon, metadata)
+        save_kohya(tmp_path / name, toy_locon, metadata)

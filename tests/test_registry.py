@@ -275,10 +275,10 @@ def test_atomic_writes_get_the_mode_open_gives(tmp_path):
     from PIL import Image
 
     from sdtune.adapters.atomic import UMASK
-    from sdtune.adapters.kohya import save_kohya_lora
+    from sdtune.adapters.lora_files import save_kohya
     from sdtune.adapters.sampling import save_png_atomic
 
-    save_kohya_lora(tmp_path / "a.safetensors", {"lora_unet_x.alpha": torch.tensor(1.0)}, {})
+    save_kohya(tmp_path / "a.safetensors", {"lora_unet_x.alpha": torch.tensor(1.0)}, {})
     save_png_atomic(Image.new("RGB", (4, 4)), tmp_path / "a.png")
     for name in ("a.safetensors", "a.png"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~UMASK, name

@@ -13,7 +13,7 @@ import torch
 
 from sdtune.adapters.controlnet import save_controlnet
 from sdtune.adapters.export_check import ExportCheck
-from sdtune.trainers.core.outputs import RunOutputs
+from sdtune.trainers.core.outputs import RunOutputs, model_facts
 from sdtune.trainers.core.runtime import SAVE_DTYPES
 
 
@@ -27,5 +27,5 @@ class ControlNetWriter:
     def save(self, out_dir: Path, step: int) -> tuple[dict[str, Path], ExportCheck | None]:
         recipe = self.outputs.recipe
         model = self.outputs.accelerator.unwrap_model(self.controlnet, keep_torch_compile=False)
-        files = save_controlnet(model, out_dir, recipe.output.name, SAVE_DTYPES[recipe.output.save_precision])
+        files = save_controlnet(model, out_dir, model_facts(recipe), SAVE_DTYPES[recipe.output.save_precision])
         return files, None  # no reload check for ControlNets yet; tests/test_controlnet_format.py reloads both

@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sdtune.adapters import kohya
 from sdtune.adapters.export_check import PIXEL_TOLERANCE, ExportCheck, ExportChecker, ExportCheckError
-from sdtune.trainers.core.lora_layers import lora_state_dicts, save_peft_lora
-from sdtune.trainers.core.outputs import RunOutputs, trigger_words
+from sdtune.adapters.file_metadata import LoraFacts, TrainingFacts, base_facts
+from sdtune.adapters.lora_files import save_lora
+from sdtune.trainers.core.lora_layers import lora_state_dicts
+from sdtune.trainers.core.outputs import RunOutputs, model_facts
 from sdtune.trainers.core.runtime import SAVE_DTYPES
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
     from sdtune.adapters.sampling import Sample
-    from sdtune.trainers.core.recipe import Recipe
 
 __all__ = [
     "PIXEL_TOLERANCE",
@@ -44,31 +44,9 @@ __all__ = [
     "ExportCheckError",
     "ExportChecker",
     "LoraWriter",
+    "lora_facts",
     "save_checked_lora",
-    "write_lora_files",
 ]
-
-
-def kohya_alpha(config) -> float:
-    return float(config.lora_alpha)
-
-
-def write_lora_files(
-    out_dir: Path, name: str, unet_sd, te_sd, unet_config, te_config, dtype, metadata, write_kohya: bool = True
-) -> dict:
-    """Writes peft-named LoRA tensors (trained or extracted) as the PEFT file and, if asked and unless DoRA, the kohya
-    file into `out_dir`; returns {format: path}."""
-    files = {"peft": save_peft_lora(out_dir, unet_sd, te_sd, unet_config, te_config, dtype)}
-    if not write_kohya or unet_config.use_dora:
-        return files  # peft's DoRA magnitude has no faithful kohya/A1111 form (see adapters/kohya.py)
-    kohya_sd = kohya.peft_to_kohya(
-        unet_sd,
-        te_sd,
-        unet_alpha=kohya_alpha(unet_config),
-        text_encoder_alpha=kohya_alpha(te_config) if te_config is not None else None,
-    )
-    files["kohya"] = kohya.save_kohya_lora(out_dir / f"{name}.safetensors", kohya_sd, metadata, dtype=dtype)
-    return files
 
 
 @dataclass
@@ -111,10 +89,8 @@ def save_checked_lora(
     """
     recipe = outputs.recipe
     dtype = SAVE_DTYPES[recipe.output.save_precision]
-    metadata = kohya_metadata(outputs, step, configs[0])
-    name = name or recipe.output.name
-    write_kohya = recipe.output.export_kohya
-    files = write_lora_files(out_dir, name, unet_sd, te_sd, *configs, dtype, metadata, write_kohya=write_kohya)
+    facts = lora_facts(outputs, step, configs[0]) if recipe.output.export_kohya else None
+    files = save_lora(out_dir, name or recipe.output.name, unet_sd, te_sd, configs, dtype, facts)
     if not recipe.output.export_check:
         return files, None
     report = outputs.checker.check(files, reference(), out_dir)
@@ -124,27 +100,14 @@ def save_checked_lora(
     return files, report
 
 
-def kohya_metadata(outputs: RunOutputs, step: int, unet_config: LoraConfig) -> dict[str, str]:
-    """sd-scripts' `ss_*` metadata of this run, for the kohya file of the LoRA `unet_config` describes."""
-    from sdtune.adapters.kohya import kohya_metadata as build
-
-    recipe, scan = outputs.recipe, outputs.scan
+def lora_facts(outputs: RunOutputs, step: int, unet_config: LoraConfig) -> LoraFacts:
+    """The facts of this run's LoRA at `step` (the LoRA `unet_config` describes), for its kohya header."""
+    recipe, scan, now = outputs.recipe, outputs.scan, time.time()
     method, train = recipe.method, recipe.train
-    res = recipe.data.resolution
     images = max(sum(r.repeats for r in scan.records), 1)
-    base_model_name, new_hash, legacy_hash = base_metadata(outputs)
-    return build(
-        base_model_name=base_model_name,
-        base_model_hash=new_hash,
-        base_model_legacy_hash=legacy_hash,
-        bucket_counts=scan.bucket_counts(),
-        trigger_words=trigger_words(recipe),
-        resolution=(res, res),
+    training = TrainingFacts(
         steps=step,
-        max_train_steps=train.max_train_steps,
         epochs=max(1, math.ceil(step * train.train_batch_size * train.gradient_accumulation_steps / images)),
-        rank=unet_config.r,
-        alpha=float(unet_config.lora_alpha),
         learning_rate=train.learning_rate,
         text_encoder_lr=(method.text_encoder_lr or train.learning_rate) if method.train_text_encoder else None,
         unet_lr=train.learning_rate,
@@ -153,47 +116,24 @@ def kohya_metadata(outputs: RunOutputs, step: int, unet_config: LoraConfig) -> d
         optimizer=train.optimizer,
         lr_scheduler=train.lr_scheduler,
         batch_size=train.train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
         num_train_images=len(scan.records),
         dataset_dirs=scan.dataset_dirs(),
         tag_frequency=scan.tag_frequency(),
-        title=recipe.output.name,
-        output_name=recipe.output.name,
+        started_at=outputs.started_at,
+        finished_at=now,
+        max_train_steps=train.max_train_steps,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        bucket_counts=scan.bucket_counts(),
         network_dropout=method.lora_dropout,
-        prediction_type=recipe_prediction_type(recipe),
-        training_started_at=outputs.started_at,
-        training_finished_at=time.time(),
     )
-
-
-def base_metadata(outputs: RunOutputs) -> tuple[str, str | None, str | None]:
-    """`ss_sd_model_name`, `ss_new_sd_model_hash`, `ss_sd_model_hash` of the base, never a local path.
-
-    A single file gets A1111's own hashes (sha256 of the file, and the old 8-hex hash); a diffusers folder (and the
-    toy base) gets sdtune's sha256 over its weight files, and its first 8 hex as the short form; a hub id is its
-    name, and its hashes are unknown without the files.
-    """
-    from sdtune.adapters.kohya import legacy_model_hash
-
-    base = outputs.base
-    if base.kind == "hub":
-        return base.location, None, None
-    digest = outputs.base_ref.hash
-    if base.kind == "single_file":
-        return Path(base.location).name, digest, legacy_model_hash(base.location)
-    return base.name, digest, digest[:8]
-
-
-def recipe_prediction_type(recipe: Recipe) -> str:
-    import json
-
-    from sdtune.trainers.core.estimate import base_config_folder
-
-    try:
-        config = json.loads((base_config_folder(recipe) / "scheduler" / "scheduler_config.json").read_text())
-        return config.get("prediction_type", "epsilon")
-    except OSError:
-        return "epsilon"
+    return LoraFacts(
+        model=model_facts(recipe, date=now),
+        base=base_facts(outputs.base, outputs.base_ref.hash),
+        rank=unet_config.r,
+        alpha=float(unet_config.lora_alpha),
+        output_name=recipe.output.name,
+        training=training,
+    )
 
 
 @contextlib.contextmanager

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 from sdtune.adapters.export_check import ExportCheck
 from sdtune.adapters.extract import extract_lora
+from sdtune.adapters.lora_files import cast
 from sdtune.adapters.single_file import save_pipeline_folder, save_single_file
 from sdtune.trainers.core.export import save_checked_lora
-from sdtune.trainers.core.lora_layers import cast
 from sdtune.trainers.core.outputs import RunOutputs, Writer, Writers
 from sdtune.trainers.core.runtime import SAVE_DTYPES
 

@@ -1,4 +1,4 @@
-"""LoRA on the UNet (and optionally the text encoder) through peft, and saving it in the diffusers/PEFT format.
+"""LoRA on the UNet (and optionally the text encoder) through peft; adapters/lora_files.py writes its files.
 
 A LoRA replaces a frozen weight W by W + (lora_alpha / rank) * B @ A, with A (rank x in) and B (out x rank)
 trained and B starting at zero, so training starts exactly at the base model. The presets say which layers get one.
@@ -6,14 +6,9 @@ trained and B starting at zero, so training starts exactly at the base model. Th
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from sdtune.adapters.atomic import replace_readable
 from sdtune.trainers.core.recipe import LoraParams
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -22,7 +17,6 @@ FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
 CONV = ["proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"]
 UNET_PRESETS = {"attn": ATTN, "attn+ff": ATTN + FEED_FORWARD, "locon": ATTN + FEED_FORWARD + CONV}
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-PEFT_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def unet_target_modules(params: LoraParams) -> list[str]:
@@ -67,37 +61,3 @@ def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple[dict
     if train_text_encoder:
         te_sd = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(text_encoder).items()}
     return unet_sd, te_sd
-
-
-def cast(state_dict: dict | None, dtype: torch.dtype) -> dict | None:
-    return None if state_dict is None else {k: v.to(dtype).contiguous() for k, v in state_dict.items()}
-
-
-def save_peft_lora(
-    out_dir: str | Path,
-    unet_sd: dict,
-    te_sd: dict | None,
-    unet_config: LoraConfig,
-    te_config: LoraConfig | None,
-    dtype: torch.dtype = torch.float16,
-) -> Path:
-    """Writes `pytorch_lora_weights.safetensors` (diffusers/PEFT format) with the LoRA adapter metadata.
-
-    The metadata (`LoraConfig.to_dict()`) is what lets diffusers reload a LoRA trained with lora_alpha != rank at
-    the right strength. Written to a temp folder first, then moved into place (atomic on one filesystem).
-    """
-    from diffusers import StableDiffusionPipeline
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-lora-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=cast(unet_sd, dtype),
-            text_encoder_lora_layers=cast(te_sd, dtype),
-            unet_lora_adapter_metadata=unet_config.to_dict(),
-            text_encoder_lora_adapter_metadata=te_config.to_dict() if te_config is not None else None,
-            weight_name=PEFT_WEIGHTS,
-        )
-        replace_readable(Path(tmp) / PEFT_WEIGHTS, out_dir / PEFT_WEIGHTS)
-    return out_dir / PEFT_WEIGHTS

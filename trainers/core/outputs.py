@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from sdtune.adapters import sampling
 from sdtune.adapters.base import BaseSource, base_hash, recommended_guidance
 from sdtune.adapters.export_check import ExportCheck, ExportChecker
+from sdtune.adapters.file_metadata import ModelFacts, prediction_type
 from sdtune.adapters.manifest import AdapterManifest, BaseRef, write_manifest
 from sdtune.trainers.core.checkpointing import TrainState
 from sdtune.trainers.core.data import DatasetScan
@@ -74,6 +75,21 @@ def trigger_words(recipe: Recipe) -> list[str]:
     if recipe.method.type == "dreambooth":
         return [recipe.method.instance_prompt]
     return [recipe.data.trigger_word] if recipe.data.trigger_word else []
+
+
+def model_facts(recipe: Recipe, date: float | None = None) -> ModelFacts:
+    """What the model spec says of a file this run saves: its name, training resolution, the base's prediction
+    type, the trigger words, the save time."""
+    from sdtune.trainers.core.estimate import base_config_folder
+
+    res = recipe.data.resolution
+    return ModelFacts(
+        title=recipe.output.name,
+        resolution=(res, res),
+        prediction_type=prediction_type(base_config_folder(recipe)),
+        date=time.time() if date is None else date,
+        trigger_words=tuple(trigger_words(recipe)),
+    )
 
 
 def check_settings(recipe: Recipe) -> sampling.SampleSettings:

@@ -14,11 +14,12 @@ from accelerate.utils import ProjectConfiguration
 
 from sdtune.adapters.base import BaseSource
 from sdtune.adapters.errors import SdtuneError
+from sdtune.adapters.lora_files import SAVE_PRECISIONS, save_dtype
 from sdtune.trainers.core.progress import ProgressTracker
 from sdtune.trainers.core.recipe import Recipe, RecipeError, TrainConfig
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # train.mixed_precision -> dtype
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # output.save_precision, --dtype
+SAVE_DTYPES = {name: save_dtype(name) for name in SAVE_PRECISIONS}  # output.save_precision (adapters/lora_files.py)
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
