@@ -145,7 +145,7 @@ RENAMES_ALLOWED = {
 }
 
 
-@pytest.mark.parametrize("folder", ["adapters", "trainers"])
+@pytest.mark.parametrize("folder", ["adapters", "trainers", "studio/api"])
 def test_temp_then_rename_writes_go_through_the_atomic_module(folder):
     found = {}
     for path in sorted((ROOT / folder).rglob("*.py")):

@@ -92,19 +92,26 @@ def test_a_wrong_import_fails_with_its_name(folder, source, offending, monkeypat
 
 
 STUDIO_PAGES = sorted(p.stem for p in (ROOT / "studio" / "views").glob("*.py") if p.stem != "__init__")
+API_MODULES = sorted(p.stem for p in (ROOT / "studio" / "api").glob("*.py") if p.stem != "__init__")
 
 
 def test_every_page_is_checked():
     assert {"datasets", "train", "jobs", "registry", "ab", "publish"} <= set(STUDIO_PAGES)
 
 
+def test_every_api_module_is_checked():
+    assert {"errors", "render", "registry", "datasets", "training", "comparisons", "publishing"} <= set(API_MODULES)
+    assert all(p in SOURCES for p in (ROOT / "studio" / "api").glob("*.py"))  # the import direction too
+
+
 def test_cli_api_and_pages_import_without_torch():
-    """The studio's pages and `sdtune --help` stay fast: torch loads only when a command needs a model.
+    """The studio's pages, its API's modules and `sdtune --help` stay fast: torch loads only when a command needs a model.
     (tests/test_studio_pages.py also renders each page in a fresh process and checks torch stayed out.)"""
     pages = ", ".join(f"sdtune.studio.views.{name}" for name in STUDIO_PAGES)
+    api = ", ".join(f"sdtune.studio.api.{name}" for name in API_MODULES)  # each module, not only what __init__ takes
     modules = (
         "sdtune.studio.cli, sdtune.studio.api, sdtune.studio.jobs, sdtune.studio.worker, sdtune.studio.launch, "
-        f"sdtune.studio.datasets_store, {pages}"
+        f"sdtune.studio.datasets_store, {api}, {pages}"
     )
     code = f"import {modules}, sys; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -34,3 +34,4 @@ def test_the_wheel_builds_without_setuptools_warnings_and_ships_the_data(tmp_pat
     names = set(zipfile.ZipFile(wheel).namelist())
     for data in ("toy_base/unet/diffusion_pytorch_model.safetensors", "sd15_config/unet/config.json"):
         assert f"sdtune/adapters/{data}" in names
+    assert "sdtune/studio/api/__init__.py" in names and "sdtune/studio/api/errors.py" in names  # a subpackage

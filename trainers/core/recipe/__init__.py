@@ -28,8 +28,6 @@ from .sections import (
     ValidationConfig,
 )
 
-# The name studio/api.py imports from before `read_yaml` was public; it goes once that import reads `read_yaml`.
-_yaml = read_yaml
 
 __all__ = [
     "AS_TEXT",
