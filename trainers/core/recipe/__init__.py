@@ -28,7 +28,6 @@ from .sections import (
     ValidationConfig,
 )
 
-
 __all__ = [
     "AS_TEXT",
     "COMMON",
