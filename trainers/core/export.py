@@ -150,7 +150,7 @@ def kohya_metadata(outputs: RunOutputs, step: int, unet_config: LoraConfig) -> d
         unet_lr=train.learning_rate,
         seed=train.seed,
         mixed_precision=train.mixed_precision,
-        optimizer=train.optimizer,
+        optimizer=train.optimizer_type,
         lr_scheduler=train.lr_scheduler,
         batch_size=train.train_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
