@@ -107,9 +107,9 @@ def test_bad_block_weights_are_named(method, message):
 # -- building the optimizers ----------------------------------------------------------------------------------------
 
 
-def _groups():
+def _groups(features: int = 4):
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
+    model = torch.nn.Linear(features, 3 if features == 4 else features)
     return model, [{"params": list(model.parameters()), "lr": 0.01}]
 
 
@@ -185,10 +185,10 @@ def test_schedule_free_outputs_see_the_average_and_training_resumes_exactly():
     """Inside `outputs_point` the weights are schedule-free's x (what its eval() gives); after it, y bit for bit,
     where eval() then train() alone may round it."""
     train = TrainConfig(optimizer_type="schedulefree_adamw", lr=0.05)
-    model, groups = _groups()
+    model, groups = _groups(64)  # 4 thousand weights: enough for eval() then train() alone to round some
     optimizer = optimizers.make_optimizer(groups, train)
     for _ in range(5):
-        model(torch.randn(8, 4)).pow(2).sum().backward()
+        model(torch.randn(8, 64)).pow(2).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
     params = list(model.parameters())
@@ -201,6 +201,31 @@ def test_schedule_free_outputs_see_the_average_and_training_resumes_exactly():
     for x, y_, z_ in zip(inside, y, z):  # y = (1 - beta1) z + beta1 x
         torch.testing.assert_close(y_, (1 - beta1) * z_ + beta1 * x)
     assert all(torch.equal(a, b) for a, b in zip(params, y))
+
+
+@pytest.mark.parametrize("ema_validation", [True, False])
+def test_outputs_see_the_ema_and_grids_too_unless_told_otherwise(ema_validation):
+    from sdtune.trainers.core.ema import RunEma
+    from sdtune.trainers.core.runtime import Optimization
+
+    model, groups = _groups()
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(groups)
+    ema = RunEma(params, decay=0.5)
+    opt = Optimization([model], optimizer, None, params, [model], None, ema, ema_validation)
+    for _ in range(3):
+        model(torch.randn(8, 4)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(params)
+    trained = [p.detach().clone() for p in params]
+    with opt.outputs_weights():  # a save: always the EMA
+        assert all(torch.equal(p, s) for p, s in zip(params, ema.shadow_params))
+    with opt.outputs_weights(validation=True):  # a grid: the EMA unless ema_validation is off
+        shown = ema.shadow_params if ema_validation else trained
+        assert all(torch.equal(p, s) for p, s in zip(params, shown))
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    assert not any(torch.equal(s, t) for s, t in zip(ema.shadow_params, trained))
 
 
 # -- block-wise learning rates --------------------------------------------------------------------------------------
