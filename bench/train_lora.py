@@ -6,7 +6,7 @@ Usage:
     # (b) the full SD v1-5 architecture with random weights, 512 px, batch 1 and 4, on a GPU
     python bench/train_lora.py --model sd15-random --batch 1 4 --example path/to/train_text_to_image_lora.py
 
-    # (c) sdtune alone: the step with each loss/noise option against the default step (toy, CPU)
+    # (c) sdtune alone: the step with each loss/noise/optimizer/EMA option against the default step (toy, CPU)
     python bench/train_lora.py --model toy --options all --repeats 3
     python bench/train_lora.py --options huber multires_noise "train.loss_type=smooth_l1 train.huber_c=0.2"
 
@@ -48,7 +48,7 @@ from benchlib import (
     results_header,
 )
 
-# The recipe keys of the loss and noise options (issue 22), as the overrides that turn each on. `default` is the step
+# The recipe keys of the loss, noise, optimizer and EMA options (issue 22), as the overrides that turn each on. `default` is the step
 # they are measured against: plain noise, uniform timesteps, the MSE, no min-SNR (sdtune_run sets snr_gamma null).
 # zero_terminal_snr is not here: it needs a v-prediction base (the toy is epsilon) and costs nothing per step (the
 # rescaled schedule is built once).
@@ -62,6 +62,12 @@ OPTIONS = {
     "multires_noise": ["train.multires_noise_iterations=6", "train.multires_noise_discount=0.3"],
     "ip_noise": ["train.ip_noise_gamma=0.1"],
     "timestep_range": ["train.min_timestep=200", "train.max_timestep=800"],
+    # Optimizers and EMA (issue 22 items 3-4): the step with another optimizer's update, or the EMA's after it.
+    "prodigy": ["train.optimizer_type=prodigy", "train.lr=1.0"],
+    "schedulefree_adamw": ["train.optimizer_type=schedulefree_adamw", "train.lr_scheduler=constant"],
+    "lion": ["train.optimizer_type=lion", "train.lr=3e-5"],
+    "adamw8bit": ["train.optimizer_type=adamw8bit"],
+    "ema": ["method.use_ema=true"],
 }
 
 
@@ -102,7 +108,7 @@ def sdtune_run(
         "data.caption_dropout_rate=0",
         f"method.rank={rank}",
         f"method.lora_alpha={rank}",
-        "train.optimizer=adamw",
+        "train.optimizer_type=adamw",
         "train.snr_gamma=null",
         "output.export_check=false",
         *extra,

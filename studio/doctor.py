@@ -32,7 +32,7 @@ def _bitsandbytes_status(device: str) -> str:
         optimizer.step()
         return f"ok ({bnb.__version__}, 8-bit AdamW steps on {device})"
     except Exception as exc:  # any failure means: do not pick adamw8bit here
-        return f"NOT usable on {device}: {str(exc).splitlines()[0][:120]} -> use optimizer: adamw"
+        return f"NOT usable on {device}: {str(exc).splitlines()[0][:120]} -> use optimizer_type: adamw"
 
 
 def _sdpa_status(device: str) -> str:

@@ -11,6 +11,8 @@ value means for the recipe (`read`). It imports no torch and no Streamlit.
 
 from __future__ import annotations
 
+import functools
+import operator
 import types
 import typing
 from dataclasses import dataclass
@@ -25,7 +27,16 @@ from sdtune.trainers.core import recipe as schema
 
 SECTIONS = ("base", "data", "method", "train", "validation", "output")
 # Word -> how a label spells it; everything else is the key's own words ("max_train_steps" -> "Max train steps").
-SPELLING = {"lr": "LR", "lora": "LoRA", "dora": "DoRA", "snr": "SNR", "ema": "EMA", "tf32": "TF32", "dir": "folder"}
+SPELLING = {
+    "lr": "LR",
+    "lora": "LoRA",
+    "dora": "DoRA",
+    "snr": "SNR",
+    "ema": "EMA",
+    "unet": "UNet",
+    "tf32": "TF32",
+    "dir": "folder",
+}
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,8 @@ class FormField:
         options: the choices of a select.
         optional: None is a valid value (an empty text or number box means "unset").
         low, high: the number box's bounds, from the field's ge/gt/le/lt.
-        item: a list's item kind: str, number or mapping (one YAML line each).
+        item: a list's item kind: str, number or mapping (one YAML line each); a text's: str, number, or yaml (a
+            mapping, or a key that takes one number or a list: written and read as one YAML line).
         common: shown open; otherwise folded under the section's "more settings".
     """
 
@@ -66,6 +78,8 @@ class FormField:
         if self.widget == "text":
             if value is None:
                 return ""
+            if self.item == "yaml" and isinstance(value, (dict, list)):
+                return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
             return value if isinstance(value, str) else repr(value)  # repr: the shortest text that reads back exact
         if self.widget == "list":
             return "\n".join(self._line(item) for item in value or [])
@@ -77,6 +91,8 @@ class FormField:
         if self.widget == "text":
             if shown == "" and self.optional:
                 return None
+            if self.item == "yaml":
+                return _yaml_line(shown)
             return _number(shown) if self.item == "number" else shown
         if self.widget == "list":
             lines = [line.strip() for line in shown.splitlines() if line.strip()]
@@ -132,6 +148,8 @@ def describe(path: str, info: FieldInfo) -> FormField:
         (item,) = typing.get_args(annotation)
         kind = "str" if _strip_none(item)[0] is str else "mapping" if _is_model(item) else "number"
         return FormField(path, widget="list", item=kind, **shared)
+    if origin in (dict, Union, types.UnionType):  # optimizer_args; a block weight: one number or 12
+        return FormField(path, widget="text", item="yaml", **shared)
     return FormField(path, widget="text", **shared)
 
 
@@ -161,8 +179,10 @@ def _strip_none(annotation) -> tuple[Any, bool]:
         return _strip_none(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
         if len(args) == 1:
-            return _strip_none(args[0])[0], len(args) < len(typing.get_args(annotation))
+            return _strip_none(args[0])[0], optional
+        return functools.reduce(operator.or_, args), optional  # float | list[float] | None: both kinds, and unset
     return annotation, False
 
 

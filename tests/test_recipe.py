@@ -91,7 +91,8 @@ BAD = [
     ({"train": {"max_train_steps": 0}}, "train.max_train_steps: Input should be greater than or equal to 1, got 0"),
     (
         {"train": {"optimizer": "sgd"}},
-        "train.optimizer: Input should be 'adamw', 'adamw8bit' or 'adafactor', got 'sgd'",
+        "train.optimizer: expected one of adamw, adamw8bit, adafactor, prodigy, schedulefree_adamw, lion or a "
+        "module.ClassName (e.g. torch.optim.SGD), got 'sgd'",
     ),
     ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision: Input should be 'no', 'fp16' or 'bf16'"),
     ({"data": {"caption_dropout_rate": 1.5}}, "data.caption_dropout_rate: Input should be less than or equal to 1"),
@@ -108,7 +109,7 @@ BAD = [
     ),
     (
         {"train": {"optimizer": "adamw8bit", "fused_optimizer": True}},
-        "train: fused_optimizer is torch's fused AdamW: set optimizer: adamw (not adamw8bit)",
+        "train: fused_optimizer is torch's fused AdamW: set optimizer_type: adamw (not adamw8bit)",
     ),
     (
         {"train": {"torch_compile_mode": "reduce-overhead"}},

@@ -72,6 +72,20 @@ def test_every_recipe_key_of_each_method_is_on_the_form_with_its_description(hom
     assert not {"Max train steps", "Learning rate", "Resolution", "Name"} & folded
 
 
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "controlnet"])
+def test_optimizer_ema_and_block_lr_keys_sit_where_kohya_users_look(home, method):
+    """The optimizer with the training settings (its name open, its arguments folded); the EMA and, for the LoRA
+    methods, the UNet / text-encoder lrs and the block weights with the method's settings, folded."""
+    at = opened(page("train"), method)
+    folded = {e.label.split(" ")[1]: {w.label for w in widgets(e)} for e in at.expander if e.label.startswith("More ")}
+    assert "Optimizer type" in {w.label for w in widgets(at)} - folded["train"]
+    assert "Optimizer args" in folded["train"]
+    ema = {"Use EMA", "EMA decay", "EMA warmup", "EMA inv gamma", "EMA power", "EMA update after step"}
+    assert ema | {"EMA validation"} <= folded["method"]
+    lrs = {"UNet LR", "Down LR weight", "Mid LR weight", "Up LR weight"}
+    assert lrs <= folded["method"] if method != "controlnet" else not lrs & {w.label for w in widgets(at)}
+
+
 def test_a_new_schema_key_reaches_the_form_by_itself():
     """No hand-made knob list: a field added to a section is described with its type's widget and its marker."""
     from pydantic import Field
@@ -113,13 +127,13 @@ def test_each_shipped_preset_shows_its_values_and_reads_back_unchanged(home, pre
 def test_the_form_shows_what_the_yaml_says(home):
     at = page("train")
     box = at.text_area(key="yaml-quickstart.yaml")
-    edited = box.value.replace("optimizer: adamw", "optimizer: adafactor").replace(
+    edited = box.value.replace("optimizer_type: adamw", "optimizer_type: adafactor").replace(
         "random_flip: true", "random_flip: false"
     )
     edited = edited.replace("seeds: [0, 1]", "seeds: [3, 4, 5]").replace("snr_gamma: 5.0", "snr_gamma: 2.5")
     box.set_value(edited.replace('{prompt: "a purple circle", color: purple, ', '{prompt: "a purple circle", '))
     at = at.run()
-    assert widget(at, "Optimizer").value == "adafactor" and widget(at, "Random flip").value is False
+    assert widget(at, "Optimizer type").value == "adafactor" and widget(at, "Random flip").value is False
     assert widget(at, "Seeds").value == "3\n4\n5" and widget(at, "SNR gamma").value == "2.5"
     assert widget(at, "Toy score").value.splitlines()[0] == "{prompt: a purple circle, color: null, shape: circle}"
     assert [c.value for c in at.code] == []
@@ -129,7 +143,12 @@ RED_SQUARE = {"prompt": "a red square", "color": None, "shape": "square"}
 # Each widget kind, changed on the form: (label, new content, recipe key, the value the job's recipe holds).
 CHANGES = [
     ("Noise offset", 0.1, "train.noise_offset", 0.1),
-    ("Optimizer", "adafactor", "train.optimizer", "adafactor"),
+    ("Optimizer type", "Lion", "train.optimizer_type", "lion"),  # kohya's spelling, read as sdtune's name
+    ("Optimizer args", "{weight_decay: 0.1}", "train.optimizer_args", {"weight_decay": 0.1}),
+    ("Use EMA", True, "method.use_ema", True),
+    ("UNet LR", "3e-4", "method.unet_lr", 3e-4),
+    ("Down LR weight", "zeros+0.5", "method.down_lr_weight", [0.5] * 12),  # a curve of sd-scripts'
+    ("Mid LR weight", "0", "method.mid_lr_weight", 0.0),
     ("Random flip", False, "data.random_flip", False),
     ("Learning rate", "2e-4", "train.learning_rate", 2e-4),
     ("Trigger word", "123", "data.trigger_word", "123"),  # typed text stays text, though YAML reads 123 as a number
@@ -215,18 +234,18 @@ def test_presets_save_load_round_trip_and_refuse_a_bad_name(home):
     lora_recipes = [p.name for p in sorted((ROOT / "recipes").glob("*.yaml")) if "type: lora" in p.read_text()]
     assert at.selectbox(key="train-template").options == [f"{name} (shipped)" for name in lora_recipes]
     widget(at, "Max train steps").set_value(7)
-    widget(at, "Optimizer").set_value("adafactor")
+    widget(at, "Optimizer type").set_value("adafactor")
     at = at.button(key=APPLY.format("quickstart.yaml")).click().run()
     at.text_input(key="preset-name").set_value("my-fast")
     at = at.button(key="FormSubmitter:preset-save-Save preset").click().run()
     assert not texts(at, "error"), texts(at, "error")
     saved = home / "presets" / "my-fast.yaml"
     data = yaml.safe_load(saved.read_text())
-    assert data["train"]["max_train_steps"] == 7 and data["train"]["optimizer"] == "adafactor"
+    assert data["train"]["max_train_steps"] == 7 and data["train"]["optimizer_type"] == "adafactor"
     assert data["data"]["trigger_word"] == "purple"  # the rest of the YAML kept
     # loaded at once: the saved preset is open, the form shows its values, and nothing is an override any more
     assert at.selectbox(key="train-template").value == "saved:my-fast"
-    assert widget(at, "Max train steps").value == 7 and widget(at, "Optimizer").value == "adafactor"
+    assert widget(at, "Max train steps").value == 7 and widget(at, "Optimizer type").value == "adafactor"
     assert [c.value for c in at.code] == [] and any("saved preset my-fast" in s for s in texts(at, "success"))
     # loaded later, from a fresh page
     at = page("train")

@@ -196,8 +196,8 @@ def main(argv=None) -> int:
     controlnet = init_controlnet(method, unet)
     opt = runtime.prepare_optimization([runtime.Trained(controlnet)], recipe, accelerator, frozen=(unet,))
 
-    # 4) Checkpoints hold the ControlNet, optimizer, scheduler and where the loop stands; resume restores them.
-    state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir)
+    # 4) Checkpoints hold the ControlNet, optimizer, scheduler, EMA and where the loop stands; resume restores them.
+    state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir, opt.extra_state)
 
     # 5) What the run writes: the ControlNet in both layouts (every checkpoint too), then grid, scores and manifest.
     validator = ControlValidator(recipe, frozen.pipe, controlnet, accelerator, validation_images, base.name)
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
 
     # 6) The loop. Each micro-batch draws its noise and timesteps from its own seed (exact resume).
     idle = idle_during_steps(data, text_cache, frozen.vae, frozen.text_encoder)  # on the CPU while it steps
-    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator, idle)
+    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator, idle, opt.outputs_weights)
     for batch in loop.micro_batches():
         with accelerator.accumulate(*opt.models), accelerator.autocast():
             states = text_states(text_cache, frozen.tokenizer, frozen.text_encoder, batch.captions, device)
@@ -216,8 +216,7 @@ def main(argv=None) -> int:
             # frozen UNet(x_t, t, prompt) + residuals -> eps (or v); MSE to the target
             model = controlled_unet(opt.model, unet, host_to_device(batch.conditions, device).to(dtype), dtype)
             loss = batch_loss(model, frozen.noise_scheduler, batch, states, train, dtype)
-            step_args = (opt.trainable, opt.optimizer, opt.lr_scheduler, train.max_grad_norm)
-            runtime.optimizer_step(accelerator, loss, *step_args)
+            opt.step(loss, train.max_grad_norm)  # backward, clip, step, schedule (and the EMA, if on)
         loop.after_micro_batch(loss, opt.lr_scheduler.get_last_lr()[0])
 
     # 7) The ControlNet in both layouts, the grid, the scores and the manifest (130 instead, if Ctrl-C stopped the

@@ -37,7 +37,6 @@ from sdtune.trainers.core.outputs import RunOutputs
 from sdtune.trainers.core.runtime import (
     load_frozen_base,
     make_accelerator,
-    optimizer_step,
     parse_args,
     prepare_optimization,
     run_cli,
@@ -75,8 +74,8 @@ def main(argv=None) -> int:
     lora_configs = add_lora(unet, text_encoder, method)
     opt = prepare_optimization(unet_and_text_encoder(unet, text_encoder, method), recipe, accelerator)
 
-    # 5) Checkpoints hold the LoRA tensors, optimizer, scheduler and where the loop stands; resume restores them.
-    state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir)
+    # 5) Checkpoints hold the LoRA tensors, optimizer, scheduler, EMA and where the loop stands; resume restores them.
+    state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir, opt.extra_state)
 
     # 6) What the run writes: the LoRA in both formats (every checkpoint too), then grid, scores and manifest.
     validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
@@ -87,13 +86,13 @@ def main(argv=None) -> int:
 
     # 7) The loop. A step = gradient_accumulation_steps micro-batches; each draws its noise from its own seed.
     idle = idle_during_steps(recipe.data, text_cache, frozen.vae, text_encoder)  # on the CPU while it steps
-    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator, idle)
+    loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator, idle, opt.outputs_weights)
     for batch in loop.micro_batches():
         with accelerator.accumulate(*opt.models), accelerator.autocast():
             states = text_states(text_cache, tokenizer, opt.prepared(text_encoder), batch.captions, device)
             # noise the latents at random timesteps, predict the noise (or v), MSE with optional min-SNR weights
             loss = batch_loss(opt.model, noise_scheduler, batch, states, train, dtype)
-            optimizer_step(accelerator, loss, opt.trainable, opt.optimizer, opt.lr_scheduler, train.max_grad_norm)
+            opt.step(loss, train.max_grad_norm)  # backward, clip, step, schedule (and the EMA, if on)
         loop.after_micro_batch(loss, opt.lr_scheduler.get_last_lr()[0])
 
     # 8) Final adapter: both formats, the export check, the A/B grid, the scores, the manifest (130 instead, if

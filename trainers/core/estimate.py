@@ -17,11 +17,21 @@ from pathlib import Path
 import torch
 
 from sdtune.adapters.base import SD15_CONFIG, TOY_BASE, resolve_base
+from sdtune.trainers.core.optimizers import optimizer_notes
 from sdtune.trainers.core.recipe import Recipe
 
 GB = 1024**3
 # Bytes of optimizer state per trainable parameter.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 4}
+# Optimizer state bytes per trained parameter (Adam: 2 fp32 moments; Prodigy adds its two others; schedule-free AdamW
+# keeps z and the second moment; Lion one momentum). A module.ClassName optimizer is counted as Adam.
+OPTIMIZER_STATE_BYTES = {
+    "adamw": 8,
+    "adamw8bit": 2,
+    "adafactor": 4,
+    "prodigy": 16,
+    "schedulefree_adamw": 8,
+    "lion": 4,
+}
 # Activation memory kept for backward, bytes per UNet multiply-accumulate of one sample. Set from commonly reported
 # SD v1-5 LoRA figures with SDPA (512 px: ~3 GB per sample in fp16 without checkpointing, ~0.8 GB with); not yet
 # calibrated on a GPU here: bench/train_lora.py measures the real peak (bench/RESULTS.md).
@@ -191,10 +201,10 @@ def estimate_run(recipe: Recipe, device: str | None = None, bucket: tuple[int, i
     # Frozen weights sit in the run's dtype; a fully trained UNet is held in fp32 (counted as trainable) instead.
     frozen = (0 if trainable == unet_params else unet_params) + _other_params(str(folder))
     weight_bytes = frozen * (2 if half else 4)
-    trainable_bytes = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[recipe.train.optimizer])
+    trainable_bytes = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES.get(recipe.train.optimizer_type, 8))
     if getattr(method, "train_text_encoder", False):
         trainable_bytes += _other_params(str(folder), "text_encoder") * (
-            4 + 4 + OPTIMIZER_STATE_BYTES[recipe.train.optimizer]
+            4 + 4 + OPTIMIZER_STATE_BYTES.get(recipe.train.optimizer_type, 8)
         )
     batch = recipe.train.train_batch_size
     if getattr(method, "with_prior_preservation", False):
@@ -229,4 +239,5 @@ def preflight(recipe: Recipe, scan, device: str | None = None, num_processes: in
         lines.append(estimate.summary(train.max_train_steps))
     except (OSError, ValueError, KeyError) as exc:  # configs of an uncached hub base: no estimate, not an error
         lines.append(f"estimate unavailable: {str(exc).splitlines()[0]}")
+    lines.extend(optimizer_notes(recipe))
     return "\n".join(lines)

@@ -113,7 +113,7 @@ def lora_facts(outputs: RunOutputs, step: int, unet_config: LoraConfig) -> LoraF
         unet_lr=train.learning_rate,
         seed=train.seed,
         mixed_precision=train.mixed_precision,
-        optimizer=train.optimizer,
+        optimizer=train.optimizer_type,
         lr_scheduler=train.lr_scheduler,
         batch_size=train.train_batch_size,
         num_train_images=len(scan.records),

@@ -62,13 +62,17 @@ class RunLoop:
         on_validation: Callable[[int], None] | None = None,
         validation_steps: int = 0,
         idle: list[torch.nn.Module] = (),
+        outputs_weights: Callable[..., contextlib.AbstractContextManager] | None = None,
     ):
         """`idle`: frozen models the step does not call (`idle_during_steps`); they wait in CPU memory while the loop
-        steps, and are back on the device for checkpoints, validation and the final outputs."""
+        steps, and are back on the device for checkpoints, validation and the final outputs. `outputs_weights(
+        validation=False)`: the weights saves and grids see (`runtime.Optimization.outputs_weights`: EMA,
+        schedule-free), the training weights back after each."""
         self.accelerator, self.train, self.state, self.batches = accelerator, train, state, batches
         self.out_dir, self.on_checkpoint, self.on_validation = Path(out_dir), on_checkpoint, on_validation
         self.validation_steps = validation_steps
         self.idle = list(idle)
+        self.outputs_weights = outputs_weights or (lambda validation=False: contextlib.nullcontext())
         self.stopped_early, self.step_times, self._stop = False, [], None
         self._index = 0
         self._unlogged: list[tuple[int, torch.Tensor, float | None, float]] = []  # (step, loss, lr, wall time)
@@ -80,7 +84,15 @@ class RunLoop:
 
     @classmethod
     def for_recipe(
-        cls, accelerator, recipe, state: TrainState, batches: BatchBuilder, on_checkpoint, validator, idle=()
+        cls,
+        accelerator,
+        recipe,
+        state: TrainState,
+        batches: BatchBuilder,
+        on_checkpoint,
+        validator,
+        idle=(),
+        outputs_weights=None,
     ):
         """The loop of a recipe's run: checkpoints in `output.dir` through `on_checkpoint`, and a validation grid
         `samples/step-N.png` every `validation.validation_steps` from `validator`."""
@@ -95,6 +107,7 @@ class RunLoop:
             on_validation=lambda step: validator.grid(step, out_dir / "samples" / f"step-{step:06d}.png"),
             validation_steps=recipe.validation.validation_steps,
             idle=idle,
+            outputs_weights=outputs_weights,
         )
 
     @contextlib.contextmanager
@@ -164,7 +177,7 @@ class RunLoop:
                 self._checkpoint(state.step, requested="save" in asked)
         if not finished and (validation_due or "sample" in asked):
             if self.on_validation is not None and self.accelerator.is_main_process:
-                with self.models_on_device():
+                with self.models_on_device(), self.outputs_weights(validation=True):
                     self.on_validation(state.step)
         if stop and not finished:
             why = {"reason": "its job worker is gone"} if WORKER_GONE in asked else {}
@@ -207,7 +220,8 @@ class RunLoop:
         path = save_checkpoint(self.accelerator, self.out_dir, step, self.train.checkpoints_total_limit)
         if self.on_checkpoint is not None and self.accelerator.is_main_process:
             try:
-                self.on_checkpoint(path, step)  # the writer's save: a failed export check stops the run here
+                with self.outputs_weights():  # the checkpoint itself holds the training weights (exact resume)
+                    self.on_checkpoint(path, step)  # the writer's save: a failed export check stops the run here
             except BaseException:
                 self.progress.close()  # the error goes on a line of its own
                 raise
@@ -244,7 +258,8 @@ class RunLoop:
         self.accelerator.wait_for_everyone()
         check_replicas_agree(self.accelerator, trainable)
         if self.accelerator.is_main_process:
-            write_outputs(self.speed_and_memory())
+            with self.outputs_weights():  # what is saved, shown and scored: the EMA / schedule-free average
+                write_outputs(self.speed_and_memory())
         self.accelerator.end_training()
         return 0
 

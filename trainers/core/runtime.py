@@ -1,7 +1,9 @@
-"""The run's machinery shared by every trainer: Accelerate, precision, optimizer, LR schedule, per-step seeds."""
+"""The run's machinery shared by every trainer: Accelerate, precision, optimizer (built in optimizers.py), LR schedule,
+EMA, per-step seeds."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -15,6 +17,9 @@ from accelerate.utils import ProjectConfiguration
 from sdtune.adapters.base import BaseSource
 from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.lora_files import SAVE_PRECISIONS, save_dtype
+from sdtune.trainers.core.ema import ema_weights, make_ema
+from sdtune.trainers.core.optimizers import KNOWN as KNOWN_OPTIMIZERS
+from sdtune.trainers.core.optimizers import make_optimizer, optimizer_class, outputs_point, param_groups
 from sdtune.trainers.core.progress import ProgressTracker
 from sdtune.trainers.core.recipe import Recipe, RecipeError, TrainConfig
 
@@ -69,38 +74,6 @@ def step_generator(seed: int, *parts: int) -> torch.Generator:
 def item_rng(seed: int, epoch: int, position: int) -> random.Random:
     """Per-sample RNG for flips, caption shuffle and dropout: a pure function of (seed, epoch, position)."""
     return random.Random(step_seed(seed, epoch, position, 7))
-
-
-def make_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (torch), 8-bit AdamW (bitsandbytes: optimizer states in 8 bits, 4x less memory) or Adafactor."""
-    adam = dict(
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        weight_decay=train.adam_weight_decay,
-        eps=train.adam_epsilon,
-    )
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, fused=train.fused_optimizer or None, **adam)
-    if train.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise RecipeError(
-                f"train.optimizer: adamw8bit needs bitsandbytes ({exc}); pip install bitsandbytes "
-                "or use optimizer: adamw"
-            ) from None
-        return bnb.optim.AdamW8bit(param_groups, **adam)
-    from transformers.optimization import Adafactor
-
-    # With an explicit lr and a diffusers schedule, Adafactor's own relative-step schedule must be off.
-    return Adafactor(
-        param_groups,
-        lr=train.learning_rate,
-        relative_step=False,
-        scale_parameter=False,
-        warmup_init=False,
-        weight_decay=train.adam_weight_decay,
-    )
 
 
 def make_lr_scheduler(optimizer, train: TrainConfig, num_processes: int):
@@ -214,6 +187,10 @@ def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunSt
     blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:  # found now, not after the models loaded
         raise RecipeError(f"output.dir: {blocked} is a file, not a folder; choose another output.dir")
+    if "." in recipe.train.optimizer_type or recipe.train.optimizer_type in KNOWN_OPTIMIZERS:
+        optimizer_class(
+            recipe.train
+        )  # a missing package or a bad module.ClassName fails now, not after the models load
     resume_from = resolve_resume(recipe.output.dir, recipe.train.resume)
     if resume_from is None:  # every process clears before any can write: they meet first in Accelerator()
         clear_previous_run(recipe.output.dir, recipe.train.resume, recipe.output.overwrite)
@@ -222,16 +199,18 @@ def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunSt
 
 @dataclass
 class Trained:
-    """A model that trains, at `lr` (None: the run's `train.learning_rate`, scaled if `train.scale_lr`)."""
+    """A model that trains, at `lr` (None: the run's `train.learning_rate`, scaled if `train.scale_lr`); with
+    `blocks` (a method with down/mid/up_lr_weight), each UNet block at lr x its weight."""
 
     module: torch.nn.Module
     lr: float | None = None
+    blocks: object = None
 
 
 def unet_and_text_encoder(unet, text_encoder, method) -> list[Trained]:
-    """What trains in a LoRA or DreamBooth run: the UNet at the run's lr; the text encoder, if asked, at
-    `method.text_encoder_lr` (kohya's split)."""
-    trained = [Trained(unet)]
+    """What trains in a LoRA or DreamBooth run: the UNet at `method.unet_lr` (default: the run's lr), block by block
+    with the block weights; the text encoder, if asked, at `method.text_encoder_lr` (kohya's split)."""
+    trained = [Trained(unet, method.unet_lr, blocks=method)]
     if method.train_text_encoder:
         trained.append(Trained(text_encoder, method.text_encoder_lr or None))
     return trained
@@ -247,6 +226,29 @@ class Optimization:
     lr_scheduler: object
     trainable: list[torch.nn.Parameter]
     originals: list[torch.nn.Module]  # the same models as they were given
+    accelerator: Accelerator
+    ema: object = None  # ema.RunEma with method.use_ema
+    ema_validation: bool = True  # validation grids show the EMA weights (method.ema_validation)
+
+    @property
+    def extra_state(self) -> list:
+        """What a checkpoint holds besides the weights, optimizer and schedule (`start_or_resume`'s extra_state)."""
+        return [self.ema] if self.ema is not None else []
+
+    def step(self, loss, max_grad_norm: float):
+        """Backward, then (once per accumulated step, when Accelerate syncs gradients) clip; step; schedule; zero;
+        and the EMA follows the new weights."""
+        optimizer_step(self.accelerator, loss, self.trainable, self.optimizer, self.lr_scheduler, max_grad_norm)
+        if self.ema is not None and self.accelerator.sync_gradients:
+            self.ema.step(self.trainable)
+
+    @contextlib.contextmanager
+    def outputs_weights(self, validation: bool = False):
+        """The weights a save, an export check or (`validation`) a grid sees: a schedule-free optimizer's averaged
+        point, then the EMA's (when on); the training weights come back exactly after the block."""
+        ema = None if validation and not self.ema_validation else self.ema
+        with outputs_point(self.optimizer, self.trainable), ema_weights(ema, self.trainable):
+            yield
 
     @property
     def model(self) -> torch.nn.Module:
@@ -276,10 +278,7 @@ def prepare_optimization(
         for model in frozen:
             model.train()
     lr = scaled_lr(train, accelerator.num_processes)
-    groups = [
-        {"params": [p for p in t.module.parameters() if p.requires_grad], "lr": lr if t.lr is None else t.lr}
-        for t in trained
-    ]
+    groups = [group for t in trained for group in param_groups(t.module, lr if t.lr is None else t.lr, t.blocks)]
     optimizer = make_optimizer(groups, train)
     lr_scheduler = make_lr_scheduler(optimizer, train, accelerator.num_processes)
     first = apply_speed_settings(train, trained[0].module, *frozen)
@@ -287,7 +286,10 @@ def prepare_optimization(
         first, *[t.module for t in trained[1:]], optimizer, lr_scheduler
     )
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    return Optimization(models, optimizer, lr_scheduler, trainable, [t.module for t in trained])
+    ema = make_ema(recipe.method, trainable)
+    originals = [t.module for t in trained]
+    validation = getattr(recipe.method, "ema_validation", True)
+    return Optimization(models, optimizer, lr_scheduler, trainable, originals, accelerator, ema, validation)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module):

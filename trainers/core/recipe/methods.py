@@ -8,11 +8,82 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from sdtune.adapters.base import LocalPath, PathText
 
 from .sections import AS_TEXT, COMMON, Section
+
+
+class EmaParams(Section):
+    """An exponential moving average of the trained weights, as diffusers' `EMAModel` (every method has it)."""
+
+    use_ema: bool = Field(
+        False, description="Keep an EMA of the trained weights; the EMA is what gets saved (and shown, see below)."
+    )
+    ema_decay: float = Field(
+        0.999, gt=0.0, lt=1.0, description="EMA decay per optimizer step (the largest one, with ema_warmup)."
+    )
+    ema_warmup: bool = Field(
+        False,
+        description="Grow the decay as 1 - (1 + step/ema_inv_gamma)^-ema_power up to ema_decay, so the EMA follows "
+        "the early steps closely (diffusers' use_ema_warmup).",
+    )
+    ema_inv_gamma: float = Field(1.0, gt=0.0, description="ema_warmup: inverse multiplicative factor of the steps.")
+    ema_power: float = Field(
+        2 / 3, gt=0.0, description="ema_warmup: its power (2/3 for long runs, 3/4 for short ones, as diffusers)."
+    )
+    ema_update_after_step: int = Field(0, ge=0, description="The EMA copies the weights until this step.")
+    ema_validation: bool = Field(
+        True, description="use_ema: validation grids render from the EMA weights (what is saved); false: the trained."
+    )
+
+
+# One block weight for each of the 12 input (down) or output (up) blocks of SD v1-5's original layout, as sd-scripts'
+# down_lr_weight/up_lr_weight; its names make a curve over the 12 (`name+base` adds base to each).
+BLOCKS_PER_SIDE = 12
+BLOCK_WEIGHT_CURVES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+def block_weights(value):
+    """down_lr_weight/up_lr_weight as one number or 12: kohya writes '1,1,0.5,...' (empty = 0) or a curve name."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return read_flow(text)
+    name, _, base = text.partition("+")
+    if name in BLOCK_WEIGHT_CURVES:
+        return weight_curve(name, float(base or 0))
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        numbers = [float(part) if part else 0.0 for part in parts]
+    except ValueError:
+        raise ValueError(
+            f"{value!r}: give one number, 12 numbers, or a curve: {', '.join(BLOCK_WEIGHT_CURVES)} (name+0.5 adds 0.5)"
+        ) from None
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
+def weight_curve(name: str, base: float) -> list[float]:
+    """sd-scripts' named block-weight curves over the 12 blocks, from the input (or output) side's first block."""
+    import math
+
+    ramp = [i / (BLOCKS_PER_SIDE - 1) for i in range(BLOCKS_PER_SIDE)]
+    curve = {
+        "sine": [math.sin(math.pi * r / 2) for r in ramp],
+        "cosine": [math.sin(math.pi * r / 2) for r in reversed(ramp)],
+        "linear": ramp,
+        "reverse_linear": list(reversed(ramp)),
+        "zeros": [0.0] * BLOCKS_PER_SIDE,
+    }[name]
+    return [w + base for w in curve]
+
+
+def read_flow(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 class LoraParams(Section):
@@ -39,19 +110,54 @@ class LoraParams(Section):
     text_encoder_lr: float | None = Field(
         None, gt=0, description="Learning rate of the text-encoder LoRA.", json_schema_extra={**COMMON, **AS_TEXT}
     )
+    # Block-wise learning rates (sd-scripts' LoRA network args): a block's lr is unet_lr x its weight; 0 freezes it.
+    # Blocks as SD v1-5's original layout counts them: 12 input blocks (the first, conv_in, holds no LoRA), the
+    # middle one, 12 output blocks. A weight for a block the UNet does not have (the toy base) does nothing.
+    unet_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the UNet (kohya's name). Default: train.learning_rate.",
+        json_schema_extra=AS_TEXT,
+    )
+    down_lr_weight: float | list[float] | None = Field(
+        None,
+        description="lr weight of the UNet's 12 input blocks: one number for all, 12 numbers, or a curve (cosine, "
+        "sine, linear, reverse_linear, zeros; name+0.5 adds 0.5); 0 freezes a block.",
+    )
+    mid_lr_weight: float | None = Field(None, ge=0, description="lr weight of the UNet's middle block; 0 freezes it.")
+    up_lr_weight: float | list[float] | None = Field(
+        None, description="lr weight of the UNet's 12 output blocks, as down_lr_weight."
+    )
+
+    @field_validator("down_lr_weight", "up_lr_weight", mode="before")
+    @classmethod
+    def _block_weights(cls, value):
+        return block_weights(value)
+
+    @field_validator("down_lr_weight", "up_lr_weight")
+    @classmethod
+    def _twelve_blocks(cls, value):
+        weights = value if isinstance(value, list) else [value] if value is not None else []
+        if isinstance(value, list) and len(value) != BLOCKS_PER_SIDE:
+            raise ValueError(
+                f"{len(value)} weights given: give one number for every block, or exactly {BLOCKS_PER_SIDE}"
+            )
+        if any(w < 0 for w in weights):
+            raise ValueError("a block's lr weight must be 0 (frozen) or more")
+        return value
 
     @property
     def alpha(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else float(self.rank)
 
 
-class LoraMethod(LoraParams):
+class LoraMethod(LoraParams, EmaParams):
     """LoRA over a frozen base (trainers/lora.py)."""
 
     type: Literal["lora"] = Field("lora", description="lora: a LoRA over the frozen base (trainers/lora.py).")
 
 
-class DreamBoothMethod(LoraParams):
+class DreamBoothMethod(LoraParams, EmaParams):
     """DreamBooth: teach one subject from a few images, as a full fine-tune or a LoRA (trainers/dreambooth.py).
 
     The subject is bound to a rare identifier inside its class ("a photo of sks dog"); prior preservation trains on
@@ -104,8 +210,6 @@ class DreamBoothMethod(LoraParams):
     text_encoder_steps: int | None = Field(
         None, ge=1, description="With train_text_encoder: train it for the first N steps only (default: all)."
     )
-    use_ema: bool = Field(False, description="Keep an EMA of the trained weights; the EMA is what gets saved.")
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")
     extract_lora_rank: int | None = Field(
         32, ge=1, description="Full mode: also write a LoRA of this rank, extracted from the weight delta by SVD."
     )
@@ -125,7 +229,7 @@ class DreamBoothMethod(LoraParams):
         return self
 
 
-class ControlNetMethod(Section):
+class ControlNetMethod(EmaParams):
     """ControlNet: a trainable copy of the UNet encoder that follows a conditioning image (trainers/controlnet.py).
 
     Where the conditioning images come from (`conditioning: image`), by data layout: `train_data_dir/images/` with

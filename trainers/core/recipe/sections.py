@@ -7,10 +7,12 @@ with base loading; `method` is in `methods.py`; the whole recipe, with its check
 
 from __future__ import annotations
 
+import ast
+import re
 import warnings
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sdtune.adapters.base import LocalPath, PathText
 from sdtune.adapters.errors import SdtuneError
@@ -114,6 +116,39 @@ class DataConfig(Section):
 
 # -- train ----------------------------------------------------------------------------------------------------------
 
+# train.optimizer_type: the names sdtune knows (trainers/core/optimizers.py builds them), how kohya spells some of them
+# (its optimizer_type is case-insensitive: AdamW8bit, Prodigy, AdamWScheduleFree ...), and the free form.
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "schedulefree_adamw", "lion")
+OPTIMIZER_SPELLINGS = {
+    **{name: name for name in OPTIMIZERS},
+    "adamwschedulefree": "schedulefree_adamw",
+    "schedulefree.adamwschedulefree": "schedulefree_adamw",
+    "prodigyopt.prodigy": "prodigy",
+    "lion_pytorch.lion": "lion",
+}
+DOTTED_NAME = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+"
+
+
+def parse_optimizer_args(value):
+    """`optimizer_args` as a mapping: YAML gives one; kohya's TOML and command line give ['key=value', ...], each value
+    a Python literal ('betas=0.9,0.99' is a tuple) or else a string; the studio's text box gives a YAML flow mapping."""
+    if isinstance(value, str):
+        import yaml
+
+        value = yaml.safe_load(value) if value.strip() else {}
+    if not isinstance(value, list):
+        return value
+    parsed = {}
+    for item in value:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"item {item!r} is not key=value (e.g. 'weight_decay=0.1')")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        try:
+            parsed[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            parsed[key] = raw
+    return parsed
+
 
 class TrainConfig(Section):
     """The optimisation: steps, batch, learning rate and schedule, optimizer, precision, checkpoints."""
@@ -139,10 +174,23 @@ class TrainConfig(Section):
     )
     lr_num_cycles: int = Field(1, ge=1, description="Hard restarts for cosine_with_restarts.")
     lr_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
-    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field(
+    # kohya's names (optimizer_type, optimizer_args); `optimizer` is sdtune's earlier name. Prodigy estimates the
+    # step size itself: learning_rate is a multiplier of it (keep 1.0) and a warmup only delays it (keep 0); the
+    # preflight warns otherwise. schedulefree_adamw needs no schedule (lr_scheduler: constant; lr_warmup_steps
+    # becomes its own warmup); its exported weights are its averaged point (optimizer.eval()), not the last step.
+    optimizer_type: str = Field(
         "adamw",
-        description="adamw (torch), adamw8bit (bitsandbytes: 4x smaller states), adafactor (transformers).",
+        validation_alias=AliasChoices("optimizer_type", "optimizer"),
+        description="adamw (torch), adamw8bit (bitsandbytes: 4x smaller states), adafactor (transformers), prodigy "
+        "(prodigyopt: finds its own lr; set lr 1.0, no warmup), schedulefree_adamw (schedulefree: no lr schedule), "
+        "lion (lion-pytorch: 1 state, use a 3-10x smaller lr), or any installed class as module.ClassName "
+        "(alias optimizer).",
         json_schema_extra=COMMON,
+    )
+    optimizer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the optimizer, e.g. {d_coef: 2, use_bias_correction: true}; kohya's list "
+        "form ['weight_decay=0.1', 'betas=0.9,0.99'] is read too. They override the adam_* keys.",
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
@@ -244,10 +292,32 @@ class TrainConfig(Section):
         None, description="'latest' or a checkpoint folder to resume from."
     )
 
+    @field_validator("optimizer_type", mode="before")
+    @classmethod
+    def _optimizer_name(cls, value):
+        if not isinstance(value, str):
+            return value
+        name = OPTIMIZER_SPELLINGS.get(value.strip().lower(), value.strip())
+        if name not in OPTIMIZERS and not re.fullmatch(DOTTED_NAME, name):
+            raise ValueError(f"expected one of {', '.join(OPTIMIZERS)} or a module.ClassName (e.g. torch.optim.SGD)")
+        return name
+
+    @field_validator("optimizer_args", mode="before")
+    @classmethod
+    def _optimizer_args(cls, value):
+        return parse_optimizer_args(value)
+
     @model_validator(mode="after")
     def _check(self):
-        if self.fused_optimizer and self.optimizer != "adamw":
-            raise ValueError(f"fused_optimizer is torch's fused AdamW: set optimizer: adamw (not {self.optimizer})")
+        if self.fused_optimizer and self.optimizer_type != "adamw":
+            raise ValueError(
+                f"fused_optimizer is torch's fused AdamW: set optimizer_type: adamw (not {self.optimizer_type})"
+            )
+        if self.optimizer_type == "schedulefree_adamw" and self.lr_scheduler != "constant":
+            raise ValueError(
+                f"optimizer_type schedulefree_adamw needs no lr schedule: set lr_scheduler: constant (not "
+                f"{self.lr_scheduler}); lr_warmup_steps becomes the optimizer's own warmup"
+            )
         if self.torch_compile_mode != "default" and not self.torch_compile:
             raise ValueError("torch_compile_mode applies only with torch_compile: true")
         return self
