@@ -812,7 +812,7 @@ def translate(src: Source, dataset_file: str | Path | None = None, may_read=None
     chosen = any(
         not _empty(args.get(k)) for k in ("optimizer_type", "optimizer", "use_8bit_adam", "use_lion_optimizer")
     )
-    if chosen and "train.optimizer" not in tr.origin and train.get("learning_rate", 0) >= 0.1:
+    if chosen and "train.optimizer_type" not in tr.origin and train.get("learning_rate", 0) >= 0.1:
         # Prodigy and D-Adaptation take lr ~1; AdamW, sdtune's default in their place, would diverge at it
         tr.drop("train.learning_rate", "set for an optimizer sdtune lacks; too high for AdamW", "not supported")
     _validate(tr, source)

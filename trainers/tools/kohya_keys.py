@@ -186,9 +186,9 @@ SD_SCRIPTS: dict[str, Rule] = {
     "max_token_length": Map((), only_if(75, "longer prompts than CLIP's 77 tokens")),
     "no_half_vae": Ignore("sdtune encodes latents once with the VAE in full precision"),
     # the optimizer and its schedule
-    "optimizer_type": Map(("train.optimizer",), optimizer),
-    "use_8bit_adam": Map(("train.optimizer",), lambda v: "adamw8bit" if to_bool(v) else _off()),
-    "use_lion_optimizer": Map(("train.optimizer",), lambda v: "lion" if to_bool(v) else _off()),
+    "optimizer_type": Map(("train.optimizer_type",), optimizer),
+    "use_8bit_adam": Map(("train.optimizer_type",), lambda v: "adamw8bit" if to_bool(v) else _off()),
+    "use_lion_optimizer": Map(("train.optimizer_type",), lambda v: "lion" if to_bool(v) else _off()),
     "learning_rate": Map(("train.learning_rate",), to_float),
     # unet_lr: its own key where the schema has one, else the learning rate (which in sdtune is the U-Net's)
     "unet_lr": Map(("method.unet_lr", "train.unet_lr", "train.learning_rate"), to_float, "the U-Net's lr"),
@@ -413,7 +413,7 @@ NETWORK_ARGS: dict[str, Rule] = {
 GUI: dict[str, Rule] = {
     "LoRA_type": Map(("method.type",)),  # read in kohya_import, with conv_dim and the LyCORIS fields
     "max_resolution": Map(("data.resolution",), resolution),
-    "optimizer": Map(("train.optimizer",), optimizer),
+    "optimizer": Map(("train.optimizer_type",), optimizer),
     "lr_warmup": Map(("train.lr_warmup_steps",)),  # a percent of the steps: resolved in kohya_import
     "epoch": Unsupported(_EPOCHS),
     "model_list": Ignore("the GUI's model picker; pretrained_model_name_or_path names the base"),
