@@ -4,11 +4,14 @@ caption settings, regularization subsets (`is_reg`) paired with the training ima
 
 from __future__ import annotations
 
+import json
 import types
 from collections import Counter
 
 import pytest
 import torch
+import yaml
+from conftest import QUICKSTART, run_trainer
 from diffusers import DDPMScheduler
 from pydantic import ValidationError
 from test_masked_loss import PoolingVae
@@ -117,7 +120,7 @@ def test_an_epoch_trains_each_subset_by_its_repeats_and_pairs_as_many_regulariza
     assert isinstance(batches, PriorPairedBatches)
     for epoch in (0, 1):
         built = epoch_of(batches, epoch)
-        scan, reg_scan = batches.instance.scan, batches.prior.scan
+        scan = batches.instance.scan
         seen = Counter()
         for batch, positions in zip(built, batches.epoch_batches(epoch)):
             seen.update(scan.records[batches.instance.expanded[p]].subset for p in positions)
@@ -172,3 +175,42 @@ def test_regularization_images_count_at_prior_loss_weight(weight):
     assert loss.item() == pytest.approx(per_sample[:2].mean().item() + weight * per_sample[2:].mean().item())
     plain = Batch(latents, ["a"] * 4, torch.Generator().manual_seed(0))
     assert batch_loss(*args[:2], plain, *args[3:]).item() == pytest.approx(per_sample.mean().item())
+
+
+def test_the_lora_trainer_runs_subsets_with_regularization_and_masks(tmp_path):
+    """Two steps of trainers/lora.py on two subsets, one is_reg, with masked loss: the preflight lists them, and the
+    run's data fingerprint holds the regularization images and the masks."""
+    toyworld.write_masked_dataset(tmp_path / "circles", 4, seed=1)
+    toyworld.write_dataset(tmp_path / "reg", 2, seed=2, colors=["red"])
+    circles, reg = tmp_path / "circles" / "images", tmp_path / "reg"
+    subsets = f"[{{image_dir: {circles}, num_repeats: 2}}, {{image_dir: {reg}, is_reg: true}}]"
+    args = [
+        str(QUICKSTART),
+        f"output.dir={tmp_path / 'run'}",
+        "data.train_data_dir=null",
+        f"data.subsets={subsets}",
+        "data.masked_loss=true",
+        f"data.mask_dir={tmp_path / 'circles' / 'masks'}",
+        "method.prior_loss_weight=0.5",
+        "train.max_train_steps=2",
+        "train.train_batch_size=2",
+        "train.checkpointing_steps=1000",
+        "validation.validation_steps=0",
+        "validation.prompts=[a purple circle]",
+        "validation.seeds=[0]",
+        "validation.num_inference_steps=2",
+        "validation.toy_score=[]",
+        "output.report_to=none",
+        "output.register=false",
+        "output.export_check=false",
+    ]
+    proc = run_trainer(args, tmp_path / "cache")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"[0] {tmp_path / 'circles' / 'images'}: 4 images x 2 repeats = 8 (100%)" in log
+    assert f"[1] {tmp_path / 'reg'} (is_reg): 2 images x 1 repeats, ~8 drawn per epoch" in log
+    assert "masked loss: 4 of 4 images learn only inside their mask" in log
+    manifest = json.loads((tmp_path / "run" / "adapter.json").read_text())
+    masks = str(tmp_path / "circles" / "masks")
+    data = DataConfig(subsets=yaml.safe_load(subsets), masked_loss=True, mask_dir=masks, **GRID)
+    assert manifest["dataset"]["fingerprint"] == scan_dataset(data).fingerprint()
