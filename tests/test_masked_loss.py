@@ -291,30 +291,43 @@ def train_both(root) -> dict[bool, str]:
     return logs
 
 
-def distractor_rates(run) -> tuple[float, float]:
-    """(share of images with an orange shape, share with a purple one) over 12 seeds of "a purple circle"."""
+WARM = {"red", "orange", "yellow"}  # the distractor's hue and its neighbours: how the LoRA's orange drifts
+
+
+def proof_rates(run) -> dict[str, float]:
+    """Shares of 12 seeds of "a purple circle" (guidance 3, 25 steps) that show an orange shape, a warm-coloured one
+    (red, orange or yellow: the square as the LoRA redraws it) and a purple one, by `toyworld.count_shapes`."""
     from sdtune.adapters.base import load_pipeline
     from sdtune.adapters.sampling import AdapterSpec, SampleSettings, generate, load_adapters
 
-    pipe = load_pipeline("toy")
-    pipe.set_progress_bar_config(disable=True)
-    load_adapters(pipe, [AdapterSpec.parse(str(run))])
-    settings = [SampleSettings(prompt="a purple circle", seed=s, steps=25, guidance=3.0) for s in PROOF_SEEDS]
-    counts = [toyworld.count_shapes(sample.image) for sample in generate(pipe, settings)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a shared 2-core machine are several times slower than one
+    try:
+        pipe = load_pipeline("toy")
+        pipe.set_progress_bar_config(disable=True)
+        load_adapters(pipe, [AdapterSpec.parse(str(run))])
+        settings = [SampleSettings(prompt="a purple circle", seed=s, steps=25, guidance=3.0) for s in PROOF_SEEDS]
+        counts = [toyworld.count_shapes(sample.image) for sample in generate(pipe, settings)]
+    finally:
+        torch.set_num_threads(threads)
     n = len(counts)
-    return sum("orange" in c for c in counts) / n, sum("purple" in c for c in counts) / n
+    return {
+        "orange": sum("orange" in c for c in counts) / n,
+        "warm": sum(bool(WARM & c.keys()) for c in counts) / n,
+        "purple": sum("purple" in c for c in counts) / n,
+    }
 
 
 @pytest.mark.slow
 def test_masked_loss_learns_the_subject_without_its_distractor(tmp_path):
     """The headline: every training image shows a purple circle (inside its mask) and an orange square (outside).
     Without the masks the LoRA learns both, so "a purple circle" brings orange squares; with them it learns the
-    circle alone. Measured with the toy-world scorer over 12 seeds each."""
+    circle alone. Measured with the toy-world scorer over 12 seeds each. On 2026-12-07 (CPU, 150 steps): orange
+    7/12 without the masks, 0/12 with them; warm-coloured 11/12 and 0/12; purple 6/12 and 11/12."""
     toyworld.write_masked_dataset(tmp_path / "data", 16, seed=5)
     logs = train_both(tmp_path)
     assert "masked loss: 16 of 16 images learn only inside their mask" in logs[True]
-    plain_orange, plain_purple = distractor_rates(tmp_path / "plain")
-    masked_orange, masked_purple = distractor_rates(tmp_path / "masked")
-    print(f"distractor rate: {plain_orange:.2f} without masks, {masked_orange:.2f} with them")
-    assert plain_orange >= 0.5, (plain_orange, plain_purple)
-    assert masked_orange <= 0.1 and masked_purple >= 0.8, (masked_orange, masked_purple)
+    plain, masked = proof_rates(tmp_path / "plain"), proof_rates(tmp_path / "masked")
+    print(f"without masks {plain}, with masks {masked}")
+    assert plain["orange"] >= 0.4 and plain["warm"] >= 0.7, plain
+    assert masked["orange"] <= 0.1 and masked["warm"] <= 0.1 and masked["purple"] >= 0.75, masked

@@ -342,12 +342,16 @@ def scan_dataset(cfg: DataConfig) -> DatasetScan:
             f"no files ending in {', '.join(IMAGE_EXTENSIONS)}"
         )
         raise DataError(f"{key}: no usable images in {where} ({len(skipped)} skipped: {reasons})")
-    mask_source = None
-    if cfg.masked_loss:
-        mask_source = ALPHA if cfg.alpha_mask else cfg.mask_dir
-        if cfg.mask_dir is not None:
-            records = masks.attach_mask_files(records, cfg, where)
-    return DatasetScan(records=records, skipped=skipped, kind=kind, dataset=dataset, mask_source=mask_source)
+    if cfg.masked_loss and cfg.mask_dir is not None:
+        records = masks.attach_mask_files(records, cfg, where)
+    return DatasetScan(records=records, skipped=skipped, kind=kind, dataset=dataset, mask_source=_mask_source(cfg))
+
+
+def _mask_source(cfg: DataConfig) -> str | None:
+    """Where the masks come from ("alpha" or the mask folder), None when the loss is not masked."""
+    if not cfg.masked_loss:
+        return None
+    return ALPHA if cfg.alpha_mask else cfg.mask_dir
 
 
 def _scan_subsets(cfg: DataConfig) -> DatasetScan:
@@ -367,10 +371,9 @@ def _scan_subsets(cfg: DataConfig) -> DatasetScan:
             records = masks.attach_mask_files(records, cfg, where)
         found += [dataclasses.replace(record, subset=index) for record in records]
         skipped += sub_skipped
-    mask_source = (ALPHA if cfg.alpha_mask else cfg.mask_dir) if cfg.masked_loss else None
     reg = [r for r in found if cfg.subsets[r.subset].is_reg]
     train = [r for r in found if not cfg.subsets[r.subset].is_reg]
-    scan = DatasetScan(records=train, skipped=skipped, kind="subsets", mask_source=mask_source, subsets=cfg.subsets)
+    scan = DatasetScan(train, skipped, "subsets", mask_source=_mask_source(cfg), subsets=cfg.subsets)
     if reg:
         scan.regularization = DatasetScan(records=reg, skipped=[], kind="subsets", subsets=cfg.subsets)
     return scan
