@@ -4,6 +4,7 @@ caption settings, regularization subsets (`is_reg`) paired with the training ima
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 from collections import Counter
@@ -177,9 +178,13 @@ def test_regularization_images_count_at_prior_loss_weight(weight):
     assert batch_loss(*args[:2], plain, *args[3:]).item() == pytest.approx(per_sample.mean().item())
 
 
-def test_the_lora_trainer_runs_subsets_with_regularization_and_masks(tmp_path):
-    """Two steps of trainers/lora.py on two subsets, one is_reg, with masked loss: the preflight lists them, and the
-    run's data fingerprint holds the regularization images and the masks."""
+DREAMBOOTH_LORA = ["method.type=dreambooth", "method.instance_prompt=a sks circle", "method.lora=true"]
+
+
+@pytest.mark.parametrize("script, method", [("trainers/lora.py", []), ("trainers/dreambooth.py", DREAMBOOTH_LORA)])
+def test_the_trainers_run_subsets_with_regularization_and_masks(script, method, tmp_path):
+    """Two steps of a trainer on two subsets, one is_reg, with masked loss: the preflight lists them, and the run's
+    data fingerprint holds the regularization images and the masks."""
     toyworld.write_masked_dataset(tmp_path / "circles", 4, seed=1)
     toyworld.write_dataset(tmp_path / "reg", 2, seed=2, colors=["red"])
     circles, reg = tmp_path / "circles" / "images", tmp_path / "reg"
@@ -191,6 +196,7 @@ def test_the_lora_trainer_runs_subsets_with_regularization_and_masks(tmp_path):
         f"data.subsets={subsets}",
         "data.masked_loss=true",
         f"data.mask_dir={tmp_path / 'circles' / 'masks'}",
+        *method,
         "method.prior_loss_weight=0.5",
         "train.max_train_steps=2",
         "train.train_batch_size=2",
@@ -204,7 +210,7 @@ def test_the_lora_trainer_runs_subsets_with_regularization_and_masks(tmp_path):
         "output.register=false",
         "output.export_check=false",
     ]
-    proc = run_trainer(args, tmp_path / "cache")
+    proc = run_trainer(args, tmp_path / "cache", script=script)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert f"[0] {tmp_path / 'circles' / 'images'}: 4 images x 2 repeats = 8 (100%)" in log
@@ -213,4 +219,7 @@ def test_the_lora_trainer_runs_subsets_with_regularization_and_masks(tmp_path):
     manifest = json.loads((tmp_path / "run" / "adapter.json").read_text())
     masks = str(tmp_path / "circles" / "masks")
     data = DataConfig(subsets=yaml.safe_load(subsets), masked_loss=True, mask_dir=masks, **GRID)
-    assert manifest["dataset"]["fingerprint"] == scan_dataset(data).fingerprint()
+    expected = scan_dataset(data)
+    if method:  # DreamBooth trains its instance images on the instance prompt
+        expected.records = [dataclasses.replace(r, caption="a sks circle") for r in expected.records]
+    assert manifest["dataset"]["fingerprint"] == expected.fingerprint()
