@@ -103,19 +103,22 @@ def _polygon(shape: str, radius: float, cx: float, cy: float) -> list[tuple[floa
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """Renders `scene` anti-aliased (4x supersampling) at `size` px. Coordinates are in 64 px units."""
-    if scene.color not in COLORS:
-        raise ValueError(f"unknown color {scene.color!r}; known: {', '.join(COLORS)}")
+def render(scene: Scene, size: int = IMAGE_SIZE, *others: Scene) -> Image.Image:
+    """Renders `scene` anti-aliased (4x supersampling) at `size` px. Coordinates are in 64 px units. `others` are
+    drawn over it, on its background (scenes of several shapes)."""
     ss = 4 * size / IMAGE_SIZE
     canvas = Image.new("RGB", (4 * size, 4 * size), tuple(scene.background))
     draw = ImageDraw.Draw(canvas)
-    fill = tuple(scene.fill) if scene.fill is not None else COLORS[scene.color]
-    if scene.shape == "circle":
-        r, cx, cy = scene.radius * ss, scene.cx * ss, scene.cy * ss
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        draw.polygon([(x * ss, y * ss) for x, y in _polygon(scene.shape, scene.radius, scene.cx, scene.cy)], fill=fill)
+    for each in (scene, *others):
+        if each.color not in COLORS:
+            raise ValueError(f"unknown color {each.color!r}; known: {', '.join(COLORS)}")
+        fill = tuple(each.fill) if each.fill is not None else COLORS[each.color]
+        if each.shape == "circle":
+            r, cx, cy = each.radius * ss, each.cx * ss, each.cy * ss
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            corners = _polygon(each.shape, each.radius, each.cx, each.cy)
+            draw.polygon([(x * ss, y * ss) for x, y in corners], fill=fill)
     return canvas.resize((size, size), Image.Resampling.BOX)
 
 
@@ -149,15 +152,16 @@ class Detection:
         return asdict(self)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """Largest 4-connected component of a boolean mask (iterative flood fill; images are 64x64)."""
+def _components(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """4-connected components of a boolean mask (iterative flood fill; images are 64x64): (labels, sizes), where
+    label k + 1 has sizes[k] pixels and 0 is the background."""
     labels = np.zeros(mask.shape, dtype=np.int32)
-    best_label, best_size, current = 0, 0, 0
+    sizes: list[int] = []
     height, width = mask.shape
     for y0, x0 in zip(*np.nonzero(mask)):
         if labels[y0, x0]:
             continue
-        current += 1
+        current = len(sizes) + 1
         stack, size = [(y0, x0)], 0
         labels[y0, x0] = current
         while stack:
@@ -167,9 +171,14 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
                 if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not labels[ny, nx]:
                     labels[ny, nx] = current
                     stack.append((ny, nx))
-        if size > best_size:
-            best_label, best_size = current, size
-    return labels == best_label if best_size else np.zeros_like(mask)
+        sizes.append(size)
+    return labels, sizes
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected component of a boolean mask."""
+    labels, sizes = _components(mask)
+    return labels == 1 + int(np.argmax(sizes)) if sizes else np.zeros_like(mask)
 
 
 def _convex_hull_area(points: np.ndarray) -> float:
@@ -285,6 +294,39 @@ def score_image(image: Image.Image, colors: Iterable[str] = tuple(COLORS)) -> De
     return Detection(color, classify_shape(fill_ratio, solidity), area, fill_ratio, solidity, hue, saturation)
 
 
+def _pixel_hues(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hue (degrees) and saturation of every pixel of an [h, w, 3] array in [0, 1] (HSV, vectorized)."""
+    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    chroma = high - low
+    safe = np.where(chroma > 0, chroma, 1.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hue = np.where(high == r, (g - b) / safe % 6, np.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    return hue * 60.0, np.where(high > 0, chroma / np.where(high > 0, high, 1.0), 0.0)
+
+
+def count_shapes(image: Image.Image, min_area: int = 12, colors: Iterable[str] = tuple(COLORS)) -> dict[str, int]:
+    """How many shapes of each colour an image shows (colours with none are left out), for images of several shapes.
+
+    Every foreground pixel (away from the border's median colour, as `foreground_mask`) that is saturated takes the
+    colour of nearest hue; each 4-connected patch of one colour of at least `min_area` pixels is one shape. Two
+    touching shapes of different colours count apart; sampling haze (small patches) does not count.
+    """
+    rgb = _rgb64(image)
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    foreground = np.abs(rgb - np.median(border, axis=0)).max(axis=-1) > 0.18
+    hue, saturation = _pixel_hues(rgb)
+    names = list(colors)
+    references = np.array([colorsys.rgb_to_hsv(*(c / 255 for c in COLORS[n]))[0] * 360 for n in names])
+    distance = np.abs(hue[..., None] - references)
+    nearest = np.minimum(distance, 360 - distance).argmin(axis=-1)
+    counts = {}
+    for k, name in enumerate(names):
+        _, sizes = _components(foreground & (saturation > 0.25) & (nearest == k))
+        if found := sum(size >= min_area for size in sizes):
+            counts[name] = found
+    return counts
+
+
 @dataclass
 class Score:
     """Fractions of images in which the scorer found the asked colour / shape / both."""
@@ -352,3 +394,28 @@ def write_control_dataset(folder, n: int, seed: int, colors: Sequence[str] = BAS
         render(scene).save(folder / "images" / f"{i:04d}.png")
         (folder / "images" / f"{i:04d}.txt").write_text(scene.caption() + "\n")
         scene_mask(scene).save(folder / "conditioning" / f"{i:04d}.png")
+
+
+def write_masked_dataset(folder, n: int, seed: int, subject=("purple", "circle"), distractor=("orange", "square")):
+    """`n` seeded images for masked loss: `images/NNNN.png`, each the `subject` on one side (its caption, e.g.
+    "a purple circle", in `images/NNNN.txt`) and the `distractor` on the other, never named; and `masks/NNNN.png`,
+    white on the subject (a disk 3 px wider than it) and black elsewhere. Trained without the masks, "a purple circle"
+    brings the orange square along; with them, only the circle is learned."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        left = rng.random() < 0.5  # the subject's side; the distractor takes the other
+        x_subject, x_other = (17, 47) if left else (47, 17)
+        grey = rng.randint(222, 242)
+        background = (grey, grey, grey - 4)
+        radius = rng.uniform(9, 12)
+        main = Scene(*subject, radius, x_subject + rng.uniform(-2, 2), rng.uniform(16, 48), background)
+        other = Scene(*distractor, rng.uniform(8, 10), x_other + rng.uniform(-2, 2), rng.uniform(16, 48), background)
+        render(main, IMAGE_SIZE, other).save(folder / "images" / f"{i:04d}.png")
+        (folder / "images" / f"{i:04d}.txt").write_text(main.caption() + "\n")
+        disk = Scene("red", "circle", radius + 3, main.cx, main.cy)
+        scene_mask(disk).save(folder / "masks" / f"{i:04d}.png")

@@ -48,7 +48,7 @@ from benchlib import (
     results_header,
 )
 
-# The recipe keys of the loss, noise, optimizer and EMA options (issue 22), as the overrides that turn each on. `default` is the step
+# The recipe keys of the loss, noise, mask, optimizer and EMA options (issue 22), as the overrides that turn each on. `default` is the step
 # they are measured against: plain noise, uniform timesteps, the MSE, no min-SNR (sdtune_run sets snr_gamma null).
 # zero_terminal_snr is not here: it needs a v-prediction base (the toy is epsilon) and costs nothing per step (the
 # rescaled schedule is built once).
@@ -68,7 +68,23 @@ OPTIONS = {
     "lion": ["train.optimizer_type=lion", "train.lr=3e-5"],
     "adamw8bit": ["train.optimizer_type=adamw8bit"],
     "ema": ["method.use_ema=true"],
+    # {masks}: a mask per image, made as `sdtune annotate --kind mask` makes them (bench_masks)
+    "masked_loss": ["data.masked_loss=true", "data.mask_dir={masks}"],
 }
+
+
+def bench_masks(data: Path, folder: Path) -> Path:
+    """A mask for every image of the bench data, same name, by `sdtune annotate --kind mask`'s function."""
+    from PIL import Image
+
+    from sdtune.adapters import annotate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in sorted(data.glob("*.png")):
+        if not (folder / image.name).is_file():
+            with Image.open(image) as opened:
+                annotate.mask(opened.convert("RGB")).save(folder / image.name)
+    return folder
 
 
 def option_overrides(option: str) -> list[str]:
@@ -193,6 +209,9 @@ def compare_options(args, model, data, res, batches, steps, precision, work):
     """(c): every option's step against the default step, `args.repeats` runs each, taking turns."""
     names = list(OPTIONS) if args.options == ["all"] else ["default", *(o for o in args.options if o != "default")]
     overrides = {name: option_overrides(name) for name in names}  # a misspelt option stops before any run
+    if any("{masks}" in o for values in overrides.values() for o in values):
+        masks = bench_masks(data, work / f"masks-{res}")
+        overrides = {name: [o.replace("{masks}", str(masks)) for o in values] for name, values in overrides.items()}
     stamp, memory_key = time.strftime("%Y-%m-%d %H:%M"), measure_memory_key()
     rows = []
     for batch in batches:

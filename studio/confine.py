@@ -128,15 +128,16 @@ def check_recipe(recipe: dict, *, cwd=None, home=None) -> None:
     for key, writes in path_keys().items():
         if key in SET_BY_THE_QUEUE:
             continue
-        value = _get(recipe, key.split("."))
-        for item in value if isinstance(value, list) else [value]:
+        for item in _values(recipe, key.split(".")):
             if item:
                 check_path(item, key, writes=writes, hub_id=not writes, cwd=cwd, home=home)
 
 
-def _get(data, parts: list[str]):
-    for part in parts:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(part)
-    return data
+def _values(data, parts: list[str]) -> list:
+    """Every value at a dotted key, through lists on the way (`data.subsets.image_dir`: each subset's) and at the
+    end (`method.validation_image`: each image)."""
+    if isinstance(data, list):
+        return [value for item in data for value in _values(item, parts)]
+    if not parts:
+        return [data]
+    return _values(data.get(parts[0]), parts[1:]) if isinstance(data, dict) else []

@@ -88,16 +88,22 @@ def test_the_studio_folders_and_the_repository_data_are_allowed(home, tmp_path, 
         ("base__pretrained_model_name_or_path", "/root/models/sd15"),
         ("method__validation_image", ["{home}/a.png", "/etc/passwd"]),
         ("train__resume", "{home}/link"),
+        ("data__mask_dir", "/etc"),
+        ("data__subsets", [{"image_dir": "{home}/a"}, {"image_dir": "/etc", "is_reg": True}]),  # inside a list
     ],
 )
 def test_a_path_outside_is_refused_in_one_line_naming_its_key(home, tmp_path, key, value):
     (tmp_path / "elsewhere" / "images").mkdir(parents=True)
     (home / "link").symlink_to(tmp_path / "elsewhere")
-    value = [v.format(home=home) for v in value] if isinstance(value, list) else value.format(home=home)
+    if key == "data__subsets":
+        value = [{**v, "image_dir": v["image_dir"].format(home=home)} for v in value]
+    else:
+        value = [v.format(home=home) for v in value] if isinstance(value, list) else value.format(home=home)
     with pytest.raises(confine.ConfineError) as caught:
         confine.check_recipe(recipe(**{key: value}))
     message = str(caught.value)
-    assert message.startswith(key.replace("__", ".") + ": ") and "\n" not in message, message
+    named = "data.subsets.image_dir" if key == "data__subsets" else key.replace("__", ".")
+    assert message.startswith(named + ": ") and "\n" not in message, message
 
 
 def test_the_studio_queues_no_job_that_writes_outside_but_the_cli_does(home, tmp_path):

@@ -175,6 +175,33 @@ def test_changed_widgets_change_the_submitted_recipe(home):
         assert got == expected, f"{label}: {path} is {got!r}"
 
 
+def test_masks_and_subsets_are_data_settings_and_subsets_are_edited_one_per_line(home):
+    """kohya_ss keeps masked loss and the dataset's subsets with the data: so does the form (folded, as few recipes
+    use them), and a subset typed as one YAML line reaches the job's recipe as a subset."""
+    at = page("train")
+    data_tab = next(t for t in at.tabs if t.label.lower().startswith("data"))
+    folded = {w.label for e in data_tab.expander if e.label.startswith("More ") for w in widgets(e)}
+    assert {"Masked loss", "Alpha mask", "Mask folder", "Subsets"} <= folded
+    assert widget(at, "Subsets").help.startswith("Instead of train_data_dir")
+    widget(at, "Train data folder").set_value("")
+    widget(at, "Subsets").set_value(
+        "{image_dir: datasets/quickstart-purple, num_repeats: 3, class_tokens: purple thing}\n"
+        "{image_dir: datasets/quickstart-purple, is_reg: true}"
+    )
+    widget(at, "Masked loss").set_value(True)
+    widget(at, "Alpha mask").set_value(True)
+    at = at.button(key=APPLY.format("quickstart.yaml")).click().run()
+    at = button(at, "Launch").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    [job] = jobs.list_jobs()
+    data = yaml.safe_load(job.recipe.read_text())["data"]
+    assert data["train_data_dir"] is None and data["masked_loss"] is True and data["alpha_mask"] is True
+    assert [(s["num_repeats"], s["class_tokens"], s["is_reg"]) for s in data["subsets"]] == [
+        (3, "purple thing", False),
+        (1, None, True),
+    ]
+
+
 def test_the_base_picker_lists_the_toy_base_full_models_the_hub_cache_and_takes_a_path(home, tmp_path, monkeypatch):
     import huggingface_hub.constants
 

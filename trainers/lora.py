@@ -90,8 +90,9 @@ def main(argv=None) -> int:
     for batch in loop.micro_batches():
         with accelerator.accumulate(*opt.models), accelerator.autocast():
             states = text_states(text_cache, tokenizer, opt.prepared(text_encoder), batch.captions, device)
-            # noise the latents at random timesteps, predict the noise (or v), MSE with optional min-SNR weights
-            loss = batch_loss(opt.model, noise_scheduler, batch, states, train, dtype)
+            # noise the latents at random timesteps, predict the noise (or v), MSE with optional min-SNR weights;
+            # regularization images (is_reg subsets) at the end of the batch count at prior_loss_weight
+            loss = batch_loss(opt.model, noise_scheduler, batch, states, train, dtype, False, method.prior_loss_weight)
             opt.step(loss, train.max_grad_norm)  # backward, clip, step, schedule (and the EMA, if on)
         loop.after_micro_batch(loss, opt.lr_scheduler.get_last_lr()[0])
 

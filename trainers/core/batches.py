@@ -23,7 +23,15 @@ from sdtune.trainers.core.cache import (
     default_cache_dir,
     vae_fingerprint,
 )
-from sdtune.trainers.core.data import BucketBatchSampler, CaptionBuilder, DataError, DatasetScan, load_pixels
+from sdtune.trainers.core.data import (
+    BucketBatchSampler,
+    CaptionBuilder,
+    DataError,
+    DatasetScan,
+    load_mask,
+    load_pixels,
+)
+from sdtune.trainers.core.data.masks import latent_weights
 from sdtune.trainers.core.recipe import DataConfig
 from sdtune.trainers.core.runtime import item_rng, step_generator, step_seed
 
@@ -36,6 +44,8 @@ class Batch:
     conditions: torch.Tensor | None = None  # [b, 3, H, W] in [0, 1]: ControlNet conditioning images, flipped as
     # their latents
     num_prior: int = 0  # DreamBooth: the last `num_prior` samples are class images (prior preservation)
+    masks: torch.Tensor | None = None  # [b, 1, h, w] in [0, 1]: masked loss's weight of each latent pixel, flipped
+    # as their latents
 
 
 def prepare_latents(scan: DatasetScan, cfg: DataConfig, vae, log=print) -> list[CachedLatent] | None:
@@ -71,10 +81,14 @@ class BatchBuilder:
         it is flipped together with the image, so the pair stays aligned."""
         self.scan, self.cfg, self.latents, self.vae, self.seed = scan, cfg, latents, vae, seed
         self.conditions = conditions
-        self.captions = CaptionBuilder(cfg)
+        # one caption builder per subset (its own caption settings), or one for all
+        self.captions = {i: CaptionBuilder(cfg.for_subset(i)) for i in range(len(cfg.subsets))} or {
+            None: CaptionBuilder(cfg)
+        }
         self.sampler = BucketBatchSampler(scan.records, batch_size, seed)
         self.expanded = self.sampler.expanded()
         self.rank, self.world = process_index, num_processes
+        self._latent_masks: dict[int, torch.Tensor] = {}  # record index -> its mask on the latent grid, unflipped
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's share of the epoch: every `world`-th batch, the same count on every process."""
@@ -85,9 +99,12 @@ class BatchBuilder:
 
     def possible_captions(self) -> set[str] | None:
         """Every caption a batch can carry, if that set is fixed (no tag shuffle): lets the text states be cached."""
-        if self.cfg.shuffle_caption:
-            return None
-        return self.captions.fixed_captions([r.caption for r in self.scan.records])
+        texts = set()
+        for subset, builder in self.captions.items():
+            if builder.cfg.shuffle_caption:
+                return None
+            texts |= builder.fixed_captions([r.caption for r in self.scan.records if r.subset == subset])
+        return texts
 
     def _encode_on_the_fly(self, records, flips, generator) -> torch.Tensor:
         pixels = []
@@ -108,7 +125,8 @@ class BatchBuilder:
             rng = item_rng(self.seed, epoch, position)
             record_index = self.expanded[position]
             flips.append(self.cfg.random_flip and rng.random() < 0.5)
-            captions.append(self.captions(self.scan.records[record_index].caption, rng))
+            record = self.scan.records[record_index]
+            captions.append(self.captions[record.subset](record.caption, rng))
             records.append(record_index)
         if self.latents is None:
             latents = self._encode_on_the_fly([self.scan.records[i] for i in records], flips, generator)
@@ -119,7 +137,19 @@ class BatchBuilder:
         if self.conditions is not None:
             pairs = [(self.conditions(i), f) for i, f in zip(records, flips)]
             conditions = torch.stack([torch.flip(c, dims=[-1]) if f else c for c, f in pairs])
-        return Batch(latents, captions, generator, conditions)
+        masks = None
+        if self.cfg.masked_loss:
+            pairs = [(self.latent_mask(i, tuple(latents.shape[-2:])), f) for i, f in zip(records, flips)]
+            masks = torch.stack([torch.flip(m, dims=[-1]) if f else m for m, f in pairs])
+        return Batch(latents, captions, generator, conditions, masks=masks)
+
+    def latent_mask(self, record_index: int, size: tuple[int, int]) -> torch.Tensor:
+        """A record's loss weights on the latent grid [1, h, w], computed once (all ones without a mask). Bucket
+        sides are multiples of the VAE's 8, so flipping these equals averaging the flipped pixel mask."""
+        if record_index not in self._latent_masks:
+            mask = load_mask(self.scan.records[record_index], self.cfg, self.scan.dataset)
+            self._latent_masks[record_index] = torch.ones(1, *size) if mask is None else latent_weights(mask, size)
+        return self._latent_masks[record_index]
 
 
 class PriorPairedBatches:
@@ -130,7 +160,7 @@ class PriorPairedBatches:
     pairs exactly as an unbroken one.
     """
 
-    def __init__(self, instance: BatchBuilder, prior: BatchBuilder):
+    def __init__(self, instance: BatchBuilder, prior: BatchBuilder, source_key: str = "method.class_data_dir"):
         self.instance, self.prior = instance, prior
         self.pools: dict[tuple[int, int], list[int]] = {}
         for position, record_index in enumerate(prior.expanded):
@@ -139,7 +169,7 @@ class PriorPairedBatches:
         if lacking:
             w, h = lacking[0]
             raise DataError(
-                f"method.class_data_dir: no class image in the {w}x{h} bucket of some instance images; class and "
+                f"{source_key}: no class image in the {w}x{h} bucket of some instance images; class and "
                 "instance images must share buckets (crop them alike, or set data.enable_bucket: false)"
             )
 
@@ -159,7 +189,19 @@ class PriorPairedBatches:
         )
         prior = self.prior.build(chosen, epoch, batch_index)
         latents = torch.cat([batch.latents, prior.latents])
-        return Batch(latents, batch.captions + prior.captions, batch.generator, num_prior=len(chosen))
+        masks = _joined_masks(batch, prior)
+        return Batch(latents, batch.captions + prior.captions, batch.generator, num_prior=len(chosen), masks=masks)
+
+
+def _joined_masks(first: Batch, second: Batch) -> torch.Tensor | None:
+    """The masks of two batches stacked into one, a batch without masks learning everywhere (None if neither has)."""
+    if first.masks is None and second.masks is None:
+        return None
+    parts = [
+        b.masks if b.masks is not None else torch.ones(len(b.latents), 1, *b.latents.shape[-2:])
+        for b in (first, second)
+    ]
+    return torch.cat(parts)
 
 
 def idle_during_steps(cfg: DataConfig, text_cache: TextEmbeddingCache | None, vae, text_encoder) -> list:
@@ -188,8 +230,9 @@ def make_batches(
     """The run's batches, with the VAE taken out of the step (cached latents, once per image, ever) and, when
     `cache_text` and the captions are a fixed set, the text encoder too (once per caption).
 
-    `class_images` (DreamBooth's prior preservation: their scan and data section) pairs every micro-batch with as
-    many class images (`PriorPairedBatches`); they draw their own latent noise, from `train.seed + 1`.
+    `class_images` (DreamBooth's prior preservation: their scan and data section), or else the is_reg subsets of
+    `data.subsets`, pairs every micro-batch with as many class images (`PriorPairedBatches`); they draw their own
+    latent noise, from `train.seed + 1`.
     """
 
     def builder(images: DatasetScan, images_cfg: DataConfig, seed: int, conditions=None) -> BatchBuilder:
@@ -201,6 +244,10 @@ def make_batches(
     batches = builder(scan, cfg, train.seed, conditions)
     if class_images is not None:
         batches = PriorPairedBatches(batches, builder(*class_images, train.seed + 1))
+    elif scan.regularization is not None:  # is_reg subsets: kohya's regularization images, paired the same way
+        batches = PriorPairedBatches(
+            batches, builder(scan.regularization, cfg, train.seed + 1), "data.subsets (is_reg)"
+        )
     captions = batches.possible_captions()
     if captions is None or not cache_text:
         return batches, None

@@ -32,7 +32,17 @@ from sdtune.trainers.core.recipe import DreamBoothMethod, Recipe
 def class_data_config(recipe: Recipe, folder: str | Path):
     """The `data` section as it applies to class images: the same buckets and flips, no caption dropout/repeats."""
     return recipe.data.model_copy(
-        update={"train_data_dir": str(folder), "dataset_name": None, "caption_dropout_rate": 0.0, "repeats": 1}
+        update={
+            "train_data_dir": str(folder),
+            "dataset_name": None,
+            "caption_dropout_rate": 0.0,
+            "repeats": 1,
+            # the class images learn whole: the instance images' masks are theirs alone
+            "masked_loss": False,
+            "alpha_mask": False,
+            "mask_dir": None,
+            "subsets": [],
+        }
     )
 
 

@@ -8,7 +8,8 @@ The UNet sees x_t and predicts either eps ("epsilon") or v = sqrt(alpha_bar_t) *
 Every recipe key that changes this step acts here, in `denoising_step_loss`, so LoRA, DreamBooth and ControlNet
 all get it: the noise (`noise_offset`, `multires_noise_*`, `ip_noise_gamma`), the timesteps (`timestep_sampling`,
 `min_timestep`, `max_timestep`), the schedule (`zero_terminal_snr`), the loss (`loss_type`, `huber_*`) and the
-weight of each timestep (`snr_gamma`, `debiased_estimation_loss`). Their defaults give the plain step above. Every
+weight of each timestep (`snr_gamma`, `debiased_estimation_loss`), and of each latent pixel (`data.masked_loss`,
+which reaches it as the batch's masks). Their defaults give the plain step above. Every
 random draw comes from the step's CPU generator, in a fixed order, and an option that is off draws nothing: a
 resumed run draws what the unbroken run drew, and a recipe without the new keys trains as it did before them.
 """
@@ -268,23 +269,29 @@ def diffusion_loss(
     scheduler: DDPMScheduler,
     train: TrainConfig | None = None,
     per_sample: bool = False,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The step's loss between prediction and target: `train.loss_type` at every element (`elementwise_loss`,
-    with `huber_threshold`'s c), averaged per sample, re-weighted by timestep (`timestep_weights`: `snr_gamma`,
-    `debiased_estimation_loss`), then averaged over the batch, the order sd-scripts applies them in.
+    with `huber_threshold`'s c), times `pixel_weights` (masked loss), averaged per sample, re-weighted by timestep
+    (`timestep_weights`: `snr_gamma`, `debiased_estimation_loss`), then averaged over the batch, the order
+    sd-scripts applies them in.
 
     `per_sample` returns the [b] losses instead of their mean (DreamBooth weighs instance and class images apart).
+    `pixel_weights` [b, 1, h, w] weighs each latent pixel (all channels alike); the mean stays over every pixel, as
+    kohya's `apply_masked_loss`, so an image with a small mask adds a small loss rather than a magnified one.
     The plain MSE takes one fused `mse_loss` (what the step computed before there were options).
     """
     train = train or PLAIN_STEP
     model_pred, target = model_pred.float(), target.float()
-    weighted = train.snr_gamma is not None or train.debiased_estimation_loss
+    weighted = train.snr_gamma is not None or train.debiased_estimation_loss or pixel_weights is not None
     if train.loss_type == "l2" and not weighted and not per_sample:
         return F.mse_loss(model_pred, target, reduction="mean")
     huber_c = None
     if train.loss_type in ("huber", "smooth_l1"):
         huber_c = huber_threshold(timesteps, scheduler, train.huber_schedule, train.huber_c, train.huber_scale)
     losses = elementwise_loss(model_pred, target, train.loss_type, huber_c)
+    if pixel_weights is not None:
+        losses = losses * pixel_weights.to(losses.device, losses.dtype)
     losses = losses.mean(dim=list(range(1, model_pred.ndim)))
     losses = timestep_weights(losses, timesteps, scheduler, train.snr_gamma, train.debiased_estimation_loss)
     return losses if per_sample else losses.mean()
@@ -301,19 +308,35 @@ def prior_preservation_loss(per_sample: torch.Tensor, num_prior: int, prior_loss
 
 
 def batch_loss(
-    model, scheduler: DDPMScheduler, batch, states: torch.Tensor, train, dtype: torch.dtype, per_sample: bool = False
+    model,
+    scheduler: DDPMScheduler,
+    batch,
+    states: torch.Tensor,
+    train,
+    dtype: torch.dtype,
+    per_sample: bool = False,
+    prior_loss_weight: float = 1.0,
 ):
     """`denoising_step_loss` of one training `Batch` with the recipe's noise, timestep and loss keys, its latents
-    in the run's dtype on the device of the text states, its noise drawn from the batch's generator."""
-    return denoising_step_loss(
+    in the run's dtype on the device of the text states, its noise drawn from the batch's generator, its loss
+    weighted by its masks when it has them (masked loss). A batch that ends in regularization images
+    (`batch.num_prior`) gives `prior_preservation_loss` at `prior_loss_weight`, unless `per_sample` asks for the
+    [b] losses."""
+    masks = getattr(batch, "masks", None)
+    num_prior = getattr(batch, "num_prior", 0)
+    losses = denoising_step_loss(
         model,
         scheduler,
         host_to_device(batch.latents, states.device).to(dtype),
         states.to(dtype),
         train,
         generator=batch.generator,
-        per_sample=per_sample,
+        per_sample=per_sample or bool(num_prior),
+        pixel_weights=None if masks is None else host_to_device(masks, states.device),
     )
+    if num_prior and not per_sample:
+        return prior_preservation_loss(losses, num_prior, prior_loss_weight)
+    return losses
 
 
 def denoising_step_loss(
@@ -324,13 +347,15 @@ def denoising_step_loss(
     train: TrainConfig | None = None,
     generator: torch.Generator | None = None,
     per_sample: bool = False,
+    pixel_weights: torch.Tensor | None = None,
     **unet_kwargs,
 ) -> torch.Tensor:
     """One training step's loss: draw noise and timesteps, noise the latents, predict, compare.
 
     `train` is the recipe's train section (default: every option off). The draws, in this order, each only when
     its option is on: the noise, its offset, its pyramid levels, the timesteps, the input perturbation.
-    `unet_kwargs` reach the UNet call as they are (e.g. ControlNet residuals); `per_sample` keeps the [b] losses.
+    `unet_kwargs` reach the UNet call as they are (e.g. ControlNet residuals); `per_sample` keeps the [b] losses;
+    `pixel_weights` [b, 1, h, w] weighs each latent pixel's loss (masked loss, see `diffusion_loss`).
     """
     train = train or PLAIN_STEP
     scheduler = training_schedule(scheduler, train.zero_terminal_snr)
@@ -350,4 +375,4 @@ def denoising_step_loss(
     noisy_latents = scheduler.add_noise(latents, model_input, timesteps)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
     target = training_target(scheduler, latents, noise, timesteps)
-    return diffusion_loss(model_pred, target, timesteps, scheduler, train, per_sample)
+    return diffusion_loss(model_pred, target, timesteps, scheduler, train, per_sample, pixel_weights)

@@ -13,6 +13,8 @@ One concern per module:
   (seed, epoch, index), so a resumed run sees exactly the same captions;
 - `buckets.py`: kohya's aspect-ratio buckets (never upscaling), the fit of an image to its bucket, and
   `BucketBatchSampler`;
+- `masks.py`: masked loss: each image's mask (alpha channel or mask file), checked at scan time, fitted like its
+  image (`load_mask`) and averaged to the latent grid;
 - `pairs.py`: ControlNet's image + conditioning image pairs (`scan_pairs`).
 
 Import every name from here. Example:
@@ -29,7 +31,7 @@ from .buckets import BucketBatchSampler, assign_bucket, bucket_for, cover_crop, 
 from .captions import CaptionBuilder, tidy_caption
 from .pairs import ConditionRecord, PairScan, condition_tensor, load_condition, scan_pairs
 from .records import DataError, DatasetScan, ImageRecord, Skipped, format_preflight
-from .sources import METADATA_FILES, load_image, load_pixels, scan_dataset
+from .sources import METADATA_FILES, load_image, load_mask, load_pixels, scan_dataset
 
 __all__ = [
     "METADATA_FILES",
@@ -49,6 +51,7 @@ __all__ = [
     "format_preflight",
     "load_condition",
     "load_image",
+    "load_mask",
     "load_pixels",
     "make_buckets",
     "scan_dataset",

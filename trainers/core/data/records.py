@@ -14,6 +14,7 @@ from typing import Any
 from sdtune.adapters.errors import SdtuneError
 
 PREFLIGHT_MAX_SKIPPED = 20
+ALPHA = "alpha"  # `ImageRecord.mask` of an image whose alpha channel is its mask (masked loss)
 
 
 class DataError(SdtuneError, ValueError):
@@ -37,6 +38,9 @@ class ImageRecord:
     content_hash: str  # sha256 of the encoded image bytes: the cache key of its latents
     source: str  # folder or dataset it came from
     crop: tuple[int, int] = (0, 0)  # (left, top) of the center crop in the resized image (for the manifest)
+    mask: str | None = None  # masked loss: its mask file, "alpha" (its alpha channel), or None (learns whole)
+    mask_hash: str | None = None  # sha256 of the mask file: a changed mask changes what is trained
+    subset: int | None = None  # its entry in data.subsets, when the data comes as subsets
 
 
 @dataclass(frozen=True)
@@ -55,19 +59,30 @@ class DatasetScan:
     skipped: list[Skipped]
     kind: str  # "folder" | "kohya" | "imagefolder" | "hf_saved" | "hf_hub"
     dataset: Any = field(default=None, repr=False)
+    mask_source: str | None = None  # masked loss: "alpha" or the mask folder; None when the loss is not masked
+    subsets: list = field(default_factory=list)  # data.subsets (SubsetConfig), which records' `subset` indexes
+    regularization: DatasetScan | None = None  # the is_reg subsets' images, paired with the training images
 
     def fingerprint(self) -> str:
         """sha256 over the sorted (content_hash, caption, repeats, bucket) of every record.
 
         It identifies what is trained on, not where it lives: renaming or moving files keeps it, while changing an
-        image's bytes, a caption, a repeat count or the bucketing (resolution, steps) changes it.
+        image's bytes, a caption, a repeat count, the bucketing (resolution, steps) or, with masked loss, a mask
+        changes it.
         """
-        rows = sorted((r.content_hash, r.caption, r.repeats, list(r.bucket)) for r in self.records)
+        # the mask only when the loss is masked, so that an unmasked dataset keeps the fingerprint it always had
+        masked = self.mask_source is not None
+        rows = sorted(
+            [r.content_hash, r.caption, r.repeats, list(r.bucket), *([r.mask_hash or r.mask or ""] if masked else [])]
+            for r in self.records
+        )
+        if self.regularization is not None:  # is_reg subsets: what the training images are held against
+            rows.append(["regularization", self.regularization.fingerprint()])
         return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
 
     def _label(self, source: str) -> str:
         # kohya metadata names a folder by its own name ("3_sks dog"); an HF dataset by its name/path.
-        return Path(source).name if self.kind in ("folder", "kohya", "imagefolder") else source
+        return Path(source).name if self.kind in ("folder", "kohya", "imagefolder", "subsets") else source
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """Per source folder: comma-separated tag -> number of images whose raw caption has it (ss_tag_frequency)."""
@@ -103,8 +118,12 @@ def format_preflight(scan: DatasetScan, resolution: int) -> str:
     with_repeats = sum(record.repeats for record in scan.records)
     lines = [f"data: {unique} images ({with_repeats} per epoch with repeats), layout {scan.kind}"]
     dirs = scan.dataset_dirs()
-    if len(dirs) > 1 or scan.kind == "kohya":
+    if scan.subsets:
+        lines += _subset_lines(scan)
+    elif len(dirs) > 1 or scan.kind == "kohya":
         lines += [f"  {label}: {d['img_count']} images x {d['n_repeats']} repeats" for label, d in dirs.items()]
+    if scan.mask_source is not None:
+        lines.append(_mask_line(scan.records, scan.mask_source))
     lines.append(f"buckets (area <= {resolution}x{resolution}; images per epoch):")
     lines += [f"  {w}x{h} (aspect {w / h:.2f}): {count}" for (w, h), count in scan.bucket_counts().items()]
     if scan.skipped:
@@ -113,3 +132,34 @@ def format_preflight(scan: DatasetScan, resolution: int) -> str:
         if len(scan.skipped) > PREFLIGHT_MAX_SKIPPED:
             lines.append(f"  ... and {len(scan.skipped) - PREFLIGHT_MAX_SKIPPED} more")
     return "\n".join(lines)
+
+
+def _mask_line(records: list[ImageRecord], source: str) -> str:
+    """The preflight line of masked loss: how many images learn only inside a mask, and where the masks are."""
+    masked = sum(record.mask is not None for record in records)
+    where = "their alpha channel" if source == ALPHA else f"their mask in {source}"
+    rest = len(records) - masked
+    whole = f"; {rest} without alpha learn the whole image" if rest else ""
+    return f"masked loss: {masked} of {len(records)} images learn only inside {where}{whole}"
+
+
+def _subset_lines(scan: DatasetScan) -> list[str]:
+    """One line per subset: its images, repeats and share of the epoch; regularization subsets by how often they are
+    drawn beside the training images (one per training image, among themselves in proportion to their repeats)."""
+    per_epoch = sum(record.repeats for record in scan.records)
+    reg_records = scan.regularization.records if scan.regularization else []
+    reg_weight = sum(record.repeats for record in reg_records)
+    lines = ["subsets (share of an epoch):"]
+    for index, subset in enumerate(scan.subsets):
+        own = [r for r in (reg_records if subset.is_reg else scan.records) if r.subset == index]
+        seen = sum(record.repeats for record in own)
+        counts = f"{len(own)} images x {subset.num_repeats} repeats"
+        if subset.is_reg:
+            drawn = per_epoch * seen / max(reg_weight, 1)
+            lines.append(
+                f"  [{index}] {subset.image_dir} (is_reg): {counts}, ~{drawn:.0f} drawn per epoch beside "
+                f"the training images, at method.prior_loss_weight"
+            )
+        else:
+            lines.append(f"  [{index}] {subset.image_dir}: {counts} = {seen} ({seen / max(per_epoch, 1):.0%})")
+    return lines

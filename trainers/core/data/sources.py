@@ -14,6 +14,7 @@ Where the data can come from (exactly one of `data.train_data_dir` / `data.datas
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -36,9 +37,10 @@ from sdtune.adapters.images import (
 )
 from sdtune.trainers.core.recipe import DataConfig
 
+from . import masks
 from .buckets import bucket_for, cover_crop, fit_to_bucket
 from .captions import CaptionBuilder
-from .records import DataError, DatasetScan, ImageRecord, Skipped
+from .records import ALPHA, DataError, DatasetScan, ImageRecord, Skipped
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
@@ -82,7 +84,10 @@ def _make_record(data: bytes, cfg: DataConfig, **fields) -> ImageRecord | str:
     bucket = bucket_for(width, height, cfg)
     _, crop = cover_crop(width, height, bucket)
     content_hash = hashlib.sha256(data).hexdigest()
-    return ImageRecord(width=width, height=height, bucket=bucket, crop=crop, content_hash=content_hash, **fields)
+    mask = ALPHA if cfg.masked_loss and cfg.alpha_mask and masks.has_alpha(data) else None
+    return ImageRecord(
+        width=width, height=height, bucket=bucket, crop=crop, content_hash=content_hash, mask=mask, **fields
+    )
 
 
 def _collect(record: ImageRecord | str, where: str, records: list, skipped: list):
@@ -109,16 +114,17 @@ def _read_caption(image_path: Path, extension: str) -> str | None:
     return text or None
 
 
-def _scan_folder(root: Path, cfg: DataConfig) -> tuple[list[ImageRecord], list[Skipped], str]:
-    """Plain and kohya layouts. Images under an `N_name` subfolder get N repeats and caption fallback "name"."""
+def _scan_folder(root: Path, cfg: DataConfig, fallback: str = "") -> tuple[list[ImageRecord], list[Skipped], str]:
+    """Plain and kohya layouts. Images under an `N_name` subfolder get N repeats and caption fallback "name"; other
+    images without a caption file get `fallback` (a subset's class_tokens)."""
     kohya = {}
     for child in sorted(root.iterdir()):
         if child.is_dir() and (parsed := kohya_folder(child.name)):
             kohya[child.name] = parsed
-    records, skipped = [], []
+    records, skipped, default = [], [], fallback
     for path in image_files(root):
         top = path.relative_to(root).parts[0]
-        repeats, fallback, source = cfg.repeats, "", root
+        repeats, fallback, source = cfg.repeats, default, root
         if top in kohya:
             (repeats, fallback), source = kohya[top], root / top
         if repeats == 0:
@@ -304,6 +310,8 @@ def scan_dataset(cfg: DataConfig) -> DatasetScan:
     Returns:
         A `DatasetScan` (records in a stable order: sorted paths, or dataset row order).
     """
+    if cfg.subsets:
+        return _scan_subsets(cfg)
     if (cfg.train_data_dir is None) == (cfg.dataset_name is None):
         got = "both" if cfg.train_data_dir is not None else "neither"
         raise DataError(
@@ -323,13 +331,52 @@ def scan_dataset(cfg: DataConfig) -> DatasetScan:
             records, skipped, kind = _scan_folder(where, cfg)
     else:
         key, where = "data.dataset_name", cfg.dataset_name
+        if cfg.mask_dir is not None:
+            raise DataError(
+                "data.mask_dir: masks are matched to image files, and an HF dataset has none; use "
+                "data.train_data_dir, or alpha_mask: true with images that carry an alpha channel"
+            )
         records, skipped, kind, dataset = _scan_hf(cfg)
     if not records:
         reasons = "; ".join(f"{Path(s.file).name}: {s.reason}" for s in skipped[:3]) or (
             f"no files ending in {', '.join(IMAGE_EXTENSIONS)}"
         )
         raise DataError(f"{key}: no usable images in {where} ({len(skipped)} skipped: {reasons})")
-    return DatasetScan(records=records, skipped=skipped, kind=kind, dataset=dataset)
+    if cfg.masked_loss and cfg.mask_dir is not None:
+        records = masks.attach_mask_files(records, cfg, where)
+    return DatasetScan(records=records, skipped=skipped, kind=kind, dataset=dataset, mask_source=_mask_source(cfg))
+
+
+def _mask_source(cfg: DataConfig) -> str | None:
+    """Where the masks come from ("alpha" or the mask folder), None when the loss is not masked."""
+    if not cfg.masked_loss:
+        return None
+    return ALPHA if cfg.alpha_mask else cfg.mask_dir
+
+
+def _scan_subsets(cfg: DataConfig) -> DatasetScan:
+    """`data.subsets`: each folder scanned with its own repeats and caption settings (`for_subset`), its records
+    marked with its index; the is_reg subsets' records go to the scan's `regularization`."""
+    found: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    for index, subset in enumerate(cfg.subsets):
+        key, where = f"data.subsets[{index}].image_dir", Path(subset.image_dir).expanduser()
+        if not where.is_dir():
+            raise DataError(f"{key}: {'a file, not a folder' if where.exists() else 'folder not found'}: {where}")
+        sub_cfg = cfg.for_subset(index)
+        records, sub_skipped, _ = _scan_folder(where, sub_cfg, fallback=subset.class_tokens or "")
+        if not records:
+            raise DataError(f"{key}: no usable images in {where} ({len(sub_skipped)} skipped)")
+        if cfg.masked_loss and cfg.mask_dir is not None:
+            records = masks.attach_mask_files(records, cfg, where)
+        found += [dataclasses.replace(record, subset=index) for record in records]
+        skipped += sub_skipped
+    reg = [r for r in found if cfg.subsets[r.subset].is_reg]
+    train = [r for r in found if not cfg.subsets[r.subset].is_reg]
+    scan = DatasetScan(train, skipped, "subsets", mask_source=_mask_source(cfg), subsets=cfg.subsets)
+    if reg:
+        scan.regularization = DatasetScan(records=reg, skipped=[], kind="subsets", subsets=cfg.subsets)
+    return scan
 
 
 # -- pixels ---------------------------------------------------------------------------------------------------------
@@ -351,6 +398,30 @@ def load_image(record: ImageRecord, cfg: DataConfig, dataset=None, column: str |
     value = dataset[record.index][column or cfg.image_column]
     image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(row_bytes(value)))
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def load_mask(record: ImageRecord, cfg: DataConfig, dataset=None) -> torch.Tensor | None:
+    """The loss mask of a record at its bucket, as `load_pixels` fits the image: float [1, bucket_h, bucket_w] in
+    [0, 1] (1 = learn). None when the record has no mask (it learns everywhere). Never flipped, as `load_pixels`."""
+    if record.mask is None:
+        return None
+    if record.mask == ALPHA:
+        mask = masks.alpha_channel(_source_image(record, cfg, dataset))
+    else:
+        mask = masks.open_mask(record.mask)
+    return masks.mask_tensor(fit_to_bucket(mask, record.bucket))
+
+
+def _source_image(record: ImageRecord, cfg: DataConfig, dataset=None) -> Image.Image:
+    """A record's image EXIF-rotated but in its own mode (its alpha kept)."""
+    if record.path is not None:
+        source = Image.open(record.path)
+    else:
+        source = Image.open(io.BytesIO(row_bytes(dataset[record.index][cfg.image_column])))
+    with source:
+        image = ImageOps.exif_transpose(source)
+        image.load()
+    return image
 
 
 def load_pixels(record: ImageRecord, cfg: DataConfig, dataset=None) -> torch.Tensor:

@@ -155,6 +155,9 @@ class LoraMethod(LoraParams, EmaParams):
     """LoRA over a frozen base (trainers/lora.py)."""
 
     type: Literal["lora"] = Field("lora", description="lora: a LoRA over the frozen base (trainers/lora.py).")
+    prior_loss_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the loss of the regularization images (data.subsets with is_reg)."
+    )
 
 
 class DreamBoothMethod(LoraParams, EmaParams):

@@ -44,6 +44,19 @@ class Recipe(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _subsets_for_the_method(self):
+        # ControlNet reads image + conditioning pairs from one folder; DreamBooth's class images are its regularization
+        if self.data.subsets and self.method.type == "controlnet":
+            raise ValueError("data.subsets: ControlNet reads image and conditioning pairs; use data.train_data_dir")
+        has_reg = any(subset.is_reg for subset in self.data.subsets)
+        if has_reg and self.method.type == "dreambooth" and self.method.with_prior_preservation:
+            raise ValueError(
+                "data.subsets: is_reg subsets and method.with_prior_preservation are two sources of class images; "
+                "use one (method.class_data_dir takes a folder of them)"
+            )
+        return self
+
     def to_dict(self) -> dict:
         """The fully resolved recipe (every default filled in), as plain YAML-able data."""
         return self.model_dump(mode="json")

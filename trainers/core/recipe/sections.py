@@ -38,6 +38,34 @@ AS_TEXT = {"as_text": True}
 # -- data -----------------------------------------------------------------------------------------------------------
 
 
+class SubsetConfig(Section):
+    """One folder of a dataset of several concepts: a `[[datasets.subsets]]` of sd-scripts' dataset config, under
+    its names. A caption setting left unset takes the `data` section's."""
+
+    image_dir: PathText = Field(..., description="The subset's folder of images, captions beside them.")
+    num_repeats: int = Field(1, ge=1, description="Times each of its images is seen per epoch.")
+    caption_extension: str | None = Field(None, description="Its caption files' extension (default: data's).")
+    class_tokens: str | None = Field(
+        None, description="Caption of its images that have no caption file, e.g. 'sks dog' (kohya's class_tokens)."
+    )
+    trigger_word: str | None = Field(None, description="Its {trigger} in data.caption_template (default: data's).")
+    shuffle_caption: bool | None = Field(None, description="Shuffle its captions' tags (default: data's).")
+    keep_tokens: int | None = Field(None, ge=0, description="With shuffle_caption: leading tags kept in place.")
+    caption_dropout_rate: float | None = Field(
+        None, ge=0.0, le=1.0, description="Probability of an empty caption for its images (default: data's)."
+    )
+    is_reg: bool = Field(
+        False,
+        description="Regularization images (kohya's meaning: images of the class): each training image is paired "
+        "with one of them, whose loss counts at method.prior_loss_weight.",
+    )
+
+    def caption_keys(self) -> dict:
+        """The caption settings this subset sets, under the `data` section's names."""
+        keys = ("caption_extension", "trigger_word", "shuffle_caption", "keep_tokens", "caption_dropout_rate")
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+
+
 class DataConfig(Section):
     """Where the training images and captions come from, and how they are prepared."""
 
@@ -49,6 +77,12 @@ class DataConfig(Section):
     )
     dataset_name: PathText | None = Field(
         None, description="A saved HF dataset folder (save_to_disk) or a hub dataset id."
+    )
+    subsets: list[SubsetConfig] = Field(
+        default_factory=list,
+        description="Instead of train_data_dir: several folders, each with its repeats and caption settings, some "
+        "maybe regularization (is_reg), as sd-scripts' dataset config. One per line: {image_dir: FOLDER, "
+        "num_repeats: 2, class_tokens: sks dog}.",
     )
     image_column: str = Field("image", description="Image column of an HF dataset.")
     caption_column: str = Field("text", description="Caption column of an HF dataset / metadata.jsonl.")
@@ -105,13 +139,52 @@ class DataConfig(Section):
         "Default: $SDTUNE_CACHE or ~/.cache/sdtune.",
     )
 
+    # Masked loss, under kohya's names: the loss of each latent pixel is weighted by a mask (white = learn, black =
+    # ignore), so a subject can be taught without what stands around it (data/masks.py).
+    masked_loss: bool = Field(
+        False,
+        description="Weigh the loss per pixel by a mask (white = learn, black = ignore, grey = partial): the alpha "
+        "channel (alpha_mask) or a same-name file in mask_dir. `sdtune annotate --kind mask` makes masks.",
+    )
+    alpha_mask: bool = Field(
+        False, description="masked_loss: the mask is each image's alpha channel (an image without one learns whole)."
+    )
+    mask_dir: PathText | None = Field(
+        None,
+        description="masked_loss: a folder with one mask per image, same relative path and stem, any image type, "
+        "the image's size.",
+    )
+
     @model_validator(mode="after")
     def _check(self):
         if self.min_bucket_reso > self.max_bucket_reso:
             raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
         if self.keep_tokens and not self.shuffle_caption:
             raise ValueError("keep_tokens only applies with shuffle_caption: true")
+        _check_mask_keys(self)
+        if self.subsets and (self.train_data_dir is not None or self.dataset_name is not None):
+            raise ValueError("subsets replace train_data_dir and dataset_name; set subsets alone")
+        if self.subsets and all(subset.is_reg for subset in self.subsets):
+            raise ValueError("subsets: every subset is is_reg; at least one must hold the training images")
         return self
+
+    def for_subset(self, index: int) -> DataConfig:
+        """This section as it applies to subset `index`: its folder, repeats and caption settings."""
+        subset = self.subsets[index]
+        update = {"train_data_dir": subset.image_dir, "repeats": subset.num_repeats, "subsets": []}
+        return self.model_copy(update={**update, **subset.caption_keys()})
+
+
+def _check_mask_keys(data: DataConfig) -> None:
+    """masked_loss needs exactly one mask source, and a mask source without masked_loss would be silently unused."""
+    sources = [key for key in ("alpha_mask", "mask_dir") if getattr(data, key) not in (None, False)]
+    if data.masked_loss and len(sources) != 1:
+        raise ValueError(
+            "masked_loss needs one mask source: alpha_mask: true (the alpha channel) or mask_dir: FOLDER"
+            + (" (not both)" if sources else "")
+        )
+    if sources and not data.masked_loss:
+        raise ValueError(f"{sources[0]} is only read with masked_loss: true; set it, or remove {sources[0]}")
 
 
 # -- train ----------------------------------------------------------------------------------------------------------
