@@ -121,14 +121,16 @@ def test_flags_and_dataset_config(golden):
     method, train, data = tr.recipe["method"], tr.recipe["train"], tr.recipe["data"]
     assert method["preset"] == "locon" and method["rank"] == 8 and method["train_text_encoder"] is False
     assert train["lr_warmup_steps"] == 100 and train["loss_type"] == "huber"  # 0.1 of 1000 steps
-    assert train["train_batch_size"] == 2 and data["shuffle_caption"] and data["keep_tokens"] == 1
-    if kohya_import._subsets_in_schema():
-        assert [s["image_dir"] for s in data["subsets"]][-1] == str(golden / "data" / "reg")
-    else:  # one image folder and the reg folder as DreamBooth-LoRA's class images
-        assert method["type"] == "dreambooth" and method["lora"] and method["class_prompt"] == "circle"
-        assert (data["train_data_dir"], data["repeats"]) == (str(golden / "data" / "purple"), 2)
-        assert any(line.startswith("datasets[0].subsets[1].image_dir (sdtune has no data.subsets") for line in
-                   tr.unsupported)  # fmt: skip
+    assert train["train_batch_size"] == 2 and "masked_loss" not in data  # no alpha_mask, no mask folder: no mask
+    assert any(line.startswith("masked_loss (no mask source") for line in tr.ignored)
+    subsets = data["subsets"]  # each with kohya's keys, [general]'s caption settings inherited
+    assert [(s["image_dir"], s["num_repeats"], s.get("is_reg", False)) for s in subsets] == [
+        (str(golden / "data" / name), repeats, is_reg) for name, repeats, is_reg in
+        [("purple", 2, False), ("squares", 1, False), ("reg", 1, True)]
+    ]  # fmt: skip
+    assert all(s["shuffle_caption"] and s["keep_tokens"] == 1 for s in subsets)
+    assert subsets[1]["caption_dropout_rate"] == 0.1 and subsets[2]["class_tokens"] == "circle"
+    assert "general.flip_aug (sdtune has no data.subsets.random_flip yet)" in tr.unsupported  # listed once
 
 
 def test_a_key_the_schema_lacks_is_not_supported_until_it_lands(tmp_path):
@@ -209,9 +211,9 @@ TOY = ["base=toy", "data.resolution=64", "data.min_bucket_reso=64", "data.max_bu
     "config,dataset,script,extra",
     [
         ("lora_preset.json", None, "trainers/lora.py", []),
-        ("train_network.sh", "datasets.toml", "trainers/dreambooth.py", ["train.optimizer=adamw"]),
+        ("train_network.sh", "datasets.toml", "trainers/lora.py", ["train.optimizer_type=adamw"]),
         ("dreambooth.toml", None, "trainers/dreambooth.py",
-         ["train.optimizer=adamw", "method.extract_lora_rank=null", "method.save_single_file=false"]),
+         ["train.optimizer_type=adamw", "method.extract_lora_rank=null", "method.save_single_file=false"]),
     ],
     ids=["lora-preset", "flags+dataset", "dreambooth"],
 )  # fmt: skip
@@ -219,8 +221,7 @@ def test_translated_recipe_trains_two_steps_on_the_toy_base(golden, config, data
     out = golden / "recipe.yaml"
     import_kohya(golden / config, out, golden / dataset if dataset else None)
     recipe = load_recipe(out)
-    if recipe.method.type == "dreambooth" and script.endswith("lora.py"):
-        script = "trainers/dreambooth.py"
+    assert script == f"trainers/{recipe.method.type}.py"
     run = golden / "run"
     proc = run_trainer([str(out), f"output.dir={run}", *TOY, *extra], golden / "cache", script=script)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -283,6 +284,6 @@ def test_a_command_line_reads_its_config_file_and_its_flags_win(tmp_path):
 def test_the_dataset_config_a_command_line_names_is_read(golden):
     tr = translate(read_config(golden / "train_network.sh"))  # --dataset_config, no --dataset-config
     assert ("dataset_config", "read as the dataset config") in tr.mapped
-    assert tr.recipe["train"]["train_batch_size"] == 2 and tr.recipe["data"]["shuffle_caption"] is True
+    assert tr.recipe["train"]["train_batch_size"] == 2 and tr.recipe["data"]["subsets"][0]["shuffle_caption"] is True
     given = translate(read_config(golden / "train_network.sh"), golden / "datasets.toml")
     assert f"dataset_config (--dataset-config {golden / 'datasets.toml'} is read instead)" in given.ignored

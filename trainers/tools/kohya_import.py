@@ -474,8 +474,9 @@ def _apply_subsets(tr: Translation, subsets: list[Subset], source: str):
             name = dotted.rsplit(".", 1)[-1]
             tr.mapped.append((label, f"data.subsets[{i}].{name}"))
             tr.origin[f"data.subsets[{i}].{name}"] = scratch.origin[dotted]
-        tr.unsupported += scratch.unsupported
-        tr.ignored += scratch.ignored
+        # a [general] key every subset inherits is listed once, not once per subset
+        tr.unsupported += [line for line in scratch.unsupported if line not in tr.unsupported]
+        tr.ignored += [line for line in scratch.ignored if line not in tr.ignored]
     tr.recipe.setdefault("data", {})["subsets"] = entries
 
 
@@ -809,6 +810,8 @@ def translate(src: Source, dataset_file: str | Path | None = None, may_read=None
     data, train = tr.recipe.get("data", {}), tr.recipe.get("train", {})
     if data.get("keep_tokens") and not data.get("shuffle_caption"):  # sdtune refuses it; kohya lets it do nothing
         tr.drop("data.keep_tokens", "it only acts with shuffle_caption, which is off")
+    if data.get("masked_loss") and not (data.get("alpha_mask") or data.get("mask_dir")):  # sd-scripts stops on it
+        tr.drop("data.masked_loss", "no mask source: set alpha_mask, or conditioning_data_dir to a folder of masks")
     chosen = any(
         not _empty(args.get(k)) for k in ("optimizer_type", "optimizer", "use_8bit_adam", "use_lion_optimizer")
     )
