@@ -212,8 +212,9 @@ TOY = ["base=toy", "data.resolution=64", "data.min_bucket_reso=64", "data.max_bu
     [
         ("lora_preset.json", None, "trainers/lora.py", []),
         ("train_network.sh", "datasets.toml", "trainers/lora.py", ["train.optimizer_type=adamw"]),
-        ("dreambooth.toml", None, "trainers/dreambooth.py",
-         ["train.optimizer_type=adamw", "method.extract_lora_rank=null", "method.save_single_file=false"]),
+        pytest.param("dreambooth.toml", None, "trainers/dreambooth.py",
+                     ["train.optimizer_type=adamw", "method.extract_lora_rank=null", "method.save_single_file=false"],
+                     marks=pytest.mark.slow),  # a full fine-tune; its translation is checked in the default suite
     ],
     ids=["lora-preset", "flags+dataset", "dreambooth"],
 )  # fmt: skip
