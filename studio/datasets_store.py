@@ -46,6 +46,7 @@ from sdtune.adapters.images import (
     open_rgb,
     read_caption,
 )
+from sdtune.adapters.workspace import sdtune_home
 from sdtune.studio.dataset_uploads import (  # the upload checks and their names, as importers know them from here
     DatasetError,
     Rejected,
@@ -65,8 +66,7 @@ IMAGES, CONDITIONING = "images", "conditioning"  # the ControlNet trainer's pair
 
 
 def datasets_root(home: str | Path | None = None) -> Path:
-    root = home or os.environ.get("SDTUNE_HOME") or Path.home() / ".sdtune"
-    return Path(root).expanduser().absolute() / "datasets"
+    return sdtune_home(home) / "datasets"
 
 
 def check_name(name: str) -> str:

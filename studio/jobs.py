@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sdtune.adapters.errors import SdtuneError
+from sdtune.adapters.workspace import sdtune_home
 from sdtune.studio.processes import group_runs
 from sdtune.trainers.core import run_files
 
@@ -138,12 +139,6 @@ COLUMNS = [f.name for f in fields(Job)]
 
 
 # -- the database ---------------------------------------------------------------------------------------------------
-
-
-def sdtune_home(home: str | Path | None = None) -> Path:
-    """The workspace, as an absolute path (trainers run in the submitter's directory): `home` if given, else
-    $SDTUNE_HOME, else ~/.sdtune."""
-    return Path(home or os.environ.get("SDTUNE_HOME") or Path.home() / ".sdtune").expanduser().absolute()
 
 
 @contextlib.contextmanager

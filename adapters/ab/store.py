@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdtune.adapters.ab.spec import ABError
-from sdtune.adapters.registry import open_db, sdtune_home
+from sdtune.adapters.workspace import open_db, sdtune_home
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 CHOICES = ("left", "right", "tie")
@@ -134,7 +134,7 @@ class ABStore:
     """Comparisons and votes in the registry workspace `home` (default `$SDTUNE_HOME`); safe across processes."""
 
     def __init__(self, home: str | Path | None = None):
-        self.home = Path(home).expanduser() if home is not None else sdtune_home()
+        self.home = sdtune_home(home)
         self.root = self.home / "ab"
         self.db_path = self.home / "ab.sqlite"
 
