@@ -20,43 +20,29 @@ missing. An upload cut off midway is resumed by running the same command again: 
 already holds (same content hash) and only the rest is sent. The token comes from `token=`, `HF_TOKEN` or the
 `hf auth login` cache, and is only ever handed to `huggingface_hub`: it is never written to a file, log or card.
 `HF_ENDPOINT` (read at call time) points the upload at another Hub, e.g. a local test server.
+
+The card is `model_card.py`; what counts as a leak, and the redaction, `leaks.py`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdtune.adapters.errors import SdtuneError
+from sdtune.adapters.leaks import drop_local_origins, first_leak
 from sdtune.adapters.manifest import control_pairs
+from sdtune.adapters.model_card import WIDGET_IMAGES, card_text, widget_prompts
 
 CARD = "README.md"
 IMAGES = "images"
 DEFAULT_LICENSE = "creativeml-openrail-m"  # Stable Diffusion v1-5's license, which adapters of it inherit
 STATE_KEY = "published"  # registry.json sidecar: where this adapter was published, and whether it finished
-
-# Token shapes of the services a user is likely to hold: Hugging Face, GitHub, OpenAI-style, Slack, AWS keys.
-TOKEN_PATTERNS = (
-    re.compile(r"\bhf_[A-Za-z0-9]{20,}"),
-    re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}|\bgithub_pat_[A-Za-z0-9_]{20,}"),
-    re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
-    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
-    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
-)
-# An absolute path: /a/b at a word start (not the // of a URL), ~/..., or C:\... ; file:// URLs too.
-PATH_PATTERNS = (
-    re.compile(r"(?:^|[\s\"'(\[=,;])(/[A-Za-z0-9._-]+/[^\s\"'<>]*)"),
-    re.compile(r"(?:^|[\s\"'(\[=,;])(~/[^\s\"'<>]+)"),
-    re.compile(r"\b([A-Za-z]:\\[^\s\"'<>]+)"),
-    re.compile(r"(file://[^\s\"'<>]+)"),
-)
 
 
 class PublishError(SdtuneError, ValueError):
@@ -88,210 +74,19 @@ class RepoFolder:
     widget: list[dict]
 
 
-# -- keeping local paths and secrets out --------------------------------------------------------------------------
-
-
-def redact_paths(value, key: str = ""):
-    """A copy of plain JSON data with every local path (absolute, ~, or existing on disk) as `<local: name>`."""
-    if isinstance(value, dict):
-        return {k: redact_paths(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_paths(v, key) for v in value]
-    if isinstance(value, str) and _is_local_path(value):
-        return f"<local: {Path(value).name}>"
-    return value
-
-
-def drop_local_origins(folder: Path) -> list[Path]:
-    """Removes diffusers' `_name_or_path` from the model configs under `folder` (model_index.json, each component's
-    config.json) where it is a local path: `save_pretrained` records the folder a model was loaded from, and a
-    full fine-tune of a local base would publish it. A Hub id stays. Returns the files changed."""
-    changed = []
-    for path in sorted(folder.rglob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(data, dict) and _is_local_path(str(data.get("_name_or_path", ""))):
-            del data["_name_or_path"]
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            changed.append(path)
-    return changed
-
-
-def _is_local_path(text: str) -> bool:
-    if not text or "\n" in text or len(text) > 4096:
-        return False
-    if text.startswith(("/", "~", "./", "../", "file://")) or re.match(r"^[A-Za-z]:\\", text):
-        return True
-    return ("/" in text or os.sep in text) and Path(text).exists()
-
-
-def find_leaks(text: str, secrets: tuple[str, ...] = ()) -> list[str]:
-    """What in `text` must not be published: local absolute paths, this machine's home or working folder, token-
-    shaped strings, and the given secrets (shown shortened, never in full)."""
-    found = [m.group(1) for pattern in PATH_PATTERNS for m in pattern.finditer(text)]
-    found += [p for p in {str(Path.home()), os.getcwd()} if len(p) > 1 and p in text]
-    tokens = [m.group(0) for pattern in TOKEN_PATTERNS for m in pattern.finditer(text)]
-    tokens += [s for s in secrets if s and s in text]
-    return found + [f"a token-shaped string {t[:5]}..." for t in tokens]
-
-
-def _texts(path: Path) -> list[str]:
-    """The readable text of a file: all of a text file, a PNG's text chunks, a safetensors file's JSON header."""
-    if path.suffix == ".png":
-        from PIL import Image
-
-        with Image.open(path) as image:
-            return [str(v) for v in getattr(image, "text", {}).values()]
-    if path.suffix == ".safetensors":
-        with path.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            return [handle.read(min(size, 100_000_000)).decode("utf-8", "replace")]
-    if path.suffix in (".md", ".json", ".txt", ".yaml", ".yml"):
-        return [path.read_text(errors="replace")]
-    return []
-
-
 def scan_folder(folder: Path, secrets: tuple[str, ...] = ()) -> None:
     """Raises PublishError naming the file and what leaked, for the first file that would publish a local path or a
     token."""
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        for text in _texts(path):
-            leaks = find_leaks(text, secrets)
-            if leaks:
-                raise PublishError(
-                    f"{path.relative_to(folder)} contains {leaks[0]!r}: refusing to publish a local path or a "
-                    "token; remove it from the adapter's metadata (or rename the run) and try again"
-                )
-
-
-# -- the repo folder and its card ---------------------------------------------------------------------------------
-
-
-def _base_model(manifest) -> str | None:
-    """The base as a Hub id for `base_model`; a local or toy base has none (the card names it in words)."""
-    return manifest.base.name_or_path if manifest.base.kind == "hub" else None
-
-
-WIDGET_IMAGES = 4
-
-
-def widget_prompts(manifest, limit: int = WIDGET_IMAGES) -> list[str]:
-    prompts = (manifest.recipe.get("validation") or {}).get("prompts") or manifest.trigger_words or ["a photo"]
-    return list(dict.fromkeys(prompts))[:limit]
-
-
-def _tags(manifest) -> list[str]:
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "sdtune"]
-    kind = {"lora": ["lora"], "dreambooth": ["dreambooth"], "controlnet": ["controlnet"]}.get(manifest.method, [])
-    if manifest.method == "dreambooth" and "peft" in manifest.files:
-        kind.append("lora")
-    return kind + tags + ["template:sd-lora"] * ("lora" in kind)
-
-
-def _usage(manifest, repo: str, files: dict[str, str]) -> str:
-    base = _base_model(manifest) or (
-        "path/to/sdtune/adapters/toy_base"  # the toy base ships with sdtune, nowhere else
-        if manifest.base.kind == "toy"
-        else "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    )
-    prompt = widget_prompts(manifest, 1)[0]
-    if manifest.method == "controlnet":
-        return (
-            "```python\nimport torch\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
-            f'controlnet = ControlNetModel.from_pretrained("{repo}", torch_dtype=torch.float16)\n'
-            f'pipe = StableDiffusionControlNetPipeline.from_pretrained("{base}", controlnet=controlnet, '
-            'torch_dtype=torch.float16).to("cuda")\n'
-            f'image = pipe("{prompt}", image=condition).images[0]  # condition: a PIL conditioning image\n```\n\n'
-            "**A1111 / ComfyUI**: put the single `.safetensors` file in `models/ControlNet` "
-            "(ComfyUI: `models/controlnet`) and pick it in the ControlNet unit / `ControlNetLoader` node.\n"
+    leak = first_leak(folder, secrets)
+    if leak is not None:
+        path, what = leak
+        raise PublishError(
+            f"{path} contains {what!r}: refusing to publish a local path or a token; remove it from the adapter's "
+            "metadata (or rename the run) and try again"
         )
-    lines = ["```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
-    lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")')
-    if "peft" in files:
-        lines.append(f'pipe.load_lora_weights("{repo}", weight_name="{files["peft"]}")')
-    lines += [f'image = pipe("{prompt}").images[0]', "```", ""]
-    if "kohya" in files:
-        stem = Path(files["kohya"]).stem
-        lines.append(
-            f"**AUTOMATIC1111 / Forge**: download `{files['kohya']}` into `models/Lora` and write "
-            f"`<lora:{stem}:1>` in the prompt. **ComfyUI**: put it in `models/loras` and load it with a "
-            "`LoraLoader` node between the checkpoint and the sampler."
-        )
-    if "single_file" in files:
-        lines.append(
-            f"**A1111 / ComfyUI**: `{files['single_file']}` is a full checkpoint (`models/Stable-diffusion`)."
-        )
-    return "\n".join(lines) + "\n"
 
 
-def card_text(manifest, repo: str, files: dict[str, str], widget: list[dict], license: str) -> str:
-    """The model card: YAML metadata through huggingface_hub's ModelCardData, then the text."""
-    from huggingface_hub import ModelCardData
-
-    trigger = ", ".join(manifest.trigger_words)
-    data = ModelCardData(
-        base_model=_base_model(manifest),
-        license=license,
-        library_name="diffusers",
-        pipeline_tag="text-to-image",
-        tags=_tags(manifest),
-        instance_prompt=trigger or None,
-        widget=widget or None,
-    )
-    base = _base_model(manifest) or (
-        "the sdtune toy base (64 px, for tests and demos: not loadable by other tools)"
-        if manifest.base.kind == "toy"
-        else f"a local {manifest.base.kind} base (`{Path(manifest.base.name_or_path).name}`)"
-    )
-    method = {"lora": "LoRA", "dreambooth": "DreamBooth", "controlnet": "ControlNet"}.get(manifest.method, "")
-    sections = [
-        f"---\n{data.to_yaml()}\n---\n",
-        f"# {manifest.name}\n",
-        f"A {method or manifest.method} adapter for Stable Diffusion v1-5, {_made_how(manifest.origin)} {base} "
-        f"(base sha256 `{manifest.base.hash[:16]}...`).\n",
-        f"## Trigger words\n\n{'Use `' + trigger + '` in the prompt.' if trigger else 'None.'}\n",
-        "## Use it\n\n" + _usage(manifest, repo, files),
-        "## Files\n\n" + "\n".join(f"- `{f}` ({fmt})" for fmt, f in files.items()) + "\n",
-    ]
-    if manifest.scores:
-        scores = json.dumps(redact_paths(manifest.scores), indent=2, default=str)
-        sections.append("## Scores\n\n```json\n" + scores + "\n```\n")
-    sections.append(_training_section(manifest))
-    return "\n".join(sections)
-
-
-def _made_how(origin: dict | None) -> str:
-    """How the adapter came to be, as the card's first sentence says it."""
-    origin = origin or {}
-    if origin.get("kind") == "merged":
-        parents = ", ".join(f"`{p}` x {w:g}" for p, w in zip(origin["parents"], origin["weights"]))
-        return f"made by sdtune ({origin['merge_method']} of {parents}) for"
-    if origin.get("kind") == "imported":
-        return f"imported into sdtune from `{Path(origin['source']).name}` ({origin['format']}) and checked against"
-    return "trained with sdtune on"
-
-
-def _training_section(manifest) -> str:
-    """What the adapter was trained on and with; for a merge or an import, what it was made from instead."""
-    origin = manifest.origin or {}
-    facts = {k: v for k, v in (manifest.training or {}).items() if not isinstance(v, (dict, list))}
-    if origin.get("kind") == "merged":
-        facts |= {"merge method": origin["merge_method"], **(origin.get("params") or {})}
-        facts["parents"] = ", ".join(f"{p} (weight {w:g})" for p, w in zip(origin["parents"], origin["weights"]))
-    if origin.get("kind") == "imported":
-        facts |= {"source file": Path(origin["source"]).name, "format": origin["format"]}
-        facts |= {k: v for k, v in (origin.get("hashes") or {}).items() if isinstance(v, str)}
-    labels = {"final_loss": "final loss (moving average of the step losses)", "seconds_per_step": "s/step (median)"}
-    text = "## Training\n\n" + "".join(f"- {labels.get(k, k)}: {v}\n" for k, v in facts.items())
-    dataset, recipe = redact_paths(manifest.dataset), redact_paths(manifest.recipe)
-    if dataset:
-        text += f"\nDataset fingerprint `{dataset.get('fingerprint', 'n/a')}`:\n\n```json\n"
-        text += json.dumps(dataset, indent=2, default=str) + "\n```\n"
-    if recipe:
-        text += "\nRecipe:\n\n```json\n" + json.dumps(recipe, indent=2, default=str) + "\n```\n"
-    return text
+# -- the repo folder ------------------------------------------------------------------------------------------------
 
 
 def build_repo_folder(

@@ -21,12 +21,10 @@ The registry imports no torch: listing and tagging are cheap enough for the stud
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -36,6 +34,7 @@ from pathlib import Path
 from sdtune.adapters.atomic import copy_atomic
 from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.manifest import MANIFEST_NAME, AdapterManifest, ManifestError, read_manifest, write_json_atomic
+from sdtune.adapters.workspace import open_db, sdtune_home
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 REGISTRY_SIDECAR = "registry.json"  # registry-only data kept in the folder too: tags, when it was registered
@@ -55,50 +54,8 @@ CREATE TABLE IF NOT EXISTS trigger_words (name TEXT NOT NULL, word TEXT NOT NULL
 """
 
 
-def _enable_wal(db, seconds: float = 60.0):
-    """Switching a new index to WAL needs a moment of exclusive access, and sqlite answers "database is locked" at
-    once (no busy wait) when another process holds the file just then: retry until it is free."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def open_db(path: Path, schema: str, write: bool = False):
-    """A WAL-mode SQLite connection with `schema` in place; with `write`, one IMMEDIATE transaction (the write lock,
-    so concurrent writers queue instead of failing) committed on success and rolled back on any error."""
-    db = sqlite3.connect(path, timeout=60, isolation_level=None)
-    try:
-        _enable_wal(db)
-        db.execute("PRAGMA busy_timeout=60000")
-        db.executescript(schema)
-        if not write:
-            yield db
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-    finally:
-        db.close()
-
-
 class RegistryError(SdtuneError, ValueError):
     """A registry operation that cannot be done (unknown name, name clash, bad name); the message is one line."""
-
-
-def sdtune_home() -> Path:
-    """`$SDTUNE_HOME`, or `~/.sdtune`."""
-    return Path(os.environ.get("SDTUNE_HOME") or Path.home() / ".sdtune").expanduser()
 
 
 @dataclass
@@ -181,7 +138,7 @@ class Registry:
     """The registry at `home` (default `sdtune_home()`); cheap to create, safe to use from several processes."""
 
     def __init__(self, home: str | Path | None = None):
-        self.home = Path(home).expanduser() if home is not None else sdtune_home()
+        self.home = sdtune_home(home)
         self.adapters_dir = self.home / "adapters"
         self.staging_dir = self.home / ".staging"
         self.index_path = self.home / "index.sqlite"

@@ -24,7 +24,7 @@ import secrets
 from pathlib import Path
 
 from sdtune.adapters.atomic import write_private
-from sdtune.adapters.registry import sdtune_home
+from sdtune.adapters.workspace import sdtune_home
 
 TOKEN_FILE = Path("studio") / "token"  # under $SDTUNE_HOME
 NO_TOKEN_ENV = "SDTUNE_STUDIO_NO_TOKEN"  # "1": `sdtune studio --no-token` told the app to ask for no token
@@ -36,7 +36,7 @@ REFUSAL = (
 
 
 def token_path(home: str | Path | None = None) -> Path:
-    return Path(home).expanduser() / TOKEN_FILE if home is not None else sdtune_home() / TOKEN_FILE
+    return sdtune_home(home) / TOKEN_FILE
 
 
 def studio_token(home: str | Path | None = None) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from sdtune.adapters.base import LocalPath
-from sdtune.adapters.registry import sdtune_home
+from sdtune.adapters.workspace import sdtune_home
 from sdtune.studio.api import StudioError
 
 ALLOWED_ENV = "SDTUNE_ALLOWED_DIRS"
@@ -48,7 +48,7 @@ class ConfineError(StudioError):
 
 def allowed_dirs(home: str | Path | None = None) -> list[Path]:
     """The folders a studio job may read and write: $SDTUNE_HOME, then the operator's (setting, then file)."""
-    home = Path(home).expanduser() if home is not None else sdtune_home()
+    home = sdtune_home(home)
     listed = [d for d in os.environ.get(ALLOWED_ENV, "").split(os.pathsep) if d.strip()]
     try:
         lines = (home / ALLOWED_FILE).read_text().splitlines()

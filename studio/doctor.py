@@ -1,7 +1,4 @@
-"""`sdtune doctor`: what this machine can train, and which shipped recipes fit in its memory.
-
-Recipes of methods without a trainer yet are estimated, and say that they cannot run.
-"""
+"""`sdtune doctor`: what this machine can train, and which shipped recipes fit in its memory."""
 
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ from sdtune.adapters.base import resolve_base
 from sdtune.studio import jobs, threads
 from sdtune.studio.versions import versions_section
 from sdtune.trainers.core.estimate import GB, estimate_run, size_text
-from sdtune.trainers.core.recipe import TRAINERS, RecipeError, load_recipe
+from sdtune.trainers.core.recipe import RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -81,9 +78,7 @@ def recipe_fit_lines(device: str, budget: float) -> list[str]:
         except (RecipeError, OSError, ValueError) as exc:
             lines.append(f"  {path.name:34s} cannot estimate: {exc}")
             continue
-        if recipe.method.type not in TRAINERS:
-            verdict = f"estimate only: no {recipe.method.type} trainer yet (planned)"
-        elif device != "cuda" and resolve_base(recipe.base).kind != "toy":
+        if device != "cuda" and resolve_base(recipe.base).kind != "toy":
             verdict = "needs a CUDA GPU (SD v1-5 on a CPU would take days)"
         elif estimate.memory_bytes <= budget * 0.95:
             verdict = "fits"

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sdtune.adapters.errors import SdtuneError
+from sdtune.adapters.workspace import sdtune_home
 from sdtune.studio.processes import group_runs
 from sdtune.trainers.core import run_files
 
@@ -140,12 +141,6 @@ COLUMNS = [f.name for f in fields(Job)]
 # -- the database ---------------------------------------------------------------------------------------------------
 
 
-def sdtune_home(home: str | Path | None = None) -> Path:
-    """The workspace, as an absolute path (trainers run in the submitter's directory): `home` if given, else
-    $SDTUNE_HOME, else ~/.sdtune."""
-    return Path(home or os.environ.get("SDTUNE_HOME") or Path.home() / ".sdtune").expanduser().absolute()
-
-
 @contextlib.contextmanager
 def connect(home: str | Path | None = None) -> Iterator[sqlite3.Connection]:
     """A connection in autocommit mode (transactions are explicit, see `transaction`); WAL lets the studio read
@@ -224,7 +219,7 @@ def submit(
     """
     import yaml
 
-    from sdtune.trainers.core.recipe import TRAINERS, RecipeError, load_recipe, trainer_for
+    from sdtune.trainers.core.recipe import RecipeError, load_recipe
 
     overrides = list(overrides or [])
     try:
@@ -232,8 +227,6 @@ def submit(
     except RecipeError as exc:
         raise JobError(str(exc)) from None
     method = resolved.method.type
-    if method not in TRAINERS:
-        raise JobError(f"{recipe}: method.type is {method!r}: {trainer_for(method)}")
     with connect(home) as conn, transaction(conn):
         same = conn.execute("SELECT id FROM jobs WHERE submission_key = ?", (submission_key,)).fetchone()
         if submission_key is not None and same is not None:

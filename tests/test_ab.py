@@ -134,6 +134,14 @@ def test_bad_scorers_are_refused(text):
         ab.Scorer.parse(text)
 
 
+def test_specs_votes_and_tallies_import_without_torch():
+    """A studio page casts votes and reads tallies one click at a time: the spec parser, the store and its
+    statistics load no torch (rendering imports it only when it renders)."""
+    code = "import sys; import sdtune.adapters.ab.spec, sdtune.adapters.ab.store; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # -- comparisons on the toy base ------------------------------------------------------------------------------------
 
 PROMPTS = ["a purple circle", "a purple square"]

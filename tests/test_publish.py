@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 from sdtune.adapters import publish as pub
+from sdtune.adapters.leaks import find_leaks
 from sdtune.adapters.registry import Registry, copy_into
 
 WRITE_TOKEN = "hf_" + "W" * 34  # token-shaped, so the leak scan would catch it anywhere it was written
@@ -463,7 +464,7 @@ def test_a_leak_refuses_the_publish(hub, registry, changes, leak, tmp_path):
     ],
 )
 def test_find_leaks(text, leaks):
-    assert pub.find_leaks(text) == leaks
+    assert find_leaks(text) == leaks
 
 
 def test_cli_publish_in_a_new_process(hub, registry, tmp_path):

@@ -19,6 +19,21 @@ def test_recipes_folder_has_every_method_and_preset():
     assert "quickstart.yaml" in names
 
 
+def test_every_method_has_its_trainer_script():
+    """Every `method.type` the schema accepts has a trainer in TRAINERS whose script exists: the jobs, the worker and
+    `sdtune doctor` look it up with no fallback, so a method added without a trainer fails here."""
+    import typing
+
+    from sdtune.trainers.core.recipe import TRAINERS, Method, trainer_for
+
+    union = typing.get_args(Method)[0]
+    types = {cls.model_fields["type"].default for cls in typing.get_args(union)}
+    assert types == set(TRAINERS)
+    root = Path(__file__).resolve().parents[1]
+    for method, script in TRAINERS.items():
+        assert (root / script).is_file() and trainer_for(method) == f"run {script}"
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_loads_and_every_key_has_its_own_comment(path):
     recipe = load_recipe(path)

@@ -62,6 +62,26 @@ def test_home_comes_from_sdtune_home(monkeypatch, tmp_path):
     assert sdtune_home() == Path.home() / ".sdtune"
 
 
+def test_every_front_end_finds_the_one_absolute_home(monkeypatch, tmp_path):
+    """A relative or `~` SDTUNE_HOME names one absolute folder, the same for the registry, the A/B store, the job
+    queue, the datasets and the studio's token: the worker starts trainers in other folders, and a relative home
+    would be another folder there (the registry's copy of sdtune_home returned it relative)."""
+    from sdtune.adapters import ab, registry, workspace
+    from sdtune.studio import access, datasets_store, jobs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDTUNE_HOME", "work/home")
+    home = tmp_path / "work" / "home"
+    assert sdtune_home() == home and sdtune_home().is_absolute()
+    assert Registry().home == home and ab.ABStore().home == home and jobs.sdtune_home() == home
+    assert datasets_store.datasets_root() == home / "datasets" and access.token_path() == home / "studio" / "token"
+    assert Registry("elsewhere").home == tmp_path / "elsewhere"  # a home given as an argument too
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("SDTUNE_HOME", "~/sd")
+    assert sdtune_home() == tmp_path / "user" / "sd"
+    assert registry.sdtune_home is jobs.sdtune_home is workspace.sdtune_home  # one function, not copies
+
+
 def test_register_run_copies_weights_grids_and_manifest_not_checkpoints(registry, tmp_path):
     entry = registry.register_run(fake_run(tmp_path / "run"))
     assert entry.name == "toy-purple" and entry.method == "lora" and entry.origin == "trained"

@@ -291,8 +291,8 @@ class ControlNetMethod(EmaParams):
 
 Method = Annotated[LoraMethod | DreamBoothMethod | ControlNetMethod, Field(discriminator="type")]
 
-# method.type -> the script that trains it. DreamBooth recipes already validate (and `sdtune doctor` estimates them)
-# so the presets can be reviewed; its trainer lands in a later issue.
+# method.type -> the script that trains it: every method of `Method` has one (tests/test_recipe.py checks), so the
+# worker, the jobs and `sdtune doctor` look a recipe's trainer up without a fallback.
 TRAINERS = {
     "lora": "trainers/lora.py",
     "dreambooth": "trainers/dreambooth.py",
@@ -301,8 +301,5 @@ TRAINERS = {
 
 
 def trainer_for(method_type: str) -> str:
-    """Where a method trains, as the end of a one-line message, or that it has no trainer yet."""
-    if method_type in TRAINERS:
-        return f"run {TRAINERS[method_type]}"
-    available = ", ".join(f"{name} ({script})" for name, script in TRAINERS.items())
-    return f"its trainer does not exist yet (trainers today: {available})"
+    """Where a method trains, as the end of a one-line message: `run trainers/lora.py`."""
+    return f"run {TRAINERS[method_type]}"
