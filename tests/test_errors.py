@@ -37,7 +37,7 @@ def error_classes(package: str) -> list[type]:
 
 
 # Exceptions used as control flow inside one module, caught there and never shown to a user.
-OUTCOMES = {"sdtune.trainers.tools.kohya_keys.Skip"}  # a key the importer lists as ignored / not supported
+OUTCOMES = {"sdtune.trainers.tools.kohya_rules.Skip"}  # a key the importer lists as ignored / not supported
 
 
 @pytest.mark.parametrize("package", ["sdtune.adapters", "sdtune.trainers"])
