@@ -229,21 +229,8 @@ def test_translated_recipe_trains_two_steps_on_the_toy_base(golden, config, data
     assert json.loads((run / "adapter.json").read_text())["training"]["steps"] == 2
 
 
-def test_subsets_become_data_subsets_once_the_schema_has_them(golden, monkeypatch):
-    """The path that `data.subsets` (a parallel change) switches on: each subset under kohya's own key names."""
-    from typing import Any
-
-    from pydantic.fields import FieldInfo
-
-    real = kohya_import.schema_field
-
-    def with_subsets(dotted, method_type):
-        if dotted.startswith("data.subsets."):
-            return FieldInfo.from_annotation(Any)
-        return real(dotted, method_type)
-
-    monkeypatch.setattr(kohya_import, "schema_field", with_subsets)
-    monkeypatch.setattr(kohya_import, "_validate", lambda tr, source: None)  # today's Recipe has no data.subsets
+def test_subsets_become_data_subsets(golden):
+    """Each subset under kohya's own key names, through the schema check and the recipe loader."""
     tr = translate(read_config(golden / "train_network.sh"), golden / "datasets.toml")
     subsets = tr.recipe["data"]["subsets"]
     assert [(s["image_dir"], s["num_repeats"]) for s in subsets] == [
