@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 from sdtune.adapters import quiet_libraries
-from sdtune.studio import api, cli_ab, jobs, launch, worker
+from sdtune.studio import api, cli_ab, cli_recipe, jobs, launch, worker
 from sdtune.studio.cli_ab import positive_int
 
 EPILOG = (
@@ -433,32 +433,6 @@ def _bake_parser(sub):
     )
 
 
-def _recipe_parser(sub):
-    p = sub.add_parser("recipe", help="Recipes from other tools: from-kohya (sd-scripts TOML/flags, kohya_ss JSON).")
-    cmds = p.add_subparsers(dest="recipe_command", required=True, metavar="{from-kohya}")
-    c = cmds.add_parser(
-        "from-kohya",
-        help="An sd-scripts training TOML, its command line (.sh/.txt) or a kohya_ss GUI preset (.json) -> a "
-        "commented sdtune recipe; every key is mapped or listed as not supported / ignored.",
-    )
-    c.add_argument("config", type=Path, help="The kohya config: .toml, .json, or .sh/.txt with the command line.")
-    c.add_argument("--dataset-config", type=Path, help="sd-scripts' dataset config ([[datasets]], subsets).")
-    c.add_argument("-o", "--output", type=Path, required=True, help="The recipe YAML to write.")
-    c.set_defaults(run=run_recipe_from_kohya)
-
-
-def run_recipe_from_kohya(args) -> int:
-    from sdtune.trainers.tools.kohya_import import KohyaImportError, import_kohya
-
-    try:
-        lines = import_kohya(args.config, args.output, args.dataset_config)
-    except KohyaImportError as exc:
-        raise SystemExit(f"sdtune recipe from-kohya: {exc}") from None
-    print("\n".join(lines))
-    print(f"wrote {args.output}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.split("\n")[0], epilog=EPILOG)
     sub = parser.add_subparsers(
@@ -478,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     _doctor_parser(sub)
     _jobs_parser(sub)
     _worker_parser(sub)
-    _recipe_parser(sub)
+    cli_recipe.add_recipe_parser(sub)
     return parser
 
 
