@@ -163,12 +163,11 @@ def register_lora(
         ExportCheckError: a file does not render what the arithmetic says (nothing is registered then).
     """
     from sdtune.adapters import sampling
-    from sdtune.adapters.base import base_hash, load_pipeline, recommended_guidance, resolve_base
+    from sdtune.adapters.base import load_pipeline, recommended_guidance, resolve_base
     from sdtune.adapters.export_check import ExportCheckError, check_lora_files
     from sdtune.adapters.file_metadata import facts_of_base, inherited_facts
     from sdtune.adapters.lora_files import save_modules, summary_facts
     from sdtune.adapters.lora_modules import base_shapes, module_table
-    from sdtune.adapters.manifest import AdapterManifest, BaseRef
     from sdtune.adapters.registry import Registry, check_name
 
     registry = registry or Registry()
@@ -184,29 +183,38 @@ def register_lora(
     model = replace(model, trigger_words=tuple(trigger_words))
     facts = summary_facts(modules, model, made_on, {"ss_merge": origin.get("merge_method", "")})
 
-    def fill(staging: Path) -> AdapterManifest:
+    def fill(staging: Path):
         files = save_modules(staging, name, modules, table, facts, dtype)
         report = check_lora_files(pipe, files, modules, table, settings, staging, dtype)
         if not report.ok:
             raise ExportCheckError(f"{name}: {report.summary()}")
-        ranks = sorted({m.rank for m in modules.values()})
-        return AdapterManifest(
-            name=name,
-            method="lora",
-            created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            base=BaseRef(base, source.kind, base_hash(base)),
-            trigger_words=trigger_words,
-            dataset={},
-            training={"modules": len(modules), "ranks": ranks},
-            files={fmt: Path(p).name for fmt, p in files.items()},
-            samples={"export_check": report.images["strip"]} if report.images.get("strip") else {},  # its preview
-            scores=None,
-            export_check={**report.__dict__, "ok": report.ok},
-            recipe={},
-            origin=origin,
-        )
+        return _made_lora_manifest(name, base, source.kind, modules, files, report, trigger_words, origin)
 
     return registry.add(name, fill, tags=tags)
+
+
+def _made_lora_manifest(name, base, base_kind, modules: LoraModules, files, report, trigger_words, origin):
+    """The `AdapterManifest` of a LoRA made from others (merged or resized): no training run behind it, its
+    module ranks as its training facts, its export check's strip as its preview."""
+    from sdtune.adapters.base import base_hash
+    from sdtune.adapters.manifest import AdapterManifest, BaseRef
+
+    ranks = sorted({m.rank for m in modules.values()})
+    return AdapterManifest(
+        name=name,
+        method="lora",
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        base=BaseRef(base, base_kind, base_hash(base)),
+        trigger_words=trigger_words,
+        dataset={},
+        training={"modules": len(modules), "ranks": ranks},
+        files={fmt: Path(p).name for fmt, p in files.items()},
+        samples={"export_check": report.images["strip"]} if report.images.get("strip") else {},  # its preview
+        scores=None,
+        export_check={**report.__dict__, "ok": report.ok},
+        recipe={},
+        origin=origin,
+    )
 
 
 def merge_into_registry(
