@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from sdtune.adapters.atomic import write_text_atomic
 from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.workspace import sdtune_home
 from sdtune.studio.processes import group_runs
@@ -248,16 +249,9 @@ def submit(
         job_dir = sdtune_home(home) / "jobs" / str(job_id)
         shutil.rmtree(job_dir, ignore_errors=True)  # left by a submit that crashed before its commit
         resolved.output.dir = str(job_dir / "run")
-        _write_atomic(job_dir / "recipe.yaml", yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+        write_text_atomic(job_dir / "recipe.yaml", yaml.safe_dump(resolved.to_dict(), sort_keys=False))
         conn.execute("UPDATE jobs SET job_dir = ? WHERE id = ?", (str(job_dir), job_id))
         return fetch(conn, job_id)
-
-
-def _write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def get(job_id: int, *, home: str | Path | None = None) -> Job:
