@@ -158,7 +158,7 @@ SD_SCRIPTS: dict[str, Rule] = {
     "sample_prompts": Map(("validation.prompts_file",), str),
     "sample_sampler": Map(("validation.scheduler",), sampler),
     # files sd-scripts reads beside this one
-    "config_file": Map(()),  # a command line's: its keys are read with the flags (kohya_import.read_config)
+    "config_file": Map(()),  # a command line's: its keys are read with the flags (kohya_inputs.read_config)
     "output_config": Ignore("a command of sd-scripts, not a setting"),
     "dataset_config": Map(()),  # read as the dataset config unless --dataset-config names another (kohya_import)
     # the dataset (also the keys of a dataset config's [general], [[datasets]] and [[datasets.subsets]])

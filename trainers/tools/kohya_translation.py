@@ -66,6 +66,7 @@ def check_value(dotted: str, method_type: str, value):
 
 
 def subsets_in_schema() -> bool:
+    """True when the recipe has `data.subsets`: each kohya subset becomes one entry (else one image folder)."""
     return schema_field("data.subsets.image_dir", "lora") is not None
 
 
@@ -124,6 +125,7 @@ class Translation:
 
 
 def is_empty(value) -> bool:
+    """None, "" or []: a key the config names without a value (a GUI preset writes every field)."""
     return value is None or value == "" or value == []
 
 
@@ -163,6 +165,7 @@ def key_value_list(value, source: str, key: str) -> list[tuple[str, str]]:
 
 
 def literal(text: str):
+    """A `key=value` arg's text as the value it spells (`4` -> 4, `true` -> True), else the text itself."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
