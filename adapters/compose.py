@@ -48,7 +48,7 @@ def split_number(text: str, default: float = 1.0) -> tuple[str, float]:
         except ValueError:
             return text, default
         if not math.isfinite(number):
-            raise ValueError(f"{text}: the weight {tail!r} is not a finite number")
+            raise ComposeError(f"{text}: the weight {tail!r} is not a finite number")
         return head, number
     return text, default
 

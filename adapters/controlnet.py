@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdtune.adapters.atomic import atomic_folder
-from sdtune.adapters.errors import NotFoundError
+from sdtune.adapters.errors import NotFoundError, SdtuneError
 from sdtune.adapters.file_metadata import ModelFacts, controlnet_metadata
 from sdtune.adapters.single_file import _atomic_save_file
 from sdtune.adapters.single_file_keys import Row, invert_rows, rename_all, strip_prefix, unet_rows
@@ -33,6 +33,10 @@ from sdtune.adapters.single_file_keys import Row, invert_rows, rename_all, strip
 CONTROL_PREFIX = "control_model."
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 RUN_SUBFOLDER = "controlnet"  # where a training run keeps its diffusers folder
+
+
+class ControlNetError(SdtuneError, ValueError):
+    """A ControlNet file that cannot be read safely or does not fit the base."""
 
 
 def _controlnet_rows(config: Mapping) -> list[Row]:
@@ -128,9 +132,11 @@ def load_controlnet(path: str | Path, unet=None, torch_dtype: torch.dtype | None
     if not path.is_file():
         raise NotFoundError(f"{path}: no such ControlNet file or folder")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors ControlNets are read (pickle files can run code when loaded)")
+        raise ControlNetError(
+            f"{path}: only .safetensors ControlNets are read (pickle files can run code when loaded)"
+        )
     if unet is None:
-        raise ValueError(f"{path}: a single-file ControlNet needs the base UNet for its architecture")
+        raise ControlNetError(f"{path}: a single-file ControlNet needs the base UNet for its architecture")
     state = load_file(str(path))
     controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
     if is_original_layout(state):
@@ -138,7 +144,7 @@ def load_controlnet(path: str | Path, unet=None, torch_dtype: torch.dtype | None
     missing, unexpected = controlnet.load_state_dict(state, strict=False)
     if missing or unexpected:
         odd = (missing or unexpected)[0]
-        raise ValueError(
+        raise ControlNetError(
             f"{path}: does not fit a ControlNet of this base ({len(missing)} missing, {len(unexpected)} unexpected "
             f"keys, e.g. {odd}); is it a ControlNet for another model family?"
         )

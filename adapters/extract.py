@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.lowrank import factorize
 
 # Layer names a LoRA may adapt, as peft `target_modules` (a module matches by its last name parts).
@@ -22,6 +23,10 @@ UNET_MODULES = (
     "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv",
 )  # fmt: skip
 TEXT_ENCODER_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class ExtractError(SdtuneError, ValueError):
+    """Two models a LoRA cannot be extracted from (not the same architecture, or no difference)."""
 
 
 @dataclass
@@ -61,7 +66,7 @@ def extract_deltas(
         if not key.endswith(".weight") or tuned_weight.ndim not in (2, 4) or not _adaptable(module, targets):
             continue
         if key not in base or base[key].shape != tuned_weight.shape:
-            raise ValueError(f"extract: {key} is missing or shaped differently in the base: not the same model")
+            raise ExtractError(f"extract: {key} is missing or shaped differently in the base: not the same model")
         delta = tuned_weight.to(device).float() - base[key].to(device).float()
         if not torch.any(delta):
             continue
@@ -92,5 +97,5 @@ def extract_lora(
             extract_deltas(base_text_encoder, tuned_text_encoder, rank, TEXT_ENCODER_MODULES, device) or None
         )
     if not unet:
-        raise ValueError("extract: the UNet weights are identical to the base's; there is nothing to extract")
+        raise ExtractError("extract: the UNet weights are identical to the base's; there is nothing to extract")
     return ExtractedLora(unet=unet, text_encoder=text_encoder, rank=rank)

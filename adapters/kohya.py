@@ -35,6 +35,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from sdtune.adapters.errors import SdtuneError
+
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"  # SD v1/v2; SDXL uses lora_te1_/lora_te2_.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfigs
@@ -42,6 +44,10 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_w
 # peft key = <module path>.<part>; parts get_peft_model_state_dict writes for a LoRA layer.
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
 _KOHYA_PART = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+class LoraFormatError(SdtuneError, ValueError):
+    """A LoRA file or config with no kohya equivalent, or keys in neither the peft nor the kohya layout."""
 
 
 # -- PEFT -> kohya tensors ------------------------------------------------------------------------------------------
@@ -63,7 +69,7 @@ def split_diffusers_lora(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, 
         elif key.startswith("text_encoder."):
             text[key.removeprefix("text_encoder.")] = tensor
         else:
-            raise ValueError(f"LoRA key {key!r}: expected a 'unet.' or 'text_encoder.' prefix (diffusers format)")
+            raise LoraFormatError(f"LoRA key {key!r}: expected a 'unet.' or 'text_encoder.' prefix (diffusers format)")
     return unet, (text or None)
 
 
@@ -114,7 +120,7 @@ def _group_by_module(lora: Mapping[str, torch.Tensor], prefix: str, rename=None)
     for key, tensor in lora.items():
         match = _PEFT_KEY.match(key.removeprefix(prefix))
         if match is None:
-            raise ValueError(
+            raise LoraFormatError(
                 f"LoRA key {key!r} is not a peft LoRA key: expected <module>.lora_A.weight / .lora_B.weight "
                 "as get_peft_model_state_dict writes them (one adapter, no adapter name in the key)"
             )
@@ -140,7 +146,7 @@ def _to_kohya_modules(modules: dict, alphas: float | dict, prefix: str, alpha_ar
         _check_plain_lora(module, parts)
         if isinstance(alphas, dict):
             if module not in alphas:
-                raise ValueError(f"peft_to_kohya: {alpha_arg} has no alpha for LoRA module {module!r}")
+                raise LoraFormatError(f"peft_to_kohya: {alpha_arg} has no alpha for LoRA module {module!r}")
             alpha = alphas[module]
         else:
             alpha = alphas
@@ -156,21 +162,23 @@ def _check_plain_lora(module: str, parts: dict[str, torch.Tensor]):
         # peft's DoRA magnitude is per OUTPUT row, normed over W + dW. A1111 applies `dora_scale` per INPUT column
         # only, ComfyUI's output-axis branch divides by the norm of the base W (not W + dW), and diffusers'
         # StableDiffusionPipeline drops dora_scale keys: no kohya file loads a peft DoRA back the same.
-        raise ValueError(
+        raise LoraFormatError(
             f"LoRA module {module!r} is DoRA (peft use_dora=True): the kohya format has no DoRA that A1111, "
             "ComfyUI and diffusers apply like peft; export a merged checkpoint instead, or train with use_dora=False"
         )
     if "lora_B.bias" in parts:
-        raise ValueError(
+        raise LoraFormatError(
             f"LoRA module {module!r} has a lora_B bias (peft lora_bias=True): kohya LoRA has no bias term"
         )
     if set(parts) != {"lora_A.weight", "lora_B.weight"}:
-        raise ValueError(f"LoRA module {module!r} needs both lora_A.weight and lora_B.weight, got {sorted(parts)}")
+        raise LoraFormatError(
+            f"LoRA module {module!r} needs both lora_A.weight and lora_B.weight, got {sorted(parts)}"
+        )
     down, up = parts["lora_A.weight"], parts["lora_B.weight"]
     linear = down.dim() == 2 and up.dim() == 2
     conv = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
     if not (linear or conv) or down.shape[0] != up.shape[1]:
-        raise ValueError(
+        raise LoraFormatError(
             f"LoRA module {module!r}: lora_A {tuple(down.shape)} / lora_B {tuple(up.shape)} are not a linear "
             "([r, in] / [out, r]) or conv ([r, in, kh, kw] / [out, r, 1, 1]) LoRA pair of one rank"
         )
@@ -201,9 +209,9 @@ def kohya_alphas_from_lora_config(lora_config: Mapping[str, Any], module_names: 
         if field not in lora_config:
             raise ValueError(f"LoRA config has no {field!r}: pass a LoraConfig.to_dict() (peft) as lora_config")
     if lora_config.get("use_dora"):
-        raise ValueError("LoRA config has use_dora=True: DoRA has no kohya equivalent (see peft_to_kohya)")
+        raise LoraFormatError("LoRA config has use_dora=True: DoRA has no kohya equivalent (see peft_to_kohya)")
     if lora_config.get("lora_bias"):
-        raise ValueError("LoRA config has lora_bias=True: kohya LoRA has no bias term")
+        raise LoraFormatError("LoRA config has lora_bias=True: kohya LoRA has no bias term")
     rank_pattern = lora_config.get("rank_pattern") or {}
     alpha_pattern = lora_config.get("alpha_pattern") or {}
     alphas = {}
@@ -227,7 +235,7 @@ def lora_configs_from_diffusers_metadata(metadata: Mapping[str, str] | None) -> 
         ValueError: when the file has no adapter metadata: its lora_alpha is then unknown and must be given.
     """
     if not metadata or DIFFUSERS_METADATA_KEY not in metadata:
-        raise ValueError(
+        raise LoraFormatError(
             f"LoRA file has no {DIFFUSERS_METADATA_KEY!r} header: it was saved without "
             "unet_lora_adapter_metadata=LoraConfig.to_dict(); pass lora_alpha to peft_to_kohya yourself"
         )

@@ -58,14 +58,16 @@ def read_kohya(state_dict: Mapping[str, torch.Tensor]) -> LoraModules:
     for key, tensor in state_dict.items():
         module, _, part = key.partition(".")
         if part not in _PARTS:
-            raise ValueError(f"kohya LoRA key {key!r}: expected <module>.lora_down.weight / .lora_up.weight / .alpha")
+            raise kohya.LoraFormatError(
+                f"kohya LoRA key {key!r}: expected <module>.lora_down.weight / .lora_up.weight / .alpha"
+            )
         if module.startswith("lora_te1_") and not sdxl:
             module = "lora_te_" + module.removeprefix("lora_te1_")
         grouped.setdefault(module, {})[part] = tensor
     modules = {}
     for name, parts in grouped.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise ValueError(f"kohya LoRA module {name!r} needs both lora_down.weight and lora_up.weight")
+            raise kohya.LoraFormatError(f"kohya LoRA module {name!r} needs both lora_down.weight and lora_up.weight")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
         modules[name] = LoraModule(down, up, alpha)

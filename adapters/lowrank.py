@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from sdtune.adapters.errors import SdtuneError
+
+
+class LowRankError(SdtuneError, ValueError):
+    """A dynamic-rank method or parameter the user gave that has no meaning (`--dynamic`, `--param`)."""
+
 
 def factorize(delta: torch.Tensor, rank: int, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """delta [out,in] or [out,in,kh,kw] -> (up [out,r] or [out,r,1,1], down [r,in] or [r,in,kh,kw]) with
@@ -52,16 +58,16 @@ def dynamic_rank(s: torch.Tensor, method: str, param: float, max_rank: int) -> i
     """
     if method == "sv_ratio":
         if param < 1:
-            raise ValueError(f"sv_ratio must be >= 1 (a ratio of singular values), got {param}")
+            raise LowRankError(f"sv_ratio must be >= 1 (a ratio of singular values), got {param}")
         keep = int((s >= s[0] / param).sum())
     elif method in ("sv_fro", "sv_cumulative"):
         if not 0 < param <= 1:
-            raise ValueError(f"{method} must be in (0, 1], got {param}")
+            raise LowRankError(f"{method} must be in (0, 1], got {param}")
         values = s.pow(2) if method == "sv_fro" else s
         share = values.cumsum(0) / values.sum().clamp_min(1e-30)
         keep = int((share < param - 1e-7).sum()) + 1
     else:
-        raise ValueError(f"dynamic method {method!r}: choose sv_ratio, sv_fro or sv_cumulative")
+        raise LowRankError(f"dynamic method {method!r}: choose sv_ratio, sv_fro or sv_cumulative")
     return max(1, min(keep, max_rank))
 
 

@@ -96,7 +96,7 @@ def pair_prompts(prompts: list[str], images: list[str]) -> list[tuple[str, str]]
         return [(p, images[0]) for p in prompts]
     if len(prompts) == 1:
         return [(prompts[0], i) for i in images]
-    raise ValueError(
+    raise ManifestError(
         f"method.validation_image: {len(images)} images for {len(prompts)} validation.prompts; give one image "
         "per prompt, one image, or one prompt"
     )

@@ -19,9 +19,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdtune.adapters.atomic import atomic_path
 from sdtune.adapters.compose import split_number
-from sdtune.adapters.errors import NotFoundError
+from sdtune.adapters.errors import NotFoundError, SdtuneError
 from sdtune.adapters.lora_files import PEFT_FILE
 from sdtune.adapters.schedulers import SCHEDULER_NAMES, SCHEDULERS, a1111_sampler_name
+
+
+class SamplingError(SdtuneError, ValueError):
+    """A sampling option the user can fix (a scheduler name, one control image per ControlNet)."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def _control_arguments(pipe, s: SampleSettings, width: int, height: int) -> dict
         return {}
     count = len(getattr(pipe.controlnet, "nets", [None])) if hasattr(pipe, "controlnet") else 0
     if count != len(s.control_images):
-        raise ValueError(f"--control-image: {len(s.control_images)} images for {count} ControlNets; give one each")
+        raise SamplingError(f"--control-image: {len(s.control_images)} images for {count} ControlNets; give one each")
     images = []
     for path in s.control_images:
         with Image.open(path) as opened:
@@ -147,7 +151,7 @@ def set_scheduler(pipe, name: str, zero_terminal_snr: bool = False):
     """Swaps the pipeline's sampler, keeping the base's noise schedule (betas, prediction type...), or with
     `zero_terminal_snr` that schedule rescaled."""
     if name not in SCHEDULER_NAMES:
-        raise ValueError(f"--scheduler: unknown scheduler {name!r}; choose from {', '.join(SCHEDULER_NAMES)}")
+        raise SamplingError(f"--scheduler: unknown scheduler {name!r}; choose from {', '.join(SCHEDULER_NAMES)}")
     import diffusers
 
     if name != "default":

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from sdtune.adapters.atomic import atomic_folder, atomic_path
 from sdtune.adapters.base import BUNDLED_CONFIGS, PICKLE_SUFFIXES
-from sdtune.adapters.errors import NotFoundError
+from sdtune.adapters.errors import NotFoundError, SdtuneError
 from sdtune.adapters.file_metadata import checkpoint_metadata, folder_facts
 from sdtune.adapters.single_file_keys import (
     TEXT_PREFIX,
@@ -50,6 +50,10 @@ __all__ = [
 
 # The SD v1 family by UNet width and cross-attention width: (conv_in out channels, context dim) -> config name.
 CONFIG_NAMES = {(320, 768): "sd15", (64, 64): "toy"}
+
+
+class CheckpointError(SdtuneError, ValueError):
+    """A checkpoint, folder or option `convert` refuses: a pickle file, not SD v1, a wrong destination."""
 
 
 def _read_component(folder: Path, name: str) -> dict[str, torch.Tensor]:
@@ -101,13 +105,13 @@ def save_single_file(
     """
     folder, out = Path(pipeline_folder), Path(out_path)
     if out.suffix != ".safetensors":
-        raise ValueError(f"{out}: the output must be a .safetensors file (pickle .ckpt files are never written)")
+        raise CheckpointError(f"{out}: the output must be a .safetensors file (pickle .ckpt files are never written)")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     if not folder.is_dir():
         raise NotFoundError(f"{folder}: no such folder")
     if not (folder / "model_index.json").is_file():
-        raise ValueError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     unet_config_file = folder / "unet" / "config.json"
     if not unet_config_file.is_file():
         raise NotFoundError(f"{unet_config_file}: missing; expected a diffusers SD v1 pipeline folder")
@@ -134,8 +138,8 @@ def _read_shapes(path: Path, allow_pickle: bool = False) -> dict[str, tuple[int,
 
         return {k: tuple(v.shape) for k, v in load_single_file_checkpoint(str(path)).items() if hasattr(v, "shape")}
     if path.suffix in PICKLE_SUFFIXES:
-        raise ValueError(f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors first")
-    raise ValueError(f"{path}: not a .safetensors checkpoint")
+        raise CheckpointError(f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors first")
+    raise CheckpointError(f"{path}: not a .safetensors checkpoint")
 
 
 def detect_config(state_dict_or_path, *, allow_pickle: bool = False) -> str:
@@ -159,9 +163,11 @@ def detect_config(state_dict_or_path, *, allow_pickle: bool = False) -> str:
         shapes = _read_shapes(Path(state_dict_or_path), allow_pickle)
     keys = shapes.keys()
     if any(k.startswith("conditioner.") for k in keys) or UNET_PREFIX + "label_emb.0.0.weight" in shapes:
-        raise ValueError(f"{name}: an SDXL checkpoint (conditioner.* / label_emb keys), not an SD v1 checkpoint")
+        raise CheckpointError(f"{name}: an SDXL checkpoint (conditioner.* / label_emb keys), not an SD v1 checkpoint")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise ValueError(f"{name}: an SD 2.x checkpoint (OpenCLIP cond_stage_model.model.*), not an SD v1 checkpoint")
+        raise CheckpointError(
+            f"{name}: an SD 2.x checkpoint (OpenCLIP cond_stage_model.model.*), not an SD v1 checkpoint"
+        )
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     context = shapes.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     if conv_in is None or context is None:
@@ -170,14 +176,16 @@ def detect_config(state_dict_or_path, *, allow_pickle: bool = False) -> str:
             if "conv_in.weight" in keys
             else ""
         )
-        raise ValueError(f"{name}: not an SD v1 checkpoint: no {UNET_PREFIX}input_blocks.* UNet with attention{hint}")
+        raise CheckpointError(
+            f"{name}: not an SD v1 checkpoint: no {UNET_PREFIX}input_blocks.* UNet with attention{hint}"
+        )
     if conv_in[1] != 4:
-        raise ValueError(
+        raise CheckpointError(
             f"{name}: the UNet takes {conv_in[1]} input channels (inpainting / pix2pix); only 4 is supported"
         )
     found = CONFIG_NAMES.get((conv_in[0], context[1]))
     if found is None:
-        raise ValueError(
+        raise CheckpointError(
             f"{name}: an SD v1-style UNet of width {conv_in[0]} and context {context[1]}, which matches no bundled "
             f"config ({', '.join(f'{v}: {k}' for k, v in CONFIG_NAMES.items())}); pass a config folder"
         )
@@ -187,7 +195,7 @@ def detect_config(state_dict_or_path, *, allow_pickle: bool = False) -> str:
 def bundled_config(name: str) -> Path:
     """The config folder for a `detect_config` name: adapters/sd15_config or adapters/toy_base."""
     if name not in BUNDLED_CONFIGS:
-        raise ValueError(f"config: unknown name {name!r}; expected one of {sorted(BUNDLED_CONFIGS)} or a folder")
+        raise CheckpointError(f"config: unknown name {name!r}; expected one of {sorted(BUNDLED_CONFIGS)} or a folder")
     folder = BUNDLED_CONFIGS[name]
     if not (folder / "model_index.json").is_file():
         raise NotFoundError(f"{folder}: bundled '{name}' config missing (no model_index.json)")
@@ -219,11 +227,11 @@ def _check_fits(shapes: dict[str, tuple[int, ...]], config: Path, path: Path) ->
     """Clear errors for a file that lacks a component or does not match the config's sizes."""
     for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
         if not any(k.startswith(prefix) for k in shapes):
-            raise ValueError(f"{path}: no {what} weights ({prefix}*); a full SD v1 checkpoint is needed")
+            raise CheckpointError(f"{path}: no {what} weights ({prefix}*); a full SD v1 checkpoint is needed")
     unet = json.loads((config / "unet" / "config.json").read_text())
     width = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight", (None,))[0]
     if width != unet["block_out_channels"][0]:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: UNet width {width} does not match {config} (block_out_channels[0] = "
             f"{unet['block_out_channels'][0]}); pass the config that fits this file"
         )
@@ -288,7 +296,7 @@ def load_single_file(
     for name in ("unet", "vae", "text_encoder"):
         missing = [n for n, p in getattr(pipe, name).named_parameters() if p.device.type == "meta"]
         if missing:
-            raise ValueError(f"{path}: {name} weights missing from the file: {', '.join(missing[:3])}")
+            raise CheckpointError(f"{path}: {name} weights missing from the file: {', '.join(missing[:3])}")
     if out_folder is not None:
         save_pipeline_folder(pipe, Path(out_folder), overwrite)
     return pipe
@@ -317,17 +325,19 @@ def convert(
     src, dst = Path(src), Path(dst)
     if src.is_dir():
         if config is not None:
-            raise ValueError(f"{src}: --config applies to a single-file source, not to a folder")
+            raise CheckpointError(f"{src}: --config applies to a single-file source, not to a folder")
         return save_single_file(src, dst, half=half, overwrite=overwrite)
     if not src.exists():
         raise NotFoundError(f"{src}: no such file or folder")
     if src.suffix != ".safetensors":
-        raise ValueError(
+        raise CheckpointError(
             f"{src}: expected a diffusers folder or a .safetensors checkpoint (pickle files are not read: they can run "
             "code when loaded)"
         )
     if dst.suffix == ".safetensors":
-        raise ValueError(f"{dst}: converting a single file needs a folder as destination, not a .safetensors file")
+        raise CheckpointError(
+            f"{dst}: converting a single file needs a folder as destination, not a .safetensors file"
+        )
     config_folder = config if config is not None else detect_config(src)
     load_single_file(
         src, config_folder, dst, torch_dtype=torch.float16 if half else torch.float32, overwrite=overwrite

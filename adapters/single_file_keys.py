@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import torch
 
+from sdtune.adapters.errors import SdtuneError
+
 __all__ = [
     "TEXT_PREFIX",
     "UNET_PREFIX",
@@ -69,6 +71,10 @@ _UNET_TOP: tuple[Row, ...] = (
 )
 
 
+class LayoutError(SdtuneError, ValueError):
+    """A state dict that does not fit the SD v1 layout (unmapped or clashing keys, not a CLIP model)."""
+
+
 def unet_rows(config: Mapping) -> list[Row]:
     """The UNet prefix table for any SD v1-style config (block count, attention placement, layers per block).
 
@@ -79,7 +85,7 @@ def unet_rows(config: Mapping) -> list[Row]:
     """
     layers = config["layers_per_block"]
     if not isinstance(layers, int):
-        raise ValueError(f"unet config: layers_per_block must be one int in the SD v1 layout, got {layers!r}")
+        raise LayoutError(f"unet config: layers_per_block must be one int in the SD v1 layout, got {layers!r}")
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     rows: list[Row] = list(_UNET_TOP)
     for i, block_type in enumerate(down):
@@ -249,7 +255,7 @@ def text_encoder_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     _raise_unmapped(bad, "text_encoder")
     positions = out.get(TEXT_PREFIX + "embeddings.position_embedding.weight")
     if positions is None:
-        raise ValueError("text_encoder: no embeddings.position_embedding.weight; is this a CLIP text model?")
+        raise LayoutError("text_encoder: no embeddings.position_embedding.weight; is this a CLIP text model?")
     out[TEXT_PREFIX + _POSITION_IDS] = torch.arange(positions.shape[0], dtype=torch.int64)[None]
     return out
 
@@ -331,7 +337,7 @@ def rename_all(state_dict: Mapping, rows: list[Row], add: str, what: str) -> dic
         if new is None:
             bad.append(key)
         elif add + new in out:
-            raise ValueError(f"{what}: two keys map to {add + new}; the state dict mixes two layouts")
+            raise LayoutError(f"{what}: two keys map to {add + new}; the state dict mixes two layouts")
         else:
             out[add + new] = tensor
     _raise_unmapped(bad, what)
@@ -341,7 +347,7 @@ def rename_all(state_dict: Mapping, rows: list[Row], add: str, what: str) -> dic
 def _raise_unmapped(bad: list[str], what: str) -> None:
     if bad:
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise ValueError(f"{what}: {len(bad)} key(s) have no place in the SD v1 layout: {', '.join(bad[:3])}{more}")
+        raise LayoutError(f"{what}: {len(bad)} key(s) have no place in the SD v1 layout: {', '.join(bad[:3])}{more}")
 
 
 def strip_prefix(state_dict: Mapping, prefix: str) -> dict[str, torch.Tensor]:
