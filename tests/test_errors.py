@@ -164,3 +164,88 @@ def test_temp_then_rename_writes_go_through_the_atomic_module(folder):
         if count:
             found[str(path.relative_to(ROOT))] = count
     assert found == {k: v for k, v in RENAMES_ALLOWED.items() if k.startswith(folder)}
+
+
+# -- every user-facing refusal below a front end is a SdtuneError ----------------------------------------------------
+
+# The plain raises left in adapters/: each is a programming error (a bad argument from our own code, an internal
+# invariant) or a protocol's own type, never the user's to fix. A new user-facing refusal raises its module's class.
+PLAIN_RAISES_ALLOWED = {
+    "adapters/base.py": 1,  # a pydantic AfterValidator: pydantic wants a ValueError and words it as a RecipeError
+    "adapters/kohya.py": 3,  # peft_to_kohya's and kohya_alphas_from_lora_config's arguments, from our own callers
+    "adapters/lowrank.py": 2,  # factorize's shape and rank, checked by its callers (merge, extract) first
+    "adapters/run_folder.py": 1,  # checkpoint_step of a folder list_checkpoints already matched
+    "adapters/toyworld.py": 3,  # shapes and colours the callers take from toyworld's own lists; a length invariant
+}
+
+
+def test_user_facing_refusals_in_adapters_are_sdtune_errors():
+    found = {}
+    for path in sorted((ROOT / "adapters").rglob("*.py")):
+        count = len(re.findall(r"raise (?:ValueError|RuntimeError)\(", path.read_text()))
+        if count:
+            found[str(path.relative_to(ROOT))] = count
+    assert found == PLAIN_RAISES_ALLOWED
+
+
+def _sdxl_checkpoint(tmp_path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, path)
+    return path
+
+
+def _pickle_checkpoint(tmp_path: Path) -> Path:
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    return tmp_path / "model.ckpt"
+
+
+# (what the user gave, the API call, the same through the `sdtune` command, how the one line starts)
+USER_ERRORS = [
+    (
+        "pickle",
+        lambda tmp: _pickle_checkpoint(tmp),
+        lambda api, src, tmp: api.convert_checkpoint(src, tmp / "out"),
+        lambda src, tmp: ["convert", str(src), str(tmp / "out")],
+        "{src}: expected a diffusers folder or a .safetensors checkpoint",
+    ),
+    (
+        "layout",
+        _sdxl_checkpoint,
+        lambda api, src, tmp: api.convert_checkpoint(src, tmp / "out"),
+        lambda src, tmp: ["convert", str(src), str(tmp / "out")],
+        "{src}: an SDXL checkpoint",
+    ),
+    (
+        "weight",
+        lambda tmp: "toy-purple:nan",
+        lambda api, src, tmp: api.bake_model(tmp / "baked", adapters=[src]),
+        lambda src, tmp: ["bake", str(tmp / "baked"), "--adapter", src],
+        "toy-purple:nan: the weight 'nan' is not a finite number",
+    ),
+]
+
+
+@pytest.mark.parametrize("make, call, argv, start", [c[1:] for c in USER_ERRORS], ids=[c[0] for c in USER_ERRORS])
+def test_a_user_error_reaches_the_api_and_the_command_as_one_line(
+    tmp_path, monkeypatch, capsys, make, call, argv, start
+):
+    """Issue 21: single_file's and compose's refusals are their modules' SdtuneErrors, which the studio API turns
+    into one StudioError line and the `sdtune` command into one `sdtune <command>: ...` line, with no traceback."""
+    from sdtune.studio import api, cli
+
+    monkeypatch.setenv("SDTUNE_HOME", str(tmp_path / "home"))
+    src = make(tmp_path)
+    line = start.format(src=src)
+    with pytest.raises(api.StudioError) as caught:
+        call(api, src, tmp_path)
+    assert type(caught.value) is api.StudioError and str(caught.value).startswith(line), caught.value
+    assert "\n" not in str(caught.value) and caught.value.__suppress_context__
+    command = argv(src, tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(command)
+    message = exited.value.code
+    assert isinstance(message, str) and message.startswith(f"sdtune {command[0]}: {line}"), message
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err

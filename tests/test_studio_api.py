@@ -32,7 +32,7 @@ TYPED_ERRORS = [
     ("comparison", lambda tmp: api.ab_vote("nope", 0, "left"), "no comparison 'nope' in "),
     ("missing-file", lambda tmp: api.convert_checkpoint(tmp / "none", tmp / "x.safetensors"), "{tmp}/none: no such"),
     ("existing-file", lambda tmp: api.convert_checkpoint(tmp, tmp / "there.safetensors"), "{tmp}/there.safetensors"),
-    # single_file.py's and compose.py's own refusals are still plain ValueErrors: translated where they are called
+    # single_file.py's CheckpointError and compose.py's ComposeError: each module's own SdtuneError class
     ("plain-value-error", lambda tmp: api.convert_checkpoint(tmp, tmp / "x.ckpt"), "{tmp}/x.ckpt: the output must be"),
     ("weight", lambda tmp: api.bake_model(tmp / "baked", adapters=["x:nan"]), "x:nan: the weight 'nan' is not a"),
 ]
@@ -69,14 +69,32 @@ def test_a_bug_below_keeps_its_type(home, monkeypatch, bug):
     assert caught.value is bug and not isinstance(caught.value, SdtuneError)
 
 
-def test_a_value_error_is_caught_only_where_it_is_asked_for():
-    with pytest.raises(api.StudioError, match="^x: bad$"):
-        with translated(ValueError):
-            raise ValueError("x: bad")
+# The calls that once caught every ValueError below them (`with translated(ValueError):`), and what to break there.
+PLAIN_VALUE_ERRORS = [
+    ("convert", "sdtune.adapters.single_file.convert", lambda tmp: api.convert_checkpoint(tmp, tmp / "x.safetensors")),
+    ("bake", "sdtune.adapters.compose.AdapterUse.parse", lambda tmp: api.bake_model(tmp / "baked", adapters=["x"])),
+    (
+        "render",
+        "sdtune.adapters.compose.AdapterUse.parse",
+        lambda tmp: api.sample_images(["a"], tmp / "out", adapters=["x"]),
+    ),
+]
+
+
+@pytest.mark.parametrize("target, call", [c[1:] for c in PLAIN_VALUE_ERRORS], ids=[c[0] for c in PLAIN_VALUE_ERRORS])
+def test_a_plain_value_error_from_below_is_a_bug_and_keeps_its_type(home, tmp_path, monkeypatch, target, call):
+    """Issue 21: a module raises its own SdtuneError class for the user; a plain ValueError is a bug, everywhere."""
+    bug = ValueError("not a user's")
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(target, broken)
     with pytest.raises(ValueError) as caught:
-        with translated():
-            raise ValueError("x: bad")
-    assert type(caught.value) is ValueError
+        call(tmp_path)
+    assert caught.value is bug and not isinstance(caught.value, SdtuneError)
+    with pytest.raises(TypeError):  # no call may widen the catch again
+        translated(ValueError)
 
 
 def test_a_studio_error_keeps_its_own_type(home, tmp_path):
@@ -108,8 +126,7 @@ def test_a_translated_function_keeps_its_signature_and_help():
     assert api.sample_images.__doc__.startswith("Renders every prompt")
 
 
-# extract_lora was moved here as it was: the LoRA-files branch (issue 21, Deliver 2) rewrites its body, and its two
-# excepts become `with translated(ValueError):` when the branches meet. Nothing else may keep its own.
+# No function of the API makes its own StudioError from a caught exception: `translated` is the one translator.
 OWN_HANDLERS_PENDING = {}
 
 

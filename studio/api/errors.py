@@ -23,25 +23,23 @@ class StudioError(SdtuneError, ValueError):
 class translated(contextlib.ContextDecorator):  # lower case, as contextlib.suppress: `with translated():`
     """Turns a user-fixable error raised inside into a `StudioError` with one line; lets every other error through.
 
-    As a decorator on each public API function (`@translated()`), and as a context manager around a call into code
-    whose user errors are still plain `ValueError`s (`with translated(ValueError):`), so that the wider catch covers
-    only that call.
+    As a decorator on each public API function (`@translated()`), and as a context manager around a call that
+    needs its own `retry` words. Only a `SdtuneError` or a file error is the user's: a plain `ValueError` from
+    below is a bug (the module that meant it for a user raises its own `SdtuneError` class), so it keeps its type.
 
     Args:
-        also: more exception types to treat as user errors in this block.
         retry: how the caller's user tries again after an error that says so (the Hub's `NetworkFailure`), in the
             caller's words; None keeps the error's own.
     """
 
-    def __init__(self, *also: type[BaseException], retry: str | None = None):
-        self.caught = (*USER_ERRORS, *also)
+    def __init__(self, *, retry: str | None = None):
         self.retry = retry
 
     def __enter__(self) -> translated:
         return self
 
     def __exit__(self, kind, exc, traceback) -> bool:
-        if exc is None or isinstance(exc, StudioError) or not isinstance(exc, self.caught):
+        if exc is None or isinstance(exc, StudioError) or not isinstance(exc, USER_ERRORS):
             return False  # nothing raised, already one line (a ConfineError keeps its type), or a bug: unchanged
         raise StudioError(one_line(exc, self.retry)) from None
 

@@ -15,8 +15,7 @@ def convert_checkpoint(
     """diffusers folder -> single-file `.safetensors` checkpoint, or back; returns what was written."""
     from sdtune.adapters.single_file import convert
 
-    with translated(ValueError):  # single_file.py refuses a wrong layout or a pickle file with plain ValueErrors
-        return Path(convert(Path(src), Path(dst), half=half, config=config, overwrite=overwrite))
+    return Path(convert(Path(src), Path(dst), half=half, config=config, overwrite=overwrite))
 
 
 @translated()
@@ -32,17 +31,16 @@ def extract_lora(base: str, tuned: str, rank: int, out: str | Path, *, dtype: st
         raise StudioError(f"--rank must be at least 1, got {rank}")
     import torch
 
-    with translated(ValueError):  # extract.py and the loaders refuse mismatched models with plain ValueErrors
-        base_pipe, tuned_pipe = load_pipeline(base), load_pipeline(tuned)
-        lora = extract(
-            base_pipe.unet.state_dict(),
-            tuned_pipe.unet.state_dict(),
-            rank,
-            base_pipe.text_encoder.state_dict(),
-            tuned_pipe.text_encoder.state_dict(),
-            device="cuda" if torch.cuda.is_available() else "cpu",  # the SVDs on a GPU when there is one
-        )
-        files = save_extracted(Path(out), lora, base=base, tuned=tuned, precision=dtype)
+    base_pipe, tuned_pipe = load_pipeline(base), load_pipeline(tuned)
+    lora = extract(
+        base_pipe.unet.state_dict(),
+        tuned_pipe.unet.state_dict(),
+        rank,
+        base_pipe.text_encoder.state_dict(),
+        tuned_pipe.text_encoder.state_dict(),
+        device="cuda" if torch.cuda.is_available() else "cpu",  # the SVDs on a GPU when there is one
+    )
+    files = save_extracted(Path(out), lora, base=base, tuned=tuned, precision=dtype)
     return {fmt: str(path) for fmt, path in files.items()}
 
 

@@ -121,6 +121,5 @@ def bake_model(
     """Base + adapters (`NAME_OR_PATH[:WEIGHT]`) -> a diffusers folder (+ a single-file checkpoint)."""
     from sdtune.adapters import compose, merge
 
-    with translated(ValueError):  # compose.split_number refuses a weight that is no finite number with a ValueError
-        uses = [compose.AdapterUse.parse(a) for a in adapters]
+    uses = [compose.AdapterUse.parse(a) for a in adapters]
     return merge.bake(base, uses, out_folder, single_file)

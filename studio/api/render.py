@@ -81,10 +81,9 @@ def _controls_and_adapters(controlnets: list[str] | None, adapters: list[str] | 
     and the adapter uses (`NAME_OR_PATH[:WEIGHT]`), parsed and found."""
     from sdtune.adapters import compose, sampling
 
-    with translated(ValueError):  # compose.split_number refuses a weight that is no finite number with a ValueError
-        refs = [sampling.split_number(c) for c in controlnets or []]
-        controls = [sampling.ControlSpec(compose.resolve_controlnet(ref), scale) for ref, scale in refs]
-        return controls, [compose.AdapterUse.parse(a) for a in adapters or []]
+    refs = [sampling.split_number(c) for c in controlnets or []]
+    controls = [sampling.ControlSpec(compose.resolve_controlnet(ref), scale) for ref, scale in refs]
+    return controls, [compose.AdapterUse.parse(a) for a in adapters or []]
 
 
 def _compose(base: str, uses: list, controls: list, device, dtype, fuse: bool, guidance: float | None):
@@ -95,10 +94,9 @@ def _compose(base: str, uses: list, controls: list, device, dtype, fuse: bool, g
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise StudioError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     spec = compose.PipelineSpec(base=base, adapters=uses, device=device, dtype=dtype, fuse=fuse, controlnets=controls)
-    with translated(ValueError):  # adapters/controlnet.py refuses a pickle or ill-fitting ControlNet with ValueError
-        composer = compose.build(spec)
-        base = compose.resolve_base_ref(base)
-        source = resolve_base(base)
+    composer = compose.build(spec)
+    base = compose.resolve_base_ref(base)
+    source = resolve_base(base)
     return composer, source, guidance if guidance is not None else recommended_guidance(base)
 
 
