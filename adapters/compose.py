@@ -40,7 +40,7 @@ class ComposeError(SdtuneError, ValueError):
 
 def split_number(text: str, default: float = 1.0) -> tuple[str, float]:
     """`PATH[:NUMBER]` -> (PATH, NUMBER); a colon not followed by a number belongs to the path. A weight of NaN or
-    inf is refused (ValueError): it would render black images, or merge into a file of NaNs."""
+    inf is refused (ComposeError): it would render black images, or merge into a file of NaNs."""
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:

@@ -64,7 +64,7 @@ def controlnet_to_original(state_dict: Mapping[str, torch.Tensor], config: Mappi
         config: its config (`controlnet.config` or config.json); the block layout is read.
 
     Raises:
-        ValueError: a key with no place in the SD v1 ControlNet layout.
+        LayoutError: a key with no place in the SD v1 ControlNet layout.
     """
     return rename_all(state_dict, _controlnet_rows(config), CONTROL_PREFIX, "controlnet")
 
@@ -118,7 +118,7 @@ def load_controlnet(path: str | Path, unet=None, torch_dtype: torch.dtype | None
 
     Raises:
         NotFoundError (a FileNotFoundError): nothing at `path`, or a folder without a ControlNet config.
-        ValueError: a pickle file, or a file whose keys do not fit this base's ControlNet.
+        ControlNetError: a pickle file, or a file whose keys do not fit this base's ControlNet.
     """
     from diffusers import ControlNetModel
     from safetensors.torch import load_file

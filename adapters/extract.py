@@ -88,7 +88,7 @@ def extract_lora(
     The text encoder is extracted when both of its state dicts are given and it changed. The SVDs run on `device`.
 
     Raises:
-        ValueError: the two UNets are not the same architecture, or nothing adaptable changed.
+        ExtractError: the two UNets are not the same architecture, or nothing adaptable changed.
     """
     unet = extract_deltas(base_unet, tuned_unet, rank, UNET_MODULES, device)
     text_encoder = None

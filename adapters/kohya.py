@@ -95,7 +95,7 @@ def peft_to_kohya(
         tensors are 0-dim float32 and hold the true alpha, so every loader scales by alpha / rank like peft did.
 
     Raises:
-        ValueError: on a key that is not a peft LoRA key, a DoRA or lora_bias adapter (no kohya equivalent that
+        LoraFormatError: on a key that is not a peft LoRA key, a DoRA or lora_bias adapter (no kohya equivalent that
             loaders apply the same way), inconsistent shapes, or a module missing from an alpha mapping.
     """
     if text_encoder_lora and text_encoder_alpha is None:
@@ -201,7 +201,7 @@ def kohya_alphas_from_lora_config(lora_config: Mapping[str, Any], module_names: 
         module path -> alpha, for `peft_to_kohya(unet_alpha=...)`.
 
     Raises:
-        ValueError: for a DoRA or lora_bias config, or one without `r` / `lora_alpha`.
+        LoraFormatError: for a DoRA or lora_bias config; ValueError: one without `r` / `lora_alpha`.
     """
     from peft.utils.other import get_pattern_key
 
@@ -232,7 +232,7 @@ def lora_configs_from_diffusers_metadata(metadata: Mapping[str, str] | None) -> 
         `{"unet": {...}, "text_encoder": {...}}` (only the components present), each a `LoraConfig.to_dict()`.
 
     Raises:
-        ValueError: when the file has no adapter metadata: its lora_alpha is then unknown and must be given.
+        LoraFormatError: when the file has no adapter metadata: its lora_alpha is then unknown and must be given.
     """
     if not metadata or DIFFUSERS_METADATA_KEY not in metadata:
         raise LoraFormatError(

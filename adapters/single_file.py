@@ -100,7 +100,7 @@ def save_single_file(
     Raises:
         NotFoundError (a FileNotFoundError): the folder or one of its components/weight files is missing.
         FileExistsError: `out_path` exists and `overwrite` is False.
-        ValueError: a wrong output extension, a folder that is not a diffusers pipeline, or weights outside the
+        CheckpointError: a wrong output extension, a folder that is not a diffusers pipeline, or weights outside the
             SD v1 layout.
     """
     folder, out = Path(pipeline_folder), Path(out_path)
@@ -154,7 +154,7 @@ def detect_config(state_dict_or_path, *, allow_pickle: bool = False) -> str:
         allow_pickle: also read pickle files (`.ckpt`); loading them can run code.
 
     Raises:
-        ValueError: not an SD v1 checkpoint (SDXL, SD 2.x, a diffusers-layout dict, an inpainting UNet, ...).
+        CheckpointError: not an SD v1 checkpoint (SDXL, SD 2.x, a diffusers-layout dict, an inpainting UNet, ...).
     """
     if isinstance(state_dict_or_path, Mapping):
         shapes, name = {k: tuple(v.shape) for k, v in state_dict_or_path.items()}, "state dict"
@@ -272,7 +272,7 @@ def load_single_file(
         The `StableDiffusionPipeline`, on the CPU.
 
     Raises:
-        NotFoundError / FileExistsError / ValueError: with one line naming the file or folder.
+        NotFoundError / FileExistsError / CheckpointError / LayoutError: with one line naming the file or folder.
     """
     from diffusers import StableDiffusionPipeline
 

@@ -124,7 +124,7 @@ def unet_to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping) ->
         A new dict with the same tensors (not copied) under `model.diffusion_model.` keys.
 
     Raises:
-        ValueError: a key with no place in the SD v1 layout (e.g. SDXL's `add_embedding`), or a bad config.
+        LayoutError: a key with no place in the SD v1 layout (e.g. SDXL's `add_embedding`), or a bad config.
     """
     return rename_all(state_dict, unet_rows(config), UNET_PREFIX, "unet")
 
@@ -193,7 +193,7 @@ def vae_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     conv weights, as ldm stores them.
 
     Raises:
-        ValueError: a key with no place in the SD v1 VAE layout.
+        LayoutError: a key with no place in the SD v1 VAE layout.
     """
     renamed = {}
     for key, tensor in state_dict.items():
@@ -240,7 +240,7 @@ def text_encoder_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     checkpoints are known to carry float, off-by-rounding copies; the constant is written fresh instead.
 
     Raises:
-        ValueError: a key that is not part of a CLIP text tower (e.g. `text_projection.weight` of
+        LayoutError: a key that is not part of a CLIP text tower (e.g. `text_projection.weight` of
             `CLIPTextModelWithProjection`, which SD v1 does not have).
     """
     out, bad = {}, []
@@ -329,7 +329,7 @@ def rename_all(state_dict: Mapping, rows: list[Row], add: str, what: str) -> dic
         what: the component named in error messages ("unet", "vae", "controlnet").
 
     Raises:
-        ValueError: keys with no row (the first three named), or two keys renamed to one.
+        LayoutError: keys with no row (the first three named), or two keys renamed to one.
     """
     out, bad = {}, []
     for key, tensor in state_dict.items():
