@@ -191,7 +191,11 @@ def load_lora_file(pipe, path: str | Path, adapter_name: str):
     folder, weight_name = (path, PEFT_FILE) if path.is_dir() else (path.parent, path.name)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+        try:
+            pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+        except ValueError as exc:  # diffusers' refusal of a file that holds no LoRA it can read
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SamplingError(f"{path}: not a LoRA file diffusers can load ({first})") from None
 
 
 def load_adapters(pipe, adapters: list[AdapterSpec]):

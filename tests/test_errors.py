@@ -249,3 +249,17 @@ def test_a_user_error_reaches_the_api_and_the_command_as_one_line(
     message = exited.value.code
     assert isinstance(message, str) and message.startswith(f"sdtune {command[0]}: {line}"), message
     assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_file_that_holds_no_lora_is_one_line_naming_it(toy_pipe, tmp_path):
+    """diffusers refuses such a file with a plain ValueError; the sampler says which file, as a SdtuneError."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdtune.adapters import sampling
+
+    bad = tmp_path / "not-a-lora.safetensors"
+    save_file({"foo.weight": torch.zeros(2, 2)}, str(bad))
+    with pytest.raises(SdtuneError, match=r"^\S*not-a-lora.safetensors: not a LoRA file diffusers can load \(") as e:
+        sampling.load_lora_file(toy_pipe, bad, "bad")
+    assert "\n" not in str(e.value)
