@@ -546,7 +546,9 @@ def test_memory_options_train_and_save(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = load_file(str(tmp_path / "run" / "toy-masks.safetensors"))
     assert all(torch.isfinite(t.float()).all() for t in saved.values())
-    assert json.loads((tmp_path / "run" / "adapter.json").read_text())["recipe"]["train"]["optimizer"] == "adamw8bit"
+    assert (
+        json.loads((tmp_path / "run" / "adapter.json").read_text())["recipe"]["train"]["optimizer_type"] == "adamw8bit"
+    )
 
 
 def test_continue_from_a_saved_controlnet_and_canny_conditions(short_run, toy_pipe, tmp_path):
