@@ -663,3 +663,19 @@ def test_train_page_imports_a_kohya_preset_into_the_form(home):
         "datasets/ or a folder listed in SDTUNE_ALLOWED_DIRS or $SDTUNE_HOME/studio/allowed_dirs); use the CLI for other "
         "places"
     ]
+
+
+def test_train_page_names_a_broken_kohya_config_and_keeps_working(home):
+    """A truncated kohya_ss preset is one error line naming the file; no preset is written and the form still
+    renders."""
+    at = page("train")
+    at.file_uploader(key="kohya-config").set_value(
+        ("broken.json", b'{"LoRA_type": "Standard", "network_dim": ', "application/json")
+    )
+    at.text_input(key="kohya-name").set_value("broken")
+    at = at.button(key="FormSubmitter:kohya-import-Import").click().run()
+    assert not at.exception
+    [error] = texts(at, "error")
+    assert error.startswith("broken.json") and "\n" not in error, error
+    assert not (home / "presets" / "broken.yaml").exists()
+    assert at.selectbox(key="train-template") is not None  # the form is still there
