@@ -415,3 +415,28 @@ def test_a_worker_killed_mid_job_in_a_browser(studio, browser, tmp_path):
         second.terminate()
         second.wait(timeout=120)
     print(f"screenshots: {shots}")
+
+
+def test_a_broken_kohya_config_on_the_train_page_in_a_browser(studio, browser, tmp_path):
+    """Import a truncated kohya_ss preset on the Train page: one error line naming the file, and the page (its form)
+    keeps working."""
+    url, home, log, token = studio
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    page = Page(browser, url, shots, f"?token={token}")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"LoRA_type": "Standard", "network_dim": ')
+    page.open("train")
+    browser.find_element("xpath", '//summary[.//*[normalize-space(text())="Import a kohya config"]]').click()
+    page.idle()
+    uploads = page.wait_for(lambda: browser.find_elements("css selector", 'input[type="file"][accept*=".json"]'), 30,
+                            "the kohya config uploader")  # fmt: skip
+    uploads[0].send_keys(str(broken))
+    page.wait_text("broken.json")
+    browser.find_element("css selector", 'input[placeholder="my-kohya-lora"]').send_keys("broken")
+    page.click("Import")
+    page.wait_text("broken.json:")
+    shot = page.shot("train-broken-kohya")
+    assert "Traceback" not in page.text() and "Import a kohya config" in page.text()
+    assert not (home / "presets" / "broken.yaml").exists()
+    assert shot.is_file()
