@@ -176,6 +176,21 @@ class Page:
         element.click()
         self.idle()
 
+    def expand(self, label: str):
+        """Opens the expander of that label and waits until it is open. A click that lands while a rerun redraws the
+        page can be lost (the expander stays folded, its widgets hidden), so a folded one is clicked again."""
+        xpath = f'//details[./summary//*[normalize-space(text())="{label}"]]'
+
+        def opened():
+            details = self.driver.find_elements("xpath", xpath)
+            if details and details[0].get_attribute("open") is None:
+                details[0].find_element("tag name", "summary").click()
+                return False
+            return bool(details)
+
+        self.wait_for(opened, 60, f"the expander {label!r} to open")
+        self.idle()
+
     def field(self, label: str):
         selector = f'input[aria-label="{label}"], textarea[aria-label="{label}"]'
         return self.wait_for(lambda: self.driver.find_elements("css selector", selector), 30, f"field {label!r}")[0]
@@ -427,11 +442,11 @@ def test_a_broken_kohya_config_on_the_train_page_in_a_browser(studio, browser, t
     broken = tmp_path / "broken.json"
     broken.write_text('{"LoRA_type": "Standard", "network_dim": ')
     page.open("train")
-    browser.find_element("xpath", '//summary[.//*[normalize-space(text())="Import a kohya config"]]').click()
-    page.idle()
+    page.expand("Import a kohya config")
     uploads = page.wait_for(lambda: browser.find_elements("css selector", 'input[type="file"][accept*=".json"]'), 30,
                             "the kohya config uploader")  # fmt: skip
     uploads[0].send_keys(str(broken))
+    page.expand("Import a kohya config")
     page.wait_text("broken.json")
     browser.find_element("css selector", 'input[placeholder="my-kohya-lora"]').send_keys("broken")
     page.click("Import")
