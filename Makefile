@@ -37,7 +37,7 @@ studio: setup
 	$(BIN)/sdtune studio --worker
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=0 --durations-min=5
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
