@@ -201,8 +201,10 @@ def test_caption_preview_is_the_trainers_shuffle_keeping_the_first_tags():
     assert api.caption_preview(caption, shuffle_caption=True, keep_tokens=1, samples=4) == shuffled  # seeded
     templated = api.caption_preview("purple", caption_template="{trigger}, {caption}", trigger_word="sks", samples=1)
     assert templated == ["sks, purple"]
-    with pytest.raises(api.StudioError, match="keep_tokens"):
-        api.caption_preview(caption, keep_tokens=-1)
+    with pytest.raises(api.StudioError, match="keep_tokens: Input should be greater than or equal to 0"):
+        api.caption_preview(caption, shuffle_caption=True, keep_tokens=-1)
+    with pytest.raises(api.StudioError, match="keep_tokens only applies with shuffle_caption"):
+        api.caption_preview(caption, keep_tokens=1)
 
 
 def test_dropping_all_but_one_of_a_group_goes_through_the_store(home):

@@ -74,8 +74,9 @@ def caption_preview(
             caption_template=caption_template,
             trigger_word=trigger_word or None,
         )
-    except ValueError as exc:  # pydantic's ValidationError: a bad keep_tokens
-        raise RecipeError(f"caption preview: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    except ValueError as exc:  # pydantic's ValidationError: a negative keep_tokens, keep_tokens without shuffle
+        words = "; ".join(".".join(map(str, e["loc"])) + ": " * bool(e["loc"]) + e["msg"] for e in exc.errors())
+        raise RecipeError(f"caption preview: {words}") from None
     builder = CaptionBuilder(cfg)
     return [builder(caption, random.Random(f"sdtune-preview:{seed}:{i}")) for i in range(samples)]
 
