@@ -18,8 +18,10 @@ it by 0.96, the same circle 4 pixels further by 0.2, and no two of 300 random to
 came closer than 0.10 (none of their 44,850 pairs is grouped).
 
 Exact duplicates are found by a sha256 over the decoded pixels (and the size), so `a.png` and `a.webp` (lossless) are
-one group even though their bytes differ. Hashes are cached per file by (path, size, mtime): the preflight and the
-studio's panel hash each file once per change.
+marked exact even though their bytes differ; the same pixels hash the same, so they always share a group first, and
+only a group's images are decoded whole for it. The perceptual hashes need 32x32 pixels: a JPEG is decoded at a
+reduced scale (PIL's draft mode, several times faster). Both are cached per file by (path, size, mtime): the
+preflight and the studio's panel hash each file once per change.
 
 Torch-free: PIL and numpy (the studio imports it).
 """
@@ -41,6 +43,7 @@ HASH_SIDE, LOW = 32, 8  # pHash: the DCT of a 32x32 grey image, its 8x8 lowest f
 PHASH_THRESHOLD = 10  # bits of 64: see the module docstring for why
 COLOR_THRESHOLD = 0.08  # the colour layout's largest cell difference: see the module docstring for why
 COLOR_SIDE = 8  # the colour layout's cells per side
+DECODE_SIDE = 256  # the hashes need 32x32 pixels: a JPEG is decoded at a reduced scale (1/8 of a 2048 side)
 DARK = 96  # r + g + b below this is dark: its chromaticity is damped, as JPEG noise would swing it
 
 
@@ -74,7 +77,6 @@ class ImageHashes:
     """What duplicate detection keeps of one image."""
 
     phash: int
-    pixels: str  # sha256 of the size and the RGB pixels: equal only for the same picture
     colors: np.ndarray  # the colour layout: COLOR_SIDE x COLOR_SIDE x 3 chromaticities
 
 
@@ -91,8 +93,7 @@ def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def hash_image(image: Image.Image) -> ImageHashes:
     rgb = image.convert("RGB")
-    pixels = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode() + rgb.tobytes()).hexdigest()
-    return ImageHashes(phash=phash(rgb), pixels=pixels, colors=color_layout(rgb))
+    return ImageHashes(phash=phash(rgb), colors=color_layout(rgb))
 
 
 def hash_file(path: str | Path) -> ImageHashes:
@@ -105,7 +106,20 @@ def hash_file(path: str | Path) -> ImageHashes:
 
 @functools.lru_cache(maxsize=65536)
 def _hash_file(path: str, size: int, mtime_ns: int) -> ImageHashes:
-    return hash_image(open_rgb(path))
+    return hash_image(open_rgb(path, DECODE_SIDE))
+
+
+def pixel_hash(path: str | Path) -> str:
+    """sha256 of the size and the RGB pixels (as the trainers see them), cached like `hash_file`: equal only for the
+    same picture. Decodes the whole image, so it is asked only of the images already in a group."""
+    stat = os.stat(path)
+    return _pixel_hash(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pixel_hash(path: str, size: int, mtime_ns: int) -> str:
+    rgb = open_rgb(path)
+    return hashlib.sha256(f"{rgb.width}x{rgb.height}".encode() + rgb.tobytes()).hexdigest()
 
 
 @dataclass
@@ -192,7 +206,11 @@ def find_duplicates(
 def _group(files: list[str], hashes: dict[str, ImageHashes], show) -> DuplicateGroup:
     by_pixels: dict[str, list[str]] = {}
     for file in files:
-        by_pixels.setdefault(hashes[file].pixels, []).append(show(file))
+        try:
+            key = pixel_hash(file)
+        except Exception:  # changed or gone since it was hashed: not the same pixels as anything
+            key = file
+        by_pixels.setdefault(key, []).append(show(file))
     distance = max(hamming(hashes[a].phash, hashes[b].phash) for a in files for b in files)
     same = sorted(sorted(names) for names in by_pixels.values() if len(names) > 1)
     return DuplicateGroup(sorted(show(f) for f in files), len(by_pixels) == 1, distance, same)
