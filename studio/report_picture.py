@@ -7,6 +7,7 @@ tags (captions with each) | duplicate groups (thumbnails) | what to fix (no capt
 from __future__ import annotations
 
 import io
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -98,9 +99,12 @@ def _sizes(image, draw, report: DatasetReport, box):
     rx, ry = at(report.resolution, report.resolution)
     draw.rectangle((plot[0], ry, rx, plot[3]), outline=(120, 170, 120))
     draw.text((plot[0] + 4, ry + 4), f"{report.resolution}x{report.resolution}", fill=(80, 140, 80), font=SMALL)
-    for file, (w, h) in report.sizes.items():
+    dots = Counter((size, file in small) for file, size in report.sizes.items())
+    for ((w, h), is_small), count in dots.items():
         x, y = at(w, h)
-        draw.ellipse((x - 5, y - 5, x + 5, y + 5), fill=WARN if file in small else BAR)
+        draw.ellipse((x - 5, y - 5, x + 5, y + 5), fill=WARN if is_small else BAR)
+        if count > 1:  # images of the same size share a dot: say how many
+            draw.text((x + 7, y - 7), f"x{count}", fill=INK, font=SMALL)
     draw.text((plot[0], top + 4), "dot: an image;", fill=INK, font=SMALL)
     draw.text((plot[0] + 100, top + 4), "covers its bucket", fill=BAR, font=SMALL)
     draw.text((plot[0] + 225, top + 4), "smaller than it", fill=WARN, font=SMALL)
