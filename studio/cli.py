@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 from sdtune.adapters import quiet_libraries
-from sdtune.studio import api, cli_ab, cli_recipe, jobs, launch, worker
+from sdtune.studio import api, cli_ab, cli_dataset, cli_recipe, jobs, launch, worker
 from sdtune.studio.cli_ab import positive_int
 
 EPILOG = (
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker,recipe}",
+        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker,recipe,dataset}",
     )
     _studio_parser(sub)
     _sample_parser(sub)
@@ -453,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     _jobs_parser(sub)
     _worker_parser(sub)
     cli_recipe.add_recipe_parser(sub)
+    cli_dataset.add_dataset_parser(sub)
     return parser
 
 

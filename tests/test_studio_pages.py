@@ -679,3 +679,90 @@ def test_train_page_names_a_broken_kohya_config_and_keeps_working(home):
     assert error.startswith("broken.json") and "\n" not in error, error
     assert not (home / "presets" / "broken.yaml").exists()
     assert at.selectbox(key="train-template") is not None  # the form is still there
+
+
+# -- dataset preparation panels (issue 24: tags, duplicates, the report) --------------------------------------------
+
+
+def test_datasets_page_tags_panel_renames_removes_and_previews_a_training_caption(home):
+    files = [("a.png", png()), ("b.png", png((0, 200, 0))), ("c.png", png((200, 0, 0)))]
+    files += [("a.txt", b"sks, kitty, white"), ("b.txt", b"sks, cat"), ("c.txt", b"sks, one, two, three, four")]
+    api.upload_to_dataset("set", files)
+    at = page("datasets")
+    [table] = [t.value for t in at.table if "tag" in t.value.columns]
+    assert table[["tag", "captions"]].values.tolist()[0] == ["sks", 3]
+    at.selectbox(key="tag-old").set_value("kitty")
+    at.text_input(key="tag-new").set_value("cat")
+    at = at.button(key="FormSubmitter:tag-edit-Rename in every caption").click().run()
+    assert "kitty -> cat: 1 captions changed" in texts(at, "success")
+    at.selectbox(key="tag-old").set_value("white")
+    at = at.button(key="FormSubmitter:tag-edit-Remove from every caption").click().run()
+    assert "white -> (removed): 1 captions changed" in texts(at, "success")
+    assert {i["file"]: i["caption"] for i in api.dataset_images("set")}["a.png"] == "sks, cat"
+    # the preview: the trainer's shuffle keeps the first tag (keep_tokens 1) and moves the rest
+    at.selectbox(key="preview-caption").set_value("sks, one, two, three, four")
+    at.checkbox(key="preview-shuffle").check()
+    at = at.run()
+    [preview] = [c.value for c in at.code]
+    lines = preview.splitlines()
+    assert len(lines) == 3 and all(line.startswith("sks, ") for line in lines)
+    assert any(line != "sks, one, two, three, four" for line in lines)
+
+
+def test_datasets_page_duplicates_panel_keeps_one_and_drops_the_others(home):
+    from test_dataset_report import PURPLE_CIRCLE, edited, photo, png_bytes
+
+    from sdtune.adapters import toyworld
+
+    original = toyworld.render(PURPLE_CIRCLE)
+    copy = png_bytes(edited(original), format="JPEG", quality=70)
+    files = [("a.png", png_bytes(original)), ("a-copy.jpg", copy), ("b.png", png_bytes(photo(1)))]
+    api.upload_to_dataset("set", files + [("a-copy.txt", b"sks")])
+    version = api.freeze_dataset("set")
+    at = page("datasets")
+    at = at.toggle(key="dupes-set").set_value(True).run()
+    assert any("Group 1" in m.value and "near" in m.value for m in at.markdown)
+    shown = [c for image in at.image for c in image.captions]
+    assert shown[:2] == ["a-copy.jpg", "a.png"]  # the group side by side, above the grid
+    [keep] = [r for r in at.radio if r.label == "Keep"]
+    keep.set_value("a.png")
+    at = button(at, "Drop the others").click().run()
+    assert "kept a.png; removed a-copy.jpg" in texts(at, "success")
+    assert sorted(i["file"] for i in api.dataset_images("set")) == ["a.png", "b.png"]
+    assert (Path(version["images_path"]) / "a-copy.jpg").is_file()  # the frozen version keeps it
+    assert "No duplicates." in texts(at, "success")
+
+
+def test_datasets_page_shows_the_dataset_report(home):
+    api.upload_to_dataset("set", [("a.png", png()), ("b.png", png((0, 200, 0))), ("a.txt", b"sks, purple")])
+    at = page("datasets")
+    images = len(at.image)
+    at.number_input(key="report-resolution").set_value(64)
+    at = button(at, "Make the report").click().run()
+    assert not at.exception, at.exception
+    assert len(at.image) == images + 1  # the picture
+    [text] = [c.value for c in at.code if c.value.startswith("dataset report:")]
+    assert "images: 2 usable, 0 skipped" in text and "without a caption file: b.png" in text
+
+
+def test_the_tag_preview_and_duplicate_panels_import_no_torch(tmp_path):
+    """With captions to preview and the duplicate search on, the Datasets page still renders without torch (the
+    trainer's caption code and the hashes are torch-free); only the report's button loads it."""
+    code = textwrap.dedent(f"""
+        import io, os, sys
+        os.environ["SDTUNE_HOME"] = {str(tmp_path / "home")!r}
+        from PIL import Image
+        from streamlit.testing.v1 import AppTest
+        from sdtune.studio import api
+        data = io.BytesIO()
+        Image.new("RGB", (64, 64), (128, 0, 128)).save(data, format="PNG")
+        api.upload_to_dataset("set", [("a.png", data.getvalue()), ("b.png", data.getvalue()), ("a.txt", b"sks, a, b")])
+        at = AppTest.from_string("from sdtune.studio.views import datasets\\ndatasets.render()\\n").run(timeout=600)
+        at.checkbox(key="preview-shuffle").check()
+        at = at.toggle(key="dupes-set").set_value(True).run(timeout=600)
+        assert not at.exception, at.exception
+        assert any("exact" in m.value for m in at.markdown), "no duplicate group shown"
+        assert "torch" not in sys.modules, "the preparation panels imported torch"
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,6 +11,7 @@ One module per concern; callers use the names re-exported here (`from sdtune.stu
     models        whole models: convert_checkpoint, extract_lora, base_models
     registry      the adapter registry: list, import, export, tag, check; merge, resize, bake
     datasets      the workspace's datasets and their conditioning images
+    dataset_prep  a dataset's tags, caption preview, duplicates and report
     training      recipes, preflight, the job queue, doctor, a run's manifest
     comparisons   A/B comparisons, votes, checkpoint scoring, control images
     publishing    the Hugging Face Hub
@@ -29,6 +30,16 @@ from sdtune.studio.api.comparisons import (
     ab_vote,
     control_images,
     save_control_image,
+)
+from sdtune.studio.api.dataset_prep import (
+    caption_preview,
+    dataset_duplicates,
+    dataset_report,
+    dataset_tags,
+    drop_duplicates,
+    folder_duplicates,
+    folder_report,
+    rename_tag,
 )
 from sdtune.studio.api.datasets import (
     annotate_dataset,
@@ -91,17 +102,24 @@ __all__ = [
     "bake_model",
     "base_models",
     "bulk_captions",
+    "caption_preview",
     "check_data",
     "check_registry",
     "control_images",
     "convert_checkpoint",
     "create_dataset",
+    "dataset_duplicates",
     "dataset_images",
     "dataset_info",
+    "dataset_report",
+    "dataset_tags",
     "dataset_thumbnail",
     "doctor_report",
+    "drop_duplicates",
     "export_adapter",
     "extract_lora",
+    "folder_duplicates",
+    "folder_report",
     "freeze_dataset",
     "import_adapter",
     "list_adapters",
@@ -115,6 +133,7 @@ __all__ = [
     "recipe_text",
     "remove_adapter",
     "remove_dataset_image",
+    "rename_tag",
     "resize_adapter",
     "sample_images",
     "save_control_image",

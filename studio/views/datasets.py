@@ -14,6 +14,7 @@ import os
 import streamlit as st
 
 from sdtune.studio import api
+from sdtune.studio.views import dataset_report
 from sdtune.studio.views.common import flash, show_flash, shown_errors, uploads
 
 PER_PAGE = 24
@@ -54,9 +55,12 @@ def render():
         _upload(name)
     with captions_tab:
         _bulk_tools(name)
+        dataset_report.tags_panel(name)
+        dataset_report.duplicates_panel(name, _show_image)
         _grid(name, info)
     with preflight_tab:
         _preflight(name, info)
+        dataset_report.report_panel(name)
     with control_tab:
         _conditioning(name)
     with versions_tab:

@@ -11,8 +11,8 @@ One concern per module:
 - `records.py`: what a scan finds (`ImageRecord`, `Skipped`, `DatasetScan`, `DataError`) and its preflight text;
 - `captions.py`: `CaptionBuilder` (template -> tag shuffle -> dropout) with an rng the trainer derives from
   (seed, epoch, index), so a resumed run sees exactly the same captions;
-- `buckets.py`: kohya's aspect-ratio buckets (never upscaling), the fit of an image to its bucket, and
-  `BucketBatchSampler`;
+- `buckets.py`: kohya's aspect-ratio buckets (never upscaling) and the fit of an image to its bucket (torch-free);
+- `sampler.py`: `BucketBatchSampler`, batches of one bucket each;
 - `masks.py`: masked loss: each image's mask (alpha channel or mask file), checked at scan time, fitted like its
   image (`load_mask`) and averaged to the latent grid;
 - `pairs.py`: ControlNet's image + conditioning image pairs (`scan_pairs`).
@@ -27,11 +27,29 @@ Import every name from here. Example:
 ```
 """
 
-from .buckets import BucketBatchSampler, assign_bucket, bucket_for, cover_crop, fit_to_bucket, make_buckets
-from .captions import CaptionBuilder, tidy_caption
-from .pairs import ConditionRecord, PairScan, condition_tensor, load_condition, scan_pairs
-from .records import DataError, DatasetScan, ImageRecord, Skipped, format_preflight
-from .sources import METADATA_FILES, load_image, load_mask, load_pixels, scan_dataset
+import importlib
+
+# Each name is imported from its module on first use (PEP 562): `captions`, `records` and `buckets` are torch-free,
+# so the studio can import them (a caption preview, the dataset report) without loading torch; the modules that
+# read pixels into tensors (`sources`, `masks`, `pairs`, `sampler`) load it when a trainer asks for them.
+_HOMES = {
+    "sampler": ("BucketBatchSampler",),
+    "buckets": ("assign_bucket", "bucket_for", "cover_crop", "fit_to_bucket", "make_buckets"),
+    "captions": ("CaptionBuilder", "tidy_caption"),
+    "pairs": ("ConditionRecord", "PairScan", "condition_tensor", "load_condition", "scan_pairs"),
+    "records": ("DataError", "DatasetScan", "ImageRecord", "Skipped", "format_preflight"),
+    "sources": ("METADATA_FILES", "load_image", "load_mask", "load_pixels", "scan_dataset"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
 
 __all__ = [
     "METADATA_FILES",

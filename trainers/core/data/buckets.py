@@ -1,23 +1,20 @@
-"""Aspect-ratio buckets, as kohya's sd-scripts makes them, and the batch sampler that keeps each batch in one bucket.
+"""Aspect-ratio buckets, as kohya's sd-scripts makes them, and the fit of an image to its bucket.
 
 Bucket sides are multiples of `bucket_reso_steps`, area <= resolution^2, and an image goes to the bucket of nearest
 aspect ratio; it is resized to cover the bucket and center-cropped. One sdtune rule on top: an image is never
-upscaled (see `assign_bucket`).
+upscaled (see `assign_bucket`). Torch-free: the studio's dataset report buckets with it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import random
-from collections import defaultdict
 
-import torch
 from PIL import Image
 
 from sdtune.trainers.core.recipe import DataConfig
 
-from .records import DataError, ImageRecord
+from .records import DataError
 
 
 @functools.lru_cache(maxsize=32)
@@ -60,6 +57,12 @@ def _floor_bucket(width: int, height: int, step: int, max_side: int, max_area: i
     return w, h
 
 
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket of nearest aspect ratio (distance |log(w/h) - log(bw/bh)|, ties to the first in `buckets`)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
+
+
 def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]], step: int = 64) -> tuple[int, int]:
     """The bucket an image of `width` x `height` trains at.
 
@@ -70,8 +73,7 @@ def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]], step:
        inside the image, so such a bucket may not be in `buckets`; it crops less than `step` pixels per side.
        Only a side shorter than `step` itself is enlarged (to `step`); `min_image_size` normally skips those.
     """
-    ratio = math.log(width / height)
-    nearest = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
+    nearest = nearest_bucket(width, height, buckets)
     if max(nearest[0] / width, nearest[1] / height) <= 1:
         return nearest
     max_side = max(max(b) for b in buckets)
@@ -115,53 +117,3 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     if (width, height) != image.size:
         image = image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return image.crop((left, top, left + bucket[0], top + bucket[1]))
-
-
-# -- batches --------------------------------------------------------------------------------------------------------
-
-
-class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of one bucket each, over the "expanded" list where every record appears `repeats` times.
-
-    Args:
-        records: the scan's records.
-        batch_size: images per batch; a bucket's last batch may be smaller (kept, unless `drop_last`).
-        seed: with the epoch (`set_epoch`, as DistributedSampler), the only input of the order.
-        drop_last: drop each bucket's incomplete last batch.
-
-    An epoch: 1) shuffle the positions within each bucket, 2) cut them into batches, 3) shuffle the batches, so
-    consecutive steps mix buckets. The same (seed, epoch) always gives the same batches (exact resume).
-    """
-
-    def __init__(self, records: list[ImageRecord], batch_size: int, seed: int, drop_last: bool = False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.seed, self.drop_last, self.epoch = batch_size, seed, drop_last, 0
-        self._expanded = [i for i, record in enumerate(records) for _ in range(record.repeats)]
-        self._by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for position, index in enumerate(self._expanded):
-            self._by_bucket[records[index].bucket].append(position)
-
-    def expanded(self) -> list[int]:
-        """Expanded position -> record index."""
-        return list(self._expanded)
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        rounding = math.floor if self.drop_last else math.ceil
-        return sum(rounding(len(positions) / self.batch_size) for positions in self._by_bucket.values())
-
-    def __iter__(self):
-        rng = random.Random(f"sdtune-buckets:{self.seed}:{self.epoch}")  # str seeds are hashed stably (sha512)
-        batches = []
-        for bucket in sorted(self._by_bucket):
-            positions = list(self._by_bucket[bucket])
-            rng.shuffle(positions)
-            for start in range(0, len(positions), self.batch_size):
-                batch = positions[start : start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
-        rng.shuffle(batches)
-        yield from batches

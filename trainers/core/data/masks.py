@@ -78,16 +78,18 @@ def attach_mask_files(records: list[ImageRecord], cfg: DataConfig, root: Path) -
     mask_dir = Path(cfg.mask_dir).expanduser()
     if not mask_dir.is_dir():
         raise DataError(f"data.mask_dir: folder not found: {mask_dir} ({ANNOTATE_HINT})")
-    attached, problems = [], []
-    for record in records:
-        masked, problem = _check_mask(record, mask_dir, root)
-        attached.append(masked)
-        if problem:
-            problems.append(f"  {problem}")
+    checked = [_check_mask(record, mask_dir, root) for record in records]
+    problems = [f"  {problem}" for _, problem in checked if problem]
     if problems:
         head = f"data.mask_dir: {len(problems)} of {len(records)} images have no usable mask ({ANNOTATE_HINT}):"
         raise DataError("\n".join([head, *problems]))
-    return attached
+    return [masked for masked, _ in checked]
+
+
+def mask_problems(records: list[ImageRecord], mask_dir: Path, root: Path) -> list[str]:
+    """One line per image whose mask in `mask_dir` is missing, unreadable or of another size (the dataset report
+    counts them; a masked-loss run refuses to start on them)."""
+    return [problem for record in records if (problem := _check_mask(record, mask_dir, root)[1])]
 
 
 def alpha_channel(image: Image.Image) -> Image.Image | None:

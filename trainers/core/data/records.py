@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdtune.adapters.duplicates import find_duplicates
 from sdtune.adapters.errors import SdtuneError
 
 PREFLIGHT_MAX_SKIPPED = 20
+PREFLIGHT_MAX_GROUPS = 5
 ALPHA = "alpha"  # `ImageRecord.mask` of an image whose alpha channel is its mask (masked loss)
 
 
@@ -112,7 +114,8 @@ def format_preflight(scan: DatasetScan, resolution: int) -> str:
     """The data part of the summary printed before any model loads; the trainer appends its estimates.
 
     Lists the image count (unique and with repeats), the layout, each source folder, the buckets with how many
-    images (with repeats) each trains per epoch, and every skipped file with its reason (the first 20 and a count).
+    images (with repeats) each trains per epoch, the groups of near-duplicate images (the first 5 and a count), and
+    every skipped file with its reason (the first 20 and a count).
     """
     unique = len(scan.records)
     with_repeats = sum(record.repeats for record in scan.records)
@@ -126,12 +129,28 @@ def format_preflight(scan: DatasetScan, resolution: int) -> str:
         lines.append(_mask_line(scan.records, scan.mask_source))
     lines.append(f"buckets (area <= {resolution}x{resolution}; images per epoch):")
     lines += [f"  {w}x{h} (aspect {w / h:.2f}): {count}" for (w, h), count in scan.bucket_counts().items()]
+    lines += _duplicate_lines(scan.records)
     if scan.skipped:
         lines.append(f"skipped {len(scan.skipped)} files:")
         lines += [f"  {s.file}: {s.reason}" for s in scan.skipped[:PREFLIGHT_MAX_SKIPPED]]
         if len(scan.skipped) > PREFLIGHT_MAX_SKIPPED:
             lines.append(f"  ... and {len(scan.skipped) - PREFLIGHT_MAX_SKIPPED} more")
     return "\n".join(lines)
+
+
+def _duplicate_lines(records: list[ImageRecord]) -> list[str]:
+    """The groups of near-duplicate images among the files (`adapters.duplicates`: hashes cached per file by size and
+    mtime, so a second preflight decodes nothing); none for an HF dataset's rows, which have no files."""
+    paths = [record.path for record in records if record.path is not None]
+    groups = find_duplicates(paths).groups if len(paths) > 1 else []
+    if not groups:
+        return []
+    plural = "s" if len(groups) > 1 else ""
+    lines = [f"duplicates: {len(groups)} group{plural} of near-duplicates (`sdtune dataset dupes` shows them):"]
+    lines += [f"  {', '.join(Path(file).name for file in group.files)}" for group in groups[:PREFLIGHT_MAX_GROUPS]]
+    if len(groups) > PREFLIGHT_MAX_GROUPS:
+        lines.append(f"  ... and {len(groups) - PREFLIGHT_MAX_GROUPS} more")
+    return lines
 
 
 def _mask_line(records: list[ImageRecord], source: str) -> str:
