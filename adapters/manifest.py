@@ -107,10 +107,16 @@ def control_pairs(manifest: AdapterManifest) -> list[tuple[str, str]]:
     `validation.prompts` with the `condition-N` samples in order. Empty for other adapters, or without either."""
     names = [k for k in manifest.samples if k.startswith(CONDITION_SAMPLE)]
     names.sort(key=lambda k: int(k[len(CONDITION_SAMPLE) :]))
-    prompts = (manifest.recipe.get("validation") or {}).get("prompts") or []
+    prompts = validation_prompts(manifest.recipe)
     if not names or not prompts:
         return []
-    return pair_prompts(list(prompts), [manifest.samples[k] for k in names])
+    return pair_prompts(prompts, [manifest.samples[k] for k in names])
+
+
+def validation_prompts(recipe: dict) -> list[str]:
+    """The texts of a run's `validation.prompts` (an entry with its own settings is a mapping with its `prompt`)."""
+    prompts = (recipe.get("validation") or {}).get("prompts") or []
+    return [p["prompt"] if isinstance(p, dict) else p for p in prompts]
 
 
 def manifest_path(run_or_file: str | Path) -> Path:

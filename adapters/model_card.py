@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from sdtune.adapters.leaks import redact_paths
+from sdtune.adapters.manifest import validation_prompts
 
 WIDGET_IMAGES = 4
 
@@ -19,7 +20,7 @@ def _base_model(manifest) -> str | None:
 
 
 def widget_prompts(manifest, limit: int = WIDGET_IMAGES) -> list[str]:
-    prompts = (manifest.recipe.get("validation") or {}).get("prompts") or manifest.trigger_words or ["a photo"]
+    prompts = validation_prompts(manifest.recipe) or manifest.trigger_words or ["a photo"]
     return list(dict.fromkeys(prompts))[:limit]
 
 

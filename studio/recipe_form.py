@@ -49,8 +49,9 @@ class FormField:
         options: the choices of a select.
         optional: None is a valid value (an empty text or number box means "unset").
         low, high: the number box's bounds, from the field's ge/gt/le/lt.
-        item: a list's item kind: str, number or mapping (one YAML line each); a text's: str, number, or yaml (a
-            mapping, or a key that takes one number or a list: written and read as one YAML line).
+        item: a list's item kind: str, number or mapping (one YAML line each), or text_or_mapping (a line in braces
+            is a YAML mapping, any other is text); a text's: str, number, or yaml (a mapping, or a key that takes one
+            number or a list: written and read as one YAML line).
         common: shown open; otherwise folded under the section's "more settings".
     """
 
@@ -71,7 +72,7 @@ class FormField:
 
     @property
     def name(self) -> str:
-        return self.path.split(".")[1]
+        return self.path.rsplit(".", 1)[1]
 
     def shown(self, value: Any):
         """What the widget shows for the recipe's `value`: text for text and list widgets, else the value."""
@@ -98,12 +99,14 @@ class FormField:
             lines = [line.strip() for line in shown.splitlines() if line.strip()]
             if not lines and self.optional:
                 return None
+            if self.item == "text_or_mapping":  # a line in braces is a mapping; any other is text, as typed
+                return [_yaml_line(line) if line.startswith("{") else line for line in lines]
             return lines if self.item == "str" else [_yaml_line(line) for line in lines]
         return shown
 
     def _line(self, item: Any) -> str:
-        if self.item == "mapping":  # flow style on one line, nulls kept so that it reads back equal to the recipe's
-            return yaml.safe_dump(item, default_flow_style=True, sort_keys=False, width=10**6).strip()
+        if self.item == "mapping" or isinstance(item, dict):  # flow style on one line, nulls kept so that it reads
+            return yaml.safe_dump(item, default_flow_style=True, sort_keys=False, width=10**6).strip()  # back equal
         return str(item)
 
 
@@ -128,11 +131,22 @@ def form_fields(method: str) -> list[FormField]:
     ]
 
 
+def subset_fields() -> list[FormField]:
+    """The keys of one `data.subsets` entry, for the Train form's subsets editor."""
+    return [describe(f"data.subsets.{name}", info) for name, info in schema.SubsetConfig.model_fields.items()]
+
+
+def subset_defaults() -> dict:
+    """A new subset as the recipe would hold it: every key at its default, the folder still empty."""
+    fields = schema.SubsetConfig.model_fields.items()
+    return {name: "" if info.is_required() else info.get_default(call_default_factory=True) for name, info in fields}
+
+
 def describe(path: str, info: FieldInfo) -> FormField:
     """One schema field as a `FormField`."""
     annotation, optional = _strip_none(info.annotation)
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    shared = dict(label=label(path.split(".")[1]), help=info.description or "", optional=optional)
+    shared = dict(label=label(path.rsplit(".", 1)[1]), help=info.description or "", optional=optional)
     shared["common"] = bool(extra.get("common"))
     origin = typing.get_origin(annotation)
     if annotation is bool:
@@ -147,6 +161,8 @@ def describe(path: str, info: FieldInfo) -> FormField:
     if origin is list:
         (item,) = typing.get_args(annotation)
         kind = "str" if _strip_none(item)[0] is str else "mapping" if _is_model(item) else "number"
+        if str in _members(item):
+            kind = "text_or_mapping"  # validation.prompts: a plain prompt, or one with its own settings
         return FormField(path, widget="list", item=kind, **shared)
     if origin in (dict, Union, types.UnionType):  # optimizer_args; a block weight: one number or 12
         return FormField(path, widget="text", item="yaml", **shared)
@@ -184,6 +200,14 @@ def _strip_none(annotation) -> tuple[Any, bool]:
             return _strip_none(args[0])[0], optional
         return functools.reduce(operator.or_, args), optional  # float | list[float] | None: both kinds, and unset
     return annotation, False
+
+
+def _members(annotation) -> list:
+    """The types a union may hold, each without its Annotated marks ([] for anything but a union)."""
+    annotation = _strip_none(annotation)[0]
+    if typing.get_origin(annotation) not in (Union, types.UnionType):
+        return []
+    return [_strip_none(member)[0] for member in typing.get_args(annotation)]
 
 
 def _is_model(annotation) -> bool:

@@ -13,7 +13,7 @@ import yaml
 from conftest import ROOT, run_trainer
 
 from sdtune.studio import cli
-from sdtune.trainers.core.recipe import load_recipe
+from sdtune.trainers.core.recipe import SamplePrompt, load_recipe
 from sdtune.trainers.tools import kohya_import
 from sdtune.trainers.tools.kohya_import import KohyaImportError, import_kohya, parse_flags, read_config, translate
 
@@ -95,7 +95,10 @@ def test_lora_preset_translates_to_what_the_gui_would_train(golden):
     assert (recipe.train.adam_weight_decay, recipe.train.adam_beta2) == (0.05, 0.99)  # optimizer_args
     assert recipe.train.max_grad_norm == 0.5  # from additional_parameters
     assert recipe.train.noise_offset == 0.05 and recipe.train.multires_noise_iterations == 0  # noise_offset_type
-    assert recipe.validation.prompts == ["a purple circle", "a purple square"]
+    assert recipe.validation.prompts == [  # each GUI line with its own settings (sd-scripts' --n --w --h --s --l)
+        SamplePrompt(prompt="a purple circle", negative_prompt="blurry", width=512, height=512, steps=25),
+        SamplePrompt(prompt="a purple square", guidance_scale=7),
+    ]
     assert recipe.data.resolution == 512 and recipe.data.random_flip and recipe.train.seed == 1234
     if not any(kohya_import.schema_field(key, "lora") for key in ("method.unet_lr", "train.unet_lr")):
         assert "ignored: learning_rate (unet_lr sets train.learning_rate and wins, as in sd-scripts)" in lines

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -201,6 +202,44 @@ def test_datasets_page_keeps_a_kohya_zip_and_shows_its_folders_and_refusals(home
     assert [t.value for t in at.text_area if t.label == "Caption"] == ["a purple square", ""]
 
 
+def test_datasets_page_reads_each_folder_as_a_subset_one_of_them_regularization(home):
+    """A dataset in folders, as `data.subsets`: a table of the subsets (repeats from the kohya folder name, its concept
+    for uncaptioned images, the folders picked as is_reg), the recipe lines, and a preflight over those subsets."""
+    from test_datasets_store import make_zip
+
+    folders = {
+        "10_purple circle/001.png": png(),
+        "10_purple circle/001.txt": b"a purple circle",
+        "5_purple square/001.png": png((0, 0, 255)),
+        "5_purple square/002.png": png((0, 0, 200)),
+        "1_circle/001.png": png((0, 200, 0)),
+    }
+    api.upload_to_dataset("shapes", [("shapes.zip", make_zip(folders))])
+    at = page("datasets")
+    assert not [t for t in at.table if "subset" in t.value.columns]  # images/ as one folder unless asked
+    at = at.checkbox(key="as-subsets-shapes").check().run()
+    at = at.multiselect(key="reg-folders-shapes").select("1_circle").run()
+    [table] = [t.value for t in at.table if "subset" in t.value.columns]
+    assert table.values.tolist() == [
+        ["10_purple circle", 1, "10", "", "purple circle"],
+        ["1_circle", 1, "1", "yes", "circle"],
+        ["5_purple square", 2, "5", "", "purple square"],
+    ]
+    [lines] = [c.value for c in at.code if c.language == "yaml"]
+    assert yaml.safe_load(lines)["data"]["subsets"][1] == {
+        "image_dir": str(home / "datasets/shapes/work/images/1_circle"),
+        "num_repeats": 1,
+        "class_tokens": "circle",
+        "is_reg": True,
+    }
+    at = button(at, "Run preflight").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    [report] = [c.value for c in at.code if c.value.startswith("data: ")]
+    assert "data: 3 images (20 per epoch with repeats), layout subsets" in report
+    assert "1_circle (is_reg): 1 images x 1 repeats" in report
+    assert "5_purple square: 2 images x 5 repeats = 10 (50%)" in report
+
+
 def test_train_page_validates_live_and_launch_queues_a_job_on_a_frozen_version(home):
     api.upload_to_dataset("purple", [("a.png", png()), ("a.txt", b"a purple circle")])
     at = page("train")
@@ -219,7 +258,7 @@ def test_train_page_validates_live_and_launch_queues_a_job_on_a_frozen_version(h
     next(n for n in at.number_input if n.label == "Max train steps").set_value(3)
     at = at.button(key="FormSubmitter:form-quickstart.yaml-Apply").click().run()
     at = button(at, "Preflight: data, time and memory").click().run()
-    [report] = [c.value for c in at.code if c.value.startswith("data:")]
+    [report] = [c.value for c in at.code if c.value.startswith("data: ")]
     assert report.startswith("data: 1 images (1 per epoch with repeats), layout folder")
     assert "plan: 3 steps x 8 images/step" in report and "estimated:" in report and "for 3 steps" in report
     at = button(at, "Launch").click().run()

@@ -175,31 +175,82 @@ def test_changed_widgets_change_the_submitted_recipe(home):
         assert got == expected, f"{label}: {path} is {got!r}"
 
 
-def test_masks_and_subsets_are_data_settings_and_subsets_are_edited_one_per_line(home):
+def test_masks_and_subsets_are_data_settings_and_subsets_have_their_own_editor(home):
     """kohya_ss keeps masked loss and the dataset's subsets with the data: so does the form (folded, as few recipes
-    use them), and a subset typed as one YAML line reaches the job's recipe as a subset."""
+    use them). Subsets are rows of their own widgets: filling in the last, empty row's folder adds a subset (and a
+    new empty row), a row's remove box drops it, and the job's recipe holds what the rows say."""
     at = page("train")
     data_tab = next(t for t in at.tabs if t.label.lower().startswith("data"))
     folded = {w.label for e in data_tab.expander if e.label.startswith("More ") for w in widgets(e)}
-    assert {"Masked loss", "Alpha mask", "Mask folder", "Subsets"} <= folded
-    assert widget(at, "Subsets").help.startswith("Instead of train_data_dir")
+    assert {"Masked loss", "Alpha mask", "Mask folder", "Subset 1: image folder", "Subset 1: is reg"} <= folded
+    assert "Subset 2: image folder" not in folded  # the recipe has none: one empty row
+    assert widget(at, "Subset 1: image folder").help.startswith("Instead of train_data_dir")
     widget(at, "Train data folder").set_value("")
-    widget(at, "Subsets").set_value(
-        "{image_dir: datasets/quickstart-purple, num_repeats: 3, class_tokens: purple thing}\n"
-        "{image_dir: datasets/quickstart-purple, is_reg: true}"
-    )
+    widget(at, "Subset 1: image folder").set_value("datasets/quickstart-purple")
+    widget(at, "Subset 1: num repeats").set_value(3)
+    widget(at, "Subset 1: class tokens").set_value("purple thing")
+    at = at.button(key=APPLY.format("quickstart.yaml")).click().run()
+    widget(at, "Subset 2: image folder").set_value("datasets/quickstart-purple")  # the row that appeared
+    widget(at, "Subset 2: is reg").set_value(True)
+    widget(at, "Subset 2: shuffle caption").set_value("false")  # unset (none) would take data.shuffle_caption
+    at = at.button(key=APPLY.format("quickstart.yaml")).click().run()
+    widget(at, "Subset 3: image folder").set_value("datasets/quickstart-purple")
+    at = at.button(key=APPLY.format("quickstart.yaml")).click().run()
+    widget(at, "Subset 3: remove").set_value(True)
     widget(at, "Masked loss").set_value(True)
     widget(at, "Alpha mask").set_value(True)
     at = at.button(key=APPLY.format("quickstart.yaml")).click().run()
+    assert widget(at, "Subset 4: image folder").value == ""
     at = button(at, "Launch").click().run()
     assert not texts(at, "error"), texts(at, "error")
     [job] = jobs.list_jobs()
     data = yaml.safe_load(job.recipe.read_text())["data"]
     assert data["train_data_dir"] is None and data["masked_loss"] is True and data["alpha_mask"] is True
-    assert [(s["num_repeats"], s["class_tokens"], s["is_reg"]) for s in data["subsets"]] == [
-        (3, "purple thing", False),
-        (1, None, True),
+    assert [(s["num_repeats"], s["class_tokens"], s["is_reg"], s["shuffle_caption"]) for s in data["subsets"]] == [
+        (3, "purple thing", False, None),
+        (1, None, True, False),
     ]
+
+
+def test_a_recipe_with_subsets_shows_a_row_each_and_reads_back_unchanged(home):
+    at = page("train")
+    box = at.text_area(key="yaml-quickstart.yaml")
+    subsets = (
+        "  subsets: [{image_dir: datasets/quickstart-purple, num_repeats: 2, keep_tokens: 1, shuffle_caption: true}]"
+    )
+    box.set_value(box.value.replace("  train_data_dir: datasets/quickstart-purple", subsets))
+    at = at.run().button(key=APPLY.format("quickstart.yaml")).click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    assert [c.value for c in at.code] == []  # an untouched editor changes nothing
+    assert (widget(at, "Subset 1: num repeats").value, widget(at, "Subset 1: keep tokens").value) == (2, "1")
+    assert widget(at, "Subset 1: shuffle caption").value == "true"
+    assert widget(at, "Subset 2: image folder").value == ""
+
+
+def test_a_prompt_with_its_own_settings_is_one_yaml_line_of_the_prompts_box(home):
+    at = page("train")
+    box = at.text_area(key="yaml-quickstart.yaml")
+    own = '{prompt: "a purple circle", width: 48, seed: 7}'
+    box.set_value(box.value.replace('prompts: ["a purple circle",', f"prompts: [{own},"))
+    at = at.run()
+    assert not texts(at, "error"), texts(at, "error")
+    lines = widget(at, "Prompts").value.splitlines()
+    assert lines[0].startswith("{prompt: a purple circle, negative_prompt: null, width: 48, height: null")
+    assert lines[1] == "a purple square"
+    at = at.button(key=APPLY.format("quickstart.yaml")).click().run()
+    assert [c.value for c in at.code] == []  # shown and read back equal
+    widget(at, "Prompts").set_value("a: colon stays text\n{prompt: a red circle, height: 32, steps: 3}")
+    at = at.button(key=APPLY.format("quickstart.yaml")).click().run()
+    at = button(at, "Launch").click().run()
+    assert not texts(at, "error"), texts(at, "error")
+    [job] = jobs.list_jobs()
+    prompts = yaml.safe_load(job.recipe.read_text())["validation"]["prompts"]
+    assert prompts[0] == "a: colon stays text"
+    assert {k: v for k, v in prompts[1].items() if v is not None} == {
+        "prompt": "a red circle",
+        "height": 32,
+        "steps": 3,
+    }
 
 
 def test_the_base_picker_lists_the_toy_base_full_models_the_hub_cache_and_takes_a_path(home, tmp_path, monkeypatch):

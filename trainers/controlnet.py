@@ -114,7 +114,7 @@ def validation_conditions(recipe: Recipe, conditions: Conditions, out_dir: Path)
         save_png_atomic(conditions.image(index), Path(paths[-1]))
     try:
         if recipe.validation.prompts:  # no prompts: no validation, nothing to pair
-            pair_prompts(recipe.validation.prompts, paths)  # refuse a prompt/image count mismatch now
+            pair_prompts(recipe.validation.sample_prompts(), paths)  # refuse a prompt/image count mismatch now
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
     return paths

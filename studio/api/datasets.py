@@ -125,3 +125,27 @@ def annotate_dataset(name: str, kind: str, **options) -> list[Path]:
 
     folder = datasets_store.work_dir(name)
     return annotate_images(kind, folder / datasets_store.IMAGES, folder / datasets_store.CONDITIONING, **options)
+
+
+@translated()
+def dataset_subsets(name: str, reg_folders: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """A dataset's folders as `data.subsets` entries (sd-scripts' dataset config): each folder with its repeats (a
+    kohya `N_concept` folder's N, else 1), the caption of its uncaptioned images (the concept) and `is_reg` for
+    those named in `reg_folders`. Images at the top of images/ belong to no subset."""
+    from sdtune.studio import datasets_store
+
+    info = datasets_store.info(name)
+    folders = [row for row in info["folders"] if row["folder"]]
+    unknown = sorted(set(reg_folders) - {row["folder"] for row in folders})
+    if unknown:
+        raise StudioError(f"reg_folders: {', '.join(unknown)} is not a folder of dataset {name}")
+    root = Path(info["work_dir"]) / datasets_store.IMAGES
+    return [
+        {
+            "image_dir": str(root / row["folder"]),
+            "num_repeats": row["repeats"] or 1,
+            "class_tokens": row["concept"] or None,
+            "is_reg": row["folder"] in reg_folders,
+        }
+        for row in folders
+    ]

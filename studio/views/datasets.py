@@ -3,7 +3,8 @@ make ControlNet conditioning images, and freeze versions that jobs train on.
 
 Images are shown as thumbnails of what the trainers see (`api.dataset_thumbnail`); one that cannot be shown is a
 warning with its reason, never an error that takes the page down. Zips keep their folders: kohya `N_concept`
-subsets are listed with their repeats and picked in the caption grid.
+subsets are listed with their repeats and picked in the caption grid; the preflight can read each folder as one of
+`data.subsets` (some marked is_reg), listed with the recipe lines that say so.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import hashlib
 import os
 
 import streamlit as st
+import yaml
 
 from sdtune.studio import api
 from sdtune.studio.views import dataset_report
 from sdtune.studio.views.common import flash, show_flash, shown_errors, uploads
+from sdtune.trainers.core.recipe import override_text
 
 PER_PAGE = 24
 COLUMNS = 6
@@ -165,13 +168,50 @@ def _preflight(name: str, info: dict):
         "Recipe template", templates, index=templates.index("quickstart.yaml") if "quickstart.yaml" in templates else 0
     )
     resolution = st.number_input("Resolution", 8, 2048, 64 if template == "quickstart.yaml" else 512, step=8)
+    data = _subsets(name, info) or [f"data.train_data_dir={info['work_dir']}/images"]
     if st.button("Run preflight", key="run-preflight"):
-        overrides = [f"data.train_data_dir={info['work_dir']}/images", f"data.resolution={resolution}"]
+        overrides = [*data, f"data.resolution={resolution}"]
         with shown_errors(), st.spinner("scanning the images and estimating ..."):
             result = api.preflight(api.recipe_text(template), overrides)
             st.subheader("Buckets (images per epoch)")
             st.bar_chart(result["buckets"], x_label="bucket (width x height)", y_label="images")
             st.code(result["report"], language=None)
+
+
+def _subsets(name: str, info: dict) -> list[str]:
+    """A dataset in folders, as `data.subsets` if asked: each folder a subset with its repeats and the caption of its
+    uncaptioned images, some maybe regularization (is_reg); shows them and the recipe lines, and returns the preflight's
+    data overrides (none otherwise: the preflight reads images/ as one folder)."""
+    folders = [row["folder"] for row in info["folders"] if row["folder"]]
+    if not folders or not st.checkbox("Each folder as a subset (data.subsets)", key=f"as-subsets-{name}"):
+        return []
+    reg = st.multiselect(
+        "Regularization folders (is_reg: images of the class, paired with the training images)",
+        folders,
+        key=f"reg-folders-{name}",
+    )
+    with shown_errors():
+        subsets = api.dataset_subsets(name, reg)
+        images = {row["folder"]: row["images"] for row in info["folders"]}
+        st.table(
+            [
+                {
+                    "subset": folder,
+                    "images": images[folder],
+                    "num_repeats": str(subset["num_repeats"]),
+                    "is_reg": "yes" if subset["is_reg"] else "",
+                    "class_tokens": subset["class_tokens"] or "",
+                }
+                for folder, subset in zip(folders, subsets)
+            ]
+        )
+        top = images.get("", 0)
+        if top:
+            st.warning(f"{top} images at the top of the dataset are in no subset: move them into a folder")
+        st.caption("In a recipe (the preflight below reads them so):")
+        st.code(yaml.safe_dump({"data": {"subsets": subsets}}, sort_keys=False), language="yaml")
+        return ["data.train_data_dir=null", override_text("data.subsets", subsets)]
+    return []
 
 
 def _conditioning(name: str):

@@ -9,6 +9,7 @@ becomes a `section.key=value` override, which wins over the YAML.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from itertools import cycle
@@ -26,6 +27,8 @@ BASE_KEY = "base.pretrained_model_name_or_path"
 TABS = ("data", "method", "train", "validation", "output", "base")  # base last: its main key is the picker above
 PICKED = (BASE_KEY, "method.type")  # drawn above the form: the base picker and the Method selectbox
 OTHER_BASE = "(another hub id or path)"
+SUBSETS = "data.subsets"  # drawn as its own editor (`_subsets`), not as one YAML line per subset
+TRI_STATE = ("none", "true", "false")  # an optional yes/no: none = the data section's setting
 
 
 def render():
@@ -184,7 +187,9 @@ def _form(template: str, recipe: dict, fields: list[recipe_form.FormField]) -> l
                 overrides += _widgets([f for f in mine if f.common], recipe[section])
                 if more:
                     with st.expander(f"More {section} settings ({len(more)})"):
-                        overrides += _widgets(more, recipe[section])
+                        overrides += _widgets([f for f in more if f.path != SUBSETS], recipe[section])
+                        if section == "data":
+                            overrides += _subsets([f for f in more if f.path == SUBSETS][0], template, recipe["data"])
         st.form_submit_button("Apply")
     return overrides
 
@@ -198,20 +203,64 @@ def _widgets(fields: list[recipe_form.FormField], values: dict) -> list[str]:
     return changed
 
 
-def _widget(column, field: recipe_form.FormField, shown):
+def _widget(column, field: recipe_form.FormField, shown, key: str | None = None):
     """The widget of one field, showing `shown`; returns its content."""
     label, tip = field.label, _help(field)
     if field.widget == "checkbox":
-        return column.checkbox(label, bool(shown), help=tip)
+        return column.checkbox(label, bool(shown), help=tip, key=key)
     if field.widget == "select":
-        return column.selectbox(label, field.options, field.options.index(shown), help=tip)
+        return column.selectbox(label, field.options, field.options.index(shown), help=tip, key=key)
     if field.widget == "int":
-        return column.number_input(label, field.low, field.high, shown, step=1, help=tip)
+        return column.number_input(label, field.low, field.high, shown, step=1, help=tip, key=key)
     if field.widget == "float":
-        return column.number_input(label, field.low, field.high, shown, format="%g", help=tip)
+        return column.number_input(label, field.low, field.high, shown, format="%g", help=tip, key=key)
     if field.widget == "list":
-        return column.text_area(label, shown, height=100, help=f"{tip} One per line.")
-    return column.text_input(label, shown, help=tip)
+        return column.text_area(label, shown, height=100, help=f"{tip} One per line.", key=key)
+    return column.text_input(label, shown, help=tip, key=key)
+
+
+# -- the subsets editor ---------------------------------------------------------------------------------------------
+
+
+def _subsets(field: recipe_form.FormField, template: str, data: dict) -> list[str]:
+    """`data.subsets` as a small editor: a bordered row per subset (its folder, repeats, is_reg, caption settings)
+    with a remove box, and an empty row last, which adds a subset once its folder is filled in; returns the override.
+    Its widgets are keyed by the YAML's subsets, so the rows added here stay until the YAML changes them."""
+    st.markdown(f"**{field.label}**", help=_help(field))
+    st.caption("Fill in the last row's folder to add a subset; tick a row's remove box to drop it.")
+    subsets = data["subsets"]
+    prefix = f"subset-{template}-{hashlib.sha256(repr(subsets).encode()).hexdigest()[:8]}"
+    count = len(subsets)
+    while str(st.session_state.get(f"{prefix}-{count}-image_dir", "")).strip():  # rows added on the form
+        count += 1
+    rows = [_subset_row(f"{prefix}-{i}", i, field, subsets[i] if i < len(subsets) else None) for i in range(count + 1)]
+    edited = [row for row in rows if row is not None]
+    return [override_text(SUBSETS, edited)] if edited != subsets else []
+
+
+def _subset_row(key: str, index: int, field: recipe_form.FormField, subset: dict | None) -> dict | None:
+    """One subset's widgets (described from the subset schema, so a new subset key appears by itself); returns the
+    subset as the recipe holds it, or None when it is removed or has no folder."""
+    values = subset or recipe_form.subset_defaults()
+    read = {}
+    with st.container(border=True):
+        columns = cycle(st.columns(5))
+        for sub in recipe_form.subset_fields():
+            name, shown = sub.name, sub.shown(values[sub.name])
+            label = f"Subset {index + 1}: {sub.label[:1].lower()}{sub.label[1:]}"
+            if name == "image_dir":  # the subset's first widget also says what the list is
+                sub = dataclasses.replace(sub, path=SUBSETS, help=f"{field.help}\n\n{sub.help}")
+            sub = dataclasses.replace(sub, label=label)
+            if sub.widget == "checkbox" and sub.optional:  # unset takes the data section's: a three-way choice
+                pick = next(columns).selectbox(
+                    label, TRI_STATE, TRI_STATE.index(str(shown).lower()), help=_help(sub), key=f"{key}-{name}"
+                )
+                read[name] = {"true": True, "false": False}.get(pick)
+            else:
+                read[name] = sub.read(_widget(next(columns), sub, shown, key=f"{key}-{name}"))
+        read["image_dir"] = read["image_dir"].strip()  # no folder, no subset
+        removed = next(columns).checkbox(f"Subset {index + 1}: remove", key=f"{key}-remove", help="Drop this subset.")
+    return None if removed or not read["image_dir"] else read
 
 
 # -- presets --------------------------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def model_facts(recipe: Recipe, date: float | None = None) -> ModelFacts:
 def check_settings(recipe: Recipe) -> sampling.SampleSettings:
     """The one image the export check renders per format: the first validation prompt (else the trigger), seed 0."""
     v = recipe.validation
-    prompt = v.prompts[0] if v.prompts else (trigger_words(recipe) or ["a photo"])[0]
+    prompts = v.sample_prompts()
+    prompt = prompts[0].prompt if prompts else (trigger_words(recipe) or ["a photo"])[0]
     return sampling.SampleSettings(
         prompt=prompt,
         seed=0,

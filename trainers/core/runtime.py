@@ -22,6 +22,7 @@ from sdtune.trainers.core.optimizers import KNOWN as KNOWN_OPTIMIZERS
 from sdtune.trainers.core.optimizers import make_optimizer, optimizer_class, outputs_point, param_groups
 from sdtune.trainers.core.progress import ProgressTracker
 from sdtune.trainers.core.recipe import Recipe, RecipeError, TrainConfig
+from sdtune.trainers.core.trackers import report_trackers
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # train.mixed_precision -> dtype
 SAVE_DTYPES = {name: save_dtype(name) for name in SAVE_PRECISIONS}  # output.save_precision (adapters/lora_files.py)
@@ -35,10 +36,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     project = ProjectConfiguration(project_dir=recipe.output.dir, logging_dir=f"{recipe.output.dir}/logs")
     # Several processes and no GPU (torchrun / `accelerate launch --cpu`): Accelerate runs DDP over gloo only if told.
     several_cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # Progress for the job queue and the studio (metrics.jsonl in the run folder) is always on; TensorBoard if asked.
-    trackers = [ProgressTracker(recipe.output.dir, train.max_train_steps)]
-    if recipe.output.report_to != "none":
-        trackers.append(recipe.output.report_to)
+    # Progress for the job queue and the studio (metrics.jsonl in the run folder) is always on; TensorBoard and
+    # wandb if asked (trackers.py).
+    trackers = [ProgressTracker(recipe.output.dir, train.max_train_steps), *report_trackers(recipe)]
     accelerator = Accelerator(
         cpu=several_cpu_processes,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -191,6 +191,7 @@ def start_run(recipe_file: str, overrides: list[str], method_type: str) -> RunSt
         optimizer_class(
             recipe.train
         )  # a missing package or a bad module.ClassName fails now, not after the models load
+    recipe.validation.sample_prompts()  # a bad line of validation.prompts_file fails now, not at the first grid
     resume_from = resolve_resume(recipe.output.dir, recipe.train.resume)
     if resume_from is None:  # every process clears before any can write: they meet first in Accelerator()
         clear_previous_run(recipe.output.dir, recipe.train.resume, recipe.output.overwrite)

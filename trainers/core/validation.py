@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -18,7 +17,8 @@ from sdtune.adapters import contact_sheet, sampling, scoring
 from sdtune.adapters.base import recommended_guidance
 from sdtune.adapters.manifest import CONDITION_SAMPLE, condition_file, pair_prompts
 from sdtune.trainers.core.progress import progress_event
-from sdtune.trainers.core.recipe import Recipe
+from sdtune.trainers.core.recipe import Recipe, SamplePrompt, ValidationConfig
+from sdtune.trainers.core.trackers import log_grid
 
 
 @contextlib.contextmanager
@@ -52,14 +52,75 @@ def as_at_inference(*models):
                 model.forward = forward
 
 
-def save_and_log(accelerator, image, path: Path, step: int) -> Path:
-    """Saves a validation grid, reports it to metrics.jsonl and logs it to TensorBoard (when that is the tracker)."""
+def save_and_log(accelerator, image, path: Path, step: int, samples: Path | None = None) -> Path:
+    """Saves a validation grid, reports it (and the folder of its sample files) to metrics.jsonl and logs it to the
+    image-taking trackers (TensorBoard, wandb)."""
     contact_sheet.save_grid(image, path)
-    progress_event(accelerator, "validation", step, grid=path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.asarray(image)[None], step, dataformats="NHWC")
+    progress_event(accelerator, "validation", step, grid=path, **({"samples": samples} if samples else {}))
+    log_grid(accelerator, image, step)
     return path
+
+
+def prompt_settings(
+    prompt: SamplePrompt, v: ValidationConfig, guidance: float, zero_terminal_snr: bool, **control
+) -> list[sampling.SampleSettings]:
+    """A validation prompt's images, one per seed (its own seed, else the section's seeds), each with the prompt's
+    own settings where it has them and the section's elsewhere."""
+    seeds = [prompt.seed] if prompt.seed is not None else list(v.seeds)
+    common = dict(
+        negative_prompt=v.negative_prompt if prompt.negative_prompt is None else prompt.negative_prompt,
+        steps=prompt.steps or v.num_inference_steps,
+        guidance=guidance if prompt.guidance_scale is None else prompt.guidance_scale,
+        width=prompt.width,
+        height=prompt.height,
+        scheduler=v.scheduler,
+        zero_terminal_snr=zero_terminal_snr,
+        **control,
+    )
+    return [sampling.SampleSettings(prompt.prompt, seed, **common) for seed in seeds]
+
+
+def own_settings(prompt: SamplePrompt, sample: sampling.Sample, seeded: bool) -> str:
+    """A grid row's label: the prompt, then what it sets itself (size, seed, steps, CFG, negative prompt)."""
+    width, height = sample.image.size
+    parts = [f"{width}x{height}"] if prompt.width or prompt.height else []
+    parts += [f"seed {prompt.seed}"] if seeded and prompt.seed is not None else []
+    parts += [f"{prompt.steps} steps"] if prompt.steps else []
+    parts += [f"CFG {prompt.guidance_scale:g}"] if prompt.guidance_scale is not None else []
+    parts += [f"neg: {prompt.negative_prompt}"] if prompt.negative_prompt is not None else []
+    return prompt.prompt + (f" [{', '.join(parts)}]" if parts else "")
+
+
+def two_sides_grid(
+    first, second, rows: list[list], prompts: list[SamplePrompt], title: str, sides=("base", "adapter")
+):
+    """First vs second side of every prompt's images (one row per prompt, sides alternating per seed). Rows may
+    differ in seeds and sizes: the cells fit each image whatever its size, and where the prompts do not share their
+    seeds the columns are numbered and each row names its own seed."""
+    columns, shared = side_columns(rows, sides)
+    cells, labels, start = [], [], 0
+    for prompt, row in zip(prompts, rows):
+        pairs = [(first[start + j].image, second[start + j].image) for j in range(len(row))]
+        cells.append([image for pair in pairs for image in pair])
+        labels.append(own_settings(prompt, first[start], seeded=not shared))
+        start += len(row)
+    return contact_sheet.make_grid(cells, labels, columns, title)
+
+
+def side_columns(rows: list[list[sampling.SampleSettings]], sides: tuple[str, ...]) -> tuple[list[str], bool]:
+    """Column labels of a grid whose rows hold each side per seed: `base  seed 3`, or, where the rows do not share
+    their seeds, `base  1` (each row then names its seed); and whether they share them."""
+    seeds = [[s.seed for s in row] for row in rows]
+    shared = all(row_seeds == seeds[0] for row_seeds in seeds)
+    widest = max(len(row) for row in rows)
+    return [f"{side}  {f'seed {seeds[0][j]}' if shared else j + 1}" for j in range(widest) for side in sides], shared
+
+
+def save_samples(samples: list[sampling.Sample], folder: Path) -> Path:
+    """Each sample as `NNNN-seedS.png` with its A1111 parameters, as `sdtune sample` names them."""
+    for index, sample in enumerate(samples):
+        sampling.save_png(sample, folder / f"{index:04d}-seed{sample.settings.seed}.png")
+    return folder
 
 
 def score_settings(recipe: Recipe, guidance: float) -> dict:
@@ -78,16 +139,9 @@ class Validator:
         self.recipe, self.pipe, self.accelerator, self.model_name = recipe, pipe, accelerator, model_name
         self.guidance = v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base)
         self.output_dir = Path(output_dir)
-        self.prompts, self.seeds = list(v.prompts), list(v.seeds)
-        self.settings = sampling.grid_settings(
-            self.prompts,
-            self.seeds,
-            negative_prompt=v.negative_prompt,
-            steps=v.num_inference_steps,
-            guidance=self.guidance,
-            scheduler=v.scheduler,
-            zero_terminal_snr=recipe.train.zero_terminal_snr,
-        )
+        self.prompts = v.sample_prompts()
+        self.rows = [prompt_settings(p, v, self.guidance, recipe.train.zero_terminal_snr) for p in self.prompts]
+        self.settings = [settings for row in self.rows for settings in row]
         self._base_samples = None
         self._base_scores = None
         pipe.set_progress_bar_config(disable=True)
@@ -125,8 +179,9 @@ class Validator:
             return None
         adapted = self._render(self.settings, adapter=True)
         title = f"{self.model_name}: base vs adapter after {step} steps"
-        image = contact_sheet.ab_grid(self.base_samples(), adapted, self.prompts, self.seeds, title)
-        return save_and_log(self.accelerator, image, path, step)
+        image = two_sides_grid(self.base_samples(), adapted, self.rows, self.prompts, title)
+        samples = save_samples(adapted, self.output_dir / "samples" / f"step-{step:06d}")
+        return save_and_log(self.accelerator, image, path, step, samples)
 
     def _inference(self):
         stack = contextlib.ExitStack()
@@ -197,17 +252,18 @@ class ControlValidator:
         self.recipe, self.pipe, self.controlnet, self.accelerator = recipe, pipe, controlnet, accelerator
         self.model_name, self.scale = model_name, recipe.method.conditioning_scale
         self.guidance = v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base)
-        self.pairs = pair_prompts(list(v.prompts), conditions) if v.prompts else []
-        self.seeds, self.conditions = list(v.seeds), conditions
-        common = dict(negative_prompt=v.negative_prompt, steps=v.num_inference_steps, guidance=self.guidance)
-        common["scheduler"] = v.scheduler
-        common["zero_terminal_snr"] = recipe.train.zero_terminal_snr
-        self.base_settings = [sampling.SampleSettings(p, s, **common) for p, _ in self.pairs for s in self.seeds]
-        self.control_settings = [
-            sampling.SampleSettings(p, s, control_images=(c,), control_scales=(self.scale,), **common)
-            for p, c in self.pairs
-            for s in self.seeds
+        prompts = v.sample_prompts()
+        order = pair_prompts(list(range(len(prompts))), conditions) if prompts else []  # by index: texts may repeat
+        self.pairs = [(prompts[i].prompt, c) for i, c in order]
+        self.paired, self.conditions = [prompts[i] for i, _ in order], conditions
+        zts, control = recipe.train.zero_terminal_snr, dict(control_scales=(self.scale,))
+        self.base_rows = [prompt_settings(p, v, self.guidance, zts) for p in self.paired]
+        self.control_rows = [
+            prompt_settings(p, v, self.guidance, zts, control_images=(c,), **control)
+            for p, (_, c) in zip(self.paired, self.pairs)
         ]
+        self.base_settings = [settings for row in self.base_rows for settings in row]
+        self.control_settings = [settings for row in self.control_rows for settings in row]
         self.control_pipe = sampling.controlnet_pipeline(pipe, controlnet)  # the base keeps its dtype
         pipe.set_progress_bar_config(disable=True)
         self._base_samples = None
@@ -238,17 +294,21 @@ class ControlValidator:
         if self._base_samples is None:  # the base does not change during the run
             self._base_samples = self._render(self.pipe, self.base_settings)
         controlled = self._render(self.control_pipe, self.control_settings)
-        rows, labels, n = [], [], len(self.seeds)
-        for i, (prompt, condition) in enumerate(self.pairs):
+        columns, shared = side_columns(self.base_rows, ("base", "controlnet"))
+        rows, labels, start = [], [], 0
+        for prompt, (_, condition), settings in zip(self.paired, self.pairs, self.base_rows):
             row = [Image.open(condition).convert("RGB")]
-            for j in range(n):
-                row += [self._base_samples[i * n + j].image, controlled[i * n + j].image]
+            for j in range(len(settings)):
+                row += [self._base_samples[start + j].image, controlled[start + j].image]
+            label = own_settings(prompt, controlled[start], seeded=not shared)
+            start += len(settings)
             rows.append(row)
-            labels.append(f"{prompt} | {Path(condition).name}")
-        columns = ["condition"] + [f"{who}  seed {s}" for s in self.seeds for who in ("base", "controlnet")]
+            labels.append(f"{label} | {Path(condition).name}")
+        columns = ["condition", *columns]
         title = f"{self.model_name}: condition | base | ControlNet (scale {self.scale:g}) after {step} steps"
         image = contact_sheet.make_grid(rows, labels, columns, title)
-        return save_and_log(self.accelerator, image, path, step)
+        samples = save_samples(controlled, Path(self.recipe.output.dir) / "samples" / f"step-{step:06d}")
+        return save_and_log(self.accelerator, image, path, step, samples)
 
     def toy_scores(self) -> dict | None:
         """Toy-world scores and layout IoU of the base and of the ControlNet on `validation.toy_score` x the

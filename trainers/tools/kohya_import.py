@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from sdtune.adapters.atomic import write_text_atomic
-from sdtune.trainers.core.recipe import Recipe, RecipeError, recipe_from_dict
+from sdtune.trainers.core.recipe import Recipe, RecipeError, parse_prompt_line, recipe_from_dict
 from sdtune.trainers.tools.kohya_dataset import apply_dataset, apply_dreambooth, apply_subsets, single_folder
 from sdtune.trainers.tools.kohya_inputs import (
     KohyaImportError,
@@ -289,14 +289,19 @@ def _warmup(args: dict, tr: Translation, source: str):
 
 
 def _gui_prompts(value, tr: Translation, source: str):
-    """A GUI preset holds the sample prompts themselves, one a line, with sd-scripts' `--n` options after them."""
-    lines = [line.strip() for line in str(value).splitlines() if line.strip() and not line.startswith("#")]
-    prompts = [line.split(" --")[0].strip() for line in lines]
-    tr.put("sample_prompts", "validation.prompts", prompts, source, shown=prompts)
-    if any(" --" in line for line in lines):
-        tr.skip(
-            "sample_prompts.options", "not supported", "per-prompt --n/--w/--h/--s/--l/--d settings of a GUI preset"
-        )
+    """A GUI preset holds the sample prompts themselves, one a line in sd-scripts' prompt-file syntax: each becomes a
+    validation prompt, with its own settings where its line has `--n/--w/--h/--d/--l/--s` options."""
+    prompts = []
+    for number, line in enumerate(str(value).splitlines(), start=1):
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        try:
+            keys = parse_prompt_line(line)
+        except ValueError as exc:
+            return tr.skip("sample_prompts", "not supported", f"line {number}: {exc}")
+        prompts.append(keys if len(keys) > 1 else keys["prompt"])
+    shown = [line.strip() for line in str(value).splitlines() if line.strip()]
+    tr.put("sample_prompts", "validation.prompts", prompts, source, shown=shown)
 
 
 def _defaults(tr: Translation, args: dict, network: bool, source: str):

@@ -132,8 +132,8 @@ def sampler(value):
 
 
 def report_to(value):
-    if str(value) not in ("tensorboard", "wandb"):
-        raise Skip("not supported", f"{value!r}: sdtune reports to tensorboard or wandb")
+    if str(value) not in ("tensorboard", "wandb", "all"):
+        raise Skip("not supported", f"{value!r}: sdtune reports to tensorboard, wandb or all (both)")
     return str(value)
 
 

@@ -113,6 +113,8 @@ class Translation:
             self.skip(earlier, "ignored", f"{key} sets {dotted} and wins, as in sd-scripts")
         if isinstance(value, BaseModel):
             value = value.model_dump(mode="json")
+        if isinstance(value, list):  # validation.prompts: a prompt with its own settings keeps only those it sets
+            value = [v.model_dump(mode="json", exclude_none=True) if isinstance(v, BaseModel) else v for v in value]
         node = self.recipe
         *sections, last = dotted.split(".")
         for section in sections:

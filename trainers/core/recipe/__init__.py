@@ -8,13 +8,14 @@ that names the key path, the bad value, and for a typo the closest valid key:
 
 Command-line overrides use the same paths: `trainers/lora.py recipe.yaml train.lr=1e-4 output.dir=/tmp/x`.
 
-The schema is `sections.py` (data, train, validation, output), `methods.py` (the `method` section and the script of
+The schema is `sections.py` (data, train, output), `samples.py` (validation and its prompts), `methods.py` (the `method` section and the script of
 each method) and `schema.py` (the whole `Recipe`); `loader.py` reads YAML, applies overrides and words the errors.
 Import every name from here: `from sdtune.trainers.core.recipe import Recipe, load_recipe`.
 """
 
 from .loader import apply_overrides, load_recipe, override_text, read_yaml, recipe_from_dict
 from .methods import TRAINERS, ControlNetMethod, DreamBoothMethod, LoraMethod, LoraParams, Method, trainer_for
+from .samples import SamplePrompt, ToyTarget, ValidationConfig, parse_prompt_line, read_prompts_file
 from .schema import Recipe
 from .sections import (
     AS_TEXT,
@@ -24,9 +25,7 @@ from .sections import (
     RecipeError,
     Section,
     SubsetConfig,
-    ToyTarget,
     TrainConfig,
-    ValidationConfig,
 )
 
 __all__ = [
@@ -42,6 +41,7 @@ __all__ = [
     "OutputConfig",
     "Recipe",
     "RecipeError",
+    "SamplePrompt",
     "Section",
     "SubsetConfig",
     "ToyTarget",
@@ -50,6 +50,8 @@ __all__ = [
     "apply_overrides",
     "load_recipe",
     "override_text",
+    "parse_prompt_line",
+    "read_prompts_file",
     "read_yaml",
     "recipe_from_dict",
     "trainer_for",

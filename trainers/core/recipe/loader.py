@@ -21,6 +21,7 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import AliasChoices, BaseModel, ValidationError
 
+from .samples import PROMPT_TAGS
 from .schema import Recipe
 from .sections import RecipeError
 
@@ -142,6 +143,7 @@ def _format_error(error: dict, source: str) -> str:
     loc = tuple(error["loc"])
     if len(loc) >= 2 and loc[0] == "method" and loc[1] in _METHOD_TAGS:
         loc = (loc[0],) + loc[2:]
+    loc = tuple(part for part in loc if part not in PROMPT_TAGS)  # validation.prompts.0.width, not its union tag
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":

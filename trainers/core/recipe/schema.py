@@ -11,7 +11,8 @@ from pydantic import Field, field_validator, model_validator
 from sdtune.adapters.base import BaseModelConfig
 
 from .methods import LoraMethod, Method
-from .sections import DataConfig, OutputConfig, Section, TrainConfig, ValidationConfig
+from .samples import ValidationConfig
+from .sections import DataConfig, OutputConfig, Section, TrainConfig
 
 
 class Recipe(Section):
@@ -54,6 +55,17 @@ class Recipe(Section):
             raise ValueError(
                 "data.subsets: is_reg subsets and method.with_prior_preservation are two sources of class images; "
                 "use one (method.class_data_dir takes a folder of them)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _controlnet_prompts_in_the_recipe(self):
+        # A ControlNet's prompts are paired with its validation images, in the run and again from its manifest
+        # (publishing renders the same pairs), which keeps the recipe, not a file beside it.
+        if self.method.type == "controlnet" and self.validation.prompts_file:
+            raise ValueError(
+                "validation.prompts_file: a ControlNet pairs validation.prompts with method.validation_image; "
+                "list its prompts in validation.prompts"
             )
         return self
 

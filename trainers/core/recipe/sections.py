@@ -1,8 +1,9 @@
-"""The recipe's sections other than `method`: data, train, validation, output, and what they all share.
+"""The recipe's sections other than `method`: data, train, output, and what they all share.
 
 Every section is a `Section`: unknown keys are refused, values are checked on assignment too, and every field carries
 one help string (`description=`), which the studio's Train form shows. `base` is `adapters.base.BaseModelConfig`,
-with base loading; `method` is in `methods.py`; the whole recipe, with its checks across sections, in `schema.py`.
+with base loading; `method` is in `methods.py`, `validation` in `samples.py`; the whole recipe, with its checks
+across sections, in `schema.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from sdtune.adapters.base import LocalPath, PathText
 from sdtune.adapters.errors import SdtuneError
-from sdtune.adapters.schedulers import SchedulerName
 
 
 class RecipeError(SdtuneError, ValueError):
@@ -407,41 +407,6 @@ class TrainConfig(Section):
         return self
 
 
-# -- validation -----------------------------------------------------------------------------------------------------
-
-
-class ToyTarget(Section):
-    """What the toy-world scorer should find for a prompt (toy base only): used to measure that a fine-tune learned."""
-
-    prompt: str = Field(..., description="A prompt to render with the scorer's fixed seeds, e.g. 'a purple circle'.")
-    color: str | None = Field(None, description="The colour its images must show (unchecked if unset).")
-    shape: str | None = Field(None, description="The shape its images must show: circle, square or triangle.")
-
-
-class ValidationConfig(Section):
-    """Fixed prompts x fixed seeds, base vs adapter, rendered with the same code as `sdtune sample`."""
-
-    prompts: list[str] = Field(default_factory=list, description="Validation prompts.", json_schema_extra=COMMON)
-    negative_prompt: str = Field("", description="Negative prompt for validation images.", json_schema_extra=COMMON)
-    seeds: list[int] = Field(
-        default_factory=lambda: [0, 1], description="One image per prompt and seed.", json_schema_extra=COMMON
-    )
-    num_inference_steps: int = Field(25, ge=1, description="Sampling steps.")
-    guidance_scale: float | None = Field(
-        None,
-        ge=0,
-        description="Classifier-free guidance; default: the base's recommended (7.5 SD v1-5, 3 toy).",
-        json_schema_extra=COMMON,
-    )
-    scheduler: SchedulerName = Field("default", description="Sampler; default = the base's own scheduler.")
-    validation_steps: int = Field(
-        0, ge=0, description="Render a grid every N steps (0 = only at the end).", json_schema_extra=COMMON
-    )
-    toy_score: list[ToyTarget] = Field(
-        default_factory=list, description="Toy base only: prompts whose samples the toy-world scorer checks."
-    )
-
-
 # -- output ---------------------------------------------------------------------------------------------------------
 
 # `register` is the natural key name, and it shadows only ABCMeta.register (unused on recipe sections): pydantic's
@@ -464,7 +429,16 @@ class OutputConfig(Section):
         description="Adapter name, used for file names.",
         json_schema_extra=COMMON,
     )
-    report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="Where to log loss, lr and images.")
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = Field(
+        "tensorboard",
+        description="Where to log loss, lr and validation grids: tensorboard (<dir>/logs), wandb (Weights & Biases, "
+        "an extra: pip install 'sdtune[wandb]'), all (both) or none. metrics.jsonl is always written.",
+    )
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="report_to wandb: offline keeps the wandb run in <dir>/logs/wandb (no network, no account; "
+        "upload it later with `wandb sync FOLDER`, the log says which); online streams it (after `wandb login`).",
+    )
     save_precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="dtype of the saved adapter files.")
     export_kohya: bool = Field(True, description="Also write <name>.safetensors in kohya/A1111 format.")
     export_check: bool = Field(True, description="After each save, reload every format and compare images.")
@@ -476,3 +450,18 @@ class OutputConfig(Section):
         description="Start afresh in a dir that holds an earlier run, removing its checkpoints, samples, logs and "
         "manifest (otherwise refused, so two runs never mix; train.resume continues one instead).",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _wandb_installed(cls, value):
+        # wandb is an optional extra: found missing here, at the recipe check, not after the models loaded
+        if value in ("wandb", "all") and not wandb_installed():
+            raise ValueError("wandb is not installed: pip install 'sdtune[wandb]'")
+        return value
+
+
+def wandb_installed() -> bool:
+    """Whether `import wandb` would find the package (without importing it: that takes a second)."""
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
