@@ -41,6 +41,16 @@ KAOMOJI = {"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", "
 KAOMOJI |= {"^_^", "o_o", "u_u", "x_x", "|_|", "||_||"}
 
 
+def taggers_installed() -> bool:
+    """Whether onnxruntime (the `taggers` extra) can be imported, without importing it."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec("onnxruntime") is not None
+    except ValueError:  # sys.modules["onnxruntime"] is None: blocked, as a test does
+        return False
+
+
 class CaptionerError(SdtuneError, ValueError):
     """A captioner that cannot be loaded or run (a folder that is not a model, a wrong ONNX signature)."""
 

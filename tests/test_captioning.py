@@ -61,6 +61,25 @@ def test_the_toy_captioner_writes_the_quickstarts_captions(tmp_path, capsys):
     assert "0 captions changed, 0 unchanged, 16 already captioned (kept)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_an_uncaptioned_purple_dataset_captioned_by_toy_trains_to_the_quickstarts_score(tmp_path):
+    """The whole offline flow: uncaptioned images, the toy captioner, the quickstart recipe, the toy-world score
+    (tests/test_lora.py's bar for the quickstart itself)."""
+    import json
+
+    from conftest import QUICKSTART as RECIPE
+    from conftest import run_trainer
+
+    folder = uncaptioned_quickstart(tmp_path / "purple")
+    assert len(api.caption_folder(folder)["changes"]) == 16
+    out = tmp_path / "run"
+    args = [str(RECIPE), f"output.dir={out}", f"data.train_data_dir={folder}", "output.register=false"]
+    proc = run_trainer(args, tmp_path / "cache", "accelerate")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    scores = json.loads((out / "adapter.json").read_text())["scores"]
+    assert scores["adapter"]["n"] == 12 and scores["adapter"]["both"] >= 0.8, scores
+
+
 @pytest.mark.parametrize(
     ("old", "mode", "trigger", "expected"),
     [
@@ -415,3 +434,13 @@ def test_datasets_page_masks_panel_previews_and_saves(home):
     at = at.button(key="mask-save-all").click().run()
     assert "2 masks written to" in at.success[0].value
     assert len(at.image) == images + 3  # the saved mask is shown beside the preview
+
+
+def test_without_onnxruntime_the_page_starts_and_names_the_extra(home, monkeypatch):
+    api.upload_to_dataset("purple", [("0000.png", (QUICKSTART / "0000.png").read_bytes())])
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    at = datasets_page()
+    assert not at.exception, at.exception
+    [families] = [t.value for t in at.table if "family" in t.value.columns]
+    assert families.set_index("family").loc["wd14", "here"] == "needs onnxruntime: pip install 'sdtune[taggers]'"
+    assert families.set_index("family").loc["toy", "here"] == "ready"

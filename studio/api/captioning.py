@@ -100,10 +100,9 @@ def _folder_item(root: Path, path: Path):
 @translated()
 def captioner_families() -> list[dict]:
     """The captioner families, for the page: name, what `--model` takes, whether it can run here."""
-    from importlib.util import find_spec
+    from sdtune.adapters.captioners import TAGGERS_EXTRA, taggers_installed
 
-    from sdtune.adapters.captioners import TAGGERS_EXTRA
-
+    ready = taggers_installed()
     return [
         {"family": "toy", "model": "toy", "ready": True, "note": "the toy-world scorer: colour and shape"},
         {
@@ -115,7 +114,7 @@ def captioner_families() -> list[dict]:
         {
             "family": "wd14",
             "model": "SmilingWolf/wd-vit-tagger-v3, or a folder with model.onnx + selected_tags.csv",
-            "ready": find_spec("onnxruntime") is not None,
-            "note": "Danbooru tags (onnxruntime)" + ("" if find_spec("onnxruntime") else f": {TAGGERS_EXTRA}"),
+            "ready": ready,
+            "note": "Danbooru tags (onnxruntime)" if ready else f"needs onnxruntime: {TAGGERS_EXTRA}",
         },
     ]
