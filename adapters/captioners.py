@@ -5,6 +5,9 @@ The families, picked from what the model folder holds:
 
     toy        the toy-world scorer ("a purple circle"): no weights, the default for the toy base
     blip       transformers BlipForConditionalGeneration + BlipProcessor (config.json model_type "blip")
+    blip2      transformers Blip2ForConditionalGeneration + Blip2Processor (model_type "blip-2")
+    florence2  transformers Florence2ForConditionalGeneration + Florence2Processor, task "<CAPTION>" (model_type
+               "florence2", in transformers' own format: a checkpoint that needs trust_remote_code is refused)
     wd14       a WD14 tagger: an ONNX model + its selected_tags.csv, through onnxruntime (`sdtune[taggers]`)
 
 `model` is "toy", a local folder, or a Hugging Face Hub id (`Salesforce/blip-image-captioning-base`,
@@ -31,8 +34,27 @@ TOY = "toy"
 TAGGERS_EXTRA = "pip install 'sdtune[taggers]'"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-TRANSFORMERS_FAMILIES = {"blip": "blip"}  # config.json model_type -> family
-BLIP_GENERATE = {"max_new_tokens": 40, "num_beams": 3}  # beam search: BLIP's own captioning setting
+
+
+@dataclass(frozen=True)
+class TransformersFamily:
+    """A captioner family of transformers: its classes, and the task prompt it captions with (None: pixels alone)."""
+
+    family: str
+    processor: str
+    model: str
+    prompt: str | None = None
+
+
+# config.json model_type -> the family. Florence-2 in transformers' own format (model_type "florence2", no remote code).
+TRANSFORMERS_FAMILIES = {
+    "blip": TransformersFamily("blip", "BlipProcessor", "BlipForConditionalGeneration"),
+    "blip-2": TransformersFamily("blip2", "Blip2Processor", "Blip2ForConditionalGeneration"),
+    "florence2": TransformersFamily(
+        "florence2", "Florence2Processor", "Florence2ForConditionalGeneration", "<CAPTION>"
+    ),
+}
+BLIP_GENERATE = {"max_new_tokens": 40, "num_beams": 3}  # beam search: the model cards' captioning setting
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # WD14's selected_tags.csv categories (from Danbooru): 0 general, 4 character, 9 rating.
 GENERAL, CHARACTER, RATING = 0, 4, 9
@@ -137,17 +159,25 @@ def model_family(folder: Path) -> str:
             "selected_tags.csv (a WD14 tagger)"
         )
     try:
-        kind = json.loads(config.read_text()).get("model_type", "")
+        settings = json.loads(config.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise CaptionerError(f"{config}: not JSON ({exc})") from None
+    kind = settings.get("model_type", "") if isinstance(settings, dict) else ""
+    if "auto_map" in settings:  # its own modelling code: the native classes would load it with random weights
+        raise CaptionerError(
+            f"{config}: a checkpoint that needs trust_remote_code (auto_map); sdtune runs only transformers' own "
+            "classes: use a copy converted to transformers' format"
+        )
     if kind not in TRANSFORMERS_FAMILIES:
         known = ", ".join(TRANSFORMERS_FAMILIES)
-        raise CaptionerError(f"{config}: model_type {kind!r} is not a captioner sdtune runs (known: {known}, wd14)")
+        raise CaptionerError(
+            f"{config}: model_type {kind!r} is not a captioner sdtune runs (it runs {known}; or a WD14 tagger)"
+        )
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise CaptionerError(f"{folder}: no weights: expected {WEIGHT_FILES[0]} (or {WEIGHT_FILES[2]})")
     if not any((folder / name).is_file() for name in PROCESSOR_FILES):  # the Hub's older name, or transformers 5's
         raise CaptionerError(f"{folder}: no {PROCESSOR_FILES[0]} (the processor, saved with the model)")
-    return TRANSFORMERS_FAMILIES[kind]
+    return TRANSFORMERS_FAMILIES[kind].family
 
 
 def load_captioner(model: str = TOY, tagger: TaggerOptions | None = None, device: str = "cpu") -> Captioner:
@@ -162,30 +192,40 @@ def load_captioner(model: str = TOY, tagger: TaggerOptions | None = None, device
     family = model_family(folder)
     if family == "wd14":
         return WD14Tagger(folder, tagger or TaggerOptions())
-    return BlipCaptioner(folder, device)
+    return TransformersCaptioner(folder, family, device)
 
 
 # -- transformers captioners ----------------------------------------------------------------------------------------
 
 
-class BlipCaptioner(Captioner):
-    """BLIP image captioning: the processor's pixels into `generate`, beam search, special tokens dropped."""
+class TransformersCaptioner(Captioner):
+    """BLIP, BLIP-2 and Florence-2 captioning: the processor's pixels (and Florence-2's task prompt) into `generate`,
+    beam search, special tokens dropped."""
 
-    family = "blip"
-
-    def __init__(self, folder: Path, device: str = "cpu"):
+    def __init__(self, folder: Path, family: str, device: str = "cpu"):
         super().__init__(str(folder))
         import torch
-        from transformers import BlipForConditionalGeneration, BlipProcessor
+        import transformers
 
-        self.torch, self.device = torch, device
-        self.processor = BlipProcessor.from_pretrained(folder)
-        self.model = BlipForConditionalGeneration.from_pretrained(folder).to(device).eval()
+        self.kind = next(row for row in TRANSFORMERS_FAMILIES.values() if row.family == family)
+        self.family, self.torch, self.device = family, torch, device
+        try:
+            self.processor = getattr(transformers, self.kind.processor).from_pretrained(folder)
+            self.model = getattr(transformers, self.kind.model).from_pretrained(folder).to(device).eval()
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a checkpoint of another layout or version
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptionerError(f"{folder}: not a {family} model transformers can load ({first})") from None
 
     def caption(self, images):
-        inputs = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        rgb = [image.convert("RGB") for image in images]
+        if self.kind.prompt is None:
+            inputs = self.processor(images=rgb, return_tensors="pt")
+            model_inputs = {"pixel_values": inputs["pixel_values"].to(self.device)}
+        else:
+            inputs = self.processor(text=[self.kind.prompt] * len(rgb), images=rgb, return_tensors="pt")
+            model_inputs = {k: inputs[k].to(self.device) for k in ("input_ids", "pixel_values")}
         with self.torch.inference_mode():
-            ids = self.model.generate(pixel_values=inputs["pixel_values"].to(self.device), **BLIP_GENERATE)
+            ids = self.model.generate(**model_inputs, **BLIP_GENERATE)
         return [text.strip() for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
 

@@ -26,7 +26,7 @@ MODES = ("replace", "append", "prefix", "missing")  # studio/captioning.py expla
 def add_caption_parser(sub):
     p = sub.add_parser(
         "caption",
-        help="Caption or tag a dataset: toy, BLIP (transformers) or WD14 (onnxruntime) captioners.",
+        help="Caption or tag a dataset: toy, BLIP, BLIP-2, Florence-2 (transformers) or WD14 (onnxruntime).",
         description=__doc__.split("\n")[0],
     )
     p.add_argument("target", help="A folder of images, or the name of a workspace dataset.")

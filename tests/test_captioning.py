@@ -176,6 +176,10 @@ def test_a_workspace_dataset_is_captioned_through_the_store_and_its_frozen_versi
         ),
         ({"config.json": '{"model_type": "bert"}'}, "model_type 'bert' is not a captioner sdtune runs"),
         ({"config.json": "{"}, "config.json: not JSON"),
+        (
+            {"config.json": '{"model_type": "florence2", "auto_map": {"AutoConfig": "configuration_florence2.F"}}'},
+            "a checkpoint that needs trust_remote_code (auto_map)",
+        ),
         ({"selected_tags.csv": "tag_id,name,category,count\n"}, "no model.onnx beside selected_tags.csv"),
     ],
 )
@@ -230,21 +234,102 @@ def tiny_blip(folder: Path):
     return model, processor
 
 
-def test_blip_captions_through_from_pretrained_as_the_model_itself_does(tmp_path, capsys):
+def tiny_blip2(folder: Path):
+    """A BLIP-2 captioner (ViT, Q-Former, OPT) a few layers deep, with the toy base's CLIP tokenizer, seeded."""
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        CLIPTokenizer,
+    )
+
+    from sdtune.adapters.base import TOY_BASE
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE / "tokenizer")
+    processor = Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer, num_query_tokens=4)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {**small, "vocab_size": len(tokenizer), "ffn_dim": 64, "word_embed_proj_dim": 32}
+    text |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 0}
+    config = Blip2Config(
+        vision_config={**small, "image_size": 32, "patch_size": 16},
+        qformer_config={**small, "encoder_hidden_size": 32, "vocab_size": 100},
+        text_config={"model_type": "opt", **text},
+        num_query_tokens=4,
+        image_token_index=image_token,
+    )
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def tiny_florence2(folder: Path):
+    """A Florence-2 captioner (DaViT, BART) of one layer per stage, with the toy base's CLIP tokenizer, seeded."""
+    import torch
+    from transformers import (
+        BartConfig,
+        CLIPImageProcessor,
+        CLIPTokenizer,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
+
+    from sdtune.adapters.base import TOY_BASE
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE / "tokenizer", extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False)
+    images.image_seq_length = 5  # the 2x2 grid of the last stage, plus its pooled token
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 0}
+    text = BartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id, **ids,
+    )  # fmt: skip
+    vision = {"depths": (1, 1, 1, 1), "embed_dim": (16, 16, 32, 32), "num_heads": (2, 2, 2, 2)}
+    vision |= {"num_groups": (2, 2, 2, 2), "window_size": 2, "projection_dim": 32, "drop_path_rate": 0.0}
+    config = Florence2Config(text_config=text.to_dict(), vision_config=vision, image_token_id=tokenizer.image_token_id)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config).eval()
+    processor = Florence2Processor(images, tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def reference_captions(model, processor, images: list[Image.Image], prompt: str | None) -> list[str]:
+    """What the model itself says, called as its model card does (Florence-2: with the task prompt)."""
     import torch
 
-    model, processor = tiny_blip(tmp_path / "blip")
+    if prompt:
+        inputs = processor(text=[prompt] * len(images), images=images, return_tensors="pt")
+        model_inputs = {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"]}
+    else:
+        model_inputs = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
+    with torch.inference_mode():
+        ids = model.generate(**model_inputs, **captioners.BLIP_GENERATE)
+    return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize(
+    ("family", "build", "prompt"),
+    [("blip", tiny_blip, None), ("blip2", tiny_blip2, None), ("florence2", tiny_florence2, "<CAPTION>")],
+)
+def test_transformers_captioners_load_through_from_pretrained_and_caption_as_the_model_does(
+    tmp_path, family, build, prompt
+):
+    model, processor = build(tmp_path / family)
     folder = uncaptioned_quickstart(tmp_path / "purple")
     images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
-    with torch.inference_mode():
-        ids = model.generate(
-            pixel_values=processor(images=images, return_tensors="pt")["pixel_values"], **captioners.BLIP_GENERATE
-        )
-    expected = [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
-    assert all(expected) and set(" ".join(expected).split()) <= set(WORDS)
-    assert sdtune(["caption", str(folder), "--model", str(tmp_path / "blip"), "--batch-size", "4"]) == 0
+    expected = reference_captions(model, processor, images, prompt)
+    assert len(expected) == 16 and all(expected)
+    assert sdtune(["caption", str(folder), "--model", str(tmp_path / family), "--batch-size", "4"]) == 0
     assert list(captions(folder).values()) == expected
-    assert captioners.load_captioner(str(tmp_path / "blip")).family == "blip"
+    assert captioners.load_captioner(str(tmp_path / family)).family == family
 
 
 # -- WD14: a tiny ONNX graph with the real signature ----------------------------------------------------------------
@@ -394,7 +479,7 @@ def test_datasets_page_captions_with_a_progress_bar_and_a_dry_run(home):
     api.upload_to_dataset("purple", [(p.name, p.read_bytes()) for p in images])
     at = datasets_page()
     [families] = [t.value for t in at.table if "family" in t.value.columns]
-    assert families["family"].tolist() == ["toy", "blip", "wd14"]
+    assert families["family"].tolist() == ["toy", "blip", "blip2", "florence2", "wd14"]
     at.checkbox(key="caption-dry").check()
     at = at.button(key="FormSubmitter:caption-run-Caption").click().run()
     assert not at.exception, at.exception

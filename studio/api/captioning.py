@@ -111,6 +111,13 @@ def captioner_families() -> list[dict]:
             "ready": True,
             "note": "BLIP captions (transformers)",
         },
+        {"family": "blip2", "model": "Salesforce/blip2-opt-2.7b, or a folder", "ready": True, "note": "BLIP-2"},
+        {
+            "family": "florence2",
+            "model": "a Florence-2 in transformers' format (model_type florence2, no remote code), or a folder",
+            "ready": True,
+            "note": "Florence-2, task <CAPTION>",
+        },
         {
             "family": "wd14",
             "model": "SmilingWolf/wd-vit-tagger-v3, or a folder with model.onnx + selected_tags.csv",
