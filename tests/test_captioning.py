@@ -203,9 +203,19 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "an", "the"
 WORDS += ["square", "star", "triangle", "on", "of", "photo", "picture", "white", "background", "shape", "with"]
 
 
+def saved_seeded(model_class, config, processor, folder: Path):
+    """The model with seeded random weights, saved with its processor as a Hub folder is; (model, processor)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
 def tiny_blip(folder: Path):
     """A BLIP captioner two layers deep with a 24-word BERT vocabulary, seeded, saved as a Hub folder is."""
-    import torch
     from transformers import (
         BertTokenizer,
         BlipConfig,
@@ -227,16 +237,11 @@ def tiny_blip(folder: Path):
         projection_dim=32,
         image_text_hidden_size=32,
     )
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config).eval()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model, processor
+    return saved_seeded(BlipForConditionalGeneration, config, processor, folder)
 
 
 def tiny_blip2(folder: Path):
     """A BLIP-2 captioner (ViT, Q-Former, OPT) a few layers deep, with the toy base's CLIP tokenizer, seeded."""
-    import torch
     from transformers import (
         Blip2Config,
         Blip2ForConditionalGeneration,
@@ -260,16 +265,11 @@ def tiny_blip2(folder: Path):
         num_query_tokens=4,
         image_token_index=image_token,
     )
-    torch.manual_seed(0)
-    model = Blip2ForConditionalGeneration(config).eval()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model, processor
+    return saved_seeded(Blip2ForConditionalGeneration, config, processor, folder)
 
 
 def tiny_florence2(folder: Path):
     """A Florence-2 captioner (DaViT, BART) of one layer per stage, with the toy base's CLIP tokenizer, seeded."""
-    import torch
     from transformers import (
         BartConfig,
         CLIPImageProcessor,
@@ -293,12 +293,7 @@ def tiny_florence2(folder: Path):
     vision = {"depths": (1, 1, 1, 1), "embed_dim": (16, 16, 32, 32), "num_heads": (2, 2, 2, 2)}
     vision |= {"num_groups": (2, 2, 2, 2), "window_size": 2, "projection_dim": 32, "drop_path_rate": 0.0}
     config = Florence2Config(text_config=text.to_dict(), vision_config=vision, image_token_id=tokenizer.image_token_id)
-    torch.manual_seed(0)
-    model = Florence2ForConditionalGeneration(config).eval()
-    processor = Florence2Processor(images, tokenizer)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model, processor
+    return saved_seeded(Florence2ForConditionalGeneration, config, Florence2Processor(images, tokenizer), folder)
 
 
 def reference_captions(model, processor, images: list[Image.Image], prompt: str | None) -> list[str]:
