@@ -456,6 +456,8 @@ def test_masks_saved_in_the_studio_are_the_mask_dir_the_trainer_reads(home):
     assert sorted(p.name for p in (Path(version["path"]) / "masks").iterdir()) == ["a.png"]  # the version kept its
     with pytest.raises(api.StudioError, match="c.png: not an image of dataset 'set'"):
         api.mask_preview("set", "c.png")
+    api.remove_dataset_image("set", "b.png")  # its mask goes with it, as its caption does
+    assert sorted(p.name for p in (Path(api.dataset_info("set")["work_dir"]) / "masks").iterdir()) == ["a.png"]
 
 
 # -- the Datasets page ----------------------------------------------------------------------------------------------
