@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 from sdtune.adapters.atomic import atomic_path
 from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.images import IMAGE_EXTENSIONS, image_files, open_rgb, to_rgb
+from sdtune.adapters.mask_edit import background_distance
 
 
 class AnnotateError(SdtuneError, ValueError):
@@ -85,10 +86,7 @@ def scribble(image: Image.Image, options: AnnotateOptions = AnnotateOptions()) -
 
 def mask(image: Image.Image, options: AnnotateOptions = AnnotateOptions()) -> Image.Image:
     """White where the image differs from its background (the median colour of its border), black elsewhere."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    distance = np.abs(rgb - np.median(border, axis=0)).max(axis=-1)
-    return _rgb((distance > options.mask_threshold) * 255)
+    return _rgb((background_distance(image) > options.mask_threshold) * 255)
 
 
 def _dnn(weights: str, kind: str):

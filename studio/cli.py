@@ -21,6 +21,7 @@ Usage:
     sdtune ab vote ID [PAIR left|right|tie] | show ID | list | --checkpoints RUN_DIR [--register NAME]
     sdtune publish NAME --repo user/name [--private] [--update] [--dry-run [DIR]]
     sdtune recipe from-kohya CONFIG [--dataset-config DATASET.toml] -o recipe.yaml   # sd-scripts / kohya_ss config
+    sdtune caption DATASET_OR_DIR --model toy|FOLDER|HUB_ID [--mode missing] [--trigger WORD] [--dry-run]
 
 Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README). Every command calls
 `sdtune.studio.api`, the same functions the Streamlit studio uses; this module only parses arguments and prints.
@@ -33,7 +34,7 @@ import sys
 from pathlib import Path
 
 from sdtune.adapters import quiet_libraries
-from sdtune.studio import api, cli_ab, cli_dataset, cli_recipe, jobs, launch, worker
+from sdtune.studio import api, cli_ab, cli_caption, cli_dataset, cli_recipe, jobs, launch, worker
 from sdtune.studio.cli_ab import positive_int
 
 EPILOG = (
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker,recipe,dataset}",
+        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker,recipe,dataset,caption}",
     )
     _studio_parser(sub)
     _sample_parser(sub)
@@ -454,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_parser(sub)
     cli_recipe.add_recipe_parser(sub)
     cli_dataset.add_dataset_parser(sub)
+    cli_caption.add_caption_parser(sub)
     return parser
 
 

@@ -7,6 +7,8 @@ Layout under `$SDTUNE_HOME/datasets/<name>/`:
                            folders are subsets the trainers repeat 10 times
     work/conditioning/     ControlNet conditioning images made by `sdtune annotate` (same stems): with images/
                            beside it, the paired-folder layout the ControlNet trainer reads
+    work/masks/            masked loss's masks (same relative paths and stems, .png), made on the Datasets page:
+                           `data.mask_dir: .../versions/v3/masks` beside `.../versions/v3/images`
     versions/vN/           frozen snapshots of work/: a job trains on one of these, never on work/, so it records
                            exactly what it trained on (`data.train_data_dir: .../versions/v3/images`, or
                            `.../versions/v3` for ControlNet)
@@ -60,6 +62,7 @@ THUMBNAIL_SIDE = 384  # pixels: the Datasets grid shows six across
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 WORK, VERSIONS, INDEX = "work", "versions", "dataset.json"
 IMAGES, CONDITIONING = "images", "conditioning"  # the ControlNet trainer's paired-folder names
+MASKS = "masks"  # the masks of masked loss (data.mask_dir), by the images' relative paths
 
 
 # -- paths ----------------------------------------------------------------------------------------------------------
@@ -299,6 +302,7 @@ def remove_image(name: str, filename: str, home=None) -> None:
         caption.unlink()
     for extension in IMAGE_EXTENSIONS:
         (folder / CONDITIONING / relative.with_suffix(extension)).unlink(missing_ok=True)
+        (folder / MASKS / relative.with_suffix(extension)).unlink(missing_ok=True)
     path.unlink()
     for parent in relative.parents[:-1]:  # the subfolders, deepest first; images/ itself stays
         with contextlib.suppress(OSError):  # not empty: it still holds files
@@ -353,6 +357,29 @@ def bulk_captions(
             set_caption(name, item["file"], text, home)
             changed += 1
     return changed
+
+
+# -- masks ----------------------------------------------------------------------------------------------------------
+
+
+def mask_path(name: str, filename: str, home=None) -> Path:
+    """Where the mask of image `filename` lives: work/masks/ + its relative path, as .png (what `data.mask_dir`
+    finds for it: trainers/core/data/masks.py)."""
+    image = _image_path(name, filename, home)
+    folder = work_dir(name, home)
+    return folder / MASKS / image.relative_to(folder / IMAGES).with_suffix(".png")
+
+
+def set_mask(name: str, filename: str, png: bytes, home=None) -> Path:
+    """Writes the mask of image `filename` (atomically: a frozen version keeps its own); a mask of the same stem in
+    another format goes, so the trainer cannot pick the old one."""
+    path = mask_path(name, filename, home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, png)
+    for extension in IMAGE_EXTENSIONS:
+        if extension != ".png":
+            path.with_suffix(extension).unlink(missing_ok=True)
+    return path
 
 
 # -- fingerprints and versions --------------------------------------------------------------------------------------
@@ -414,6 +441,7 @@ def _link_or_copy(src, dst):
 __all__ = [
     "CONDITIONING",
     "IMAGES",
+    "MASKS",
     "DatasetError",
     "Rejected",
     "UploadReport",
@@ -432,8 +460,10 @@ __all__ = [
     "images",
     "info",
     "list_datasets",
+    "mask_path",
     "remove_image",
     "set_caption",
+    "set_mask",
     "snapshot",
     "thumbnail",
     "work_dir",

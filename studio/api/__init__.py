@@ -12,6 +12,8 @@ One module per concern; callers use the names re-exported here (`from sdtune.stu
     registry      the adapter registry: list, import, export, tag, check; merge, resize, bake
     datasets      the workspace's datasets and their conditioning images
     dataset_prep  a dataset's tags, caption preview, duplicates and report
+    captioning    captioners and taggers over a dataset or a folder
+    masks         masks for masked loss from threshold and fill controls, with an overlay preview
     training      recipes, preflight, the job queue, doctor, a run's manifest
     comparisons   A/B comparisons, votes, checkpoint scoring, control images
     publishing    the Hugging Face Hub
@@ -19,6 +21,7 @@ One module per concern; callers use the names re-exported here (`from sdtune.stu
 
 from __future__ import annotations
 
+from sdtune.studio.api.captioning import caption_dataset, caption_folder, captioner_families
 from sdtune.studio.api.comparisons import (
     BUNDLED_CONTROL_IMAGES,
     CONTROL_IMAGE_MAX_MB,
@@ -58,6 +61,7 @@ from sdtune.studio.api.datasets import (
     upload_to_dataset,
 )
 from sdtune.studio.api.errors import StudioError
+from sdtune.studio.api.masks import mask_preview, save_masks
 from sdtune.studio.api.models import base_models, convert_checkpoint, extract_lora
 from sdtune.studio.api.publishing import publish, publish_preview
 from sdtune.studio.api.registry import (
@@ -103,7 +107,10 @@ __all__ = [
     "bake_model",
     "base_models",
     "bulk_captions",
+    "caption_dataset",
+    "caption_folder",
     "caption_preview",
+    "captioner_families",
     "check_data",
     "check_registry",
     "control_images",
@@ -125,6 +132,7 @@ __all__ = [
     "freeze_dataset",
     "import_adapter",
     "list_adapters",
+    "mask_preview",
     "list_datasets",
     "merge_adapters",
     "preflight",
@@ -137,6 +145,7 @@ __all__ = [
     "remove_dataset_image",
     "rename_tag",
     "resize_adapter",
+    "save_masks",
     "sample_images",
     "save_control_image",
     "scheduler_names",

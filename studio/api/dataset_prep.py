@@ -159,5 +159,5 @@ def folder_report(folder: str | Path, resolution: int = 512, mask_dir: str | Pat
 def dataset_report(name: str, resolution: int = 512) -> dict:
     """`folder_report` over a workspace dataset's images (its work/masks/ folder as the masks, when there is one)."""
     folder = _store().work_dir(name)
-    masks = folder / "masks"
+    masks = folder / _store().MASKS
     return folder_report(folder / _store().IMAGES, resolution, masks if masks.is_dir() else None)

@@ -16,7 +16,7 @@ import streamlit as st
 import yaml
 
 from sdtune.studio import api
-from sdtune.studio.views import dataset_report
+from sdtune.studio.views import dataset_report, dataset_tools
 from sdtune.studio.views.common import flash, show_flash, shown_errors, uploads
 from sdtune.trainers.core.recipe import override_text
 
@@ -60,6 +60,8 @@ def render():
         _bulk_tools(name)
         dataset_report.tags_panel(name)
         dataset_report.duplicates_panel(name, _show_image)
+        dataset_tools.caption_panel(name)
+        dataset_tools.masks_panel(name)
         _grid(name, info)
     with preflight_tab:
         _preflight(name, info)
