@@ -88,7 +88,9 @@ def resolve_adapter(ref: str, registry=None) -> Path:
     if path.is_dir():
         if (path / PEFT_FILE).is_file():
             return path / PEFT_FILE
-        lycoris_file = _lycoris_file_of_run(path)
+        from sdtune.adapters.lycoris import file_of_run
+
+        lycoris_file = file_of_run(path)
         if lycoris_file is None:
             raise ComposeError(f"adapter {ref}: folder without {PEFT_FILE} (expected a run folder or a LoRA file)")
         return lycoris_file
@@ -109,18 +111,6 @@ def resolve_adapter(ref: str, registry=None) -> Path:
     # a LoHa/LoKr loads from its LyCORIS file (its peft side is peft's adapter folders, which diffusers cannot stack)
     fmt = "peft" if "peft" in manifest.files and adapter_kind(manifest) == "lora" else "kohya"
     return registry.file(ref, fmt)
-
-
-def _lycoris_file_of_run(folder: Path) -> Path | None:
-    """The LyCORIS single file of a LoHa/LoKr run folder (its adapter.json's kohya file), or None."""
-    from sdtune.adapters.lycoris import is_lycoris_file
-    from sdtune.adapters.manifest import ManifestError, read_manifest
-
-    try:
-        kohya_file = folder / read_manifest(folder).files["kohya"]
-    except (ManifestError, KeyError):
-        return None
-    return kohya_file if is_lycoris_file(kohya_file) else None
 
 
 def resolve_controlnet(ref: str, registry=None) -> str:

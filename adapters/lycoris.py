@@ -242,6 +242,17 @@ def read_file(path: str | Path) -> LycorisModules:
     return read_modules(safetensors.torch.load_file(str(path)))
 
 
+def file_of_run(folder: str | Path) -> Path | None:
+    """The LyCORIS single file of a LoHa/LoKr run or registry folder (its adapter.json's kohya file), or None."""
+    from sdtune.adapters.manifest import ManifestError, read_manifest
+
+    try:
+        kohya_file = Path(folder) / read_manifest(folder).files["kohya"]
+    except (ManifestError, KeyError, OSError):
+        return None
+    return kohya_file if is_lycoris_file(kohya_file) else None
+
+
 def is_lycoris_file(path: str | Path) -> bool:
     """True for a `.safetensors` file whose tensor names are LoHa/LoKr's (read from the header only)."""
     import safetensors
@@ -442,6 +453,7 @@ __all__ = [
     "describe",
     "exact_lora",
     "exact_loras",
+    "file_of_run",
     "is_lycoris_file",
     "load_as_lora",
     "network_args",

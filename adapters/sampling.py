@@ -191,6 +191,8 @@ def load_lora_file(pipe, path: str | Path, adapter_name: str):
     from sdtune.adapters import lycoris
 
     path = Path(path)
+    if path.is_dir() and not (path / PEFT_FILE).is_file():  # a LoHa/LoKr run folder: its LyCORIS file
+        path = lycoris.file_of_run(path) or path
     if lycoris.is_lycoris_file(path):  # LoHa/LoKr: diffusers loads none for SD v1; as the LoRA of the same update
         try:
             return lycoris.load_as_lora(pipe, path, adapter_name)

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import QUICKSTART, run_trainer
+from conftest import QUICKSTART, ROOT, run_trainer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -354,3 +354,34 @@ def test_a_lycoris_run_writes_both_sides_and_passes_the_export_check(name, tmp_p
     assert (out / "peft" / "text_encoder" / "adapter_config.json").is_file() == ("text-encoder" in name)
     if "locon" in name:
         assert args_written["conv_dim"] == "8" and any("_resnets_0_conv1.hada_w1_a" in k for k in tensors)
+
+
+# -- proof on the toy base: LoHa and LoKr teach the quickstart's purple (minutes: slow) ------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["loha", "lokr"])
+def test_loha_and_lokr_teach_the_quickstart_purple_and_keep_red(recipe, tmp_path):
+    """recipes/loha.yaml and lokr.yaml as shipped: "purple + the asked shape" in <= 20% of the base's samples and
+    >= 80% of the adapter's (the run's own scores), and re-measured from the run folder the way `sdtune sample
+    --adapter` loads it, red still drawn red."""
+    from sdtune.adapters import scoring
+    from sdtune.adapters.base import load_pipeline
+    from sdtune.adapters.sampling import AdapterSpec, load_adapters
+
+    out = tmp_path / "run"
+    args = [str(ROOT / "recipes" / f"{recipe}.yaml"), f"output.dir={out}", "output.register=false"]
+    proc = run_trainer([*args, "train.checkpointing_steps=1000", "validation.validation_steps=0"], tmp_path / "cache")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    manifest = json.loads((out / "adapter.json").read_text())
+    assert manifest["scores"]["base"]["both"] <= 0.2 and manifest["scores"]["adapter"]["both"] >= 0.8, manifest[
+        "scores"
+    ]
+    assert manifest["export_check"]["ok"]
+    pipe = load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    load_adapters(pipe, [AdapterSpec.parse(str(out))])
+    purple = [scoring.Target(f"a purple {s}", "purple", s) for s in ("circle", "square", "triangle")]
+    assert scoring.score_targets(pipe, purple, guidance=3.0).score.both >= 0.8
+    red = scoring.score_targets(pipe, [scoring.Target("a red circle", "red", "circle")], guidance=3.0)
+    assert red.score.color >= 0.75, red.as_dict()
