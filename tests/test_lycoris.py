@@ -211,6 +211,13 @@ def test_a_loha_file_imports_checked_against_the_base_and_lists_as_loha(tmp_path
     entry, _ = import_adapter(tmp_path / "mine.safetensors", base="toy", name="my-loha")
     manifest = read_manifest(entry.folder)
     assert adapter_kind(manifest) == "loha" and manifest.files == {"kohya": "mine.safetensors"}
+    # the studio's Registry page lists its kind; a published card is tagged as LyCORIS
+    from sdtune.adapters.model_card import card_text
+    from sdtune.studio import api
+
+    assert [row["kind"] for row in api.list_adapters() if row["name"] == "my-loha"] == ["loha"]
+    card = card_text(manifest, "me/my-loha", manifest.files, [], "openrail")
+    assert "- lycoris\n" in card and "- loha\n" in card and "A LyCORIS LoHa adapter" in card
 
 
 def test_a_loha_module_of_another_shape_is_listed(tmp_path, toy_table):
@@ -314,21 +321,42 @@ def test_bad_lycoris_settings_are_one_line(method, message):
 
 # -- real short trainings: files, metadata, export check --------------------------------------------------------------
 
-RUNS = {
+RUNS = {  # name: (script, recipe, overrides, a part key the LyCORIS file must hold, its file name)
     "loha+locon+text-encoder": (
+        "trainers/lora.py",
+        QUICKSTART,
         ["method.algo=loha", "method.preset=locon", "method.train_text_encoder=true"],
         "hada_w1_a",
+        "toy-purple",
     ),
-    "lokr": (["method.algo=lokr", "method.rank=4", "method.lora_alpha=2"], "lokr_w1"),
+    "lokr": (
+        "trainers/lora.py",
+        QUICKSTART,
+        ["method.algo=lokr", "method.rank=4", "method.lora_alpha=2"],
+        "lokr_w1",
+        "toy-purple",
+    ),
+    "dreambooth-lora+lokr": (
+        "trainers/dreambooth.py",
+        ROOT / "recipes" / "toy-dreambooth.yaml",
+        [
+            "method.algo=lokr",
+            "method.lora=true",
+            "method.with_prior_preservation=false",
+            "validation.prompts=[a sks circle]",
+        ],
+        "lokr_w1",
+        "toy-sks-circle",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_a_lycoris_run_writes_both_sides_and_passes_the_export_check(name, tmp_path):
-    overrides, part = RUNS[name]
+    script, recipe, overrides, part, stem = RUNS[name]
     out = tmp_path / "run"
     args = [
-        str(QUICKSTART),
+        str(recipe),
         f"output.dir={out}",
         "train.max_train_steps=3",
         "train.train_batch_size=4",
@@ -338,15 +366,15 @@ def test_a_lycoris_run_writes_both_sides_and_passes_the_export_check(name, tmp_p
         "output.register=false",
         *overrides,
     ]
-    proc = run_trainer(args, tmp_path / "cache")
+    proc = run_trainer(args, tmp_path / "cache", script=script)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     manifest = json.loads((out / "adapter.json").read_text())
     check = manifest["export_check"]
     assert check["ok"] and set(check["max_pixel_diff"]) == {"trained-vs-peft", "trained-vs-kohya", "peft-vs-kohya"}
-    assert manifest["files"] == {"peft": "peft", "kohya": "toy-purple.safetensors"}
-    tensors = load_file(str(out / "toy-purple.safetensors"))
+    assert manifest["files"] == {"peft": "peft", "kohya": f"{stem}.safetensors"}
+    tensors = load_file(str(out / f"{stem}.safetensors"))
     assert any(k.endswith("." + part) for k in tensors) and not any(".lora_" in k for k in tensors)
-    with safe_open(str(out / "toy-purple.safetensors"), "pt") as handle:
+    with safe_open(str(out / f"{stem}.safetensors"), "pt") as handle:
         header = handle.metadata()
     args_written = json.loads(header["ss_network_args"])
     assert header["ss_network_module"] == "lycoris.kohya" and args_written["algo"] == overrides[0].split("=")[1]
