@@ -47,10 +47,10 @@ def peft_tiny(config):
     return model, get_peft_model_state_dict(model)
 
 
-def loha(r=4, alpha=2.0):
+def loha(r=4, alpha=2.0, **kwargs):
     from peft import LoHaConfig
 
-    return LoHaConfig(r=r, alpha=alpha, target_modules=["lin", "conv"])
+    return LoHaConfig(r=r, alpha=alpha, target_modules=["lin", "conv"], **kwargs)
 
 
 def lokr(r=4, alpha=2.0, **kwargs):
@@ -65,6 +65,9 @@ CONFIGS = {
     "lokr-w2-decomposed": lambda: lokr(r=2, alpha=3.0),
     "lokr-both-whole": lambda: lokr(r=64, alpha=3.0),
     "lokr-decompose-both": lambda: lokr(r=1, alpha=0.5, decompose_both=True, decompose_factor=4),
+    # Tucker form of a 3x3 conv (LyCORIS's use_tucker / peft's use_effective_conv2d): hada_t1/t2, lokr_t2 cores
+    "loha-tucker": lambda: loha(r=3, alpha=1.5, use_effective_conv2d=True),
+    "lokr-tucker": lambda: lokr(r=1, alpha=0.5, use_effective_conv2d=True),
 }
 
 
@@ -278,6 +281,8 @@ def test_a_loha_stacks_at_its_weight_as_a1111_applies_it(tmp_path, toy_table):
     plain = sampling.generate(composer.pipe, [settings])[0]
     assert abs(_pixels(stacked) - _pixels(plain)).max() > 20  # the LoHa does change the image
     assert abs(_pixels(stacked) - _pixels(reference)).max() <= 2
+    fused = sampling.generate(composer.set([AdapterUse(str(path), 0.7)]).fuse().pipe, [settings])[0]
+    assert abs(_pixels(fused) - _pixels(reference)).max() <= 2  # fused into the weights, as bake does
 
 
 def test_to_lora_registers_a_lora_with_its_kept_share_and_merges_refuse_a_loha(tmp_path, toy_table):
