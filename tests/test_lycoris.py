@@ -301,6 +301,19 @@ def test_to_lora_registers_a_lora_with_its_kept_share_and_merges_refuse_a_loha(t
     assert 0 < read_manifest(low.folder).origin["params"]["fro_kept"] < 1
 
 
+def test_the_to_lora_command_prints_the_kept_share(tmp_path, toy_table, capsys):
+    import re
+
+    from sdtune.studio import cli
+
+    names = [n for n in toy_table if n.endswith("_attn1_to_k")]
+    import_adapter(toy_loha_file(tmp_path / "lk.safetensors", toy_table, names, rank=3), base="toy", name="lk")
+    assert cli.main(["adapters", "to-lora", "lk-r2", "lk", "--rank", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "registered lk-r2 (rank 2" in out, out
+    assert re.search(r"kept \d+\.\d% of the LoHa/LoKr update's norm at rank 2", out), out
+
+
 # -- recipes ----------------------------------------------------------------------------------------------------------
 
 

@@ -679,3 +679,15 @@ def test_train_page_names_a_broken_kohya_config_and_keeps_working(home):
     assert error.startswith("broken.json") and "\n" not in error, error
     assert not (home / "presets" / "broken.yaml").exists()
     assert at.selectbox(key="train-template") is not None  # the form is still there
+
+
+def test_registry_page_lists_each_adapters_kind(home):
+    """A LoHa (its recipe's method.algo) and a LoRA side by side: the table says which is which."""
+    registered_fake(home, "toy-purple")
+    registered_fake(home, "toy-loha")
+    manifest = Path(api.show_adapter("toy-loha")["folder"]) / "adapter.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "recipe": {"method": {"type": "lora", "algo": "loha"}}}))
+    at = page("registry")
+    table = at.dataframe[0].value
+    assert dict(zip(table["name"], table["kind"])) == {"toy-purple": "lora", "toy-loha": "loha"}
