@@ -296,7 +296,9 @@ def _adapters_parser(sub):
     c = cmds.add_parser("show", help="An adapter's entry and manifest (JSON).")
     c.add_argument("name")
     c.set_defaults(run=lambda a: _print_json(api.show_adapter(a.name)))
-    c = cmds.add_parser("import", help="Check a LoRA / ControlNet / full model against a base and register it.")
+    c = cmds.add_parser(
+        "import", help="Check a LoRA (LoHa, LoKr) / ControlNet / full model against a base and register it."
+    )
     c.add_argument("path", type=Path)
     c.add_argument("--base", default="toy", help="The base to validate against (default: toy).")
     c.add_argument("--name", help="Registry name (default: from the file name).")
