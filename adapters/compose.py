@@ -32,6 +32,7 @@ from pathlib import Path
 from sdtune.adapters.a1111_keys import kohya_to_compvis_module
 from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.lora_files import PEFT_FILE
+from sdtune.adapters.manifest import adapter_kind
 
 
 class ComposeError(SdtuneError, ValueError):
@@ -85,9 +86,14 @@ def resolve_adapter(ref: str, registry=None) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        if not (path / PEFT_FILE).is_file():
+        if (path / PEFT_FILE).is_file():
+            return path / PEFT_FILE
+        from sdtune.adapters.lycoris import file_of_run
+
+        lycoris_file = file_of_run(path)
+        if lycoris_file is None:
             raise ComposeError(f"adapter {ref}: folder without {PEFT_FILE} (expected a run folder or a LoRA file)")
-        return path / PEFT_FILE
+        return lycoris_file
     from sdtune.adapters.registry import Registry, RegistryError
 
     registry = registry or Registry()
@@ -102,7 +108,8 @@ def resolve_adapter(ref: str, registry=None) -> Path:
         raise ComposeError(
             f"adapter {ref!r} is a {manifest.method} model, not a LoRA: use it as the base (--base {ref})"
         )
-    fmt = "peft" if "peft" in manifest.files else "kohya"
+    # a LoHa/LoKr loads from its LyCORIS file (its peft side is peft's adapter folders, which diffusers cannot stack)
+    fmt = "peft" if "peft" in manifest.files and adapter_kind(manifest) == "lora" else "kohya"
     return registry.file(ref, fmt)
 
 

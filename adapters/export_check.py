@@ -5,6 +5,10 @@ LoRA's reference is its weight change added to the base weights by plain arithme
 proves the written files (PEFT through diffusers, kohya through diffusers' converter) mean what the merge computed.
 The kohya keys are also replayed through the key mapping A1111 and ComfyUI use for SD v1 LoRAs. Any unmatched key,
 or a pixel difference over 2/255, fails.
+
+A LoHa/LoKr run is checked the same way, each file as its users load it: the LyCORIS single file with A1111's and
+ComfyUI's delta math (adapters/lycoris.py) added to the base weights, peft's adapter folders through peft's
+injection (diffusers' `load_lora_weights` loads neither for SD v1).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtune.adapters import a1111_keys, contact_sheet, sampling
+from sdtune.adapters import a1111_keys, contact_sheet, lycoris, lycoris_peft, sampling
 from sdtune.adapters.errors import SdtuneError
+from sdtune.adapters.lora_modules import module_table
 from sdtune.adapters.single_file_keys import text_encoder_to_original, unet_to_original
 
 PIXEL_TOLERANCE = 2  # out of 255
@@ -73,13 +78,28 @@ class ExportChecker:
             self._compvis = a1111_keys.compvis_modules_from_checkpoint_keys(original)
             self._comfy_map = a1111_keys.comfyui_lora_key_map(unet_keys.keys(), te_keys.keys())
             self._layers_per_block = self._pipe.unet.config.layers_per_block
+            self._table = module_table(
+                {k: tuple(v.shape) for k, v in unet_keys.items()}, {k: tuple(v.shape) for k, v in te_keys.items()}
+            )
         return self._pipe
 
+    def _render(self, pipe) -> sampling.Sample:
+        with torch.no_grad(), self.autocast():
+            return sampling.generate(pipe, [self.settings])[0]
+
     def _render_file(self, pipe, path: Path) -> sampling.Sample:
+        """The check's image with one file loaded the way its users load it: a LoRA through diffusers; a LyCORIS
+        LoHa/LoKr file as A1111 and ComfyUI apply it (their delta math, W + dW); peft's LoHa/LoKr adapter folders
+        through peft's own injection."""
+        if path.is_dir():
+            with lycoris_peft.peft_adapter_applied(pipe, path, "export_check"):
+                return self._render(pipe)
+        if lycoris.is_lycoris_file(path):
+            with applied(pipe, lycoris.read_file(path), self._table):
+                return self._render(pipe)
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="export_check")
         try:
-            with torch.no_grad(), self.autocast():
-                return sampling.generate(pipe, [self.settings])[0]
+            return self._render(pipe)
         finally:
             pipe.delete_adapters("export_check")
 
@@ -155,11 +175,12 @@ class ExportChecker:
 
 @contextlib.contextmanager
 def applied(pipe, modules, table, dtype: torch.dtype | None = None):
-    """Adds each LoRA module's weight change to its base layer (W += delta) for the duration; restores W after.
+    """Adds each module's weight change to its base layer (W += delta) for the duration; restores W after.
 
     Args:
-        modules: `lora_modules.LoraModules`; table: `lora_modules.module_table` of this base.
-        dtype: round the LoRA tensors to this dtype first (the files are saved in it), then compute in float32.
+        modules: `lora_modules.LoraModules`, or `lycoris.LycorisModules` (LoHa/LoKr, A1111's delta math);
+            table: `lora_modules.module_table` of this base.
+        dtype: round the module tensors to this dtype first (the files are saved in it), then compute in float32.
     """
     kept = []
     with torch.no_grad():
@@ -167,7 +188,7 @@ def applied(pipe, modules, table, dtype: torch.dtype | None = None):
             target = table[name]
             layer = getattr(pipe, target.component).get_submodule(target.path)
             if dtype is not None:
-                module = type(module)(module.down.to(dtype), module.up.to(dtype), module.alpha)
+                module = module.to(dtype)
             kept.append((layer, layer.weight.data.clone()))
             layer.weight.data += module.delta().to(layer.weight.dtype).reshape(layer.weight.shape)
     try:

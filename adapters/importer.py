@@ -4,8 +4,8 @@ Formats, detected from the tensor names (never from the file name):
     diffusers/PEFT LoRA   `unet.<module>.lora_A.weight` (+ `text_encoder.`), LoraConfig in the header
     kohya/A1111 LoRA      `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, `lora_te_text_model_...`
                           (and `lora_te1_`, as diffusers' converter writes SD v1); LoCon conv layers included
-    LyCORIS LoHa / LoKr   `hada_w1_a...` / `lokr_w1...`: diffusers and peft load these for Flux2/Z-Image only, so an
-                          SD v1 file is refused as unsupported, with what to do instead
+    LyCORIS LoHa / LoKr   `lora_unet_<module>.hada_w1_a...` / `.lokr_w1...` (adapters/lycoris.py), kept as the file;
+                          IA3, OFT, BOFT, GLoRA, full diff and norm files are refused in one line naming the algorithm
     ControlNet            a diffusers folder (config.json of a ControlNetModel) or a single file (`input_hint_block`,
                           `controlnet_cond_embedding`)
     DreamBooth full model a diffusers folder (model_index.json) or a single-file SD v1 checkpoint
@@ -142,19 +142,15 @@ def detect_format(keys: Iterable[str], metadata: Mapping[str, str]) -> str:
     return "unknown"
 
 
-_UNSUPPORTED = {
-    "loha": "LyCORIS LoHa (hada_* keys)",
-    "lokr": "LyCORIS LoKr (lokr_* keys)",
-}
+LORA_FORMATS = ("kohya", "peft", "loha", "lokr")  # adapters applied over a base, checked module by module
 
 
-def _refuse_format(path: Path, fmt: str, keys: list[str]) -> None:
-    if fmt in _UNSUPPORTED:
-        raise ImportRefused(
-            f"{path}: unsupported: {_UNSUPPORTED[fmt]}. diffusers 0.42 and peft load LoHa/LoKr files only for "
-            "Flux2/Z-Image, not SD v1; use it in A1111/ComfyUI, or merge it into a checkpoint with LyCORIS and "
-            "import that as a full model"
-        )
+def _refuse_format(path: Path, fmt: str, tensors: Mapping) -> None:
+    from sdtune.adapters.lycoris import unsupported_algo
+
+    keys = list(tensors)
+    if algo := unsupported_algo(tensors):
+        raise ImportRefused(f"{path}: unsupported LyCORIS algorithm: {algo}; sdtune imports LoRA, LoCon, LoHa, LoKr")
     if fmt == "sdxl":
         raise ImportRefused(
             f"{path}: architecture mismatch: this is an SDXL adapter (two text encoders: lora_te1_/lora_te2_ keys, "
@@ -182,14 +178,16 @@ def block_of(kohya_module: str) -> str:
 
 
 def check_lora(modules, table, report: ImportReport) -> None:
-    from sdtune.adapters.lora_modules import shape_problem
+    """Every module names a layer of the base (`table`) and fits its shape: LoRA modules, or LoHa/LoKr ones."""
+    from sdtune.adapters import lora_modules, lycoris
 
     report.modules = len(modules)
     for name, module in sorted(modules.items()):
         base_module = table.get(name)
+        fits = lycoris.shape_problem if isinstance(module, lycoris.LycorisModule) else lora_modules.shape_problem
         if base_module is None:
             report.unmatched.setdefault(block_of(name), []).append(name)
-        elif problem := shape_problem(module, base_module):
+        elif problem := fits(module, base_module):
             report.shape_mismatches[name] = problem
         else:
             report.matched += 1
@@ -310,10 +308,14 @@ def file_hashes(path: Path, metadata: Mapping[str, str]) -> dict:
     return hashes
 
 
-def _lora_detail(modules) -> str:
+def _lora_detail(modules, fmt: str) -> str:
+    from sdtune.adapters.lycoris import describe
+
+    te = ", with text encoder" if any(name.startswith("lora_te") for name in modules) else ""
+    if fmt in ("loha", "lokr"):
+        return describe(modules) + te
     conv = any(m.down.dim() == 4 and m.down.shape[-1] > 1 for m in modules.values())
-    te = any(name.startswith("lora_te") for name in modules)
-    return ("LoCon (conv layers too)" if conv else "LoRA") + (", with text encoder" if te else "")
+    return ("LoCon (conv layers too)" if conv else "LoRA") + te
 
 
 def _base_table(base: str):
@@ -342,19 +344,21 @@ def _prepare(path: Path, base: str, allow_pickle: bool):
         return _prepare_folder(path, base)
     tensors, metadata = read_tensors(path, allow_pickle)
     fmt = detect_format(tensors, metadata)
-    _refuse_format(path, fmt, list(tensors))
+    _refuse_format(path, fmt, tensors)
     base_digest = base_hash(base)
     report = ImportReport(str(path), fmt, "", base)
     report.claimed_base, report.warnings = claimed_base(metadata, base, base_digest)
     payload = {"tensors": tensors, "metadata": metadata}
-    if fmt in ("kohya", "peft"):
+    if fmt in LORA_FORMATS:
         from sdtune.adapters.lora_modules import read_kohya, read_peft
+        from sdtune.adapters.lycoris import read_modules
 
+        reader = {"kohya": read_kohya, "peft": lambda t: read_peft(t, metadata)}.get(fmt, read_modules)
         try:
-            modules = read_kohya(tensors) if fmt == "kohya" else read_peft(tensors, metadata)
+            modules = reader(tensors)
         except ValueError as exc:
             raise ImportRefused(f"{path}: {exc}") from None
-        report.detail = _lora_detail(modules)
+        report.detail = _lora_detail(modules, fmt)
         payload["table"] = _base_table(base)
         check_lora(modules, payload["table"], report)
         payload["modules"] = modules
@@ -427,7 +431,7 @@ def import_adapter(
         trigger = metadata.get("modelspec.trigger_phrase", "")
         return AdapterManifest(
             name=name,
-            method="lora" if report.format in ("kohya", "peft") else report.format,
+            method="lora" if report.format in LORA_FORMATS else report.format,
             created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             base=base_ref,
             trigger_words=[w.strip() for w in trigger.split(",") if w.strip()],
@@ -452,7 +456,14 @@ def import_adapter(
 
 
 def _write_files(staging: Path, path: Path, report: ImportReport, payload: dict, name: str) -> dict[str, str]:
-    """The registered copy: both formats of a LoRA (the original file kept byte for byte), or the model as given."""
+    """The registered copy: both formats of a LoRA (the original file kept byte for byte), a LoHa/LoKr's single file
+    as it is, or the model as given."""
+    if report.format in ("loha", "lokr"):
+        if path.suffix == ".safetensors":  # as published: its hashes stay what other tools computed
+            return {"kohya": copy_into(path, staging / path.name).name}
+        from sdtune.adapters.lora_files import kohya_path, save_kohya
+
+        return {"kohya": save_kohya(kohya_path(staging, name), payload["tensors"], payload["metadata"]).name}
     if report.format in ("kohya", "peft"):
         from sdtune.adapters.file_metadata import facts_of_base, kohya_metadata
         from sdtune.adapters.lora_files import PEFT_FILE, kohya_path, save_kohya, save_modules_peft, summary_facts

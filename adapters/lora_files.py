@@ -149,13 +149,18 @@ def save_lora(
     facts: LoraFacts | None,
 ) -> dict[str, Path]:
     """Both files of a LoRA held as peft-named tensors (trained, extracted) with the LoraConfigs of the UNet and the
-    text encoder (None: not adapted); returns {format: path}.
+    text encoder (None: not adapted); returns {format: path}. A LoHa/LoKr (peft LoHaConfig/LoKrConfig) goes to
+    adapters/lycoris_peft.py: peft's adapter folders and the LyCORIS single file.
 
     The kohya file is left out when `facts` is None (`output.export_kohya: false`) and for DoRA: peft's DoRA
     magnitude has no kohya/A1111 form that loads the same (see adapters/kohya.py)."""
     from sdtune.adapters.kohya import peft_to_kohya
+    from sdtune.adapters.lycoris import config_algo
+    from sdtune.adapters.lycoris_peft import save_lycoris
 
     unet_config, te_config = configs
+    if config_algo(unet_config) != "lora":  # LoHa / LoKr: peft's adapter folders and the LyCORIS file
+        return save_lycoris(out_dir, name, unet, text_encoder, configs, dtype, facts)
     te_dict = te_config.to_dict() if te_config is not None else None
     files = {"peft": save_peft(out_dir, unet, text_encoder, unet_config.to_dict(), te_dict, dtype)}
     if facts is None or unet_config.use_dora:
@@ -235,9 +240,15 @@ def read_lora(path: str | Path) -> tuple[LoraModules, dict[str, str]]:
     """
     from sdtune.adapters.importer import detect_format, read_tensors
     from sdtune.adapters.lora_modules import read_kohya, read_peft
+    from sdtune.adapters.lycoris import LABELS
 
     tensors, header = read_tensors(Path(path))
     fmt = detect_format(tensors, header)
+    if fmt in LABELS:
+        raise LoraFileError(
+            f"{path}: a LyCORIS {LABELS[fmt]} file, not a LoRA: turn it into one first with "
+            "`sdtune adapters to-lora FILE --rank R` (SVD, the kept share of its norm printed)"
+        )
     if fmt not in ("kohya", "peft"):
         raise LoraFileError(f"a {fmt} file is not a LoRA")
     return (read_kohya(tensors) if fmt == "kohya" else read_peft(tensors, header)), header

@@ -37,6 +37,9 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def to(self, dtype: torch.dtype) -> LoraModule:
+        return LoraModule(self.down.to(dtype), self.up.to(dtype), self.alpha)
+
     def delta(self) -> torch.Tensor:
         """The weight change it makes, in float32, shaped like the layer's weight ([out, in] or [out, in, kh, kw])."""
         down, up = self.down.float(), self.up.float()

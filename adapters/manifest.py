@@ -66,6 +66,21 @@ class AdapterManifest:
         return cls(**{**data, "base": BaseRef(**data["base"])})
 
 
+LYCORIS_KINDS = {"loha": "LoHa", "lokr": "LoKr"}  # adapters/lycoris.py: LyCORIS's algorithms sdtune trains and loads
+
+
+def adapter_kind(manifest: AdapterManifest) -> str:
+    """What the adapter's files hold: lora, loha or lokr for an adapter applied over a base (the recipe's
+    `method.algo`, or an imported file's format), else the method (dreambooth, controlnet)."""
+    method = manifest.recipe.get("method") or {}
+    for candidate in (method.get("algo"), (manifest.origin or {}).get("format")):
+        if candidate in LYCORIS_KINDS:
+            return candidate
+    if manifest.method == "lora" or (manifest.method == "dreambooth" and method.get("lora")):
+        return "lora"
+    return manifest.method
+
+
 def _check_keys(data, cls, where: str):
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: expected a JSON object")

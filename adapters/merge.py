@@ -13,6 +13,11 @@ Each LoRA module adds delta_i = s_i * up_i @ down_i (s_i = alpha_i / rank_i). Wi
     resize   one LoRA's modules refactorized at a lower rank; with a dynamic method the rank is chosen per module
              from its singular values (sd-scripts' resize_lora: sv_ratio, sv_fro, sv_cumulative), alpha keeps the
              scale (alpha' = s * rank').
+    to-lora  a LyCORIS LoHa/LoKr's updates ((A1 B1) * (A2 B2), kron(W1, W2): no LoRA factors to add up) turned into a
+             LoRA of rank r by SVD, the kept share of the norm reported (`lycoris_to_lora_into_registry`).
+
+Which apply to a LoHa/LoKr: bake (adapters load as the LoRA of the same update, adapters/lycoris.py). linear,
+concat, svd and resize take LoRAs: a LoHa/LoKr parent is refused in one line that says to run to-lora first.
 
 Every result is written in both formats, passes the export check (`export_check.check_lora_files`: both files,
 reloaded through diffusers, render what the arithmetic says within 2/255, and every kohya key maps in A1111 and
@@ -56,8 +61,8 @@ def load_lora(ref: str, registry=None) -> tuple[LoraModules, dict[str, str]]:
     path = resolve_adapter(ref, registry)
     try:
         modules, header = read_lora(path)
-    except LoraFileError as exc:
-        raise MergeError(f"{ref}: {exc} to merge") from None
+    except LoraFileError as exc:  # a LoHa/LoKr says how to make it a LoRA (merges add LoRA factors, not theirs)
+        raise MergeError(f"{ref}: {exc}" + ("" if "to-lora" in str(exc) else " to merge")) from None
     return modules, lora_header(path, header)
 
 
@@ -283,6 +288,45 @@ def resize_into_registry(
     return register_lora(name, modules, base=base, origin=origin, prompt=prompt, registry=registry, parents=[header])
 
 
+def lycoris_to_lora_into_registry(
+    name: str, parent: str, rank: int, *, base: str = "toy", prompt: str = "a photo", registry=None
+):
+    """A LoHa/LoKr (registry name, run folder or file) as a new registered LoRA of rank `rank`: each module's update
+    truncated by SVD, as sd-scripts' extract tools do, so every LoRA merge and every LoRA tool takes it. Its
+    origin's params say the share of the update's norm kept (`fro_kept`, over all modules; `mean_fro_kept`)."""
+    from sdtune.adapters import lycoris
+    from sdtune.adapters.compose import resolve_adapter
+    from sdtune.adapters.importer import _base_table
+    from sdtune.adapters.lora_files import lora_header
+
+    path = resolve_adapter(parent, registry)
+    if not lycoris.is_lycoris_file(path):
+        raise MergeError(f"to-lora {parent}: not a LyCORIS LoHa/LoKr file ({path.name}); a LoRA is one already")
+    modules, table = lycoris.read_file(path), _base_table(base)
+    missing = sorted(set(modules) - set(table))
+    if missing:
+        raise MergeError(f"to-lora {parent}: {len(missing)} modules are not layers of {base}, e.g. {missing[0]}")
+    converted = lycoris.to_lora(modules, table, rank)
+    kept = list(converted.kept.values())
+    origin = {
+        "kind": "merged",
+        "merge_method": "to-lora",
+        "parents": [parent],
+        "weights": [1.0],
+        "params": {"rank": rank, "fro_kept": converted.kept_overall, "mean_fro_kept": sum(kept) / len(kept)},
+        "trigger_words": _parent_triggers([parent], registry),
+    }
+    return register_lora(
+        name,
+        converted.modules,
+        base=base,
+        origin=origin,
+        prompt=prompt,
+        registry=registry,
+        parents=[lora_header(path)],
+    )
+
+
 def _parent_triggers(parents: Sequence[str], registry) -> list[str]:
     from sdtune.adapters.registry import Registry
 
@@ -334,6 +378,7 @@ __all__ = [
     "bake",
     "load_lora",
     "load_modules",
+    "lycoris_to_lora_into_registry",
     "merge_concat",
     "merge_into_registry",
     "merge_linear",

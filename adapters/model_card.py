@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from sdtune.adapters.leaks import redact_paths
-from sdtune.adapters.manifest import validation_prompts
+from sdtune.adapters.manifest import LYCORIS_KINDS, adapter_kind, validation_prompts
 
 WIDGET_IMAGES = 4
 
@@ -29,6 +29,8 @@ def _tags(manifest) -> list[str]:
     kind = {"lora": ["lora"], "dreambooth": ["dreambooth"], "controlnet": ["controlnet"]}.get(manifest.method, [])
     if manifest.method == "dreambooth" and "peft" in manifest.files:
         kind.append("lora")
+    if adapter_kind(manifest) in LYCORIS_KINDS:  # the Hub's LyCORIS tags, beside lora (A1111 lists them as LoRAs)
+        kind += ["lycoris", adapter_kind(manifest)]
     return kind + tags + ["template:sd-lora"] * ("lora" in kind)
 
 
@@ -51,7 +53,10 @@ def _usage(manifest, repo: str, files: dict[str, str]) -> str:
         )
     lines = ["```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
     lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")')
-    if "peft" in files:
+    if "peft" in files and adapter_kind(manifest) in LYCORIS_KINDS:  # peft's adapter folders; diffusers loads none
+        lines[1:1] = ["from peft import PeftModel"]
+        lines.append(f'pipe.unet = PeftModel.from_pretrained(pipe.unet, "{repo}", subfolder="{files["peft"]}/unet")')
+    elif "peft" in files:
         lines.append(f'pipe.load_lora_weights("{repo}", weight_name="{files["peft"]}")')
     lines += [f'image = pipe("{prompt}").images[0]', "```", ""]
     if "kohya" in files:
@@ -88,6 +93,8 @@ def card_text(manifest, repo: str, files: dict[str, str], widget: list[dict], li
         else f"a local {manifest.base.kind} base (`{Path(manifest.base.name_or_path).name}`)"
     )
     method = {"lora": "LoRA", "dreambooth": "DreamBooth", "controlnet": "ControlNet"}.get(manifest.method, "")
+    if adapter_kind(manifest) in LYCORIS_KINDS:
+        method = f"LyCORIS {LYCORIS_KINDS[adapter_kind(manifest)]}"
     sections = [
         f"---\n{data.to_yaml()}\n---\n",
         f"# {manifest.name}\n",

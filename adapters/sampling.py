@@ -183,11 +183,21 @@ def native_size(pipe) -> int:
 
 def load_lora_file(pipe, path: str | Path, adapter_name: str):
     """Loads one LoRA into `pipe` as `adapter_name`: a diffusers/PEFT or kohya/A1111 file (diffusers converts the
-    latter), or a run folder (its `pytorch_lora_weights.safetensors`).
+    latter), or a run folder (its `pytorch_lora_weights.safetensors`); a LyCORIS LoHa/LoKr file loads as the LoRA
+    that makes exactly its update (adapters/lycoris.py).
 
     peft warns "Already found a `peft_config` attribute ... multiple adapters" for every LoRA after the first:
     stacking is what the caller asked for, so that one warning is dropped."""
+    from sdtune.adapters import lycoris
+
     path = Path(path)
+    if path.is_dir() and not (path / PEFT_FILE).is_file():  # a LoHa/LoKr run folder: its LyCORIS file
+        path = lycoris.file_of_run(path) or path
+    if lycoris.is_lycoris_file(path):  # LoHa/LoKr: diffusers loads none for SD v1; as the LoRA of the same update
+        try:
+            return lycoris.load_as_lora(pipe, path, adapter_name)
+        except lycoris.LycorisError as exc:
+            raise SamplingError(str(exc)) from None
     folder, weight_name = (path, PEFT_FILE) if path.is_dir() else (path.parent, path.name)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

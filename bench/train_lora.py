@@ -70,6 +70,9 @@ OPTIONS = {
     "ema": ["method.use_ema=true"],
     # {masks}: a mask per image, made as `sdtune annotate --kind mask` makes them (bench_masks)
     "masked_loss": ["data.masked_loss=true", "data.mask_dir={masks}"],
+    # LyCORIS forms of the same adapter (issue 23): the update built as a Hadamard or a Kronecker product each step
+    "loha": ["method.algo=loha"],
+    "lokr": ["method.algo=lokr"],
 }
 
 

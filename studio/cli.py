@@ -16,6 +16,7 @@ Usage:
     sdtune adapters show NAME | import PATH [--base B] [--name N] | export NAME DEST [--format kohya|peft]
     sdtune adapters rm NAME | tag NAME TAG... [--remove TAG] | check [--repair]
     sdtune adapters merge NEW A B --weights 1 1 --method svd --rank 8 | resize NEW A --rank 4 [--dynamic sv_ratio 4]
+    sdtune adapters to-lora NEW MY-LOHA --rank 16                       # a LoHa/LoKr as a LoRA (SVD, kept share)
     sdtune bake OUT_FOLDER --adapter NAME:WEIGHT [--single-file model.safetensors]
     sdtune ab --a toy --b toy+toy-purple:0.8 --prompt "a purple circle" --seed 0 [--blind] [--score toy]
     sdtune ab vote ID [PAIR left|right|tie] | show ID | list | --checkpoints RUN_DIR [--register NAME]
@@ -284,7 +285,7 @@ def _studio_parser(sub):
 def _adapters_parser(sub):
     p = sub.add_parser("adapters", help="The local adapter registry ($SDTUNE_HOME, default ~/.sdtune).")
     cmds = p.add_subparsers(
-        dest="adapters_command", required=True, metavar="{list,show,import,export,rm,tag,check,merge,resize}"
+        dest="adapters_command", required=True, metavar="{list,show,import,export,rm,tag,check,merge,resize,to-lora}"
     )
     c = cmds.add_parser("list", help="Registered adapters, newest first.")
     c.add_argument("--base", help="Only adapters of this base (name, path or hash prefix).")
@@ -296,7 +297,9 @@ def _adapters_parser(sub):
     c = cmds.add_parser("show", help="An adapter's entry and manifest (JSON).")
     c.add_argument("name")
     c.set_defaults(run=lambda a: _print_json(api.show_adapter(a.name)))
-    c = cmds.add_parser("import", help="Check a LoRA / ControlNet / full model against a base and register it.")
+    c = cmds.add_parser(
+        "import", help="Check a LoRA (LoHa, LoKr) / ControlNet / full model against a base and register it."
+    )
     c.add_argument("path", type=Path)
     c.add_argument("--base", default="toy", help="The base to validate against (default: toy).")
     c.add_argument("--name", help="Registry name (default: from the file name).")
@@ -323,6 +326,11 @@ def _adapters_parser(sub):
     c = cmds.add_parser("check", help="Compare the index with the folders; --repair makes them agree.")
     c.add_argument("--repair", action="store_true")
     c.set_defaults(run=run_adapters_check)
+    _made_adapter_parsers(cmds)
+
+
+def _made_adapter_parsers(cmds):
+    """`sdtune adapters merge / resize / to-lora`: a new registered LoRA made from registered adapters."""
     c = cmds.add_parser("merge", help="Merge LoRAs into a new registered LoRA (linear, concat or svd).")
     c.add_argument("name", help="Name of the new adapter.")
     c.add_argument("parents", nargs="+")
@@ -341,6 +349,13 @@ def _adapters_parser(sub):
     c.add_argument("--base", default="toy")
     c.add_argument("--prompt", default="a photo")
     c.set_defaults(run=run_adapters_resize)
+    c = cmds.add_parser("to-lora", help="A LyCORIS LoHa/LoKr as a new registered LoRA of rank R (SVD), for merges.")
+    c.add_argument("name", help="Name of the new LoRA.")
+    c.add_argument("parent", help="The LoHa/LoKr: a registry name, run folder or file.")
+    c.add_argument("--rank", type=positive_int, required=True)
+    c.add_argument("--base", default="toy")
+    c.add_argument("--prompt", default="a photo", help="Prompt of the export check's image.")
+    c.set_defaults(run=run_adapters_to_lora)
 
 
 def _print_json(data) -> int:
@@ -410,6 +425,14 @@ def run_adapters_resize(args) -> int:
         args.name, args.parent, args.rank, dynamic=method, param=param, base=args.base, prompt=args.prompt
     )
     _print_made(entry)
+    return 0
+
+
+def run_adapters_to_lora(args) -> int:
+    entry = api.lycoris_to_lora(args.name, args.parent, args.rank, base=args.base, prompt=args.prompt)
+    _print_made(entry)
+    kept = api.show_adapter(entry["name"])["manifest"]["origin"]["params"]["fro_kept"]
+    print(f"kept {kept:.1%} of the LoHa/LoKr update's norm at rank {args.rank}")
     return 0
 
 

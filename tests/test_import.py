@@ -188,9 +188,14 @@ def _write(kind: str, tmp_path, golden_file):
         torch.save(safetensors.torch.load_file(str(golden_file)), path)
     elif kind == "pickle-named-safetensors":
         torch.save(safetensors.torch.load_file(str(golden_file)), path)
-    elif kind == "loha":
+    elif kind == "loha-incomplete":
         safetensors.torch.save_file(
             {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}, str(path)
+        )
+    elif kind == "ia3":
+        ia3 = {"lora_unet_mid_block_attentions_0_proj_in.weight": torch.zeros(2)}
+        safetensors.torch.save_file(
+            {**ia3, "lora_unet_mid_block_attentions_0_proj_in.on_input": torch.zeros(1)}, str(path)
         )
     elif kind == "unknown":
         safetensors.torch.save_file({"weight": torch.zeros(2)}, str(path))
@@ -206,7 +211,8 @@ def _write(kind: str, tmp_path, golden_file):
         ("sdxl", "architecture mismatch: this is an SDXL adapter"),
         ("pickle", "refused: a pickle file"),
         ("pickle-named-safetensors", "refused: a pickle file"),
-        ("loha", "unsupported: LyCORIS LoHa"),
+        ("loha-incomplete", "loha module 'lora_unet_mid_block_attentions_0_proj_in' has no hada_w1_b"),
+        ("ia3", "unsupported LyCORIS algorithm: IA3"),
         ("unknown", "unknown format"),
         (
             "sd15-on-toy",

@@ -149,18 +149,34 @@ def test_a_key_the_schema_lacks_is_not_supported_until_it_lands(tmp_path):
     assert kohya_import.schema_field("train.noise_offset", "lora") is not None
 
 
-def test_lycoris_loha_is_a_method_once_sdtune_has_it(tmp_path):
+@pytest.mark.parametrize(
+    "lines, method",
+    [
+        (
+            'network_module = "lycoris.kohya"\nnetwork_dim = 8\nnetwork_args = ["algo=loha", "conv_dim=8"]\n',
+            {"type": "lora", "algo": "loha", "preset": "locon", "rank": 8},
+        ),
+        (
+            'network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=4", "decompose_both=True"]\n',
+            {"type": "lora", "algo": "lokr", "preset": "attn+ff", "factor": 4, "decompose_both": True},
+        ),
+    ],
+)
+def test_lycoris_loha_and_lokr_map_to_method_algo(lines, method, tmp_path):
     config = tmp_path / "c.toml"
-    config.write_text('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "conv_dim=4"]\n')
+    config.write_text(lines)
     tr = translate(read_config(config))
-    if "loha" in kohya_import.method_types():
-        assert tr.recipe["method"]["type"] == "loha"
-    else:
-        assert tr.recipe["method"]["type"] == "lora"
-        assert (
-            "network_module (sdtune has no method.type loha yet: this recipe trains a LoRA instead)" in tr.unsupported
-        )
-        assert "network_args.conv_dim (sdtune has no method.conv_dim yet)" in tr.unsupported
+    assert {key: tr.recipe["method"].get(key) for key in method} == method
+    assert ("network_module", "method.algo") in tr.mapped
+    assert not any("algo" in line or "factor" in line for line in tr.unsupported), tr.unsupported
+
+
+def test_a_kohya_ss_lokr_preset_maps_its_own_fields(tmp_path):
+    preset = tmp_path / "p.json"
+    fields = {"LoRA_type": "LyCORIS/LoKr", "network_dim": 16, "factor": 8, "decompose_both": False, "conv_dim": 1}
+    preset.write_text(json.dumps(fields))
+    tr = translate(read_config(preset))
+    assert tr.recipe["method"]["algo"] == "lokr" and tr.recipe["method"]["factor"] == 8
 
 
 BAD = [

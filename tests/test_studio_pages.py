@@ -805,3 +805,13 @@ def test_the_tag_preview_and_duplicate_panels_import_no_torch(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+def test_registry_page_lists_each_adapters_kind(home):
+    """A LoHa (its recipe's method.algo) and a LoRA side by side: the table says which is which."""
+    registered_fake(home, "toy-purple")
+    registered_fake(home, "toy-loha")
+    manifest = Path(api.show_adapter("toy-loha")["folder"]) / "adapter.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "recipe": {"method": {"type": "lora", "algo": "loha"}}}))
+    at = page("registry")
+    table = at.dataframe[0].value
+    assert dict(zip(table["name"], table["kind"])) == {"toy-purple": "lora", "toy-loha": "loha"}

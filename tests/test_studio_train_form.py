@@ -442,3 +442,19 @@ def test_registry_page_shows_scores_as_tables(home):
     assert list(per_prompt["prompt"]) == ["a purple circle", "a purple square"]
     assert list(per_prompt["adapter"]) == [0.75, 1.0] and list(totals["both"]) == [0.0, 0.875]
     assert len(at.json) == 1  # the raw JSON only in the manifest's expander
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_the_lycoris_form_of_the_update_is_open_and_its_lokr_knobs_folded(home, method):
+    """method.algo (lora / loha / lokr) sits open beside rank and preset; LoKr's factor and decompose_both fold into
+    the method's other settings."""
+    at = opened(page("train"), method)
+    folded = {e.label.split(" ")[1]: {w.label for w in widgets(e)} for e in at.expander if e.label.startswith("More ")}
+    algo = [w for w in at.selectbox if "`method.algo`" in (w.help or "")]
+    assert [w.options for w in algo] == [["lora", "loha", "lokr"]] and algo[0].label not in folded["method"]
+    lokr = [
+        w.label
+        for w in widgets(at)
+        if "`method.factor`" in (w.help or "") or "`method.decompose_both`" in (w.help or "")
+    ]
+    assert len(lokr) == 2 and set(lokr) <= folded["method"]

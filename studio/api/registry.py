@@ -18,8 +18,22 @@ def open_registry():
 def list_adapters(
     *, base: str | None = None, method: str | None = None, tag: str | None = None, trigger: str | None = None
 ) -> list[dict]:
-    """Registered adapters (newest first) as dicts: name, method, base, trigger_words, tags, origin, folder..."""
-    return [e.to_dict() for e in open_registry().list(base=base, method=method, tag=tag, trigger=trigger)]
+    """Registered adapters (newest first) as dicts: name, method, kind, base, trigger_words, tags, origin, folder...
+    `kind` is what the files hold (lora, loha, lokr; else the method), read from each manifest."""
+    registry = open_registry()
+    return [
+        {**e.to_dict(), "kind": _kind(registry, e)}
+        for e in registry.list(base=base, method=method, tag=tag, trigger=trigger)
+    ]
+
+
+def _kind(registry, entry) -> str:
+    from sdtune.adapters.manifest import ManifestError, adapter_kind
+
+    try:
+        return adapter_kind(registry.manifest(entry.name))
+    except (ManifestError, OSError):  # a damaged entry still lists (`sdtune adapters check` names it)
+        return entry.method
 
 
 @translated()
@@ -112,6 +126,15 @@ def resize_adapter(name: str, parent: str, max_rank: int, **options) -> dict:
     from sdtune.adapters import merge
 
     return merge.resize_into_registry(name, parent, max_rank, registry=open_registry(), **options).to_dict()
+
+
+@translated()
+def lycoris_to_lora(name: str, parent: str, rank: int, **options) -> dict:
+    """A LoHa/LoKr as a new registered LoRA of rank `rank` (SVD); `options`: `base`, `prompt`. Its manifest's
+    origin params hold the kept share of the norm (`fro_kept`)."""
+    from sdtune.adapters import merge
+
+    return merge.lycoris_to_lora_into_registry(name, parent, rank, registry=open_registry(), **options).to_dict()
 
 
 @translated()

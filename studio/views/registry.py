@@ -28,7 +28,8 @@ def render():
     with importing:
         _import()
     with merging:
-        _merge([a for a in adapters if a["method"] == "lora"])
+        # merges add LoRA factors: a LoHa/LoKr becomes a LoRA first (`sdtune adapters to-lora`)
+        _merge([a for a in adapters if a["method"] == "lora" and a.get("kind", "lora") == "lora"])
 
 
 def _browse(adapters: list[dict]):
@@ -45,6 +46,7 @@ def _browse(adapters: list[dict]):
             {
                 "name": a["name"],
                 "method": a["method"],
+                "kind": a.get("kind", a["method"]),
                 "base": a["base"],
                 "trigger": ", ".join(a["trigger_words"]),
                 "tags": ", ".join(a.get("tags", [])),

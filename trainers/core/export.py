@@ -29,6 +29,7 @@ import torch
 from sdtune.adapters.export_check import PIXEL_TOLERANCE, ExportCheck, ExportChecker, ExportCheckError
 from sdtune.adapters.file_metadata import LoraFacts, TrainingFacts, base_facts
 from sdtune.adapters.lora_files import save_lora
+from sdtune.adapters.lycoris import NETWORK_MODULE, config_algo, network_args
 from sdtune.trainers.core.lora_layers import lora_state_dicts
 from sdtune.trainers.core.outputs import RunOutputs, model_facts
 from sdtune.trainers.core.runtime import SAVE_DTYPES
@@ -126,13 +127,17 @@ def lora_facts(outputs: RunOutputs, step: int, unet_config: LoraConfig) -> LoraF
         bucket_counts=scan.bucket_counts(),
         network_dropout=method.lora_dropout,
     )
+    network = {}
+    if config_algo(unet_config) != "lora":  # LoHa / LoKr: LyCORIS's network module and args, as sd-scripts writes
+        network = {"network_module": NETWORK_MODULE, "network_args": network_args(method)}
     return LoraFacts(
         model=model_facts(recipe, date=now),
         base=base_facts(outputs.base, outputs.base_ref.hash),
         rank=unet_config.r,
-        alpha=float(unet_config.lora_alpha),
+        alpha=float(getattr(unet_config, "lora_alpha", None) or unet_config.alpha),
         output_name=recipe.output.name,
         training=training,
+        **network,
     )
 
 

@@ -2,11 +2,18 @@
 
 A LoRA replaces a frozen weight W by W + (lora_alpha / rank) * B @ A, with A (rank x in) and B (out x rank)
 trained and B starting at zero, so training starts exactly at the base model. The presets say which layers get one.
+
+`method.algo` picks the form of the update (LyCORIS's names), all through peft, all at scale alpha / rank:
+    lora   B @ A                                   peft LoraConfig
+    loha   (W1a @ W1b) * (W2a @ W2b), elementwise  peft LoHaConfig: rank up to r^2 from 2r(out + in) parameters
+    lokr   kron(W1, W2a @ W2b)                     peft LoKrConfig: W1 small and full, the update full-rank
+peft's LoHa/LoKr are LyCORIS's own math and tensor layout (its layers cite LyCORIS's modules), so the kohya/LyCORIS
+file is a renaming (adapters/lycoris.py); docs/architecture.md says why peft and not the lycoris-lora package.
 """
 
 from __future__ import annotations
 
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from sdtune.trainers.core.recipe import LoraParams
@@ -24,7 +31,21 @@ def unet_target_modules(params: LoraParams) -> list[str]:
     return list(params.target_modules) if params.target_modules else list(UNET_PRESETS[params.preset])
 
 
-def lora_config(params: LoraParams, target_modules: list[str]) -> LoraConfig:
+def lora_config(params: LoraParams, target_modules: list[str]) -> LoraConfig | LoHaConfig | LoKrConfig:
+    """The peft config of `params.algo` over `target_modules`; every form starts at a zero update (the base)."""
+    if params.algo == "loha":
+        # peft's init: W2b = 0, the rest Kaiming-uniform, so the product starts at zero and W2b gets a gradient.
+        return LoHaConfig(r=params.rank, alpha=params.alpha, target_modules=target_modules, init_weights=True)
+    if params.algo == "lokr":
+        # peft's init: W1 = 0 (its rows get gradients through W2), W2 Kaiming-uniform.
+        return LoKrConfig(
+            r=params.rank,
+            alpha=params.alpha,
+            target_modules=target_modules,
+            decompose_factor=params.factor,
+            decompose_both=params.decompose_both,
+            init_weights=True,
+        )
     # Gaussian init of A (B = 0) is what the diffusers examples use; lora_alpha is stored so reloads scale right.
     return LoraConfig(
         r=params.rank,

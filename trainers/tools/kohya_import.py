@@ -35,7 +35,7 @@ from sdtune.trainers.tools.kohya_inputs import (
 )
 from sdtune.trainers.tools.kohya_keys import NETWORK_ARGS, rule_for
 from sdtune.trainers.tools.kohya_render import render, report_lines
-from sdtune.trainers.tools.kohya_rules import Map, to_float
+from sdtune.trainers.tools.kohya_rules import Map, to_bool, to_float, to_int
 from sdtune.trainers.tools.kohya_translation import (
     Translation,
     apply_rule,
@@ -88,6 +88,7 @@ GUI_ZERO_IS_UNSET = {
     "lr_scheduler_power", "conv_dim", "conv_alpha", "network_dropout", "caption_dropout_every_n_epochs",
 }  # fmt: skip
 KOHYA_MODULES = {"networks.lora": "lora", "networks.loha": "loha", "networks.lokr": "lokr"}  # sd-scripts' own
+LYCORIS_ALGOS = ("loha", "lokr")  # method.algo of a LoRA recipe
 GUI_TYPES = {"Standard": "lora", "Kohya LoCon": "locon", "LoCon": "locon", "LyCORIS/LoCon": "locon",
              "LyCORIS/LoHa": "loha", "Kohya LoHa": "loha", "LyCORIS/LoKr": "lokr", "Kohya LoKr": "lokr"}  # fmt: skip
 
@@ -131,6 +132,9 @@ def _method_type(kind: str, tr: Translation) -> str:
     """The method a network kind trains in sdtune; one sdtune lacks trains a plain LoRA, and says so."""
     if kind in ("lora", "locon"):
         return "lora"
+    if kind in LYCORIS_ALGOS:  # a LoRA of another form: method.algo (the report says network_module -> method.algo)
+        tr.mapped = [(key, "method.algo" if dotted == "method.type" else dotted) for key, dotted in tr.mapped]
+        return "lora"
     if kind in method_types():
         return kind
     labels = [key for key, dotted in tr.mapped if dotted == "method.type"]
@@ -146,6 +150,10 @@ def _network_args(net_args: dict, kind: str, args: dict, tr: Translation, source
     conv_alpha = net_args.pop("conv_alpha", args.get("conv_alpha"))
     where = "network_args." if "LoRA_type" not in args else ""
     label = "network_module" if "network_module" in args else "LoRA_type"
+    if kind in LYCORIS_ALGOS:  # LoHa/LoKr over the same layers as a LoRA: conv_dim adds the convs, as LoCon
+        tr.put(label, "method.algo", kind, source, f"LyCORIS {kind}", shown=args.get(label), record=False)
+        _lokr_settings(net_args, kind, args, tr, source, where)
+        kind = "locon" if conv_dim is not None else "lora"
     if kind not in ("lora", "locon"):  # a method of its own: its args under their names, where the schema has them
         for name, value in (("conv_dim", conv_dim), ("conv_alpha", conv_alpha)):
             if value is not None:
@@ -188,6 +196,23 @@ def _network_args(net_args: dict, kind: str, args: dict, tr: Translation, source
         apply_rule(tr, name, literal(value), rule, source, label=f"network_args.{name}")
 
 
+def _lokr_settings(net_args: dict, kind: str, args: dict, tr: Translation, source: str, where: str):
+    """LoKr's factor and decompose_both (network args, or the GUI's own fields) -> method.factor/decompose_both."""
+    settings = (
+        ("factor", Map(("method.factor",), to_int), "-1"),
+        ("decompose_both", Map(("method.decompose_both",), to_bool), "false"),
+    )
+    for name, rule, default in settings:
+        value = net_args.pop(name, args.get(name))
+        if value is None or is_empty(value):
+            continue
+        if kind != "lokr":  # the GUI writes LoKr's fields into every preset: only a changed one is worth a line
+            if str(value).lower() != default:
+                tr.skip(where + name, "ignored", f"a LoKr setting; this is {kind}")
+            continue
+        apply_rule(tr, name, literal(str(value)), rule, source, label=where + name)
+
+
 # -- one config (and its dataset config) into one recipe ------------------------------------------------------------
 
 # Keys read by the steps above or below, never through the table alone.
@@ -203,6 +228,8 @@ _SPECIAL = {
     "additional_parameters",
     "reg_data_dir",
     "sample_prompts",
+    "factor",
+    "decompose_both",
     "config_file",
     "dataset_config",
 }

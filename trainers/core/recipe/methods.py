@@ -104,6 +104,22 @@ class LoraParams(Section):
     )
     target_modules: list[str] | None = Field(None, description="Explicit peft target_modules; overrides preset.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA) through peft's use_dora.")
+    # LyCORIS's algorithms (its `algo` network arg): the same layers (preset), another factorization of the update.
+    algo: Literal["lora", "loha", "lokr"] = Field(
+        "lora",
+        description="The update's form (LyCORIS's algo): lora = B @ A; loha = (A1 @ B1) * (A2 @ B2), a Hadamard "
+        "product of two rank-r pairs (rank up to r^2 for the parameters of 2r); lokr = kron(W1, W2), a Kronecker "
+        "product (few parameters, full rank). Written in the LyCORIS layout A1111, ComfyUI and Forge load.",
+        json_schema_extra=COMMON,
+    )
+    factor: int = Field(
+        -1,
+        description="lokr: the size of the Kronecker product's small factor (W1 is factor x factor where the layer's "
+        "width divides); -1 splits each side near its square root (LyCORIS's default).",
+    )
+    decompose_both: bool = Field(
+        False, description="lokr: also write the small factor W1 as a rank-r product, not only W2 (LyCORIS's name)."
+    )
     train_text_encoder: bool = Field(
         False, description="Also train a LoRA on the text encoder's attention.", json_schema_extra=COMMON
     )
@@ -145,6 +161,18 @@ class LoraParams(Section):
         if any(w < 0 for w in weights):
             raise ValueError("a block's lr weight must be 0 (frozen) or more")
         return value
+
+    @model_validator(mode="after")
+    def _check_algo(self):
+        if self.algo != "lora" and self.use_dora:
+            raise ValueError(f"use_dora is a LoRA form (algo: lora); algo {self.algo} has no DoRA")
+        if self.algo != "lora" and self.lora_dropout:
+            raise ValueError(f"lora_dropout is LoRA's dropout (algo: lora); algo {self.algo} trains without it")
+        if self.algo != "lokr" and (self.factor != -1 or self.decompose_both):
+            raise ValueError("factor and decompose_both are LoKr settings; set algo: lokr, or leave them out")
+        if self.factor == 0 or self.factor < -1:
+            raise ValueError(f"factor {self.factor}: give a positive size, or -1 (split near the square root)")
+        return self
 
     @property
     def alpha(self) -> float:
@@ -229,6 +257,8 @@ class DreamBoothMethod(LoraParams, EmaParams):
             raise ValueError("with_prior_preservation needs class_prompt, e.g. class_prompt: 'a photo of dog'")
         if self.text_encoder_steps is not None and not self.train_text_encoder:
             raise ValueError("text_encoder_steps needs train_text_encoder: true")
+        if self.algo != "lora" and not self.lora:
+            raise ValueError(f"algo {self.algo} is an adapter form: set lora: true (DreamBooth-LoRA), or algo: lora")
         return self
 
 
