@@ -805,6 +805,8 @@ def test_the_tag_preview_and_duplicate_panels_import_no_torch(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_registry_page_lists_each_adapters_kind(home):
     """A LoHa (its recipe's method.algo) and a LoRA side by side: the table says which is which."""
     registered_fake(home, "toy-purple")
