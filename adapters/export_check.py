@@ -142,15 +142,20 @@ class ExportChecker:
             result.max_pixel_diff["peft-vs-kohya"] = int(
                 np.abs(_pixels(images["peft"]) - _pixels(images["kohya"])).max()
             )
-        strip = contact_sheet.make_grid(
-            [[s.image for s in images.values()]],
-            [self.settings.prompt],
-            list(images),
-            "export check: same prompt and seed, each file reloaded through diffusers",
-        )
-        contact_sheet.save_grid(strip, out_dir / "export_check.png")
-        result.images = {"strip": "export_check.png"}
+        result.images = save_strip(images, self.settings, out_dir, "each file reloaded through diffusers")
         return result
+
+
+def save_strip(images: dict, settings: sampling.SampleSettings, out_dir: Path, how: str) -> dict[str, str]:
+    """The check's images side by side, labelled, as `export_check.png` in `out_dir`; returns the report's images."""
+    strip = contact_sheet.make_grid(
+        [[s.image for s in images.values()]],
+        [settings.prompt],
+        list(images),
+        f"export check: same prompt and seed, {how}",
+    )
+    contact_sheet.save_grid(strip, out_dir / "export_check.png")
+    return {"strip": "export_check.png"}
 
 
 @contextlib.contextmanager
@@ -207,3 +212,39 @@ def check_lora_files(pipe, files: dict, modules, table, settings: sampling.Sampl
         np.abs(_pixels(kohya_image) - _pixels(reference)).max()
     )
     return report
+
+
+def check_embedding_files(
+    checker: ExportChecker, files: dict, reference: sampling.Sample, out_dir: Path, token: str
+) -> ExportCheck:
+    """The export check of a textual-inversion embedding: a clean copy of the base loads each file and renders
+    `checker.settings`, compared with `reference` (the vectors as trained) and with each other.
+
+    The diffusers file loads through `pipe.load_textual_inversion(path)` (its token is its key). The A1111 file is
+    read as A1111 and ComfyUI read it (`emb_params`, named by its file) and its vectors stand where the trained
+    token stands in the prompt, which is what A1111 does with the file's name.
+    """
+    from sdtune.adapters.embeddings import load_embedding, unload_embedding
+
+    pipe = checker._base().to(checker.device)
+    images = {"trained": reference}
+    try:
+        for fmt, path in files.items():
+            loaded = load_embedding(pipe, path, token=None if fmt == "embedding" else token)
+            try:
+                with torch.no_grad(), checker.autocast():
+                    images[fmt] = sampling.generate(pipe, [checker.settings])[0]
+            finally:
+                unload_embedding(pipe, loaded)
+    finally:
+        checker._pipe = pipe.to("cpu")
+    result = ExportCheck(skipped="an embedding: no LoRA keys to match")
+    for fmt in files:
+        result.max_pixel_diff[f"trained-vs-{fmt}"] = int(np.abs(_pixels(images[fmt]) - _pixels(reference)).max())
+    if len(files) > 1:
+        first, second = list(files)[:2]
+        result.max_pixel_diff[f"{first}-vs-{second}"] = int(
+            np.abs(_pixels(images[first]) - _pixels(images[second])).max()
+        )
+    result.images = save_strip(images, checker.settings, out_dir, "each embedding file reloaded into a clean base")
+    return result

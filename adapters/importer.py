@@ -6,6 +6,8 @@ Formats, detected from the tensor names (never from the file name):
                           (and `lora_te1_`, as diffusers' converter writes SD v1); LoCon conv layers included
     LyCORIS LoHa / LoKr   `hada_w1_a...` / `lokr_w1...`: diffusers and peft load these for Flux2/Z-Image only, so an
                           SD v1 file is refused as unsupported, with what to do instead
+    embedding             one tensor of token vectors (diffusers' {token: vectors}, A1111's emb_params): a textual
+                          inversion, as wide as the base's text encoder (adapters/embeddings.py)
     ControlNet            a diffusers folder (config.json of a ControlNetModel) or a single file (`input_hint_block`,
                           `controlnet_cond_embedding`)
     DreamBooth full model a diffusers folder (model_index.json) or a single-file SD v1 checkpoint
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdtune.adapters.base import PICKLE_SUFFIXES, base_hash, resolve_base
+from sdtune.adapters.embeddings import is_embedding, prepare_import, registered_files
 from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.manifest import AdapterManifest, BaseRef
 from sdtune.adapters.registry import Entry, Registry, check_name, copy_into
@@ -341,6 +344,8 @@ def _prepare(path: Path, base: str, allow_pickle: bool):
     if path.is_dir():
         return _prepare_folder(path, base)
     tensors, metadata = read_tensors(path, allow_pickle)
+    if is_embedding(tensors):  # a textual inversion (adapters/embeddings.py)
+        return prepare_import(path, tensors, metadata, base)
     fmt = detect_format(tensors, metadata)
     _refuse_format(path, fmt, list(tensors))
     base_digest = base_hash(base)
@@ -375,6 +380,9 @@ def _prepare(path: Path, base: str, allow_pickle: bool):
         report.format = "dreambooth"
         report.detail = f"single-file SD v1 checkpoint ({detect_config(path)} layout)"
     return report, payload
+
+
+_METHODS = {"kohya": "lora", "peft": "lora", "embedding": "textual_inversion"}  # a format's method in the registry
 
 
 def _prepare_folder(path: Path, base: str):
@@ -427,10 +435,12 @@ def import_adapter(
         trigger = metadata.get("modelspec.trigger_phrase", "")
         return AdapterManifest(
             name=name,
-            method="lora" if report.format in ("kohya", "peft") else report.format,
+            method=_METHODS.get(report.format, report.format),
             created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             base=base_ref,
-            trigger_words=[w.strip() for w in trigger.split(",") if w.strip()],
+            trigger_words=[payload["token"]]
+            if "token" in payload
+            else [w.strip() for w in trigger.split(",") if w.strip()],
             dataset={},
             training={"steps": int(metadata["ss_steps"])} if metadata.get("ss_steps", "").isdigit() else {},
             files=files,
@@ -453,6 +463,8 @@ def import_adapter(
 
 def _write_files(staging: Path, path: Path, report: ImportReport, payload: dict, name: str) -> dict[str, str]:
     """The registered copy: both formats of a LoRA (the original file kept byte for byte), or the model as given."""
+    if report.format == "embedding":
+        return registered_files(staging, payload)
     if report.format in ("kohya", "peft"):
         from sdtune.adapters.file_metadata import facts_of_base, kohya_metadata
         from sdtune.adapters.lora_files import PEFT_FILE, kohya_path, save_kohya, save_modules_peft, summary_facts

@@ -158,8 +158,10 @@ def render_widget(manifest, folder: Path, prompts: list[str], out: Path) -> None
         each = [(side, replace(settings, prompts=[prompt])) for side, prompt in zip(sides, prompts)]
     elif "diffusers" in manifest.files:  # a full fine-tune (its extracted LoRA aside): it is the base
         each = [(Side(PipelineSpec(str(folder / manifest.files["diffusers"]))), settings)]
-    else:
-        spec = PipelineSpec(manifest.base.name_or_path, [AdapterUse(str(folder / manifest.files["peft"]))])
+    else:  # a LoRA and/or an embedding (textual inversion; a pivotal-tuning LoRA has both)
+        loras = [AdapterUse(str(folder / manifest.files["peft"]))] if "peft" in manifest.files else []
+        embeddings = [str(folder / manifest.files["embedding"])] if "embedding" in manifest.files else []
+        spec = PipelineSpec(manifest.base.name_or_path, loras, embeddings=embeddings)
         each = [(Side(spec), settings)]
     key = (str(folder), (folder / "adapter.json").stat().st_mtime_ns, repr(settings))
     if key not in _RENDERED:

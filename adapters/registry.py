@@ -37,6 +37,7 @@ from sdtune.adapters.manifest import MANIFEST_NAME, AdapterManifest, ManifestErr
 from sdtune.adapters.workspace import open_db, sdtune_home
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+KINDS = {"textual_inversion": "embedding"}  # method -> what the registry calls it, where the two differ
 REGISTRY_SIDECAR = "registry.json"  # registry-only data kept in the folder too: tags, when it was registered
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -73,8 +74,13 @@ class Entry:
     tags: list[str]
     folder: Path
 
+    @property
+    def kind(self) -> str:
+        """What the adapter is to a user: lora, embedding (a textual inversion), controlnet, dreambooth."""
+        return KINDS.get(self.method, self.method)
+
     def to_dict(self) -> dict:
-        return {**self.__dict__, "folder": str(self.folder)}
+        return {**self.__dict__, "folder": str(self.folder), "kind": self.kind}
 
 
 @dataclass

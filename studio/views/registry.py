@@ -45,6 +45,7 @@ def _browse(adapters: list[dict]):
             {
                 "name": a["name"],
                 "method": a["method"],
+                "kind": a.get("kind", a["method"]),
                 "base": a["base"],
                 "trigger": ", ".join(a["trigger_words"]),
                 "tags": ", ".join(a.get("tags", [])),

@@ -289,7 +289,43 @@ class ControlNetMethod(EmaParams):
         return self
 
 
-Method = Annotated[LoraMethod | DreamBoothMethod | ControlNetMethod, Field(discriminator="type")]
+class TextualInversionMethod(EmaParams):
+    """Textual inversion: new token vectors learned over a frozen base (trainers/textual_inversion.py).
+
+    `num_vectors` rows are added to the text encoder's token embeddings for `placeholder_token` (diffusers' names:
+    `<zq>`, `<zq>_1`, ...), each starting as `initializer_token`'s vector; only they train, so the result is a few
+    kilobytes that A1111 (`embeddings/`), ComfyUI (`embedding:name`) and diffusers (`load_textual_inversion`) load.
+    """
+
+    type: Literal["textual_inversion"] = Field(
+        "textual_inversion",
+        description="textual_inversion: new token vectors over the frozen base (trainers/textual_inversion.py).",
+    )
+    placeholder_token: str = Field(
+        "<sks>",
+        pattern=r"^\S+$",
+        description="The new token the vectors stand for, e.g. <zq>; a caption (or data.caption_template) holds it. "
+        "It must not be a word the tokenizer already knows.",
+        json_schema_extra=COMMON,
+    )
+    initializer_token: str = Field(
+        "object",
+        pattern=r"^\S+$",
+        description="One existing token whose vector every new vector starts from (a word near the concept).",
+        json_schema_extra=COMMON,
+    )
+    num_vectors: int = Field(
+        1,
+        ge=1,
+        le=75,
+        description="Vectors for the placeholder: more can hold more, but fit fewer words in a prompt.",
+        json_schema_extra=COMMON,
+    )
+
+
+Method = Annotated[
+    LoraMethod | DreamBoothMethod | ControlNetMethod | TextualInversionMethod, Field(discriminator="type")
+]
 
 # method.type -> the script that trains it: every method of `Method` has one (tests/test_recipe.py checks), so the
 # worker, the jobs and `sdtune doctor` look a recipe's trainer up without a fallback.
@@ -297,6 +333,7 @@ TRAINERS = {
     "lora": "trainers/lora.py",
     "dreambooth": "trainers/dreambooth.py",
     "controlnet": "trainers/controlnet.py",
+    "textual_inversion": "trainers/textual_inversion.py",
 }
 
 
