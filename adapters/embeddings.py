@@ -141,15 +141,20 @@ def load_embedding(pipe, path: str | Path, token: str | None = None) -> str:
     A1111 names it); returns the token a prompt uses."""
     path = Path(path)
     embedding = read_embedding(path)
-    check_width(embedding, text_width(pipe), str(path))
-    token = token or embedding.token or path.stem
-    taken = [t for t in vector_tokens(token, len(embedding.vectors)) if t in pipe.tokenizer.get_vocab()]
+    return load_vectors(pipe, embedding.vectors, token or embedding.token or path.stem, str(path))
+
+
+def load_vectors(pipe, vectors: torch.Tensor, token: str, source: str) -> str:
+    """Puts `vectors` [n, width] into `pipe` as `token` (and `token_1`...), through diffusers'
+    `load_textual_inversion`; one-line `EmbeddingError`s for another width and a token the tokenizer knows."""
+    check_width(Embedding(vectors, token, ""), text_width(pipe), source)
+    taken = [t for t in vector_tokens(token, len(vectors)) if t in pipe.tokenizer.get_vocab()]
     if taken:
         raise EmbeddingError(
-            f"{path}: its token {token!r} is already a word of the base's tokenizer (or a loaded embedding's); "
+            f"{source}: its token {token!r} is already a word of the base's tokenizer (or a loaded embedding's); "
             "rename the file (A1111 and ComfyUI call an embedding by its file name)"
         )
-    pipe.load_textual_inversion(embedding.vectors.to(pipe.text_encoder.dtype), token=token)
+    pipe.load_textual_inversion(vectors.to(pipe.text_encoder.dtype), token=token)
     return token
 
 
@@ -192,3 +197,37 @@ def registered_files(staging: Path, payload: dict) -> dict[str, str]:
     vectors, token = payload["vectors"], payload["token"]
     files = save_embedding(staging, token, vectors, vectors.dtype, a1111_name(token), payload["metadata"])
     return {fmt: file.name for fmt, file in files.items()}
+
+
+# -- bundled in a kohya LoRA (pivotal tuning) -------------------------------------------------------------------------
+
+BUNDLE_PREFIX = "bundle_emb."  # A1111's Lora extension: bundle_emb.<name>.string_to_param.* loads as embedding <name>
+
+
+def bundle_keys(name: str, vectors: torch.Tensor) -> dict:
+    """The kohya keys that carry an embedding inside a LoRA file, as A1111's `networks.load_network` reads them."""
+    return {f"{BUNDLE_PREFIX}{name}.string_to_param.*": vectors.detach().cpu().contiguous()}
+
+
+def bundle_embedding(kohya_file: Path, name: str, vectors: torch.Tensor) -> None:
+    """Adds the embedding `name` to a kohya LoRA file, rewritten atomically with its header (hashes recomputed)."""
+    import safetensors
+    from safetensors.torch import load_file
+
+    from sdtune.adapters.lora_files import save_kohya
+
+    with safetensors.safe_open(str(kohya_file), "pt") as handle:
+        metadata = handle.metadata() or {}
+    save_kohya(kohya_file, {**load_file(str(kohya_file)), **bundle_keys(name, vectors)}, metadata)
+
+
+def split_bundle(tensors: dict) -> tuple[dict, dict[str, Embedding]]:
+    """A kohya file's tensors -> (its LoRA keys, {name: bundled embedding}), as A1111 splits them."""
+    lora = {k: v for k, v in tensors.items() if not k.startswith(BUNDLE_PREFIX)}
+    bundled: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            name, _, rest = key[len(BUNDLE_PREFIX) :].partition(".")
+            if rest.startswith("string_to_param."):
+                bundled.setdefault(name, {})["string_to_param"] = {rest.split(".", 1)[1]: tensor}
+    return lora, {name: from_tensors(data, f"{BUNDLE_PREFIX}{name}") for name, data in bundled.items()}

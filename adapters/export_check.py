@@ -248,3 +248,47 @@ def check_embedding_files(
         )
     result.images = save_strip(images, checker.settings, out_dir, "each embedding file reloaded into a clean base")
     return result
+
+
+def check_pivotal_files(
+    checker: ExportChecker, files: dict, reference: sampling.Sample, out_dir: Path, token: str
+) -> ExportCheck:
+    """The export check of a pivotal-tuning run (a LoRA and an embedding): the diffusers way, the PEFT file through
+    `load_lora_weights` and `learned_embeds.safetensors` through `load_textual_inversion`; the A1111 way, the kohya
+    file alone: its LoRA keys, and its `bundle_emb` vectors standing where the token stands. Both are compared with
+    `reference` and with each other; the kohya LoRA keys are replayed through A1111's and ComfyUI's key tables."""
+    from safetensors.torch import load_file
+
+    from sdtune.adapters.embeddings import load_embedding, load_vectors, split_bundle, unload_embedding
+
+    pipe = checker._base().to(checker.device)
+    lora_sd, bundled = split_bundle(load_file(str(files["kohya"]))) if "kohya" in files else ({}, {})
+    ways = {"peft+embedding": (files["peft"], files["embedding"])}
+    if bundled:
+        ways["kohya+bundle_emb"] = (lora_sd, next(iter(bundled.values())).vectors)
+    images = {"trained": reference}
+    try:
+        for label, (lora, embedding) in ways.items():
+            pipe.load_lora_weights(lora if isinstance(lora, dict) else str(lora), adapter_name="export_check")
+            if isinstance(embedding, torch.Tensor):  # bundled: A1111 names it by its key, here by the token
+                loaded = load_vectors(pipe, embedding, token, f"{files['kohya']}: bundle_emb")
+            else:
+                loaded = load_embedding(pipe, embedding, token=token)
+            try:
+                with torch.no_grad(), checker.autocast():
+                    images[label] = sampling.generate(pipe, [checker.settings])[0]
+            finally:
+                unload_embedding(pipe, loaded)
+                pipe.delete_adapters("export_check")
+    finally:
+        checker._pipe = pipe.to("cpu")
+    result = ExportCheck(skipped=None if bundled else "no kohya file (output.export_kohya off, or DoRA)")
+    for label in ways:
+        result.max_pixel_diff[f"trained-vs-{label}"] = int(np.abs(_pixels(images[label]) - _pixels(reference)).max())
+    if bundled:
+        diff = np.abs(_pixels(images["peft+embedding"]) - _pixels(images["kohya+bundle_emb"])).max()
+        result.max_pixel_diff["peft-vs-kohya"] = int(diff)
+        result.unmatched_a1111 = a1111_keys.unmatched_kohya_keys(lora_sd, checker._compvis, checker._layers_per_block)
+        result.unmatched_comfyui = a1111_keys.comfyui_unmatched_kohya_keys(lora_sd, checker._comfy_map)
+    result.images = save_strip(images, checker.settings, out_dir, "the LoRA and its embedding reloaded both ways")
+    return result
