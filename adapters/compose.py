@@ -18,6 +18,9 @@ switching is only a change of weights. Per-block weights scale each LoRA layer b
                   OUT00..OUTnn, one number per block of the original (LDM) UNet: 26 numbers for SD v1-5, 14 for the
                   toy base. Layers outside these blocks (conv_in, time embedding, conv_out) keep the adapter weight.
 
+Textual-inversion embeddings (`PipelineSpec.embeddings`, `Composer.set_embeddings`) stack with the LoRAs: each adds
+its token to the tokenizer, which a prompt then uses (`a photo of <zq>`).
+
 ControlNets (`sampling.ControlSpec`, folder, run or file at a scale) turn the pipeline into diffusers'
 StableDiffusionControlNetPipeline over the same components; several make a MultiControlNet.
 """
@@ -78,6 +81,7 @@ class PipelineSpec:
     device: str | None = None  # None: cuda when present
     dtype: str | None = None  # fp32 / fp16 / bf16; None: fp16 on CUDA, fp32 elsewhere
     fuse: bool = False
+    embeddings: list[str] = field(default_factory=list)  # textual-inversion embeddings: names, files or run folders
 
 
 def resolve_adapter(ref: str, registry=None) -> Path:
@@ -104,6 +108,8 @@ def resolve_adapter(ref: str, registry=None) -> Path:
             f"--adapter: {ref} not found (not a LoRA file, a run folder, or a name in the registry at "
             f"{registry.home}; see `sdtune adapters list`)"
         ) from None
+    if "embedding" in manifest.files and not {"peft", "kohya"} & set(manifest.files):
+        raise ComposeError(f"adapter {ref!r} is an embedding, not a LoRA: use --embedding {ref} (A/B: +emb={ref})")
     if manifest.method != "lora" and not {"peft", "kohya"} & set(manifest.files):
         raise ComposeError(
             f"adapter {ref!r} is a {manifest.method} model, not a LoRA: use it as the base (--base {ref})"
@@ -231,6 +237,7 @@ class Composer:
         self.active: list[AdapterUse] = []
         self.fused = False
         self._kept: list = []  # (layer, its base weight) while fused
+        self.embeddings: dict[str, str] = {}  # resolved embedding file -> the token a prompt calls it by
 
     def _load(self, use: AdapterUse) -> str:
         path = resolve_adapter(use.ref, self.registry)
@@ -301,6 +308,19 @@ class Composer:
         """`name:weight, ...` of the active adapters, for PNG parameters and grid titles."""
         return ", ".join(f"{Path(u.ref).name}:{u.weight:g}" for u in self.active)
 
+    def set_embeddings(self, refs: list[str]) -> Composer:
+        """Makes exactly the embeddings `refs` loaded, each under its own token (a diffusers file's key, an A1111
+        file's name), which a prompt then uses; an embedding has no weight (A1111 has none either)."""
+        from sdtune.adapters.embeddings import load_embedding, unload_embedding
+
+        wanted = [str(resolve_embedding(ref, self.registry).resolve()) for ref in refs]
+        for key in [k for k in self.embeddings if k not in wanted]:
+            unload_embedding(self.pipe, self.embeddings.pop(key))
+        for key in wanted:
+            if key not in self.embeddings:
+                self.embeddings[key] = load_embedding(self.pipe, key)
+        return self
+
 
 def build(spec: PipelineSpec, registry=None) -> Composer:
     """Loads the base of `spec`, puts its adapters on it at their weights, fuses if asked: ready to sample.
@@ -320,9 +340,11 @@ def build(spec: PipelineSpec, registry=None) -> Composer:
         raise ComposeError(f"dtype: {dtype!r} is not one of {', '.join(dtypes)}")
     for use in spec.adapters:
         resolve_adapter(use.ref, registry)  # every name is checked before the base loads
+    for ref in spec.embeddings:
+        resolve_embedding(ref, registry)
     pipe = load_pipeline(resolve_base_ref(spec.base, registry), torch_dtype=dtypes[dtype]).to(device)
     pipe.set_progress_bar_config(disable=True)
-    composer = Composer(pipe, registry).set(spec.adapters)
+    composer = Composer(pipe, registry).set(spec.adapters).set_embeddings(spec.embeddings)
     if spec.fuse:
         composer.fuse()
     if spec.controlnets:  # a ControlNet pipeline over the same components: the LoRAs set above stay in effect
@@ -330,6 +352,33 @@ def build(spec: PipelineSpec, registry=None) -> Composer:
 
         composer.pipe = load_controlnets(composer.pipe, spec.controlnets)
     return composer
+
+
+def resolve_embedding(ref: str, registry=None) -> Path:
+    """The embedding file a reference means: a file, a textual-inversion run folder's `learned_embeds.safetensors`,
+    or the embedding of a registered adapter (a textual inversion, or a pivotal-tuning LoRA)."""
+    from sdtune.adapters.embeddings import DIFFUSERS_FILE
+
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if not (path / DIFFUSERS_FILE).is_file():
+            raise ComposeError(f"--embedding {ref}: folder without {DIFFUSERS_FILE} (expected a run folder or a file)")
+        return path / DIFFUSERS_FILE
+    from sdtune.adapters.registry import Registry, RegistryError
+
+    registry = registry or Registry()
+    try:
+        manifest = registry.manifest(ref)
+    except RegistryError:
+        raise ComposeError(
+            f"--embedding: {ref} not found (not an embedding file, a run folder, or a name in the registry at "
+            f"{registry.home}; see `sdtune adapters list --method textual_inversion`)"
+        ) from None
+    if "embedding" not in manifest.files:
+        raise ComposeError(f"--embedding {ref}: the registered {manifest.method} {ref!r} holds no embedding")
+    return registry.file(ref, "embedding")
 
 
 __all__ = [
@@ -344,4 +393,5 @@ __all__ = [
     "resolve_adapter",
     "resolve_base_ref",
     "resolve_controlnet",
+    "resolve_embedding",
 ]

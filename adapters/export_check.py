@@ -162,15 +162,20 @@ class ExportChecker:
             result.max_pixel_diff["peft-vs-kohya"] = int(
                 np.abs(_pixels(images["peft"]) - _pixels(images["kohya"])).max()
             )
-        strip = contact_sheet.make_grid(
-            [[s.image for s in images.values()]],
-            [self.settings.prompt],
-            list(images),
-            "export check: same prompt and seed, each file reloaded through diffusers",
-        )
-        contact_sheet.save_grid(strip, out_dir / "export_check.png")
-        result.images = {"strip": "export_check.png"}
+        result.images = save_strip(images, self.settings, out_dir, "each file reloaded through diffusers")
         return result
+
+
+def save_strip(images: dict, settings: sampling.SampleSettings, out_dir: Path, how: str) -> dict[str, str]:
+    """The check's images side by side, labelled, as `export_check.png` in `out_dir`; returns the report's images."""
+    strip = contact_sheet.make_grid(
+        [[s.image for s in images.values()]],
+        [settings.prompt],
+        list(images),
+        f"export check: same prompt and seed, {how}",
+    )
+    contact_sheet.save_grid(strip, out_dir / "export_check.png")
+    return {"strip": "export_check.png"}
 
 
 @contextlib.contextmanager
@@ -228,3 +233,83 @@ def check_lora_files(pipe, files: dict, modules, table, settings: sampling.Sampl
         np.abs(_pixels(kohya_image) - _pixels(reference)).max()
     )
     return report
+
+
+def check_embedding_files(
+    checker: ExportChecker, files: dict, reference: sampling.Sample, out_dir: Path, token: str
+) -> ExportCheck:
+    """The export check of a textual-inversion embedding: a clean copy of the base loads each file and renders
+    `checker.settings`, compared with `reference` (the vectors as trained) and with each other.
+
+    The diffusers file loads through `pipe.load_textual_inversion(path)` (its token is its key). The A1111 file is
+    read as A1111 and ComfyUI read it (`emb_params`, named by its file) and its vectors stand where the trained
+    token stands in the prompt, which is what A1111 does with the file's name.
+    """
+    from sdtune.adapters.embeddings import load_embedding, unload_embedding
+
+    pipe = checker._base().to(checker.device)
+    images = {"trained": reference}
+    try:
+        for fmt, path in files.items():
+            loaded = load_embedding(pipe, path, token=None if fmt == "embedding" else token)
+            try:
+                with torch.no_grad(), checker.autocast():
+                    images[fmt] = sampling.generate(pipe, [checker.settings])[0]
+            finally:
+                unload_embedding(pipe, loaded)
+    finally:
+        checker._pipe = pipe.to("cpu")
+    result = ExportCheck(skipped="an embedding: no LoRA keys to match")
+    for fmt in files:
+        result.max_pixel_diff[f"trained-vs-{fmt}"] = int(np.abs(_pixels(images[fmt]) - _pixels(reference)).max())
+    if len(files) > 1:
+        first, second = list(files)[:2]
+        result.max_pixel_diff[f"{first}-vs-{second}"] = int(
+            np.abs(_pixels(images[first]) - _pixels(images[second])).max()
+        )
+    result.images = save_strip(images, checker.settings, out_dir, "each embedding file reloaded into a clean base")
+    return result
+
+
+def check_pivotal_files(
+    checker: ExportChecker, files: dict, reference: sampling.Sample, out_dir: Path, token: str
+) -> ExportCheck:
+    """The export check of a pivotal-tuning run (a LoRA and an embedding): the diffusers way, the PEFT file through
+    `load_lora_weights` and `learned_embeds.safetensors` through `load_textual_inversion`; the A1111 way, the kohya
+    file alone: its LoRA keys, and its `bundle_emb` vectors standing where the token stands. Both are compared with
+    `reference` and with each other; the kohya LoRA keys are replayed through A1111's and ComfyUI's key tables."""
+    from safetensors.torch import load_file
+
+    from sdtune.adapters.embeddings import load_embedding, load_vectors, split_bundle, unload_embedding
+
+    pipe = checker._base().to(checker.device)
+    lora_sd, bundled = split_bundle(load_file(str(files["kohya"]))) if "kohya" in files else ({}, {})
+    ways = {"peft+embedding": (files["peft"], files["embedding"])}
+    if bundled:
+        ways["kohya+bundle_emb"] = (lora_sd, next(iter(bundled.values())).vectors)
+    images = {"trained": reference}
+    try:
+        for label, (lora, embedding) in ways.items():
+            pipe.load_lora_weights(lora if isinstance(lora, dict) else str(lora), adapter_name="export_check")
+            if isinstance(embedding, torch.Tensor):  # bundled: A1111 names it by its key, here by the token
+                loaded = load_vectors(pipe, embedding, token, f"{files['kohya']}: bundle_emb")
+            else:
+                loaded = load_embedding(pipe, embedding, token=token)
+            try:
+                with torch.no_grad(), checker.autocast():
+                    images[label] = sampling.generate(pipe, [checker.settings])[0]
+            finally:
+                unload_embedding(pipe, loaded)
+                pipe.delete_adapters("export_check")
+    finally:
+        checker._pipe = pipe.to("cpu")
+    result = ExportCheck(skipped=None if bundled else "no kohya file (output.export_kohya off, or DoRA)")
+    for label in ways:
+        result.max_pixel_diff[f"trained-vs-{label}"] = int(np.abs(_pixels(images[label]) - _pixels(reference)).max())
+    if bundled:
+        diff = np.abs(_pixels(images["peft+embedding"]) - _pixels(images["kohya+bundle_emb"])).max()
+        result.max_pixel_diff["peft-vs-kohya"] = int(diff)
+        result.unmatched_a1111 = a1111_keys.unmatched_kohya_keys(lora_sd, checker._compvis, checker._layers_per_block)
+        result.unmatched_comfyui = a1111_keys.comfyui_unmatched_kohya_keys(lora_sd, checker._comfy_map)
+    result.images = save_strip(images, checker.settings, out_dir, "the LoRA and its embedding reloaded both ways")
+    return result

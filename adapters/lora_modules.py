@@ -59,6 +59,8 @@ def read_kohya(state_dict: Mapping[str, torch.Tensor]) -> LoraModules:
     sdxl = any(key.startswith("lora_te2_") for key in state_dict)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
+        if key.startswith("bundle_emb."):  # an embedding bundled with the LoRA (pivotal tuning), not a module
+            continue
         module, _, part = key.partition(".")
         if part not in _PARTS:
             raise kohya.LoraFormatError(

@@ -67,18 +67,19 @@ class AdapterManifest:
 
 
 LYCORIS_KINDS = {"loha": "LoHa", "lokr": "LoKr"}  # adapters/lycoris.py: LyCORIS's algorithms sdtune trains and loads
+METHOD_KINDS = {"textual_inversion": "embedding"}  # method -> what a user calls the adapter, where the two differ
 
 
 def adapter_kind(manifest: AdapterManifest) -> str:
     """What the adapter's files hold: lora, loha or lokr for an adapter applied over a base (the recipe's
-    `method.algo`, or an imported file's format), else the method (dreambooth, controlnet)."""
+    `method.algo`, or an imported file's format), else what the method makes (dreambooth, controlnet, embedding)."""
     method = manifest.recipe.get("method") or {}
     for candidate in (method.get("algo"), (manifest.origin or {}).get("format")):
         if candidate in LYCORIS_KINDS:
             return candidate
     if manifest.method == "lora" or (manifest.method == "dreambooth" and method.get("lora")):
         return "lora"
-    return manifest.method
+    return METHOD_KINDS.get(manifest.method, manifest.method)
 
 
 def _check_keys(data, cls, where: str):

@@ -31,6 +31,8 @@ def _tags(manifest) -> list[str]:
         kind.append("lora")
     if adapter_kind(manifest) in LYCORIS_KINDS:  # the Hub's LyCORIS tags, beside lora (A1111 lists them as LoRAs)
         kind += ["lycoris", adapter_kind(manifest)]
+    if "embedding" in manifest.files:  # a textual inversion, or the embedding of a pivotal-tuning LoRA
+        kind += ["textual-inversion", "embedding"]
     return kind + tags + ["template:sd-lora"] * ("lora" in kind)
 
 
@@ -66,6 +68,14 @@ def _usage(manifest, repo: str, files: dict[str, str]) -> str:
             f"`<lora:{stem}:1>` in the prompt. **ComfyUI**: put it in `models/loras` and load it with a "
             "`LoraLoader` node between the checkpoint and the sampler."
         )
+    if "embedding" in files:
+        lines.insert(-3, f'pipe.load_textual_inversion("{repo}", weight_name="{files["embedding"]}")')
+    if "a1111" in files:
+        name = Path(files["a1111"]).stem
+        lines.append(
+            f"**AUTOMATIC1111 / Forge**: download `{files['a1111']}` into `embeddings/` and write `{name}` in the "
+            f"prompt. **ComfyUI**: put it in `models/embeddings` and write `embedding:{name}` in the prompt."
+        )
     if "single_file" in files:
         lines.append(
             f"**A1111 / ComfyUI**: `{files['single_file']}` is a full checkpoint (`models/Stable-diffusion`)."
@@ -95,6 +105,7 @@ def card_text(manifest, repo: str, files: dict[str, str], widget: list[dict], li
     method = {"lora": "LoRA", "dreambooth": "DreamBooth", "controlnet": "ControlNet"}.get(manifest.method, "")
     if adapter_kind(manifest) in LYCORIS_KINDS:
         method = f"LyCORIS {LYCORIS_KINDS[adapter_kind(manifest)]}"
+    method = "textual-inversion" if manifest.method == "textual_inversion" else method
     sections = [
         f"---\n{data.to_yaml()}\n---\n",
         f"# {manifest.name}\n",

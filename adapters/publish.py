@@ -36,7 +36,7 @@ from pathlib import Path
 
 from sdtune.adapters.errors import SdtuneError
 from sdtune.adapters.leaks import drop_local_origins, first_leak
-from sdtune.adapters.manifest import adapter_kind, control_pairs
+from sdtune.adapters.manifest import LYCORIS_KINDS, adapter_kind, control_pairs
 from sdtune.adapters.model_card import WIDGET_IMAGES, card_text, widget_prompts
 
 CARD = "README.md"
@@ -158,9 +158,14 @@ def render_widget(manifest, folder: Path, prompts: list[str], out: Path) -> None
         each = [(side, replace(settings, prompts=[prompt])) for side, prompt in zip(sides, prompts)]
     elif "diffusers" in manifest.files:  # a full fine-tune (its extracted LoRA aside): it is the base
         each = [(Side(PipelineSpec(str(folder / manifest.files["diffusers"]))), settings)]
-    else:  # a LoHa/LoKr renders from its folder: compose loads its LyCORIS file as the LoRA of the same update
-        use = AdapterUse(str(folder / manifest.files["peft"]) if adapter_kind(manifest) == "lora" else str(folder))
-        each = [(Side(PipelineSpec(manifest.base.name_or_path, [use])), settings)]
+    else:  # a LoRA and/or an embedding (textual inversion; a pivotal-tuning LoRA has both); a LoHa/LoKr renders
+        # from its folder: compose loads its LyCORIS file as the LoRA of the same update
+        lycoris = adapter_kind(manifest) in LYCORIS_KINDS
+        peft = [AdapterUse(str(folder / manifest.files["peft"]))] if "peft" in manifest.files else []
+        loras = [AdapterUse(str(folder))] if lycoris else peft
+        embeddings = [str(folder / manifest.files["embedding"])] if "embedding" in manifest.files else []
+        spec = PipelineSpec(manifest.base.name_or_path, loras, embeddings=embeddings)
+        each = [(Side(spec), settings)]
     key = (str(folder), (folder / "adapter.json").stat().st_mtime_ns, repr(settings))
     if key not in _RENDERED:
         pngs = []

@@ -33,7 +33,14 @@ from pathlib import Path
 
 from sdtune.adapters.atomic import copy_atomic
 from sdtune.adapters.errors import SdtuneError
-from sdtune.adapters.manifest import MANIFEST_NAME, AdapterManifest, ManifestError, read_manifest, write_json_atomic
+from sdtune.adapters.manifest import (
+    MANIFEST_NAME,
+    METHOD_KINDS,
+    AdapterManifest,
+    ManifestError,
+    read_manifest,
+    write_json_atomic,
+)
 from sdtune.adapters.workspace import open_db, sdtune_home
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -73,8 +80,14 @@ class Entry:
     tags: list[str]
     folder: Path
 
+    @property
+    def kind(self) -> str:
+        """What the adapter is to a user, from its method alone: lora, embedding (a textual inversion), controlnet,
+        dreambooth. The studio's list reads the manifest for more (loha, lokr: `manifest.adapter_kind`)."""
+        return METHOD_KINDS.get(self.method, self.method)
+
     def to_dict(self) -> dict:
-        return {**self.__dict__, "folder": str(self.folder)}
+        return {**self.__dict__, "folder": str(self.folder), "kind": self.kind}
 
 
 @dataclass

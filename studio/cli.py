@@ -5,6 +5,7 @@ Usage:
     sdtune sample --prompt "a red circle" --seed 0 --seed 1 --out samples/ --grid
     sdtune sample --base runs/quickstart/... --adapter runs/quickstart:0.8 --prompts-file prompts.txt
     sdtune sample --prompt "a red circle" --controlnet runs/cn:0.9 --control-image edges.png --adapter runs/q
+    sdtune sample --prompt "a <zq>" --embedding runs/ti --adapter toy-purple:0.8
     sdtune annotate --kind canny photos/ data/conditioning/             # ControlNet conditioning images
     sdtune convert path/to/diffusers-folder model.safetensors --half      # and back: model.safetensors folder/
     sdtune extract-lora toy runs/toy-dreambooth/diffusers --rank 32 --out runs/sks-lora   # LoRA of a fine-tune
@@ -66,6 +67,14 @@ def _sample_parser(sub):
     )
     p.add_argument("--control-guidance-start", type=float, default=0.0, help="Share of steps before control starts.")
     p.add_argument("--control-guidance-end", type=float, default=1.0, help="Share of steps after which it stops.")
+    p.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE_OR_NAME_OR_RUN",
+        help="Textual-inversion embedding (file, registry name or run folder); repeatable. Prompts call it by its "
+        "token, e.g. 'a <zq>' (an A1111 file: by its file name).",
+    )
     p.add_argument("--fuse", action="store_true", help="Merge the adapters into the base weights (faster steps).")
     p.add_argument("--prompt", action="append", default=[], help="Prompt; repeatable.")
     p.add_argument("--prompts-file", type=Path, help="Text file with one prompt per line.")
@@ -123,6 +132,7 @@ def run_sample(args) -> int:
             control_guidance_start=args.control_guidance_start,
             control_guidance_end=args.control_guidance_end,
             fuse=args.fuse,
+            embeddings=args.embedding,
         )
     except api.StudioError as exc:
         raise SystemExit(f"sdtune sample: {exc}") from None

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from sdtune.trainers.core import class_images, lora_layers, runtime
+from sdtune.trainers.core import class_images, lora_layers, pivotal, runtime
 from sdtune.trainers.core.batches import idle_during_steps, make_batches
 from sdtune.trainers.core.cache import text_states
 from sdtune.trainers.core.checkpointing import start_or_resume
@@ -97,7 +97,7 @@ def instance_and_class_batches(
     class_data = None
     if class_scan is not None:
         class_data = (class_scan, class_images.class_data_config(recipe, recipe.method.class_data_dir or "."))
-    frozen_text = not recipe.method.train_text_encoder
+    frozen_text = not (recipe.method.train_text_encoder or recipe.method.pivotal)  # pivotal: its input vectors train
     return make_batches(
         scan,
         recipe.data,
@@ -155,7 +155,10 @@ def main(argv=None) -> int:
         validator.capture_base()
     set_seed(train.seed)
     lora_configs = setup_trainable(unet, text_encoder, method)
-    opt = runtime.prepare_optimization(runtime.unet_and_text_encoder(unet, text_encoder, method), recipe, accelerator)
+    vectors = pivotal.add_vectors(frozen.tokenizer, text_encoder, method)  # None unless method.pivotal (LoRA mode)
+    trained = pivotal.with_vectors(runtime.unet_and_text_encoder(unet, text_encoder, method), vectors, method)
+    opt = runtime.prepare_optimization(trained, recipe, accelerator)
+    pivotal.hook(text_encoder, opt, vectors)
 
     # 5) Checkpoints hold the trained tensors (the whole UNet in full mode), optimizer, schedule, EMA, position.
     state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir, opt.extra_state)
@@ -165,6 +168,9 @@ def main(argv=None) -> int:
         if method.lora
         else full_model_writer(outputs, pipe, base_folder=Path(base.location))
     )
+    if vectors is not None:  # both kinds of files, the embedding bundled in the kohya one; the base: untrained token
+        writer = pivotal.PivotalWriter(writer, vectors)
+        validator.without_adapter = pivotal.untrained(vectors, unet, text_encoder)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune-dreambooth", config=runtime.tracker_config(recipe))
@@ -175,10 +181,15 @@ def main(argv=None) -> int:
     on_checkpoint = writer.save if method.lora else None
     loop = RunLoop.for_recipe(accelerator, recipe, state, batches, on_checkpoint, validator, idle, opt.outputs_weights)
     for batch in loop.micro_batches():
-        grad_to_text = text_encoder_active(method, state.step)
-        with accelerator.accumulate(*opt.models), accelerator.autocast():
+        grad_to_text = text_encoder_active(method, state.step) or method.pivotal
+        captions = pivotal.captions(frozen.tokenizer, batch.captions, method)  # a new token spelled out
+        with (
+            accelerator.accumulate(*opt.models),
+            accelerator.autocast(),
+            pivotal.phase(unet, text_encoder, method, state.step),
+        ):
             with contextlib.nullcontext() if grad_to_text else torch.no_grad():
-                states = text_states(text_cache, frozen.tokenizer, opt.prepared(text_encoder), batch.captions, device)
+                states = text_states(text_cache, frozen.tokenizer, opt.prepared(text_encoder), captions, device)
             # noise at random timesteps, predict the noise (or v); per-image MSE, so instance and class weigh apart
             per_image = batch_loss(opt.model, frozen.noise_scheduler, batch, states, train, dtype, per_sample=True)
             loss = prior_preservation_loss(per_image, batch.num_prior, method.prior_loss_weight)

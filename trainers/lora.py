@@ -24,6 +24,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
+from sdtune.trainers.core import pivotal
 from sdtune.trainers.core.batches import idle_during_steps, make_batches
 from sdtune.trainers.core.cache import text_states
 from sdtune.trainers.core.checkpointing import start_or_resume
@@ -65,14 +66,19 @@ def main(argv=None) -> int:
     unet, text_encoder, tokenizer = frozen.unet, frozen.text_encoder, frozen.tokenizer
 
     # 3) Caches: the VAE runs once per image (ever, thanks to the disk cache), the text encoder once per caption.
+    frozen_text = not (method.train_text_encoder or method.pivotal)  # pivotal: the text's input vectors train
     batches, text_cache = make_batches(
-        scan, recipe.data, train, accelerator, frozen.vae, tokenizer, text_encoder, not method.train_text_encoder
+        scan, recipe.data, train, accelerator, frozen.vae, tokenizer, text_encoder, frozen_text
     )
 
-    # 4) LoRA layers (their random init is seeded: same seed, same starting LoRA), optimizer, schedule.
+    # 4) LoRA layers (their random init is seeded: same seed, same starting LoRA), with pivotal tuning the new
+    # token's vectors (trainers/core/pivotal.py), optimizer, schedule.
     set_seed(train.seed)
     lora_configs = add_lora(unet, text_encoder, method)
-    opt = prepare_optimization(unet_and_text_encoder(unet, text_encoder, method), recipe, accelerator)
+    vectors = pivotal.add_vectors(tokenizer, text_encoder, method)  # None unless method.pivotal
+    trained = pivotal.with_vectors(unet_and_text_encoder(unet, text_encoder, method), vectors, method)
+    opt = prepare_optimization(trained, recipe, accelerator)
+    pivotal.hook(text_encoder, opt, vectors)
 
     # 5) Checkpoints hold the LoRA tensors, optimizer, scheduler, EMA and where the loop stands; resume restores them.
     state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir, opt.extra_state)
@@ -81,6 +87,9 @@ def main(argv=None) -> int:
     validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
     outputs = RunOutputs.for_run(run, scan, accelerator, validator, dtype)
     writer = LoraWriter(outputs, unet, text_encoder, lora_configs, opt.trainable)
+    if vectors is not None:  # both kinds of files, the embedding bundled in the kohya one; the base: untrained token
+        writer = pivotal.PivotalWriter(writer, vectors)
+        validator.without_adapter = pivotal.untrained(vectors, unet, text_encoder)
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune-lora", config=tracker_config(recipe))
 
@@ -88,8 +97,13 @@ def main(argv=None) -> int:
     idle = idle_during_steps(recipe.data, text_cache, frozen.vae, text_encoder)  # on the CPU while it steps
     loop = RunLoop.for_recipe(accelerator, recipe, state, batches, writer.save, validator, idle, opt.outputs_weights)
     for batch in loop.micro_batches():
-        with accelerator.accumulate(*opt.models), accelerator.autocast():
-            states = text_states(text_cache, tokenizer, opt.prepared(text_encoder), batch.captions, device)
+        captions = pivotal.captions(tokenizer, batch.captions, method)  # the new token spelled out as its vectors
+        with (
+            accelerator.accumulate(*opt.models),
+            accelerator.autocast(),
+            pivotal.phase(unet, text_encoder, method, state.step),
+        ):
+            states = text_states(text_cache, tokenizer, opt.prepared(text_encoder), captions, device)
             # noise the latents at random timesteps, predict the noise (or v), MSE with optional min-SNR weights;
             # regularization images (is_reg subsets) at the end of the batch count at prior_loss_weight
             loss = batch_loss(opt.model, noise_scheduler, batch, states, train, dtype, False, method.prior_loss_weight)

@@ -28,12 +28,14 @@ class Renderer:
     def check(self, side: Side) -> None:
         """Every adapter and ControlNet of `side` resolves, and its base is not a LoRA (`toy-purple` alone means
         `toy+toy-purple`)."""
-        from sdtune.adapters.compose import resolve_adapter, resolve_controlnet
+        from sdtune.adapters.compose import resolve_adapter, resolve_controlnet, resolve_embedding
         from sdtune.adapters.registry import Registry
 
         spec = side.pipeline
         for use in spec.adapters:
             resolve_adapter(use.ref, self.registry)
+        for ref in spec.embeddings:
+            resolve_embedding(ref, self.registry)
         for control in side.controls:
             resolve_controlnet(control.ref, self.registry)
         registry = self.registry or Registry()
@@ -48,7 +50,7 @@ class Renderer:
         if key not in self._composers:
             full = compose.PipelineSpec(base=spec.base, device=self.device, dtype=self.dtype)
             self._composers[key] = compose.build(full, self.registry)
-        return self._composers[key].set(spec.adapters)
+        return self._composers[key].set(spec.adapters).set_embeddings(spec.embeddings)
 
     def controlled(self, side: Side, composer):
         """The ControlNet pipeline of `side` over `composer`'s components (its adapters already set)."""

@@ -20,6 +20,7 @@ class ABError(SdtuneError, ValueError):
 
 
 CONTROL_PART = "controlnet="
+EMBEDDING_PART = "emb="  # +emb=NAME_OR_FILE: a textual-inversion embedding on this side
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Side:
 
 
 def parse_spec(text: str, flag: str = "--a") -> Side:
-    """`BASE[+ADAPTER[:WEIGHT]]...[+controlnet=REF[:SCALE]@IMAGE]...` -> a `Side` (see the module docstring)."""
+    """`BASE[+ADAPTER[:WEIGHT]]...[+emb=EMBEDDING]...[+controlnet=REF[:SCALE]@IMAGE]...` -> a `Side`."""
     from sdtune.adapters.compose import PipelineSpec
 
     parts = [p.strip() for p in (text or "").split("+")]
@@ -48,8 +49,11 @@ def parse_spec(text: str, flag: str = "--a") -> Side:
         raise ABError(f"{flag} {text!r}: an empty part; write BASE+ADAPTER[:WEIGHT]+..., e.g. toy+toy-purple:0.8")
     if parts[0].startswith(CONTROL_PART):
         raise ABError(f"{flag} {text!r}: a spec starts with its base, e.g. toy+{parts[0]}")
-    adapters, controls = [], []
+    adapters, controls, embeddings = [], [], []
     for part in parts[1:]:
+        if part.startswith(EMBEDDING_PART):
+            embeddings.append(_embedding_ref(part, flag))
+            continue
         if not part.startswith(CONTROL_PART):
             adapters.append(_adapter_use(part, flag))
             continue
@@ -63,7 +67,19 @@ def parse_spec(text: str, flag: str = "--a") -> Side:
             raise ABError(f"{flag} {part!r}: control image {image} not found")
         named = _adapter_use(ref_scale, flag)  # NAME_OR_PATH[:NUMBER], as an adapter's weight is read
         controls.append(ControlUse(named.ref, named.weight, str(Path(image).expanduser())))
-    return Side(PipelineSpec(base=parts[0], adapters=adapters), controls)
+    return Side(PipelineSpec(base=parts[0], adapters=adapters, embeddings=embeddings), controls)
+
+
+def _embedding_ref(part: str, flag: str) -> str:
+    """`emb=NAME_OR_FILE` -> its reference; an embedding has no weight, so `:NUMBER` is refused."""
+    ref = part[len(EMBEDDING_PART) :]
+    if not ref:
+        raise ABError(f"{flag} {part!r}: write {EMBEDDING_PART}NAME_OR_FILE, e.g. {EMBEDDING_PART}toy-zq")
+    from sdtune.adapters.compose import split_number
+
+    if split_number(ref, default=None)[1] is not None:
+        raise ABError(f"{flag} {part!r}: an embedding has no weight; write {EMBEDDING_PART}{split_number(ref)[0]}")
+    return ref
 
 
 def _adapter_use(text: str, flag: str):

@@ -38,6 +38,7 @@ def sample_images(
     control_guidance_start: float = 0.0,
     control_guidance_end: float = 1.0,
     fuse: bool = False,
+    embeddings: list[str] | None = None,
 ) -> list[Path]:
     """Renders every prompt once per seed into `out_dir` as PNGs with A1111 `parameters`; returns the files written.
 
@@ -52,6 +53,7 @@ def sample_images(
         control_images: one conditioning image per ControlNet, in the same order.
         control_guidance_start, control_guidance_end: the share of the steps during which the ControlNets steer.
         fuse: merge the adapters into the base weights first (faster steps, same images within 2/255).
+        embeddings: textual-inversion embeddings (names, files, run folders); a prompt calls each by its token.
     """
     from sdtune.adapters import sampling
 
@@ -61,7 +63,7 @@ def sample_images(
     control_images = list(control_images or [])
     controls, uses = _controls_and_adapters(controlnets, adapters)
     _check_controls(controls, control_images, control_guidance_start, control_guidance_end)
-    composer, source, guidance = _compose(base, uses, controls, device, dtype, fuse, guidance)
+    composer, source, guidance = _compose(base, uses, controls, device, dtype, fuse, guidance, embeddings or [])
     seeds = list(seeds or [0])
     settings = sampling.grid_settings(
         prompts, seeds, negative_prompt=negative_prompt, steps=steps, guidance=guidance, width=width, height=height,
@@ -72,7 +74,8 @@ def sample_images(
     samples = sampling.generate(
         composer.pipe, settings, model_name=source.name, extra_parameters={"Lora": lora} if lora else None
     )
-    title = source.name + (f" + {lora}" if lora else "") + f"  |  {steps} steps, CFG {guidance:g}"
+    title = source.name + (f" + {lora}" if lora else "") + "".join(f" + {t}" for t in composer.embeddings.values())
+    title += f"  |  {steps} steps, CFG {guidance:g}"
     return _write_samples(samples, Path(out_dir), prompts, seeds, title if grid else None)
 
 
@@ -86,7 +89,7 @@ def _controls_and_adapters(controlnets: list[str] | None, adapters: list[str] | 
     return controls, [compose.AdapterUse.parse(a) for a in adapters or []]
 
 
-def _compose(base: str, uses: list, controls: list, device, dtype, fuse: bool, guidance: float | None):
+def _compose(base: str, uses: list, controls: list, device, dtype, fuse: bool, guidance, embeddings: list[str]):
     """The pipeline (base + adapters + ControlNets), the base's source, and the guidance to render at."""
     from sdtune.adapters import compose
     from sdtune.adapters.base import recommended_guidance, resolve_base
@@ -94,6 +97,7 @@ def _compose(base: str, uses: list, controls: list, device, dtype, fuse: bool, g
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise StudioError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     spec = compose.PipelineSpec(base=base, adapters=uses, device=device, dtype=dtype, fuse=fuse, controlnets=controls)
+    spec.embeddings = list(embeddings)
     composer = compose.build(spec)
     base = compose.resolve_base_ref(base)
     source = resolve_base(base)

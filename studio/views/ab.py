@@ -28,7 +28,7 @@ def render():
         _checkpoints()
 
 
-def _side(label: str, adapters: list[str], default: list[str], controlnets: list[str]) -> str:
+def _side(label: str, adapters: list[str], default: list[str], controlnets: list[str], embeddings=()) -> str:
     """A SPEC (`base+name:weight+...+controlnet=name:scale@image`) from a base field, an adapter multiselect with one
     weight per adapter, and optionally a registered ControlNet with its scale and control image."""
     st.markdown(f"**{label}**")
@@ -38,6 +38,10 @@ def _side(label: str, adapters: list[str], default: list[str], controlnets: list
     for name in chosen:
         weight = st.slider(f"{name} weight", 0.0, 2.0, 1.0, 0.05, key=f"ab-{label}-w-{name}")
         parts.append(f"{name}:{weight:g}")
+    if embeddings:  # textual inversions: no weight; a prompt calls each by its token
+        help_text = "Registered textual-inversion embeddings; write their token in the prompts, e.g. a <zq>."
+        picked = st.multiselect("Embeddings", list(embeddings), key=f"ab-{label}-emb", help=help_text)
+        parts += [f"emb={name}" for name in picked]
     parts += _control(label, controlnets)
     spec = "+".join(parts)
     st.code(spec, language=None)
@@ -75,11 +79,12 @@ def _compare_form():
     registered = api.list_adapters()
     adapters = [a["name"] for a in registered if a["method"] == "lora"]
     controlnets = [a["name"] for a in registered if a["method"] == "controlnet"]
+    embeddings = [a["name"] for a in registered if a["method"] == "textual_inversion"]
     left, right = st.columns(2)
     with left:
-        spec_a = _side("A", adapters, [], controlnets)
+        spec_a = _side("A", adapters, [], controlnets, embeddings)
     with right:
-        spec_b = _side("B", adapters, adapters[:1], controlnets)
+        spec_b = _side("B", adapters, adapters[:1], controlnets, embeddings)
     with st.form("ab-settings"):
         prompts = st.text_area("Prompts (one per line)", "a purple circle\na purple square", key="ab-prompts")
         c1, c2, c3, c4 = st.columns(4)

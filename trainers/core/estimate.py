@@ -172,7 +172,7 @@ def lora_target_names(recipe: Recipe) -> tuple[str, ...]:
     from sdtune.trainers.core.lora_layers import unet_target_modules
 
     method = recipe.method
-    if method.type == "controlnet" or (method.type == "dreambooth" and not method.lora):
+    if method.type in ("controlnet", "textual_inversion") or (method.type == "dreambooth" and not method.lora):
         return ()
     return tuple(unet_target_modules(method))
 
@@ -193,6 +193,10 @@ def estimate_run(recipe: Recipe, device: str | None = None, bucket: tuple[int, i
     unet_params, lora_params, macs = _unet_stats(str(folder), height // vae_factor, width // vae_factor, rank, targets)
     if method.type == "controlnet":
         trainable = unet_params // 2  # the ControlNet copies the encoder half of the UNet
+    elif method.type == "textual_inversion":  # a few token vectors; the UNet is frozen
+        trainable = (
+            method.num_vectors * json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+        )
     elif targets:
         trainable = lora_params
     else:

@@ -71,9 +71,11 @@ class Writers:
 
 
 def trigger_words(recipe: Recipe) -> list[str]:
-    """What calls up the trained concept: DreamBooth's instance prompt, or the data's trigger word."""
+    """What calls up the trained concept: DreamBooth's instance prompt, the new token, or the data's trigger word."""
     if recipe.method.type == "dreambooth":
         return [recipe.method.instance_prompt]
+    if recipe.method.type == "textual_inversion" or getattr(recipe.method, "pivotal", False):
+        return [recipe.method.placeholder_token]
     return [recipe.data.trigger_word] if recipe.data.trigger_word else []
 
 

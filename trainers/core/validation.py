@@ -144,6 +144,9 @@ class Validator:
         self.settings = [settings for row in self.rows for settings in row]
         self._base_samples = None
         self._base_scores = None
+        # How the base is shown beside the adapter: peft's layers switched off; textual inversion sets its own (the
+        # untrained token).
+        self.without_adapter = lambda: adapters_disabled(pipe.unet, pipe.text_encoder)
         pipe.set_progress_bar_config(disable=True)
 
     @property
@@ -158,7 +161,7 @@ class Validator:
         with torch.no_grad(), as_at_inference(self.pipe.unet, self.pipe.text_encoder), self.accelerator.autocast():
             if adapter:
                 return sampling.generate(self.pipe, settings, self.model_name)
-            with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
+            with self.without_adapter():
                 return sampling.generate(self.pipe, settings, self.model_name)
 
     def render_one(self, settings: sampling.SampleSettings) -> sampling.Sample:
@@ -211,7 +214,7 @@ class Validator:
         common = score_settings(self.recipe, self.guidance)
         with self._inference():
             if self._base_scores is None:
-                with adapters_disabled(self.pipe.unet, self.pipe.text_encoder):
+                with self.without_adapter():
                     self._base_scores = scoring.score_targets(self.pipe, targets, **common)
             adapted = scoring.score_targets(self.pipe, targets, **common)
         return {

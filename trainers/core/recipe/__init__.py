@@ -14,7 +14,16 @@ Import every name from here: `from sdtune.trainers.core.recipe import Recipe, lo
 """
 
 from .loader import apply_overrides, load_recipe, override_text, read_yaml, recipe_from_dict
-from .methods import TRAINERS, ControlNetMethod, DreamBoothMethod, LoraMethod, LoraParams, Method, trainer_for
+from .methods import (
+    TRAINERS,
+    ControlNetMethod,
+    DreamBoothMethod,
+    LoraMethod,
+    LoraParams,
+    Method,
+    TextualInversionMethod,
+    trainer_for,
+)
 from .samples import SamplePrompt, ToyTarget, ValidationConfig, parse_prompt_line, read_prompts_file
 from .schema import Recipe
 from .sections import (
@@ -44,6 +53,7 @@ __all__ = [
     "SamplePrompt",
     "Section",
     "SubsetConfig",
+    "TextualInversionMethod",
     "ToyTarget",
     "TrainConfig",
     "ValidationConfig",

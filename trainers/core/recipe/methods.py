@@ -179,7 +179,58 @@ class LoraParams(Section):
         return self.lora_alpha if self.lora_alpha is not None else float(self.rank)
 
 
-class LoraMethod(LoraParams, EmaParams):
+class TokenParams(Section):
+    """A new token for the text encoder (diffusers' names): textual inversion's, and pivotal tuning's."""
+
+    placeholder_token: str = Field(
+        "<sks>",
+        pattern=r"^\S+$",
+        description="The new token the vectors stand for, e.g. <zq>; a caption (or data.caption_template) holds it. "
+        "It must not be a word the tokenizer already knows.",
+        json_schema_extra=COMMON,
+    )
+    initializer_token: str = Field(
+        "object",
+        pattern=r"^\S+$",
+        description="One existing token whose vector every new vector starts from (a word near the concept).",
+        json_schema_extra=COMMON,
+    )
+    num_vectors: int = Field(
+        1,
+        ge=1,
+        le=75,
+        description="Vectors for the placeholder: more can hold more, but fit fewer words in a prompt.",
+        json_schema_extra=COMMON,
+    )
+
+
+class PivotalParams(TokenParams):
+    """Pivotal tuning on a LoRA (trainers/core/pivotal.py): a new token's vectors train with the LoRA."""
+
+    pivotal: bool = Field(
+        False,
+        description="Also learn new token vectors for placeholder_token with the LoRA (pivotal tuning, diffusers' "
+        "train_text_encoder_ti); the captions (or data.caption_template) hold the token, the files carry it.",
+        json_schema_extra=COMMON,
+    )
+    embedding_lr: float | None = Field(
+        None,
+        gt=0,
+        description="pivotal: learning rate of the token vectors (default: train.learning_rate).",
+        json_schema_extra=AS_TEXT,
+    )
+    embedding_only_steps: int = Field(
+        0, ge=0, description="pivotal: train the vectors alone (the LoRA off) for the first N steps, then both."
+    )
+
+    @model_validator(mode="after")
+    def _pivotal_keys(self):
+        if self.embedding_only_steps and not self.pivotal:
+            raise ValueError("embedding_only_steps needs pivotal: true")
+        return self
+
+
+class LoraMethod(LoraParams, PivotalParams, EmaParams):
     """LoRA over a frozen base (trainers/lora.py)."""
 
     type: Literal["lora"] = Field("lora", description="lora: a LoRA over the frozen base (trainers/lora.py).")
@@ -188,7 +239,7 @@ class LoraMethod(LoraParams, EmaParams):
     )
 
 
-class DreamBoothMethod(LoraParams, EmaParams):
+class DreamBoothMethod(LoraParams, PivotalParams, EmaParams):
     """DreamBooth: teach one subject from a few images, as a full fine-tune or a LoRA (trainers/dreambooth.py).
 
     The subject is bound to a rare identifier inside its class ("a photo of sks dog"); prior preservation trains on
@@ -248,7 +299,7 @@ class DreamBoothMethod(LoraParams, EmaParams):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.identifier not in self.instance_prompt.split():
+        if not self.pivotal and self.identifier not in self.instance_prompt.split():  # pivotal: the new token is it
             raise ValueError(
                 f"instance_prompt {self.instance_prompt!r} does not contain the identifier {self.identifier!r}; "
                 f"write e.g. 'a photo of {self.identifier} dog', or set method.identifier"
@@ -259,6 +310,11 @@ class DreamBoothMethod(LoraParams, EmaParams):
             raise ValueError("text_encoder_steps needs train_text_encoder: true")
         if self.algo != "lora" and not self.lora:
             raise ValueError(f"algo {self.algo} is an adapter form: set lora: true (DreamBooth-LoRA), or algo: lora")
+        if self.pivotal and (not self.lora or self.placeholder_token not in self.instance_prompt.split()):
+            raise ValueError(
+                f"pivotal needs lora: true and the placeholder_token {self.placeholder_token!r} in instance_prompt, "
+                f"e.g. 'a photo of {self.placeholder_token} dog'"
+            )
         return self
 
 
@@ -319,7 +375,23 @@ class ControlNetMethod(EmaParams):
         return self
 
 
-Method = Annotated[LoraMethod | DreamBoothMethod | ControlNetMethod, Field(discriminator="type")]
+class TextualInversionMethod(TokenParams, EmaParams):
+    """Textual inversion: new token vectors learned over a frozen base (trainers/textual_inversion.py).
+
+    `num_vectors` rows are added to the text encoder's token embeddings for `placeholder_token` (diffusers' names:
+    `<zq>`, `<zq>_1`, ...), each starting as `initializer_token`'s vector; only they train, so the result is a few
+    kilobytes that A1111 (`embeddings/`), ComfyUI (`embedding:name`) and diffusers (`load_textual_inversion`) load.
+    """
+
+    type: Literal["textual_inversion"] = Field(
+        "textual_inversion",
+        description="textual_inversion: new token vectors over the frozen base (trainers/textual_inversion.py).",
+    )
+
+
+Method = Annotated[
+    LoraMethod | DreamBoothMethod | ControlNetMethod | TextualInversionMethod, Field(discriminator="type")
+]
 
 # method.type -> the script that trains it: every method of `Method` has one (tests/test_recipe.py checks), so the
 # worker, the jobs and `sdtune doctor` look a recipe's trainer up without a fallback.
@@ -327,6 +399,7 @@ TRAINERS = {
     "lora": "trainers/lora.py",
     "dreambooth": "trainers/dreambooth.py",
     "controlnet": "trainers/controlnet.py",
+    "textual_inversion": "trainers/textual_inversion.py",
 }
 
 

@@ -1,0 +1,110 @@
+"""Pivotal tuning (`method.pivotal: true`): a new token's vectors and a LoRA trained together, in both LoRA trainers.
+
+Fast: the recipe's checks; the `bundle_emb` keys A1111 reads (written, split back, ignored as LoRA modules, hashes
+recomputed); a 4-step run of each trainer whose files are the LoRA's two, the embedding's two and the bundle, all
+export-checked, and whose LoRA stays at zero while `embedding_only_steps` lasts.
+The proof (slow, `bench/pivotal_curves.py`): on a purple star, a concept the toy base lacks, pivotal tuning reaches
+the LoRA-alone run's final score in fewer steps (or a higher score at the same steps); textual inversion alone stays
+low, since the base cannot draw a star at all (bench/RESULTS.md has the curves).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from conftest import ROOT, run_trainer
+
+from sdtune.adapters import toyworld
+from sdtune.adapters.embeddings import bundle_embedding, split_bundle
+from sdtune.adapters.kohya import a1111_lora_hash
+from sdtune.adapters.lora_modules import read_kohya
+from sdtune.trainers.core.recipe import RecipeError, load_recipe
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+DREAMBOOTH = ROOT / "recipes" / "toy-dreambooth.yaml"
+PIVOTAL = ["method.pivotal=true", "method.placeholder_token=<ps>", "method.num_vectors=2"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "message"),
+    [
+        (QUICKSTART, ["method.embedding_only_steps=10"], "embedding_only_steps needs pivotal: true"),
+        (DREAMBOOTH, ["method.pivotal=true", "method.lora=true"], "placeholder_token '<sks>' in instance_prompt"),
+        (DREAMBOOTH, ["method.pivotal=true", "method.instance_prompt='a <sks> circle'"], "pivotal needs lora: true"),
+    ],
+)
+def test_recipe_checks(recipe, overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(str(recipe), overrides)
+
+
+def test_bundled_embedding_is_in_a1111s_layout_and_not_a_lora_module(tmp_path):
+    from sdtune.adapters.lora_files import save_kohya
+
+    path = tmp_path / "lora.safetensors"
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    lora = {f"{name}.lora_down.weight": torch.ones(2, 8), f"{name}.lora_up.weight": torch.ones(8, 2)}
+    save_kohya(path, lora, {"ss_network_dim": "2"})
+    vectors = torch.randn(2, 64)
+    bundle_embedding(path, "ps", vectors)
+    tensors = safetensors.torch.load_file(str(path))
+    assert torch.equal(tensors["bundle_emb.ps.string_to_param.*"], vectors)
+    lora_keys, bundled = split_bundle(tensors)
+    assert set(lora_keys) == set(lora) and torch.equal(bundled["ps"].vectors, vectors)
+    assert list(read_kohya(tensors)) == [name]  # the bundle is no LoRA module (import, merge, the key tables)
+    with safetensors.safe_open(str(path), "pt") as handle:
+        header = handle.metadata()
+    assert header["ss_network_dim"] == "2" and header["sshs_model_hash"] == a1111_lora_hash(path)
+
+
+@pytest.mark.parametrize("script", ["trainers/lora.py", "trainers/dreambooth.py"])
+def test_a_pivotal_run_writes_and_checks_both_kinds_of_files(tmp_path, script):
+    toyworld.write_dataset(tmp_path / "data", 4, seed=5, colors=["purple"], shapes=["star"])
+    recipe = QUICKSTART if script.endswith("lora.py") else DREAMBOOTH
+    kind = ["data.caption_template='a <ps>'"] if recipe == QUICKSTART else [
+        "method.lora=true", "method.with_prior_preservation=false", "method.instance_prompt='a <ps>'"]  # fmt: skip
+    args = [str(recipe), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={tmp_path / 'run'}", *kind,
+            *PIVOTAL, "method.embedding_only_steps=2", "method.embedding_lr=5e-2", "train.max_train_steps=4",
+            "train.checkpointing_steps=2", "train.train_batch_size=2", "train.lr_warmup_steps=0",
+            "validation.prompts=[a <ps>]", "validation.toy_score=[]", "validation.validation_steps=0",
+            "validation.num_inference_steps=5", "output.report_to=none", "output.save_precision=fp32",
+            "output.name=star"]  # fmt: skip
+    proc = run_trainer(args, tmp_path / "cache", script=script, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = tmp_path / "run"
+    manifest = json.loads((run / "adapter.json").read_text())
+    assert set(manifest["files"]) == {"peft", "kohya", "embedding", "a1111"}
+    assert manifest["files"]["a1111"] == "ps.safetensors"
+    check = manifest["export_check"]
+    assert check["ok"] and set(check["max_pixel_diff"]) == {
+        "trained-vs-peft+embedding", "trained-vs-kohya+bundle_emb", "peft-vs-kohya"}  # fmt: skip
+    kohya = safetensors.torch.load_file(str(run / manifest["files"]["kohya"]))
+    separate = safetensors.torch.load_file(str(run / "ps.safetensors"))["emb_params"]
+    assert torch.equal(kohya["bundle_emb.ps.string_to_param.*"], separate) and separate.shape == (2, 64)
+    # while the embedding trains alone (steps 1-2) the LoRA stays where it starts (B = 0); then it trains too
+    early = safetensors.torch.load_file(str(run / "checkpoints" / "checkpoint-2" / "pytorch_lora_weights.safetensors"))
+    final = safetensors.torch.load_file(str(run / "pytorch_lora_weights.safetensors"))
+    assert all(not v.any() for k, v in early.items() if "lora_B" in k)
+    assert any(v.any() for k, v in final.items() if "lora_B" in k)
+    start = safetensors.torch.load_file(str(run / "checkpoints" / "checkpoint-2" / "learned_embeds.safetensors"))
+    assert not torch.equal(start["<ps>"], safetensors.torch.load_file(str(run / "learned_embeds.safetensors"))["<ps>"])
+
+
+@pytest.mark.slow
+def test_pivotal_beats_the_lora_alone_on_a_purple_star(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from pivotal_curves import main
+
+    curves = main(["--out", str(tmp_path), "--steps", "300", "--every", "50"])
+    lora, pivotal = curves["lora"], curves["pivotal"]
+    final = lora[300]
+    reached = {name: min((s for s, v in c.items() if v >= final), default=None) for name, c in curves.items()}
+    sooner = reached["pivotal"] is not None and reached["pivotal"] < reached["lora"]
+    higher = all(pivotal[s] >= lora[s] for s in lora) and any(pivotal[s] > lora[s] for s in lora)
+    assert sooner or higher, curves
+    assert curves["textual_inversion"][300] <= 0.25, curves  # no vector makes the base draw a star
