@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     recipe, base = run.recipe, run.base
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
     data = data_config(recipe)
+    if recipe.validation.loss_split is not None or recipe.validation.loss_dir is not None:
+        # its held-out images would need their conditions too: a held-out pair scan, not done yet
+        raise RecipeError("validation.loss_split / loss_dir: not yet for ControlNet runs; leave both unset")
     if method.conditioning == "canny":
         annotate.annotator("canny", annotate.AnnotateOptions())  # OpenCV missing: say so now, not at step 1
     scan = scan_pairs(data, method.conditioning_image_column, computed=method.conditioning == "canny")
