@@ -265,3 +265,62 @@ def test_val_loss_falls_over_the_quickstart(tmp_path):
     by_step = {int(k): v for k, v in read_manifest(out).training["val_loss"]["by_step"].items()}
     assert sorted(by_step) == [0, 50, 100, 150, 200, 250, 300]
     assert by_step[300] < 0.85 * by_step[0] and min(by_step.values()) < 0.75 * by_step[0], by_step
+
+
+def test_a_resumed_run_keeps_the_losses_measured_before(tmp_path):
+    """metrics.jsonl holds the losses logged before a resume (and, after a kill, some past the checkpoint, which the
+    resumed run measures again): the resumed run's manifest takes those up to its checkpoint, the last of each."""
+    from sdtune.trainers.core.val_loss import recorded_history
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "val_loss": 0.07}, {"step": 2, "loss": 0.3}, {"step": 3, "val_loss": 0.06},
+             {"step": 3, "val_loss": 0.05}, {"step": 4, "val_loss": 0.04}]  # fmt: skip
+    metrics.write_text("\n".join(json.dumps(line) for line in lines) + '\n{"step": 5, "val_l')
+    assert recorded_history(metrics, 3) == {0: 0.07, 3: 0.05}
+    assert recorded_history(tmp_path / "missing.jsonl", 3) == {}
+
+
+def test_dreambooth_measures_it_through_the_same_loop(tmp_path):
+    """DreamBooth (LoRA mode) takes the keys as the LoRA trainer does: its instance images split, the loss recorded
+    per step in its manifest."""
+    out = tmp_path / "run"
+    args = [str(ROOT / "recipes" / "toy-dreambooth.yaml"), f"output.dir={out}", "method.lora=true",
+            "method.with_prior_preservation=false", "train.max_train_steps=4", "train.checkpointing_steps=2",
+            "validation.validation_steps=0", "validation.loss_split=0.25", "validation.prompts=[]",
+            "validation.toy_score=[]", "output.export_check=false", "output.register=false",
+            "output.report_to=none"]  # fmt: skip
+    proc = run_trainer(args, tmp_path / "cache", script="trainers/dreambooth.py")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    manifest = read_manifest(out)
+    entry = manifest.training["val_loss"]
+    assert len(entry["images"]) == 2 and manifest.dataset["images"] == 6
+    assert sorted(entry["by_step"], key=int) == ["0", "2", "4"]
+
+
+def test_controlnet_measures_it_with_each_image_condition(tmp_path):
+    """A ControlNet run with `loss_dir` (3 more mask pairs) records the loss of each held-out image under its own
+    condition, from the start to the end; `loss_split` keeps every held-out image with its condition."""
+    from conftest import CONTROLNET_SHORT, run_controlnet_trainer
+
+    from sdtune.adapters import toyworld
+    from sdtune.trainers.core.data import scan_pairs
+
+    toyworld.write_control_dataset(tmp_path / "data", 6, seed=9)
+    toyworld.write_control_dataset(tmp_path / "held", 3, seed=10)
+    args = [str(ROOT / "recipes" / "controlnet-toy.yaml"), f"data.train_data_dir={tmp_path / 'data'}",
+            *CONTROLNET_SHORT, "output.register=false", "output.export_check=false", f"output.dir={tmp_path / 'run'}",
+            f"validation.loss_dir={tmp_path / 'held'}"]  # fmt: skip
+    proc = run_controlnet_trainer(args, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    entry = read_manifest(tmp_path / "run").training["val_loss"]
+    assert entry["images"] == ["0000.png", "0001.png", "0002.png"] and sorted(entry["by_step"]) == ["0", "2", "4"]
+    # the ControlNet starts as a no-op (zero convolutions), so step 0 is the base's loss; by step 4 it steers
+    assert entry["by_step"]["0"] != entry["by_step"]["4"]
+
+    recipe = load_recipe(ROOT / "recipes" / "controlnet-toy.yaml", [f"data.train_data_dir={tmp_path / 'data'}"])
+    scan = scan_pairs(recipe.data)
+    train, held = split_held_out(scan, 0.5, seed=0)
+    truth = {r.content_hash: c.content_hash for r, c in zip(scan.records, scan.conditions)}
+    for part in (train, held):
+        assert all(truth[r.content_hash] == c.content_hash for r, c in zip(part.records, part.conditions))
+    assert len(held.records) == len(held.conditions) == 3 and len(train.conditions) == 3

@@ -36,7 +36,7 @@ from sdtune.trainers.core.batches import Batch, BatchBuilder
 from sdtune.trainers.core.checkpointing import StopRequest, TrainState, save_checkpoint
 from sdtune.trainers.core.progress import ProgressTracker, progress_event
 from sdtune.trainers.core.recipe import TrainConfig
-from sdtune.trainers.core.run_files import take_requests, worker_gone
+from sdtune.trainers.core.run_files import METRICS_FILE, take_requests, worker_gone
 from sdtune.trainers.core.runtime import check_replicas_agree, step_seed
 
 LOG_INTERVAL_SECONDS = 2.0  # losses are read from the device and logged at most this often (and at each event)
@@ -100,6 +100,11 @@ class RunLoop:
         """The loop of a recipe's run: checkpoints in `output.dir` through `on_checkpoint`, and a validation grid
         `samples/step-N.png` every `validation.validation_steps` from `validator`."""
         out_dir = Path(recipe.output.dir)
+        held_out = getattr(validator, "loss", None)
+        if held_out is not None and state.step:  # resumed: the losses measured before stay in the manifest
+            from sdtune.trainers.core.val_loss import recorded_history
+
+            held_out.history.update(recorded_history(out_dir / METRICS_FILE, state.step))
         return cls(
             accelerator,
             recipe.train,
@@ -111,7 +116,7 @@ class RunLoop:
             validation_steps=recipe.validation.validation_steps,
             idle=idle,
             outputs_weights=outputs_weights,
-            held_out=getattr(validator, "loss", None),
+            held_out=held_out,
         )
 
     @contextlib.contextmanager

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ import torch
 from sdtune.trainers.core.cache import LatentCache, cache_latents, default_cache_dir, encode_text, vae_fingerprint
 from sdtune.trainers.core.data import CaptionBuilder, DataError, DatasetScan, load_pixels, scan_dataset
 from sdtune.trainers.core.diffusion import training_schedule, training_target
-from sdtune.trainers.core.recipe import Recipe, RecipeError
+from sdtune.trainers.core.recipe import DataConfig, Recipe, RecipeError
 
 TIMESTEPS = 4  # fixed timesteps per image, at the middles of 4 equal slices of the schedule (125, 375, 625, 875)
 
@@ -52,14 +54,22 @@ def split_held_out(scan: DatasetScan, share: float, seed: int) -> tuple[DatasetS
         )
     ranked = sorted(range(len(scan.records)), key=lambda i: held_out_rank(seed, scan.records[i]))
     held = set(ranked[:count])
-    kept = [r for i, r in enumerate(scan.records) if i not in held]
-    held_records = [r for i, r in enumerate(scan.records) if i in held]
-    return dataclasses.replace(scan, records=kept), dataclasses.replace(scan, records=held_records, skipped=[])
+
+    def part(keep: bool, **fields) -> DatasetScan:
+        chosen = [i for i in range(len(scan.records)) if (i in held) != keep]
+        if getattr(scan, "conditions", None) is not None:  # a ControlNet's pairs: each condition with its image
+            fields["conditions"] = [scan.conditions[i] for i in chosen]
+        return dataclasses.replace(scan, records=[scan.records[i] for i in chosen], **fields)
+
+    return part(True), part(False, skipped=[])
 
 
-def held_out_images(recipe: Recipe, scan: DatasetScan) -> tuple[DatasetScan, DatasetScan | None]:
+def held_out_images(
+    recipe: Recipe, scan: DatasetScan, scan_folder: Callable[[DataConfig], DatasetScan] = scan_dataset
+) -> tuple[DatasetScan, DatasetScan | None]:
     """The training scan and the held-out scan of a recipe (None: no held-out loss). With `loss_split` the
-    training scan loses the held-out images; with `loss_dir` it is unchanged."""
+    training scan loses the held-out images; with `loss_dir` it is unchanged, and the folder is read by
+    `scan_folder` as the training data is (a ControlNet's: `scan_pairs`, conditions and all)."""
     v = recipe.validation
     if v.loss_split is not None:
         return split_held_out(scan, v.loss_split, recipe.train.seed)
@@ -71,7 +81,7 @@ def held_out_images(recipe: Recipe, scan: DatasetScan) -> tuple[DatasetScan, Dat
         raise RecipeError(f"validation.loss_dir: {found}: {where}")
     folder = recipe.data.model_copy(update={"train_data_dir": str(where), "dataset_name": None, "subsets": []})
     try:
-        return scan, scan_dataset(folder)
+        return scan, scan_folder(folder)
     except DataError as exc:
         raise RecipeError(f"validation.loss_dir: {str(exc).removeprefix('data.train_data_dir: ')}") from None
 
@@ -94,18 +104,22 @@ class HeldOutItem:
     target: torch.Tensor
     timestep: int
     caption: str
+    index: int  # its record in the held-out scan
 
 
 class HeldOutLoss:
     """The held-out loss of one run: the items are built once (latents cached), `__call__` evaluates the model.
 
-    `unet` is the trained model's module (a LoRA run's adapted UNet, a full fine-tune's UNet): evaluated in eval
-    mode under no_grad, its training mode restored after. `history` keeps {step: val_loss} for the manifest.
+    The model is the base's UNet as it trains (a LoRA run's adapted UNet, a full fine-tune's UNet), or
+    `forward(index)`: the model for held-out image `index` (a ControlNet with that image's condition, over the
+    UNet), with `trained` the modules it adds. All run in eval mode under no_grad, each module's mode restored
+    after. `history` keeps {step: val_loss} for the manifest.
     """
 
-    def __init__(self, recipe: Recipe, held: DatasetScan, frozen, accelerator):
+    def __init__(self, recipe: Recipe, held: DatasetScan, frozen, accelerator, forward=None, trained=()):
         self.held, self.accelerator = held, accelerator
         self.unet, self.text_encoder, self.tokenizer = frozen.unet, frozen.text_encoder, frozen.tokenizer
+        self.forward, self.trained = forward or (lambda index: self.unet), list(trained)
         self.dtype = frozen.dtype
         self.source = (
             {"loss_split": recipe.validation.loss_split}
@@ -119,13 +133,13 @@ class HeldOutLoss:
         means = held_out_latents(held, recipe.data, frozen.vae)
         captions = CaptionBuilder(recipe.data)  # the template only: no shuffle, no dropout
         self.items = []
-        for record, mean in zip(held.records, means):
+        for index, (record, mean) in enumerate(zip(held.records, means)):
             for k, t in enumerate(self.timesteps):
                 noise = fixed_noise(record.content_hash, k, mean.shape)
                 timestep = torch.tensor([t])
                 noisy = scheduler.add_noise(mean[None], noise[None], timestep)[0]
                 target = training_target(scheduler, mean[None], noise[None], timestep)[0]
-                self.items.append(HeldOutItem(noisy, target, t, captions.template(record.caption)))
+                self.items.append(HeldOutItem(noisy, target, t, captions.template(record.caption), index))
         accelerator.print(f"held-out validation loss: {len(held.records)} images: {', '.join(image_names(held))}")
 
     @torch.no_grad()
@@ -134,7 +148,8 @@ class HeldOutLoss:
         device = self.accelerator.device
         # every submodule's own mode, restored one by one: a loaded base sits in eval mode while the LoRA layers
         # peft added to it train (their dropout), and `train(mode)` on the whole model would change that
-        modules = [m for model in (self.unet, self.text_encoder) if model is not None for m in model.modules()]
+        models = [self.unet, self.text_encoder, *self.trained]
+        modules = [m for model in models if model is not None for m in model.modules()]
         modes = [m.training for m in modules]
         for module in modules:
             module.training = False
@@ -152,7 +167,7 @@ class HeldOutLoss:
         states = encode_text(self.tokenizer, self.text_encoder, [item.caption], device).to(self.dtype)
         noisy = item.noisy[None].to(device, self.dtype)
         timestep = torch.tensor([item.timestep], device=device)
-        pred = self.unet(noisy, timestep, states, return_dict=False)[0]
+        pred = self.forward(item.index)(noisy, timestep, states, return_dict=False)[0]
         return torch.nn.functional.mse_loss(pred.float(), item.target[None].to(device)).cpu()
 
     def manifest_entry(self) -> dict:
@@ -166,6 +181,23 @@ class HeldOutLoss:
         }
 
 
+def recorded_history(metrics_file: Path, up_to_step: int) -> dict[int, float]:
+    """{step: val_loss} a run logged to its metrics.jsonl up to `up_to_step`: what a resumed run takes over, so its
+    manifest still lists every checkpoint's loss. Lines past that step (a killed run's last steps, replayed now)
+    are left out; a step logged twice keeps its last value."""
+    found = {}
+    if not metrics_file.is_file():
+        return found
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+        if "val_loss" in record and record.get("step", up_to_step + 1) <= up_to_step:
+            found[record["step"]] = record["val_loss"]
+    return found
+
+
 def held_out_latents(held: DatasetScan, data, vae) -> list[torch.Tensor]:
     """The posterior mean of every held-out image, through the training latents' disk cache (unflipped)."""
     cache = LatentCache(default_cache_dir(data.cache_dir), vae_fingerprint(vae))
@@ -174,7 +206,9 @@ def held_out_latents(held: DatasetScan, data, vae) -> list[torch.Tensor]:
     return [latent.mean for latent in latents]
 
 
-def held_out_loss(recipe: Recipe, held: DatasetScan | None, frozen, accelerator) -> HeldOutLoss | None:
-    """The run's held-out loss from `held_out_images`' held-out scan (None: the recipe asks for none). Build it
-    while the VAE is on the device (before the loop parks it) and after the trained layers are in the UNet."""
-    return None if held is None else HeldOutLoss(recipe, held, frozen, accelerator)
+def held_out_loss(
+    recipe: Recipe, held: DatasetScan | None, frozen, accelerator, forward=None, trained=()
+) -> HeldOutLoss | None:
+    """The run's held-out loss from `held_out_images`' held-out scan (None: the recipe asks for none); `forward`
+    and `trained` as `HeldOutLoss` takes them. Build it while the VAE is on the device (before the loop parks it)."""
+    return None if held is None else HeldOutLoss(recipe, held, frozen, accelerator, forward, trained)

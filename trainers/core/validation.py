@@ -249,8 +249,12 @@ class ControlValidator:
     compute exactly what `sdtune sample --controlnet` computes later.
     """
 
-    def __init__(self, recipe: Recipe, pipe, controlnet, accelerator, conditions: list[str], model_name: str):
+    def __init__(
+        self, recipe: Recipe, pipe, controlnet, accelerator, conditions: list[str], model_name: str, loss=None
+    ):
+        """`loss`: the run's held-out validation loss (`val_loss.held_out_loss`), None without one."""
         v = recipe.validation
+        self.loss = loss
         self.recipe, self.pipe, self.controlnet, self.accelerator = recipe, pipe, controlnet, accelerator
         self.model_name, self.scale = model_name, recipe.method.conditioning_scale
         self.guidance = v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base)
