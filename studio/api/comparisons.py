@@ -75,7 +75,8 @@ def ab_get(comparison_id: str) -> dict:
     """A stored comparison: id, kind, a, b, settings, blind, score, folder, grid, scores, pairs (pair, prompt, seed,
     left, right image paths, vote, votes (every vote cast), left_is, right_is, score_left, score_right), revealed
     (an open comparison, or a blind one with every pair voted: its votes are final) and the tally. A checkpoint
-    comparison has run_dir, candidates (label, step, path, score), best and registered instead of pairs."""
+    comparison has run_dir, candidates (label, step, path, score, val_loss), best, rank_by and registered instead of
+    pairs."""
     from sdtune.adapters import ab
 
     data = ab.ABStore().get(comparison_id)

@@ -65,11 +65,12 @@ class RunLoop:
         outputs_weights: Callable[..., contextlib.AbstractContextManager] | None = None,
         held_out: Callable[[int], float] | None = None,
     ):
-        """`held_out(step)`: the held-out validation loss (trainers/core/val_loss.py), evaluated with the weights a
-        save sees at every validation and checkpoint step and logged as `val_loss`. `idle`: frozen models the step does not call (`idle_during_steps`); they wait in CPU memory while the loop
+        """`idle`: frozen models the step does not call (`idle_during_steps`); they wait in CPU memory while the loop
         steps, and are back on the device for checkpoints, validation and the final outputs. `outputs_weights(
         validation=False)`: the weights saves and grids see (`runtime.Optimization.outputs_weights`: EMA,
-        schedule-free), the training weights back after each."""
+        schedule-free), the training weights back after each. `held_out(step)`: the held-out validation loss
+        (trainers/core/val_loss.py), measured on the weights a save sees before the first step, at every validation
+        and checkpoint step and at the end, and logged as `val_loss`."""
         self.accelerator, self.train, self.state, self.batches = accelerator, train, state, batches
         self.out_dir, self.on_checkpoint, self.on_validation = Path(out_dir), on_checkpoint, on_validation
         self.validation_steps = validation_steps
