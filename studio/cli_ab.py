@@ -7,7 +7,7 @@ Usage:
     sdtune ab vote ID PAIR left|right|tie   # one vote (a|b too when not blind)
     sdtune ab show ID                       # pairs, votes, sides once voted, scores, the tally
     sdtune ab list
-    sdtune ab --checkpoints runs/quickstart [--score toy] [--register toy-purple-best]
+    sdtune ab --checkpoints runs/quickstart [--score toy] [--rank-by val_loss] [--register toy-purple-best]
     sdtune publish NAME --repo user/name [--private] [--dry-run [DIR]]
 
 Every command calls `sdtune.studio.api` (ab_* and publish*), as the studio does; this module parses and prints.
@@ -51,6 +51,10 @@ def add_ab_parser(sub):
     p.add_argument("--b", metavar="SPEC", help="Side B, same syntax.")
     p.add_argument("--checkpoints", type=Path, metavar="RUN_DIR", help="Compare this run's checkpoints (+ final).")
     p.add_argument("--register", metavar="NAME", help="--checkpoints: register the best one under NAME.")
+    p.add_argument(
+        "--rank-by", default="score", choices=("score", "val_loss"),
+        help="--checkpoints: the highest toy score, or the lowest held-out val_loss the run recorded.",
+    )  # fmt: skip
     p.add_argument("--base", help="--checkpoints: the base (default: the one in the run's adapter.json).")
     p.add_argument("--prompt", action="append", default=[], help="Prompt; repeatable (checkpoints: the recipe's).")
     p.add_argument(
@@ -92,7 +96,7 @@ def run_ab(args) -> int:
             api.ab_checkpoints(
                 args.checkpoints, args.prompt or None, args.seed or None, score=args.score or "toy",
                 register=args.register, base=args.base, steps=args.steps, guidance=args.guidance,
-                scheduler=args.scheduler,
+                scheduler=args.scheduler, rank_by=args.rank_by,
             )
         )  # fmt: skip
     if not (args.a and args.b):
@@ -180,10 +184,14 @@ def _print_comparison(c: dict) -> int:
 
 
 def _print_checkpoints(c: dict) -> int:
-    print(f"comparison {c['id']}: checkpoints of {c['run_dir']} on {c['base']}, score {c['score']}")
+    ranked = c.get("rank_by") or "score"
+    print(f"comparison {c['id']}: checkpoints of {c['run_dir']} on {c['base']}, score {c['score']}, best by {ranked}")
     for candidate in c["candidates"]:
         mark = "  <- best" if candidate["label"] == c["best"] else ""
-        print(f"  {candidate['label']:<18} step {candidate['step']!s:>6}  score {candidate['score']:.3f}{mark}")
+        loss = candidate.get("val_loss")
+        loss_text = f"  val_loss {loss:.5f}" if loss is not None else ""
+        where = f"{candidate['label']:<18} step {candidate['step']!s:>6}"
+        print(f"  {where}  score {candidate['score']:.3f}{loss_text}{mark}")
     print(f"grid: {c['grid']}")
     if c.get("registered"):
         print(f"registered {c['best']} as {c['registered']} (sdtune adapters show {c['registered']})")

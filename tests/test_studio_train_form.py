@@ -157,6 +157,7 @@ CHANGES = [
     ("Prompts", "a red square\n\n a purple circle ", "validation.prompts", ["a red square", "a purple circle"]),
     ("Seeds", "7\n8", "validation.seeds", [7, 8]),
     ("Toy score", "{prompt: a red square, shape: square}", "validation.toy_score", [RED_SQUARE]),
+    ("Loss split", "0.25", "validation.loss_split", 0.25),  # the held-out validation loss
 ]
 
 

@@ -24,6 +24,7 @@ Ctrl-C saves a checkpoint and stops; `train.resume=latest` continues it, bit-ide
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ from sdtune.trainers.core.estimate import preflight
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.outputs import RunOutputs
 from sdtune.trainers.core.recipe import ControlNetMethod, DataConfig, Recipe, RecipeError
+from sdtune.trainers.core.val_loss import held_out_images, held_out_loss
 from sdtune.trainers.core.validation import ControlValidator
 
 VALIDATION_CONDITIONS = 2  # training conditions shown in the grids when the recipe names no validation_image
@@ -164,6 +166,20 @@ def controlled_unet(controlnet, unet, conditions: torch.Tensor, dtype: torch.dty
     return forward
 
 
+def held_out_model(held: PairScan | None, data: DataConfig, method: ControlNetMethod, opt, unet, dtype) -> tuple:
+    """(forward, trained) for the held-out loss: held-out image i's model is the ControlNet with i's condition over
+    the frozen UNet, as in training."""
+    if held is None:
+        return None, ()
+    conditions, controlnet = Conditions(held, data, method), opt.originals[0]
+
+    def forward(index: int):
+        condition = host_to_device(conditions(index)[None], unet.device).to(dtype)
+        return controlled_unet(controlnet, unet, condition, dtype)
+
+    return forward, (controlnet,)
+
+
 # -- main -----------------------------------------------------------------------------------------------------------
 
 
@@ -177,7 +193,9 @@ def main(argv=None) -> int:
     data = data_config(recipe)
     if method.conditioning == "canny":
         annotate.annotator("canny", annotate.AnnotateOptions())  # OpenCV missing: say so now, not at step 1
-    scan = scan_pairs(data, method.conditioning_image_column, computed=method.conditioning == "canny")
+    pairs = functools.partial(scan_pairs, conditioning_column=method.conditioning_image_column,
+                              computed=method.conditioning == "canny")  # fmt: skip
+    scan, held = held_out_images(recipe, pairs(data), pairs)  # validation.loss_split holds some pairs back
     conditions = Conditions(scan, data, method)
     validation_images = validation_conditions(recipe, conditions, out_dir)
     accelerator = runtime.make_accelerator(recipe)
@@ -200,7 +218,8 @@ def main(argv=None) -> int:
     state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir, opt.extra_state)
 
     # 5) What the run writes: the ControlNet in both layouts (every checkpoint too), then grid, scores and manifest.
-    validator = ControlValidator(recipe, frozen.pipe, controlnet, accelerator, validation_images, base.name)
+    held_out = held_out_loss(recipe, held, frozen, accelerator, *held_out_model(held, data, method, opt, unet, dtype))
+    validator = ControlValidator(recipe, frozen.pipe, controlnet, accelerator, validation_images, base.name, held_out)
     outputs = RunOutputs.for_run(run, scan, accelerator, validator, dtype)
     writer = ControlNetWriter(outputs, opt.model)
     if accelerator.is_main_process:

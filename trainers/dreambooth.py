@@ -46,6 +46,7 @@ from sdtune.trainers.core.full_model import full_model_writer
 from sdtune.trainers.core.loop import RunLoop
 from sdtune.trainers.core.outputs import RunOutputs, Writer
 from sdtune.trainers.core.recipe import DreamBoothMethod, Recipe
+from sdtune.trainers.core.val_loss import held_out_images, held_out_loss
 from sdtune.trainers.core.validation import Validator
 
 
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     run = runtime.start_run(args.recipe, args.overrides, "dreambooth")
     recipe, base = run.recipe, run.base
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
-    scan = instance_images(recipe)
+    scan, held = held_out_images(recipe, instance_images(recipe))  # validation.loss_split holds some back
     user_class_images = class_images.scan_user_class_images(recipe)
     accelerator = runtime.make_accelerator(recipe)
     device = accelerator.device
@@ -150,7 +151,9 @@ def main(argv=None) -> int:
 
     # 4) What trains (seeded: same seed, same start), the optimizer and schedule; a full fine-tune overwrites the
     # base's own weights, so the base's grids and scores are taken first.
-    validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
+    # ...and the held-out loss (validation.loss_split / loss_dir) is measured on whatever trains.
+    held_out = held_out_loss(recipe, held, frozen, accelerator)
+    validator = Validator(recipe, pipe, accelerator, out_dir, base.name, held_out)
     if not method.lora:
         validator.capture_base()
     set_seed(train.seed)

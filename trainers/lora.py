@@ -45,6 +45,7 @@ from sdtune.trainers.core.runtime import (
     tracker_config,
     unet_and_text_encoder,
 )
+from sdtune.trainers.core.val_loss import held_out_images, held_out_loss
 from sdtune.trainers.core.validation import Validator
 
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     run = start_run(args.recipe, args.overrides, "lora")
     recipe, base = run.recipe, run.base
     method, train, out_dir = recipe.method, recipe.train, Path(recipe.output.dir)
-    scan = scan_dataset(recipe.data)
+    scan, held = held_out_images(recipe, scan_dataset(recipe.data))  # validation.loss_split holds some back
     accelerator = make_accelerator(recipe)
     device = accelerator.device
     accelerator.print(preflight(recipe, scan, device.type, accelerator.num_processes))
@@ -84,7 +85,9 @@ def main(argv=None) -> int:
     state = start_or_resume(accelerator, opt.originals, run.resume_from, train.resume, out_dir, opt.extra_state)
 
     # 6) What the run writes: the LoRA in both formats (every checkpoint too), then grid, scores and manifest.
-    validator = Validator(recipe, pipe, accelerator, out_dir, base.name)
+    # The held-out loss (validation.loss_split / loss_dir): fixed timesteps and noise, logged as val_loss.
+    held_out = held_out_loss(recipe, held, frozen, accelerator)
+    validator = Validator(recipe, pipe, accelerator, out_dir, base.name, held_out)
     outputs = RunOutputs.for_run(run, scan, accelerator, validator, dtype)
     writer = LoraWriter(outputs, unet, text_encoder, lora_configs, opt.trainable)
     if vectors is not None:  # both kinds of files, the embedding bundled in the kohya one; the base: untrained token

@@ -209,10 +209,13 @@ def compare_checkpoints(
     base: str | None = None,
     store: ABStore | None = None,
     renderer: Renderer | None = None,
+    rank_by: str = "score",
 ) -> str:
     """Renders every saved checkpoint of a LoRA run (and its final LoRA) at the same prompts and seeds, scores
     each, and stores the comparison with the best one named (ties: the earliest, the least drift from the base).
-    `base` defaults to the one in the run's adapter.json. Returns the comparison id."""
+    `base` defaults to the one in the run's adapter.json. `rank_by`: "score" (the highest toy score) or
+    "val_loss" (the lowest held-out validation loss the run recorded for the checkpoint's step, shown beside the
+    score). Returns the comparison id."""
     from sdtune.adapters import contact_sheet
     from sdtune.adapters.compose import AdapterUse, PipelineSpec
     from sdtune.adapters.run_folder import PEFT_FILE, checkpoint_step, lora_checkpoints
@@ -222,6 +225,7 @@ def compare_checkpoints(
     if not candidates:
         raise ABError(f"--checkpoints {run_dir}: no checkpoints/checkpoint-N/{PEFT_FILE} and no final LoRA in it")
     base = base or run_base(run_dir)
+    recorded = recorded_val_loss(run_dir, rank_by)
     scorer = Scorer.parse(score)
     for prompt in settings.prompts:
         scorer.target(prompt)
@@ -232,21 +236,60 @@ def compare_checkpoints(
         points = [scorer.score(s.image, s.settings.prompt) for s in samples]
         step = run_steps(run_dir) if path == run_dir else checkpoint_step(path)
         label = _candidate_label(run_dir, path)
-        found.append({"label": label, "step": step, "path": str(path), "score": sum(points) / len(points)})
+        val_loss = recorded.get(str(step))
+        found.append({"label": label, "step": step, "path": str(path), "score": sum(points) / len(points),
+                      "val_loss": val_loss})  # fmt: skip
         rendered.append(samples)
-    best = max(found, key=lambda c: c["score"])  # max keeps the first of equals: the earliest checkpoint
+    best = best_candidate(found, rank_by, run_dir)
 
     def fill(folder: Path) -> NewComparison:
         rows = [[s.image for s in samples] for samples in rendered]
-        labels = [f"{c['label']} (step {c['step']}): score {c['score']:.2f}" for c in found]
+        labels = [f"{c['label']} (step {c['step']}): score {c['score']:.2f}{_loss_text(c)}" for c in found]
         columns = [f"{p[:18]}, seed {s}" for p in settings.prompts for s in settings.seeds]
-        title = f"{run_dir.name}: best {best['label']} ({scorer.text})"
+        title = f"{run_dir.name}: best {best['label']} ({'val_loss' if rank_by == 'val_loss' else scorer.text})"
         contact_sheet.save_grid(contact_sheet.make_grid(rows, labels, columns, title), folder / "grid.png")
-        result = {"grid": "grid.png", "candidates": found, "best": best["label"], "registered": None}
+        result = {"grid": "grid.png", "candidates": found, "best": best["label"], "registered": None,
+                  "rank_by": rank_by}  # fmt: skip
         sides = {"run_dir": str(run_dir), "base": base, "labels": [c["label"] for c in found]}
         return NewComparison("checkpoints", sides, asdict(settings), False, score, result)
 
     return store.add(fill)
+
+
+RANK_BY = ("score", "val_loss")
+
+
+def recorded_val_loss(run_dir: Path, rank_by: str) -> dict[str, float]:
+    """{step: val_loss} as the run's manifest recorded it (`training.val_loss.by_step`); ranking by it needs it."""
+    from sdtune.adapters.manifest import ManifestError, read_manifest
+
+    if rank_by not in RANK_BY:
+        raise ABError(f"--rank-by {rank_by}: rank by one of {', '.join(RANK_BY)}")
+    try:
+        recorded = (read_manifest(run_dir).training.get("val_loss") or {}).get("by_step") or {}
+    except ManifestError:
+        recorded = {}
+    if rank_by == "val_loss" and not recorded:
+        raise ABError(
+            f"--rank-by val_loss: {run_dir} recorded no held-out validation loss; train it with "
+            "validation.loss_split or validation.loss_dir"
+        )
+    return recorded
+
+
+def best_candidate(found: list[dict], rank_by: str, run_dir: Path) -> dict:
+    """The highest score, or the lowest recorded val_loss (candidates without one are not ranked); the first of
+    equals, i.e. the earliest checkpoint."""
+    if rank_by == "score":
+        return max(found, key=lambda c: c["score"])
+    measured = [c for c in found if c["val_loss"] is not None]
+    if not measured:
+        raise ABError(f"--rank-by val_loss: none of the checkpoints of {run_dir} has a recorded val_loss")
+    return min(measured, key=lambda c: c["val_loss"])
+
+
+def _loss_text(candidate: dict) -> str:
+    return "" if candidate.get("val_loss") is None else f", val_loss {candidate['val_loss']:.4f}"
 
 
 def run_base(run_dir: Path) -> str:

@@ -75,7 +75,8 @@ def ab_get(comparison_id: str) -> dict:
     """A stored comparison: id, kind, a, b, settings, blind, score, folder, grid, scores, pairs (pair, prompt, seed,
     left, right image paths, vote, votes (every vote cast), left_is, right_is, score_left, score_right), revealed
     (an open comparison, or a blind one with every pair voted: its votes are final) and the tally. A checkpoint
-    comparison has run_dir, candidates (label, step, path, score), best and registered instead of pairs."""
+    comparison has run_dir, candidates (label, step, path, score, val_loss), best, rank_by and registered instead of
+    pairs."""
     from sdtune.adapters import ab
 
     data = ab.ABStore().get(comparison_id)
@@ -143,6 +144,7 @@ def ab_checkpoints(
     steps: int = 25,
     guidance: float | None = None,
     scheduler: str = "default",
+    rank_by: str = "score",
 ) -> dict:
     """Scores every saved checkpoint of a LoRA run (and its final LoRA) on the same prompts and seeds, names the
     best and, with `register`, registers it under that name (provenance: which checkpoint of which run).
@@ -152,6 +154,7 @@ def ab_checkpoints(
         seeds: default 0-3.
         score: the toy-world scorer (`toy` reads colour and shape from each prompt; `toy:purple`...).
         base: default: the base in the run's adapter.json.
+        rank_by: "score", or "val_loss": the lowest held-out validation loss the run recorded (shown either way).
     """
     from sdtune.adapters import ab
 
@@ -164,7 +167,7 @@ def ab_checkpoints(
         if register in open_registry():
             raise StudioError(f"--register: an adapter named {register!r} is already registered; choose another")
     size_threads()
-    comparison_id = ab.compare_checkpoints(run_dir, settings, score=score, base=base)
+    comparison_id = ab.compare_checkpoints(run_dir, settings, score=score, base=base, rank_by=rank_by)
     if register:
         ab.register_best(ab.ABStore().get(comparison_id), register, open_registry())
     return ab_get(comparison_id)

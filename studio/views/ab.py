@@ -229,6 +229,11 @@ def _checkpoints():
         left, right = st.columns(2)
         register = left.text_input("Register the best as (optional)", key="ckpt-register")
         steps = right.number_input("Sampler steps", 1, 200, 25, key="ckpt-steps")
+        rank_by = left.selectbox(
+            "Best by", ["score", "val_loss"], key="ckpt-rank-by",
+            help="score: the highest toy score; val_loss: the lowest held-out validation loss the run recorded "
+            "(validation.loss_split or loss_dir).",
+        )  # fmt: skip
         submitted = st.form_submit_button("Compare checkpoints")
     run_dir = typed.strip() or chosen
     if submitted and not run_dir:
@@ -237,9 +242,9 @@ def _checkpoints():
         with shown_errors(), st.spinner("rendering and scoring each checkpoint ..."):
             result = api.ab_checkpoints(
                 run_dir, [p.strip() for p in prompts.splitlines() if p.strip()] or None, score="toy",
-                register=register.strip() or None, steps=steps,
+                register=register.strip() or None, steps=steps, rank_by=rank_by,
             )  # fmt: skip
-            st.table([{k: c.get(k) for k in ("label", "step", "score")} for c in result["candidates"]])
+            st.table([{k: c.get(k) for k in ("label", "step", "score", "val_loss")} for c in result["candidates"]])
             st.success(f"best: {result['best']}")
             if result.get("registered"):
                 st.info(f"registered as {result['registered']}")

@@ -36,7 +36,7 @@ from sdtune.trainers.core.batches import Batch, BatchBuilder
 from sdtune.trainers.core.checkpointing import StopRequest, TrainState, save_checkpoint
 from sdtune.trainers.core.progress import ProgressTracker, progress_event
 from sdtune.trainers.core.recipe import TrainConfig
-from sdtune.trainers.core.run_files import take_requests, worker_gone
+from sdtune.trainers.core.run_files import METRICS_FILE, take_requests, worker_gone
 from sdtune.trainers.core.runtime import check_replicas_agree, step_seed
 
 LOG_INTERVAL_SECONDS = 2.0  # losses are read from the device and logged at most this often (and at each event)
@@ -63,14 +63,18 @@ class RunLoop:
         validation_steps: int = 0,
         idle: list[torch.nn.Module] = (),
         outputs_weights: Callable[..., contextlib.AbstractContextManager] | None = None,
+        held_out: Callable[[int], float] | None = None,
     ):
         """`idle`: frozen models the step does not call (`idle_during_steps`); they wait in CPU memory while the loop
         steps, and are back on the device for checkpoints, validation and the final outputs. `outputs_weights(
         validation=False)`: the weights saves and grids see (`runtime.Optimization.outputs_weights`: EMA,
-        schedule-free), the training weights back after each."""
+        schedule-free), the training weights back after each. `held_out(step)`: the held-out validation loss
+        (trainers/core/val_loss.py), measured on the weights a save sees before the first step, at every validation
+        and checkpoint step and at the end, and logged as `val_loss`."""
         self.accelerator, self.train, self.state, self.batches = accelerator, train, state, batches
         self.out_dir, self.on_checkpoint, self.on_validation = Path(out_dir), on_checkpoint, on_validation
         self.validation_steps = validation_steps
+        self.held_out = held_out
         self.idle = list(idle)
         self.outputs_weights = outputs_weights or (lambda validation=False: contextlib.nullcontext())
         self.stopped_early, self.step_times, self._stop = False, [], None
@@ -97,6 +101,11 @@ class RunLoop:
         """The loop of a recipe's run: checkpoints in `output.dir` through `on_checkpoint`, and a validation grid
         `samples/step-N.png` every `validation.validation_steps` from `validator`."""
         out_dir = Path(recipe.output.dir)
+        held_out = getattr(validator, "loss", None)
+        if held_out is not None and state.step:  # resumed: the losses measured before stay in the manifest
+            from sdtune.trainers.core.val_loss import recorded_history
+
+            held_out.history.update(recorded_history(out_dir / METRICS_FILE, state.step))
         return cls(
             accelerator,
             recipe.train,
@@ -108,6 +117,7 @@ class RunLoop:
             validation_steps=recipe.validation.validation_steps,
             idle=idle,
             outputs_weights=outputs_weights,
+            held_out=held_out,
         )
 
     @contextlib.contextmanager
@@ -134,6 +144,8 @@ class RunLoop:
         """Yields this process's micro-batches, each with its own seeded generator, until the run is done."""
         with StopRequest() as self._stop:
             progress_event(self.accelerator, "start", self.state.step, resumed=self.state.step > 0)
+            if self.state.step == 0:
+                self.log_held_out(0)  # the base's held-out loss: where the curve starts
             self._park(True)
             while not self.done:
                 epoch_batches = self.batches.epoch_batches(self.state.epoch)
@@ -172,6 +184,8 @@ class RunLoop:
         if finished or checkpoint_due or validation_due or asked or now - self._logged_at >= LOG_INTERVAL_SECONDS:
             self._log_losses()
             self._refuse_diverged(state.step, saving=finished or checkpoint_due)
+        if not finished and (validation_due or checkpoint_due):
+            self.log_held_out(state.step)
         if not finished and checkpoint_due:
             with self.models_on_device():
                 self._checkpoint(state.step, requested="save" in asked)
@@ -204,6 +218,16 @@ class RunLoop:
         lr = self._unlogged[-1][2]
         self.progress.set_postfix(loss=f"{state.last_loss:.4f}", **({"lr": f"{lr:.2e}"} if lr else {}))
         self._unlogged, self._logged_at = [], time.perf_counter()
+
+    def log_held_out(self, step: int):
+        """The held-out validation loss at `step` (main process; none without one), logged to the trackers and
+        metrics.jsonl as `val_loss`. It runs on the saved weights (EMA, schedule-free average), draws nothing from
+        the training RNG, and puts the training weights back exactly."""
+        if self.held_out is None or not self.accelerator.is_main_process:
+            return
+        with self.models_on_device(), self.outputs_weights():
+            value = self.held_out(step)
+        self.accelerator.log({"val_loss": value}, step=step)
 
     def _refuse_diverged(self, step: int, saving: bool):
         """Stops a run whose loss stays NaN/inf, and never saves a checkpoint or adapter made of such steps."""
@@ -245,6 +269,8 @@ class RunLoop:
         written by the main process with this run's speed and memory. Under DDP every process must hold the same
         weights by now (gradients are all-reduced each step): checked, not assumed. A run of several processes ends
         the process here (see `exit_without_teardown`)."""
+        if not self.stopped_early:
+            self.log_held_out(self.state.step)  # the end's held-out loss, for the manifest's last entry
         self._park(False)  # the final outputs render with the whole pipeline
         code = self._finish(trainable, write_outputs)
         if self.accelerator.num_processes > 1:

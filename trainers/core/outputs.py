@@ -168,6 +168,9 @@ class RunOutputs:
             log(f"toy scores: base {scores['base']}  adapter {scores['adapter']}")
         info = self.manifest(state, files, samples, scores, report)
         info.training.update(speed | self.facts)
+        held_out = getattr(self.validator, "loss", None)
+        if held_out is not None:  # the held-out loss per evaluated step: every checkpoint's, and the end's
+            info.training["val_loss"] = held_out.manifest_entry()
         manifest_file = write_manifest(out_dir, info)
         written = [out_dir / name for name in [*info.files.values(), *info.samples.values()]]
         log(f"done: {', '.join(str(p) for p in [*written, manifest_file])}")

@@ -134,8 +134,10 @@ def score_settings(recipe: Recipe, guidance: float) -> dict:
 class Validator:
     """Renders validation grids for one run; `pipe` shares its unet/text encoder with the training loop."""
 
-    def __init__(self, recipe: Recipe, pipe, accelerator, output_dir: str | Path, model_name: str):
+    def __init__(self, recipe: Recipe, pipe, accelerator, output_dir: str | Path, model_name: str, loss=None):
+        """`loss`: the run's held-out validation loss (`val_loss.held_out_loss`), None without one."""
         v = recipe.validation
+        self.loss = loss
         self.recipe, self.pipe, self.accelerator, self.model_name = recipe, pipe, accelerator, model_name
         self.guidance = v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base)
         self.output_dir = Path(output_dir)
@@ -250,8 +252,12 @@ class ControlValidator:
     compute exactly what `sdtune sample --controlnet` computes later.
     """
 
-    def __init__(self, recipe: Recipe, pipe, controlnet, accelerator, conditions: list[str], model_name: str):
+    def __init__(
+        self, recipe: Recipe, pipe, controlnet, accelerator, conditions: list[str], model_name: str, loss=None
+    ):
+        """`loss`: the run's held-out validation loss (`val_loss.held_out_loss`), None without one."""
         v = recipe.validation
+        self.loss = loss
         self.recipe, self.pipe, self.controlnet, self.accelerator = recipe, pipe, controlnet, accelerator
         self.model_name, self.scale = model_name, recipe.method.conditioning_scale
         self.guidance = v.guidance_scale if v.guidance_scale is not None else recommended_guidance(recipe.base)

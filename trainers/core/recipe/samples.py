@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Discriminator, Field, Tag, field_validator
+from pydantic import AliasChoices, Discriminator, Field, Tag, field_validator, model_validator
 
 from sdtune.adapters.base import LocalPath
 from sdtune.adapters.schedulers import SchedulerName
@@ -200,6 +200,25 @@ class ValidationConfig(Section):
     toy_score: list[ToyTarget] = Field(
         default_factory=list, description="Toy base only: prompts whose samples the toy-world scorer checks."
     )
+    loss_split: float | None = Field(
+        None,
+        gt=0,
+        le=0.5,
+        description="Held-out validation loss: this share of the training images (0 < share <= 0.5) is held back "
+        "from training, chosen by a seeded, stable rule (listed in the log), and its loss at fixed timesteps and "
+        "noise is logged as val_loss every validation_steps and at each checkpoint.",
+    )
+    loss_dir: Annotated[str | None, LocalPath()] = Field(
+        None,
+        description="Held-out validation loss over the images of this folder (scanned as the training data is); "
+        "the training set is unchanged. Instead of loss_split.",
+    )
+
+    @model_validator(mode="after")
+    def _one_loss_source(self):
+        if self.loss_split is not None and self.loss_dir is not None:
+            raise ValueError("loss_split and loss_dir both set: hold back a share of the images or name a folder")
+        return self
 
     def sample_prompts(self) -> list[SamplePrompt]:
         """Every validation prompt with its own settings: `prompts` (a string has none), then `prompts_file`'s."""
