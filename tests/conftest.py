@@ -93,7 +93,7 @@ def quickstart_run(tmp_path_factory):
     return out, proc.stdout + proc.stderr
 
 
-def colour_lora_run(tmp_path_factory, colour: str, seed: int) -> Path:
+def colour_lora_run(tmp_path_factory, colour: str, seed: int, steps: int) -> Path:
     """A LoRA on the quickstart recipe teaching one colour the toy base never saw, from kohya folders: 16 shapes in
     that colour (`1_<colour>`) plus 8 in the base's own colours with their true captions (`1_base`). The second folder
     is the regularization of sd-scripts' DreamBooth-style training: the LoRA draws the colour when a prompt asks for
@@ -109,6 +109,7 @@ def colour_lora_run(tmp_path_factory, colour: str, seed: int) -> Path:
         f"data.train_data_dir={root / 'data'}",
         f"data.trigger_word={colour}",
         f"output.name=toy-{colour}",
+        f"train.max_train_steps={steps}",
         "train.checkpointing_steps=1000",
         "validation.validation_steps=0",
         f"validation.prompts=[a {colour} circle]",
@@ -119,17 +120,31 @@ def colour_lora_run(tmp_path_factory, colour: str, seed: int) -> Path:
     return root / "run"
 
 
+# The learned colours (the quickstart's 300 steps, ~50 s each) are for the slow proofs that measure concepts
+# (tests/test_compose.py); the mechanism tests (fuse, block weights, merge files, checkpoint picking, pages) need a
+# LoRA that moved the base, not one that learned it well: 40 steps draw the colour on part of the seeds already.
+
+
 @pytest.fixture(scope="session")
 def cyan_run(tmp_path_factory):
-    """A colour LoRA (see `colour_lora_run`) for cyan."""
-    return colour_lora_run(tmp_path_factory, "cyan", seed=2)
+    """A short colour LoRA (see `colour_lora_run`) for cyan: 40 steps."""
+    return colour_lora_run(tmp_path_factory, "cyan", seed=2, steps=40)
 
 
 @pytest.fixture(scope="session")
 def purple_run(tmp_path_factory):
-    """A colour LoRA (see `colour_lora_run`) for purple: the quickstart's concept, trained with regularization
-    images, so that tests/test_compose.py can stack and merge it with `cyan_run`."""
-    return colour_lora_run(tmp_path_factory, "purple", seed=1)
+    """A short colour LoRA (see `colour_lora_run`) for purple, with regularization images like `cyan_run`, so that
+    tests/test_compose.py can stack, fuse and merge the two."""
+    return colour_lora_run(tmp_path_factory, "purple", seed=1, steps=40)
+
+
+@pytest.fixture(scope="session")
+def learned_colour_runs(tmp_path_factory):
+    """Purple and cyan trained for the quickstart's 300 steps: each learns its colour (for the slow proofs)."""
+    return {
+        "purple": colour_lora_run(tmp_path_factory, "purple", seed=1, steps=300),
+        "cyan": colour_lora_run(tmp_path_factory, "cyan", seed=2, steps=300),
+    }
 
 
 # -- a short ControlNet run (tests/test_controlnet.py, tests/test_ab.py, the studio's A/B page) ---------------------
