@@ -35,7 +35,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdtune.adapters import quiet_libraries
+from sdtune.adapters import quiet_libraries, skip_the_final_collection
 from sdtune.studio import api, cli_ab, cli_adapters, cli_caption, cli_dataset, cli_recipe, jobs, launch, worker
 from sdtune.studio.cli_ab import positive_int
 
@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    skip_the_final_collection()
     if args.command not in (
         "jobs",
         "worker",

@@ -6,11 +6,14 @@ configuration in pyproject.toml; a real warning drowns in those.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +38,22 @@ def test_the_wheel_builds_without_setuptools_warnings_and_ships_the_data(tmp_pat
     for data in ("toy_base/unet/diffusion_pytorch_model.safetensors", "sd15_config/unet/config.json"):
         assert f"sdtune/adapters/{data}" in names
     assert "sdtune/studio/api/__init__.py" in names and "sdtune/studio/api/errors.py" in names  # a subpackage
+
+
+ENTRY_POINTS = {
+    "sdtune": "from sdtune.studio.cli import main; main(['jobs', 'list'])",
+    "a trainer": "from sdtune.trainers.core.runtime import run_cli; run_cli(lambda argv: 0)",
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_an_entry_point_freezes_the_heap_at_exit_instead_of_collecting_it(entry, tmp_path):
+    """The last garbage collection over torch's, diffusers' and peft's objects cost ~2 s per process (see
+    `skip_the_final_collection`); an exit hook registered before the entry point runs after its freeze."""
+    probe = "import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+    proc = subprocess.run(
+        [sys.executable, "-c", probe + ENTRY_POINTS[entry]],
+        capture_output=True, text=True, env={**os.environ, "SDTUNE_HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("frozen True"), proc.stdout

@@ -328,6 +328,9 @@ def run_cli(main, argv=None) -> int:
     diverged run, a failed export check) into one `error:` line and exit status 2."""
     import sys
 
+    from sdtune.adapters import skip_the_final_collection
+
+    skip_the_final_collection()
     try:
         return main(argv)
     except SdtuneError as exc:
