@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sdtune.adapters.workspace import default_cache_dir
 from sdtune.studio import jobs, retry
 
 SCHEMA = """
@@ -94,7 +95,8 @@ def grid(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
             for combo in itertools.product(*[values for _, values in axes])]  # fmt: skip
 
 
-def _axes(axis_texts: list[str], seeds: list[int] | None) -> list[tuple[str, list[str]]]:
+def parse_axes(axis_texts: list[str], seeds: list[int] | None = None) -> list[tuple[str, list[str]]]:
+    """Every axis parsed, `seeds` as the `train.seed` axis; an axis given twice, or none at all, is refused."""
     axes = [parse_axis(text) for text in axis_texts] + ([("train.seed", [str(s) for s in seeds])] if seeds else [])
     paths = [path for path, _ in axes]
     repeated = sorted({path for path in paths if paths.count(path) > 1})
@@ -136,13 +138,11 @@ def submit_sweep(
     Returns:
         The sweep and its jobs, in grid order.
     """
-    from sdtune.trainers.core.cache import default_cache_dir
-
     recipe, fixed = Path(recipe), list(fixed or [])
     name = name or f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not _NAME.match(name):
         raise SweepError(f"--name {name!r}: letters, digits, '.', '_' and '-', at most 64, starting alnum")
-    parsed = _axes(axes, seeds)
+    parsed = parse_axes(axes, seeds)
     runs = grid(parsed)
     resolved = _validated(recipe, runs, fixed)
     cache_dir = str(default_cache_dir(resolved[0].data.cache_dir).resolve())

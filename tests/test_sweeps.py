@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_jobs import QUICKSTART, SMALL, events, sdtune, start_worker, wait_for
+from test_registry import fake_run
 
 from sdtune.adapters.registry import Registry
 from sdtune.studio import jobs, leaderboard, retry, sweeps
@@ -122,7 +123,9 @@ def test_failures_are_classified_by_what_the_attempt_printed(log, code, kind):
 
 def test_only_the_latest_attempt_decides(tmp_path):
     log = tmp_path / "log.txt"
-    log.write_text("\n=== attempt 1 (...)\ntorch.OutOfMemoryError: CUDA out of memory\n\n=== attempt 2 (...)\nerror: x\n")
+    log.write_text(
+        "\n=== attempt 1 (...)\ntorch.OutOfMemoryError: CUDA out of memory\n\n=== attempt 2 (...)\nerror: x\n"
+    )
     assert retry.classify(retry.last_attempt(log), 2) == "recipe"
 
 
@@ -208,12 +211,112 @@ def test_a_run_whose_worker_died_continues_from_its_checkpoint_within_its_tries(
     assert retry.requeue_due() == [] and jobs.get(job.id).state == "interrupted"
 
 
+# -- the leaderboard over finished run folders (as trainers leave them), and its pages ---------------------------------
+
+
+def finished(job: jobs.Job, both: float | None, by_step: dict[int, float], seconds: float = 0.1) -> None:
+    """Marks `job` done with a run folder whose manifest holds these scores, val_loss per step, speed and memory;
+    a LoRA file in checkpoint-4 and -8 and the final one (step 12)."""
+    from sdtune.adapters.lora_files import PEFT_FILE
+
+    fake_run(job.run_dir, name=job.name)
+    manifest = json.loads((job.run_dir / "adapter.json").read_text())
+    manifest["training"] = {"steps": 12, "seconds_per_step": seconds, "peak_memory_bytes": 3 << 20,
+                            "val_loss": {"by_step": {str(k): v for k, v in by_step.items()}}}  # fmt: skip
+    manifest["scores"] = None if both is None else {"adapter": {"color": 1.0, "shape": both, "both": both}}
+    manifest["recipe"] = {"validation": {"prompts": ["a purple circle"], "seeds": [0]}}
+    (job.run_dir / "adapter.json").write_text(json.dumps(manifest))
+    for step in (4, 8):
+        (job.run_dir / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True, exist_ok=True)
+        (job.run_dir / "checkpoints" / f"checkpoint-{step}" / PEFT_FILE).write_bytes(b"peft")
+    with jobs.connect() as conn:
+        conn.execute("UPDATE jobs SET state = 'done', attempts = 1 WHERE id = ?", (job.id,))
+
+
+@pytest.fixture
+def ranked_sweep(home) -> list[jobs.Job]:
+    """Four runs: two finished with val_loss, one finished without it (and no scores), one still queued."""
+    _, queued = sweeps.submit_sweep(QUICKSTART, ["method.rank=4,8", "train.learning_rate=1e-4,3e-4"], name="board")
+    finished(queued[0], 0.50, {4: 0.30, 8: 0.20, 12: 0.25}, seconds=0.2)
+    finished(queued[1], 0.75, {4: 0.10, 8: 0.10, 12: 0.40})  # a tie: the earlier checkpoint wins
+    finished(queued[2], None, {}, seconds=0.3)
+    return queued
+
+
+@pytest.mark.parametrize(
+    "rank_by, order, best",
+    [
+        ("score", [2, 1, 3, 4], ["checkpoint-4", "checkpoint-8", "final", None]),
+        ("val_loss", [2, 1, 3, 4], ["checkpoint-4", "checkpoint-8", "final", None]),
+        ("step_time", [2, 1, 3, 4], ["checkpoint-4", "checkpoint-8", "final", None]),
+    ],
+)
+def test_the_leaderboard_ranks_finished_runs_once_each_and_lists_the_rest_after(ranked_sweep, rank_by, order, best):
+    board = leaderboard.leaderboard("board", rank_by)
+    ids = [job.id for job in ranked_sweep]
+    assert [row["job"] for row in board["rows"]] == [ids[i - 1] for i in order]
+    assert [row["best_checkpoint"] for row in board["rows"]] == best
+    assert board["counts"] == {"done": 3, "queued": 1}
+    first = board["rows"][0]
+    assert (first["val_loss"], first["best_step"], first["score"]) == (0.10, 4, 0.75)
+    assert first["values"] == {"method.rank": "4", "train.learning_rate": "3e-4"}
+    assert [row["rank"] for row in board["rows"]][-1] is None  # the queued run: listed, not ranked
+    text = leaderboard.table_text(board)
+    assert text.splitlines()[0] == f"sweep board: 4 runs (3 done, 1 queued), ranked by {rank_by}"
+    assert "checkpoint-4@4" in text and "3 MiB" in text
+
+
+def test_a_metric_no_run_has_is_refused_in_one_line(ranked_sweep):
+    with pytest.raises(sweeps.SweepError, match="--rank-by loss: rank by one of score, color, shape, val_loss"):
+        leaderboard.leaderboard("board", "loss")
+    with pytest.raises(sweeps.SweepError, match="sweep 'nope': no such sweep"):
+        leaderboard.leaderboard("nope")
+    board = leaderboard.leaderboard("board", "score")
+    with pytest.raises(sweeps.SweepError, match="2 finished run.s. ranked by score, 3 needed"):
+        leaderboard.top_grid(board, 3)
+
+
+def test_the_sweeps_page_shows_the_leaderboard_ranked_by_the_chosen_metric(ranked_sweep):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_string("from sdtune.studio.views import sweeps\nsweeps.render()\n", default_timeout=600).run()
+    assert not at.exception and at.selectbox(key="sweeps-selected").value == "board"
+    table = at.dataframe[0].value
+    assert list(table["job"]) == [ranked_sweep[i].id for i in (1, 0, 2, 3)]
+    assert list(table["best checkpoint"])[:2] == ["checkpoint-4 (step 4)", "checkpoint-8 (step 8)"]
+    at.selectbox(key="sweeps-rank-by").set_value("step_time")
+    at = at.run()
+    assert list(at.dataframe[0].value["s/step"])[:2] == [0.1, 0.2]
+
+
+def test_the_train_page_queues_a_sweep_and_refuses_a_bad_axis_in_one_line(home, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the preset's data path is relative to the repository
+    at = AppTest.from_string("from sdtune.studio.views import train\ntrain.render()\n", default_timeout=600).run()
+    [axes] = [t for t in at.text_area if t.label.startswith("Axes")]
+    axes.set_value("train.learning_rate=1e-4,3e-4\nmethod.rnak=4,8")
+    at = at.button(key="FormSubmitter:train-sweep-Queue sweep").click().run()
+    assert [e.value for e in at.error] == [
+        "recipe.yaml: method.rnak: unknown key (did you mean 'rank'?) (in the sweep's run train.learning_rate=1e-4 "
+        "method.rnak=4)"
+    ]
+    assert jobs.list_jobs() == []
+    [axes] = [t for t in at.text_area if t.label.startswith("Axes")]
+    axes.set_value("train.learning_rate=1e-4,3e-4\nmethod.rank=4,8")
+    next(t for t in at.text_input if t.label.startswith("Sweep name")).set_value("from-page")
+    at = at.button(key="FormSubmitter:train-sweep-Queue sweep").click().run()
+    assert not at.exception and not at.error
+    assert any(s.value.startswith("sweep from-page: 4 runs queued") for s in at.success)
+    assert len(sweeps.sweep_jobs("from-page")) == 4 and at.session_state["sweeps-selected"] == "from-page"
+
+
 # -- a real sweep on the toy base: killed, restarted, ranked ----------------------------------------------------------
 
 TINY = [
     *SMALL,
-    "train.max_train_steps=20",
-    "train.checkpointing_steps=5",
+    "train.max_train_steps=12",
+    "train.checkpointing_steps=4",
     "validation.loss_split=0.25",
     "validation.toy_score=[{prompt: a purple circle, color: purple, shape: circle}]",
 ]
@@ -221,7 +324,9 @@ TINY = [
 
 def encodings(job: jobs.Job) -> list[int]:
     """The 'N encodings computed' of each of the job's trainer starts, from its log."""
-    return [int(n) for n in re.findall(r"latents: \d+ images from cache, (\d+) encodings computed", job.log.read_text())]
+    return [
+        int(n) for n in re.findall(r"latents: \d+ images from cache, (\d+) encodings computed", job.log.read_text())
+    ]
 
 
 def test_a_sweep_killed_mid_way_finishes_every_run_once_and_ranks_each_once(home, tmp_path):
@@ -237,7 +342,7 @@ def test_a_sweep_killed_mid_way_finishes_every_run_once_and_ranks_each_once(home
     worker.wait()
     wait_for(lambda: not group_members(pgid), 120, "the trainer to stop by itself")
     stopped = events(first.id, home)[-1]
-    assert stopped["event"] == "stopped" and stopped["step"] < 20
+    assert stopped["event"] == "stopped" and stopped["step"] < 12
 
     worker = start_worker(home, tmp_path / "worker.log", "--once")
     assert worker.wait(timeout=600) == 0, (tmp_path / "worker.log").read_text()[-3000:]
@@ -263,15 +368,14 @@ def test_a_sweep_killed_mid_way_finishes_every_run_once_and_ranks_each_once(home
     assert board["counts"] == {"done": 2} and [row["rank"] for row in board["rows"]] == [1, 2]
     for row in board["rows"]:
         assert row["val_loss"] > 0 and row["step_time"] > 0 and row["peak_memory"] > 0 and row["score"] is not None
-        assert row["best_checkpoint"] in ("checkpoint-5", "checkpoint-10", "checkpoint-15", "checkpoint-20", "final")
-    text = sdtune("jobs", "sweep", "show", "kill", "--rank-by", "val_loss", "--top", "2", "--steps", "2", home=home)
+        assert row["best_checkpoint"] in ("checkpoint-4", "checkpoint-8", "checkpoint-12", "final")
+    text = sdtune("jobs", "sweep", "show", "kill", "--rank-by", "val_loss", home=home)
     assert "sweep kill: 2 runs (2 done), ranked by val_loss" in text.stdout, text.stderr
-    top = Path(text.stdout.split("top 2: ")[1].splitlines()[0])
+    assert text.stdout.count(" done ") == 2, text.stdout  # one line per run
+    top = leaderboard.top_grid(board, 2, steps=2)
     from PIL import Image
 
     assert top == home / "sweeps" / "kill" / "top.png" and Image.open(top).size[1] > 2 * 160  # a row per run
     comparison = leaderboard.ab_top(board, 2, steps=2)
     assert comparison["blind"] and len(comparison["pairs"]) == 1  # the runs' validation: one prompt, seed 0
-    assert {comparison["a"], comparison["b"]} == {
-        f"toy+{leaderboard._best_lora(row)}" for row in board["rows"]
-    }
+    assert {comparison["a"], comparison["b"]} == {f"toy+{leaderboard._best_lora(row)}" for row in board["rows"]}
