@@ -5,7 +5,7 @@
 
 Each axis is `section.key=v1,v2,...` (the recipe's own override paths; a value holding a comma is written in YAML
 brackets or quotes, e.g. `validation.seeds=[0,1],[2,3]`); `--seeds` is the axis `train.seed`. The grid is every
-combination, the first axis slowest. Every run's recipe is validated before anything is queued: a bad key or value
+combination, the first axis slowest; an axis of one value is a setting every run shares. Every run's recipe is validated before anything is queued: a bad key or value
 is one line that names it, and no job exists. The runs are ordinary jobs (their own folder, their own run folder,
 registered as `<sweep>-<n>`) tied to the sweep by `sweep_id`, with the retry budget of studio/retry.py.
 
@@ -143,6 +143,9 @@ def submit_sweep(
     if not _NAME.match(name):
         raise SweepError(f"--name {name!r}: letters, digits, '.', '_' and '-', at most 64, starting alnum")
     parsed = parse_axes(axes, seeds)
+    # an axis of one value is a setting every run shares, not a column of the leaderboard
+    fixed += [f"{path}={values[0]}" for path, values in parsed if len(values) == 1]
+    parsed = [(path, values) for path, values in parsed if len(values) > 1]
     runs = grid(parsed)
     resolved = _validated(recipe, runs, fixed)
     cache_dir = str(default_cache_dir(resolved[0].data.cache_dir).resolve())

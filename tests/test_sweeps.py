@@ -81,8 +81,8 @@ def test_a_bad_axis_is_one_line_naming_it_and_nothing_is_queued(home, axes, name
 
 
 def test_a_sweep_queues_its_grid_with_own_folders_and_names_and_one_cache(home, tmp_path):
-    sweep, queued = sweeps.submit_sweep(QUICKSTART, ["train.learning_rate=1e-4,3e-4", "method.rank=8,16"], seeds=[0, 1],
-                                        name="lr-rank")  # fmt: skip
+    axes = ["train.learning_rate=1e-4,3e-4", "method.rank=8,16", "train.max_train_steps=7"]
+    sweep, queued = sweeps.submit_sweep(QUICKSTART, axes, seeds=[0, 1], name="lr-rank")
     assert len(queued) == 8 and {job.sweep_id for job in queued} == {sweep.id}
     assert {job.max_tries for job in queued} == {retry.DEFAULT_MAX_TRIES}
     recipes = [yaml.safe_load(job.recipe.read_text()) for job in queued]
@@ -93,6 +93,8 @@ def test_a_sweep_queues_its_grid_with_own_folders_and_names_and_one_cache(home, 
     assert [(r["train"]["learning_rate"], r["method"]["rank"], r["train"]["seed"]) for r in recipes[:3]] == [
         (1e-4, 8, 0), (1e-4, 8, 1), (1e-4, 16, 0)
     ]  # fmt: skip
+    assert {r["train"]["max_train_steps"] for r in recipes} == {7}  # one value: shared by every run, not an axis
+    assert [path for path, _ in sweep.axes] == ["train.learning_rate", "method.rank", "train.seed"]
     assert sweeps.swept_values(sweep, queued[-1]) == {"train.learning_rate": "3e-4", "method.rank": "16",
                                                       "train.seed": "1"}  # fmt: skip
     with pytest.raises(sweeps.SweepError, match="--name lr-rank: a sweep of that name exists"):
@@ -379,3 +381,16 @@ def test_a_sweep_killed_mid_way_finishes_every_run_once_and_ranks_each_once(home
     comparison = leaderboard.ab_top(board, 2, steps=2)
     assert comparison["blind"] and len(comparison["pairs"]) == 1  # the runs' validation: one prompt, seed 0
     assert {comparison["a"], comparison["b"]} == {f"toy+{leaderboard._best_lora(row)}" for row in board["rows"]}
+
+
+def test_a_sweeps_dreambooth_runs_share_one_folder_of_class_images(home, tmp_path):
+    """Class images are cached under a key of the base, the class prompt and the sampling settings, in the cache
+    every run of the sweep is given: 4 runs (learning rate x seed) generate into, and reuse, one folder."""
+    from sdtune.trainers.core.class_images import generated_folder
+    from sdtune.trainers.core.recipe import load_recipe
+
+    recipe = QUICKSTART.parent / "toy-dreambooth.yaml"
+    _, queued = sweeps.submit_sweep(recipe, ["train.learning_rate=1e-4,3e-4"], seeds=[0, 1], name="db")
+    folders = {generated_folder(load_recipe(job.recipe)) for job in queued}
+    assert len(queued) == 4 and len(folders) == 1
+    assert folders.pop().parent == tmp_path / "cache" / "class_images"
