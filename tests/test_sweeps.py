@@ -268,7 +268,7 @@ def test_the_leaderboard_ranks_finished_runs_once_each_and_lists_the_rest_after(
     assert "checkpoint-4@4" in text and "3 MiB" in text
 
 
-def test_a_metric_no_run_has_is_refused_in_one_line(ranked_sweep):
+def test_a_bad_metric_or_count_is_refused_in_one_line(home, ranked_sweep):
     with pytest.raises(sweeps.SweepError, match="--rank-by loss: rank by one of score, color, shape, val_loss"):
         leaderboard.leaderboard("board", "loss")
     with pytest.raises(sweeps.SweepError, match="sweep 'nope': no such sweep"):
@@ -276,6 +276,11 @@ def test_a_metric_no_run_has_is_refused_in_one_line(ranked_sweep):
     board = leaderboard.leaderboard("board", "score")
     with pytest.raises(sweeps.SweepError, match="2 finished run.s. ranked by score, 3 needed"):
         leaderboard.top_grid(board, 3)
+    refused = sdtune("jobs", "sweep", "show", "board", "--ab-top", "3", home=home)
+    assert refused.returncode != 0 and refused.stderr == (
+        "sdtune jobs: --ab-top 3: a blind A/B compares two runs; give --ab-top 2\n"
+    )
+    assert "sweep board: 4 runs" in refused.stdout  # the leaderboard was printed first
 
 
 def test_the_sweeps_page_shows_the_leaderboard_ranked_by_the_chosen_metric(ranked_sweep):
