@@ -57,6 +57,10 @@ def run_sweep(args) -> None:
 def _show(name: str, args) -> None:
     board = leaderboard.leaderboard(name, args.rank_by)
     print(leaderboard.table_text(board))
+    if args.top or args.ab_top:  # these render: keep the libraries' loading chatter out of the output
+        from sdtune.adapters import quiet_libraries
+
+        quiet_libraries()
     if args.top:
         print(f"top {args.top}: {leaderboard.top_grid(board, args.top, steps=args.steps)}")
     if args.ab_top:

@@ -14,6 +14,8 @@ States:
              the trainer saves a checkpoint and exits; SIGKILL after a grace period) -> cancelled
     resume   interrupted/cancelled/failed -> queued; the trainer continues from its last checkpoint (train.resume)
     retry    any finished job -> queued from scratch (the previous run folder is kept as run.attempt-N)
+    policy   a job with `max_tries` (a sweep's run) whose attempt failed for a transient reason -> queued again by
+             the worker (studio/retry.py: its worker gone, CUDA out of memory, a full disk once freed)
 
 A worker that dies takes its trainers with it: each stops at its next step with a checkpoint (it watches its worker,
 see `run_files.worker_gone`). A job found `running` whose worker is dead becomes `interrupted` once its trainer is
