@@ -22,6 +22,12 @@ def sdtune_home(home: str | Path | None = None) -> Path:
     return Path(home or os.environ.get("SDTUNE_HOME") or Path.home() / ".sdtune").expanduser().absolute()
 
 
+def default_cache_dir(configured: str | None) -> Path:
+    """The cache of latents and class images: `data.cache_dir` if set, else `$SDTUNE_CACHE`, else ~/.cache/sdtune.
+    Its entries are keyed by content, so every run (a sweep's too) that points at it shares them."""
+    return Path(configured or os.environ.get("SDTUNE_CACHE") or Path.home() / ".cache" / "sdtune").expanduser()
+
+
 def _enable_wal(db, seconds: float = 60.0):
     """Switching a new index to WAL needs a moment of exclusive access, and sqlite answers "database is locked" at
     once (no busy wait) when another process holds the file just then: retry until it is free."""

@@ -18,13 +18,14 @@ from __future__ import annotations
 import streamlit as st
 
 from sdtune.studio import access
-from sdtune.studio.views import ab, datasets, jobs, publish, registry, train
+from sdtune.studio.views import ab, datasets, jobs, publish, registry, sweeps, train
 
 DATASETS = st.Page(datasets.render, title="Datasets", icon=":material/photo_library:", url_path="datasets")
 PAGES = [
     DATASETS,
     st.Page(train.render, title="Train", icon=":material/model_training:", url_path="train"),
     st.Page(jobs.render, title="Jobs", icon=":material/queue:", url_path="jobs"),
+    st.Page(sweeps.render, title="Sweeps", icon=":material/leaderboard:", url_path="sweeps"),
     st.Page(registry.render, title="Registry", icon=":material/inventory_2:", url_path="registry"),
     st.Page(ab.render, title="A/B", icon=":material/compare:", url_path="ab"),
     st.Page(publish.render, title="Publish", icon=":material/publish:", url_path="publish"),

@@ -13,6 +13,7 @@ Usage:
     sdtune jobs submit recipes/quickstart.yaml [train.lr=1e-4 ...]    # queue a training run
     sdtune worker                                                      # run queued jobs (a separate process)
     sdtune jobs list | show ID | cancel ID | resume ID | retry ID | sample ID | save ID
+    sdtune jobs sweep recipe.yaml train.lr=1e-4,3e-4 method.rank=8,16 [--seeds 0,1] | sweep show NAME [--rank-by M]
     sdtune adapters list [--base toy] [--method lora] [--tag T] [--trigger purple]
     sdtune adapters show NAME | import PATH [--base B] [--name N] | export NAME DEST [--format kohya|peft]
     sdtune adapters rm NAME | tag NAME TAG... [--remove TAG] | check [--repair]
@@ -36,7 +37,18 @@ import sys
 from pathlib import Path
 
 from sdtune.adapters import quiet_libraries, skip_the_final_collection
-from sdtune.studio import api, cli_ab, cli_adapters, cli_caption, cli_dataset, cli_recipe, jobs, launch, worker
+from sdtune.studio import (
+    api,
+    cli_ab,
+    cli_adapters,
+    cli_caption,
+    cli_dataset,
+    cli_recipe,
+    cli_sweep,
+    jobs,
+    launch,
+    worker,
+)
 from sdtune.studio.cli_ab import positive_int
 
 EPILOG = (
@@ -213,7 +225,7 @@ def run_doctor(args) -> int:
 def _jobs_parser(sub):
     p = sub.add_parser("jobs", help="The training queue: submit, list, show, cancel, resume, retry, sample, save.")
     actions = p.add_subparsers(
-        dest="action", required=True, metavar="{submit,list,show,cancel,resume,retry,sample,save}"
+        dest="action", required=True, metavar="{submit,list,show,cancel,resume,retry,sample,save,sweep}"
     )
     submit = actions.add_parser("submit", help="Queue a recipe (validated now; `sdtune worker` runs it).")
     submit.add_argument("recipe", type=Path)
@@ -229,6 +241,7 @@ def _jobs_parser(sub):
         ("save", '"Save now": the running trainer writes a checkpoint at its next step.'),
     ]:
         actions.add_parser(name, help=text).add_argument("id", type=int)
+    cli_sweep.add_sweep_parser(actions)
     p.set_defaults(run=run_jobs)
 
 
@@ -249,13 +262,15 @@ def run_jobs(args) -> int:
         _run_job_action(args)
     except jobs.JobError as exc:
         raise SystemExit(f"sdtune jobs: {exc}") from None
-    if args.action in ("submit", "list", "resume", "retry") and not jobs.workers():
+    if args.action in ("submit", "list", "resume", "retry", "sweep") and not jobs.workers():
         print("no worker is running: start one with `sdtune worker` (in another terminal)")
     return 0
 
 
 def _run_job_action(args) -> None:
-    if args.action == "submit":
+    if args.action == "sweep":
+        cli_sweep.run_sweep(args)
+    elif args.action == "submit":
         job = jobs.submit(args.recipe, args.overrides)
         print(f"job {job.id}: queued ({job.method}, {job.name}); run folder {job.run_dir}")
     elif args.action == "list":

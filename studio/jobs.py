@@ -14,6 +14,8 @@ States:
              the trainer saves a checkpoint and exits; SIGKILL after a grace period) -> cancelled
     resume   interrupted/cancelled/failed -> queued; the trainer continues from its last checkpoint (train.resume)
     retry    any finished job -> queued from scratch (the previous run folder is kept as run.attempt-N)
+    policy   a job with `max_tries` (a sweep's run) whose attempt failed for a transient reason -> queued again by
+             the worker (studio/retry.py: its worker gone, CUDA out of memory, a full disk once freed)
 
 A worker that dies takes its trainers with it: each stops at its next step with a checkpoint (it watches its worker,
 see `run_files.worker_gone`). A job found `running` whose worker is dead becomes `interrupted` once its trainer is
@@ -71,7 +73,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error            TEXT,
     submission_key   TEXT,                      -- one form submission: a second submit with it gets this job
-    threads          INTEGER                    -- CPU threads its trainer was given (studio/threads.py)
+    threads          INTEGER,                   -- CPU threads its trainer was given (studio/threads.py)
+    sweep_id         INTEGER,                   -- the sweep it belongs to (studio/sweeps.py), NULL for a lone job
+    max_tries        INTEGER,                   -- attempts the retry policy allows (studio/retry.py); NULL: no retry
+    failure          TEXT                       -- why the last attempt failed: a `retry.KINDS` name
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
 CREATE TABLE IF NOT EXISTS workers (
@@ -85,7 +90,13 @@ CREATE TABLE IF NOT EXISTS workers (
 );
 """
 # Columns added after the first release: (name, type), added to an older jobs.db when it is opened.
-ADDED_COLUMNS = (("submission_key", "TEXT"), ("threads", "INTEGER"))
+ADDED_COLUMNS = (
+    ("submission_key", "TEXT"),
+    ("threads", "INTEGER"),
+    ("sweep_id", "INTEGER"),
+    ("max_tries", "INTEGER"),
+    ("failure", "TEXT"),
+)
 HEARTBEAT_SECONDS = 2.0  # a worker's heartbeat thread writes this often, whatever its main loop is doing
 GONE_AFTER_SECONDS = 10.0  # a worker silent this long is shown as gone (and, on another host, taken for dead)
 
@@ -119,6 +130,9 @@ class Job:
     error: str | None
     submission_key: str | None = None
     threads: int | None = None
+    sweep_id: int | None = None
+    max_tries: int | None = None
+    failure: str | None = None
 
     @property
     def recipe(self) -> Path:
@@ -218,8 +232,6 @@ def submit(
     `submission_key` names one submission (a form's Launch): a submit with a key already used returns that job
     instead of queueing another, however the two calls interleave (the check and the insert are one transaction).
     """
-    import yaml
-
     from sdtune.trainers.core.recipe import RecipeError, load_recipe
 
     overrides = list(overrides or [])
@@ -227,31 +239,30 @@ def submit(
         resolved = load_recipe(recipe, overrides)
     except RecipeError as exc:
         raise JobError(str(exc)) from None
-    method = resolved.method.type
     with connect(home) as conn, transaction(conn):
         same = conn.execute("SELECT id FROM jobs WHERE submission_key = ?", (submission_key,)).fetchone()
         if submission_key is not None and same is not None:
             return fetch(conn, same["id"])
-        cursor = conn.execute(
-            "INSERT INTO jobs (method, name, state, source, overrides, workdir, job_dir, created_at, submission_key)"
-            " VALUES (?, ?, 'queued', ?, ?, ?, '', ?, ?)",
-            (
-                method,
-                resolved.output.name,
-                str(Path(recipe).resolve()),
-                "\n".join(overrides),
-                os.getcwd(),
-                time.time(),
-                submission_key,
-            ),
-        )
-        job_id = cursor.lastrowid
-        job_dir = sdtune_home(home) / "jobs" / str(job_id)
-        shutil.rmtree(job_dir, ignore_errors=True)  # left by a submit that crashed before its commit
-        resolved.output.dir = str(job_dir / "run")
-        write_text_atomic(job_dir / "recipe.yaml", yaml.safe_dump(resolved.to_dict(), sort_keys=False))
-        conn.execute("UPDATE jobs SET job_dir = ? WHERE id = ?", (str(job_dir), job_id))
-        return fetch(conn, job_id)
+        return insert(conn, resolved, recipe, overrides, home, submission_key=submission_key)
+
+
+def insert(conn, resolved, recipe, overrides: list[str], home, **columns) -> Job:
+    """Adds one queued job for the validated `resolved` recipe inside the caller's transaction, and writes its
+    folder: `recipe.yaml` with `output.dir` set to the job's own run folder. `columns`: extra values of the row
+    (`submission_key`, `sweep_id`, `max_tries`)."""
+    import yaml
+
+    names = ", ".join(["method", "name", "state", "source", "overrides", "workdir", "job_dir", "created_at", *columns])
+    values = (resolved.method.type, resolved.output.name, "queued", str(Path(recipe).resolve()), "\n".join(overrides),
+              os.getcwd(), "", time.time(), *columns.values())  # fmt: skip
+    cursor = conn.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(values))})", values)
+    job_id = cursor.lastrowid
+    job_dir = sdtune_home(home) / "jobs" / str(job_id)
+    shutil.rmtree(job_dir, ignore_errors=True)  # left by a submit that crashed before its commit
+    resolved.output.dir = str(job_dir / "run")
+    write_text_atomic(job_dir / "recipe.yaml", yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+    conn.execute("UPDATE jobs SET job_dir = ? WHERE id = ?", (str(job_dir), job_id))
+    return fetch(conn, job_id)
 
 
 def get(job_id: int, *, home: str | Path | None = None) -> Job:

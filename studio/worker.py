@@ -27,6 +27,8 @@ How it stays correct:
     6. Ctrl-C / SIGTERM on the worker stops its trainers gracefully and leaves their jobs `interrupted`.
     7. Each trainer gets its share of the CPU cores (studio/threads.py): cores // concurrency, less room for a
        studio render, as OMP_NUM_THREADS/MKL_NUM_THREADS, so that torch processes side by side do not starve.
+    8. A job with a retry budget (every sweep run) that failed for a transient reason (its worker gone, CUDA out of
+       memory, a full disk once freed) is queued again under the policy of studio/retry.py; a recipe error never.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sdtune.studio import jobs, threads
+from sdtune.studio import jobs, retry, threads
 from sdtune.studio.processes import group_members, group_runs, process_start_time, stop_group
 from sdtune.trainers.core import run_files
 
@@ -289,15 +291,22 @@ class Worker:
             elif entry.stop_reason == "interrupted":
                 state, error = "interrupted", f"the worker was stopped; continue with: sdtune jobs resume {job_id}"
             else:
-                state, error = "failed", last_error_line(entry.job.log) or f"exit code {code} (see {entry.job.log})"
+                self.failed(entry.job, code)
+                continue
             self.finish(job_id, state, code, error)
 
-    def finish(self, job_id: int, state: str, code: int | None, error: str | None):
+    def failed(self, job: jobs.Job, code: int):
+        """Records a failed attempt with its kind (studio/retry.py), which the retry policy reads."""
+        kind = retry.classify(retry.last_attempt(job.log), code)
+        error = last_error_line(job.log) or f"exit code {code} (see {job.log})"
+        self.finish(job.id, "failed", code, error + retry.unretried_note(kind, job), failure=kind)
+
+    def finish(self, job_id: int, state: str, code: int | None, error: str | None, failure: str | None = None):
         with jobs.connect(self.home) as conn:
             conn.execute(
-                "UPDATE jobs SET state = ?, exit_code = ?, finished_at = ?, error = ?, cancel_requested = 0"
-                " WHERE id = ? AND worker = ?",
-                (state, code, time.time(), error, job_id, self.id),
+                "UPDATE jobs SET state = ?, exit_code = ?, finished_at = ?, error = ?, cancel_requested = 0,"
+                " failure = ? WHERE id = ? AND worker = ?",
+                (state, code, time.time(), error, failure, job_id, self.id),
             )
         print(f"job {job_id}: {state}" + (f" (exit code {code})" if code is not None else f": {error}"), flush=True)
 
@@ -328,6 +337,8 @@ class Worker:
                 self.recover_orphans()
                 self.handle_cancels()
                 self.reap()
+                for job, note in retry.requeue_due(home=self.home):
+                    print(f"job {job.id}: queued again by the retry policy ({note})", flush=True)
                 while len(self.running) < self.config.concurrency and not self.stopping:
                     job = self.claim()
                     if job is None:

@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 from sdtune.studio import api, jobs
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("datasets", "train", "jobs", "registry", "ab", "publish")
+PAGES = ("datasets", "train", "jobs", "sweeps", "registry", "ab", "publish")
 
 
 @pytest.fixture
@@ -53,8 +53,8 @@ def button(at: AppTest, label: str):
     return next(b for b in at.button if b.label == label)
 
 
-def test_the_app_has_the_six_pages(home):
-    """The menu the app renders lists the six pages in order, and each one, opened from it, renders its title."""
+def test_the_app_has_the_seven_pages(home):
+    """The menu the app renders lists the seven pages in order, and each one, opened from it, renders its title."""
     from sdtune.studio import access
 
     at = AppTest.from_file(str(ROOT / "studio" / "app.py"), default_timeout=600)  # 600: a loaded machine
@@ -66,7 +66,7 @@ def test_the_app_has_the_six_pages(home):
     # run registered (what its own switch_page resolves against), and `_page_hash` the page the next run opens.
     # The root is a hidden page that switches to Datasets (app.START): the menu is every other page.
     menu = [(info["page_name"], h) for h, info in at._registered_pages.items() if info["page_name"] != "sdtune studio"]
-    assert [title for title, _ in menu] == ["Datasets", "Train", "Jobs", "Registry", "A/B", "Publish"]
+    assert [title for title, _ in menu] == ["Datasets", "Train", "Jobs", "Sweeps", "Registry", "A/B", "Publish"]
     for title, page_hash in menu:
         at._page_hash = page_hash
         at.run()

@@ -87,6 +87,7 @@ from sdtune.studio.api.training import (
     recipe_templates,
     recipe_text,
     submit_job,
+    submit_sweep,
     validate_recipe,
 )
 
@@ -154,6 +155,7 @@ __all__ = [
     "set_caption",
     "show_adapter",
     "submit_job",
+    "submit_sweep",
     "tag_adapter",
     "upload_to_dataset",
     "validate_recipe",

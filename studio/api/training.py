@@ -118,6 +118,30 @@ def submit_job(text: str, overrides: list[str] | None = None, submission_key: st
 
 
 @translated()
+def submit_sweep(
+    text: str, overrides: list[str], axes: list[str], seeds: list[int] | None = None, name: str | None = None
+) -> dict:
+    """Queues recipe YAML (+ overrides every run shares) over a grid of `section.key=v1,v2` axes as one sweep
+    (studio/sweeps.py); returns {"sweep": ..., "jobs": [...]}. Confined like `submit_job`: every run's recipe, since
+    an axis may name a path."""
+    import os
+    import time
+
+    from sdtune.adapters.atomic import write_text_atomic
+    from sdtune.studio import confine, jobs, sweeps
+
+    for run in sweeps.grid(sweeps.parse_axes(axes, seeds)):
+        checked = validate_recipe(text, [*overrides, *run])
+        if not checked["ok"]:
+            raise StudioError(f"{checked['error']} (in the sweep's run {' '.join(run)})")
+        confine.check_recipe(checked["recipe"])
+    path = jobs.sdtune_home() / "studio" / "recipes" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
+    write_text_atomic(path, text)
+    sweep, queued = sweeps.submit_sweep(path, axes, seeds=seeds, name=name, fixed=overrides)
+    return {"sweep": sweep.to_dict(), "jobs": [job.to_dict() for job in queued]}
+
+
+@translated()
 def read_run(run_dir: str | Path) -> dict:
     """A run folder's `adapter.json` as plain data (checked against the manifest's fields)."""
     from sdtune.adapters.manifest import read_manifest

@@ -75,6 +75,8 @@ def render():
     if col_b.button("Launch", type="primary", key="train-launch", disabled=not checked["ok"]):
         with shown_errors():
             _launch(text, overrides, knobs, method, dataset, work)
+    if checked["ok"]:
+        _sweep_form(text, overrides, knobs, method, dataset, work)
     _presets(preset, text, knobs)
     _import_kohya()
 
@@ -100,15 +102,51 @@ def _launch(text: str, overrides: list[str], knobs: list[str], method: str, data
     if launched and launched["recipe"] == (text, overrides) and jobs.get(launched["id"]).state in ACTIVE:
         raise api.StudioError(f"this recipe is already job {launched['id']}: change something, or cancel that job")
     api.check_data(text, overrides)
-    if work:
-        version = api.freeze_dataset(dataset)
-        overrides_frozen = [_data_override(method, version["path"]), *knobs]
-        st.info(f"dataset {dataset} {version['version']} (fingerprint {version['fingerprint'][:12]})")
     key = _submission_key((text, overrides, dataset))
-    job = api.submit_job(text, overrides_frozen if work else overrides, submission_key=key)
+    job = api.submit_job(text, _frozen(overrides, knobs, method, dataset, work), submission_key=key)
     st.session_state["jobs-selected"] = job["id"]
     st.session_state["train-launched"] = {"recipe": (text, overrides), "id": job["id"], "key": key}
     st.success(f"job {job['id']} queued: {job['name']} ({job['method']}). Follow it on the Jobs page.")
+
+
+def _frozen(overrides: list[str], knobs: list[str], method: str, dataset: str, work: str | None) -> list[str]:
+    """The overrides a job trains with: a chosen dataset is frozen as a version now, and the job reads that."""
+    if not work:
+        return overrides
+    version = api.freeze_dataset(dataset)
+    st.info(f"dataset {dataset} {version['version']} (fingerprint {version['fingerprint'][:12]})")
+    return [_data_override(method, version["path"]), *knobs]
+
+
+def _sweep_form(text: str, overrides: list[str], knobs: list[str], method: str, dataset: str, work: str | None):
+    """This recipe over a grid of settings, queued as one sweep (the `sdtune jobs sweep` command); its leaderboard is
+    the Sweeps page."""
+    with st.expander("Sweep: queue this recipe over a grid of settings"):
+        with st.form("train-sweep"):
+            axes_text = st.text_area(
+                "Axes, one per line: section.key=value1,value2",
+                placeholder="train.learning_rate=1e-4,3e-4\nmethod.rank=8,16",
+                help="The recipe's key paths (as in the YAML); every combination is one run.",
+            )
+            seeds_text = st.text_input("Seeds (optional): train.seed over these", placeholder="0,1")
+            name = st.text_input("Sweep name (optional)", help="Default: the recipe's name and the time.")
+            queued = st.form_submit_button("Queue sweep")
+        if not queued:
+            return
+        with shown_errors():
+            axes = [line.strip() for line in axes_text.splitlines() if line.strip()]
+            try:
+                seeds = [int(part) for part in seeds_text.split(",") if part.strip()]
+            except ValueError:
+                raise api.StudioError(f"seeds {seeds_text!r}: integers separated by commas, e.g. 0,1") from None
+            api.check_data(text, overrides)
+            result = api.submit_sweep(
+                text, _frozen(overrides, knobs, method, dataset, work), axes, seeds, name or None
+            )
+            sweep, runs = result["sweep"], result["jobs"]
+            st.session_state["sweeps-selected"] = sweep["name"]
+            st.success(f"sweep {sweep['name']}: {len(runs)} runs queued (jobs {runs[0]['id']}-{runs[-1]['id']}); "
+                       "its leaderboard is on the Sweeps page.")  # fmt: skip
 
 
 def _submission_key(form: tuple) -> str:

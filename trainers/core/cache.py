@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtune.adapters.atomic import atomic_path
+from sdtune.adapters.workspace import default_cache_dir as default_cache_dir  # where it lives: torch-free
 from sdtune.trainers.core.diffusion import host_to_device
-
-
-def default_cache_dir(configured: str | None) -> Path:
-    return Path(configured or os.environ.get("SDTUNE_CACHE") or Path.home() / ".cache" / "sdtune").expanduser()
 
 
 def vae_fingerprint(vae) -> str:
