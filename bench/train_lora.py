@@ -367,6 +367,8 @@ def write_option_results(args, rows, device, stamp, res, steps, precision):
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         overrides = " ".join(f"`{o}`" for o in option_overrides(r["option"])) or "(none)"
+        if r["option"].startswith("default@"):
+            overrides = f"(none; the trainer of commit {r['option'].split('@', 1)[1]})"
         cells = [r["batch"], r["option"], overrides, f"{r['s']:.4f}", f"{r['ratio']:.3f}x"]
         cells += [f"{r['quartiles'][0]:.3f}-{r['quartiles'][1]:.3f}x"] if spread else []
         cells += [f"{r['cpu_s']:.4f}", f"{r['cpu_ratio']:.3f}x"] if cpu else []
