@@ -6,12 +6,14 @@ The bench scripts run as `python bench/<name>.py`, so this folder is on sys.path
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,38 +87,153 @@ CACHE: Path | None = None
 
 
 def measured(cmd_script: str, args: list[str], result: Path, cwd: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "measure.py"), str(result), *MEASURE_FLAGS, "--", cmd_script, *args]
-    env = {**os.environ, "SDTUNE_CACHE": str(CACHE or result.parent / "cache"), "PYTHONUNBUFFERED": "1"}
+    return measured_run(Run(cmd_script, args, result, cwd))
+
+
+def measured_run(run: Run) -> dict:
     timeout = None if DEADLINE is None else max(DEADLINE - time.time(), 1)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        run.command(), cwd=run.cwd, env=run.environment(), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd_script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    measurement = json.loads(result.read_text()) | {"result_path": str(result)}
-    if measurement["seconds_per_step"] is None:
-        raise RuntimeError(f"{cmd_script}: only {measurement['steps']} optimizer steps were timed; run more steps")
-    return measurement
+        raise RuntimeError(f"{run.script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return run.measurement()
+
+
+@dataclass
+class Run:
+    """A training script run under bench/measure.py: its arguments, result file, folder and extra environment."""
+
+    script: str
+    args: list[str]
+    result: Path
+    cwd: Path
+    env: dict = field(default_factory=dict)
+
+    def command(self, *flags: str) -> list[str]:
+        measure = str(ROOT / "bench" / "measure.py")
+        return [sys.executable, measure, str(self.result), *MEASURE_FLAGS, *flags, "--", self.script, *self.args]
+
+    def environment(self) -> dict:
+        cache = str(CACHE or self.result.parent / "cache")
+        return {**os.environ, "SDTUNE_CACHE": cache, "PYTHONUNBUFFERED": "1", **self.env}
+
+    def measurement(self) -> dict:
+        measurement = json.loads(self.result.read_text()) | {"result_path": str(self.result)}
+        if measurement["seconds_per_step"] is None:
+            raise RuntimeError(
+                f"{self.script}: only {measurement['steps']} optimizer steps were timed; run more steps"
+            )
+        return measurement
+
+
+def measured_in_turns(runs: dict[str, Run], steps: int) -> dict[str, dict]:
+    """Runs several training scripts at once, each of `steps` optimizer steps, taking turns one step at a time.
+
+    Each sets up (all at once), takes its first step and waits; then they step in rounds, one at a time, the order
+    rotating each round, and the others paused (measure.py --baton). Step k of every run falls in the same few
+    seconds, so what the machine does meanwhile (other work, clock drift) weighs on all of them alike: the ratio
+    of two runs' step k resolves a difference of a few percent on a shared machine, where the medians of separate
+    runs do not. They finish one after another. Returns each run's measurement, as `measured`.
+    """
+    turns: dict[str, _Turn] = {}
+    try:
+        for name, run in runs.items():
+            turns[name] = _Turn(run)
+        for turn in turns.values():
+            turn.wait_for_step()
+        names = list(turns)
+        for k in range(steps - 1):
+            for name in names[k % len(names) :] + names[: k % len(names)]:
+                turns[name].take_step()
+        return {name: turn.finish() for name, turn in turns.items()}
+    finally:
+        for turn in turns.values():
+            turn.close()
+
+
+class _Turn:
+    """One run of `measured_in_turns`: its process, the pipe that lets it step and the one it reports a step on."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        run.result.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(run.result.with_suffix(".log"), "w")
+        go_read, self.go = os.pipe()
+        self.done, done_write = os.pipe()
+        self.proc = subprocess.Popen(
+            run.command("--baton", f"{go_read},{done_write}"),
+            cwd=run.cwd,
+            env=run.environment(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(go_read, done_write),
+        )
+        os.close(go_read)
+        os.close(done_write)  # the child holds the only write end: its exit reads as an empty read
+
+    def wait_for_step(self):
+        if not os.read(self.done, 1):
+            self.proc.wait()
+            log = self.run.result.with_suffix(".log").read_text()[-4000:]
+            raise RuntimeError(f"{self.run.script} stopped (exit {self.proc.returncode}) before its last step:\n{log}")
+
+    def take_step(self):
+        with contextlib.suppress(BrokenPipeError):  # it has exited: wait_for_step says how
+            os.write(self.go, b".")
+        self.wait_for_step()
+
+    def finish(self) -> dict:
+        os.write(self.go, b".")
+        if self.proc.wait() != 0:
+            log = self.run.result.with_suffix(".log").read_text()[-4000:]
+            raise RuntimeError(f"{self.run.script} failed:\n{log}")
+        return self.run.measurement()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for fd in (self.go, self.done):
+            os.close(fd)
+        self.log.close()
 
 
 class StepTimer:
     """Marks between steps: CUDA events recorded on the stream on a GPU (no synchronize until the intervals are read,
-    so timing adds no host sync), perf_counter on the CPU."""
+    so timing adds no host sync), perf_counter on the CPU. `resume()` after a wait that is not part of the next step
+    (a run taking turns with others) starts that step's interval there instead of at the last mark.
+
+    On the CPU the process's CPU time is marked too (`cpu_intervals`): the work of a step, which other processes on a
+    shared machine delay (wall time) but do not add to."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.marks = cuda, []
+        self.cuda, self.marks, self.cpu_marks = cuda, [], []
+        self.resumes: dict[int, object] = {}  # index of a mark -> the stamp its interval starts from instead
+
+    def stamp(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
+        self.marks.append(self.stamp())
+        self.cpu_marks.append(time.process_time())
+
+    def resume(self):
+        self.resumes[len(self.marks) - 1] = self.stamp()
 
     def intervals(self) -> list[float]:
+        starts = [self.resumes.get(i, mark) for i, mark in enumerate(self.marks[:-1])]
         if self.cuda:
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+            return [a.elapsed_time(b) / 1000 for a, b in zip(starts, self.marks[1:])]
+        return [b - a for a, b in zip(starts, self.marks[1:])]
+
+    def cpu_intervals(self) -> list[float] | None:
+        return None if self.cuda else [b - a for a, b in zip(self.cpu_marks, self.cpu_marks[1:])]
 
 
 def absolute(path: str) -> Path:

@@ -1,7 +1,7 @@
 """Runs a training script in this process and measures it the same way whatever the script is.
 
 Usage:
-    python bench/measure.py RESULT.json [--flops-step N] [--profile-steps N] -- path/to/train_script.py [args...]
+    python bench/measure.py RESULT.json [--flops-step N] [--profile-steps N] [--baton IN,OUT] -- train_script.py [args...]
 
 Every optimizer step is timestamped through torch's global optimizer step hook, so sdtune's trainer and diffusers'
 example are timed by identical code. On a GPU the stamp is a CUDA event recorded on the stream, not a synchronize:
@@ -15,6 +15,10 @@ the timing. With the GPU's dense bf16 peak this gives MFU (bench/gpu_suite.py).
 --profile-steps N profiles N steps (after the FLOPs step) with torch.profiler and records the host syncs per step
 (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize and device-to-host copies) and the top
 kernels in RESULT.profile.txt; those intervals are left out of the timing too.
+--baton IN,OUT takes turns with other runs (benchlib.measured_in_turns, `bench/train_lora.py --interleave`): after
+each optimizer step it writes a byte to file descriptor OUT and waits for one on IN, and the clock restarts when the
+turn comes back, so an interval is this run's step alone while the others are paused (on a GPU the step's kernels are
+waited for before the turn passes: one synchronize per step, in this mode only).
 
 If torchvision cannot be imported (there is no CPU build of it for every torch), a minimal stand-in for the
 handful of `torchvision.transforms` the diffusers example uses is installed first (bench/torchvision_shim.py):
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import runpy
 import statistics
@@ -44,6 +49,9 @@ def parse_args(argv):
     parser.add_argument("result", type=Path)
     parser.add_argument("--flops-step", type=int, default=0, help="Count the FLOPs of the step after step N (0: off).")
     parser.add_argument("--profile-steps", type=int, default=0, help="Profile this many steps after the FLOPs step.")
+    parser.add_argument(
+        "--baton", default=None, metavar="IN,OUT", help="Take turns: file descriptors to wait/pass on."
+    )
     args = parser.parse_args(argv[:split])
     if len(argv) <= split + 1:
         raise SystemExit(__doc__)
@@ -72,7 +80,7 @@ class StepClock:
     """Stamps each optimizer step (CUDA events on a GPU, perf_counter on the CPU), counts one step's FLOPs and
     profiles a few steps, at the step numbers asked for."""
 
-    def __init__(self, flops_step: int, profile_steps: int):
+    def __init__(self, flops_step: int, profile_steps: int, baton: tuple[int, int] | None = None):
         import torch
 
         self.torch, self.cuda = torch, torch.cuda.is_available()
@@ -83,6 +91,7 @@ class StepClock:
         self.profile_from = flops_step + 1 if flops_step else WARMUP_STEPS + 2
         self.flop_counter, self.flops, self.profiler = None, None, None
         self.excluded: set[int] = set()  # intervals (index of their first stamp) disturbed by counting or profiling
+        self.baton = baton
 
     def __call__(self, optimizer, args, kwargs):
         torch = self.torch
@@ -107,6 +116,18 @@ class StepClock:
             self.profiler.__enter__()
         if self.profile_steps and self.profile_from <= step < self.profile_from + self.profile_steps:
             self.excluded.add(step - 1)
+        if self.baton is not None:
+            self.take_turns()
+
+    def take_turns(self):
+        """Hands the turn to the conductor and waits for it to come back; the next interval starts then."""
+        if self.cuda:  # this step's kernels end before another run's begin
+            self.torch.cuda.synchronize()
+        wait_on, pass_on = self.baton
+        os.write(pass_on, b".")
+        if not os.read(wait_on, 1):
+            raise SystemExit("measure.py --baton: the conductor is gone")
+        self.timer.resume()
 
     def seconds_per_step(self) -> tuple[float | None, list[float]]:
         intervals = self.timer.intervals()
@@ -136,7 +157,8 @@ def main():
     import torch
 
     shim = install_torchvision_shim_if_needed()
-    clock = StepClock(args.flops_step, args.profile_steps)
+    baton = tuple(int(fd) for fd in args.baton.split(",")) if args.baton else None
+    clock = StepClock(args.flops_step, args.profile_steps, baton)
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     register_optimizer_step_post_hook(clock)
@@ -165,6 +187,9 @@ def main():
         "profile": clock.profile_summary(args.result.with_suffix(".profile.txt")),
         "torchvision_shim": shim,
         "step_intervals": intervals,
+        "step_cpu_intervals": clock.timer.cpu_intervals(),  # on the CPU: the process's CPU time of each step
+        "warmup_steps": WARMUP_STEPS,
+        "in_turns": baton is not None,  # --baton: each interval is this run's step alone, the others paused
     }
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2))

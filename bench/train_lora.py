@@ -9,6 +9,9 @@ Usage:
     # (c) sdtune alone: the step with each loss/noise/optimizer/EMA option against the default step (toy, CPU)
     python bench/train_lora.py --model toy --options all --repeats 3
     python bench/train_lora.py --options huber multires_noise "train.loss_type=smooth_l1 train.huber_c=0.2"
+    # (d) the same, interleaved step by step in one go (resolves ~1% on a shared machine); --baseline COMMIT adds
+    #     the default step of the repository at COMMIT (a regression check)
+    python bench/train_lora.py --options masked_loss huber --interleave --steps 200 --repeats 2 --baseline 975534b
 
 Both trainers get the same local model folder, the same images and captions (an imagefolder with metadata.jsonl),
 resolution, batch size, rank, learning rate, optimizer (torch AdamW), mixed precision, no validation and no
@@ -22,20 +25,29 @@ With --options (c), the example is not run: each named option of OPTIONS (or a f
 quotes) trains the same data with the same settings as the `default` step, and the table gives its s/step as a
 ratio of the default's. --repeats N runs every variant N times, taking turns, and keeps the median, so that a
 machine's drift during the run falls on all of them alike.
+
+With --interleave (d), the variants of a repeat run at once, one optimizer step at a time in turns, the others
+paused (benchlib.measured_in_turns): step k of every variant is taken within the same second or so, and "vs default"
+is the median over steps of (the variant's step k / the default's step k), with the middle half of those ratios
+beside it. A separate run per variant sees the machine's load of its own minute; a step-by-step pair sees the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shlex
 import statistics
+import subprocess
+import tarfile
 import time
 from pathlib import Path
 
 import torch
 from benchlib import (
     ROOT,
+    Run,
     add_common_arguments,
     append_results,
     build_data,
@@ -44,6 +56,8 @@ from benchlib import (
     example_arguments,
     gib,
     measured,
+    measured_in_turns,
+    measured_run,
     recipe_overrides,
     results_header,
 )
@@ -92,6 +106,8 @@ def bench_masks(data: Path, folder: Path) -> Path:
 
 def option_overrides(option: str) -> list[str]:
     """A named option's overrides, or the overrides a free-form option spells out ("train.a=1 train.b=2")."""
+    if option.startswith("default@"):  # --baseline: the default step of another commit
+        return []
     if option in OPTIONS:
         return OPTIONS[option]
     overrides = option.split()
@@ -114,6 +130,17 @@ def parse_args(argv=None):
         "recipe overrides ('train.loss_type=huber train.huber_c=0.2').",
     )
     p.add_argument("--repeats", type=int, default=1, help="With --options: runs per variant, in turns (median).")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="With --options: run the variants at once, one step each in turns (ratios step by step).",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="COMMIT",
+        help="With --options: also measure the default step of the repository at COMMIT (git archive).",
+    )
     add_common_arguments(p, "examples/text_to_image/train_text_to_image_lora.py")
     return p.parse_args(argv)
 
@@ -121,8 +148,25 @@ def parse_args(argv=None):
 def sdtune_run(
     model: Path, data: Path, res: int, batch: int, steps: int, rank: int, precision: str, out: Path, extra=()
 ):
+    return measured_run(sdtune_planned(model, data, res, batch, steps, rank, precision, out, extra))
+
+
+def sdtune_planned(
+    model: Path,
+    data: Path,
+    res: int,
+    batch: int,
+    steps: int,
+    rank: int,
+    precision: str,
+    out: Path,
+    extra=(),
+    tree=None,
+) -> Run:
+    """sdtune's LoRA trainer on the bench settings, from this repository or from `tree` (`tree_at`)."""
+    root = tree or ROOT
     args = [
-        str(ROOT / "recipes" / "quickstart.yaml"),
+        str(root / "recipes" / "quickstart.yaml"),
         *recipe_overrides(model, data, res, batch, steps, precision, 1e-4, out),
         "data.caption_dropout_rate=0",
         f"method.rank={rank}",
@@ -132,7 +176,25 @@ def sdtune_run(
         "output.export_check=false",
         *extra,
     ]
-    return measured(str(ROOT / "trainers" / "lora.py"), args, out / "measure.json", ROOT)
+    env = {} if tree is None else {"PYTHONPATH": str(tree / ".import")}
+    return Run(str(root / "trainers" / "lora.py"), args, out / "measure.json", root, env)
+
+
+def tree_at(commit: str, work: Path) -> Path:
+    """This repository at `commit` (git archive) under `work`, with `.import/sdtune/` beside it: a package whose
+    trainers/adapters/studio are that tree's, which PYTHONPATH puts ahead of the installed (editable) sdtune."""
+    git = ["git", "-C", str(ROOT)]
+    sha = subprocess.run([*git, "rev-parse", "--short", commit], capture_output=True, text=True, check=True).stdout
+    tree = work / f"tree-{sha.strip()}"
+    if not (tree / ".import" / "sdtune" / "__init__.py").is_file():
+        archive = subprocess.run([*git, "archive", sha.strip()], capture_output=True, check=True).stdout
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(tree, filter="data")
+        package = tree / ".import" / "sdtune"
+        package.mkdir(parents=True, exist_ok=True)
+        for part in ("trainers", "adapters", "studio"):
+            (package / part).symlink_to(tree / part)
+        (package / "__init__.py").write_text("")  # a regular package: no namespace merge with the installed one
+    return tree
 
 
 def example_run(
@@ -209,30 +271,80 @@ def write_results(args, rows, device, stamp, res, steps, precision):
 
 
 def compare_options(args, model, data, res, batches, steps, precision, work):
-    """(c): every option's step against the default step, `args.repeats` runs each, taking turns."""
+    """(c) and (d): every option's step against the default step, `args.repeats` runs each, taking turns (run by
+    run, or with --interleave step by step)."""
     names = list(OPTIONS) if args.options == ["all"] else ["default", *(o for o in args.options if o != "default")]
     overrides = {name: option_overrides(name) for name in names}  # a misspelt option stops before any run
     if any("{masks}" in o for values in overrides.values() for o in values):
         masks = bench_masks(data, work / f"masks-{res}")
         overrides = {name: [o.replace("{masks}", str(masks)) for o in values] for name, values in overrides.items()}
+    trees = {}
+    if args.baseline:
+        names.append(f"default@{args.baseline}")
+        trees[names[-1]], overrides[names[-1]] = tree_at(args.baseline, work), []
     stamp, memory_key = time.strftime("%Y-%m-%d %H:%M"), measure_memory_key()
     rows = []
     for batch in batches:
         runs = {name: [] for name in names}
         for repeat in range(args.repeats):
-            for i, name in enumerate(names):
-                out = work / f"options-b{batch}" / f"{i}-r{repeat}"
-                runs[name].append(
-                    sdtune_run(model, data, res, batch, steps, args.rank, precision, out, overrides[name])
+            planned = {
+                name: sdtune_planned(
+                    *(model, data, res, batch, steps, args.rank, precision),
+                    work / f"options-b{batch}" / f"{i}-r{repeat}",
+                    overrides[name],
+                    trees.get(name),
                 )
-        default = statistics.median(r["seconds_per_step"] for r in runs["default"])
+                for i, name in enumerate(names)
+            }
+            measured = measured_in_turns(planned, steps) if args.interleave else None
+            for name, run in planned.items():
+                runs[name].append(measured[name] if measured else measured_run(run))
         for name in names:
-            seconds = statistics.median(r["seconds_per_step"] for r in runs[name])
-            memory = max(r[memory_key] or 0 for r in runs[name])
-            row = {"batch": batch, "option": name, "s": seconds, "ratio": seconds / default, "mem": memory}
+            row = option_row(runs, name, memory_key) | {"batch": batch}
             rows.append(row)
             print(json.dumps(row))
     write_option_results(args, rows, device_name(), stamp, res, steps, precision)
+
+
+def option_row(runs: dict[str, list[dict]], name: str, memory_key: str) -> dict:
+    """An option's s/step (median of its runs' medians) and its ratio to the default's, of the medians, or with
+    interleaved runs the median of the step-by-step ratios (and their quartiles); on the CPU the same of the
+    process's CPU time per step (`cpu_s`, `cpu_ratio`)."""
+    seconds = statistics.median(r["seconds_per_step"] for r in runs[name])
+    default = statistics.median(r["seconds_per_step"] for r in runs["default"])
+    row = {
+        "option": name,
+        "s": seconds,
+        "ratio": seconds / default,
+        "mem": max(r[memory_key] or 0 for r in runs[name]),
+    }
+    interleaved = all(r.get("in_turns") for r in runs[name] + runs["default"])
+    if runs[name][0].get("step_cpu_intervals"):
+        cpu = {
+            n: statistics.median(median_after_warmup(r, "step_cpu_intervals") for r in runs[n])
+            for n in (name, "default")
+        }
+        row |= {"cpu_s": cpu[name], "cpu_ratio": cpu[name] / cpu["default"]}
+        if interleaved:
+            row["cpu_ratio"] = statistics.median(step_ratios(runs[name], runs["default"], "step_cpu_intervals"))
+    if interleaved:
+        ratios = step_ratios(runs[name], runs["default"], "step_intervals")
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        row |= {"ratio": statistics.median(ratios), "quartiles": [quartiles[0], quartiles[2]], "pairs": len(ratios)}
+    return row
+
+
+def median_after_warmup(run: dict, key: str) -> float:
+    return statistics.median(run[key][run["warmup_steps"] :])
+
+
+def step_ratios(runs: list[dict], defaults: list[dict], key: str) -> list[float]:
+    """Step k of each run over step k of the default run it took turns with, warm-up steps left out."""
+    return [
+        mine / theirs
+        for run, default in zip(runs, defaults)
+        for mine, theirs in list(zip(run[key], default[key]))[run["warmup_steps"] :]
+    ]
 
 
 def measure_memory_key() -> str:
@@ -240,17 +352,31 @@ def measure_memory_key() -> str:
 
 
 def write_option_results(args, rows, device, stamp, res, steps, precision):
+    how = "interleaved step by step, " if args.interleave else ""
     title = (
         f"Loss and noise options vs the default step: {args.model}, {res} px, rank {args.rank}, {steps} steps, "
-        f"mixed precision {precision}, median of {args.repeats}"
+        f"mixed precision {precision}, {how}median of {args.repeats}"
     )
     command = f"python bench/train_lora.py --model {args.model} --options {shlex.join(args.options)}"
-    lines = results_header(title, command + f" --repeats {args.repeats}", device, stamp)
-    lines += ["| batch | option | overrides | s/step | vs default | memory |", "| --- | --- | --- | --- | --- | --- |"]
+    command += f" --steps {steps}" * (args.steps is not None) + " --interleave" * args.interleave
+    command += f" --baseline {args.baseline}" * bool(args.baseline) + f" --repeats {args.repeats}"
+    lines = results_header(title, command, device, stamp)
+    spread = ["middle half of the step ratios"] if args.interleave else []
+    cpu = ["CPU s/step", "CPU vs default"] if "cpu_s" in rows[0] else []
+    header = ["batch", "option", "overrides", "s/step", "vs default", *spread, *cpu, "memory"]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         overrides = " ".join(f"`{o}`" for o in option_overrides(r["option"])) or "(none)"
+        if r["option"].startswith("default@"):
+            overrides = f"(none; the trainer of commit {r['option'].split('@', 1)[1]})"
+        cells = [r["batch"], r["option"], overrides, f"{r['s']:.4f}", f"{r['ratio']:.3f}x"]
+        cells += [f"{r['quartiles'][0]:.3f}-{r['quartiles'][1]:.3f}x"] if spread else []
+        cells += [f"{r['cpu_s']:.4f}", f"{r['cpu_ratio']:.3f}x"] if cpu else []
+        lines.append("| " + " | ".join(map(str, [*cells, gib(r["mem"])])) + " |")
+    if cpu:
         lines.append(
-            f"| {r['batch']} | {r['option']} | {overrides} | {r['s']:.4f} | {r['ratio']:.3f}x | {gib(r['mem'])} |"
+            "\nCPU s/step: the trainer process's CPU time per step (time.process_time), which other work on a shared "
+            "machine delays but does not add to."
         )
     append_results(args.results, lines)
 

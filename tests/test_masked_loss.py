@@ -21,7 +21,9 @@ from pydantic import ValidationError
 
 from sdtune.adapters import toyworld
 from sdtune.trainers.core.batches import BatchBuilder
+from sdtune.trainers.core.cache import CachedLatent
 from sdtune.trainers.core.data import DataError, format_preflight, load_mask, load_pixels, scan_dataset
+from sdtune.trainers.core.data.masks import latent_weights
 from sdtune.trainers.core.diffusion import diffusion_loss
 from sdtune.trainers.core.recipe import DataConfig, TrainConfig
 
@@ -185,6 +187,25 @@ def test_batches_flip_each_mask_with_its_latents_on_the_latent_grid(tmp_path):
         assert_mask_on_subject(latent, mask)
         flipped += bool(mask[0, :, 4:].any())  # the box is in the left half; flipped, in the right half
     assert 0 < flipped < 8  # both orientations were drawn, and each mask went with its latent
+
+
+def test_with_cached_latents_every_mask_is_on_the_latent_grid_before_the_first_step(tmp_path, monkeypatch):
+    """A step only stacks masks made up front (a mask file decoded in the loop would cost the first epoch's steps)."""
+    for i in range(8):
+        write_pair(tmp_path, f"{i}", size=(64, 64), box=(8, 8, 31, 47))
+    cfg = data_config(tmp_path / "images", masked_loss=True, mask_dir=str(tmp_path / "masks"), random_flip=True)
+    scan = scan_dataset(cfg)
+    means = [F.avg_pool2d(load_pixels(record, cfg)[None], 8)[0] for record in scan.records]
+    latents = [CachedLatent(m, torch.zeros_like(m), m.flip(-1), torch.zeros_like(m)) for m in means]
+    builder = BatchBuilder(scan, cfg, latents, PoolingVae(), batch_size=8, seed=0)
+    monkeypatch.setattr("sdtune.trainers.core.batches.load_mask", lambda *a, **k: pytest.fail("a mask loaded"))
+    batch = builder.build(builder.epoch_batches(0)[0], epoch=0, batch_index=0)
+    assert batch.masks.shape == (8, 1, 8, 8)
+    flips = [bool(mask[0, :, 4:].any()) for mask in batch.masks]  # the box is in the left half
+    assert 0 < sum(flips) < 8
+    for mask, flipped in zip(batch.masks, flips):
+        expected = latent_weights(load_mask(scan.records[0], cfg), (8, 8))  # every image has the same box
+        assert torch.equal(mask, expected.flip(-1) if flipped else expected)
 
 
 # -- the loss -----------------------------------------------------------------------------------------------------

@@ -88,7 +88,12 @@ class BatchBuilder:
         self.sampler = BucketBatchSampler(scan.records, batch_size, seed)
         self.expanded = self.sampler.expanded()
         self.rank, self.world = process_index, num_processes
-        self._latent_masks: dict[int, torch.Tensor] = {}  # record index -> its mask on the latent grid, unflipped
+        # masked loss: record index -> its mask on the latent grid, as is and mirrored. Static like the latents, so
+        # with cached latents they are all made now, before the first step, and a step only stacks them.
+        self._latent_masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if cfg.masked_loss and latents is not None:
+            for i, cached in enumerate(latents):
+                self.latent_mask(i, tuple(cached.mean.shape[-2:]))
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's share of the epoch: every `world`-th batch, the same count on every process."""
@@ -139,16 +144,18 @@ class BatchBuilder:
             conditions = torch.stack([torch.flip(c, dims=[-1]) if f else c for c, f in pairs])
         masks = None
         if self.cfg.masked_loss:
-            pairs = [(self.latent_mask(i, tuple(latents.shape[-2:])), f) for i, f in zip(records, flips)]
-            masks = torch.stack([torch.flip(m, dims=[-1]) if f else m for m, f in pairs])
+            size = tuple(latents.shape[-2:])
+            masks = torch.stack([self.latent_mask(i, size)[int(f)] for i, f in zip(records, flips)])
         return Batch(latents, captions, generator, conditions, masks=masks)
 
-    def latent_mask(self, record_index: int, size: tuple[int, int]) -> torch.Tensor:
-        """A record's loss weights on the latent grid [1, h, w], computed once (all ones without a mask). Bucket
-        sides are multiples of the VAE's 8, so flipping these equals averaging the flipped pixel mask."""
+    def latent_mask(self, record_index: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A record's loss weights on the latent grid [1, h, w], as is and mirrored, computed once (all ones without
+        a mask). Bucket sides are multiples of the VAE's 8, so the mirrored grid equals averaging the mirrored pixel
+        mask."""
         if record_index not in self._latent_masks:
             mask = load_mask(self.scan.records[record_index], self.cfg, self.scan.dataset)
-            self._latent_masks[record_index] = torch.ones(1, *size) if mask is None else latent_weights(mask, size)
+            weights = torch.ones(1, *size) if mask is None else latent_weights(mask, size)
+            self._latent_masks[record_index] = (weights, torch.flip(weights, dims=[-1]))
         return self._latent_masks[record_index]
 
 
