@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -183,18 +182,18 @@ def test_a_workspace_dataset_is_captioned_through_the_store_and_its_frozen_versi
         ({"selected_tags.csv": "tag_id,name,category,count\n"}, "no model.onnx beside selected_tags.csv"),
     ],
 )
-def test_a_folder_that_is_not_a_model_names_the_missing_file(tmp_path, files, message):
+def test_a_folder_that_is_not_a_model_names_the_missing_file(tmp_path, files, message, capsys):
+    from sdtune.studio import cli
+
     model = tmp_path / "model"
     model.mkdir()
     for name, text in files.items():
         (model / name).write_text(text)
-    proc = subprocess.run(
-        [sys.executable, "-m", "sdtune.studio.cli", "caption", str(QUICKSTART), "--model", str(model), "--dry-run"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["caption", str(QUICKSTART), "--model", str(model), "--dry-run"])
+    shown = str(exited.value.code)
+    assert shown.startswith("sdtune caption: ") and message in shown and "\n" not in shown, shown
+    assert "Traceback" not in capsys.readouterr().err
 
 
 # -- BLIP: a tiny model of the real architecture --------------------------------------------------------------------
