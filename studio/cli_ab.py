@@ -5,7 +5,7 @@ Usage:
     sdtune ab --a toy+toy-purple --b toy+toy-purple+controlnet=toy-masks:0.9@mask.png --prompt "a purple square"
     sdtune ab vote ID                       # blind votes, one pair at a time (interactive)
     sdtune ab vote ID PAIR left|right|tie   # one vote (a|b too when not blind)
-    sdtune ab show ID                       # pairs, votes, sides once voted, scores, the tally
+    sdtune ab show ID                       # pairs, votes, sides, scores, the tally (blind: once all are voted)
     sdtune ab list
     sdtune ab --checkpoints runs/quickstart [--score toy] [--rank-by val_loss] [--register toy-purple-best]
     sdtune publish NAME --repo user/name [--private] [--dry-run [DIR]]
@@ -128,11 +128,10 @@ def _vote(words: list[str]) -> int:
             answer = input("  [l]eft, [r]ight, [t]ie, [s]kip, [q]uit: ").strip().lower()[:1]
         if answer == "q":
             break
-        if answer in keys:
+        if answer in keys:  # no side is shown until every pair is voted: the next votes stay blind
             api.ab_vote(comparison_id, pair["pair"], keys[answer])
-            side = api.ab_get(comparison_id)["pairs"][pair["pair"]]
-            print(f"  left was {side['left_is'].upper()}, right was {side['right_is'].upper()}")
-    return _print_tally(api.ab_tally(comparison_id))
+    comparison = api.ab_get(comparison_id)
+    return _print_comparison(comparison) if comparison["revealed"] else _print_tally(comparison["tally"])
 
 
 def _pair(text: str) -> int:
@@ -143,6 +142,11 @@ def _pair(text: str) -> int:
 
 
 def _tally_line(t: dict) -> str:
+    if t["sealed"]:
+        return (
+            f"{t['n']} of {t['pairs']} pairs voted: the sides and the tally show once every pair is voted "
+            f"({t['remaining']} left; a tie counts)"
+        )
     votes = f"A {t['a']}, B {t['b']}, tie {t['tie']}"
     if not t["decisive"]:
         return f"{votes}: no decisive vote yet ({t['remaining']} of {t['pairs']} pairs to vote)"
@@ -203,11 +207,17 @@ def _print_history(rows: list[dict]) -> int:
         sides = row["sides"]
         what = f"{sides['a']} vs {sides['b']}" if row["kind"] == "ab" else f"checkpoints of {sides['run_dir']}"
         t = row["tally"]
-        votes = f"A {t['a']} B {t['b']} tie {t['tie']} ({t['remaining']} left)" if row["kind"] == "ab" else ""
+        votes = _votes_text(t) if row["kind"] == "ab" else ""
         print(f"{row['id']}  {row['kind']:<11} {'blind' if row['blind'] else '':<5} {what}  {votes}")
     if not rows:
         print("no comparisons yet: sdtune ab --a SPEC --b SPEC --prompt P")
     return 0
+
+
+def _votes_text(t: dict) -> str:
+    if t["sealed"]:
+        return f"{t['n']} voted, {t['remaining']} left (sealed)"
+    return f"A {t['a']} B {t['b']} tie {t['tie']} ({t['remaining']} left)"
 
 
 def add_publish_parser(sub):

@@ -313,7 +313,8 @@ def test_a_vote_changes_until_the_reveal_then_is_final_and_every_vote_is_kept(tm
     store = ab.ABStore(tmp_path)
     cid = _blind_comparison(store, 2)  # pair 0 shows A left, pair 1 shows B left
     store.vote(cid, 0, "left")
-    assert store.vote(cid, 0, "right")["b"] == 1  # changed before the reveal: the new vote counts
+    store.vote(cid, 0, "right")  # changed before the reveal: the new vote counts
+    assert store.tally(cid, unseal=True)["b"] == 1
     assert not store.get(cid)["revealed"]
     tally = store.vote(cid, 1, "tie")  # the last pair: the comparison is revealed
     assert (tally["a"], tally["b"], tally["tie"]) == (0, 1, 1)
@@ -326,9 +327,27 @@ def test_a_vote_changes_until_the_reveal_then_is_final_and_every_vote_is_kept(tm
     assert [(p["vote"], p["votes"]) for p in shown["pairs"]] == [("right", ["left", "right"]), ("tie", ["tie"])]
 
 
-def test_interactive_vote_asks_pair_by_pair_and_reveals_each(tmp_path, purple_lora, renderer):
-    """`sdtune ab vote ID` as a user answers it: a key that means nothing asks again, l votes left and names the
-    sides, s skips, q quits; what was answered is stored, the rest stays open for later."""
+def test_a_blind_comparison_shows_no_side_and_no_split_until_every_pair_is_voted(tmp_path):
+    """Shown pair by pair, a reveal (or a running A/B split) would tell the voter which side each vote went to, and
+    the next votes would not be blind: until the last vote, only how many pairs are voted shows."""
+    store = ab.ABStore(tmp_path)
+    cid = _blind_comparison(store, 3)
+    for pair, choice in ((0, "left"), (1, "right")):
+        tally = store.vote(cid, pair, choice)
+        assert tally == {"id": cid, "sealed": True, "n": pair + 1, "pairs": 3, "remaining": 2 - pair}
+        shown = store.get(cid)
+        assert shown["tally"] == tally and not shown["revealed"]
+        assert all(p["left_is"] is p["right_is"] is p["score_left"] is None for p in shown["pairs"])
+    assert [p["left_is"] for p in store.get(cid, unseal=True)["pairs"]] == ["a", "b", "a"]  # for training on votes
+    assert store.history()[0]["tally"]["sealed"]
+    tally = store.vote(cid, 2, "tie")
+    assert not tally["sealed"] and (tally["a"], tally["b"], tally["tie"]) == (2, 0, 1)
+    assert [p["left_is"] for p in store.get(cid)["pairs"]] == ["a", "b", "a"]
+
+
+def test_interactive_vote_asks_pair_by_pair_and_reveals_at_the_end(tmp_path, purple_lora, renderer):
+    """`sdtune ab vote ID` as a user answers it: a key that means nothing asks again, l votes left, s skips, q quits;
+    what was answered is stored, the rest stays open for later, and no side is named before the last vote."""
     store = ab.ABStore(tmp_path)
     cid = ab.compare("toy", f"toy+{purple_lora}", ab.Settings(["a purple circle"], [0, 1, 2], steps=2), blind=True,
                      store=store, renderer=renderer)  # fmt: skip
@@ -337,10 +356,15 @@ def test_interactive_vote_asks_pair_by_pair_and_reveals_each(tmp_path, purple_lo
     proc = subprocess.run(cli, env=env, input="maybe\nl\ns\nq\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("[l]eft, [r]ight, [t]ie, [s]kip, [q]uit") == 4  # pair 0 twice, pair 1, pair 2
-    revealed = store.get(cid)["pairs"]
-    assert [p["vote"] for p in revealed] == ["left", None, None]
-    assert f"left was {revealed[0]['left_is'].upper()}, right was {revealed[0]['right_is'].upper()}" in proc.stdout
-    assert store.tally(cid)["remaining"] == 2
+    assert [p["vote"] for p in store.get(cid)["pairs"]] == ["left", None, None]
+    assert "1 of 3 pairs voted: the sides and the tally show once every pair is voted" in proc.stdout
+    assert " A " not in proc.stdout and " B " not in proc.stdout and store.tally(cid)["remaining"] == 2
+    proc = subprocess.run(cli, env=env, input="r\nt\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    revealed = store.get(cid)
+    sides = [f"left|right = {p['left_is'].upper()} | {p['right_is'].upper()}" for p in revealed["pairs"]]
+    tally = revealed["tally"]
+    assert all(s in proc.stdout for s in sides) and f"A {tally['a']}, B {tally['b']}, tie 1" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -445,7 +469,7 @@ def test_wrong_sides_fail_before_rendering(tmp_path, quickstart_run):
 def test_the_tally_line_names_the_side_ahead():
     from sdtune.studio.cli_ab import _tally_line
 
-    tally = {"a": 0, "b": 1, "tie": 0, "decisive": 1, "share_a": 0.0, "ci_low": 0.0, "ci_high": 0.79}
+    tally = {"sealed": False, "a": 0, "b": 1, "tie": 0, "decisive": 1, "share_a": 0.0, "ci_low": 0.0, "ci_high": 0.79}
     tally |= {"verdict": "no clear preference yet", "remaining": 3, "pairs": 4}
     assert _tally_line(tally) == (
         "A 0, B 1, tie 0: B preferred in 100% of 1 decisive votes (95% Wilson interval 0.21-1.00): "

@@ -537,10 +537,16 @@ def test_ab_page_blind_vote_tally_history_and_checkpoints(home, quickstart_run):
     tally = api.ab_tally(cid)
     assert (tally["n"], tally["remaining"]) == (1, 1)
     assert "pair 1: voted left" in texts(at, "success")
-    revealed = [c for image in at.image for c in image.captions][:2]  # the voted pair shows which side was which
-    assert sorted(revealed) == ["left = A", "right = B"] or sorted(revealed) == ["left = B", "right = A"]
+    # sealed until the last vote: no side named, no A/B split (it would tell which side the vote went to)
+    assert [c for image in at.image for c in image.captions] == ["left", "right", "left", "right"]
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Votes A / B / tie"] == f"{tally['a']} / {tally['b']} / 0"
+    assert metrics == {"Pairs voted": "1 / 2", "Pairs left": "1"}, metrics
+    at = at.button(key=f"vote-{cid}-1-tie").click().run()
+    revealed = [c for image in at.image for c in image.captions][:2]  # every pair voted: the sides show
+    assert sorted(revealed) == ["left = A", "right = B"] or sorted(revealed) == ["left = B", "right = A"]
+    tally = api.ab_tally(cid)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Votes A / B / tie"] == f"{tally['a']} / {tally['b']} / 1"
     assert metrics["95% interval"] == f"{tally['ci_low']:.0%} - {tally['ci_high']:.0%}"
     assert at.selectbox(key="ab-history-open").options == [cid]
     # the run's checkpoints (100, 200 and the final LoRA) scored on one prompt: the page names the best

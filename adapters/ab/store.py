@@ -202,18 +202,26 @@ class ABStore:
             db.execute("INSERT INTO vote_history VALUES (?, ?, ?, ?, ?)", row)
         return self.tally(cid)
 
-    def tally(self, cid: str) -> dict:
+    def tally(self, cid: str, *, unseal: bool = False) -> dict:
+        """The votes counted. A blind comparison still being voted is `sealed`: only how many pairs are voted and how
+        many are left, since a running A/B split would tell the voter which side each vote just went to (and the
+        next votes would not be blind). `unseal=True` is for code that needs the sides, never for display."""
         with self._db() as db:
-            self._row(db, cid)
+            blind = bool(self._row(db, cid)[5])
             counts = dict(db.execute("SELECT side, COUNT(*) FROM votes WHERE comparison_id = ? GROUP BY side", (cid,)))
             pairs = db.execute("SELECT COUNT(*) FROM pairs WHERE comparison_id = ?", (cid,)).fetchone()[0]
         tally = tally_votes(counts.get("a", 0), counts.get("b", 0), counts.get("tie", 0))
-        return {"id": cid, **tally, "pairs": pairs, "remaining": pairs - tally["n"]}
+        remaining = pairs - tally["n"]
+        if blind and remaining and not unseal:
+            return {"id": cid, "sealed": True, "n": tally["n"], "pairs": pairs, "remaining": remaining}
+        return {"id": cid, "sealed": False, **tally, "pairs": pairs, "remaining": remaining}
 
-    def get(self, cid: str) -> dict:
-        """The comparison as plain data; in blind mode a pair's sides and scores show only once it is voted, and
-        `revealed` (every pair voted: the votes are final) says the whole comparison is. Each pair's `votes` lists
-        every vote cast on it, in order; `vote` is the one that counts."""
+    def get(self, cid: str, *, unseal: bool = False) -> dict:
+        """The comparison as plain data; in blind mode the sides, the scores and the tally show only once every pair
+        is voted (`revealed`: the votes are then final): shown pair by pair, each reveal would tell the voter what
+        the other side looks like, and a vote could still be changed after seeing it. Each pair's `votes` lists
+        every vote cast on it, in order; `vote` is the one that counts. `unseal=True` gives the sides of a
+        comparison still being voted, for code that trains or ranks on its votes, never for display."""
         with self._db() as db:
             row = self._row(db, cid)
             pair_rows = db.execute(
@@ -227,9 +235,9 @@ class ABStore:
             ).fetchall()
         folder = self.root / cid
         blind = bool(row[5])
-        all_voted = len(votes) == len(pair_rows)
+        sealed = blind and len(votes) < len(pair_rows) and not unseal
         result = json.loads(row[7])
-        if blind and not all_voted:
+        if sealed:
             result = {k: v for k, v in result.items() if k != "scores"}  # side means would give the sides away
             controls = result.get("control_images")
             if controls and controls["a"] != controls["b"]:  # which side steers by which image would too
@@ -239,7 +247,7 @@ class ABStore:
                                         for s, names in result["control_images"].items()}  # fmt: skip
         pairs = []
         for p in (PairRow(*r) for r in pair_rows):
-            shown = not blind or p.pair in votes
+            shown = not sealed
             right = "b" if p.left_side == "a" else "a"
             scores = {"a": p.score_a, "b": p.score_b}
             pairs.append({
@@ -252,7 +260,8 @@ class ABStore:
         sides = json.loads(row[3])
         return {"id": cid, "kind": row[1], "created_at": row[2], **sides, "sides": sides,
                 "settings": json.loads(row[4]), "blind": blind, "score": row[6], "folder": str(folder),
-                "revealed": not blind or all_voted, **result, "pairs": pairs, "tally": self.tally(cid)}  # fmt: skip
+                "revealed": not blind or len(votes) == len(pair_rows), **result, "pairs": pairs,
+                "tally": self.tally(cid, unseal=unseal)}  # fmt: skip
 
     def history(self, limit: int = 50) -> list[dict]:
         """Comparisons, newest first, with their tallies."""

@@ -40,7 +40,8 @@ def ab_compare(
     settings, writes the pair images and `grid.png`, stores the comparison; returns it as `ab_get` does.
 
     Args:
-        blind: shuffle the sides per pair; `left_is`/`right_is` and the scores stay None until the pair is voted.
+        blind: shuffle the sides per pair; `left_is`/`right_is`, the scores and the tally stay hidden until every
+            pair is voted.
         size: one side length, or (width, height); None: the base's native size.
         score: a toy-world scorer (`toy`, `toy:COLOR`, `toy:COLOR:SHAPE`): a score per image beside the votes.
     """
@@ -74,7 +75,8 @@ def ab_tally(comparison_id: str) -> dict:
 def ab_get(comparison_id: str) -> dict:
     """A stored comparison: id, kind, a, b, settings, blind, score, folder, grid, scores, pairs (pair, prompt, seed,
     left, right image paths, vote, votes (every vote cast), left_is, right_is, score_left, score_right), revealed
-    (an open comparison, or a blind one with every pair voted: its votes are final) and the tally. A checkpoint
+    (an open comparison, or a blind one with every pair voted: its votes are final) and the tally (`sealed`, with
+    only how many pairs are voted, while a blind one is not revealed). A checkpoint
     comparison has run_dir, candidates (label, step, path, score, val_loss), best, rank_by and registered instead of
     pairs."""
     from sdtune.adapters import ab

@@ -144,6 +144,14 @@ def _control_images(controls: dict | None):
 
 
 def _tally(tally: dict):
+    if tally["sealed"]:  # a running A/B split would tell which side each vote went to
+        c1, c2 = st.columns(2)
+        c1.metric("Pairs voted", f"{tally['n']} / {tally['pairs']}")
+        c2.metric("Pairs left", tally["remaining"])
+        st.caption(
+            "The sides and the tally show once every pair is voted (a tie counts); until then a vote can change."
+        )
+        return
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Votes A / B / tie", f"{tally['a']} / {tally['b']} / {tally['tie']}")
     share = "-" if tally.get("share_a") is None else f"{tally['share_a']:.0%}"
@@ -216,7 +224,9 @@ def _history():
 
 
 def _votes(tally: dict | None) -> str:
-    return f"{tally['a']}/{tally['b']}/{tally['tie']}" if tally else ""
+    if not tally:
+        return ""
+    return f"{tally['n']} voted, sealed" if tally["sealed"] else f"{tally['a']}/{tally['b']}/{tally['tie']}"
 
 
 def _checkpoints():
