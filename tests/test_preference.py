@@ -16,10 +16,12 @@ import safetensors.torch
 import torch
 from conftest import ROOT, run_trainer
 from PIL import Image
+from test_registry import fake_run
 
 from sdtune.adapters import toyworld
 from sdtune.adapters.ab import ABError, ABStore, NewComparison, PairRow
 from sdtune.adapters.ab.votes import check_same_base, collect_votes, write_pairs
+from sdtune.adapters.registry import Registry
 from sdtune.adapters.sampling import save_png_atomic
 
 RECIPE = ROOT / "recipes" / "preference.yaml"
@@ -119,6 +121,8 @@ def test_votes_become_triples_with_ties_and_skips_left_out_and_counted(tmp_path)
         ("images gone", "the images of voted pair 2 are gone"),
         ("another base", "--from other+x: its base 'other' is not the base comparison"),
         ("unknown id", "no comparison 'nope'"),
+        ("adapter of another base", "--from toy+sd-lora: adapter 'sd-lora' was trained on 'runwayml/stable-diffusion-"
+                                    "v1-5', not on the base 'toy'"),
     ],
 )  # fmt: skip
 def test_bad_votes_are_one_line_each(tmp_path, case, message):
@@ -126,9 +130,12 @@ def test_bad_votes_are_one_line_each(tmp_path, case, message):
     cid = stored_comparison(store, 5 if case == "too few" else 9)
     if case == "images gone":
         (store.root / cid / "002-left.png").unlink()
+    registry = Registry(tmp_path / "home")
+    registry.register_run(fake_run(tmp_path / "sd", name="sd-lora", base="runwayml/stable-diffusion-v1-5"))
+    spec = {"another base": "other+x", "adapter of another base": "toy+sd-lora"}.get(case, "toy")
     with pytest.raises(ABError) as raised:
         votes = collect_votes(["nope" if case == "unknown id" else cid], store)
-        check_same_base(votes, "other+x" if case == "another base" else "toy")
+        check_same_base(votes, spec, registry)
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 

@@ -9,7 +9,9 @@ Diffusion-DPO (Wallace et al. 2023, "Diffusion Model Alignment Using Direct Pref
 https://arxiv.org/abs/2311.12908) fine-tunes a diffusion model from (prompt, preferred image, rejected image)
 triples against a frozen reference, with no reward model: the loss rewards denoising the winner better, and the
 loser worse, than the reference does, and `method.beta` keeps the model near the reference (trainers/core/dpo.py
-has the math). Here the triples are the user's own votes: every voted pair of the A/B comparisons
+has the math). Its default, 5000, is the authors' SD1.5 setting, in their code's form of the loss (beta/2 times the
+error margin), so a value carries over from their launchers; diffusers' DPO example writes the same loss with 2500,
+half the pull. The toy recipe sets 500, the value its proof (README, "Let your votes decide") ran with. Here the triples are the user's own votes: every voted pair of the A/B comparisons
 `method.comparisons` (ties and unvoted pairs left out and counted), rendered with the prompts and seeds stored there.
 
 The reference is `method.reference`, a SPEC as `sdtune ab` takes it: the base with its adapters merged in at their

@@ -105,10 +105,21 @@ def spec_base(spec: str, flag: str = "--from") -> str:
     return parse_spec(spec, flag).pipeline.base
 
 
-def check_same_base(votes: VoteSet, reference: str) -> None:
-    """The reference must sit on the base the votes' images were rendered on: a LoRA learns its change relative
-    to one base, and images of another base's model are no preference about this one."""
+def check_same_base(votes: VoteSet, reference: str, registry=None) -> None:
+    """The reference must sit on the base the votes' images were rendered on, and so must every registered adapter
+    it names: a LoRA learns its change relative to one base, and images of another base's model are no preference
+    about this one."""
+    from sdtune.adapters.registry import Registry
+
     base = spec_base(reference)
+    registry = registry or Registry()
+    for use in parse_spec(reference, "--from").pipeline.adapters:
+        if use.ref in registry and registry.manifest(use.ref).base.name_or_path != base:
+            trained_on = registry.manifest(use.ref).base.name_or_path
+            raise ABError(
+                f"--from {reference}: adapter {use.ref!r} was trained on {trained_on!r}, not on the base {base!r}; "
+                f"write {trained_on}+{use.ref}... or pick an adapter of {base!r}"
+            )
     for cid, sides in votes.sides.items():
         rendered = {spec_base(sides[s], f"comparison {cid}") for s in ("a", "b")}
         if base not in rendered:
