@@ -238,9 +238,11 @@ def test_ab_page_trains_on_these_votes_as_a_job(home):
     from sdtune.studio import jobs
 
     cid = stored_comparison(ABStore(), 9)
+    Registry().register_run(fake_run(home.parent / "tuned", name="liked-before", method="preference"))
     at = AppTest.from_string("from sdtune.studio.views import ab\nab.render()\n", default_timeout=120)
     at.session_state["ab-current"] = cid
     at = at.run()
+    assert "liked-before" in at.multiselect(key="ab-B-adapters").options  # a tuned LoRA is a side's adapter
     assert "9 voted pairs train" in " ".join(c.value for c in at.caption)
     at.radio(key=f"ab-dpo-side-{cid}").set_value("B")
     at = at.button(key=f"ab-dpo-{cid}").click().run()
