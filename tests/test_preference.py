@@ -147,25 +147,25 @@ SHORT = ["train.max_train_steps=8", "train.train_batch_size=4", "train.checkpoin
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """12 voted pairs (2 ties, 1 skipped), 8 steps with the export check and registration: the run that the resume
-    test compares with."""
-    import os
+    """12 voted pairs (2 ties, 1 skipped), 8 steps with the export check and registration, run the way
+    `sdtune tune-from-votes ID --from toy -o OUT` runs it: the run that the resume test compares with."""
+    from sdtune.studio import api
 
     tmp = tmp_path_factory.mktemp("preference")
-    cid = stored_comparison(ABStore(os.environ["SDTUNE_HOME"]), 15, ties=2, skips=1)
+    cid = stored_comparison(ABStore(), 15, ties=2, skips=1)
     out = tmp / "run"
-    proc = run_trainer([str(RECIPE), f"method.comparisons=[{cid}]", f"output.dir={out}", "output.name=liked-short",
-                        *SHORT], tmp / "cache", script=SCRIPT)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return cid, out, tmp / "cache", proc.stdout + proc.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDTUNE_CACHE", str(tmp / "cache"))
+        code = api.tune_from_votes([cid], "toy", out, name="liked-short", overrides=SHORT)
+    assert code == 0
+    return cid, out, tmp / "cache"
 
 
 def test_a_run_writes_its_preference_section_and_lineage(short_run):
     from sdtune.adapters.manifest import read_manifest
     from sdtune.adapters.registry import Registry
 
-    cid, out, _, log = short_run
-    assert "votes: 12 pairs used, 2 ties and 1 unvoted left out" in log
+    cid, out, _ = short_run
     manifest = read_manifest(out)
     section = manifest.preference
     assert (section["pairs_used"], section["ties"], section["skipped"]) == (12, 2, 1)
@@ -188,7 +188,7 @@ def test_sigkill_then_resume_is_bit_identical(short_run, tmp_path):
     (the pairs' flips, noise and timesteps all come back)."""
     from test_lora import _start
 
-    cid, reference, cache, _ = short_run
+    cid, reference, cache = short_run
     out = tmp_path / "run"
     quiet = [f"method.comparisons=[{cid}]", *SHORT, "output.export_check=false", "output.register=false"]
     proc = _start(RECIPE, out, cache, *quiet, script=SCRIPT)
