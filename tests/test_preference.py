@@ -116,8 +116,8 @@ def test_votes_become_triples_with_ties_and_skips_left_out_and_counted(tmp_path)
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("too few", "5 decisive vote(s) (0 ties or unvoted pairs left out); preference tuning needs at least 8: vote 3 "
-                    "more pair(s), or pool more comparisons"),
+        ("too few", "5 decisive vote(s) (0 ties or unvoted pairs left out); preference tuning needs at least 8: "
+                    "vote 3 more pair(s), or pool more comparisons"),
         ("images gone", "the images of voted pair 2 are gone"),
         ("another base", "--from other+x: its base 'other' is not the base comparison"),
         ("unknown id", "no comparison 'nope'"),
@@ -141,8 +141,9 @@ def test_bad_votes_are_one_line_each(tmp_path, case, message):
 
 # -- a short run: manifest, lineage, registry, bit-identical resume -------------------------------------------------
 
-SHORT = ["train.max_train_steps=8", "train.train_batch_size=4", "train.checkpointing_steps=4", "train.lr_warmup_steps=0",
-         "validation.prompts=[]", "output.report_to=none"]  # fmt: skip
+SHORT = ["train.max_train_steps=8", "train.train_batch_size=4", "train.checkpointing_steps=4",
+         "train.lr_warmup_steps=0", "train.learning_rate=5e-4", "validation.prompts=[]",
+         "output.report_to=none"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_a_run_writes_its_preference_section_and_lineage(short_run):
     manifest = read_manifest(out)
     section = manifest.preference
     assert (section["pairs_used"], section["ties"], section["skipped"]) == (12, 2, 1)
-    assert section["beta"] == 500.0 and section["reference"] == "toy"
+    assert section["beta"] == 5000.0 and section["reference"] == "toy"
     before, after = section["reward_accuracy"]["before"], section["reward_accuracy"]["after"]
     assert before["accuracy"] == 0.5 and before["mean_margin"] == 0.0  # the LoRA starts at zero: the reference
     assert after["accuracy"] > 0.5 and after["mean_margin"] > 0  # 8 steps already rank the pairs as voted
@@ -178,7 +179,7 @@ def test_a_run_writes_its_preference_section_and_lineage(short_run):
     entry = Registry().find_run(out)
     origin = read_manifest(entry.folder).origin
     assert entry.kind == "lora" and entry.origin == "preference"
-    assert origin["comparisons"] == [cid] and origin["parents"] == [] and origin["beta"] == 500.0
+    assert origin["comparisons"] == [cid] and origin["parents"] == [] and origin["beta"] == 5000.0
     assert origin["votes"] == {"pairs": 15, "decisive": 12, "a": origin["votes"]["a"], "b": 12 - origin["votes"]["a"],
                                "ties": 2, "skipped": 1}  # fmt: skip
 

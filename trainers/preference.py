@@ -11,8 +11,9 @@ triples against a frozen reference, with no reward model: the loss rewards denoi
 loser worse, than the reference does, and `method.beta` keeps the model near the reference (trainers/core/dpo.py
 has the math). Its default, 5000, is the authors' SD1.5 setting, in their code's form of the loss (beta/2 times the
 error margin), so a value carries over from their launchers; diffusers' DPO example writes the same loss with 2500,
-half the pull. The toy recipe sets 500, the value its proof (README, "Let your votes decide") ran with. Here the triples are the user's own votes: every voted pair of the A/B comparisons
-`method.comparisons` (ties and unvoted pairs left out and counted), rendered with the prompts and seeds stored there.
+half the pull. The toy proof (README, "Let your votes decide") runs with 5000 too. Here the triples are the user's
+own votes: every voted pair of the A/B comparisons `method.comparisons` (ties and unvoted pairs left out and
+counted), rendered with the prompts and seeds stored there.
 
 The reference is `method.reference`, a SPEC as `sdtune ab` takes it: the base with its adapters merged in at their
 weights, frozen. What trains is a new LoRA on top of it, not the reference's LoRA continued: a SPEC may hold no
