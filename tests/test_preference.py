@@ -251,3 +251,28 @@ def test_ab_page_trains_on_these_votes_as_a_job(home):
     [job] = jobs.list_jobs()
     assert (job.method, job.name) == ("preference", "liked")
     assert "reference: toy+x" in (Path(job.job_dir) / "recipe.yaml").read_text()  # side B, as picked
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "train.loss_type=huber",
+            "train.loss_type/snr_gamma/debiased_estimation_loss: the DPO loss compares plain MSEs",
+        ),
+        ("train.snr_gamma=5", "the DPO loss compares plain MSEs; leave them at l2 / null / false"),
+        ("data.caption_dropout_rate=0.1", "data.caption_dropout_rate/masked_loss: each pair trains on its own prompt"),
+        ("method.reference=other+x", "method.reference: other+x is on another base than base 'toy'"),
+        (
+            "method.train_text_encoder=true",
+            "method.train_text_encoder: preference tuning trains the UNet's LoRA only; set it",
+        ),
+    ],
+)
+def test_recipe_keys_dpo_cannot_take_are_refused_by_name(override, message):
+    from sdtune.trainers.core.recipe import RecipeError, load_recipe
+    from sdtune.trainers.preference import check_recipe
+
+    with pytest.raises(RecipeError) as refused:
+        check_recipe(load_recipe(RECIPE, [override]))
+    assert message in str(refused.value) and "\n" not in str(refused.value)

@@ -421,11 +421,13 @@ class PreferenceMethod(LoraParams, EmaParams):
     )
     min_pairs: int = Field(8, ge=1, description="Fewest decisive votes (pairs with a winner) a run accepts.")
 
-    @model_validator(mode="after")
-    def _unet_only(self):
-        if self.train_text_encoder:
-            raise ValueError("train_text_encoder: preference tuning trains the UNet's LoRA only; set it false")
-        return self
+    @field_validator("train_text_encoder")
+    @classmethod
+    def _unet_only(cls, value):
+        # the reference's text states would need the text encoder's LoRA switched off too: the UNet's alone trains
+        if value:
+            raise ValueError("preference tuning trains the UNet's LoRA only; set it false")
+        return value
 
 
 Method = Annotated[
