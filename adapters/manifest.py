@@ -52,6 +52,9 @@ class AdapterManifest:
     # {"kind": "merged", "parents", "weights", "merge_method"...}; trained runs get {"kind": "trained", "run_dir"}
     # when registered. Optional, so manifests written before it existed still read.
     origin: dict[str, Any] | None = None
+    # Preference tuning from votes (trainers/preference.py): pairs used, ties and skips, the winner share, the
+    # implicit reward accuracy on the training pairs before and after. Optional like `origin`.
+    preference: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +70,8 @@ class AdapterManifest:
 
 
 LYCORIS_KINDS = {"loha": "LoHa", "lokr": "LoKr"}  # adapters/lycoris.py: LyCORIS's algorithms sdtune trains and loads
-METHOD_KINDS = {"textual_inversion": "embedding"}  # method -> what a user calls the adapter, where the two differ
+# method -> what a user calls the adapter, where the two differ (a preference run's result is a LoRA over its reference)
+METHOD_KINDS = {"textual_inversion": "embedding", "preference": "lora"}
 
 
 def adapter_kind(manifest: AdapterManifest) -> str:

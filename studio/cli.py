@@ -25,6 +25,7 @@ Usage:
     sdtune publish NAME --repo user/name [--private] [--update] [--dry-run [DIR]]
     sdtune recipe from-kohya CONFIG [--dataset-config DATASET.toml] -o recipe.yaml   # sd-scripts / kohya_ss config
     sdtune caption DATASET_OR_DIR --model toy|FOLDER|HUB_ID [--mode missing] [--trigger WORD] [--dry-run]
+    sdtune tune-from-votes AB_ID [AB_ID ...] --from toy+toy-purple:0.8 [-o runs/liked] [--queue]   # DPO on votes
 
 Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the README). Every command calls
 `sdtune.studio.api`, the same functions the Streamlit studio uses; this module only parses arguments and prints.
@@ -50,6 +51,7 @@ from sdtune.studio import (
     worker,
 )
 from sdtune.studio.cli_ab import positive_int
+from sdtune.studio.cli_votes import add_votes_parser
 
 EPILOG = (
     "Training: accelerate launch trainers/lora.py recipes/quickstart.yaml (or trainers/controlnet.py), or queue "
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker,recipe,dataset,caption}",
+        metavar="{studio,sample,annotate,adapters,bake,ab,publish,convert,extract-lora,doctor,jobs,worker,recipe,dataset,caption,tune-from-votes}",
     )
     _studio_parser(sub)
     _sample_parser(sub)
@@ -342,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_recipe.add_recipe_parser(sub)
     cli_dataset.add_dataset_parser(sub)
     cli_caption.add_caption_parser(sub)
+    add_votes_parser(sub)
     return parser
 
 

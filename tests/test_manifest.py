@@ -31,7 +31,7 @@ def test_write_then_read_gives_the_same_manifest_in_key_order(tmp_path):
     assert path == tmp_path / "adapter.json"
     assert list(json.loads(path.read_text())) == [
         "name", "method", "created_at", "base", "trigger_words", "dataset",
-        "training", "files", "samples", "scores", "export_check", "recipe", "origin",
+        "training", "files", "samples", "scores", "export_check", "recipe", "origin", "preference",
     ]  # fmt: skip
     assert read_manifest(tmp_path) == _manifest() == read_manifest(path)
     assert read_manifest(tmp_path).base.hash == "ab" * 32

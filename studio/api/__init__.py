@@ -16,6 +16,7 @@ One module per concern; callers use the names re-exported here (`from sdtune.stu
     masks         masks for masked loss from threshold and fill controls, with an overlay preview
     training      recipes, preflight, the job queue, doctor, a run's manifest
     comparisons   A/B comparisons, votes, checkpoint scoring, control images
+    preference    votes as training pairs, and the preference run on them (queued or now)
     publishing    the Hugging Face Hub
 """
 
@@ -63,6 +64,7 @@ from sdtune.studio.api.datasets import (
 from sdtune.studio.api.errors import StudioError
 from sdtune.studio.api.masks import mask_preview, save_masks
 from sdtune.studio.api.models import base_models, convert_checkpoint, extract_lora
+from sdtune.studio.api.preference import queue_tune_from_votes, tune_from_votes, votes_summary
 from sdtune.studio.api.publishing import publish, publish_preview
 from sdtune.studio.api.registry import (
     bake_model,
@@ -139,6 +141,9 @@ __all__ = [
     "merge_adapters",
     "preflight",
     "publish",
+    "queue_tune_from_votes",
+    "tune_from_votes",
+    "votes_summary",
     "publish_preview",
     "read_run",
     "recipe_templates",

@@ -77,7 +77,7 @@ def _control(label: str, controlnets: list[str]) -> list[str]:
 
 def _compare_form():
     registered = api.list_adapters()
-    adapters = [a["name"] for a in registered if a["method"] == "lora"]
+    adapters = [a["name"] for a in registered if a["method"] in ("lora", "preference")]
     controlnets = [a["name"] for a in registered if a["method"] == "controlnet"]
     embeddings = [a["name"] for a in registered if a["method"] == "textual_inversion"]
     left, right = st.columns(2)
@@ -118,6 +118,7 @@ def _comparison(comparison_id: str):
         st.caption(f"A = {data['a']}   |   B = {data['b']}")
         if data["blind"]:  # votes are for blind comparisons; an open one shows its scores instead
             _tally(api.ab_tally(comparison_id))
+            _train_on_votes(data)
             if data["revealed"]:
                 st.caption("Every pair is voted: the sides are revealed and the votes are final.")
         else:
@@ -260,3 +261,27 @@ def _checkpoints():
                 st.info(f"registered as {result['registered']}")
             if result.get("grid"):
                 st.image(result["grid"], width="stretch")
+
+
+def _train_on_votes(data: dict):
+    """ "Train on these votes": a preference run (Diffusion-DPO, trainers/preference.py) over one side, frozen, as
+    the reference, queued as a job; what the votes give (pairs used, ties and unvoted left out) is shown first."""
+    cid = data["id"]
+    with st.expander("Train on these votes"):
+        summary = api.votes_summary([cid])
+        split = f" (A {summary['a']}, B {summary['b']})" if data["revealed"] else ""  # sealed while voting
+        st.caption(
+            f"{summary['decisive']} voted pairs train{split}; {summary['ties']} ties and {summary['skipped']} "
+            f"unvoted are left out; a run needs at least {summary['needed']}."
+        )
+        left, right = st.columns(2)
+        side = left.radio("Reference (frozen; the new LoRA goes on top)", ["A", "B"], key=f"ab-dpo-side-{cid}",
+                          horizontal=True, help="Its base and adapters, merged: use the result as SPEC+name.")  # fmt: skip
+        name = right.text_input("Name of the new LoRA", "liked", key=f"ab-dpo-name-{cid}")
+        if st.button("Train on these votes", key=f"ab-dpo-{cid}"):
+            with shown_errors():
+                spec = data[side.lower()]
+                job = api.queue_tune_from_votes([cid], spec, name=name.strip() or None,
+                                                submission_key=f"votes-{cid}-{side}-{name.strip()}")  # fmt: skip
+                flash(f"job {job['id']} queued: {job['name']}, tuned from these votes over {spec} (see Jobs)")
+                st.rerun()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -121,6 +122,8 @@ class RunOutputs:
     validator: Validator | ControlValidator
     checker: ExportChecker  # loads a clean copy of the base the first time a LoRA is checked, not before
     facts: dict = field(default_factory=dict)  # the method's own settings, added to the manifest's `training`
+    # the method's own manifest sections, measured as the run ends (preference tuning: `preference`, `origin`)
+    sections: Callable[[], dict] | None = None
 
     @classmethod
     def for_run(
@@ -171,6 +174,8 @@ class RunOutputs:
         held_out = getattr(self.validator, "loss", None)
         if held_out is not None:  # the held-out loss per evaluated step: every checkpoint's, and the end's
             info.training["val_loss"] = held_out.manifest_entry()
+        for key, value in (self.sections() if self.sections else {}).items():
+            setattr(info, key, value)
         manifest_file = write_manifest(out_dir, info)
         written = [out_dir / name for name in [*info.files.values(), *info.samples.values()]]
         log(f"done: {', '.join(str(p) for p in [*written, manifest_file])}")

@@ -21,6 +21,7 @@ from .methods import (
     LoraMethod,
     LoraParams,
     Method,
+    PreferenceMethod,
     TextualInversionMethod,
     trainer_for,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "LoraMethod",
     "LoraParams",
     "Method",
+    "PreferenceMethod",
     "OutputConfig",
     "Recipe",
     "RecipeError",

@@ -136,7 +136,7 @@ def _keys_at(loc: tuple) -> list[str]:
     return sorted(keys)
 
 
-_METHOD_TAGS = {"lora", "dreambooth", "controlnet", "textual_inversion"}
+_METHOD_TAGS = {"lora", "dreambooth", "controlnet", "textual_inversion", "preference"}
 
 
 def _format_error(error: dict, source: str) -> str:

@@ -389,8 +389,50 @@ class TextualInversionMethod(TokenParams, EmaParams):
     )
 
 
+class PreferenceMethod(LoraParams, EmaParams):
+    """Preference tuning from A/B votes with the Diffusion-DPO loss (trainers/preference.py).
+
+    A new LoRA learns, over a frozen reference (the base with `reference`'s adapters merged in), to denoise the
+    voted winners better and the losers worse than the reference does; `beta` ties it to the reference.
+    """
+
+    type: Literal["preference"] = Field(
+        "preference", description="preference: a LoRA from A/B votes, Diffusion-DPO (trainers/preference.py)."
+    )
+    comparisons: list[str] = Field(
+        default_factory=list,
+        description="A/B comparison ids whose votes train (sdtune ab list); several are pooled. Each voted pair is "
+        "a (prompt, winner, loser) triple; ties and unvoted pairs are left out.",
+        json_schema_extra=COMMON,
+    )
+    reference: str = Field(
+        "toy",
+        description="The reference SPEC, BASE[+ADAPTER[:WEIGHT]]... as in sdtune ab: frozen, merged into the base; "
+        "the new LoRA goes on top of it. Its base must be the recipe's base and the comparisons' base.",
+        json_schema_extra=COMMON,
+    )
+    beta: float = Field(
+        5000.0,
+        gt=0,
+        description="DPO's beta: how far the tuned model may move from the reference (larger: less). The loss is "
+        "-log sigmoid(-beta/2 x (model's winner-minus-loser error - the reference's)), the authors' code; 5000 is "
+        "their SD1.5 setting (diffusers' DPO example's default 2500 is the same loss at half the beta).",
+        json_schema_extra=COMMON,
+    )
+    min_pairs: int = Field(8, ge=1, description="Fewest decisive votes (pairs with a winner) a run accepts.")
+
+    @field_validator("train_text_encoder")
+    @classmethod
+    def _unet_only(cls, value):
+        # the reference's text states would need the text encoder's LoRA switched off too: the UNet's alone trains
+        if value:
+            raise ValueError("preference tuning trains the UNet's LoRA only; set it false")
+        return value
+
+
 Method = Annotated[
-    LoraMethod | DreamBoothMethod | ControlNetMethod | TextualInversionMethod, Field(discriminator="type")
+    LoraMethod | DreamBoothMethod | ControlNetMethod | TextualInversionMethod | PreferenceMethod,
+    Field(discriminator="type"),
 ]
 
 # method.type -> the script that trains it: every method of `Method` has one (tests/test_recipe.py checks), so the
@@ -400,6 +442,7 @@ TRAINERS = {
     "dreambooth": "trainers/dreambooth.py",
     "controlnet": "trainers/controlnet.py",
     "textual_inversion": "trainers/textual_inversion.py",
+    "preference": "trainers/preference.py",
 }
 
 
