@@ -8,7 +8,8 @@ Every run trains on `datasets/purple-star` (16 toy-world purple stars, each capt
 never saw purple nor a star) with the shipped toy recipe of its method and the overrides in `RUNS`, one run at a
 time. Every `--every` steps a checkpoint is loaded the way `sdtune sample` loads it (`compose.build`; full DreamBooth:
 its final pipeline only), "a purple star" is rendered at 12 fixed seeds (25 steps, guidance 3), and each image is
-read by the toy world's geometry check (`toyworld.star_geometry`: one piece, five points, filled) and its colour.
+read by the toy world's geometry check (`toyworld.star_geometry`: one piece, five deep points, filled, whole) and
+its colour.
 Each run's scores land in OUT/<run>/scores.json: a run with one is not trained again, its saved images are read
 again (so a change to the scorer needs no training). The Markdown table of all runs is printed and written to
 --table: method, layers, rank, steps, star, colour, both, training time.
@@ -36,30 +37,45 @@ def lora(layers: str, rank: int) -> list[str]:
     return [f"method.preset={layers}", f"method.rank={rank}", f"method.lora_alpha={rank}"]
 
 
+def dreambooth_lora(layers: str) -> list[str]:
+    """The toy DreamBooth recipe as a LoRA at the LoRA recipes' learning rate."""
+    return [*DREAMBOOTH, "method.lora=true", "train.learning_rate=1e-3", f"method.preset={layers}"]
+
+
+LORA, DREAMBOOTH_PY = "trainers/lora.py", "trainers/dreambooth.py"
+QUICKSTART, TOY_DREAMBOOTH = "recipes/quickstart.yaml", "recipes/toy-dreambooth.yaml"
 # name: (method, layers, rank, trainer, recipe, overrides). Layers and rank are what the run trains with, given
-# here for the table (the recipe's own where the overrides leave them).
+# here for the table (the recipe's own where the overrides leave them). `loha` and `lokr` are the recipes as they
+# ship; the other rows name what they change, so they mean the same whatever the recipes' defaults become.
 RUNS = {
-    "lora-attn-r8": ("LoRA", "attn", 8, "trainers/lora.py", "recipes/quickstart.yaml", lora("attn", 8)),
-    "lora-attn-r16": ("LoRA", "attn", 16, "trainers/lora.py", "recipes/quickstart.yaml", lora("attn", 16)),
-    "lora-attn+ff-r8": ("LoRA", "attn+ff", 8, "trainers/lora.py", "recipes/quickstart.yaml", lora("attn+ff", 8)),
-    "lora-attn+ff-r16": ("LoRA", "attn+ff", 16, "trainers/lora.py", "recipes/quickstart.yaml", lora("attn+ff", 16)),
-    "locon-r8": ("LoCon", "locon", 8, "trainers/lora.py", "recipes/quickstart.yaml", lora("locon", 8)),
-    "loha": ("LoHa", "attn", 4, "trainers/lora.py", "recipes/loha.yaml", []),
-    "lokr": ("LoKr", "attn", 8, "trainers/lora.py", "recipes/lokr.yaml", []),
-    "dreambooth-lora": (
-        "DreamBooth-LoRA",
-        "attn",
+    "lora-attn-r8": ("LoRA", "attn", 8, LORA, QUICKSTART, lora("attn", 8)),
+    "lora-attn-r16": ("LoRA", "attn", 16, LORA, QUICKSTART, lora("attn", 16)),
+    "lora-attn+ff-r8": ("LoRA", "attn+ff", 8, LORA, QUICKSTART, lora("attn+ff", 8)),
+    "lora-attn+ff-r16": ("LoRA", "attn+ff", 16, LORA, QUICKSTART, lora("attn+ff", 16)),
+    "locon-r8": ("LoCon", "locon", 8, LORA, QUICKSTART, lora("locon", 8)),
+    "loha": ("LoHa (recipes/loha.yaml)", "locon", 8, LORA, "recipes/loha.yaml", []),
+    "lokr": ("LoKr (recipes/lokr.yaml, lr 3e-3)", "locon", 8, LORA, "recipes/lokr.yaml", []),
+    "loha-attn-r4": ("LoHa", "attn", 4, LORA, "recipes/loha.yaml", lora("attn", 4)),
+    "lokr-attn": ("LoKr", "attn", 8, LORA, "recipes/lokr.yaml", ["method.preset=attn", "train.learning_rate=1e-3"]),
+    "loha-locon": ("LoHa", "locon", 4, LORA, "recipes/loha.yaml", lora("locon", 4)),
+    "lokr-locon": ("LoKr", "locon", 8, LORA, "recipes/lokr.yaml", ["method.preset=locon", "train.learning_rate=1e-3"]),
+    "loha-locon-r8": ("LoHa", "locon", 8, LORA, "recipes/loha.yaml", lora("locon", 8)),
+    "lokr-locon-lr3e-3": (
+        "LoKr (lr 3e-3)",
+        "locon",
         8,
-        "trainers/dreambooth.py",
-        "recipes/toy-dreambooth.yaml",
-        [*DREAMBOOTH, "method.lora=true", "train.learning_rate=1e-3"],
+        LORA,
+        "recipes/lokr.yaml",
+        ["method.preset=locon", "train.learning_rate=3e-3"],
     ),  # fmt: skip
+    "dreambooth-lora": ("DreamBooth-LoRA", "attn", 8, DREAMBOOTH_PY, TOY_DREAMBOOTH, dreambooth_lora("attn")),
+    "dreambooth-lora-locon": ("DreamBooth-LoRA", "locon", 8, DREAMBOOTH_PY, TOY_DREAMBOOTH, dreambooth_lora("locon")),
     "dreambooth": (
         "DreamBooth (full)",
         "whole UNet",
         None,
-        "trainers/dreambooth.py",
-        "recipes/toy-dreambooth.yaml",
+        DREAMBOOTH_PY,
+        TOY_DREAMBOOTH,
         [*DREAMBOOTH, "method.save_single_file=false", "method.extract_lora_rank=null"],
     ),  # fmt: skip
 }
@@ -80,16 +96,27 @@ def train(name: str, out: Path, steps: int, every: int, extra: list[str]) -> tup
 
 def score(folder: Path, full_model: bool) -> dict:
     """Renders PROMPT at SEEDS with the model in `folder` and reads each image: star (geometry), colour, both."""
-    from sdtune.adapters import compose, sampling, toyworld
+    from sdtune.adapters import compose, sampling
 
-    spec = compose.PipelineSpec(str(folder), device="cpu") if full_model else compose.PipelineSpec(
-        "toy", [compose.AdapterUse(str(folder))], device="cpu"
+    adapter = str(folder if full_model else adapter_file(folder))
+    spec = compose.PipelineSpec(adapter, device="cpu") if full_model else compose.PipelineSpec(
+        "toy", [compose.AdapterUse(adapter)], device="cpu"
     )  # fmt: skip
     pipe = compose.build(spec).pipe
     settings = [sampling.SampleSettings(PROMPT, seed, steps=25, guidance=3.0) for seed in SEEDS]
     for seed, sample in zip(SEEDS, sampling.generate(pipe, settings)):
         sample.image.save(folder / f"star-{seed:02d}.png")  # to look at, and to score again (`read`)
     return read(folder)
+
+
+def adapter_file(folder: Path) -> Path:
+    """The adapter `sdtune sample` would load from a run folder; in a LoHa/LoKr checkpoint, which has no adapter.json
+    to name it, its LyCORIS file."""
+    from sdtune.adapters.lycoris import is_lycoris_file
+
+    if (folder / "adapter.json").is_file():
+        return folder
+    return next((p for p in sorted(folder.glob("*.safetensors")) if is_lycoris_file(p)), folder)
 
 
 def read(folder: Path) -> dict:
@@ -125,7 +152,7 @@ def table(results: list[dict]) -> str:
         method, layers, rank, *_ = RUNS[r["name"]]
         extra = f" ({', '.join(r['extra'])})" if r["extra"] else ""
         for step, s in sorted(r["curve"].items(), key=lambda kv: int(kv[0])):
-            seconds = f"{r['seconds']:.0f} s" if int(step) == r["steps"] else ""
+            seconds = f"{r['seconds']:.0f} s" if int(step) == r["steps"] and r["seconds"] else ""
             lines.append(
                 f"| {method}{extra} | {layers} | {rank or '-'} | {step} | {s['star']:.2f} | {s['colour']:.2f} | "
                 f"{s['both']:.2f} | {seconds} |"
