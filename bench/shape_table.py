@@ -8,7 +8,7 @@ Every run trains on `datasets/purple-star` (16 toy-world purple stars, each capt
 never saw purple nor a star) with the shipped toy recipe of its method and the overrides in `RUNS`, one run at a
 time. Every `--every` steps a checkpoint is loaded the way `sdtune sample` loads it (`compose.build`; full DreamBooth:
 its final pipeline only), "a purple star" is rendered at 12 fixed seeds (25 steps, guidance 3), and each image is
-read by the toy world's geometry check (`toyworld.star_geometry`: one piece, five deep points, filled, whole) and
+read by the toy world's geometry check (`stars.star_geometry`: one piece, five deep points, filled, whole) and
 its colour.
 Each run's scores land in OUT/<run>/scores.json: a run with one is not trained again, its saved images are read
 again (so a change to the scorer needs no training). The Markdown table of all runs is printed and written to
@@ -123,9 +123,9 @@ def read(folder: Path) -> dict:
     """The toy world's reading of the images `score` saved in `folder`: star (geometry), colour, both."""
     from PIL import Image
 
-    from sdtune.adapters import toyworld
+    from sdtune.adapters import stars
 
-    found = toyworld.score_stars([Image.open(p) for p in sorted(folder.glob("star-*.png"))], "purple")
+    found = stars.score_stars([Image.open(p) for p in sorted(folder.glob("star-*.png"))], "purple")
     return {"star": found.shape, "colour": found.color, "both": found.both, "n": found.n, "folder": str(folder)}
 
 

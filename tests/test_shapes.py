@@ -1,6 +1,6 @@
 """A held-out shape, not only a held-out colour (issue 23, item 7): a shipped preset, trained as it ships on 16
 purple stars, draws "a purple star" that the toy world's geometry check reads as one filled piece with five deep
-points (`toyworld.star_geometry`), at 12 fixed seeds. The scorer's own tests are in tests/test_toyworld.py; the
+points (`stars.star_geometry`), at 12 fixed seeds. The scorer's own tests are in tests/test_toyworld.py; the
 table over every method is `bench/shape_table.py` (README, "A new shape, not only a new colour")."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import math
 import pytest
 from PIL import Image, ImageDraw
 
-from sdtune.adapters import toyworld
+from sdtune.adapters import stars, toyworld
 
 
 @pytest.mark.parametrize("color", list(toyworld.COLORS))
@@ -98,7 +98,7 @@ STARS = [toyworld.Scene("purple", "star", r, 32 + dx, 32 + dy) for r in (10, 14,
 
 @pytest.mark.parametrize("scene", STARS + [s for _, _, s in toyworld.generate(12, 5, ["purple"], ["star"])])
 def test_a_drawn_star_is_one_filled_piece_with_five_points(scene):
-    found = toyworld.star_geometry(toyworld.render(scene))
+    found = stars.star_geometry(toyworld.render(scene))
     assert (found.pieces, found.points, found.color) == (1, 5, "purple") and found.is_star, found
 
 
@@ -118,7 +118,7 @@ def test_a_drawn_star_is_one_filled_piece_with_five_points(scene):
 )
 @pytest.mark.parametrize("radius", [12, 18])
 def test_broken_outlines_and_partial_stars_are_not_stars(how, spoil, radius):
-    found = toyworld.star_geometry(drawn(toyworld.Scene("purple", "star", radius, 32, 32), **spoil))
+    found = stars.star_geometry(drawn(toyworld.Scene("purple", "star", radius, 32, 32), **spoil))
     assert not found.is_star, (how, found)
     assert toyworld.score_image(drawn(toyworld.Scene("purple", "star", radius, 32, 32), **spoil)).color == "purple"
 
@@ -126,22 +126,22 @@ def test_broken_outlines_and_partial_stars_are_not_stars(how, spoil, radius):
 @pytest.mark.parametrize("shape, points", [("circle", 0), ("square", 4), ("triangle", 3)])
 def test_the_other_shapes_are_not_stars_and_show_their_corners(shape, points):
     for radius in (10, 18):
-        found = toyworld.star_geometry(toyworld.render(toyworld.Scene("purple", shape, radius, 30, 33)))
+        found = stars.star_geometry(toyworld.render(toyworld.Scene("purple", shape, radius, 30, 33)))
         assert (found.pieces, found.points, found.is_star) == (1, points, False), (shape, found)
 
 
 def test_a_star_with_a_speck_beside_it_is_two_pieces_and_haze_does_not_count():
     scene = toyworld.Scene("purple", "star", 14, 30, 30)
     speck = toyworld.Scene("purple", "square", 2.5, 56, 56)  # ~20 px apart from the star: a second piece
-    assert toyworld.star_geometry(toyworld.render(scene, 64, speck)).pieces == 2
+    assert stars.star_geometry(toyworld.render(scene, 64, speck)).pieces == 2
     haze = toyworld.Scene("purple", "square", 1, 56, 56)  # ~3 px: haze
-    assert toyworld.star_geometry(toyworld.render(scene, 64, haze)).is_star
+    assert stars.star_geometry(toyworld.render(scene, 64, haze)).is_star
 
 
 def test_score_stars_counts_colour_shape_and_both():
     star, red_star = toyworld.Scene("purple", "star", 14), toyworld.Scene("red", "star", 14)
     images = [toyworld.render(star), toyworld.render(red_star), drawn(star, outline=2), Image.new("RGB", (64, 64))]
-    score = toyworld.score_stars(images, "purple")
+    score = stars.score_stars(images, "purple")
     assert (score.color, score.shape, score.both, score.n) == (0.5, 0.5, 0.25, 4)
 
 
@@ -152,5 +152,5 @@ def test_a_pentagon_has_five_corners_but_no_depth_so_it_is_not_a_star():
         for a in (-math.pi / 2 + k * 2 * math.pi / 5 for k in range(5))
     ]
     ImageDraw.Draw(big).polygon(corners, fill=toyworld.COLORS["purple"])
-    found = toyworld.star_geometry(big.resize((64, 64), Image.Resampling.BOX))
+    found = stars.star_geometry(big.resize((64, 64), Image.Resampling.BOX))
     assert (found.pieces, found.points) == (1, 5) and found.solidity > 0.9 and not found.is_star, found
