@@ -98,16 +98,7 @@ def resolve_adapter(ref: str, registry=None) -> Path:
         if lycoris_file is None:
             raise ComposeError(f"adapter {ref}: folder without {PEFT_FILE} (expected a run folder or a LoRA file)")
         return lycoris_file
-    from sdtune.adapters.registry import Registry, RegistryError
-
-    registry = registry or Registry()
-    try:
-        manifest = registry.manifest(ref)
-    except RegistryError:
-        raise ComposeError(
-            f"--adapter: {ref} not found (not a LoRA file, a run folder, or a name in the registry at "
-            f"{registry.home}; see `sdtune adapters list`)"
-        ) from None
+    registry, manifest = registered(ref, registry, "--adapter", "a LoRA file", "sdtune adapters list")
     if "embedding" in manifest.files and not {"peft", "kohya"} & set(manifest.files):
         raise ComposeError(f"adapter {ref!r} is an embedding, not a LoRA: use --embedding {ref} (A/B: +emb={ref})")
     if manifest.method != "lora" and not {"peft", "kohya"} & set(manifest.files):
@@ -117,6 +108,21 @@ def resolve_adapter(ref: str, registry=None) -> Path:
     # a LoHa/LoKr loads from its LyCORIS file (its peft side is peft's adapter folders, which diffusers cannot stack)
     fmt = "peft" if "peft" in manifest.files and adapter_kind(manifest) == "lora" else "kohya"
     return registry.file(ref, fmt)
+
+
+def registered(ref: str, registry, option: str, what: str, listing: str):
+    """(registry, manifest) of the registered adapter `ref` names, for a reference that is no file or folder; else
+    one line saying what `option` accepts and where to list the names (`listing`)."""
+    from sdtune.adapters.registry import Registry, RegistryError
+
+    registry = registry or Registry()
+    try:
+        return registry, registry.manifest(ref)
+    except RegistryError:
+        raise ComposeError(
+            f"{option}: {ref} not found (not {what}, a run folder, or a name in the registry at {registry.home}; "
+            f"see `{listing}`)"
+        ) from None
 
 
 def resolve_controlnet(ref: str, registry=None) -> str:
@@ -366,16 +372,8 @@ def resolve_embedding(ref: str, registry=None) -> Path:
         if not (path / DIFFUSERS_FILE).is_file():
             raise ComposeError(f"--embedding {ref}: folder without {DIFFUSERS_FILE} (expected a run folder or a file)")
         return path / DIFFUSERS_FILE
-    from sdtune.adapters.registry import Registry, RegistryError
-
-    registry = registry or Registry()
-    try:
-        manifest = registry.manifest(ref)
-    except RegistryError:
-        raise ComposeError(
-            f"--embedding: {ref} not found (not an embedding file, a run folder, or a name in the registry at "
-            f"{registry.home}; see `sdtune adapters list --method textual_inversion`)"
-        ) from None
+    listing = "sdtune adapters list --method textual_inversion"
+    registry, manifest = registered(ref, registry, "--embedding", "an embedding file", listing)
     if "embedding" not in manifest.files:
         raise ComposeError(f"--embedding {ref}: the registered {manifest.method} {ref!r} holds no embedding")
     return registry.file(ref, "embedding")

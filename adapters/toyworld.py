@@ -240,10 +240,13 @@ def _rgb64(image: Image.Image) -> np.ndarray:
 def foreground_mask(image: Image.Image) -> np.ndarray:
     """The shape's pixels (64x64 bool): the largest component clearly away from the background colour (the median
     of the border); 0.18 ignores JPEG-ish noise and soft sampling haze."""
-    rgb = _rgb64(image)
+    return _largest_component(_away_from_background(_rgb64(image)))
+
+
+def _away_from_background(rgb: np.ndarray) -> np.ndarray:
+    """Every pixel clearly away from the background colour (the median of the border), whatever component."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    background = np.median(border, axis=0)
-    return _largest_component(np.abs(rgb - background).max(axis=-1) > 0.18)
+    return np.abs(rgb - np.median(border, axis=0)).max(axis=-1) > 0.18
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -312,8 +315,7 @@ def count_shapes(image: Image.Image, min_area: int = 12, colors: Iterable[str] =
     touching shapes of different colours count apart; sampling haze (small patches) does not count.
     """
     rgb = _rgb64(image)
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    foreground = np.abs(rgb - np.median(border, axis=0)).max(axis=-1) > 0.18
+    foreground = _away_from_background(rgb)
     hue, saturation = _pixel_hues(rgb)
     names = list(colors)
     references = np.array([colorsys.rgb_to_hsv(*(c / 255 for c in COLORS[n]))[0] * 360 for n in names])

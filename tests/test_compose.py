@@ -196,3 +196,19 @@ def test_sample_takes_registry_names(names, tmp_path, purple_run):
     assert f"Lora: {names['purple']}:0.8" in Image.open(by_name[0]).text["parameters"]
     with pytest.raises(api.StudioError, match="--adapter: no-such-lora not found"):
         api.sample_images(["x"], tmp_path / "c", adapters=["no-such-lora"])
+
+
+@pytest.mark.parametrize(
+    "resolve, said",
+    [
+        (compose.resolve_adapter, "--adapter: nothing-here not found (not a LoRA file, a run folder, or a name in the "
+         "registry at {home}; see `sdtune adapters list`)"),
+        (compose.resolve_embedding, "--embedding: nothing-here not found (not an embedding file, a run folder, or a "
+         "name in the registry at {home}; see `sdtune adapters list --method textual_inversion`)"),
+    ],
+)  # fmt: skip
+def test_a_reference_that_names_nothing_says_what_the_option_takes(tmp_path, resolve, said):
+    registry = Registry(tmp_path / "home")
+    with pytest.raises(compose.ComposeError) as refused:
+        resolve("nothing-here", registry)
+    assert str(refused.value) == said.format(home=registry.home)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-from PIL import Image
+import math
 
-from sdtune.adapters import toyworld
+import pytest
+from PIL import Image, ImageDraw
+
+from sdtune.adapters import stars, toyworld
 
 
 @pytest.mark.parametrize("color", list(toyworld.COLORS))
@@ -68,3 +70,87 @@ def test_bar_prompts_are_the_twelve_required():
     prompts = toyworld.bar_prompts()
     assert len(prompts) == 12 and ("a red circle", "red", "circle") in prompts
     assert {c for _, c, _ in prompts} == {"red", "green", "blue", "yellow"}
+
+
+# -- The star's geometry: what a sample must show to count as the held-out star (issue 23, item 7) ---------------
+
+
+def drawn(scene, outline: int = 0, wedges=(), cuts=()) -> Image.Image:
+    """`scene` drawn as `toyworld.render` does (4x supersampled), or only its outline `outline` px wide; then each
+    (from, to) wedge in degrees around its centre painted over with the background (a partial shape, or gaps in an
+    outline), and each cut, a background line 2 px wide through the centre at that angle (a shape in two pieces)."""
+    big = toyworld.render(scene, 4 * toyworld.IMAGE_SIZE)
+    draw = ImageDraw.Draw(big)
+    corners = [(4 * x, 4 * y) for x, y in toyworld._polygon(scene.shape, scene.radius, scene.cx, scene.cy)]
+    if outline:
+        draw.polygon(corners, fill=scene.background, outline=toyworld.COLORS[scene.color], width=4 * outline)
+    cx, cy, far = 4 * scene.cx, 4 * scene.cy, 4 * toyworld.IMAGE_SIZE
+    for start, end in wedges:
+        draw.pieslice([cx - far, cy - far, cx + far, cy + far], start, end, fill=scene.background)
+    for angle in cuts:
+        dx, dy = far * math.cos(math.radians(angle)), far * math.sin(math.radians(angle))
+        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=scene.background, width=8)
+    return big.resize((toyworld.IMAGE_SIZE,) * 2, Image.Resampling.BOX)
+
+
+STARS = [toyworld.Scene("purple", "star", r, 32 + dx, 32 + dy) for r in (10, 14, 18) for dx, dy in ((0, 0), (-7, 5))]
+
+
+@pytest.mark.parametrize("scene", STARS + [s for _, _, s in toyworld.generate(12, 5, ["purple"], ["star"])])
+def test_a_drawn_star_is_one_filled_piece_with_five_points(scene):
+    found = stars.star_geometry(toyworld.render(scene))
+    assert (found.pieces, found.points, found.color) == (1, 5, "purple") and found.is_star, found
+
+
+@pytest.mark.parametrize(
+    "how, spoil",
+    [
+        ("closed outline 2 px", dict(outline=2)),
+        ("closed outline 3 px", dict(outline=3)),
+        ("broken outline", dict(outline=2, wedges=[(10, 30), (150, 170), (260, 280)])),
+        ("outline with one gap", dict(outline=3, wedges=[(80, 100)])),
+        ("two points missing", dict(wedges=[(-20, 120)])),
+        ("one point missing", dict(wedges=[(60, 115)])),
+        ("half a star", dict(wedges=[(0, 180)])),
+        ("cut in two", dict(cuts=[0])),
+        ("cut in three", dict(cuts=[20, 100])),
+    ],
+)
+@pytest.mark.parametrize("radius", [12, 18])
+def test_broken_outlines_and_partial_stars_are_not_stars(how, spoil, radius):
+    found = stars.star_geometry(drawn(toyworld.Scene("purple", "star", radius, 32, 32), **spoil))
+    assert not found.is_star, (how, found)
+    assert toyworld.score_image(drawn(toyworld.Scene("purple", "star", radius, 32, 32), **spoil)).color == "purple"
+
+
+@pytest.mark.parametrize("shape, points", [("circle", 0), ("square", 4), ("triangle", 3)])
+def test_the_other_shapes_are_not_stars_and_show_their_corners(shape, points):
+    for radius in (10, 18):
+        found = stars.star_geometry(toyworld.render(toyworld.Scene("purple", shape, radius, 30, 33)))
+        assert (found.pieces, found.points, found.is_star) == (1, points, False), (shape, found)
+
+
+def test_a_star_with_a_speck_beside_it_is_two_pieces_and_haze_does_not_count():
+    scene = toyworld.Scene("purple", "star", 14, 30, 30)
+    speck = toyworld.Scene("purple", "square", 2.5, 56, 56)  # ~20 px apart from the star: a second piece
+    assert stars.star_geometry(toyworld.render(scene, 64, speck)).pieces == 2
+    haze = toyworld.Scene("purple", "square", 1, 56, 56)  # ~3 px: haze
+    assert stars.star_geometry(toyworld.render(scene, 64, haze)).is_star
+
+
+def test_score_stars_counts_colour_shape_and_both():
+    star, red_star = toyworld.Scene("purple", "star", 14), toyworld.Scene("red", "star", 14)
+    images = [toyworld.render(star), toyworld.render(red_star), drawn(star, outline=2), Image.new("RGB", (64, 64))]
+    score = stars.score_stars(images, "purple")
+    assert (score.color, score.shape, score.both, score.n) == (0.5, 0.5, 0.25, 4)
+
+
+def test_a_pentagon_has_five_corners_but_no_depth_so_it_is_not_a_star():
+    big = Image.new("RGB", (256, 256), (236, 236, 232))
+    corners = [
+        (128 + 64 * math.cos(a), 128 + 64 * math.sin(a))
+        for a in (-math.pi / 2 + k * 2 * math.pi / 5 for k in range(5))
+    ]
+    ImageDraw.Draw(big).polygon(corners, fill=toyworld.COLORS["purple"])
+    found = stars.star_geometry(big.resize((64, 64), Image.Resampling.BOX))
+    assert (found.pieces, found.points) == (1, 5) and found.solidity > 0.9 and not found.is_star, found
