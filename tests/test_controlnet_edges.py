@@ -102,8 +102,10 @@ def test_the_recipe_trains_on_outlines_and_scores_the_held_out_layouts():
 
 @pytest.mark.slow
 def test_the_edges_recipe_reaches_iou_0_6_at_held_out_layouts(tmp_path):
-    """The recipe as a user runs it (grids left out): the ControlNet's layout IoU on the 6 held-out outlines x the
-    scorer's seeds (`scoring.BAR_SEEDS`: 0-3), at the recipe's conditioning scale, is >= 0.6; the base's is chance."""
+    """The recipe as a user runs it (grids left out; ~15 minutes on 2 CPU cores): the ControlNet's layout IoU on the
+    6 held-out outlines x the scorer's seeds (`scoring.BAR_SEEDS`: 0-3), at the recipe's conditioning scale (3.0), is
+    >= 0.6 (measured 0.62 in two runs of 800 steps); the base's is chance. The ControlNet's conditioning embedding
+    is initialised unseeded (see the README), so a run's figure varies a little from run to run."""
     proc = run_trainer([str(RECIPE), f"output.dir={tmp_path / 'run'}", "validation.validation_steps=0"], tmp_path / "c",
                        timeout=3600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -111,3 +113,4 @@ def test_the_edges_recipe_reaches_iou_0_6_at_held_out_layouts(tmp_path):
     assert scores["seeds"] == [0, 1, 2, 3] and scores["adapter"]["n"] == 24
     assert scores["base"]["iou"] <= 0.3, scores
     assert scores["adapter"]["iou"] >= 0.6, scores
+    assert scores["adapter"]["both"] >= 0.5, scores  # scale 3 costs some colour/shape (0.62-0.71 measured), not all
