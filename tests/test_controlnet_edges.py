@@ -113,4 +113,4 @@ def test_the_edges_recipe_reaches_iou_0_6_at_held_out_layouts(tmp_path):
     assert scores["seeds"] == [0, 1, 2, 3] and scores["adapter"]["n"] == 24
     assert scores["base"]["iou"] <= 0.3, scores
     assert scores["adapter"]["iou"] >= 0.6, scores
-    assert scores["adapter"]["both"] >= 0.5, scores  # scale 3 costs some colour/shape (0.62-0.71 measured), not all
+    assert scores["adapter"]["both"] >= 0.5, scores  # scale 3 costs some colour/shape (0.62-0.75 measured), not all
