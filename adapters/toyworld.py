@@ -382,9 +382,14 @@ def write_dataset(
     return names
 
 
-def write_control_dataset(folder, n: int, seed: int, colors: Sequence[str] = BASE_COLORS, shapes=BASE_SHAPES) -> None:
+def write_control_dataset(
+    folder, n: int, seed: int, colors: Sequence[str] = BASE_COLORS, shapes=BASE_SHAPES, kind: str = "mask"
+) -> None:
     """`n` seeded ControlNet triplets in the folder convention: `images/NNNN.png` with `images/NNNN.txt` captions,
-    and `conditioning/NNNN.png`, the binary mask of where the shape stands (`scene_mask`)."""
+    and `conditioning/NNNN.png`: the binary mask of where the shape stands (`kind="mask"`, `scene_mask`) or its 2 px
+    outline (`kind="edges"`, `scene_edges`). The same seed gives the same scenes whatever the kind."""
+    if kind not in CONDITION_KINDS:
+        raise ValueError(f"kind {kind!r}: one of {', '.join(CONDITION_KINDS)}")
     from pathlib import Path
 
     folder = Path(folder)
@@ -395,7 +400,31 @@ def write_control_dataset(folder, n: int, seed: int, colors: Sequence[str] = BAS
         scene = sample_scene(rng, colors, shapes)
         render(scene).save(folder / "images" / f"{i:04d}.png")
         (folder / "images" / f"{i:04d}.txt").write_text(scene.caption() + "\n")
-        scene_mask(scene).save(folder / "conditioning" / f"{i:04d}.png")
+        CONDITION_KINDS[kind](scene).save(folder / "conditioning" / f"{i:04d}.png")
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """One pixel off every side of `mask` (3x3 minimum; the image border counts as outside)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    h, w = mask.shape
+    return np.logical_and.reduce(
+        [padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    )
+
+
+def scene_edges(scene: Scene, size: int = IMAGE_SIZE, width: int = 2) -> Image.Image:
+    """The scene's outline, `width` px wide, white on black (RGB): what a canny or scribble condition gives. It is
+    `scene_mask` less its `width`-fold erosion, so the outline lies on the shape and `condition_region` of it (holes
+    filled) gives the mask back."""
+    mask = np.asarray(scene_mask(scene, size).convert("L")) > 127
+    inner = mask
+    for _ in range(width):
+        inner = _erode(inner)
+    return Image.fromarray(((mask & ~inner) * 255).astype(np.uint8)).convert("RGB")
+
+
+# What a conditioning image of a scene shows: the filled shape, or its 2 px outline.
+CONDITION_KINDS = {"mask": scene_mask, "edges": scene_edges}
 
 
 def write_masked_dataset(folder, n: int, seed: int, subject=("purple", "circle"), distractor=("orange", "square")):

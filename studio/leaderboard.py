@@ -27,6 +27,7 @@ METRICS = {
     "val_loss": ("held-out validation loss at the best checkpoint", False),
     "step_time": ("median seconds per optimizer step", False),
     "peak_memory": ("peak memory (CUDA allocated, or the process's RSS on a CPU)", False),
+    "iou": ("layout IoU of a ControlNet: its drawn shape against its validation conditions", True),
 }
 
 
@@ -63,6 +64,7 @@ def run_row(sweep: sweeps.Sweep, job: jobs.Job) -> dict:
     adapter = (manifest.scores or {}).get("adapter") or {}
     training = manifest.training
     row.update(score=adapter.get("both"), color=adapter.get("color"), shape=adapter.get("shape"))
+    row["iou"] = adapter.get("iou")  # ControlNet runs only
     row.update(step_time=training.get("seconds_per_step"), peak_memory=training.get("peak_memory_bytes"))
     row["best_checkpoint"], row["best_step"], row["val_loss"] = _best_checkpoint(job.run_dir)
     return row
@@ -102,11 +104,19 @@ def _cell(value, metric: str) -> str:
 def table_text(board: dict) -> str:
     """The leaderboard as aligned text (the CLI's output; README's example)."""
     axes = [path for path, _ in board["sweep"]["axes"]]
-    head = ["#", "job", *axes, "state", "score", "color", "shape", "val_loss", "best", "s/step", "peak"]
+    # The IoU column only where a run measured one (a ControlNet sweep): a LoRA sweep's table stays as it was.
+    shown = [
+        "score",
+        "color",
+        "shape",
+        *(["iou"] if any(r["iou"] is not None for r in board["rows"]) else []),
+        "val_loss",
+    ]
+    head = ["#", "job", *axes, "state", *shown, "best", "s/step", "peak"]
     lines = [head]
     for row in board["rows"]:
         best = "-" if row["best_checkpoint"] is None else f"{row['best_checkpoint']}@{row['best_step']}"
-        metrics = [_cell(row[m], m) for m in ("score", "color", "shape", "val_loss")]
+        metrics = [_cell(row[m], m) for m in shown]
         lines.append([str(row["rank"] or "-"), str(row["job"]), *(row["values"].get(a, "") for a in axes),
                       row["state"], *metrics, best, _cell(row["step_time"], "step_time"),
                       _cell(row["peak_memory"], "peak_memory")])  # fmt: skip

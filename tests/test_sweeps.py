@@ -399,3 +399,19 @@ def test_a_sweeps_dreambooth_runs_share_one_folder_of_class_images(home, tmp_pat
     folders = {generated_folder(load_recipe(job.recipe)) for job in queued}
     assert len(queued) == 4 and len(folders) == 1
     assert folders.pop().parent == tmp_path / "cache" / "class_images"
+
+
+def test_a_controlnet_sweep_is_ranked_by_layout_iou_and_shows_it(home):
+    """A ControlNet run's scores carry the layout IoU: `--rank-by iou` ranks by it and the table gets the column;
+    a LoRA sweep's table has none (see the ranked_sweep tests)."""
+    _, queued = sweeps.submit_sweep(QUICKSTART, ["train.learning_rate=1e-4,3e-4,1e-3"], name="edges")
+    for job, iou in zip(queued, (0.55, 0.71, None)):
+        finished(job, 0.5, {})
+        manifest = json.loads((job.run_dir / "adapter.json").read_text())
+        manifest["scores"]["adapter"]["iou"] = iou
+        (job.run_dir / "adapter.json").write_text(json.dumps(manifest))
+    board = leaderboard.leaderboard("edges", "iou")
+    assert [(row["job"], row["rank"], row["iou"]) for row in board["rows"]] == [
+        (queued[1].id, 1, 0.71), (queued[0].id, 2, 0.55), (queued[2].id, None, None)]  # fmt: skip
+    head, first = leaderboard.table_text(board).splitlines()[1:3]
+    assert head.split()[6:9] == ["shape", "iou", "val_loss"] and first.split()[7] == "0.71"

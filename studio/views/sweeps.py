@@ -41,7 +41,7 @@ def _shown(row: dict, board: dict) -> dict:
     memory = None if row["peak_memory"] is None else round(row["peak_memory"] / 2**20)
     return {"rank": row["rank"], "job": row["job"], **row["values"], "state": row["state"],
             "attempts": row["attempts"], "score": row["score"], "color": row["color"], "shape": row["shape"],
-            "val_loss": row["val_loss"], "best checkpoint": best, "s/step": row["step_time"],
+            "iou": row["iou"], "val_loss": row["val_loss"], "best checkpoint": best, "s/step": row["step_time"],
             "peak MiB": memory}  # fmt: skip
 
 
