@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 from sdtune.adapters import annotate
 from sdtune.adapters.controlnet import load_controlnet
@@ -210,7 +211,9 @@ def main(argv=None) -> int:
     )
 
     # 3) The ControlNet (fp32), optimizer and schedule. The loss reaches the ControlNet through the frozen UNet's
-    # decoder, so the UNet goes along: channels_last, and gradient checkpointing of both networks if asked.
+    # decoder, so the UNet goes along: channels_last, and gradient checkpointing of both networks if asked. Seeded:
+    # `from_unet` draws the conditioning embedding at random (same seed, same start, as the other trainers).
+    set_seed(train.seed)
     controlnet = init_controlnet(method, unet)
     opt = runtime.prepare_optimization([runtime.Trained(controlnet)], recipe, accelerator, frozen=(unet,))
 
