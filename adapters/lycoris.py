@@ -243,11 +243,16 @@ def read_file(path: str | Path) -> LycorisModules:
 
 
 def file_of_run(folder: str | Path) -> Path | None:
-    """The LyCORIS single file of a LoHa/LoKr run or registry folder (its adapter.json's kohya file), or None."""
+    """The LyCORIS single file of a LoHa/LoKr run or registry folder (its adapter.json's kohya file), or of a run's
+    checkpoint folder (no adapter.json: its one LyCORIS file), or None."""
     from sdtune.adapters.manifest import ManifestError, read_manifest
 
+    folder = Path(folder)
+    if not (folder / "adapter.json").is_file():
+        found = [p for p in sorted(folder.glob("*.safetensors")) if is_lycoris_file(p)]
+        return found[0] if len(found) == 1 else None
     try:
-        kohya_file = Path(folder) / read_manifest(folder).files["kohya"]
+        kohya_file = folder / read_manifest(folder).files["kohya"]
     except (ManifestError, KeyError, OSError):
         return None
     return kohya_file if is_lycoris_file(kohya_file) else None

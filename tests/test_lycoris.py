@@ -350,7 +350,7 @@ RUNS = {  # name: (script, recipe, overrides, a part key the LyCORIS file must h
     "lokr": (
         "trainers/lora.py",
         QUICKSTART,
-        ["method.algo=lokr", "method.rank=4", "method.lora_alpha=2"],
+        ["method.algo=lokr", "method.rank=4", "method.lora_alpha=2", "train.checkpointing_steps=2"],
         "lokr_w1",
         "toy-purple",
     ),
@@ -400,6 +400,11 @@ def test_a_lycoris_run_writes_both_sides_and_passes_the_export_check(name, tmp_p
     assert (out / "peft" / "text_encoder" / "adapter_config.json").is_file() == ("text-encoder" in name)
     if "locon" in name:
         assert args_written["conv_dim"] == "8" and any("_resnets_0_conv1.hada_w1_a" in k for k in tensors)
+    if "train.checkpointing_steps=2" in overrides:  # a checkpoint folder has no adapter.json: `sample` finds its file
+        from sdtune.adapters.compose import resolve_adapter
+
+        checkpoint = out / "checkpoints" / "checkpoint-2"
+        assert resolve_adapter(str(checkpoint)) == checkpoint / f"{stem}.safetensors"
 
 
 # -- proof on the toy base: LoHa and LoKr teach the quickstart's purple (minutes: slow) ------------------------------
