@@ -175,7 +175,7 @@ PLAIN_RAISES_ALLOWED = {
     "adapters/kohya.py": 3,  # peft_to_kohya's and kohya_alphas_from_lora_config's arguments, from our own callers
     "adapters/lowrank.py": 2,  # factorize's shape and rank, checked by its callers (merge, extract) first
     "adapters/run_folder.py": 1,  # checkpoint_step of a folder list_checkpoints already matched
-    "adapters/toyworld.py": 3,  # shapes and colours the callers take from toyworld's own lists; a length invariant
+    "adapters/toyworld.py": 4,  # shapes, colours and condition kinds the callers take from toyworld's own lists; a length invariant
 }
 
 

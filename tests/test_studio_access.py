@@ -221,12 +221,12 @@ def test_the_real_server_shows_a_visitor_without_the_token_nothing_and_does_noth
         assert [(kind, text.split("\n")[0]) for kind, text in visit(port, page, query)] == refused
     # with the token, every page opens at its own URL (/datasets was "Page not found": the default page is served
     # at the root URL only, so the root is a hidden page that switches to /datasets)
-    titles = {"datasets": "Datasets", "train": "Train", "jobs": "Jobs", "registry": "Registry", "ab": "A/B",
-              "publish": "Publish", "": "Datasets"}  # fmt: skip
+    titles = {"datasets": "Datasets", "train": "Train", "jobs": "Jobs", "sweeps": "Sweeps", "registry": "Registry",
+              "ab": "A/B", "publish": "Publish", "": "Datasets"}  # fmt: skip
     for url, title in titles.items():
         page = visit(port, url, f"token={token}")
         assert ("page_not_found", "") not in page, url
-        assert ("navigation", " datasets train jobs registry ab publish") in page
+        assert ("navigation", " datasets train jobs sweeps registry ab publish") in page
         assert [text for kind, text in page if kind == "heading"][0].startswith(f'tag: "h1"\nbody: "{title}"'), url
     # the ids of the Datasets page's "New dataset" form, as a browser has them
     page = visit(port, "datasets", f"token={token}")
