@@ -348,15 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that read the queue, the registry or the votes and load no model. Quieting diffusers and transformers
+# imports them, and torch with them: 3-4 s before `sdtune ab vote` or `sdtune adapters list` could print a line.
+LOADS_NO_MODEL = {"jobs", "worker", "studio", "recipe", "ab vote", "ab show", "ab list", "adapters list",
+                  "adapters show", "adapters export", "adapters rm", "adapters tag", "adapters check", "dataset dupes"}  # fmt: skip
+
+
+def command_name(args) -> str:
+    """The command and its action as a user types them: "jobs", "ab vote", "adapters list"."""
+    action = (args.words or [""])[0] if args.command == "ab" else getattr(args, f"{args.command}_command", "")
+    return f"{args.command} {action}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     skip_the_final_collection()
-    if args.command not in (
-        "jobs",
-        "worker",
-        "studio",
-        "recipe",
-    ):  # these load no model: skip importing diffusers/transformers
+    if args.command not in LOADS_NO_MODEL and command_name(args) not in LOADS_NO_MODEL:
         quiet_libraries()
     try:
         return args.run(args) or 0

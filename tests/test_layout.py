@@ -10,6 +10,7 @@ Every module's AST is walked, imports inside functions included, so a lazy impor
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,24 @@ def test_cli_api_and_pages_import_without_torch():
     )
     code = f"import {modules}, sys; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_commands_that_load_no_model_run_without_torch(tmp_path):
+    """`sdtune ab vote/show/list`, `adapters list/show/...`, `jobs ...` read files and SQLite: they used to import
+    diffusers and transformers (and torch with them) only to quiet those libraries' logs, 3-4 s before a line showed.
+    Each command of `LOADS_NO_MODEL` runs here against an empty home and must leave torch unimported."""
+    code = (
+        "import sys; from sdtune.studio import cli\n"
+        "for line in sys.argv[1:]:\n"
+        "    try: cli.main(line.split())\n"
+        "    except SystemExit: pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    commands = ["ab list", "ab show 1", "ab vote 1", "adapters list", "adapters show x", "adapters check", "jobs list",
+                f"dataset dupes {ROOT / 'datasets' / 'purple-star'}", "recipe from-kohya missing.toml"]  # fmt: skip
+    env = {**os.environ, "SDTUNE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code, *commands], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
