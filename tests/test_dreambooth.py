@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_trainer, trainer_env
+from conftest import ROOT, kill_after_checkpoint, run_trainer, start_trainer, trainer_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -399,15 +399,8 @@ def test_sigkill_during_training_resumes_bit_identical(tmp_path_factory):
     reference = _train(tmp_path_factory, "resume-reference", *short)
     out = tmp_path_factory.mktemp("resume-killed") / "run"
     cache = tmp_path_factory.getbasetemp() / "dreambooth-cache"
-    cmd = [sys.executable, DREAMBOOTH, str(RECIPE), f"output.dir={out}", *short]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.time() + 1200
-    while not (out / "checkpoints" / "checkpoint-6").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = start_trainer([str(RECIPE), f"output.dir={out}", *short], cache, script=DREAMBOOTH)
+    kill_after_checkpoint(proc, out, 6, timeout=1200, then=0.3)
     assert not (out / "diffusers").exists()
     resumed = run_trainer([str(RECIPE), f"output.dir={out}", *short, "train.resume=latest"], cache, script=DREAMBOOTH)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -12,14 +12,10 @@ run within 2% (relative L2) of the unbroken run's, while training moves them by 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import QUICKSTART, ROOT, run_trainer, trainer_env
+from conftest import QUICKSTART, ROOT, kill_after_checkpoint, run_trainer, start_trainer
 from safetensors.torch import load_file
 
 pytestmark = [
@@ -77,16 +73,7 @@ def test_killed_and_resumed_ends_within_the_drift_of_an_unbroken_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "trainers/lora.py", str(recipe), f"output.dir={out}", *extra]
-    killed = subprocess.Popen(
-        cmd, cwd=ROOT, env=trainer_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-    )
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "checkpoint-6").is_dir():
-        assert killed.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_after_checkpoint(start_trainer([str(recipe), f"output.dir={out}", *extra], cache), out, 6)
     resumed = run_trainer([str(recipe), f"output.dir={out}", "train.resume=latest", *extra], cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr

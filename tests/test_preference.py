@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import math
 import random
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from conftest import ROOT, run_trainer
+from conftest import ROOT, kill_after_checkpoint, run_trainer, start_trainer
 from PIL import Image
 from test_registry import fake_run
 
@@ -187,18 +185,10 @@ def test_a_run_writes_its_preference_section_and_lineage(short_run):
 def test_sigkill_then_resume_is_bit_identical(short_run, tmp_path):
     """A preference run killed after its first checkpoint and resumed ends with the unbroken run's LoRA, bit for bit
     (the pairs' flips, noise and timesteps all come back)."""
-    from test_lora import _start
-
     cid, reference, cache = short_run
     out = tmp_path / "run"
     quiet = [f"method.comparisons=[{cid}]", *SHORT, "output.export_check=false", "output.register=false"]
-    proc = _start(RECIPE, out, cache, *quiet, script=SCRIPT)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "checkpoint-4").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)  # polling for the checkpoint, not waiting a fixed time
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(start_trainer([str(RECIPE), f"output.dir={out}", *quiet], cache, script=SCRIPT), out, 4)
     resumed = run_trainer([str(RECIPE), f"output.dir={out}", "train.resume=latest", *quiet], cache, script=SCRIPT)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     got, want = (safetensors.torch.load_file(p / "pytorch_lora_weights.safetensors") for p in (out, reference))

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import ROOT, run_trainer, trainer_env
+from conftest import ROOT, kill_after_checkpoint, run_trainer, start_trainer, trainer_env
 from PIL import Image
 
 from sdtune.adapters import toyworld
@@ -318,8 +316,6 @@ def test_registry_shows_the_kind_and_ab_picks_an_embedding(tmp_path, monkeypatch
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """Every source of randomness of a TI step (flips, timesteps, noise) comes back after a kill: the vectors of a
     run killed after a checkpoint and resumed equal those of an unbroken run, bit for bit."""
-    from test_lora import _start
-
     toyworld.write_dataset(tmp_path / "data", 6, seed=3, colors=["green"], shapes=["triangle"])
     small = [f"data.train_data_dir={tmp_path / 'data'}", "train.max_train_steps=12", "train.train_batch_size=2",
              "train.checkpointing_steps=4", "validation.prompts=[]", "validation.toy_score=[]",
@@ -327,13 +323,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     reference = run_trainer([str(RECIPE), f"output.dir={tmp_path / 'ref'}", *small], tmp_path / "c", script=SCRIPT)
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "run"
-    proc = _start(RECIPE, out, tmp_path / "c", *small, script=SCRIPT)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "checkpoint-8").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
-        time.sleep(0.02)  # polling for the checkpoint, not waiting a fixed time
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = start_trainer([str(RECIPE), f"output.dir={out}", *small], tmp_path / "c", script=SCRIPT)
+    kill_after_checkpoint(proc, out, 8)
     resumed = run_trainer(
         [str(RECIPE), f"output.dir={out}", "train.resume=latest", *small], tmp_path / "c", script=SCRIPT
     )
