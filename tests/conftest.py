@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from forked_trainers import TrainerServer
 
 from sdtune.adapters.base import TOY_BASE
 
@@ -60,27 +63,49 @@ def trainer_env(cache: Path) -> dict:
     return {**os.environ, "SDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
 
 
+# blocking trainer runs fork from one process that imported torch & co. once; SDTUNE_TEST_FRESH_PROCESSES=1 starts
+# a fresh interpreter for each instead
+TRAINERS = TrainerServer()
+
+
 def run_trainer(
-    args: list[str], cache: Path, launcher: str = "python", timeout: int = 900, script: str = "trainers/lora.py"
+    args: list[str],
+    cache: Path,
+    launcher: str = "python",
+    timeout: int = 900,
+    script: str = "trainers/lora.py",
+    threads: int | None = None,
 ):
+    """A trainer run to its end: `python script args...` (forked, see TRAINERS) or `accelerate launch`; `threads`
+    sets OMP_NUM_THREADS."""
+    env = {**trainer_env(cache), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     if launcher == "accelerate":
-        cmd = [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            script,
-            *args,
-        ]
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--num_machines",
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]  # fmt: skip
     else:
         cmd = [sys.executable, script, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=trainer_env(cache), capture_output=True, text=True, timeout=timeout)
+        if not os.environ.get("SDTUNE_TEST_FRESH_PROCESSES"):
+            return TRAINERS.run(cmd, ROOT, env, timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_trainer(args: list[str], cache: Path, script: str = "trainers/lora.py", stdout=subprocess.DEVNULL):
+    """A trainer started in the background (stderr merged into `stdout`), for tests that stop it part-way."""
+    cmd = [sys.executable, script, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(cache), stdout=stdout, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300, then: float = 0.0):
+    """SIGKILLs a started trainer once its run folder holds checkpoint-`step` (polled for, not a fixed wait), and
+    `then` seconds after it: a crash that lands mid-step rather than on the checkpoint boundary."""
+    deadline = time.time() + timeout
+    while not (out / "checkpoints" / f"checkpoint-{step}").is_dir():
+        assert proc.poll() is None, f"the run ended before checkpoint-{step}"
+        assert time.time() < deadline, f"no checkpoint-{step} after {timeout}s"
+        time.sleep(0.02)
+    time.sleep(then)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -168,9 +193,7 @@ CONTROLNET_SHORT = [
 def run_controlnet_trainer(args: list[str], cache: Path, timeout: int = 900):
     # one thread: on a shared 2-core machine two threads per process fight each other (measured 3-9x slower), and
     # a resumed run must use the thread count of the run it is compared with
-    env = {**trainer_env(cache), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "trainers/controlnet.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_trainer(args, cache, timeout=timeout, script="trainers/controlnet.py", threads=1)
 
 
 @pytest.fixture(scope="session")
