@@ -154,3 +154,39 @@ def test_a_pentagon_has_five_corners_but_no_depth_so_it_is_not_a_star():
     ImageDraw.Draw(big).polygon(corners, fill=toyworld.COLORS["purple"])
     found = stars.star_geometry(big.resize((64, 64), Image.Resampling.BOX))
     assert (found.pieces, found.points) == (1, 5) and found.solidity > 0.9 and not found.is_star, found
+
+
+def lumpy_star(points: int = 4, inner: float = 0.5, radius: float = 18) -> Image.Image:
+    """A filled star-like blob with `points` blunt points (valleys at `inner` x the radius): what an attention-only
+    LoRA draws for "a purple star". Concave, so `toyworld.classify_shape` calls it a star."""
+    big = Image.new("RGB", (256, 256), toyworld.Scene("purple", "star").background)
+    corners = [
+        (128 + 4 * r * math.cos(a), 128 + 4 * r * math.sin(a))
+        for k in range(2 * points)
+        for a, r in [(-math.pi / 2 + k * math.pi / points, radius if k % 2 == 0 else radius * inner)]
+    ]
+    ImageDraw.Draw(big).polygon(corners, fill=toyworld.COLORS["purple"])
+    return big.resize((64, 64), Image.Resampling.BOX)
+
+
+def test_a_runs_star_score_reads_the_geometry_not_any_concave_blob(monkeypatch):
+    """The score a run writes into adapter.json (`scoring.score_targets`, per prompt `validation.per_target`) counts
+    a star only when `stars.star_geometry` sees one: a lumpy blob with three or four blunt points is concave, not a
+    star."""
+    from sdtune.adapters import sampling, scoring
+    from sdtune.trainers.core.validation import per_target
+
+    star = toyworld.render(toyworld.Scene("purple", "star", 14))
+    images = [star, lumpy_star(), lumpy_star(3, 0.4, 16), lumpy_star(4, 0.45, 12)]
+    for image in images[1:]:  # the trap: concave, so the toy world's classifier reads a star
+        assert toyworld.score_image(image).shape == "star" and not stars.star_geometry(image).is_star
+    monkeypatch.setattr(
+        scoring, "generate", lambda pipe, settings: [sampling.Sample(i, s, "") for i, s in zip(images, settings)]
+    )
+    targets = [scoring.Target("a purple star", "purple", "star")]
+    found = scoring.score_targets(None, targets, seeds=(0, 1, 2, 3))
+    assert (found.score.color, found.score.shape, found.score.both) == (1.0, 0.25, 0.25)
+    assert found.hits == [True, False, False, False]
+    assert per_target(found, targets) == [0.25]
+    circles = scoring.score_targets(None, [scoring.Target("a purple circle", "purple", "circle")], seeds=(0, 1))
+    assert circles.score.shape == 0.0  # the other shapes keep the toy world's reading

@@ -124,10 +124,14 @@ def save_samples(samples: list[sampling.Sample], folder: Path) -> Path:
 
 
 def score_settings(recipe: Recipe, guidance: float) -> dict:
-    """The sampling settings the toy scores are measured with: the validation's own."""
+    """The seeds and sampling settings the toy scores are measured with: the validation's own."""
     v = recipe.validation
     return dict(
-        steps=v.num_inference_steps, guidance=guidance, scheduler=v.scheduler, negative_prompt=v.negative_prompt
+        seeds=tuple(v.toy_seeds),
+        steps=v.num_inference_steps,
+        guidance=guidance,
+        scheduler=v.scheduler,
+        negative_prompt=v.negative_prompt,
     )
 
 
@@ -221,7 +225,7 @@ class Validator:
             adapted = scoring.score_targets(self.pipe, targets, **common)
         return {
             "targets": [t.__dict__ for t in targets],
-            "seeds": list(scoring.BAR_SEEDS),
+            "seeds": list(common["seeds"]),
             "base": self._base_scores.as_dict(),
             "adapter": adapted.as_dict(),
             "per_prompt": {
@@ -232,17 +236,10 @@ class Validator:
 
 
 def per_target(scores: scoring.TargetScores, targets: list[scoring.Target]) -> list[float]:
-    """The share of each target's images showing its colour and shape (`scores` holds targets x seeds, in order)."""
-    n = len(scores.detections) // len(targets)
-    shares = []
-    for i, target in enumerate(targets):
-        found = scores.detections[i * n : (i + 1) * n]
-        hits = [
-            (target.color is None or d.color == target.color) and (target.shape is None or d.shape == target.shape)
-            for d in found
-        ]
-        shares.append(sum(hits) / max(len(hits), 1))
-    return shares
+    """The share of each target's images showing its colour and shape (`scores` holds targets x seeds, in order;
+    judged as the run's score is, `scoring.judge_all`)."""
+    n = len(scores.hits) // len(targets)
+    return [sum(scores.hits[i * n : (i + 1) * n]) / max(n, 1) for i in range(len(targets))]
 
 
 class ControlValidator:
@@ -335,7 +332,7 @@ class ControlValidator:
         return {
             "targets": [t.__dict__ for t in targets],
             "pairs": [[t.prompt, Path(c).name] for t, c in pairs],
-            "seeds": list(scoring.BAR_SEEDS),
+            "seeds": list(common["seeds"]),
             "base": base.as_dict(),
             "adapter": controlled.as_dict(),
         }

@@ -162,7 +162,11 @@ class ToyTarget(Section):
 
     prompt: str = Field(..., description="A prompt to render with the scorer's fixed seeds, e.g. 'a purple circle'.")
     color: str | None = Field(None, description="The colour its images must show (unchecked if unset).")
-    shape: str | None = Field(None, description="The shape its images must show: circle, square or triangle.")
+    shape: str | None = Field(
+        None,
+        description="The shape its images must show: circle, square, triangle, or star (read by its geometry: one "
+        "piece, five deep points, filled).",
+    )
 
 
 class ValidationConfig(Section):
@@ -199,6 +203,12 @@ class ValidationConfig(Section):
     )
     toy_score: list[ToyTarget] = Field(
         default_factory=list, description="Toy base only: prompts whose samples the toy-world scorer checks."
+    )
+    toy_seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 3],
+        min_length=1,
+        description="The seeds each toy_score prompt is rendered with, for the base and the adapter: more seeds, "
+        "finer scores (4 seeds read in steps of 0.25).",
     )
     loss_split: float | None = Field(
         None,
