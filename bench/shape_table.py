@@ -70,6 +70,40 @@ RUNS = {
     ),  # fmt: skip
     "dreambooth-lora": ("DreamBooth-LoRA", "attn", 8, DREAMBOOTH_PY, TOY_DREAMBOOTH, dreambooth_lora("attn")),
     "dreambooth-lora-locon": ("DreamBooth-LoRA", "locon", 8, DREAMBOOTH_PY, TOY_DREAMBOOTH, dreambooth_lora("locon")),
+    # The SD v1-5 DreamBooth recipes' LoRA side: their rank 16, with attn+ff or locon.
+    "dreambooth-lora-attn+ff-r16": (
+        "DreamBooth-LoRA",
+        "attn+ff",
+        16,
+        DREAMBOOTH_PY,
+        TOY_DREAMBOOTH,
+        [*dreambooth_lora("attn+ff"), *lora("attn+ff", 16)],
+    ),  # fmt: skip
+    "dreambooth-lora-locon-r16": (
+        "DreamBooth-LoRA",
+        "locon",
+        16,
+        DREAMBOOTH_PY,
+        TOY_DREAMBOOTH,
+        [*dreambooth_lora("locon"), *lora("locon", 16)],
+    ),  # fmt: skip
+    # The toy DreamBooth recipe's LoRA side as it ships (preset: locon), at the LoRA recipes' learning rate.
+    "dreambooth-lora-recipe": (
+        "DreamBooth-LoRA (recipes/toy-dreambooth.yaml, lr 1e-3)",
+        "locon",
+        8,
+        DREAMBOOTH_PY,
+        TOY_DREAMBOOTH,
+        [*DREAMBOOTH, "method.lora=true", "train.learning_rate=1e-3"],
+    ),  # fmt: skip
+    "dreambooth-shape": (
+        "DreamBooth (full, recipes/toy-dreambooth-shape.yaml)",
+        "whole UNet",
+        None,
+        DREAMBOOTH_PY,
+        "recipes/toy-dreambooth-shape.yaml",
+        ["method.save_single_file=false", "method.extract_lora_rank=null"],  # files the score does not read
+    ),  # fmt: skip
     "dreambooth": (
         "DreamBooth (full)",
         "whole UNet",
@@ -136,7 +170,7 @@ def full_model_folder(run: Path) -> Path:
 
 def measure(name: str, out: Path, steps: int, every: int, extra: list[str]) -> dict:
     run, seconds = train(name, out, steps, every, extra)
-    if RUNS[name][0].startswith("DreamBooth (full)"):
+    if RUNS[name][1] == "whole UNet":  # a full fine-tune: its final pipeline only
         curve = {steps: score(full_model_folder(run), full_model=True)}
     else:
         points = {s: run / "checkpoints" / f"checkpoint-{s}" for s in range(every, steps, every)}
