@@ -2,9 +2,7 @@
 
 This is how sdtune proves a fine-tune learned something (and how the toy base is held to its bar): the same
 prompts and seeds, rendered by `sampling.generate`, judged by `toyworld.score_image` (hue and geometry, no
-learned model). A star is judged by `stars.star_geometry` (one piece, five deep points, filled, whole): the toy
-world's shape classifier calls any concave blob a star, so a run's star score would count the lumpy shapes a
-fine-tune draws before it has learned the star (README, "A new shape, not only a new colour").
+learned model; a star by `stars.star_geometry`, see `toyworld.shape_shown`).
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from sdtune.adapters import stars, toyworld
+from sdtune.adapters import toyworld
 from sdtune.adapters.sampling import Sample, SampleSettings, generate
 
 BAR_SEEDS = (0, 1, 2, 3)
@@ -71,30 +69,8 @@ def score_targets(
     expected = [(t.color, t.shape) for t in targets for _ in seeds]
     images = [s.image for s in samples]
     detections = [toyworld.score_image(i) for i in images]
-    score, hits = judge_all(images, detections, expected)
+    score, hits = toyworld.judge(images, expected, detections)
     return TargetScores(score, samples, detections, hits)
-
-
-def shape_shown(image: Image.Image, detection: toyworld.Detection, shape: str | None) -> bool:
-    """Whether an image shows `shape` (None: not checked). A star must pass `stars.star_geometry`; the other shapes
-    are `toyworld.classify_shape`'s reading, which is sound for convex shapes but calls any concave blob a star."""
-    if shape is None:
-        return True
-    if shape == "star":
-        return stars.star_geometry(image).is_star
-    return detection.shape == shape
-
-
-def judge_all(images, detections, expected) -> tuple[toyworld.Score, list[bool]]:
-    """Scores images against the (colour, shape) each was asked for (None: not checked), their detections given:
-    the shares of colour, shape and both right, and per image whether both were."""
-    if not len(images) == len(detections) == len(expected):
-        raise ValueError(f"{len(images)} images, {len(detections)} detections but {len(expected)} expectations")
-    colors = [c is None or d.color == c for d, (c, _) in zip(detections, expected)]
-    shapes = [shape_shown(i, d, s) for i, d, (_, s) in zip(images, detections, expected)]
-    hits = [c and s for c, s in zip(colors, shapes)]
-    n = max(len(images), 1)
-    return toyworld.Score(sum(colors) / n, sum(shapes) / n, sum(hits) / n, len(images)), hits
 
 
 @dataclass
@@ -135,5 +111,5 @@ def score_layout(pipe, pairs: list[tuple[Target, str]], controlled: bool, seeds=
     regions = [toyworld.condition_region(Image.open(c)) for _, c in pairs for _ in seeds]
     ious = [toyworld.iou(toyworld.foreground_mask(s.image), r) for s, r in zip(samples, regions)]
     images = [s.image for s in samples]
-    score, _ = judge_all(images, [toyworld.score_image(i) for i in images], expected)
+    score, _ = toyworld.judge(images, expected)
     return LayoutScores(score, ious, samples)

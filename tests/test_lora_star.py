@@ -1,7 +1,7 @@
 """Shapes for LoRA (issue 25, item 5): which preset and rank learns the held-out star, found by a sweep
 (README, "A new shape, not only a new colour") and shipped as recipes/toy-lora-star.yaml.
 
-The run's own toy score reads a star by its geometry (`scoring.shape_shown` -> `stars.star_geometry`), so the
+The run's own toy score reads a star by its geometry (`toyworld.shape_shown` -> `stars.star_geometry`), so the
 sweep's leaderboard ranked by `score` or `shape` means "draws a star", as the shape table does.
 """
 

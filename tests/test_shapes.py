@@ -17,7 +17,13 @@ from conftest import ROOT
 # DreamBooth shape recipe (a full fine-tune); the SD v1-5 presets' layers and rank on the toy base, the LoRA ones
 # (attn+ff, 16) on the quickstart's settings, the DreamBooth ones' LoRA side (locon, 8) as the toy DreamBooth's.
 SD15_RUNS = {"sd15-lora-": "lora-attn+ff-r16", "sd15-dreambooth-": "dreambooth-lora-recipe"}
-SHIPPED = {"loha": None, "lokr": None, "dreambooth-lora-recipe": 300, "dreambooth-shape": None, "lora-attn+ff-r16": None}
+SHIPPED = {
+    "loha": None,
+    "lokr": None,
+    "dreambooth-lora-recipe": 300,
+    "dreambooth-shape": None,
+    "lora-attn+ff-r16": None,
+}
 
 
 @pytest.mark.slow

@@ -237,7 +237,7 @@ class Validator:
 
 def per_target(scores: scoring.TargetScores, targets: list[scoring.Target]) -> list[float]:
     """The share of each target's images showing its colour and shape (`scores` holds targets x seeds, in order;
-    judged as the run's score is, `scoring.judge_all`)."""
+    judged as the run's score is, `toyworld.judge`)."""
     n = len(scores.hits) // len(targets)
     return [sum(scores.hits[i * n : (i + 1) * n]) / max(n, 1) for i in range(len(targets))]
 
