@@ -27,7 +27,9 @@ def render():
     board = leaderboard.leaderboard(name, rank_by)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(board["counts"].items()))
     st.caption(f"{len(board['rows'])} runs ({counts}); axes: {', '.join(p for p, _ in board['sweep']['axes'])}")
-    st.dataframe([_shown(row, board) for row in board["rows"]], hide_index=True)
+    rows = [_shown(row, board) for row in board["rows"]]
+    measured = [key for key in rows[0] if any(row[key] is not None for row in rows)]  # no column of "None"s
+    st.dataframe([{key: row[key] for key in measured} for row in rows], hide_index=True)
     _actions(board)
 
 
