@@ -104,9 +104,10 @@ def test_the_recipe_trains_on_outlines_and_scores_the_held_out_layouts():
 def test_the_edges_recipe_reaches_iou_0_6_at_held_out_layouts(tmp_path):
     """The recipe as a user runs it (grids left out; ~15 minutes on 2 CPU cores): the ControlNet's layout IoU on the
     6 held-out outlines x the scorer's seeds (`scoring.BAR_SEEDS`: 0-3), at the recipe's conditioning scale (3.0), is
-    >= 0.6; the base's is chance. Measured 0.620, 0.624 and 0.600 in three runs before the ControlNet's initialisation
-    was seeded, and 0.6007 (colour+shape 0.58, base IoU 0.118) with it, 2026-12-07 (2-core CPU, 2 threads): the bar is
-    met with no margin, and a run now repeats exactly on one machine and thread count."""
+    >= 0.6, with colour and shape right on at least 3/4 of the images; the base's is chance. At the masks recipe's
+    learning rate (3e-3): 0.6007, colour+shape 0.58. At the recipe's 1.5e-3 (sweep edges-lr, README): 0.6345,
+    colour+shape 0.79 (19/24), base IoU 0.118, measured by this test 2026-12-07 (2-core CPU, one thread); a run repeats
+    exactly on one machine and thread count."""
     proc = run_trainer([str(RECIPE), f"output.dir={tmp_path / 'run'}", "validation.validation_steps=0"], tmp_path / "c",
                        timeout=3600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -115,4 +116,5 @@ def test_the_edges_recipe_reaches_iou_0_6_at_held_out_layouts(tmp_path):
     assert scores["seeds"] == [0, 1, 2, 3] and scores["adapter"]["n"] == 24
     assert scores["base"]["iou"] <= 0.3, scores
     assert scores["adapter"]["iou"] >= 0.6, scores
-    assert scores["adapter"]["both"] >= 0.5, scores  # scale 3 costs some colour/shape (0.62-0.75 measured), not all
+    # scale 3 costs some colour/shape (0.58 at 3e-3); 1.5e-3 keeps more (0.79, one image of slack here)
+    assert scores["adapter"]["both"] >= 0.75, scores
