@@ -34,6 +34,7 @@ Training runs through `accelerate launch trainers/lora.py recipe.yaml` (see the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -369,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except api.StudioError as exc:
         raise SystemExit(f"sdtune {args.command}: {exc}") from None
+    except BrokenPipeError:  # `sdtune jobs list | head`: the reader has what it wanted; Python's advice for this
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
+        return 141  # what a shell reports for a writer stopped by SIGPIPE
 
 
 if __name__ == "__main__":

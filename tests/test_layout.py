@@ -137,6 +137,18 @@ def test_commands_that_load_no_model_run_without_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_a_listing_piped_into_a_reader_that_stops_ends_without_a_traceback(tmp_path):
+    """`sdtune jobs list | head`: head exits after its lines; the listing then writes into a closed pipe."""
+    sdtune = Path(sys.executable).parent / "sdtune"
+    env = {**os.environ, "SDTUNE_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sdtune, "jobs", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.stderr.read()
+    assert proc.wait() == 141 and stderr == "", stderr
+
+
 # -- sizes (issue 21) ------------------------------------------------------------------------------------------------
 
 MAX_FILE_LINES = 500
