@@ -1,7 +1,7 @@
 """Pivotal tuning against a LoRA alone (and textual inversion alone) on a concept the toy base lacks: a purple star.
 
 Usage:
-    OMP_NUM_THREADS=1 python bench/pivotal_curves.py --out /tmp/pivotal [--steps 300 --every 50]
+    OMP_NUM_THREADS=1 python bench/pivotal_curves.py --out /tmp/pivotal [--steps 300 --every 50] [--preset locon]
 
 The three runs train on the same 16 purple stars (`toyworld.write_dataset(..., colors=["purple"], shapes=["star"])`),
 every caption "a <ps>", with the quickstart recipe's settings (rank 8, lr 1e-3, batch 8): the LoRA alone reads <ps>
@@ -9,8 +9,9 @@ as the rare pieces "<", "ps", ">"; pivotal tuning adds <ps> as a new token (2 ve
 alone for 50 steps, then with the LoRA; textual inversion trains the same new token alone
 (recipes/textual_inversion.yaml's settings). Every
 `--every` steps a checkpoint holds the files; each is loaded the way `sdtune sample` loads it (`compose.build`) and
-"a <ps>" is rendered at 8 seeds and read by the toy-world scorer (purple and a star: both). Prints the curves as a
-Markdown table (appended to bench/RESULTS.md by hand, with the machine).
+"a <ps>" is rendered at 8 seeds and read by the toy-world scorer (purple, and a star by its geometry: both). Prints
+the curves as a Markdown table (appended to bench/RESULTS.md by hand, with the machine). `--preset locon` gives the
+lora and pivotal runs recipes/toy-lora-star.yaml's layers, which can draw the star.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ RUNS = {
 }
 
 
-def train(kind: str, data: Path, out: Path, steps: int, every: int, extra: list[str]) -> Path:
+def train(kind: str, data: Path, out: Path, steps: int, every: int, extra: list[str], preset: str | None) -> Path:
     script, recipe, overrides = RUNS[kind]
+    if preset and kind != "textual_inversion":  # the LoRA side's layers; textual inversion has none
+        overrides = [*overrides, f"method.preset={preset}"]
     run = out / kind
     args = [f"data.train_data_dir={data}", f"output.dir={run}", f"train.max_train_steps={steps}",
             f"train.checkpointing_steps={every}", *COMMON, *overrides, *extra]  # fmt: skip
@@ -82,6 +85,10 @@ def main(argv=None):
     parser.add_argument(
         "--extra", nargs="*", default=[], help="More overrides for every run, e.g. method.embedding_lr=1e-3"
     )
+    parser.add_argument(
+        "--preset",
+        help="The LoRA side's layers for the lora and pivotal runs, e.g. locon (recipes/toy-lora-star.yaml)",
+    )
     args = parser.parse_args(argv)
     from sdtune.adapters import quiet_libraries, toyworld
 
@@ -92,7 +99,7 @@ def main(argv=None):
         toyworld.write_dataset(data, 16, seed=5, colors=["purple"], shapes=["star"])
     curves = {}
     for kind in args.kinds:
-        run = train(kind, data, args.out, args.steps, args.every, args.extra)
+        run = train(kind, data, args.out, args.steps, args.every, args.extra, args.preset)
         curves[kind] = curve(run, kind, args.steps, args.every)
         print(kind, curves[kind], flush=True)
     steps = sorted(next(iter(curves.values())))
