@@ -58,7 +58,11 @@ def add_ab_parser(sub):
     p.add_argument("--base", help="--checkpoints: the base (default: the one in the run's adapter.json).")
     p.add_argument("--prompt", action="append", default=[], help="Prompt; repeatable (checkpoints: the recipe's).")
     p.add_argument(
-        "--seed", action="append", type=int, default=[], help="Seed; repeatable (default 0; checkpoints 0-3)."
+        "--seed",
+        action="append",
+        type=int,
+        default=[],
+        help="Seed; repeatable (default 0; checkpoints: the run's validation.toy_seeds, 0-3).",
     )
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=positive_int, default=25)

@@ -475,3 +475,22 @@ def test_the_tally_line_names_the_side_ahead():
         "A 0, B 1, tie 0: B preferred in 100% of 1 decisive votes (95% Wilson interval 0.21-1.00): "
         "no clear preference yet; 3 of 4 pairs left to vote"
     )
+
+
+def test_checkpoints_are_compared_at_the_seeds_the_runs_own_score_used(tmp_path):
+    """A run whose recipe scores at `validation.toy_seeds: [0..7]` (recipes/toy-lora-star.yaml) has its checkpoints
+    compared at those 8 seeds, not at 0-3; a recipe without the key keeps 0-3."""
+    from test_registry import fake_run
+
+    from sdtune.adapters.manifest import read_manifest, write_manifest
+    from sdtune.studio import api
+    from sdtune.studio.api.comparisons import toy_score_defaults
+
+    run = fake_run(tmp_path / "star")
+    manifest = read_manifest(run)
+    manifest.recipe = {"validation": {"toy_score": [{"prompt": "a purple star"}], "toy_seeds": list(range(8))}}
+    write_manifest(run, manifest)
+    assert toy_score_defaults(run) == (["a purple star"], [0, 1, 2, 3, 4, 5, 6, 7])
+    assert toy_score_defaults(fake_run(tmp_path / "plain")) == ([], [0, 1, 2, 3])
+    with pytest.raises(api.StudioError, match="plain: its recipe has no validation.toy_score prompts; give --prompt"):
+        api.ab_checkpoints(tmp_path / "plain")

@@ -153,15 +153,17 @@ def ab_checkpoints(
 
     Args:
         prompts: default: the prompts of the run recipe's `validation.toy_score`.
-        seeds: default 0-3.
+        seeds: default: the run recipe's `validation.toy_seeds` (0-3 unless it set others), the seeds its score used.
         score: the toy-world scorer (`toy` reads colour and shape from each prompt; `toy:purple`...).
         base: default: the base in the run's adapter.json.
         rank_by: "score", or "val_loss": the lowest held-out validation loss the run recorded (shown either way).
     """
     from sdtune.adapters import ab
 
-    prompts = prompts or _toy_score_prompts(run_dir)
-    settings = _ab_settings(prompts, seeds or [0, 1, 2, 3], steps, guidance, scheduler, None)
+    default_prompts, default_seeds = toy_score_defaults(run_dir)
+    if not (prompts or default_prompts):
+        raise StudioError(f"--checkpoints {run_dir}: its recipe has no validation.toy_score prompts; give --prompt")
+    settings = _ab_settings(prompts or default_prompts, seeds or default_seeds, steps, guidance, scheduler, None)
     if register:
         from sdtune.adapters.registry import check_name
 
@@ -175,11 +177,12 @@ def ab_checkpoints(
     return ab_get(comparison_id)
 
 
-def _toy_score_prompts(run_dir) -> list[str]:
+def toy_score_defaults(run_dir) -> tuple[list[str], list[int]]:
+    """The prompts and seeds a run's own toy score used (its recipe's `validation.toy_score` and `toy_seeds`), so that
+    its checkpoints are compared as its score was measured."""
     try:
-        targets = read_run(run_dir)["recipe"]["validation"].get("toy_score") or []
+        validation = read_run(run_dir)["recipe"].get("validation") or {}
     except StudioError:
-        targets = []
-    if not targets:
-        raise StudioError(f"--checkpoints {run_dir}: its recipe has no validation.toy_score prompts; give --prompt")
-    return [t["prompt"] for t in targets]
+        validation = {}
+    prompts = [t["prompt"] for t in validation.get("toy_score") or []]
+    return prompts, list(validation.get("toy_seeds") or [0, 1, 2, 3])
