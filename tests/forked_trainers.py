@@ -94,10 +94,11 @@ def _child(request: dict) -> None:
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, int) and exc.code is not None:
-            print(exc.code, file=sys.stderr)
+    except SystemExit as exc:  # as the interpreter ends: None is 0, a message is printed and is 1
+        code = exc.code or 0
+        if not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
     except BaseException:
         import traceback
 
