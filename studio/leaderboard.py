@@ -54,11 +54,12 @@ def run_row(sweep: sweeps.Sweep, job: jobs.Job) -> dict:
 
     row = {"job": job.id, "name": job.name, "state": job.state, "attempts": job.attempts,
            "values": sweeps.swept_values(sweep, job), "run_dir": str(job.run_dir), "best_checkpoint": None,
-           "best_step": None, **{metric: None for metric in METRICS}}  # fmt: skip
+           "best_step": None, "problem": None, **{metric: None for metric in METRICS}}  # fmt: skip
     try:
         manifest = read_manifest(job.run_dir) if job.state == "done" else None
-    except ManifestError:
-        manifest = None
+    except ManifestError as exc:  # a finished run whose folder is gone or whose adapter.json is broken: say which
+        row["problem"] = str(exc)
+        return row
     if manifest is None:
         return row
     adapter = (manifest.scores or {}).get("adapter") or {}
@@ -123,7 +124,9 @@ def table_text(board: dict) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     counts = ", ".join(f"{n} {state}" for state, n in sorted(board["counts"].items()))
     title = f"sweep {board['sweep']['name']}: {len(board['rows'])} runs ({counts}), ranked by {board['rank_by']}"
-    return "\n".join([title, *("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)])
+    problems = [f"job {row['job']}: not measured: {row['problem']}" for row in board["rows"] if row["problem"]]
+    table = ("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join([title, *table, *problems])
 
 
 def _best_lora(row: dict) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -243,6 +244,26 @@ def ranked_sweep(home) -> list[jobs.Job]:
     finished(queued[1], 0.75, {4: 0.10, 8: 0.10, 12: 0.40})  # a tie: the earlier checkpoint wins
     finished(queued[2], None, {}, seconds=0.3)
     return queued
+
+
+def test_a_finished_run_whose_folder_is_gone_or_broken_says_so_and_the_board_still_shows(ranked_sweep):
+    from streamlit.testing.v1 import AppTest
+
+    (ranked_sweep[0].run_dir / "adapter.json").write_text('{"name": "board-')  # cut off mid-write
+    shutil.rmtree(ranked_sweep[1].run_dir)
+    board = leaderboard.leaderboard("board", "score")
+    problems = {row["job"]: row["problem"] for row in board["rows"]}
+    assert "adapter.json: not valid JSON" in problems[ranked_sweep[0].id]
+    assert problems[ranked_sweep[1].id].endswith("no such file") and problems[ranked_sweep[2].id] is None
+    text = leaderboard.table_text(board)
+    assert f"job {ranked_sweep[1].id}: not measured: {ranked_sweep[1].run_dir}: no such file" in text
+    at = AppTest.from_string("from sdtune.studio.views import sweeps\nsweeps.render()\n", default_timeout=600).run()
+    assert not at.exception
+    shown = list(at.dataframe[0].value["not measured because"])
+    assert sum(isinstance(reason, str) and "no such file" in reason for reason in shown) == 1
+    assert [w.value for w in at.warning][
+        1
+    ] == f"job {ranked_sweep[1].id}: not measured: {ranked_sweep[1].run_dir}: no such file"
 
 
 @pytest.mark.parametrize(

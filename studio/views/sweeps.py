@@ -30,6 +30,9 @@ def render():
     rows = [_shown(row, board) for row in board["rows"]]
     measured = [key for key in rows[0] if any(row[key] is not None for row in rows)]  # no column of "None"s
     st.dataframe([{key: row[key] for key in measured} for row in rows], hide_index=True)
+    for row in board["rows"]:  # the whole reason, which the table's cell cuts off
+        if row["problem"]:
+            st.warning(f"job {row['job']}: not measured: {row['problem']}")
     _actions(board)
 
 
@@ -44,7 +47,7 @@ def _shown(row: dict, board: dict) -> dict:
     return {"rank": row["rank"], "job": row["job"], **row["values"], "state": row["state"],
             "attempts": row["attempts"], "score": row["score"], "color": row["color"], "shape": row["shape"],
             "iou": row["iou"], "val_loss": row["val_loss"], "best checkpoint": best, "s/step": row["step_time"],
-            "peak MiB": memory}  # fmt: skip
+            "peak MiB": memory, "not measured because": row["problem"]}  # fmt: skip
 
 
 def _actions(board: dict):
