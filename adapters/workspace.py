@@ -28,7 +28,7 @@ def default_cache_dir(configured: str | None) -> Path:
     return Path(configured or os.environ.get("SDTUNE_CACHE") or Path.home() / ".cache" / "sdtune").expanduser()
 
 
-def _enable_wal(db, seconds: float = 60.0):
+def enable_wal(db, seconds: float = 60.0):
     """Switching a new index to WAL needs a moment of exclusive access, and sqlite answers "database is locked" at
     once (no busy wait) when another process holds the file just then: retry until it is free."""
     deadline = time.monotonic() + seconds
@@ -48,7 +48,7 @@ def open_db(path: Path, schema: str, write: bool = False):
     so concurrent writers queue instead of failing) committed on success and rolled back on any error."""
     db = sqlite3.connect(path, timeout=60, isolation_level=None)
     try:
-        _enable_wal(db)
+        enable_wal(db)
         db.execute("PRAGMA busy_timeout=60000")
         db.executescript(schema)
         if not write:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from sdtune.adapters.atomic import write_text_atomic
 from sdtune.adapters.errors import SdtuneError
-from sdtune.adapters.workspace import sdtune_home
+from sdtune.adapters.workspace import enable_wal, sdtune_home
 from sdtune.studio.processes import group_runs
 from sdtune.trainers.core import run_files
 
@@ -165,7 +165,7 @@ def connect(home: str | Path | None = None) -> Iterator[sqlite3.Connection]:
     conn = sqlite3.connect(root / DB_FILE, timeout=30, isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(conn)  # two processes opening a new jobs.db at once: one waits instead of failing "locked"
         conn.execute("PRAGMA busy_timeout=30000")
         conn.executescript(SCHEMA)
         _add_columns(conn)
