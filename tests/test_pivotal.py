@@ -95,6 +95,29 @@ def test_a_pivotal_run_writes_and_checks_both_kinds_of_files(tmp_path, script):
     assert not torch.equal(start["<ps>"], safetensors.torch.load_file(str(run / "learned_embeds.safetensors"))["<ps>"])
 
 
+def test_a_token_started_at_its_rare_word_trains_its_first_step_as_the_lora_on_that_word(tmp_path):
+    """`initializer_token: <ps>` (three tokens for three vectors) hands the new token what the rare word "<ps>" meant:
+    the first step's loss (before anything moved) is the LoRA-alone run's on the caption "a <ps>", to the bit; one
+    word copied into every vector ("object", the default) starts elsewhere."""
+    toyworld.write_dataset(tmp_path / "data", 4, seed=5, colors=["purple"], shapes=["star"])
+
+    def first_loss(name: str, *overrides: str) -> float:
+        args = [str(QUICKSTART), f"data.train_data_dir={tmp_path / 'data'}", f"output.dir={tmp_path / name}",
+                "data.caption_template='a <ps>'", "data.caption_dropout_rate=0", "train.max_train_steps=1",
+                "train.train_batch_size=2", "validation.prompts=[]", "validation.toy_score=[]",
+                "validation.validation_steps=0", "output.report_to=none", "output.export_check=false",
+                "output.register=false", *overrides]  # fmt: skip
+        proc = run_trainer(args, tmp_path / "cache", timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return next(json.loads(line)["loss"] for line in lines if json.loads(line).get("step") == 1)
+
+    rare_word = first_loss("lora")
+    pivotal = ["method.pivotal=true", "method.placeholder_token=<ps>"]
+    assert first_loss("from-rare-word", *pivotal, "method.num_vectors=3", "method.initializer_token=<ps>") == rare_word
+    assert first_loss("from-object", *pivotal, "method.num_vectors=3") != rare_word
+
+
 @pytest.mark.slow
 def test_pivotal_learns_the_star_as_well_as_a_locon_lora_alone(tmp_path):
     # With the star read by its geometry (stars.star_geometry), the quickstart's attention LoRA reaches 0.38 alone and

@@ -52,12 +52,24 @@ def fresh_pipe():
     ("placeholder", "initializer", "message"),
     [
         ("cat", "object", "method.placeholder_token: 'cat' is already a token"),
-        ("<zq>", "a photo", "method.initializer_token: 'a photo' is 2 tokens"),
+        ("<zq>", "a photo", "method.initializer_token: 'a photo' is 2 tokens for this tokenizer and num_vectors is 1"),
     ],
 )
 def test_placeholder_checks(fresh_pipe, placeholder, initializer, message):
     with pytest.raises(RecipeError, match=message):
         add_placeholder(fresh_pipe.tokenizer, fresh_pipe.text_encoder, placeholder, initializer, 1)
+
+
+@pytest.mark.parametrize(
+    ("initializer", "num_vectors", "starts"),
+    [("object", 2, ["object", "object"]), ("<ps>", 3, ["<", "ps", ">"]), ("a photo", 3, ["a", "photo", "a"])],
+)
+def test_vector_i_starts_at_the_initializers_token_i_mod_n(fresh_pipe, initializer, num_vectors, starts):
+    tokenizer, text_encoder = fresh_pipe.tokenizer, fresh_pipe.text_encoder
+    start_ids = [tokenizer.encode(word, add_special_tokens=False)[0] for word in starts]
+    ids = add_placeholder(tokenizer, text_encoder, "<ps>", initializer, num_vectors)
+    rows = text_encoder.get_input_embeddings().weight
+    assert torch.equal(rows[ids], rows[start_ids])
 
 
 def test_a_known_token_stops_the_trainer_in_one_line(tmp_path):

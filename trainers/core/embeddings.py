@@ -1,10 +1,10 @@
 """New token vectors in a frozen text encoder (textual inversion), and `EmbeddingWriter`, the writer of them.
 
 The placeholder (`<zq>`, and `<zq>_1`... for more vectors, diffusers' names) is added to the tokenizer and the
-embedding matrix grows by as many rows, each set to the initializer token's vector. What trains is not that
-matrix but `TokenVectors`, a [n, width] fp32 parameter that a forward hook puts in place of those rows' output:
-the optimizer holds n x width numbers (not 49408 x 768), no other row can move (no weight decay on them, nothing to
-restore after each step), and switching the hook off shows the untrained token, the run's "base".
+embedding matrix grows by as many rows, each set to the vector of one of the initializer's tokens. What trains is
+not that matrix but `TokenVectors`, a [n, width] fp32 parameter that a forward hook puts in place of those rows'
+output: the optimizer holds n x width numbers (not 49408 x 768), no other row can move (no weight decay on them,
+nothing to restore after each step), and switching the hook off shows the untrained token, the run's "base".
 
 Every save writes (adapters/embeddings.py):
     learned_embeds.safetensors   diffusers: {"<zq>": [n, width]}, for `pipe.load_textual_inversion`
@@ -31,9 +31,10 @@ from sdtune.trainers.core.runtime import SAVE_DTYPES
 
 
 def add_placeholder(tokenizer, text_encoder, placeholder: str, initializer: str, num_vectors: int) -> list[int]:
-    """Adds the placeholder's tokens to `tokenizer` and their rows (the initializer's vector) to `text_encoder`;
-    returns their ids. One-line `RecipeError`s for a placeholder the tokenizer already knows and an initializer
-    that is not one token."""
+    """Adds the placeholder's tokens to `tokenizer` and their rows to `text_encoder`; returns their ids. Row i starts
+    at the vector of the initializer's token i mod n (sd-scripts' init_word rule), so one word seeds every vector and a
+    rare word ("<ps>" is "<", "ps", ">") gives the new token exactly what that word meant. One-line `RecipeError`s for
+    a placeholder the tokenizer already knows and an initializer of no tokens or more tokens than vectors."""
     tokens = vector_tokens(placeholder, num_vectors)
     known = [t for t in tokens if t in tokenizer.get_vocab()]
     if known:
@@ -41,11 +42,12 @@ def add_placeholder(tokenizer, text_encoder, placeholder: str, initializer: str,
             f"method.placeholder_token: {known[0]!r} is already a token of the base's tokenizer, so its old meaning "
             f"would train instead of a new word; choose a new one, e.g. <{placeholder.strip('<>')}-x>"
         )
-    init_ids = tokenizer.encode(initializer, add_special_tokens=False)
-    if len(init_ids) != 1:
+    init_ids = tokenizer.encode(initializer, add_special_tokens=False)  # before the placeholder is a token itself
+    if not init_ids or len(init_ids) > num_vectors:
         raise RecipeError(
-            f"method.initializer_token: {initializer!r} is {len(init_ids)} tokens for this tokenizer; give one word "
-            "it knows as a single token (e.g. object, shape, style)"
+            f"method.initializer_token: {initializer!r} is {len(init_ids)} tokens for this tokenizer and "
+            f"num_vectors is {num_vectors}; give one word (e.g. object, shape, style), or raise num_vectors to "
+            f"{max(len(init_ids), 1)} so that each of its tokens starts a vector"
         )
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
@@ -53,7 +55,7 @@ def add_placeholder(tokenizer, text_encoder, placeholder: str, initializer: str,
     text_encoder.get_input_embeddings().requires_grad_(False)  # a new matrix: frozen like the old (no 49408-row grad)
     rows = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        rows[ids] = rows[init_ids[0]].clone()
+        rows[ids] = rows[[init_ids[i % len(init_ids)] for i in range(len(ids))]].clone()
     return ids
 
 

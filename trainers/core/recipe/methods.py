@@ -191,8 +191,10 @@ class TokenParams(Section):
     )
     initializer_token: str = Field(
         "object",
-        pattern=r"^\S+$",
-        description="One existing token whose vector every new vector starts from (a word near the concept).",
+        pattern=r"^\S(.*\S)?$",
+        description="Existing word(s) the new vectors start from: vector i takes the vector of its token i mod n "
+        "(sd-scripts' init_word rule). One word near the concept seeds them all; the rare word a LoRA would use (<ps> "
+        "is 3 tokens, for num_vectors: 3) starts the new token where that word stood.",
         json_schema_extra=COMMON,
     )
     num_vectors: int = Field(
