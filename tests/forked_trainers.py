@@ -1,9 +1,9 @@
 """Trainer runs for the tests, forked from one process that has already imported torch, diffusers, transformers,
 peft and accelerate, instead of started as a fresh interpreter each time.
 
-Those imports are 5-8 s of every trainer start on the CI's 2 cores, and the default suite waits for a trainer run
-in most of its slow tests. The server below imports them once (no sdtune module, and no tensor work: a process that has run
-OpenMP work must not fork), then forks a child per run. The child takes the run's environment, working folder,
+Those imports are 5-8 s of every trainer start on the CI's 2 cores, and the default suite's longest tests are mostly
+waits for trainer runs. The server below imports them once (no sdtune module, and no tensor work: a process that
+has run OpenMP work must not fork), then forks a child per run. The child takes the run's environment, working folder,
 argument list and thread count, and runs the trainer script as `python script args...` would, output into files.
 
 Only blocking runs come here (`conftest.run_trainer`). Runs a test signals (SIGKILL, Ctrl-C), `accelerate launch`,

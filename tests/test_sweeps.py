@@ -437,3 +437,13 @@ def test_a_controlnet_sweep_is_ranked_by_layout_iou_and_shows_it(home):
         (queued[1].id, 1, 0.71), (queued[0].id, 2, 0.55), (queued[2].id, None, None)]  # fmt: skip
     head, first = leaderboard.table_text(board).splitlines()[1:3]
     assert head.split()[6:9] == ["shape", "iou", "val_loss"] and first.split()[7] == "0.71"
+
+
+def test_a_sweep_whose_jobs_are_gone_from_the_queue_shows_a_line_not_an_error(ranked_sweep):
+    from streamlit.testing.v1 import AppTest
+
+    with jobs.connect() as conn:
+        conn.execute("DELETE FROM jobs")  # e.g. a jobs.db copied from another machine, or cleaned by hand
+    at = AppTest.from_string("from sdtune.studio.views import sweeps\nsweeps.render()\n", default_timeout=600).run()
+    assert not at.exception and not at.dataframe
+    assert [i.value for i in at.info] == ["Sweep board has no runs in the job queue."]

@@ -53,6 +53,7 @@ def fresh_pipe():
     [
         ("cat", "object", "method.placeholder_token: 'cat' is already a token"),
         ("<zq>", "a photo", "method.initializer_token: 'a photo' is 2 tokens for this tokenizer and num_vectors is 1"),
+        ("<zq>", "   ", "method.initializer_token: '   ' is no token for this tokenizer; give a word"),
     ],
 )
 def test_placeholder_checks(fresh_pipe, placeholder, initializer, message):

@@ -28,6 +28,9 @@ def render():
     counts = ", ".join(f"{n} {state}" for state, n in sorted(board["counts"].items()))
     st.caption(f"{len(board['rows'])} runs ({counts}); axes: {', '.join(p for p, _ in board['sweep']['axes'])}")
     rows = [_shown(row, board) for row in board["rows"]]
+    if not rows:  # its jobs gone from jobs.db (a copied or older file): nothing to rank, the rest of the page stands
+        st.info(f"Sweep {name} has no runs in the job queue.")
+        return
     measured = [key for key in rows[0] if any(row[key] is not None for row in rows)]  # no column of "None"s
     st.dataframe([{key: row[key] for key in measured} for row in rows], hide_index=True)
     for row in board["rows"]:  # the whole reason, which the table's cell cuts off

@@ -43,11 +43,13 @@ def add_placeholder(tokenizer, text_encoder, placeholder: str, initializer: str,
             f"would train instead of a new word; choose a new one, e.g. <{placeholder.strip('<>')}-x>"
         )
     init_ids = tokenizer.encode(initializer, add_special_tokens=False)  # before the placeholder is a token itself
-    if not init_ids or len(init_ids) > num_vectors:
+    if not init_ids:
+        raise RecipeError(f"method.initializer_token: {initializer!r} is no token for this tokenizer; give a word")
+    if len(init_ids) > num_vectors:
         raise RecipeError(
             f"method.initializer_token: {initializer!r} is {len(init_ids)} tokens for this tokenizer and "
             f"num_vectors is {num_vectors}; give one word (e.g. object, shape, style), or raise num_vectors to "
-            f"{max(len(init_ids), 1)} so that each of its tokens starts a vector"
+            f"{len(init_ids)} so that each of its tokens starts a vector"
         )
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
