@@ -122,11 +122,16 @@ def table_text(board: dict) -> str:
                       row["state"], *metrics, best, _cell(row["step_time"], "step_time"),
                       _cell(row["peak_memory"], "peak_memory")])  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    counts = ", ".join(f"{n} {state}" for state, n in sorted(board["counts"].items()))
-    title = f"sweep {board['sweep']['name']}: {len(board['rows'])} runs ({counts}), ranked by {board['rank_by']}"
+    title = f"sweep {board['sweep']['name']}: {runs_line(board)}, ranked by {board['rank_by']}"
     problems = [f"job {row['job']}: not measured: {row['problem']}" for row in board["rows"] if row["problem"]]
     table = ("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
     return "\n".join([title, *table, *problems])
+
+
+def runs_line(board: dict) -> str:
+    """The runs and their states, as "3 runs (2 done, 1 failed)"; "0 runs" for a sweep whose jobs left the queue."""
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(board["counts"].items()))
+    return f"{len(board['rows'])} runs" + (f" ({counts})" if counts else "")
 
 
 def _best_lora(row: dict) -> str:

@@ -447,3 +447,5 @@ def test_a_sweep_whose_jobs_are_gone_from_the_queue_shows_a_line_not_an_error(ra
     at = AppTest.from_string("from sdtune.studio.views import sweeps\nsweeps.render()\n", default_timeout=600).run()
     assert not at.exception and not at.dataframe
     assert [i.value for i in at.info] == ["Sweep board has no runs in the job queue."]
+    assert [c.value for c in at.caption][0].startswith("0 runs; axes: ")  # not "0 runs ()"
+    assert leaderboard.table_text(leaderboard.leaderboard("board", "score")).startswith("sweep board: 0 runs, ranked")

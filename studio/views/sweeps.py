@@ -25,8 +25,7 @@ def render():
     name = left.selectbox("Sweep", names, key="sweeps-selected")
     rank_by = right.selectbox("Rank by", list(leaderboard.METRICS), key="sweeps-rank-by", help=_metrics_help())
     board = leaderboard.leaderboard(name, rank_by)
-    counts = ", ".join(f"{n} {state}" for state, n in sorted(board["counts"].items()))
-    st.caption(f"{len(board['rows'])} runs ({counts}); axes: {', '.join(p for p, _ in board['sweep']['axes'])}")
+    st.caption(f"{leaderboard.runs_line(board)}; axes: {', '.join(p for p, _ in board['sweep']['axes'])}")
     rows = [_shown(row, board) for row in board["rows"]]
     if not rows:  # its jobs gone from jobs.db (a copied or older file): nothing to rank, the rest of the page stands
         st.info(f"Sweep {name} has no runs in the job queue.")
