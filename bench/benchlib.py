@@ -253,6 +253,17 @@ def add_common_arguments(parser, example: str):
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
 
 
+# Overrides that leave a bench run its training alone: no grids, scores, logs or registry entry, and a re-run
+# replacing the last one's folder.
+MEASURE_ONLY = [
+    "validation.prompts=[]",
+    "validation.toy_score=[]",
+    "output.report_to=none",
+    "output.register=false",
+    "output.overwrite=true",
+]
+
+
 def recipe_overrides(model, data, res: int, batch: int, steps: int, precision: str, lr: float, out) -> list[str]:
     """sdtune recipe overrides both trainers' benchmarks share: model, data, size, steps, batch, a constant lr,
     precision, no checkpoints, no validation, no logging."""
@@ -272,12 +283,8 @@ def recipe_overrides(model, data, res: int, batch: int, steps: int, precision: s
         "train.lr_warmup_steps=0",
         f"train.mixed_precision={precision}",
         "train.checkpointing_steps=100000",
-        "validation.prompts=[]",
-        "validation.toy_score=[]",
         f"output.dir={out}",
-        "output.report_to=none",
-        "output.register=false",
-        "output.overwrite=true",  # a bench re-run replaces its last run
+        *MEASURE_ONLY,
     ]
 
 

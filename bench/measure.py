@@ -22,7 +22,8 @@ waited for before the turn passes: one synchronize per step, in this mode only).
 
 If torchvision cannot be imported (there is no CPU build of it for every torch), a minimal stand-in for the
 handful of `torchvision.transforms` the diffusers example uses is installed first (bench/torchvision_shim.py):
-image preprocessing only, outside the timed GPU/CPU work of a step.
+image preprocessing only, outside the timed GPU/CPU work of a step. Likewise, if wandb is not installed, an empty
+module stands in for it: diffusers' DPO example imports it at the top, and uses it only with --report_to=wandb.
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ def install_torchvision_shim_if_needed() -> bool:
 
         torchvision_shim.install()
         return True
+
+
+def install_wandb_stand_in_if_needed() -> bool:
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("wandb") is not None:
+        return False
+    module = types.ModuleType("wandb")  # no attribute: any use (only --report_to=wandb) fails by name
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries' availability checks read it
+    sys.modules["wandb"] = module
+    return True
 
 
 class StepClock:
@@ -157,6 +171,7 @@ def main():
     import torch
 
     shim = install_torchvision_shim_if_needed()
+    install_wandb_stand_in_if_needed()
     baton = tuple(int(fd) for fd in args.baton.split(",")) if args.baton else None
     clock = StepClock(args.flops_step, args.profile_steps, baton)
     from torch.optim.optimizer import register_optimizer_step_post_hook

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import absolute  # noqa: E402
+from benchlib import MEASURE_ONLY, absolute  # noqa: E402
 from train_lora import ROOT, build_sd15_random, device_name, gib, measured  # noqa: E402
 
 INSTANCE_PROMPT, CLASS_PROMPT = "a sks circle", "a circle"
@@ -93,13 +93,8 @@ def sdtune_run(model, instance, klass, res, batch, steps, rank, mode, s, out: Pa
         f"train.gradient_checkpointing={'true' if s['checkpointing'] else 'false'}",
         f"train.mixed_precision={s['precision']}",
         "train.checkpointing_steps=100000",
-        # measure training only: no grids, scores, export check or logs
-        "validation.prompts=[]",
-        "validation.toy_score=[]",
         "output.export_check=false",
-        "output.report_to=none",
-        "output.register=false",
-        "output.overwrite=true",  # a bench re-run replaces its last run
+        *MEASURE_ONLY,
         f"output.dir={out}",
     ]
     return measured(str(ROOT / "trainers" / "dreambooth.py"), args, out / "measure.json", ROOT)

@@ -10,7 +10,8 @@ REPO=${1:?usage: bench/device/examples.sh DIFFUSERS_GIT_DIR}
 COMMIT=58eb52c080  # their check_min_version is 0.40.0.dev0: they run on the lock's diffusers 0.42.1
 mkdir -p bench/.work/examples
 for path in examples/text_to_image/train_text_to_image_lora.py examples/dreambooth/train_dreambooth.py \
-  examples/dreambooth/train_dreambooth_lora.py examples/controlnet/train_controlnet.py; do
+  examples/dreambooth/train_dreambooth_lora.py examples/controlnet/train_controlnet.py \
+  examples/research_projects/diffusion_dpo/train_diffusion_dpo.py; do
   git --git-dir "$REPO" show "$COMMIT:$path" > "bench/.work/examples/$(basename "$path")"
 done
 ls -la bench/.work/examples
