@@ -70,6 +70,18 @@ def test_negative_prompt_and_prompts_file(tmp_path):
     assert all(t.splitlines()[1] == "Negative prompt: red" for t in texts)
 
 
+def test_prompts_file_skips_comments_and_refuses_sd_scripts_options(tmp_path):
+    """The README's prompts.txt is sd-scripts' syntax: its `#` lines are comments, not prompts to render, and a line
+    with per-prompt options stops in one line naming the line and the option instead of rendering them as text."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# prompts.txt\na blue triangle\n  # indented comment\na yellow circle --w 64\n")
+    with pytest.raises(SystemExit) as err:
+        cli.main(["sample", "--prompts-file", str(prompts), "--out", str(tmp_path / "o")])
+    assert str(err.value).startswith(f"sdtune sample: {prompts}: line 4: --w: sd-scripts' per-prompt options")
+    prompts.write_text("# prompts.txt\na blue triangle\n  # indented comment\na yellow circle -- no option\n")
+    assert cli.read_prompt_lines(prompts) == ["a blue triangle", "a yellow circle -- no option"]
+
+
 def test_every_scheduler_runs_is_deterministic_and_really_switches(toy_pipe):
     """Each sampler gives the same pixels twice, and the samplers give different images from one another: a
     `set_scheduler` that did nothing would render every one with the base's PNDM and fail here."""
