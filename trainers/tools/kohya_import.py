@@ -87,8 +87,7 @@ GUI_ZERO_IS_UNSET = {
     "vae_batch_size", "lr_warmup_steps", "lr_warmup", "adaptive_noise_scale", "lr_scheduler_num_cycles",
     "lr_scheduler_power", "conv_dim", "conv_alpha", "network_dropout", "caption_dropout_every_n_epochs",
 }  # fmt: skip
-# Values that ask for what sdtune does anyway: clip_skip 1 is sd-scripts' hidden_states[-1] through the final layer
-# norm, the text encoder's own output (the kohya_ss GUI's default, in every preset).
+# Values that ask for what sdtune does anyway (clip_skip 1: sd-scripts' hidden_states[-1] + final norm, every preset's)
 NO_EFFECT = {"clip_skip": ("1", "1: the text encoder's last layer, which sdtune uses")}
 KOHYA_MODULES = {"networks.lora": "lora", "networks.loha": "loha", "networks.lokr": "lokr"}  # sd-scripts' own
 LYCORIS_ALGOS = ("loha", "lokr")  # method.algo of a LoRA recipe
@@ -239,8 +238,12 @@ _SPECIAL = {
 
 
 def _expand_gui(src: Source, tr: Translation) -> dict:
-    """A GUI preset's extra flags (`additional_parameters`) join its keys; its noise switch picks one noise."""
+    """A GUI preset's extra flags join its keys; its noise switch picks one noise; NO_EFFECT keys (any source) go."""
     args = dict(src.args)
+    for key, (value, why) in NO_EFFECT.items():
+        if key in args and str(args[key]).strip() == value:
+            tr.skip(key, "ignored", why)
+            args[key] = None
     if src.kind != "gui":
         return args
     extra = args.get("additional_parameters")
@@ -259,15 +262,6 @@ def _expand_gui(src: Source, tr: Translation) -> dict:
     for key in GUI_ZERO_IS_UNSET:
         if key in args and str(args[key]).strip() in ("0", "0.0"):
             tr.skip(key, "ignored", "0: unset in the kohya_ss GUI")
-            args[key] = None
-    return args
-
-
-def _drop_no_effect(args: dict, tr: Translation) -> dict:
-    """Reports as ignored the keys whose value is what sdtune does anyway (`NO_EFFECT`), and takes them out."""
-    for key, (value, why) in NO_EFFECT.items():
-        if key in args and str(args[key]).strip() == value:
-            tr.skip(key, "ignored", why)
             args[key] = None
     return args
 
@@ -418,7 +412,7 @@ def translate(src: Source, dataset_file: str | Path | None = None, may_read=None
     `N_name` folder names and counts the class images on disk; `may_read(path)` may refuse a folder first."""
     tr = Translation()
     source = str(src.file)
-    args = _drop_no_effect(_expand_gui(src, tr), tr)
+    args = _expand_gui(src, tr)
     network = _script_is_network(src)
     dataset_file = _dataset_file(src, args, dataset_file, tr, may_read)
     wide, subsets, extra, shadowed = read_dataset_config(dataset_file) if dataset_file else ({}, [], [], [])
