@@ -149,7 +149,11 @@ def test_grid_labels_layout():
     assert (height, width) == (156, 104)  # a 512x768 sample keeps its 2:3 shape in its cell
 
 
-def test_doctor_lists_machine_and_recipes(capsys):
+def test_doctor_lists_machine_and_recipes(capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the helpers' and CI's runs set it: the user's count is shown
+    assert cli.main(["doctor"]) == 0
+    assert "threads       1 per torch process: OMP_NUM_THREADS is set" in capsys.readouterr().out
+    monkeypatch.delenv("OMP_NUM_THREADS")  # unset: the shares the worker and the studio give out
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
     for word in ("torch", "CUDA", "bitsandbytes", "SDPA", "free disk", "sd15-lora-low-vram.yaml", "quickstart.yaml"):
