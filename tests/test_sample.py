@@ -122,6 +122,9 @@ def test_results_do_not_depend_on_batch_neighbours(toy_pipe):
         ),
         (["sample", "--prompt", "x", "--prompts-file", "nope.txt"], "--prompts-file nope.txt not found"),
         (["sample", "--prompt", "x", "--base", "nope/x/y"], "base: nope/x/y not found"),
+        # a size diffusers refuses: one line, not its traceback from inside the pipeline
+        (["sample", "--prompt", "x", "--width", "50", "--steps", "1"], "width 50: must be a multiple of 8"),
+        (["ab", "--a", "toy", "--b", "toy", "--prompt", "x", "--size", "64x52", "--steps", "1"], "height 52: must be"),
     ],
 )
 def test_bad_sample_arguments(argv, message, tmp_path, monkeypatch):
