@@ -49,6 +49,13 @@ class SampleSettings:
     # A model trained with `train.zero_terminal_snr` samples with the rescaled schedule (`zero_terminal_snr_sampler`).
     zero_terminal_snr: bool = False
 
+    def __post_init__(self):
+        # diffusers refuses other sizes from deep inside the pipeline, with a traceback; say it here in one line
+        for side in ("width", "height"):
+            value = getattr(self, side)
+            if value is not None and value % 8:
+                raise SamplingError(f"{side} {value}: must be a multiple of 8 (the VAE works on 8x8 pixel blocks)")
+
 
 @dataclass
 class Sample:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def _sample_parser(sub):
     )
     p.add_argument("--fuse", action="store_true", help="Merge the adapters into the base weights (faster steps).")
     p.add_argument("--prompt", action="append", default=[], help="Prompt; repeatable.")
-    p.add_argument("--prompts-file", type=Path, help="Text file with one prompt per line.")
+    p.add_argument("--prompts-file", type=Path, help="Text file with one prompt per line (# lines are comments).")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", action="append", type=int, default=[], help="Seed; repeatable (default: 0).")
     p.add_argument("--steps", type=positive_int, default=25)
@@ -114,12 +115,35 @@ def _sample_parser(sub):
     p.set_defaults(run=run_sample)
 
 
+# sd-scripts' per-prompt options (`--n blurry --w 512`): a recipe's validation.prompts_file reads them; `sdtune sample`
+# takes one setting for all its prompts, so a line carrying them is refused rather than rendered as prompt text.
+SD_SCRIPTS_OPTION = re.compile(r"\s--(n|w|h|d|l|s|ss|cn|f)(\s|$)")
+
+
+def read_prompt_lines(path: Path) -> list[str]:
+    """The prompts of a text file: one a line; blank lines and lines starting with # (comments, as in sd-scripts'
+    prompt files) are skipped."""
+    if not path.is_file():
+        raise SystemExit(f"sdtune sample: --prompts-file {path} not found")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if option := SD_SCRIPTS_OPTION.search(line):
+            raise SystemExit(
+                f"sdtune sample: {path}: line {number}: --{option.group(1)}: sd-scripts' per-prompt options are read "
+                "by a recipe's validation.prompts_file; here give --negative-prompt, --width, --height, --seed, "
+                "--guidance or --steps for all prompts"
+            )
+        prompts.append(line)
+    return prompts
+
+
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        if not args.prompts_file.is_file():
-            raise SystemExit(f"sdtune sample: --prompts-file {args.prompts_file} not found")
-        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        prompts += read_prompt_lines(args.prompts_file)
     if not prompts:
         raise SystemExit("sdtune sample: give at least one --prompt or a --prompts-file")
     return prompts

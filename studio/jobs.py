@@ -358,7 +358,8 @@ def progress(job_id: int, *, home: str | Path | None = None) -> dict:
     records = run_files.read_metrics(job.run_dir)
     steps = [r for r in records if "event" not in r]
     events = [r for r in records if "event" in r]
-    latest = steps[-1] if steps else {}
+    # the latest training step: a held-out val_loss line that follows it has no loss, lr or step speed of its own
+    latest = next((r for r in reversed(steps) if "loss" in r), {})
     losses = {r["step"]: r["loss"] for r in steps if "loss" in r}
     grids = [e["grid"] for e in events if e["event"] == "validation" and e.get("grid")]
     step = (records[-1].get("step") or 0) if records else 0

@@ -131,6 +131,21 @@ def test_progress_tracker_lines_eta_and_final_entry(tmp_path):
     assert lines[5]["event"] == "done" and lines[5]["manifest"] == "adapter.json"
 
 
+def test_progress_keeps_the_training_loss_after_a_val_loss_line(home):
+    """A run with a held-out validation loss logs a `val_loss` line (no `loss`) after its step: `sdtune jobs list`
+    showed no loss from then on. The latest training loss, lr and speed are the last line that has a loss."""
+    job = jobs.submit(QUICKSTART, SMALL)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    for line in [
+        {"step": 6, "total_steps": 8, "loss": 0.25, "lr": 1e-3, "seconds_per_step": 0.4, "eta": 0.8},
+        {"step": 6, "total_steps": 8, "val_loss": 0.066, "seconds_per_step": 0.5, "eta": 1.0},
+    ]:
+        run_files.append_line(job.run_dir / run_files.METRICS_FILE, line)
+    info = jobs.progress(job.id)
+    assert (info["step"], info["total_steps"], info["loss"], info["lr"]) == (6, 8, 0.25, 1e-3)
+    assert info["losses"] == [[6, 0.25]]
+
+
 class ThreeBatches:
     """3 micro-batches an epoch: all a `RunLoop` needs from its batches."""
 

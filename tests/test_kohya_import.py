@@ -136,6 +136,24 @@ def test_flags_and_dataset_config(golden):
     assert "general.flip_aug (sdtune has no data.subsets.random_flip yet)" in tr.unsupported  # listed once
 
 
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("c.toml", 'network_module = "networks.lora"\nclip_skip = 1\n'),
+        ("p.json", '{"LoRA_type": "Standard", "clip_skip": 1, "train_data_dir": "img"}'),
+        ("p2.json", '{"LoRA_type": "Standard", "clip_skip": "1", "train_data_dir": "img"}'),
+    ],
+)
+def test_clip_skip_1_is_what_sdtune_does_so_it_is_ignored_not_unsupported(tmp_path, name, text):
+    """clip_skip 1 is the text encoder's own output (sd-scripts' hidden_states[-1] + final norm), in every kohya_ss
+    preset: listing it as "not supported" would warn of a difference that does not exist."""
+    config = tmp_path / name
+    config.write_text(text)
+    tr = translate(read_config(config))
+    assert "clip_skip (1: the text encoder's last layer, which sdtune uses)" in tr.ignored
+    assert not any(line.startswith("clip_skip") for line in tr.unsupported)
+
+
 def test_a_key_the_schema_lacks_is_not_supported_until_it_lands(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('network_module = "networks.lora"\nclip_skip = 2\nnoise_offset = 0.1\nmy_new_flag = 1\n'
@@ -212,7 +230,8 @@ def test_cli_prints_the_report_and_writes_the_recipe(golden, capsys):
     out = golden / "r.yaml"
     assert cli.main(["recipe", "from-kohya", str(golden / "dreambooth.toml"), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "not supported: clip_skip (sdtune has no train.clip_skip yet)" in printed and f"wrote {out}" in printed
+    assert "ignored: clip_skip (1: the text encoder's last layer, which sdtune uses)" in printed
+    assert f"wrote {out}" in printed
     assert yaml.safe_load(out.read_text())["method"]["type"] == "dreambooth"
     assert not list(golden.glob(".tmp-*"))  # written through a temp file, renamed
 

@@ -70,6 +70,18 @@ def test_negative_prompt_and_prompts_file(tmp_path):
     assert all(t.splitlines()[1] == "Negative prompt: red" for t in texts)
 
 
+def test_prompts_file_skips_comments_and_refuses_sd_scripts_options(tmp_path):
+    """The README's prompts.txt is sd-scripts' syntax: its `#` lines are comments, not prompts to render, and a line
+    with per-prompt options stops in one line naming the line and the option instead of rendering them as text."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# prompts.txt\na blue triangle\n  # indented comment\na yellow circle --w 64\n")
+    with pytest.raises(SystemExit) as err:
+        cli.main(["sample", "--prompts-file", str(prompts), "--out", str(tmp_path / "o")])
+    assert str(err.value).startswith(f"sdtune sample: {prompts}: line 4: --w: sd-scripts' per-prompt options")
+    prompts.write_text("# prompts.txt\na blue triangle\n  # indented comment\na yellow circle -- no option\n")
+    assert cli.read_prompt_lines(prompts) == ["a blue triangle", "a yellow circle -- no option"]
+
+
 def test_every_scheduler_runs_is_deterministic_and_really_switches(toy_pipe):
     """Each sampler gives the same pixels twice, and the samplers give different images from one another: a
     `set_scheduler` that did nothing would render every one with the base's PNDM and fail here."""
@@ -110,6 +122,9 @@ def test_results_do_not_depend_on_batch_neighbours(toy_pipe):
         ),
         (["sample", "--prompt", "x", "--prompts-file", "nope.txt"], "--prompts-file nope.txt not found"),
         (["sample", "--prompt", "x", "--base", "nope/x/y"], "base: nope/x/y not found"),
+        # a size diffusers refuses: one line, not its traceback from inside the pipeline
+        (["sample", "--prompt", "x", "--width", "50", "--steps", "1"], "width 50: must be a multiple of 8"),
+        (["ab", "--a", "toy", "--b", "toy", "--prompt", "x", "--size", "64x52", "--steps", "1"], "height 52: must be"),
     ],
 )
 def test_bad_sample_arguments(argv, message, tmp_path, monkeypatch):
@@ -137,7 +152,11 @@ def test_grid_labels_layout():
     assert (height, width) == (156, 104)  # a 512x768 sample keeps its 2:3 shape in its cell
 
 
-def test_doctor_lists_machine_and_recipes(capsys):
+def test_doctor_lists_machine_and_recipes(capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the helpers' and CI's runs set it: the user's count is shown
+    assert cli.main(["doctor"]) == 0
+    assert "threads       1 per torch process: OMP_NUM_THREADS is set" in capsys.readouterr().out
+    monkeypatch.delenv("OMP_NUM_THREADS")  # unset: the shares the worker and the studio give out
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
     for word in ("torch", "CUDA", "bitsandbytes", "SDPA", "free disk", "sd15-lora-low-vram.yaml", "quickstart.yaml"):
