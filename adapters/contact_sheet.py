@@ -77,6 +77,17 @@ def save_grid(image: Image.Image, path: str | Path):
     save_png_atomic(image, Path(path))
 
 
+def row_label(prompt: str, own: dict, size: tuple[int, int]) -> str:
+    """A grid row's label: the prompt, then what it sets itself (`own`: width/height, shown as the images' `size`,
+    seed, steps, guidance_scale, negative_prompt), e.g. `a cat [32x40, seed 3, CFG 2]`."""
+    parts = [f"{size[0]}x{size[1]}"] if own.get("width") or own.get("height") else []
+    parts += [f"seed {own['seed']}"] if own.get("seed") is not None else []
+    parts += [f"{own['steps']} steps"] if own.get("steps") else []
+    parts += [f"CFG {own['guidance_scale']:g}"] if own.get("guidance_scale") is not None else []
+    parts += [f"neg: {own['negative_prompt']}"] if own.get("negative_prompt") is not None else []
+    return prompt + (f" [{', '.join(parts)}]" if parts else "")
+
+
 def samples_grid(samples: list[Sample], prompts: list[str], seeds: list[int], title: str = "") -> Image.Image:
     """Grid of `grid_settings(prompts, seeds)` output: rows = prompts, columns = seeds."""
     rows = [[samples[i * len(seeds) + j].image for j in range(len(seeds))] for i in range(len(prompts))]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -93,7 +92,12 @@ def _sample_parser(sub):
     )
     p.add_argument("--fuse", action="store_true", help="Merge the adapters into the base weights (faster steps).")
     p.add_argument("--prompt", action="append", default=[], help="Prompt; repeatable.")
-    p.add_argument("--prompts-file", type=Path, help="Text file with one prompt per line (# lines are comments).")
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        help="sd-scripts' prompt file: one prompt a line, # comments, options --n negative, --w/--h size, --d seed, "
+        "--l CFG, --s steps after a prompt (a recipe's validation.prompts_file syntax).",
+    )
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", action="append", type=int, default=[], help="Seed; repeatable (default: 0).")
     p.add_argument("--steps", type=positive_int, default=25)
@@ -115,35 +119,22 @@ def _sample_parser(sub):
     p.set_defaults(run=run_sample)
 
 
-# sd-scripts' per-prompt options (`--n blurry --w 512`): a recipe's validation.prompts_file reads them; `sdtune sample`
-# takes one setting for all its prompts, so a line carrying them is refused rather than rendered as prompt text.
-SD_SCRIPTS_OPTION = re.compile(r"\s--(n|w|h|d|l|s|ss|cn|f)(\s|$)")
-
-
-def read_prompt_lines(path: Path) -> list[str]:
-    """The prompts of a text file: one a line; blank lines and lines starting with # (comments, as in sd-scripts'
-    prompt files) are skipped."""
-    if not path.is_file():
-        raise SystemExit(f"sdtune sample: --prompts-file {path} not found")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if option := SD_SCRIPTS_OPTION.search(line):
-            raise SystemExit(
-                f"sdtune sample: {path}: line {number}: --{option.group(1)}: sd-scripts' per-prompt options are read "
-                "by a recipe's validation.prompts_file; here give --negative-prompt, --width, --height, --seed, "
-                "--guidance or --steps for all prompts"
-            )
-        prompts.append(line)
-    return prompts
-
-
-def _prompts(args) -> list[str]:
-    prompts = list(args.prompt)
+def _prompts(args) -> list[str | dict]:
+    """--prompt texts, then the --prompts-file's prompts: sd-scripts' syntax, as a recipe's validation.prompts_file
+    reads it (`#` comments; `--n`, `--w`, `--h`, `--d`, `--l`, `--s` after a prompt set its own negative prompt,
+    size, seed, CFG and steps), each line with options as a dict of them."""
+    prompts: list[str | dict] = list(args.prompt)
     if args.prompts_file:
-        prompts += read_prompt_lines(args.prompts_file)
+        from sdtune.trainers.core.recipe import RecipeError, read_prompts_file
+
+        if not args.prompts_file.is_file():
+            raise SystemExit(f"sdtune sample: --prompts-file {args.prompts_file} not found")
+        try:
+            read = read_prompts_file(args.prompts_file)
+        except RecipeError as exc:  # the file's own line (`prompts.txt: line 2: --w 500: ...`), under this flag
+            message = str(exc).removeprefix("validation.prompts_file: ")
+            raise SystemExit(f"sdtune sample: --prompts-file: {message}") from None
+        prompts += [p.model_dump(exclude_none=True) if len(p.model_fields_set) > 1 else p.prompt for p in read]
     if not prompts:
         raise SystemExit("sdtune sample: give at least one --prompt or a --prompts-file")
     return prompts

@@ -70,16 +70,40 @@ def test_negative_prompt_and_prompts_file(tmp_path):
     assert all(t.splitlines()[1] == "Negative prompt: red" for t in texts)
 
 
-def test_prompts_file_skips_comments_and_refuses_sd_scripts_options(tmp_path):
-    """The README's prompts.txt is sd-scripts' syntax: its `#` lines are comments, not prompts to render, and a line
-    with per-prompt options stops in one line naming the line and the option instead of rendering them as text."""
+def test_a_prompts_file_in_sd_scripts_syntax_renders_each_line_with_its_own_settings(tmp_path):
+    """The README's prompts.txt is sd-scripts' syntax: `#` lines are comments, and a line's options (--w/--h size,
+    --d its one seed, --n, --s, --l) set that prompt's image, the command line's the rest (as in a recipe)."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# prompts.txt\na blue triangle\n  # indented comment\na yellow circle --w 64\n")
+    prompts.write_text(
+        "# prompts.txt\na blue triangle\n  # indented comment\na yellow circle --w 32 --h 40 --d 5 --n red --s 3 --l 2\n"
+    )
+    out = tmp_path / "o"
+    args = ["sample", "--prompts-file", str(prompts), "--seed", "0", "--seed", "1", "--steps", "4", "--grid"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    files = sorted(out.glob("0*.png"))
+    assert [(f.name, Image.open(f).size) for f in files] == [
+        ("0000-seed0.png", (64, 64)), ("0001-seed1.png", (64, 64)), ("0002-seed5.png", (32, 40))]  # fmt: skip
+    first, own = (Image.open(files[i]).text["parameters"].splitlines() for i in (0, 2))
+    assert first[0] == "a blue triangle" and "Steps: 4, " in first[-1] and "CFG scale: 3.0" in first[-1]
+    assert own[:2] == ["a yellow circle", "Negative prompt: red"]
+    assert "Steps: 3, " in own[-1] and "CFG scale: 2.0, Seed: 5, Size: 32x40" in own[-1]
+    assert Image.open(out / "grid.png").width > 2 * 64  # the rows' seeds differ: numbered columns, sizes side by side
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a cat --w 500\n", "line 1: --w 500: must be a multiple of 8"),
+        ("a cat --ss euler_a\n", "line 1: --ss: not read by sdtune (a per-prompt sampler"),
+        ("# nothing\n", "no prompt in it"),
+    ],
+)
+def test_a_prompts_file_line_that_cannot_be_read_is_one_line(tmp_path, text, message):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(text)
     with pytest.raises(SystemExit) as err:
         cli.main(["sample", "--prompts-file", str(prompts), "--out", str(tmp_path / "o")])
-    assert str(err.value).startswith(f"sdtune sample: {prompts}: line 4: --w: sd-scripts' per-prompt options")
-    prompts.write_text("# prompts.txt\na blue triangle\n  # indented comment\na yellow circle -- no option\n")
-    assert cli.read_prompt_lines(prompts) == ["a blue triangle", "a yellow circle -- no option"]
+    assert str(err.value).startswith(f"sdtune sample: --prompts-file: {prompts}: {message}")
 
 
 def test_every_scheduler_runs_is_deterministic_and_really_switches(toy_pipe):

@@ -79,6 +79,58 @@ def test_a_prompt_file_skips_comments_and_blank_lines(tmp_path):
     ]
 
 
+def test_sd_scripts_json_and_toml_prompt_files_read_as_their_text_lines(tmp_path):
+    """sd-scripts' other two prompt files (its load_prompts): a JSON list of texts or settings objects (its keys
+    `scale`, `sample_steps`), and a TOML [prompt] table of shared settings with a [[prompt.subset]] a prompt; both
+    read as the text file saying the same."""
+    text = tmp_path / "prompts.txt"
+    text.write_text("a purple circle --n blurry --w 32 --h 40 --d 3 --l 2 --s 9\na red square --n blurry --d 4\n")
+    as_json = tmp_path / "prompts.json"
+    as_json.write_text(
+        json.dumps(
+            [
+                {
+                    "prompt": "a purple circle",
+                    "negative_prompt": "blurry",
+                    "width": 32,
+                    "height": 40,
+                    "seed": 3,
+                    "scale": 2,
+                    "sample_steps": 9,
+                },
+                "a red square --n blurry --d 4",
+            ]
+        )  # fmt: skip
+    )
+    as_toml = tmp_path / "prompts.toml"
+    as_toml.write_text(
+        '[prompt]\nnegative_prompt = "blurry"\n\n[[prompt.subset]]\nprompt = "a purple circle"\nwidth = 32\n'
+        'height = 40\nseed = 3\nscale = 2.0\nsample_steps = 9\n\n[[prompt.subset]]\nprompt = "a red square"\nseed = 4\n'
+    )
+    expected = read_prompts_file(text)
+    assert expected[0] == SamplePrompt(
+        prompt="a purple circle", negative_prompt="blurry", width=32, height=40, seed=3, guidance_scale=2, steps=9
+    )
+    assert read_prompts_file(as_json) == expected and read_prompts_file(as_toml) == expected
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"prompt": "a cat", "sample_sampler": "euler_a"}, "sample_sampler: not read by sdtune (a per-prompt sampler"),
+        ({"prompt": "a cat", "width": 500}, "width: must be a multiple of 8"),
+        ({"prompt": "a cat", "colour": "red"}, "colour: Extra inputs are not permitted"),
+        (3, "expected a prompt text or a table of its settings"),
+    ],
+)
+def test_a_bad_json_prompt_is_one_line_naming_the_file_and_prompt(tmp_path, entry, message):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(["a good prompt", entry]))
+    with pytest.raises(RecipeError) as error:
+        read_prompts_file(path)
+    assert str(error.value).startswith(f"{path}: prompt 2: {message}")
+
+
 BAD_LINES = [
     ("a cat --w 500", "--w 500: must be a multiple of 8 (the VAE works on 8x8 pixel blocks)"),
     ("a cat --h 36", "--h 36: must be a multiple of 8 (the VAE works on 8x8 pixel blocks)"),
@@ -112,8 +164,10 @@ def test_a_bad_prompt_file_line_is_one_line_naming_the_file_line_and_option(tmp_
         (
             "prompts.toml",
             "[prompt]\n",
-            "sdtune reads the text prompt file (.txt); put its prompts in validation.prompts",
+            "a TOML prompt file has a [prompt] table and [[prompt.subset]] tables, one a prompt",
         ),
+        ("prompts.json", '{"prompt": "a cat"}', "a JSON prompt file is a list of prompts, as sd-scripts reads it"),
+        ("bad.json", "[", "not valid JSON (Expecting value: line 1 column 2 (char 1))"),
         ("empty.txt", "# only a comment\n", "no prompt in it (one a line; lines starting with # are comments)"),
     ],
 )
@@ -222,6 +276,13 @@ def test_a_toy_run_samples_each_prompt_with_its_own_settings_as_sdtune_sample_do
         height=64, device="cpu",
     )  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(files[1])))
+    # the prompts file itself through `sdtune sample --prompts-file`: its line's image again (its size, seed, CFG...)
+    from sdtune.studio import cli
+
+    args = ["--prompts-file", str(prompts_file), "--adapter", str(out), "--device", "cpu"]
+    assert cli.main(["sample", *args, "--out", str(tmp_path / "from-file")]) == 0
+    again = Image.open(tmp_path / "from-file" / "0000-seed3.png")
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(files[2])))
 
 
 # -- wandb ----------------------------------------------------------------------------------------------------------

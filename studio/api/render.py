@@ -18,7 +18,7 @@ def scheduler_names() -> list[str]:
 
 @translated()
 def sample_images(
-    prompts: list[str],
+    prompts: list[str | dict],
     out_dir: str | Path,
     *,
     seeds: list[int] | None = None,
@@ -43,6 +43,9 @@ def sample_images(
     """Renders every prompt once per seed into `out_dir` as PNGs with A1111 `parameters`; returns the files written.
 
     Args:
+        prompts: texts, or dicts of a `prompt` and its own settings (`negative_prompt`, `width`, `height`, `steps`,
+            `guidance_scale`, and `seed`: that one image instead of one per seed), as sd-scripts' prompt files set
+            them per prompt; what a dict leaves out takes the arguments below.
         adapters: registry names, LoRA files or run folders, each optionally `NAME_OR_PATH:WEIGHT`; stacked in order.
         guidance: classifier-free guidance; None takes the base's recommended value (7.5 SD v1-5, 3 the toy base).
         grid: also write `grid.png`, a labelled contact sheet (returned last).
@@ -55,28 +58,60 @@ def sample_images(
         fuse: merge the adapters into the base weights first (faster steps, same images within 2/255).
         embeddings: textual-inversion embeddings (names, files, run folders); a prompt calls each by its token.
     """
-    from sdtune.adapters import sampling
-
     if not prompts:
         raise StudioError("give at least one prompt")
+    _check_own_settings(prompts)
     size_threads()
     control_images = list(control_images or [])
     controls, uses = _controls_and_adapters(controlnets, adapters)
     _check_controls(controls, control_images, control_guidance_start, control_guidance_end)
     composer, source, guidance = _compose(base, uses, controls, device, dtype, fuse, guidance, embeddings or [])
-    seeds = list(seeds or [0])
-    settings = sampling.grid_settings(
-        prompts, seeds, negative_prompt=negative_prompt, steps=steps, guidance=guidance, width=width, height=height,
+    common = dict(
+        negative_prompt=negative_prompt, steps=steps, guidance=guidance, width=width, height=height,
         scheduler=scheduler, control_images=tuple(control_images), control_scales=tuple(c.scale for c in controls),
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
     )  # fmt: skip
+    rows = [_prompt_row(prompt, list(seeds or [0]), common) for prompt in prompts]
+    samples, title = _render(composer, source, rows, common)
+    return _write_samples(samples, Path(out_dir), rows, prompts, title if grid else None)
+
+
+def _render(composer, source, rows: list[list], common: dict) -> tuple[list, str]:
+    """The rows' images, in order, and the grid's title (the model, its adapters, the common steps and CFG)."""
+    from sdtune.adapters import sampling
+
     lora = composer.lora_label()
     samples = sampling.generate(
-        composer.pipe, settings, model_name=source.name, extra_parameters={"Lora": lora} if lora else None
-    )
+        composer.pipe, [s for row in rows for s in row], model_name=source.name,
+        extra_parameters={"Lora": lora} if lora else None,
+    )  # fmt: skip
     title = source.name + (f" + {lora}" if lora else "") + "".join(f" + {t}" for t in composer.embeddings.values())
-    title += f"  |  {steps} steps, CFG {guidance:g}"
-    return _write_samples(samples, Path(out_dir), prompts, seeds, title if grid else None)
+    # the call's steps and CFG; a prompt's own are in its row's label
+    return samples, title + f"  |  {common['steps']} steps, CFG {common['guidance']:g}"
+
+
+# A prompt's own settings (sd-scripts' names, as `SamplePrompt` holds them) and the SampleSettings field each sets.
+OWN_SETTINGS = {"negative_prompt": "negative_prompt", "width": "width", "height": "height", "steps": "steps",
+                "guidance_scale": "guidance"}  # fmt: skip
+
+
+def _check_own_settings(prompts: list[str | dict]):
+    """Before any model loads: each prompt a text, or a dict of a `prompt` and its own settings."""
+    for prompt in prompts:
+        if isinstance(prompt, dict) and ("prompt" not in prompt or set(prompt) - {"prompt", "seed", *OWN_SETTINGS}):
+            raise StudioError(f"prompts: {prompt}: a prompt with settings has a 'prompt' and any of seed, "
+                              f"{', '.join(OWN_SETTINGS)}")  # fmt: skip
+
+
+def _prompt_row(prompt: str | dict, seeds: list[int], common: dict) -> list:
+    """A prompt's images: one per seed, or the one of its own seed; its own settings over `common`."""
+    from sdtune.adapters import sampling
+
+    if isinstance(prompt, str):
+        return sampling.grid_settings([prompt], seeds, **common)
+    own = {OWN_SETTINGS[key]: value for key, value in prompt.items() if key in OWN_SETTINGS}
+    seeds = [prompt["seed"]] if prompt.get("seed") is not None else seeds
+    return sampling.grid_settings([prompt["prompt"]], seeds, **(common | own))
 
 
 def _controls_and_adapters(controlnets: list[str] | None, adapters: list[str] | None) -> tuple[list, list]:
@@ -104,7 +139,7 @@ def _compose(base: str, uses: list, controls: list, device, dtype, fuse: bool, g
     return composer, source, guidance if guidance is not None else recommended_guidance(base)
 
 
-def _write_samples(samples: list, out_dir: Path, prompts: list[str], seeds: list[int], grid_title: str | None):
+def _write_samples(samples: list, out_dir: Path, rows: list[list], prompts: list, grid_title: str | None):
     """Each sample as `NNNN-seedS.png`, then `grid.png` when there is a title for it; the paths written."""
     from sdtune.adapters import contact_sheet, sampling
 
@@ -114,8 +149,27 @@ def _write_samples(samples: list, out_dir: Path, prompts: list[str], seeds: list
         sampling.save_png(sample, written[-1])
     if grid_title is not None:
         written.append(out_dir / "grid.png")
-        contact_sheet.save_grid(contact_sheet.samples_grid(samples, prompts, seeds, grid_title), written[-1])
+        contact_sheet.save_grid(_grid(samples, rows, prompts, grid_title), written[-1])
     return written
+
+
+def _grid(samples: list, rows: list[list], prompts: list, title: str):
+    """One row a prompt, one column a seed; where the rows do not share their seeds (a prompt with its own), the
+    columns are numbered and each row's label names its seed. A row's label shows the settings its prompt sets."""
+    from sdtune.adapters import contact_sheet
+
+    seeds = [[s.seed for s in row] for row in rows]
+    shared = all(row_seeds == seeds[0] for row_seeds in seeds)
+    columns = [f"seed {seed}" if shared else str(j + 1) for j, seed in enumerate(max(seeds, key=len))]
+    cells, labels, start = [], [], 0
+    for prompt, row in zip(prompts, rows):
+        cells.append([sample.image for sample in samples[start : start + len(row)]])
+        own = {} if isinstance(prompt, str) else {k: v for k, v in prompt.items() if k != "prompt"}
+        if shared:
+            own.pop("seed", None)
+        labels.append(contact_sheet.row_label(row[0].prompt, own, cells[-1][0].size))
+        start += len(row)
+    return contact_sheet.make_grid(cells, labels, columns, title)
 
 
 def size_threads():

@@ -81,14 +81,9 @@ def prompt_settings(
 
 
 def own_settings(prompt: SamplePrompt, sample: sampling.Sample, seeded: bool) -> str:
-    """A grid row's label: the prompt, then what it sets itself (size, seed, steps, CFG, negative prompt)."""
-    width, height = sample.image.size
-    parts = [f"{width}x{height}"] if prompt.width or prompt.height else []
-    parts += [f"seed {prompt.seed}"] if seeded and prompt.seed is not None else []
-    parts += [f"{prompt.steps} steps"] if prompt.steps else []
-    parts += [f"CFG {prompt.guidance_scale:g}"] if prompt.guidance_scale is not None else []
-    parts += [f"neg: {prompt.negative_prompt}"] if prompt.negative_prompt is not None else []
-    return prompt.prompt + (f" [{', '.join(parts)}]" if parts else "")
+    """A grid row's label: the prompt, then what it sets itself (size, seed if `seeded`, steps, CFG, negative)."""
+    own = prompt.model_dump(exclude_none=True, exclude={"prompt", *(() if seeded else ("seed",))})
+    return contact_sheet.row_label(prompt.prompt, own, sample.image.size)
 
 
 def two_sides_grid(

@@ -7,11 +7,14 @@ steps, guidance and seed, under the names of diffusers' pipelines and of sd-scri
       - a purple circle
       - {prompt: a purple circle, negative_prompt: blurry, width: 48, height: 64, steps: 10, seed: 7}
 
-`prompts_file` reads sd-scripts' prompt-file syntax (its `--sample_prompts` .txt): one prompt a line, `#` lines are
+`prompts_file` reads sd-scripts' prompt files (its `--sample_prompts`). Text: one prompt a line, `#` lines are
 comments, and options after the prompt, each after " --": `--n` negative prompt, `--w` / `--h` size, `--d` seed,
 `--l` guidance (CFG), `--s` steps:
 
     a purple circle, simple background --n blurry, text --w 512 --h 768 --d 7 --l 7.5 --s 28
+
+A .json file is a list of prompts (such lines, or objects of SamplePrompt's keys); a .toml file a `[prompt]` table
+of shared settings with one `[[prompt.subset]]` table a prompt.
 
 Its prompts come after `prompts`. A line sdtune cannot read is one `RecipeError` naming the file, the line and the
 option; the file is read when a trainer starts (`ValidationConfig.sample_prompts`), not at every recipe check.
@@ -110,39 +113,81 @@ def parse_prompt_line(line: str) -> dict:
 
 
 def read_prompts_file(path: str | Path) -> list[SamplePrompt]:
-    """The prompts of an sd-scripts prompt file (.txt); a line that cannot be read is one RecipeError naming the
-    file, the line number and the option."""
+    """The prompts of an sd-scripts prompt file: text (one prompt a line), or .json / .toml (`structured_prompts`);
+    a prompt that cannot be read is one RecipeError naming the file, the line or prompt number, and the option."""
     path = Path(path).expanduser()
     where = f"validation.prompts_file: {path}"
-    if path.suffix.lower() in (".toml", ".json"):
-        raise RecipeError(f"{where}: sdtune reads the text prompt file (.txt); put its prompts in validation.prompts")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise RecipeError(f"{where}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{where}: cannot be read as UTF-8 text ({exc.__class__.__name__})") from None
+    if path.suffix.lower() in (".json", ".toml"):
+        entries = [(f"prompt {i}", e) for i, e in enumerate(structured_prompts(text, path.suffix, where), start=1)]
+    else:
+        lines = enumerate(text.splitlines(), start=1)
+        entries = [(f"line {n}", line) for n, line in lines if line.strip() and not line.strip().startswith("#")]
     prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.strip().startswith("#"):
-            continue
+    for place, entry in entries:
         try:
-            prompts.append(SamplePrompt.model_validate(parse_prompt_line(line)))
+            keys = parse_prompt_line(entry) if isinstance(entry, str) else sd_scripts_keys(entry)
+            prompts.append(SamplePrompt.model_validate(keys))
         except ValueError as exc:
-            raise RecipeError(f"{path}: line {number}: {_option_error(exc)}") from None
+            raise RecipeError(f"{path}: {place}: {_option_error(exc, isinstance(entry, str))}") from None
     if not prompts:
         raise RecipeError(f"{where}: no prompt in it (one a line; lines starting with # are comments)")
     return prompts
 
 
-def _option_error(exc: ValueError) -> str:
-    """A parse error as it is, or a schema error under the option's name (`--w 500: must be a multiple of 8`)."""
+def structured_prompts(text: str, suffix: str, where: str) -> list:
+    """sd-scripts' other prompt files: JSON, a list of prompts (a text line, or an object of its settings); TOML, a
+    `[prompt]` table of shared settings and its `[[prompt.subset]]` tables, one a prompt (a subset's keys win)."""
+    import json
+
+    import tomllib
+
+    kind = suffix.lower().lstrip(".").upper()
+    try:
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except ValueError as exc:
+        raise RecipeError(f"{where}: not valid {kind} ({exc})") from None
+    if kind == "JSON":
+        if not isinstance(data, list):
+            raise RecipeError(f"{where}: a JSON prompt file is a list of prompts, as sd-scripts reads it")
+        return data
+    table = data.get("prompt")
+    if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
+        raise RecipeError(
+            f"{where}: a TOML prompt file has a [prompt] table and [[prompt.subset]] tables, one a prompt"
+        )
+    shared = {key: value for key, value in table.items() if key != "subset"}
+    return [{**shared, **subset} if isinstance(subset, dict) else subset for subset in table["subset"]]
+
+
+# sd-scripts' keys for what its text options --ss and --cn set
+OTHER_KEYS = {"sample_sampler": OTHER_OPTIONS["ss"], "controlnet_image": OTHER_OPTIONS["cn"]}
+
+
+def sd_scripts_keys(entry) -> dict:
+    """A JSON/TOML prompt's settings as SamplePrompt keys (its aliases take sd-scripts' `scale`, `sample_steps`)."""
+    if not isinstance(entry, dict):
+        raise ValueError("expected a prompt text or a table of its settings (prompt, negative_prompt, width, ...)")
+    for key in entry:
+        if key in OTHER_KEYS:
+            raise ValueError(f"{key}: not read by sdtune ({OTHER_KEYS[key]})")
+    return dict(entry)
+
+
+def _option_error(exc: ValueError, text_line: bool) -> str:
+    """A parse error as it is, or a schema error under the option's name in a text line (`--w 500: must be a
+    multiple of 8`), under the key's in a JSON/TOML prompt (`width: must be ...`)."""
     errors = getattr(exc, "errors", None)
     if errors is None:
         return str(exc)
     first = errors()[0]
     name = str(first["loc"][0]) if first["loc"] else ""
-    letter = next((k for k, (field, _) in PROMPT_OPTIONS.items() if field == name), None)
+    letter = next((k for k, (field, _) in PROMPT_OPTIONS.items() if field == name and text_line), None)
     message = first["msg"].removeprefix("Value error, ")
     return f"--{letter} {first.get('input')}: {message}" if letter else f"{name}: {message}"
 
@@ -181,8 +226,8 @@ class ValidationConfig(Section):
     )
     prompts_file: Annotated[str | None, LocalPath()] = Field(
         None,
-        description="An sd-scripts prompt file (.txt, kohya's sample_prompts), read after prompts: one prompt a "
-        "line, # comments, options --n negative, --w/--h size, --d seed, --l CFG, --s steps.",
+        description="An sd-scripts prompt file (kohya's sample_prompts), read after prompts: .txt, one prompt a "
+        "line, # comments, options --n negative, --w/--h size, --d seed, --l CFG, --s steps; or its .json/.toml.",
     )
     negative_prompt: str = Field("", description="Negative prompt for validation images.", json_schema_extra=COMMON)
     seeds: list[int] = Field(
