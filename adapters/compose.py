@@ -84,8 +84,9 @@ class PipelineSpec:
     embeddings: list[str] = field(default_factory=list)  # textual-inversion embeddings: names, files or run folders
 
 
-def resolve_adapter(ref: str, registry=None) -> Path:
-    """The LoRA file an adapter reference means: a file, a run folder's PEFT file, or a registered LoRA's file."""
+def resolve_adapter(ref: str, registry=None, option: str = "--adapter") -> Path:
+    """The LoRA file an adapter reference means: a file, a run folder's PEFT file, or a registered LoRA's file; an
+    unknown name is one line under `option`, what the user typed it as."""
     path = Path(ref).expanduser()
     if path.is_file():
         return path
@@ -98,7 +99,7 @@ def resolve_adapter(ref: str, registry=None) -> Path:
         if lycoris_file is None:
             raise ComposeError(f"adapter {ref}: folder without {PEFT_FILE} (expected a run folder or a LoRA file)")
         return lycoris_file
-    registry, manifest = registered(ref, registry, "--adapter", "a LoRA file", "sdtune adapters list")
+    registry, manifest = registered(ref, registry, option, "a LoRA file", "sdtune adapters list")
     if "embedding" in manifest.files and not {"peft", "kohya"} & set(manifest.files):
         raise ComposeError(f"adapter {ref!r} is an embedding, not a LoRA: use --embedding {ref} (A/B: +emb={ref})")
     if manifest.method != "lora" and not {"peft", "kohya"} & set(manifest.files):

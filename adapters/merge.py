@@ -53,12 +53,12 @@ def load_modules(ref: str, registry=None) -> LoraModules:
     return load_lora(ref, registry)[0]
 
 
-def load_lora(ref: str, registry=None) -> tuple[LoraModules, dict[str, str]]:
+def load_lora(ref: str, registry=None, option: str = "parent") -> tuple[LoraModules, dict[str, str]]:
     """The modules of a LoRA given by registry name, run folder or file, and the kohya header that says its facts
     (resolution, prediction type, base), which a merge or resize inherits ({} when none says them)."""
     from sdtune.adapters.compose import resolve_adapter
 
-    path = resolve_adapter(ref, registry)
+    path = resolve_adapter(ref, registry, option)
     try:
         modules, header = read_lora(path)
     except LoraFileError as exc:  # a LoHa/LoKr says how to make it a LoRA (merges add LoRA factors, not theirs)
@@ -299,7 +299,7 @@ def lycoris_to_lora_into_registry(
     from sdtune.adapters.importer import _base_table
     from sdtune.adapters.lora_files import lora_header
 
-    path = resolve_adapter(parent, registry)
+    path = resolve_adapter(parent, registry, "parent")
     if not lycoris.is_lycoris_file(path):
         raise MergeError(f"to-lora {parent}: not a LyCORIS LoHa/LoKr file ({path.name}); a LoRA is one already")
     modules, table = lycoris.read_file(path), _base_table(base)

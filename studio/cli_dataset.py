@@ -33,7 +33,8 @@ def add_dataset_parser(sub):
     c.add_argument(
         "--threshold",
         type=int,
-        help="Largest pHash distance, in bits of 64, between near duplicates (default 10; 0 = only the same picture).",
+        help="Largest pHash distance, in bits of 64, between near duplicates (default 10; 0 = the same hash: a "
+        "re-encoded or slightly brightened copy still groups; exact pixel copies are marked as such either way).",
     )
     c.set_defaults(run=run_dupes)
 

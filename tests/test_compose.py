@@ -212,3 +212,16 @@ def test_a_reference_that_names_nothing_says_what_the_option_takes(tmp_path, res
     with pytest.raises(compose.ComposeError) as refused:
         resolve("nothing-here", registry)
     assert str(refused.value) == said.format(home=registry.home)
+
+
+@pytest.mark.parametrize("command", [["merge", "new", "nothing-here", "x", "--rank", "4"],
+                                     ["resize", "new", "nothing-here", "--rank", "4"],
+                                     ["to-lora", "new", "nothing-here", "--rank", "4"]])  # fmt: skip
+def test_a_merge_parent_that_names_nothing_is_named_as_a_parent_not_a_flag(tmp_path, monkeypatch, command):
+    """merge, resize and to-lora take their LoRAs as positional parents: no `--adapter` flag to blame."""
+    from sdtune.studio import cli
+
+    monkeypatch.setenv("SDTUNE_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["adapters", *command])
+    assert str(refused.value).startswith("sdtune adapters: parent: nothing-here not found (not a LoRA file")
