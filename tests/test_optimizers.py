@@ -432,3 +432,14 @@ def test_ema_resumes_bit_identical_and_is_what_gets_saved(trainer, tmp_path, cac
     as_bytes = lambda tensors: sorted(t.cpu().numpy().tobytes() for t in tensors)  # noqa: E731 - files sort keys
     assert as_bytes(exported.values()) == as_bytes(shadow["shadow_params"])
     assert as_bytes(exported.values()) != as_bytes(trained.values())
+
+
+def test_prodigy_with_several_lrs_is_one_line_not_prodigys_runtime_error():
+    # prodigyopt raises a RuntimeError at the first step when parameter groups have different non-zero lrs (block
+    # weights, unet_lr vs text_encoder_lr): a recipe mistake, so it is a RecipeError naming the keys, at build time.
+    model = torch.nn.Linear(4, 3)
+    groups = [{"params": [model.weight], "lr": 1.0}, {"params": [model.bias], "lr": 0.5}]
+    with pytest.raises(RecipeError, match=r"^train.optimizer_type: prodigy takes one lr for every parameter group"):
+        optimizers.make_optimizer(groups, TrainConfig(optimizer_type="prodigy", lr=1.0))
+    groups[1]["lr"] = 0.0  # a group at lr 0 is what prodigy does take
+    optimizers.make_optimizer(groups, TrainConfig(optimizer_type="prodigy", lr=1.0))

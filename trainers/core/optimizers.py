@@ -75,6 +75,8 @@ def make_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim.
             param_groups, **{"lr": train.learning_rate, "weight_decay": train.adam_weight_decay, **fixed, **args}
         )
     cls = optimizer_class(train)
+    if name == "prodigy":
+        _one_lr_for_prodigy(param_groups)
     if name in ("prodigy", "schedulefree_adamw"):  # Adam-like: the adam_* keys apply
         extra = {"warmup_steps": train.lr_warmup_steps} if name == "schedulefree_adamw" else {}
         optimizer = cls(param_groups, **{**adam, **extra, **args})
@@ -85,6 +87,17 @@ def make_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim.
     if is_schedule_free(optimizer):
         optimizer.train()  # schedule-free optimizers start in neither mode; a step needs train mode
     return optimizer
+
+
+def _one_lr_for_prodigy(param_groups: list[dict]):
+    """prodigyopt takes one lr (or 0) for every group and raises at the first step otherwise: name the keys now."""
+    lrs = sorted({group["lr"] for group in param_groups} - {0.0})
+    if len(lrs) > 1:
+        raise RecipeError(
+            f"train.optimizer_type: prodigy takes one lr for every parameter group, got {', '.join(f'{x:g}' for x in lrs)}"
+            " (method.unet_lr / text_encoder_lr or the block lr weights); use one lr (block weights 0 or 1) or "
+            "another optimizer"
+        )
 
 
 def _free_form(cls, param_groups, train: TrainConfig, args: dict):
