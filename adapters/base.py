@@ -194,9 +194,14 @@ def recommended_guidance(spec: str | BaseModelConfig) -> float:
     The toy base ships one (3.0): its tiny UNet overshoots at higher guidance (see adapters/toy_base/README.md),
     the way many community checkpoints publish the CFG they were tuned for.
     """
-    source = resolve_base(spec)
-    settings = Path(source.location) / "sdtune.json"
-    if source.kind in ("toy", "folder") and settings.is_file():
+    cfg = spec if isinstance(spec, BaseModelConfig) else BaseModelConfig(pretrained_model_name_or_path=spec)
+    source = resolve_base(cfg)
+    folder = Path(source.location)
+    if source.kind == "single_file":  # read with a config folder's settings: the toy base as one file is the toy's
+        config = _single_file_config(cfg, folder)
+        folder = BUNDLED_CONFIGS.get(config, Path(config))
+    settings = folder / "sdtune.json"
+    if source.kind != "hub" and settings.is_file():
         return float(json.loads(settings.read_text()).get("guidance_scale", DEFAULT_GUIDANCE))
     return DEFAULT_GUIDANCE
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -237,12 +238,15 @@ def _check_fits(shapes: dict[str, tuple[int, ...]], config: Path, path: Path) ->
         )
 
 
-def save_pipeline_folder(pipe, out: Path, overwrite: bool) -> None:
-    """`pipe.save_pretrained(out)`, atomically: a temp folder beside `out`, swapped in by renames."""
+def save_pipeline_folder(pipe, out: Path, overwrite: bool, settings_from: Path | None = None) -> None:
+    """`pipe.save_pretrained(out)`, atomically: a temp folder beside `out`, swapped in by renames. `settings_from`:
+    a base folder whose `sdtune.json` (its recommended guidance) goes with it."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     with atomic_folder(out) as tmp:  # an earlier folder is swapped out in two renames, never half-written
         pipe.save_pretrained(tmp)
+        if settings_from is not None and (settings_from / "sdtune.json").is_file():
+            shutil.copy(settings_from / "sdtune.json", tmp / "sdtune.json")
 
 
 def load_single_file(
@@ -298,7 +302,7 @@ def load_single_file(
         if missing:
             raise CheckpointError(f"{path}: {name} weights missing from the file: {', '.join(missing[:3])}")
     if out_folder is not None:
-        save_pipeline_folder(pipe, Path(out_folder), overwrite)
+        save_pipeline_folder(pipe, Path(out_folder), overwrite, settings_from=config)
     return pipe
 
 

@@ -344,6 +344,18 @@ def test_convert_both_ways(toy_folder, tmp_path):
     assert not list(tmp_path.glob(".*tmp")) and not list(tmp_path.glob(".*old"))
 
 
+def test_the_toy_base_keeps_its_recommended_guidance_through_convert(toy_base, tmp_path):
+    """The toy base renders well at guidance 3 (its sdtune.json) and as noise at SD's 7.5: `sdtune convert` to one
+    file and back must not fall back to 7.5. A single file takes the settings of the config it is read with."""
+    from sdtune.adapters.base import recommended_guidance
+
+    file = sf.convert(toy_base, tmp_path / "toy.safetensors", half=True)
+    assert recommended_guidance(str(file)) == 3.0
+    folder = sf.convert(file, tmp_path / "back")
+    assert json.loads((folder / "sdtune.json").read_text()) == {"guidance_scale": 3.0}
+    assert recommended_guidance(str(folder)) == 3.0
+
+
 # -- bad inputs: one clear line each ----------------------------------------------------------------------------------
 
 
