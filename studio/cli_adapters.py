@@ -16,7 +16,9 @@ def add_adapters_parser(sub):
     )
     c = cmds.add_parser("list", help="Registered adapters, newest first.")
     c.add_argument("--base", help="Only adapters of this base (name, path or hash prefix).")
-    c.add_argument("--method", help="lora, dreambooth or controlnet.")
+    c.add_argument(
+        "--method", help="How it was trained: lora, dreambooth, controlnet, textual_inversion or preference."
+    )
     c.add_argument("--tag")
     c.add_argument("--trigger", help="Only adapters with this trigger word.")
     c.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
