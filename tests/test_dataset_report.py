@@ -359,3 +359,20 @@ def test_the_preparation_modules_import_without_torch():
     code = f"import {modules}, sys; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_preflight_tells_apart_duplicates_of_the_same_name_in_two_subsets(tmp_path):
+    # The same picture under the same name in two subsets' folders was listed as "0000.png, 0000.png".
+    from PIL import ImageDraw
+
+    from sdtune.trainers.core.data import format_preflight, scan_dataset
+    from sdtune.trainers.core.recipe import DataConfig
+
+    image = Image.new("RGB", (256, 256), "white")
+    ImageDraw.Draw(image).ellipse((60, 60, 190, 190), fill="purple")
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        image.save(tmp_path / folder / "0000.png")
+    subsets = [{"image_dir": str(tmp_path / "one")}, {"image_dir": str(tmp_path / "two")}]
+    text = format_preflight(scan_dataset(DataConfig(subsets=subsets, resolution=256)), 256)
+    assert "shows them):\n  one/0000.png, two/0000.png" in text

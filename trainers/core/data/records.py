@@ -147,10 +147,18 @@ def _duplicate_lines(records: list[ImageRecord]) -> list[str]:
         return []
     plural = "s" if len(groups) > 1 else ""
     lines = [f"duplicates: {len(groups)} group{plural} of near-duplicates (`sdtune dataset dupes` shows them):"]
-    lines += [f"  {', '.join(Path(file).name for file in group.files)}" for group in groups[:PREFLIGHT_MAX_GROUPS]]
+    lines += [f"  {', '.join(_short_names(group.files))}" for group in groups[:PREFLIGHT_MAX_GROUPS]]
     if len(groups) > PREFLIGHT_MAX_GROUPS:
         lines.append(f"  ... and {len(groups) - PREFLIGHT_MAX_GROUPS} more")
     return lines
+
+
+def _short_names(files) -> list[str]:
+    """Each file by its name, or by folder/name where two share a name (one picture in two subsets' folders)."""
+    names = [Path(file).name for file in files]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{Path(file).parent.name}/{Path(file).name}" for file in files]
 
 
 def _mask_line(records: list[ImageRecord], source: str) -> str:
