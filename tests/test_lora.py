@@ -452,6 +452,12 @@ def test_an_earlier_run_in_output_dir_is_refused_unless_resumed_or_overwritten(t
     assert [p.name for p in out.iterdir()] == ["toy-purple.safetensors"]  # the new run replaces the weights
     (out / "metrics.jsonl").write_text("{}\n")  # an attempt that died before its first checkpoint...
     assert clear_previous_run(out, "latest", overwrite=False) == ["metrics.jsonl"]  # ...restarts clean
+    (out / "adapter.json").write_text("{}")  # but a finished run that kept no checkpoint is not "continued" anew
+    assert lora.cli([str(QUICKSTART), f"output.dir={out}", "train.resume=latest"]) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"error: train.resume=latest: {out} holds a finished run with no checkpoint to continue")
+    assert (out / "adapter.json").is_file() and (out / "toy-purple.safetensors").is_file()  # nothing touched
+    (out / "adapter.json").unlink()
     run_files.write_request(tmp_path / "fresh", "save")  # asked before the first step: no earlier run, kept
     assert clear_previous_run(tmp_path / "fresh", None, overwrite=False) == []
     assert (tmp_path / "fresh" / "requests").is_dir()

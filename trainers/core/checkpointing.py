@@ -135,14 +135,22 @@ RUN_ARTIFACTS = ("adapter.json", "metrics.jsonl", "checkpoints", "samples", "log
 def clear_previous_run(output_dir: str | Path, resume: str | None, overwrite: bool) -> list[str]:
     """Before a fresh start: an earlier run in `output_dir` is refused (its checkpoints would mix with this run's and
     `resume: latest` could pick one of another shape), unless `overwrite`, or `resume` was asked for and found
-    nothing; then its artifacts are removed. Returns the names removed."""
+    nothing in an attempt that never finished (one that died before its first checkpoint restarts clean); then its
+    artifacts are removed. Returns the names removed."""
     from sdtune.trainers.core.recipe import RecipeError
+    from sdtune.trainers.core.run_files import run_finished
 
     found = [name for name in RUN_ARTIFACTS if (Path(output_dir) / name).exists()]
     if found and not (overwrite or resume):
         raise RecipeError(
             f"output.dir: {output_dir} already holds a run ({', '.join(found)}); continue it with "
             "train.resume=latest, choose another output.dir, or set output.overwrite=true to replace it"
+        )
+    if resume and not overwrite and run_finished(output_dir):  # "continue" must not quietly retrain it from step 0
+        raise RecipeError(
+            f"train.resume={resume}: {output_dir} holds a finished run with no checkpoint to continue from (it saved "
+            "none: train.checkpointing_steps above its steps); choose another output.dir, or set "
+            "output.overwrite=true to train it again from the start"
         )
     for name in found:
         path = Path(output_dir) / name
