@@ -58,6 +58,7 @@ def streamlit_command(host: str, port: int) -> list[str]:
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
         "--server.maxUploadSize", str(MAX_UPLOAD_MB), "--browser.gatherUsageStats", "false",
         "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal",
+        "--logger.hideWelcomeMessage", "true",  # its "URL: http://..." lacks the token: only ours is printed
     ]  # fmt: skip
 
 

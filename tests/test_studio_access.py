@@ -163,6 +163,7 @@ def server(home, tmp_path):
                 time.sleep(0.3)
         url = log.read_text().splitlines()[0].removeprefix("sdtune studio: ")
         assert url == f"http://127.0.0.1:{port}/?token={access.studio_token()}"
+        assert "URL: http" not in log.read_text()  # no URL without the token (Streamlit's own) to click by mistake
         yield port, access.studio_token()
     finally:
         process.terminate()
