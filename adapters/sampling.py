@@ -284,6 +284,19 @@ def grid_settings(prompts: list[str], seeds: list[int], **common) -> list[Sample
     return [SampleSettings(prompt=p, seed=s, **common) for p in prompts for s in seeds]
 
 
+# A prompt's own settings, under the names recipes and sd-scripts' prompt files give them, and the field each sets.
+OWN_SETTINGS = {"negative_prompt": "negative_prompt", "width": "width", "height": "height", "steps": "steps",
+                "guidance_scale": "guidance"}  # fmt: skip
+
+
+def prompt_row(prompt: str, seeds: list[int], own: dict, **common) -> list[SampleSettings]:
+    """A prompt's images: one per seed, or the one of its own `seed`; its own settings (`own`, OWN_SETTINGS' names;
+    None = not set) over `common`. A recipe's validation prompts and `sdtune sample --prompts-file` both use it."""
+    mine = {OWN_SETTINGS[key]: value for key, value in own.items() if key in OWN_SETTINGS and value is not None}
+    seeds = [own["seed"]] if own.get("seed") is not None else seeds
+    return grid_settings([prompt], seeds, **(common | mine))
+
+
 def save_png(sample: Sample, path: str | Path):
     """Writes a PNG with the generation parameters in a `parameters` text chunk (A1111 style), atomically."""
     info = PngInfo()

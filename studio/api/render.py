@@ -90,13 +90,10 @@ def _render(composer, source, rows: list[list], common: dict) -> tuple[list, str
     return samples, title + f"  |  {common['steps']} steps, CFG {common['guidance']:g}"
 
 
-# A prompt's own settings (sd-scripts' names, as `SamplePrompt` holds them) and the SampleSettings field each sets.
-OWN_SETTINGS = {"negative_prompt": "negative_prompt", "width": "width", "height": "height", "steps": "steps",
-                "guidance_scale": "guidance"}  # fmt: skip
-
-
 def _check_own_settings(prompts: list[str | dict]):
     """Before any model loads: each prompt a text, or a dict of a `prompt` and its own settings."""
+    from sdtune.adapters.sampling import OWN_SETTINGS
+
     for prompt in prompts:
         if isinstance(prompt, dict) and ("prompt" not in prompt or set(prompt) - {"prompt", "seed", *OWN_SETTINGS}):
             raise StudioError(f"prompts: {prompt}: a prompt with settings has a 'prompt' and any of seed, "
@@ -104,14 +101,12 @@ def _check_own_settings(prompts: list[str | dict]):
 
 
 def _prompt_row(prompt: str | dict, seeds: list[int], common: dict) -> list:
-    """A prompt's images: one per seed, or the one of its own seed; its own settings over `common`."""
+    """A prompt's images (`sampling.prompt_row`, as a recipe's validation prompts render)."""
     from sdtune.adapters import sampling
 
     if isinstance(prompt, str):
-        return sampling.grid_settings([prompt], seeds, **common)
-    own = {OWN_SETTINGS[key]: value for key, value in prompt.items() if key in OWN_SETTINGS}
-    seeds = [prompt["seed"]] if prompt.get("seed") is not None else seeds
-    return sampling.grid_settings([prompt["prompt"]], seeds, **(common | own))
+        return sampling.prompt_row(prompt, seeds, {}, **common)
+    return sampling.prompt_row(prompt["prompt"], seeds, prompt, **common)
 
 
 def _controls_and_adapters(controlnets: list[str] | None, adapters: list[str] | None) -> tuple[list, list]:

@@ -66,18 +66,11 @@ def prompt_settings(
 ) -> list[sampling.SampleSettings]:
     """A validation prompt's images, one per seed (its own seed, else the section's seeds), each with the prompt's
     own settings where it has them and the section's elsewhere."""
-    seeds = [prompt.seed] if prompt.seed is not None else list(v.seeds)
     common = dict(
-        negative_prompt=v.negative_prompt if prompt.negative_prompt is None else prompt.negative_prompt,
-        steps=prompt.steps or v.num_inference_steps,
-        guidance=guidance if prompt.guidance_scale is None else prompt.guidance_scale,
-        width=prompt.width,
-        height=prompt.height,
-        scheduler=v.scheduler,
-        zero_terminal_snr=zero_terminal_snr,
-        **control,
-    )
-    return [sampling.SampleSettings(prompt.prompt, seed, **common) for seed in seeds]
+        negative_prompt=v.negative_prompt, steps=v.num_inference_steps, guidance=guidance, scheduler=v.scheduler,
+        zero_terminal_snr=zero_terminal_snr, **control,
+    )  # fmt: skip
+    return sampling.prompt_row(prompt.prompt, list(v.seeds), prompt.model_dump(exclude={"prompt"}), **common)
 
 
 def own_settings(prompt: SamplePrompt, sample: sampling.Sample, seeded: bool) -> str:

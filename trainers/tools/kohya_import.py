@@ -87,8 +87,6 @@ GUI_ZERO_IS_UNSET = {
     "vae_batch_size", "lr_warmup_steps", "lr_warmup", "adaptive_noise_scale", "lr_scheduler_num_cycles",
     "lr_scheduler_power", "conv_dim", "conv_alpha", "network_dropout", "caption_dropout_every_n_epochs",
 }  # fmt: skip
-# Values that ask for what sdtune does anyway (clip_skip 1: sd-scripts' hidden_states[-1] + final norm, every preset's)
-NO_EFFECT = {"clip_skip": ("1", "1: the text encoder's last layer, which sdtune uses")}
 KOHYA_MODULES = {"networks.lora": "lora", "networks.loha": "loha", "networks.lokr": "lokr"}  # sd-scripts' own
 LYCORIS_ALGOS = ("loha", "lokr")  # method.algo of a LoRA recipe
 GUI_TYPES = {"Standard": "lora", "Kohya LoCon": "locon", "LoCon": "locon", "LyCORIS/LoCon": "locon",
@@ -238,12 +236,8 @@ _SPECIAL = {
 
 
 def _expand_gui(src: Source, tr: Translation) -> dict:
-    """A GUI preset's extra flags join its keys; its noise switch picks one noise; NO_EFFECT keys (any source) go."""
+    """A GUI preset's extra flags (`additional_parameters`) join its keys; its noise switch picks one noise."""
     args = dict(src.args)
-    for key, (value, why) in NO_EFFECT.items():
-        if key in args and str(args[key]).strip() == value:
-            tr.skip(key, "ignored", why)
-            args[key] = None
     if src.kind != "gui":
         return args
     extra = args.get("additional_parameters")

@@ -15,6 +15,7 @@ from sdtune.trainers.tools.kohya_rules import (
     Skip,
     Unsupported,
     block_weights,
+    clip_skip,
     first_float,
     mixed_precision,
     only_if,
@@ -45,7 +46,7 @@ SD_SCRIPTS: dict[str, Rule] = {
     "v_parameterization": Ignore("sdtune reads the prediction type from the base's scheduler config"),
     "vae": Map(("base.vae",), str),
     "tokenizer_cache_dir": Ignore("the tokenizer comes with the base"),
-    "clip_skip": Map(("train.clip_skip",), to_int),
+    "clip_skip": Map(("train.clip_skip",), clip_skip),
     "max_token_length": Map((), only_if(75, "longer prompts than CLIP's 77 tokens")),
     "no_half_vae": Ignore("sdtune encodes latents once with the VAE in full precision"),
     # the optimizer and its schedule

@@ -143,6 +143,15 @@ def block_weights(value):
     return numbers[0] if len(numbers) == 1 else numbers
 
 
+def clip_skip(value):
+    """sd-scripts' clip_skip 1 is the text encoder's last layer with its final norm, every preset's and what sdtune
+    does; another count maps to train.clip_skip (reported "not supported" while the schema lacks it)."""
+    count = to_int(value)
+    if count == 1:
+        raise Skip("ignored", "1: the text encoder's last layer, which sdtune uses")
+    return count
+
+
 def only_off(why: str):
     """A flag sdtune cannot honour when on; off it changes nothing."""
 
